@@ -1,0 +1,3 @@
+from clipsift.cli import app
+
+app(prog_name="clipsift")

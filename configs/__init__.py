@@ -1,0 +1,1 @@
+"""Packaged YAML/JSON configuration: scales, filter recipes, eval suites, model configs, runs."""

@@ -1,0 +1,1 @@
+"""Filter library and recipe composition; subset (.npy) read/write."""

@@ -1,0 +1,1 @@
+"""Leaderboard server, web page and submission client."""

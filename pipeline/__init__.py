@@ -1,0 +1,1 @@
+"""Pool format, synthetic pool, import, download, Ray scoring, reshard, runs and reports."""

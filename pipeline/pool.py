@@ -1,0 +1,446 @@
+"""The clipsift pool format (`clipsift-pool/1`). This module is its only home.
+
+Layout (see DESIGN.md)::
+
+    POOL/pool.json                  format, name, num_shards, num_samples, sources, created
+    POOL/shards/00000000.tar        webdataset: {key}.jpg|png|webp, {key}.txt, {key}.json
+    POOL/metadata/00000000.parquet  one row per sample of that tar, in the same order
+
+Every file is written under a temporary name and renamed when complete; the shard's tar is
+renamed before its parquet, so a shard is complete exactly when its parquet exists.
+Pools are local paths or fsspec URLs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import re
+import tarfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, Iterable, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipsift import ClipsiftError, __version__
+
+POOL_FORMAT = "clipsift-pool/1"
+DEFAULT_SHARD_SIZE = 10_000
+IMAGE_EXTS = ("jpg", "png", "webp")
+UID_PATTERN = re.compile(r"[0-9a-f]{32}")
+
+BASE_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("key", pa.string()),
+        ("text", pa.string()),
+        ("url", pa.string()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("sha256", pa.string()),
+    ]
+)
+_STATS_KEY = b"clipsift.shard_stats"
+
+
+class PoolFormatError(ClipsiftError):
+    """A pool's files do not match the format."""
+
+
+def derive_uid(source_id: str) -> str:
+    """A stable 128-bit uid (32 lowercase hex) from a source id such as a url or path + caption."""
+    return hashlib.sha256(source_id.encode("utf-8")).hexdigest()[:32]
+
+
+def is_valid_uid(uid: Any) -> bool:
+    return isinstance(uid, str) and UID_PATTERN.fullmatch(uid) is not None
+
+
+def shard_id(index: int) -> str:
+    return f"{index:08d}"
+
+
+def sample_key(shard_index: int, position: int) -> str:
+    return f"{shard_index:08d}_{position:08d}"
+
+
+@dataclass
+class Sample:
+    """One image-text pair with its metadata, as stored in a pool shard."""
+
+    uid: str
+    image: bytes
+    ext: str
+    text: str
+    url: str | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    sha256: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.ext == "jpeg":
+            self.ext = "jpg"
+        if self.sha256 is None:
+            self.sha256 = hashlib.sha256(self.image).hexdigest()
+
+
+# --------------------------------------------------------------------------- tar layer
+
+
+@dataclass
+class TarEntry:
+    """The members of one webdataset sample: {extension: bytes}, keyed by the sample key."""
+
+    key: str
+    members: dict[str, bytes]
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """'dir/abc.seg.jpg' -> ('dir/abc', 'seg.jpg'): webdataset splits at the first dot of the basename."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower() if dot else ""
+
+
+def iter_tar(fileobj: Any, source: str = "<tar>") -> Iterator[TarEntry]:
+    """Stream a webdataset tar: consecutive members sharing a key form one entry."""
+    current: TarEntry | None = None
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, ext = split_member_name(info.name)
+                handle = tar.extractfile(info)
+                data = handle.read() if handle else b""
+                if current is None or key != current.key:
+                    if current is not None:
+                        yield current
+                    current = TarEntry(key, {})
+                current.members[ext] = data
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise PoolFormatError(f"{source}: unreadable tar ({err}); the file is truncated or corrupt") from err
+    if current is not None:
+        yield current
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = mtime
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+# --------------------------------------------------------------------------- filesystem
+
+
+def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return fs, path.rstrip("/")
+
+
+def _tmp_name(path: str) -> str:
+    return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any], None]) -> None:
+    """Write `path` through a temporary file that is renamed into place only when complete."""
+    tmp = _tmp_name(path)
+    try:
+        with fs.open(tmp, "wb") as handle:
+            write(handle)
+        fs.mv(tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+
+
+def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
+    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
+    write_atomic(fs, path, lambda handle: handle.write(data))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class ShardWriter:
+    """Writes one shard (tar + parquet) atomically; use as a context manager.
+
+    If the block raises, the temporary files are removed and no part of the shard is visible.
+    """
+
+    def __init__(self, pool_url: str, index: int):
+        self.fs, self.root = open_fs(pool_url)
+        self.index = index
+        self.stats: dict[str, Any] = {}
+        self._rows: list[dict[str, Any]] = []
+        self._extra_keys: dict[str, None] = {}
+        self._mtime = time.time()
+
+    def __enter__(self) -> "ShardWriter":
+        sid = shard_id(self.index)
+        self.fs.makedirs(f"{self.root}/shards", exist_ok=True)
+        self.fs.makedirs(f"{self.root}/metadata", exist_ok=True)
+        self.tar_path = f"{self.root}/shards/{sid}.tar"
+        self.parquet_path = f"{self.root}/metadata/{sid}.parquet"
+        self._tar_tmp = _tmp_name(self.tar_path)
+        self._parquet_tmp = _tmp_name(self.parquet_path)
+        self._handle = self.fs.open(self._tar_tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._handle, mode="w", format=tarfile.PAX_FORMAT)
+        return self
+
+    def write(self, sample: Sample) -> None:
+        if not is_valid_uid(sample.uid):
+            raise ValueError(f"uid {sample.uid!r} is not 32 lowercase hex characters")
+        if sample.ext not in IMAGE_EXTS:
+            raise ValueError(f"image extension {sample.ext!r} is not one of {IMAGE_EXTS}")
+        key = sample.key or sample_key(self.index, len(self._rows))
+        row = {
+            "uid": sample.uid,
+            "key": key,
+            "text": sample.text,
+            "url": sample.url,
+            "original_width": sample.original_width,
+            "original_height": sample.original_height,
+            "sha256": sample.sha256,
+            **sample.extra,
+        }
+        _add_member(self._tar, f"{key}.{sample.ext}", sample.image, self._mtime)
+        _add_member(self._tar, f"{key}.txt", sample.text.encode("utf-8"), self._mtime)
+        meta = json.dumps({k: v for k, v in row.items() if k != "text"}, default=str)
+        _add_member(self._tar, f"{key}.json", meta.encode("utf-8"), self._mtime)
+        self._rows.append(row)
+        self._extra_keys.update(dict.fromkeys(sample.extra))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _table(self) -> pa.Table:
+        columns = {name: pa.array([r[name] for r in self._rows], type=BASE_SCHEMA.field(name).type) for name in BASE_SCHEMA.names}
+        for name in self._extra_keys:
+            columns[name] = pa.array([r.get(name) for r in self._rows])
+        table = pa.table(columns)
+        stats = json.dumps(self.stats, default=str).encode()
+        return table.replace_schema_metadata({_STATS_KEY: stats})
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._tar.close()
+            self._handle.close()
+            if exc_type is None:
+                with self.fs.open(self._parquet_tmp, "wb") as handle:
+                    pq.write_table(self._table(), handle)
+                self.fs.mv(self._tar_tmp, self.tar_path)
+                self.fs.mv(self._parquet_tmp, self.parquet_path)
+        finally:
+            for tmp in (self._tar_tmp, self._parquet_tmp):
+                if self.fs.exists(tmp):
+                    self.fs.rm(tmp)
+
+
+def write_shard(pool_url: str, index: int, samples: Iterable[Sample], stats: dict[str, Any] | None = None) -> int:
+    """Write all `samples` as shard `index`; returns the number written."""
+    with ShardWriter(pool_url, index) as writer:
+        for sample in samples:
+            writer.write(sample)
+        writer.stats.update(stats or {})
+    return len(writer)
+
+
+def shard_is_complete(pool_url: str, index: int) -> bool:
+    fs, root = open_fs(pool_url)
+    return fs.exists(f"{root}/metadata/{shard_id(index)}.parquet") and fs.exists(f"{root}/shards/{shard_id(index)}.tar")
+
+
+def finalize_pool(pool_url: str, name: str, sources: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """Write pool.json from the shards present (counts read from parquet footers)."""
+    fs, root = open_fs(pool_url)
+    shards = Pool(pool_url).shard_ids()
+    num_samples = sum(pq.ParquetFile(fs.open(f"{root}/metadata/{s}.parquet", "rb")).metadata.num_rows for s in shards)
+    info = {
+        "format": POOL_FORMAT,
+        "name": name,
+        "num_shards": len(shards),
+        "num_samples": num_samples,
+        "sources": sources,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "clipsift_version": __version__,
+        **extra,
+    }
+    write_json_atomic(fs, f"{root}/pool.json", info)
+    return info
+
+
+ShardFiller = Callable[[int, "ShardWriter"], None]
+
+
+def build_pool(
+    pool_url: str,
+    *,
+    name: str,
+    params: dict[str, Any],
+    num_shards: int,
+    fill: ShardFiller,
+    desc: str,
+    workers: int | None = None,
+    address: str | None = None,
+    **info: Any,
+) -> dict[str, Any]:
+    """Make a pool shard by shard: `fill(index, writer)` writes shard `index`.
+
+    Shards already complete are skipped, so a killed build re-run continues where it stopped.
+    `params` (the build settings) are recorded at the start; resuming with other settings is an
+    error instead of a pool mixing shards of two different builds.
+    """
+    from clipsift.pipeline.parallel import map_shards
+
+    fs, root = open_fs(pool_url)
+    fs.makedirs(root, exist_ok=True)
+    params_path = f"{root}/build.json"
+    if fs.exists(params_path):
+        with fs.open(params_path, "rb") as handle:
+            previous = json.load(handle)
+        if previous != json.loads(json.dumps(params, default=str)):
+            raise ClipsiftError(
+                f"{pool_url} was started with other settings ({previous}); "
+                "use a new output directory or delete this one"
+            )
+    else:
+        write_json_atomic(fs, params_path, params)
+    todo = [i for i in range(num_shards) if not shard_is_complete(pool_url, i)]
+    map_shards(functools.partial(_build_shard, pool_url, fill), todo, desc=desc, workers=workers, address=address)
+    return finalize_pool(pool_url, name, params.get("sources", []), **info)
+
+
+def _build_shard(pool_url: str, fill: ShardFiller, index: int) -> int:
+    with ShardWriter(pool_url, index) as writer:
+        fill(index, writer)
+    return len(writer)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class Pool:
+    """Read access to a pool: its info, shard list, metadata tables and samples."""
+
+    def __init__(self, url: str):
+        self.url = str(url)
+        self.fs, self.root = open_fs(self.url)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    @cached_property
+    def info(self) -> dict[str, Any]:
+        path = self.path("pool.json")
+        if not self.fs.exists(path):
+            raise PoolFormatError(
+                f"{self.url}: no pool.json, so this is not a clipsift pool (or its creation did not finish); "
+                "create one with `clipsift pool synth`, `pool import` or `pool download`, or re-run the command that was making it"
+            )
+        with self.fs.open(path, "rb") as handle:
+            info = json.load(handle)
+        if info.get("format") != POOL_FORMAT:
+            raise PoolFormatError(f"{path}: format is {info.get('format')!r}, expected {POOL_FORMAT!r}")
+        return info
+
+    def shard_ids(self) -> list[str]:
+        """Shards whose metadata parquet exists, in order."""
+        return sorted(p.rsplit("/", 1)[-1][: -len(".parquet")] for p in self.fs.glob(self.path("metadata", "*.parquet")))
+
+    def tar_ids(self) -> list[str]:
+        return sorted(p.rsplit("/", 1)[-1][: -len(".tar")] for p in self.fs.glob(self.path("shards", "*.tar")))
+
+    def tar_path(self, shard: str) -> str:
+        return self.path("shards", f"{shard}.tar")
+
+    def metadata_path(self, shard: str) -> str:
+        return self.path("metadata", f"{shard}.parquet")
+
+    def metadata(self, shard: str, columns: list[str] | None = None) -> pa.Table:
+        path = self.metadata_path(shard)
+        try:
+            with self.fs.open(path, "rb") as handle:
+                return pq.read_table(handle, columns=columns)
+        except FileNotFoundError as err:
+            raise PoolFormatError(f"{path}: missing metadata parquet for shard {shard}") from err
+        except (pa.ArrowException, OSError) as err:
+            raise PoolFormatError(f"{path}: unreadable metadata parquet ({err})") from err
+
+    def shard_stats(self, shard: str) -> dict[str, Any]:
+        with self.fs.open(self.metadata_path(shard), "rb") as handle:
+            meta = pq.read_schema(handle).metadata or {}
+        return json.loads(meta.get(_STATS_KEY, b"{}"))
+
+    def num_rows(self, shard: str) -> int:
+        with self.fs.open(self.metadata_path(shard), "rb") as handle:
+            return pq.ParquetFile(handle).metadata.num_rows
+
+    def uids(self) -> pa.ChunkedArray:
+        """Every uid of the pool in shard order, reading only the parquets' uid column."""
+        chunks = [chunk for s in self.shard_ids() for chunk in self.metadata(s, ["uid"]).column("uid").chunks]
+        return pa.chunked_array(chunks, type=pa.string())
+
+    def entries(self, shard: str) -> Iterator[TarEntry]:
+        """The raw tar entries of a shard, in stored order."""
+        path = self.tar_path(shard)
+        try:
+            handle = self.fs.open(path, "rb")
+        except FileNotFoundError as err:
+            raise PoolFormatError(f"{path}: missing tar for shard {shard}") from err
+        with handle:
+            yield from iter_tar(handle, source=path)
+
+    def samples(self, shard: str) -> Iterator[Sample]:
+        """The shard's samples with their metadata rows; raises PoolFormatError if tar and parquet disagree."""
+        rows = self.metadata(shard).to_pylist()
+        position = -1
+        for position, entry in enumerate(self.entries(shard)):
+            if position >= len(rows) or rows[position]["key"] != entry.key:
+                expected = rows[position]["key"] if position < len(rows) else "<end of metadata>"
+                raise PoolFormatError(
+                    f"{self.tar_path(shard)}: sample {position} has key {entry.key!r} but the metadata row says {expected!r}; "
+                    "tar and parquet are misaligned, rebuild this shard"
+                )
+            yield sample_from_entry(entry, rows[position], source=self.tar_path(shard))
+        if position + 1 != len(rows):
+            raise PoolFormatError(f"{self.tar_path(shard)}: tar has {position + 1} samples, metadata has {len(rows)}")
+
+
+def image_member(entry: TarEntry) -> tuple[str, bytes] | None:
+    """The (extension, bytes) of the entry's image member, if it has one."""
+    for ext in (*IMAGE_EXTS, "jpeg"):
+        if ext in entry.members:
+            return ext, entry.members[ext]
+    return None
+
+
+def sample_from_entry(entry: TarEntry, row: dict[str, Any], source: str) -> Sample:
+    image = image_member(entry)
+    if image is None:
+        raise PoolFormatError(f"{source}: sample {entry.key!r} has no image member (.jpg/.png/.webp)")
+    base = set(BASE_SCHEMA.names)
+    return Sample(
+        uid=row["uid"],
+        image=image[1],
+        ext=image[0],
+        text=row["text"],
+        url=row["url"],
+        original_width=row["original_width"],
+        original_height=row["original_height"],
+        sha256=row["sha256"],
+        extra={k: v for k, v in row.items() if k not in base},
+        key=entry.key,
+    )

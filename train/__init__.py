@@ -1,0 +1,1 @@
+"""Fixed training recipes per scale, launched through open_clip_train."""
