@@ -1,3 +1,3 @@
-from clipsift.cli import app
+from clipsift.cli import main
 
-app(prog_name="clipsift")
+main()

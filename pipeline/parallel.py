@@ -65,12 +65,17 @@ def map_shards(
     return [results[i] for i in range(len(items))]
 
 
+def _apply(fn: Callable[[T], R], item: T) -> R:
+    return fn(item)
+
+
 def _map_on_ray(fn: Callable, items: list, workers: int | None, address: str | None, done: Callable) -> None:
     import ray
 
     ensure_ray(address, workers)
-    remote = ray.remote(num_cpus=1, max_retries=3)(fn)
-    pending = {remote.remote(item): index for index, item in enumerate(items)}
+    remote = ray.remote(num_cpus=1, max_retries=3)(_apply)
+    fn_ref = ray.put(fn)
+    pending = {remote.remote(fn_ref, item): index for index, item in enumerate(items)}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
