@@ -48,6 +48,7 @@ BASE_SCHEMA = pa.schema(
     ]
 )
 _STATS_KEY = b"clipsift.shard_stats"
+_MEMBER_MTIME = 0  # fixed, so the same samples always give byte-identical tars
 
 
 class PoolFormatError(ClipsiftError):
@@ -133,10 +134,10 @@ def iter_tar(fileobj: Any, source: str = "<tar>") -> Iterator[TarEntry]:
         yield current
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
-    info.mtime = mtime
+    info.mtime = _MEMBER_MTIME
     info.mode = 0o644
     tar.addfile(info, io.BytesIO(data))
 
@@ -186,7 +187,6 @@ class ShardWriter:
         self.stats: dict[str, Any] = {}
         self._rows: list[dict[str, Any]] = []
         self._extra_keys: dict[str, None] = {}
-        self._mtime = time.time()
 
     def __enter__(self) -> "ShardWriter":
         sid = shard_id(self.index)
@@ -216,10 +216,10 @@ class ShardWriter:
             "sha256": sample.sha256,
             **sample.extra,
         }
-        _add_member(self._tar, f"{key}.{sample.ext}", sample.image, self._mtime)
-        _add_member(self._tar, f"{key}.txt", sample.text.encode("utf-8"), self._mtime)
+        _add_member(self._tar, f"{key}.{sample.ext}", sample.image)
+        _add_member(self._tar, f"{key}.txt", sample.text.encode("utf-8"))
         meta = json.dumps({k: v for k, v in row.items() if k != "text"}, default=str)
-        _add_member(self._tar, f"{key}.json", meta.encode("utf-8"), self._mtime)
+        _add_member(self._tar, f"{key}.json", meta.encode("utf-8"))
         self._rows.append(row)
         self._extra_keys.update(dict.fromkeys(sample.extra))
 

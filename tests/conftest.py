@@ -1,0 +1,49 @@
+"""Shared fixtures: small pools written through the real pool writer."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from clipsift.pipeline.pool import Sample, derive_uid, finalize_pool, write_shard  # noqa: E402
+
+
+def image_bytes(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (24, 16), fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def make_samples(shard: int, count: int) -> list[Sample]:
+    return [
+        Sample(
+            uid=derive_uid(f"test/{shard}/{i}"),
+            image=image_bytes((10 * i % 256, 40, 200), (20 + i, 16)),
+            ext="jpg",
+            text=f"sample {i} of shard {shard} — naïve café",
+            url=f"http://example.invalid/{shard}/{i}.jpg",
+            original_width=400 + i,
+            original_height=300,
+            extra={"score": float(i) / 10},
+        )
+        for i in range(count)
+    ]
+
+
+def make_pool(root: Path, shards: int = 2, per_shard: int = 5) -> Path:
+    for index in range(shards):
+        write_shard(str(root), index, make_samples(index, per_shard))
+    finalize_pool(str(root), "test-pool", [{"kind": "test"}])
+    return root
+
+
+@pytest.fixture
+def small_pool(tmp_path: Path) -> Path:
+    return make_pool(tmp_path / "pool")

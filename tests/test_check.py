@@ -1,0 +1,127 @@
+"""`pool check` finds each kind of corruption and names shard, sample and reason."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipsift.pipeline.check import check_pool
+
+SHARD0 = "00000000"
+KEY = "00000000_00000002"  # the third sample of shard 0
+
+
+def rewrite_tar(path: Path, change: Callable[[str, bytes], bytes]) -> None:
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            data = change(name, data)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def rewrite_metadata(path: Path, change: Callable[[list[dict]], list[dict]]) -> None:
+    table = pq.read_table(path)
+    pq.write_table(pa.Table.from_pylist(change(table.to_pylist()), schema=table.schema), path)
+
+
+def reasons(pool: Path) -> list[str]:
+    report = check_pool(str(pool), workers=1)
+    assert not report.ok
+    return [str(p) for p in report.problems]
+
+
+def test_clean_pool_passes(small_pool: Path) -> None:
+    report = check_pool(str(small_pool), workers=1)
+    assert report.ok, report.problems
+    assert (report.num_shards, report.num_samples) == (2, 10)
+
+
+def test_truncated_tar(small_pool: Path) -> None:
+    tar = small_pool / "shards" / f"{SHARD0}.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 3])
+    found = reasons(small_pool)
+    assert any(f"shard {SHARD0}" in r and "truncated or corrupt" in r for r in found), found
+
+
+def test_missing_parquet(small_pool: Path) -> None:
+    (small_pool / "metadata" / f"{SHARD0}.parquet").unlink()
+    found = reasons(small_pool)
+    assert any(f"shard {SHARD0}" in r and "missing metadata parquet" in r for r in found), found
+
+
+def test_misaligned_order(small_pool: Path) -> None:
+    rewrite_metadata(small_pool / "metadata" / f"{SHARD0}.parquet", lambda rows: [rows[1], rows[0], *rows[2:]])
+    found = reasons(small_pool)
+    assert any("sample 00000000_00000000" in r and "misaligned" in r for r in found), found
+
+
+def test_malformed_uid(small_pool: Path) -> None:
+    def change(rows: list[dict]) -> list[dict]:
+        rows[2]["uid"] = "NOT-A-UID"
+        return rows
+
+    rewrite_metadata(small_pool / "metadata" / f"{SHARD0}.parquet", change)
+    found = reasons(small_pool)
+    assert any(f"sample {KEY}" in r and "malformed uid 'NOT-A-UID'" in r for r in found), found
+
+
+def test_duplicate_uid_across_shards(small_pool: Path) -> None:
+    first_uid = pq.read_table(small_pool / "metadata" / f"{SHARD0}.parquet").column("uid")[0].as_py()
+
+    def change(rows: list[dict]) -> list[dict]:
+        rows[3]["uid"] = first_uid
+        return rows
+
+    rewrite_metadata(small_pool / "metadata" / "00000001.parquet", change)
+    found = reasons(small_pool)
+    assert any(f"duplicate uid {first_uid}" in r and "00000001/00000001_00000003" in r for r in found), found
+
+
+def test_undecodable_image(small_pool: Path) -> None:
+    rewrite_tar(small_pool / "shards" / f"{SHARD0}.tar", lambda name, data: b"\xff\xd8 not really a jpeg" if name == f"{KEY}.jpg" else data)
+    found = reasons(small_pool)
+    assert any(f"sample {KEY}" in r and "undecodable image" in r for r in found), found
+    assert any(f"sample {KEY}" in r and "sha256" in r for r in found), found
+
+
+def test_non_utf8_caption(small_pool: Path) -> None:
+    rewrite_tar(small_pool / "shards" / f"{SHARD0}.tar", lambda name, data: b"caf\xe9 latin-1" if name == f"{KEY}.txt" else data)
+    found = reasons(small_pool)
+    assert any(f"sample {KEY}" in r and "not valid UTF-8" in r for r in found), found
+
+
+def test_pool_json_counts_must_match(small_pool: Path) -> None:
+    (small_pool / "shards" / "00000001.tar").unlink()
+    (small_pool / "metadata" / "00000001.parquet").unlink()
+    found = reasons(small_pool)
+    assert any("pool.json says 2 shards, the pool has 1" in r for r in found), found
+    assert any("pool.json says 10 samples, the shards hold 5" in r for r in found), found
+
+
+def test_check_on_ray_and_cli_exit_status(small_pool: Path) -> None:
+    """Two Ray workers find the same problem; the CLI prints it and exits 1 (0 on a clean pool)."""
+    clean = subprocess.run([sys.executable, "-m", "clipsift", "pool", "check", str(small_pool), "--workers", "1"],
+                           capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+    rewrite_tar(small_pool / "shards" / "00000001.tar", lambda name, data: b"garbage" if name.endswith("00000004.jpg") else data)
+    report = check_pool(str(small_pool), workers=2)
+    assert [p.key for p in report.problems if "undecodable" in p.reason] == ["00000001_00000004"]
+    broken = subprocess.run([sys.executable, "-m", "clipsift", "pool", "check", str(small_pool), "--workers", "1"],
+                            capture_output=True, text=True)
+    assert broken.returncode == 1
+    assert "undecodable image" in broken.stderr and "00000001_00000004" in broken.stderr
+
+
+def test_missing_pool_json_reported(small_pool: Path) -> None:
+    (small_pool / "pool.json").unlink()
+    assert any("no pool.json" in r for r in reasons(small_pool))
