@@ -112,7 +112,7 @@ def _plan_sample(rng: np.random.Generator, kind: str, earlier: list[Plan], rende
                     render_seed, source.scene, detail="same_caption" if same_caption else "new_caption",
                     duplicate_of=earlier.index(source))
     scene = world.sample_scene(rng)
-    size = _crawl_size(rng, (220, 1200), (1.0, 2.2))
+    size = _crawl_size(rng, (220, 1200), (1.0, 1.6))
     text, detail = world.caption(rng, scene), None
     if kind == "mismatched_caption":
         text = world.caption(rng, _mismatched_scene(rng, scene))

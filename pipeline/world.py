@@ -111,7 +111,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
     if shape == "circle":
         draw.ellipse(box, fill=fill, outline=255, width=width)
     elif shape == "ring":
-        draw.ellipse(box, outline=255, width=max(outline, int(r * 0.35)))
+        draw.ellipse(box, outline=255, width=max(outline, int(r * 0.45)))
     elif shape == "crescent":
         draw.ellipse(box, fill=fill, outline=255, width=width)
         dx = r * 0.5 * math.cos(angle)
@@ -163,17 +163,20 @@ def render_background(rng: np.random.Generator, kind: str, bg_colour: str, width
 
 
 def _object_centres(rng: np.random.Generator, scene: Scene, width: int, height: int, radius: float) -> list[tuple[float, float]]:
+    """Object centres inside the image's central square, which is what a centre crop keeps."""
+    side = min(width, height)
+    x0, y0 = (width - side) / 2, (height - side) / 2
     margin = radius * 1.05
     if scene.count == 1:
         fx, fy = {"center": (0.5, 0.5), "left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75)}[scene.position]
-        cx = float(np.clip(fx * width + rng.normal(0, width * 0.03), margin, width - margin))
-        cy = float(np.clip(fy * height + rng.normal(0, height * 0.03), margin, height - margin))
-        return [(cx, cy)]
+        cx = float(np.clip(fx * side + rng.normal(0, side * 0.03), margin, side - margin))
+        cy = float(np.clip(fy * side + rng.normal(0, side * 0.03), margin, side - margin))
+        return [(x0 + cx, y0 + cy)]
     centres: list[tuple[float, float]] = []
     for _ in range(scene.count):
         best, best_gap = (0.0, 0.0), -1.0
         for _ in range(12):  # keep the candidate farthest from the objects already placed
-            candidate = (float(rng.uniform(margin, width - margin)), float(rng.uniform(margin, height - margin)))
+            candidate = (x0 + float(rng.uniform(margin, side - margin)), y0 + float(rng.uniform(margin, side - margin)))
             gap = min((math.dist(candidate, c) for c in centres), default=1e9)
             if gap > best_gap:
                 best, best_gap = candidate, gap
@@ -186,8 +189,8 @@ def _object_centres(rng: np.random.Generator, scene: Scene, width: int, height: 
 def render_scene(rng: np.random.Generator, scene: Scene, width: int = 64, height: int = 64, style: str = "flat") -> Image.Image:
     """Draw `scene`; `style` "outline" draws contours only (the tiny suite's distribution shift)."""
     background = render_background(rng, scene.background, scene.bg_colour, width, height)
-    scale = min(width, height) * (0.13 if scene.size == "small" else 0.22) * (1.0 if scene.count < 3 else 0.85)
-    radius = scale * rng.uniform(0.9, 1.1)
+    scale = min(width, height) * (0.15 if scene.size == "small" else 0.24) * (1.0 if scene.count < 3 else 0.85)
+    radius = max(scale * rng.uniform(0.9, 1.1), min(4.0, min(width, height) / 4))
     s = _SUPERSAMPLE
     mask = Image.new("L", (width * s, height * s), 0)
     draw = ImageDraw.Draw(mask)
@@ -280,7 +283,7 @@ _TEMPLATES = (
     lambda s, p, b: f"sticker pack: {p}",
     lambda s, p, b: f"How to draw {p} - easy tutorial for beginners",
     lambda s, p, b: f"wallpaper with {p} on a {s.background} pattern",
-    lambda s, p, b: f"{p}, {s.position} of the frame" if s.count == 1 else f"{p} scattered across the frame",
+    lambda s, p, b: f"{p}, {s.position} of the frame" if s.count == 1 else f"{p} scattered over the frame",
     lambda s, p, b: f"close-up of {p} | HD image",
     lambda s, p, b: f"{p.upper()}",
     lambda s, p, b: f"Geometric art print with {p}, {b}, 1920x1080",

@@ -1,0 +1,707 @@
+"""Bring-your-own-data import: the function behind `clipsift pool import SRC --out POOL`.
+
+Three kinds of source become a clipsift pool:
+
+- folder: images anywhere under a folder, each with a same-stem .txt caption beside it
+  (`a/b.jpg` + `a/b.txt`); hidden files and folders are ignored;
+- table: one Parquet, CSV, TSV or JSONL file with an image column (paths, relative to the table's
+  folder or absolute, or image bytes, including Hugging Face's {bytes, path} struct) and a caption
+  column. A url column and a valid uid column are used; every other column is carried into the
+  pool's metadata (names that clash with the pool's own columns get a `source_` prefix);
+- webdataset: a .tar, or a folder of them, such as img2dataset output. The uid, url and original
+  size in each sample's .json are kept, img2dataset's sha256 becomes `source_sha256`, and extra
+  fields (img2dataset's `save_additional_columns`) are carried.
+
+Uids: the source's own uid when it is 32 lowercase hex, else derive_uid(url) when there is a url,
+else derive_uid of the relative path (folder, table), the tar/key name (webdataset) or the image's
+sha256 (table bytes), then "\\n", then the caption. Captions are stripped of surrounding whitespace.
+
+Every image is decoded to verify it. jpg/png/webp bytes are stored unchanged; other formats PIL
+reads (bmp, gif, tiff...) are stored as PNG and counted as converted. Unusable samples (no or empty
+caption, caption not UTF-8, undecodable image, duplicate uid...) are skipped, not fatal: each is
+listed with its reason in its shard's stats (`Pool.shard_stats`), so a resumed run reports the
+same totals.
+
+Inputs are partitioned deterministically (sorted files or table rows in chunks of `shard_size`,
+one shard per input tar) and scanned once before any shard is written, so the first occurrence of
+a uid is kept and later ones are skipped whichever shards a resumed run still has to write.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import posixpath
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator, Mapping, Protocol
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+from PIL import Image
+
+from clipsift import ClipsiftError
+from clipsift.pipeline.pool import (
+    BASE_SCHEMA,
+    DEFAULT_SHARD_SIZE,
+    Pool,
+    Sample,
+    ShardWriter,
+    TarEntry,
+    build_pool,
+    derive_uid,
+    image_member,
+    is_valid_uid,
+    iter_tar,
+    open_fs,
+)
+
+KINDS = ("folder", "table", "webdataset")
+FOLDER_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+CONVERTIBLE_EXTS = ("bmp", "gif", "tif", "tiff")  # webdataset members converted to PNG
+TABLE_FORMATS = {"parquet": "parquet", "pq": "parquet", "csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "ndjson": "jsonl", "json": "jsonl"}
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filepath", "file_path", "filename", "file_name", "img",
+                 "bytes", "image_bytes", "jpg", "png", "webp")
+CAPTION_COLUMNS = ("caption", "text", "txt", "alt", "alt_text", "title")
+URL_COLUMNS = ("url", "image_url")
+STORED_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> stored as is
+PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")
+# img2dataset's per-sample bookkeeping in the .json: not carried into the pool's metadata
+IMG2DATASET_FIELDS = frozenset({"key", "status", "error_message", "width", "height", "exif", "caption"})
+RESERVED_COLUMNS = frozenset(BASE_SCHEMA.names)
+NUM_SKIP_EXAMPLES = 10
+
+
+# --------------------------------------------------------------------------- records
+
+
+class Skip(Exception):
+    """A sample that cannot be imported: `reason` is a short category, `detail` says more."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+    def entry(self, source: str) -> dict[str, str]:
+        return {"source": source, "reason": self.reason, **({"detail": self.detail} if self.detail else {})}
+
+
+@dataclass
+class Record:
+    """One input sample before its image is read and verified (`image` or `image_file` holds it)."""
+
+    source: str
+    uid: str | None = None
+    caption: str | None = None
+    image: bytes | None = None
+    image_file: str | None = None
+    url: str | None = None
+    size: tuple[int, int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    skip: Skip | None = None
+
+
+def _guarded(source: str, make: Any) -> Record:
+    """make() -> Record, or a Record that carries the Skip it raised."""
+    try:
+        return make()
+    except Skip as skip:
+        return Record(source, skip=skip)
+
+
+def _clean_caption(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise Skip("empty caption")
+    text = str(value).strip()
+    if not text:
+        raise Skip("empty caption")
+    return text
+
+
+def _caption_text(data: bytes) -> str:
+    try:
+        return _clean_caption(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise Skip("caption is not UTF-8", str(err)) from None
+
+
+def _text_or_none(value: Any) -> str | None:
+    text = "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value).strip()
+    return text or None
+
+
+def _size(width: Any, height: Any) -> tuple[int, int] | None:
+    try:
+        w, h = int(width), int(height)
+    except (TypeError, ValueError):
+        return None
+    return (w, h) if w > 0 and h > 0 else None
+
+
+def _source_uid(own: Any, url: str | None, fallback_id: str, caption: str) -> str:
+    if is_valid_uid(own):
+        return own
+    return derive_uid(url) if url else derive_uid(f"{fallback_id}\n{caption}")
+
+
+def _carried(name: str) -> str:
+    return f"source_{name}" if name in RESERVED_COLUMNS else name
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class _Source(Protocol):
+    kind: ClassVar[str]
+    fs: Any
+
+    def num_shards(self) -> int: ...
+
+    def records(self, index: int) -> Iterator[Record]: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class _FolderSource:
+    """Images under `root` with same-stem .txt captions; shard i holds sorted images [i*size, (i+1)*size)."""
+
+    kind: ClassVar[str] = "folder"
+    fs: Any
+    root: str
+    items: tuple[tuple[str, str | None], ...]  # (image path, caption path or None), relative to root, sorted
+    shard_size: int
+
+    def num_shards(self) -> int:
+        return math.ceil(len(self.items) / self.shard_size)
+
+    def records(self, index: int) -> Iterator[Record]:
+        for rel, caption_rel in self.items[index * self.shard_size : (index + 1) * self.shard_size]:
+            yield _guarded(rel, lambda: self._record(rel, caption_rel))
+
+    def _record(self, rel: str, caption_rel: str | None) -> Record:
+        if caption_rel is None:
+            raise Skip("no caption file", f"expected {posixpath.splitext(rel)[0]}.txt beside the image")
+        try:
+            caption = _caption_text(self.fs.cat_file(f"{self.root}/{caption_rel}"))
+        except OSError as err:
+            raise Skip("unreadable caption file", str(err)) from None
+        uid = derive_uid(f"{rel}\n{caption}")
+        return Record(rel, uid, caption, image_file=f"{self.root}/{rel}", extra={"source": rel})
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": self.kind, "src": self.root, "num_inputs": len(self.items), "shard_size": self.shard_size}
+
+
+@dataclass(frozen=True)
+class _TableSource:
+    """Rows of one table; shard i holds rows [i*size, (i+1)*size)."""
+
+    kind: ClassVar[str] = "table"
+    fs: Any
+    path: str
+    fmt: str
+    num_rows: int
+    shard_size: int
+    image_column: str
+    image_type: str  # "path", "bytes" or "struct" ({bytes, path})
+    caption_column: str
+    url_column: str | None
+    uid_column: str | None
+    size_columns: bool  # original_width/original_height columns give the sizes
+    extra_columns: tuple[tuple[str, str], ...]  # (table column, pool column)
+
+    def num_shards(self) -> int:
+        return math.ceil(self.num_rows / self.shard_size)
+
+    def records(self, index: int) -> Iterator[Record]:
+        start = index * self.shard_size
+        rows = _read_rows(self.fs, self.path, self.fmt, start, min(start + self.shard_size, self.num_rows))
+        name = posixpath.basename(self.path)
+        for number, row in enumerate(rows, start):
+            source = f"{name} row {number}"
+            yield _guarded(source, lambda: self._record(source, row))
+
+    def _record(self, source: str, row: dict[str, Any]) -> Record:
+        caption = _clean_caption(row[self.caption_column])
+        url = _text_or_none(row[self.url_column]) if self.url_column else None
+        image_path, data = self._image(row)
+        fallback = image_path if data is None else hashlib.sha256(data).hexdigest()
+        uid = _source_uid(row[self.uid_column] if self.uid_column else None, url, fallback, caption)
+        size = _size(row["original_width"], row["original_height"]) if self.size_columns else None
+        extra = {stored: row[column] for column, stored in self.extra_columns}
+        image_file = None if data is not None else self._resolve(image_path)
+        return Record(source, uid, caption, data, image_file, url, size, extra)
+
+    def _image(self, row: dict[str, Any]) -> tuple[str | None, bytes | None]:
+        value = row[self.image_column]
+        if self.image_type == "struct":
+            value = (value or {}).get("bytes") or (value or {}).get("path")
+        if isinstance(value, (bytes, bytearray)) and value:
+            return None, bytes(value)
+        if isinstance(value, str) and value.strip():
+            return value.strip(), None
+        raise Skip("no image", f"column {self.image_column!r} is empty")
+
+    def _resolve(self, image_path: str) -> str:
+        if image_path.startswith("/") or "://" in image_path:
+            return image_path
+        return posixpath.normpath(posixpath.join(posixpath.dirname(self.path), image_path))
+
+    def info(self) -> dict[str, Any]:
+        columns = {"image": self.image_column, "image_type": self.image_type, "caption": self.caption_column,
+                   "url": self.url_column, "uid": self.uid_column, "extra": [c for c, _ in self.extra_columns]}
+        return {"kind": self.kind, "src": self.path, "format": self.fmt, "num_inputs": self.num_rows,
+                "shard_size": self.shard_size, "columns": columns}
+
+
+@dataclass(frozen=True)
+class _TarSource:
+    """Webdataset tars (e.g. img2dataset output) under `root`; shard i is the i-th tar in sorted order."""
+
+    kind: ClassVar[str] = "webdataset"
+    fs: Any
+    root: str
+    tars: tuple[str, ...]  # relative to root, sorted
+
+    def num_shards(self) -> int:
+        return len(self.tars)
+
+    def records(self, index: int) -> Iterator[Record]:
+        rel = self.tars[index]
+        path = f"{self.root}/{rel}"
+        with self.fs.open(path, "rb") as handle:
+            for entry in iter_tar(handle, source=path):
+                name = f"{rel}/{entry.key}"
+                yield _guarded(name, lambda: _tar_record(name, entry))
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": self.kind, "src": self.root, "num_inputs": len(self.tars)}
+
+
+def _tar_record(name: str, entry: TarEntry) -> Record:
+    meta = _entry_json(entry)
+    caption = _caption_text(entry.members["txt"]) if "txt" in entry.members else _clean_caption(meta.get("caption"))
+    image = image_member(entry) or next(((e, entry.members[e]) for e in CONVERTIBLE_EXTS if e in entry.members), None)
+    if image is None:
+        raise Skip("no image member", f"members: {', '.join(sorted(entry.members))}")
+    url = _text_or_none(meta.get("url"))
+    uid = _source_uid(meta.get("uid"), url, name, caption)
+    size = _size(meta.get("original_width"), meta.get("original_height"))
+    extra = {k: v for k, v in meta.items() if k not in IMG2DATASET_FIELDS and k not in RESERVED_COLUMNS}
+    if meta.get("sha256"):
+        extra["source_sha256"] = meta["sha256"]
+    extra["source"] = name
+    return Record(name, uid, caption, image[1], None, url, size, extra)
+
+
+def _entry_json(entry: TarEntry) -> dict[str, Any]:
+    try:
+        meta = json.loads(entry.members.get("json", b"{}"))
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+# --------------------------------------------------------------------------- opening a source
+
+
+def open_source(src: str, out: str | None = None, *, kind: str | None = None, image_column: str | None = "image",
+                caption_column: str | None = "caption", shard_size: int = DEFAULT_SHARD_SIZE) -> _Source:
+    """Check `src` and plan its partition into shards; raises ClipsiftError on unusable input."""
+    if kind is not None and kind not in KINDS:
+        raise ClipsiftError(f"unknown source kind {kind!r}; choose one of {', '.join(KINDS)} (or leave it out to detect it)")
+    if shard_size < 1:
+        raise ClipsiftError(f"shard_size must be at least 1, not {shard_size}")
+    fs, root = open_fs(os.path.abspath(src) if "://" not in src else src)
+    if not fs.exists(root):
+        raise ClipsiftError(f"{src}: no such file or folder; pass an image folder, a .parquet/.csv/.jsonl table or webdataset .tar file(s)")
+    is_dir = fs.isdir(root)
+    if is_dir and out is not None:
+        _check_out_outside(root, out)
+    files = _list_files(fs, root) if is_dir else []
+    kind = kind or _detect_kind(fs, root, is_dir, files)
+    if kind == "folder":
+        return _open_folder(fs, root, is_dir, files, shard_size)
+    if kind == "table":
+        return _open_table(fs, root, is_dir, image_column, caption_column, shard_size)
+    return _open_tars(fs, root, is_dir, files)
+
+
+def _check_out_outside(root: str, out: str) -> None:
+    if "://" in out:
+        return
+    out_abs = os.path.abspath(out)
+    if out_abs == root or out_abs.startswith(root.rstrip("/") + "/"):
+        raise ClipsiftError(f"{out}: the output pool is inside the source folder {root}; choose an --out outside it")
+
+
+def _list_files(fs: Any, root: str) -> list[str]:
+    """Files under root, relative to it, sorted; hidden files and folders are left out."""
+    rels = (path[len(root) + 1 :] for path in fs.find(root))
+    return sorted(rel for rel in rels if rel and not any(part.startswith(".") for part in rel.split("/")))
+
+
+def _ext(path: str) -> str:
+    return posixpath.splitext(path)[1][1:].lower()
+
+
+def _is_tar_name(path: str) -> bool:
+    return path.lower().endswith(TAR_SUFFIXES)
+
+
+def _detect_kind(fs: Any, root: str, is_dir: bool, files: list[str]) -> str:
+    if is_dir:
+        has_images = any(_ext(f) in FOLDER_IMAGE_EXTS for f in files)
+        return "webdataset" if not has_images and any(_is_tar_name(f) for f in files) else "folder"
+    if _is_tar_name(root):
+        return "webdataset"
+    if _ext(root) in TABLE_FORMATS:
+        return "table"
+    if _is_tar(fs, root):
+        return "webdataset"
+    raise ClipsiftError(
+        f"{root}: cannot tell what kind of source this is from its name; use a folder of images, a "
+        f"{'/'.join('.' + e for e in TABLE_FORMATS)} table or webdataset .tar files, or pass --kind"
+    )
+
+
+def _open_folder(fs: Any, root: str, is_dir: bool, files: list[str], shard_size: int) -> _FolderSource:
+    if not is_dir:
+        raise ClipsiftError(f"{root}: is a file, not a folder of images; pass the folder (or --kind table / webdataset)")
+    images = [f for f in files if _ext(f) in FOLDER_IMAGE_EXTS]
+    if not images:
+        raise ClipsiftError(
+            f"{root}: no image files ({', '.join('.' + e for e in FOLDER_IMAGE_EXTS)}) or .tar files found in this folder "
+            "or its subfolders; point SRC at the folder that holds the images (each with a same-stem .txt caption)"
+        )
+    texts = {f for f in files if f.endswith(".txt")}
+    items = tuple((f, c if (c := posixpath.splitext(f)[0] + ".txt") in texts else None) for f in images)
+    return _FolderSource(fs, root, items, shard_size)
+
+
+def _open_tars(fs: Any, root: str, is_dir: bool, files: list[str]) -> _TarSource:
+    if is_dir:
+        tars = tuple(f for f in files if _is_tar_name(f))
+        if not tars:
+            raise ClipsiftError(f"{root}: no .tar files in this folder or its subfolders; a webdataset source is .tar files")
+        base = root
+    else:
+        base, name = posixpath.split(root)
+        tars = (name,)
+    for rel in tars:
+        if not _is_tar(fs, f"{base}/{rel}"):
+            raise ClipsiftError(
+                f"{base}/{rel}: not a tar file; a webdataset source must be .tar files (e.g. img2dataset output with "
+                "output_format webdataset): re-create or remove this file, or pass the right --kind"
+            )
+    return _TarSource(fs, base, tars)
+
+
+def _is_tar(fs: Any, path: str) -> bool:
+    try:
+        with fs.open(path, "rb") as handle:
+            return tarfile.is_tarfile(handle)
+    except (OSError, tarfile.TarError, EOFError):
+        return False
+
+
+# --------------------------------------------------------------------------- tables
+
+
+_TEXT_TABLE_CACHE: dict[tuple[str, str, str], pa.Table] = {}
+
+
+def _table_error(path: str, fmt: str, err: Exception) -> ClipsiftError:
+    return ClipsiftError(f"{path}: cannot read it as a {fmt} table ({err}); check the file (and its extension)")
+
+
+def _read_text_table(fs: Any, path: str, fmt: str) -> pa.Table:
+    """A CSV/TSV/JSONL table, parsed once per process (keyed by the file's checksum)."""
+    key = (path, fmt, str(fs.checksum(path)))
+    if key not in _TEXT_TABLE_CACHE:
+        try:
+            with fs.open(path, "rb") as handle:
+                if fmt == "jsonl":
+                    table = pa_json.read_json(handle)
+                else:
+                    parse = pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True)
+                    table = pa_csv.read_csv(handle, parse_options=parse)
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise _table_error(path, fmt, err) from err
+        _TEXT_TABLE_CACHE.clear()
+        _TEXT_TABLE_CACHE[key] = table
+    return _TEXT_TABLE_CACHE[key]
+
+
+def _table_shape(fs: Any, path: str, fmt: str) -> tuple[pa.Schema, int]:
+    if fmt != "parquet":
+        table = _read_text_table(fs, path, fmt)
+        return table.schema, table.num_rows
+    try:
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            return parquet.schema_arrow, parquet.metadata.num_rows
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise _table_error(path, fmt, err) from err
+
+
+def _read_rows(fs: Any, path: str, fmt: str, start: int, stop: int) -> list[dict[str, Any]]:
+    """Rows [start, stop) as dicts; for Parquet only the row groups that hold them are read."""
+    if fmt != "parquet":
+        return _read_text_table(fs, path, fmt).slice(start, stop - start).to_pylist()
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        groups, first, offset = [], 0, 0
+        for group in range(parquet.num_row_groups):
+            rows = parquet.metadata.row_group(group).num_rows
+            if offset < stop and offset + rows > start:
+                first = offset if not groups else first
+                groups.append(group)
+            offset += rows
+        return parquet.read_row_groups(groups).slice(start - first, stop - start).to_pylist()
+
+
+def _pick_column(names: list[str], wanted: str | None, default: str, candidates: tuple[str, ...], path: str) -> str | None:
+    """The column asked for; when none or the default was asked for and it is absent, the first candidate present."""
+    if wanted in names:
+        return wanted
+    if wanted is not None and wanted != default:
+        raise ClipsiftError(f"{path}: no column {wanted!r}; the table's columns are: {', '.join(names)}")
+    lower = {name.lower(): name for name in names}
+    return next((lower[c] for c in candidates if c in lower), None)
+
+
+def _image_type(path: str, column: str, dtype: pa.DataType) -> str:
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
+        return "path"
+    if pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype) or pa.types.is_fixed_size_binary(dtype):
+        return "bytes"
+    if pa.types.is_struct(dtype) and {"bytes", "path"} & {dtype.field(i).name for i in range(dtype.num_fields)}:
+        return "struct"
+    raise ClipsiftError(f"{path}: image column {column!r} has type {dtype}; it must hold image paths (strings) or image bytes")
+
+
+def _open_table(fs: Any, path: str, is_dir: bool, image_column: str | None, caption_column: str | None,
+                shard_size: int) -> _TableSource:
+    fmt = TABLE_FORMATS.get(_ext(path))
+    if is_dir or fmt is None:
+        raise ClipsiftError(f"{path}: a table source must be one {'/'.join('.' + e for e in TABLE_FORMATS)} file")
+    schema, num_rows = _table_shape(fs, path, fmt)
+    names = schema.names
+    listed = ", ".join(names)
+    caption = _pick_column(names, caption_column, "caption", CAPTION_COLUMNS, path)
+    if caption is None:
+        raise ClipsiftError(f"{path}: no caption column (looked for {', '.join(CAPTION_COLUMNS)}); the table's columns are: "
+                            f"{listed}. Name it with --caption-column")
+    url = _pick_column(names, None, "url", URL_COLUMNS, path)
+    image = _pick_column(names, image_column, "image", IMAGE_COLUMNS, path)
+    if image is None:
+        hint = "; it has urls only: download the images with `clipsift pool download`" if url else ""
+        raise ClipsiftError(f"{path}: no image column (looked for {', '.join(IMAGE_COLUMNS)}); the table's columns are: "
+                            f"{listed}. Name it with --image-column{hint}")
+    if num_rows == 0:
+        raise ClipsiftError(f"{path}: the table has no rows")
+    image_type = _image_type(path, image, schema.field(image).type)
+    uid = "uid" if "uid" in names else None
+    size_columns = "original_width" in names and "original_height" in names
+    used = {caption, url, uid} | ({"original_width", "original_height"} if size_columns else set())
+    used |= {image} if image_type != "path" else set()
+    extra = tuple((n, _carried(n)) for n in names if n not in used)
+    return _TableSource(fs, path, fmt, num_rows, shard_size, image, image_type, caption, url, uid, size_columns, extra)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def verify_image(data: bytes) -> tuple[bytes, str, tuple[int, int], bool]:
+    """Decode `data` fully; returns (bytes to store, extension, (width, height), converted to PNG)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            ext = STORED_FORMATS.get(img.format or "")
+            if ext:
+                return data, ext, img.size, False
+            return _png_bytes(img), "png", img.size, True
+    except Skip:
+        raise
+    except Exception as err:  # PIL raises many kinds (OSError, SyntaxError, DecompressionBombError...)
+        message = re.sub(r"\s*<[^>]* at 0x[0-9a-f]+>", "", str(err))  # no object addresses: stats stay reproducible
+        raise Skip("undecodable image", f"{type(err).__name__}: {message}") from None
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    try:
+        if img.mode not in PNG_MODES:
+            img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
+        buffer = io.BytesIO()
+        img.save(buffer, format="PNG")
+    except (OSError, ValueError) as err:
+        raise Skip("cannot convert to PNG", f"{img.format} {img.mode}: {err}") from None
+    return buffer.getvalue()
+
+
+def _read_image_file(fs: Any, path: str) -> bytes:
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise Skip("missing image file", path) from None
+    except OSError as err:
+        raise Skip("unreadable image file", f"{path}: {err}") from None
+
+
+def _make_sample(fs: Any, record: Record) -> tuple[Sample, bool]:
+    data = record.image if record.image is not None else _read_image_file(fs, record.image_file)
+    stored, ext, size, converted = verify_image(data)
+    width, height = record.size or size
+    return Sample(record.uid, stored, ext, record.caption, record.url, width, height, extra=record.extra), converted
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _scan_shard(source: _Source, index: int) -> list[str | None]:
+    """The uid of each input of shard `index` (None for inputs already known to be skipped)."""
+    return [None if record.skip else record.uid for record in source.records(index)]
+
+
+def find_duplicates(uid_lists: list[list[str | None]]) -> dict[int, frozenset[int]]:
+    """{shard: positions whose uid occurred earlier}, scanning shards and positions in order."""
+    seen: set[str] = set()
+    duplicates: dict[int, frozenset[int]] = {}
+    for index, uids in enumerate(uid_lists):
+        found = []
+        for position, uid in enumerate(uids):
+            if uid is None:
+                continue
+            if uid in seen:
+                found.append(position)
+            seen.add(uid)
+        if found:
+            duplicates[index] = frozenset(found)
+    return duplicates
+
+
+@dataclass(frozen=True)
+class _ImportShards:
+    """Fills shard `index` of an import (a picklable callable for Ray tasks)."""
+
+    source: _Source
+    duplicates: Mapping[int, frozenset[int]]
+
+    def __call__(self, index: int, writer: ShardWriter) -> None:
+        skipped: list[dict[str, str]] = []
+        converted = 0
+        duplicates = self.duplicates.get(index, frozenset())
+        for position, record in enumerate(self.source.records(index)):
+            skip = record.skip or (Skip("duplicate uid", record.uid or "") if position in duplicates else None)
+            if skip is None:
+                try:
+                    sample, was_converted = _make_sample(self.source.fs, record)
+                except Skip as err:
+                    skip = err
+            if skip is not None:
+                skipped.append(skip.entry(record.source))
+                continue
+            writer.write(sample)
+            converted += was_converted
+        writer.stats.update(skipped=skipped, converted=converted)
+
+
+@dataclass
+class ImportResult:
+    """What an import made: pool.json's content plus the totals of every shard's stats."""
+
+    out: str
+    kind: str
+    src: str
+    info: dict[str, Any]
+    num_imported: int
+    num_skipped: int
+    num_converted: int
+    skip_reasons: dict[str, int]  # reason -> count, most frequent first
+    skip_examples: list[dict[str, str]]  # the first few skipped inputs: {source, reason[, detail]}
+
+
+def import_pool(
+    src: str,
+    out: str,
+    *,
+    kind: str | None = None,
+    image_column: str | None = "image",
+    caption_column: str | None = "caption",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    workers: int | None = None,
+    name: str | None = None,
+) -> ImportResult:
+    """Import an image folder, a table or webdataset tars from `src` into the pool `out`.
+
+    `kind` is "folder", "table" or "webdataset" (None: detected). For tables, the image and caption
+    columns are detected among common names unless another column is named. Re-running the same
+    import continues it: complete shards are kept.
+    """
+    source = open_source(src, out, kind=kind, image_column=image_column, caption_column=caption_column, shard_size=shard_size)
+    from clipsift.pipeline.parallel import map_shards
+
+    shards = range(source.num_shards())
+    uid_lists = map_shards(functools.partial(_scan_shard, source), shards, desc=f"scan {source.kind}", workers=workers)
+    fill = _ImportShards(source, find_duplicates(uid_lists))
+    source_info = source.info()
+    params = {"kind": "import", "sources": [source_info]}
+    info = build_pool(out, name=name or _default_name(source_info["src"]), params=params, num_shards=len(shards),
+                      fill=fill, desc=f"import {source.kind}", workers=workers)
+    return _result(out, source_info, info)
+
+
+def _default_name(src: str) -> str:
+    base = posixpath.basename(src.rstrip("/"))
+    for suffix in (*TAR_SUFFIXES, *(f".{e}" for e in TABLE_FORMATS)):
+        if base.lower().endswith(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
+def _result(out: str, source_info: dict[str, Any], info: dict[str, Any]) -> ImportResult:
+    pool = Pool(out)
+    stats = [pool.shard_stats(shard) for shard in pool.shard_ids()]
+    skipped = [entry for shard in stats for entry in shard.get("skipped", [])]
+    reasons = Counter(entry["reason"] for entry in skipped)
+    return ImportResult(
+        out=out,
+        kind=source_info["kind"],
+        src=source_info["src"],
+        info=info,
+        num_imported=info["num_samples"],
+        num_skipped=len(skipped),
+        num_converted=sum(shard.get("converted", 0) for shard in stats),
+        skip_reasons=dict(reasons.most_common()),
+        skip_examples=skipped[:NUM_SKIP_EXAMPLES],
+    )
+
+
+def import_summary_rows(result: ImportResult, examples: int = 5) -> list[tuple[str, object]]:
+    """Rows for `ui.summary_table`: where from, where to, how many imported/skipped/converted and why."""
+    rows: list[tuple[str, object]] = [
+        ("pool", result.out),
+        ("source", f"{result.src} ({result.kind})"),
+        ("shards", result.info["num_shards"]),
+        ("imported", result.num_imported),
+        ("skipped", result.num_skipped),
+    ]
+    rows += [(f"  {reason}", count) for reason, count in result.skip_reasons.items()]
+    if result.num_converted:
+        rows.append(("converted to PNG", result.num_converted))
+    for entry in result.skip_examples[:examples]:
+        detail = f" ({entry['detail']})" if entry.get("detail") else ""
+        rows.append(("  e.g.", f"{entry['source']}: {entry['reason']}{detail}"))
+    return rows
