@@ -40,7 +40,7 @@ import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Mapping, Protocol
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -111,7 +111,7 @@ class Record:
     skip: Skip | None = None
 
 
-def _guarded(source: str, make: Any) -> Record:
+def _guarded(source: str, make: Callable[[], Record]) -> Record:
     """make() -> Record, or a Record that carries the Skip it raised."""
     try:
         return make()
