@@ -197,7 +197,7 @@ class ShardWriter:
         self._tar_tmp = _tmp_name(self.tar_path)
         self._parquet_tmp = _tmp_name(self.parquet_path)
         self._handle = self.fs.open(self._tar_tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._handle, mode="w", format=tarfile.PAX_FORMAT)
+        self._tar = tarfile.open(fileobj=self._handle, mode="w", format=tarfile.USTAR_FORMAT)
         return self
 
     def write(self, sample: Sample) -> None:
