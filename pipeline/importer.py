@@ -45,7 +45,6 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
-import pyarrow.parquet as pq
 from PIL import Image
 
 from clipsift import ClipsiftError
@@ -62,6 +61,7 @@ from clipsift.pipeline.pool import (
     is_valid_uid,
     iter_tar,
     open_fs,
+    parquet_file,
 )
 
 KINDS = ("folder", "table", "webdataset")
@@ -449,9 +449,8 @@ def _table_shape(fs: Any, path: str, fmt: str) -> tuple[pa.Schema, int]:
         table = _read_text_table(fs, path, fmt)
         return table.schema, table.num_rows
     try:
-        with fs.open(path, "rb") as handle:
-            parquet = pq.ParquetFile(handle)
-            return parquet.schema_arrow, parquet.metadata.num_rows
+        parquet = parquet_file(fs, path)
+        return parquet.schema_arrow, parquet.metadata.num_rows
     except (pa.ArrowException, OSError, ValueError) as err:
         raise _table_error(path, fmt, err) from err
 
@@ -460,16 +459,15 @@ def _read_rows(fs: Any, path: str, fmt: str, start: int, stop: int) -> list[dict
     """Rows [start, stop) as dicts; for Parquet only the row groups that hold them are read."""
     if fmt != "parquet":
         return _read_text_table(fs, path, fmt).slice(start, stop - start).to_pylist()
-    with fs.open(path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
-        groups, first, offset = [], 0, 0
-        for group in range(parquet.num_row_groups):
-            rows = parquet.metadata.row_group(group).num_rows
-            if offset < stop and offset + rows > start:
-                first = offset if not groups else first
-                groups.append(group)
-            offset += rows
-        return parquet.read_row_groups(groups).slice(start - first, stop - start).to_pylist()
+    parquet = parquet_file(fs, path)
+    groups, first, offset = [], 0, 0
+    for group in range(parquet.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        if offset < stop and offset + rows > start:
+            first = offset if not groups else first
+            groups.append(group)
+        offset += rows
+    return parquet.read_row_groups(groups, use_threads=False).slice(start - first, stop - start).to_pylist()
 
 
 def _pick_column(names: list[str], wanted: str | None, default: str, candidates: tuple[str, ...], path: str) -> str | None:

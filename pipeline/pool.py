@@ -154,6 +154,17 @@ def _tmp_name(path: str) -> str:
     return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
 
 
+def read_parquet(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
+    # Through pyarrow's filesystem wrapper, not a Python file object: pyarrow 26 can abort the
+    # interpreter at exit after threaded reads from Python file objects.
+    return pq.read_table(path, columns=columns, filesystem=fs)
+
+
+def parquet_file(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
+    """A ParquetFile for footer-only reads (row counts, row groups, schema metadata)."""
+    return pq.ParquetFile(path, filesystem=fs, pre_buffer=False)
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any], None]) -> None:
     """Write `path` through a temporary file that is renamed into place only when complete."""
     tmp = _tmp_name(path)
@@ -258,6 +269,26 @@ def write_shard(pool_url: str, index: int, samples: Iterable[Sample], stats: dic
     return len(writer)
 
 
+def embeddings_schema(dim: int) -> pa.Schema:
+    """Per-shard embeddings: L2-normalised float16 vectors, float32 cosine, and a status per row.
+
+    `status` is "ok", or the reason the row has no embeddings (e.g. "undecodable image: ...").
+    """
+    vector = pa.list_(pa.float16(), dim)
+    return pa.schema([("uid", pa.string()), ("image_emb", vector), ("text_emb", vector),
+                      ("clip_score", pa.float32()), ("status", pa.string())])
+
+
+def write_embeddings(pool_url: str, model_id: str, shard: str, table: pa.Table) -> str:
+    """Write one shard's embeddings atomically to POOL/embeddings/<model_id>/<shard>.parquet."""
+    fs, root = open_fs(pool_url)
+    folder = f"{root}/embeddings/{model_id}"
+    fs.makedirs(folder, exist_ok=True)
+    path = f"{folder}/{shard}.parquet"
+    write_atomic(fs, path, lambda handle: pq.write_table(table, handle))
+    return path
+
+
 def shard_is_complete(pool_url: str, index: int) -> bool:
     fs, root = open_fs(pool_url)
     return fs.exists(f"{root}/metadata/{shard_id(index)}.parquet") and fs.exists(f"{root}/shards/{shard_id(index)}.tar")
@@ -267,7 +298,7 @@ def finalize_pool(pool_url: str, name: str, sources: list[dict[str, Any]], **ext
     """Write pool.json from the shards present (counts read from parquet footers)."""
     fs, root = open_fs(pool_url)
     shards = Pool(pool_url).shard_ids()
-    num_samples = sum(pq.ParquetFile(fs.open(f"{root}/metadata/{s}.parquet", "rb")).metadata.num_rows for s in shards)
+    num_samples = sum(parquet_file(fs, f"{root}/metadata/{s}.parquet").metadata.num_rows for s in shards)
     info = {
         "format": POOL_FORMAT,
         "name": name,
@@ -372,21 +403,37 @@ class Pool:
     def metadata(self, shard: str, columns: list[str] | None = None) -> pa.Table:
         path = self.metadata_path(shard)
         try:
-            with self.fs.open(path, "rb") as handle:
-                return pq.read_table(handle, columns=columns)
+            return read_parquet(self.fs, path, columns)
         except FileNotFoundError as err:
             raise PoolFormatError(f"{path}: missing metadata parquet for shard {shard}") from err
         except (pa.ArrowException, OSError) as err:
             raise PoolFormatError(f"{path}: unreadable metadata parquet ({err})") from err
 
     def shard_stats(self, shard: str) -> dict[str, Any]:
-        with self.fs.open(self.metadata_path(shard), "rb") as handle:
-            meta = pq.read_schema(handle).metadata or {}
+        meta = parquet_file(self.fs, self.metadata_path(shard)).schema_arrow.metadata or {}
         return json.loads(meta.get(_STATS_KEY, b"{}"))
 
     def num_rows(self, shard: str) -> int:
-        with self.fs.open(self.metadata_path(shard), "rb") as handle:
-            return pq.ParquetFile(handle).metadata.num_rows
+        return parquet_file(self.fs, self.metadata_path(shard)).metadata.num_rows
+
+    def embedding_models(self) -> list[str]:
+        """The model ids that have an embeddings folder."""
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.glob(self.path("embeddings", "*")) if self.fs.isdir(p))
+
+    def embeddings_path(self, model_id: str, shard: str) -> str:
+        return self.path("embeddings", model_id, f"{shard}.parquet")
+
+    def has_embeddings(self, model_id: str, shard: str) -> bool:
+        return self.fs.exists(self.embeddings_path(model_id, shard))
+
+    def embeddings(self, model_id: str, shard: str, columns: list[str] | None = None) -> pa.Table:
+        """A shard's embeddings, rows in the shard's metadata order."""
+        path = self.embeddings_path(model_id, shard)
+        if not self.fs.exists(path):
+            known = ", ".join(self.embedding_models()) or "none"
+            raise PoolFormatError(f"{path}: no embeddings of model {model_id!r} for shard {shard} (models scored: {known}); "
+                                  f"run `clipsift score {self.url} --model ...` first")
+        return read_parquet(self.fs, path, columns)
 
     def uids(self) -> pa.ChunkedArray:
         """Every uid of the pool in shard order, reading only the parquets' uid column."""

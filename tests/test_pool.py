@@ -139,3 +139,25 @@ def test_uids_are_stable_128_bit_hex() -> None:
 def test_missing_pool_json_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(PoolFormatError, match="not a clipsift pool"):
         Pool(str(tmp_path)).info
+
+
+def test_embeddings_round_trip_and_missing_model(small_pool: Path) -> None:
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    from clipsift.pipeline.pool import embeddings_schema, write_embeddings
+
+    uids = Pool(str(small_pool)).metadata("00000000").column("uid").to_pylist()
+    rows = [{"uid": u, "image_emb": [0.6, 0.8], "text_emb": [1.0, 0.0], "clip_score": 0.6, "status": "ok"} for u in uids]
+    write_embeddings(str(small_pool), "tiny__abc", "00000000", pa.Table.from_pylist(rows, schema=embeddings_schema(2)))
+    pool = Pool(str(small_pool))
+    assert pool.embedding_models() == ["tiny__abc"]
+    table = pool.embeddings("tiny__abc", "00000000")
+    assert table.column("uid").to_pylist() == uids and table.schema.field("image_emb").type.list_size == 2
+    with pytest.raises(PoolFormatError, match="no embeddings of model 'other'.*models scored: tiny__abc"):
+        pool.embeddings("other", "00000000")
+    # float16 parquet reads once aborted the interpreter at exit (pyarrow 26 + Python file objects)
+    code = f"from clipsift.pipeline.pool import Pool; Pool({str(small_pool)!r}).embeddings('tiny__abc', '00000000')"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
