@@ -17,7 +17,9 @@ import functools
 import hashlib
 import io
 import json
+import os
 import re
+import shutil
 import tarfile
 import time
 import uuid
@@ -26,6 +28,7 @@ from functools import cached_property
 from typing import Any, Callable, Iterable, Iterator
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -183,6 +186,15 @@ def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> Non
     write_atomic(fs, path, lambda handle: handle.write(data))
 
 
+def file_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The sha256 hex digest of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -238,12 +250,7 @@ class ShardWriter:
         return len(self._rows)
 
     def _table(self) -> pa.Table:
-        columns = {name: pa.array([r[name] for r in self._rows], type=BASE_SCHEMA.field(name).type) for name in BASE_SCHEMA.names}
-        for name in self._extra_keys:
-            columns[name] = pa.array([r.get(name) for r in self._rows])
-        table = pa.table(columns)
-        stats = json.dumps(self.stats, default=str).encode()
-        return table.replace_schema_metadata({_STATS_KEY: stats})
+        return metadata_table(self._rows, self.stats, extra=list(self._extra_keys))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -258,6 +265,76 @@ class ShardWriter:
             for tmp in (self._tar_tmp, self._parquet_tmp):
                 if self.fs.exists(tmp):
                     self.fs.rm(tmp)
+
+
+def metadata_table(rows: list[dict[str, Any]], stats: dict[str, Any], *, extra: list[str] | None = None,
+                   extra_types: dict[str, pa.DataType] | None = None) -> pa.Table:
+    """A shard's metadata parquet table: the base columns, then `extra` columns (default: every key of
+    `extra_types`, then every other key of the rows), typed by `extra_types` where given (so that every shard
+    of a pool, even an empty one, gets the same schema), and `stats` in the key-value metadata."""
+    extra_types = extra_types or {}
+    if extra is None:
+        extra = list(dict.fromkeys([*extra_types, *(k for row in rows for k in row if k not in BASE_SCHEMA.names)]))
+    columns = {name: pa.array([r[name] for r in rows], type=BASE_SCHEMA.field(name).type) for name in BASE_SCHEMA.names}
+    for name in extra:
+        columns[name] = pa.array([r.get(name) for r in rows], type=extra_types.get(name))
+    table = pa.table(columns)
+    return table.replace_schema_metadata({_STATS_KEY: json.dumps(stats, default=str).encode()})
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocol
+
+
+def _place_file(src_fs: fsspec.AbstractFileSystem, src: str, fs: fsspec.AbstractFileSystem, dst: str) -> str:
+    """Put `src` at `dst` without copying where possible: a hard link, else a symlink (both local), else a copy."""
+    if _is_local(src_fs) and _is_local(fs):
+        try:
+            os.link(src, dst)
+            return "hardlink"
+        except OSError:  # another filesystem, or links not allowed there
+            os.symlink(os.path.abspath(src), dst)
+            return "symlink"
+    with src_fs.open(src, "rb") as source, fs.open(dst, "wb") as target:
+        shutil.copyfileobj(source, target, 1 << 22)
+    return "copy"
+
+
+def adopt_shard(pool_url: str, index: int, tar_url: str, rows: list[dict[str, Any]], stats: dict[str, Any] | None = None,
+                extra_types: dict[str, pa.DataType] | None = None) -> str:
+    """Make shard `index` from an existing webdataset tar, unchanged, and its metadata `rows` (one per sample,
+    in the tar's order, each key equal to the tar's). The tar is hard-linked, else symlinked, else copied
+    (see `_place_file`); returns which. Atomic like ShardWriter: tar renamed first, parquet last."""
+    for row in rows:
+        if not is_valid_uid(row["uid"]):
+            raise ValueError(f"uid {row['uid']!r} of sample {row['key']!r} is not 32 lowercase hex characters")
+    fs, root = open_fs(pool_url)
+    src_fs, src = open_fs(tar_url)
+    sid = shard_id(index)
+    fs.makedirs(f"{root}/shards", exist_ok=True)
+    fs.makedirs(f"{root}/metadata", exist_ok=True)
+    tar_path, parquet_path = f"{root}/shards/{sid}.tar", f"{root}/metadata/{sid}.parquet"
+    tar_tmp, parquet_tmp = _tmp_name(tar_path), _tmp_name(parquet_path)
+    table = metadata_table(rows, stats or {}, extra_types=extra_types)
+    try:
+        with fs.open(parquet_tmp, "wb") as handle:
+            pq.write_table(table, handle)
+        how = _place_file(src_fs, src, fs, tar_tmp)
+        fs.mv(tar_tmp, tar_path)
+        fs.mv(parquet_tmp, parquet_path)
+    finally:
+        for tmp in (tar_tmp, parquet_tmp):
+            _remove_if_present(fs, tmp)
+    return how
+
+
+def _remove_if_present(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    if _is_local(fs):
+        if os.path.lexists(path):  # a dangling symlink too
+            os.remove(path)
+    elif fs.exists(path):
+        fs.rm(path)
 
 
 def write_shard(pool_url: str, index: int, samples: Iterable[Sample], stats: dict[str, Any] | None = None) -> int:
@@ -279,12 +356,67 @@ def embeddings_schema(dim: int) -> pa.Schema:
                       ("clip_score", pa.float32()), ("status", pa.string())])
 
 
+def embeddings_table(uids: list[str], image_emb: Any, text_emb: Any, status: list[str]) -> pa.Table:
+    """A shard's embeddings table from float arrays [N, D] (rows whose status is not "ok" become nulls):
+    vectors L2-normalised in float32 and stored as float16, clip_score the float32 cosine."""
+    import numpy as np
+
+    image = _l2_normalise(np.asarray(image_emb, dtype=np.float32))
+    text = _l2_normalise(np.asarray(text_emb, dtype=np.float32))
+    missing = np.array([s != "ok" for s in status], dtype=bool)
+    dim = image.shape[1]
+    schema = embeddings_schema(dim)
+    mask = pa.array(missing)
+
+    def vectors(values: Any) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(values.astype(np.float16).reshape(-1)), dim, mask=mask)
+
+    scores = pa.array(np.einsum("nd,nd->n", image, text).astype(np.float32), mask=missing)
+    return pa.table([pa.array(uids, pa.string()), vectors(image), vectors(text), scores, pa.array(status, pa.string())], schema=schema)
+
+
+def _l2_normalise(vectors: Any) -> Any:
+    import numpy as np
+
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1)
+
+
 def write_embeddings(pool_url: str, model_id: str, shard: str, table: pa.Table) -> str:
     """Write one shard's embeddings atomically to POOL/embeddings/<model_id>/<shard>.parquet."""
     fs, root = open_fs(pool_url)
     folder = f"{root}/embeddings/{model_id}"
     fs.makedirs(folder, exist_ok=True)
     path = f"{folder}/{shard}.parquet"
+    write_atomic(fs, path, lambda handle: pq.write_table(table, handle))
+    return path
+
+
+def embedding_matrix(table: pa.Table, column: str = "image_emb") -> tuple[np.ndarray, np.ndarray]:
+    """(float32 array [rows, D], bool array [rows]: row has a vector) from an embeddings column.
+
+    Rows without a vector (status other than "ok") get zeros.
+    """
+    array = table.column(column).combine_chunks()
+    if not pa.types.is_fixed_size_list(array.type):
+        raise PoolFormatError(f"embeddings column {column!r} is {array.type}, expected a fixed_size_list of float16")
+    dim = array.type.list_size
+    values = array.values.slice(array.offset * dim, len(array) * dim)
+    matrix = values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(array), dim)
+    valid = array.is_valid().to_numpy(zero_copy_only=False)
+    matrix[~valid] = 0.0
+    return matrix, valid
+
+
+def write_metadata(pool_url: str, index: int, table: pa.Table) -> str:
+    """Write shard `index`'s metadata parquet alone, atomically: a metadata-only pool (no tars),
+    such as DataComp's metadata before any image is downloaded; enough for `clipsift filter`."""
+    missing = [name for name in BASE_SCHEMA.names if name not in table.column_names]
+    if missing:
+        raise ValueError(f"metadata table lacks column(s) {', '.join(missing)}")
+    fs, root = open_fs(pool_url)
+    fs.makedirs(f"{root}/metadata", exist_ok=True)
+    path = f"{root}/metadata/{shard_id(index)}.parquet"
     write_atomic(fs, path, lambda handle: pq.write_table(table, handle))
     return path
 
@@ -336,6 +468,14 @@ def build_pool(
     """
     from clipsift.pipeline.parallel import map_shards
 
+    record_build_params(pool_url, params)
+    todo = [i for i in range(num_shards) if not shard_is_complete(pool_url, i)]
+    map_shards(functools.partial(_build_shard, pool_url, fill), todo, desc=desc, workers=workers, address=address)
+    return finalize_pool(pool_url, name, params.get("sources", []), **info)
+
+
+def record_build_params(pool_url: str, params: dict[str, Any]) -> None:
+    """Record a build's settings in POOL/build.json, or check a resumed build's settings against them."""
     fs, root = open_fs(pool_url)
     fs.makedirs(root, exist_ok=True)
     params_path = f"{root}/build.json"
@@ -349,9 +489,6 @@ def build_pool(
             )
     else:
         write_json_atomic(fs, params_path, params)
-    todo = [i for i in range(num_shards) if not shard_is_complete(pool_url, i)]
-    map_shards(functools.partial(_build_shard, pool_url, fill), todo, desc=desc, workers=workers, address=address)
-    return finalize_pool(pool_url, name, params.get("sources", []), **info)
 
 
 def _build_shard(pool_url: str, fill: ShardFiller, index: int) -> int:
@@ -414,7 +551,11 @@ class Pool:
         return json.loads(meta.get(_STATS_KEY, b"{}"))
 
     def num_rows(self, shard: str) -> int:
-        return parquet_file(self.fs, self.metadata_path(shard)).metadata.num_rows
+        return self.parquet_rows(self.metadata_path(shard))
+
+    def parquet_rows(self, path: str) -> int:
+        """Row count of any parquet file of the pool, from its footer."""
+        return parquet_file(self.fs, path).metadata.num_rows
 
     def embedding_models(self) -> list[str]:
         """The model ids that have an embeddings folder."""

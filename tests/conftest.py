@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import tarfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from PIL import Image
@@ -47,3 +49,14 @@ def make_pool(root: Path, shards: int = 2, per_shard: int = 5) -> Path:
 @pytest.fixture
 def small_pool(tmp_path: Path) -> Path:
     return make_pool(tmp_path / "pool")
+
+
+def rewrite_tar(path: Path, change: Callable[[str, bytes], bytes]) -> None:
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            data = change(name, data)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 from typing import Callable
 
@@ -13,20 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipsift.pipeline.check import check_pool
+from conftest import rewrite_tar
 
 SHARD0 = "00000000"
 KEY = "00000000_00000002"  # the third sample of shard 0
-
-
-def rewrite_tar(path: Path, change: Callable[[str, bytes], bytes]) -> None:
-    with tarfile.open(path) as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            data = change(name, data)
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def rewrite_metadata(path: Path, change: Callable[[list[dict]], list[dict]]) -> None:
