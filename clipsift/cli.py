@@ -80,6 +80,54 @@ def pool_import(
     _print_summary("import", importer.import_summary_rows(result))
 
 
+@pool_app.command("download")
+def pool_download(
+    urls: str = typer.Argument(..., help="Parquet/CSV/JSONL table with url and caption columns, or a folder of DataComp metadata parquets."),
+    out: Path = typer.Option(..., "--out", "-o", help="Pool directory to write (img2dataset's own output is staged in OUT/download/)."),
+    processes: Optional[int] = typer.Option(None, help="img2dataset download processes (default: all cores)."),
+    threads: int = typer.Option(64, help="img2dataset download threads per process."),
+    image_size: int = typer.Option(512, help="Longer side of the stored images; smaller images are kept as they are."),
+    shard_size: int = typer.Option(10_000, help="Samples per shard."),
+    retries: int = typer.Option(2, help="Extra attempts per url after a failure."),
+    timeout: int = typer.Option(10, help="Seconds before a request gives up."),
+    blur_faces: bool = typer.Option(True, "--blur-faces/--no-blur-faces", help="Blur the face_bboxes of each image (DataComp does)."),
+    verify_sha256: bool = typer.Option(False, "--verify-sha256", help="Leave out (and report) images whose bytes differ from the listed sha256."),
+    url_column: Optional[str] = typer.Option(None, help="Column with the image urls (default: detected)."),
+    caption_column: Optional[str] = typer.Option(None, help="Column with the captions (default: detected)."),
+    name: Optional[str] = typer.Option(None, help="Pool name recorded in pool.json."),
+    workers: Optional[int] = WorkersOption,
+) -> None:
+    """Download images with img2dataset (DataComp's settings) into a pool; re-run to continue a killed download."""
+    from clipsift.pipeline import download
+
+    started = time.perf_counter()
+    result = download.download_pool(urls, str(out), processes=processes, threads=threads, image_size=image_size,
+                                    shard_size=shard_size, retries=retries, blur_faces=blur_faces, verify_sha256=verify_sha256,
+                                    timeout=timeout, url_column=url_column, caption_column=caption_column, workers=workers, name=name)
+    elapsed = time.perf_counter() - started
+    rows = download.download_summary_rows(result)
+    rows.append(("time", f"{elapsed:.1f} s ({result.info['num_samples'] / elapsed:,.0f} images/s stored)"))
+    _print_summary("pool download", rows)
+
+
+@pool_app.command("from-datacomp")
+def pool_from_datacomp(
+    metadata: Path = typer.Option(..., "--metadata", help="Folder of DataComp's metadata parquets (and their .npz features)."),
+    shards: Path = typer.Option(..., "--shards", help="Folder of DataComp's img2dataset .tar shards."),
+    out: Path = typer.Option(..., "--out", "-o", help="Pool directory (or fsspec URL) to write; the tars are linked, not copied."),
+    name: Optional[str] = typer.Option(None, help="Pool name recorded in pool.json."),
+    workers: Optional[int] = WorkersOption,
+) -> None:
+    """Make a pool from an existing DataComp download, with their CLIP features as embeddings; nothing is downloaded."""
+    from clipsift.pipeline import datacomp
+
+    started = time.perf_counter()
+    result = datacomp.from_datacomp(str(metadata), str(shards), str(out), workers=workers, name=name)
+    rows = datacomp.datacomp_summary_rows(result)
+    rows.append(("time", f"{time.perf_counter() - started:.1f} s"))
+    _print_summary("pool from DataComp", rows)
+
+
 @pool_app.command("check")
 def pool_check(
     pool: str = typer.Argument(..., help="Pool directory or fsspec URL."),
@@ -99,6 +147,94 @@ def pool_check(
     _print_summary("pool check", [("pool", pool), ("shards", report.num_shards), ("samples", report.num_samples), ("result", verdict)])
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command("score")
+def score(
+    pool: str = typer.Argument(..., help="Pool directory or fsspec URL."),
+    model: str = typer.Option(..., "--model", "-m", help="open_clip architecture, e.g. ViT-B-32, or a config of configs/models (clipsift-xs)."),
+    pretrained: str = typer.Option(..., "--pretrained", "-p", help="open_clip pretrained tag (e.g. openai) or a checkpoint file."),
+    batch_size: int = typer.Option(256, help="Samples per model batch."),
+    precision: str = typer.Option("auto", help="auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)."),
+    gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per model actor (default: 1 where the cluster has GPUs, else 0)."),
+    workers: Optional[int] = typer.Option(None, help="Model actors (default: one per GPU, or half the CPUs)."),
+) -> None:
+    """CLIP image/text embeddings and CLIP scores for every shard (resumes: scored shards are skipped)."""
+    from clipsift.pipeline.score import score_pool, score_summary_rows
+
+    result = score_pool(pool, model, pretrained, batch_size=batch_size, precision=precision, address=address,
+                        gpus_per_worker=gpus_per_worker, workers=workers)
+    _print_summary("score", score_summary_rows(result, pool))
+
+
+subset_app = typer.Typer(help="Inspect subset files (.npy uid lists, DataComp's format).", no_args_is_help=True)
+app.add_typer(subset_app, name="subset")
+
+
+def _parse_sets(values: list[str]) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key:
+            raise ClipsiftError(f"--set {value!r}: expected NAME=VALUE (a variable of the recipe)")
+        pairs[key.strip()] = rest
+    return pairs
+
+
+@app.command("filter")
+def filter_pool(
+    pool: str = typer.Argument(..., help="Pool directory or fsspec URL."),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML file, or the name of a shipped recipe (e.g. basic_filter)."),
+    out: str = typer.Option(..., "--out", "-o", help="Subset file to write (.npy); subset.json is written beside it."),
+    set_: list[str] = typer.Option([], "--set", help="Set a recipe variable, NAME=VALUE (repeatable), e.g. --set model_id=tiny__ab12."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)."),
+    workers: Optional[int] = WorkersOption,
+) -> None:
+    """Apply a filter recipe to a pool and write the subset (DataComp's uid .npy) and subset.json."""
+    from clipsift.filters.recipe import apply_recipe, load_recipe
+
+    loaded = load_recipe(recipe, _parse_sets(set_))
+    result = apply_recipe(pool, loaded, out, workers=workers, address=address)
+    from rich.table import Table
+
+    table = Table(title=f"recipe {loaded.name}: rows kept by each step", title_justify="left", box=None, pad_edge=False)
+    for column in ("step", "filter", "in", "kept", "share"):
+        table.add_column(column, justify="right" if column in ("in", "kept", "share") else "left")
+    for step in result.steps:
+        share = f"{step.kept / step.rows_in:.1%}" if step.rows_in else "-"
+        table.add_row(step.path, step.label, f"{step.rows_in:,}", f"{step.kept:,}", share)
+    _console().print(table)
+    _print_summary("filter", [("subset", f"{out} ({result.num_uids:,} uids)"), ("subset.json", result.info_path),
+                              ("sha256", result.npy_sha256), ("time", f"{result.seconds:.1f} s"),
+                              ("next", f"clipsift reshard {pool} --subset {out} --out SHARDS")])
+
+
+@subset_app.command("info")
+def subset_info_cmd(path: str = typer.Argument(..., help="Subset .npy (ours or a DataComp baseline's).")) -> None:
+    """Count, duplicates and sha256 of a subset file."""
+    from clipsift.filters.subset import subset_info
+
+    info = subset_info(path)
+    _print_summary("subset", [("file", info.path), ("uids", info.count), ("unique", info.unique),
+                              ("duplicates", f"{info.duplicates:,} (most repeated uid: {info.max_repeat}x)"),
+                              ("sorted", "yes" if info.sorted else "no"), ("sha256", info.sha256)])
+
+
+@app.command("reshard")
+def reshard_cmd(
+    pool: str = typer.Argument(..., help="Pool directory or fsspec URL."),
+    subset: str = typer.Option(..., "--subset", "-s", help="Subset .npy (a repeated uid is written that many times)."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder for the training shards (a clipsift pool + manifest.json)."),
+    shard_size: int = typer.Option(10_000, help="Samples per output shard (the last may hold fewer)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)."),
+    workers: Optional[int] = WorkersOption,
+) -> None:
+    """Copy the subset's samples byte for byte into new webdataset shards for training (resumable)."""
+    from clipsift.pipeline.reshard import reshard, reshard_summary_rows
+
+    result = reshard(pool, subset, out, shard_size=shard_size, workers=workers, address=address)
+    _print_summary("reshard", reshard_summary_rows(result))
 
 
 @app.command("demo")

@@ -10,7 +10,6 @@ killed run re-run only scores the shards that have no output yet.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -19,11 +18,12 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any, Callable, Iterator
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 
 from clipsift import ClipsiftError, __version__
-from clipsift.pipeline.pool import Pool, embeddings_schema, write_embeddings, write_json_atomic
+from clipsift.pipeline.pool import Pool, embeddings_schema, file_sha256, write_embeddings, write_json_atomic
 from clipsift.pipeline.ui import progress_bar
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -42,14 +42,6 @@ class ModelSpec:
     embed_dim: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-
-
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _weights_file(arch: str, pretrained: str) -> tuple[str, bool]:
@@ -83,7 +75,7 @@ def resolve_model(arch: str, pretrained: str) -> ModelSpec:
     if arch not in open_clip.list_models():
         raise ClipsiftError(f"unknown model architecture {arch!r}; see open_clip.list_models() or add a config to configs/models/")
     path, is_file = _weights_file(arch, pretrained)
-    digest = _sha256_file(path)
+    digest = file_sha256(fsspec.filesystem("file"), path)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=path)
     except Exception as err:  # torch/open_clip raise many types for a bad checkpoint
@@ -127,29 +119,34 @@ def _image_and_text_transforms(arch: str) -> tuple[Callable, Callable]:
     return to_pixels, open_clip.get_tokenizer(arch)
 
 
-def read_shard(item: dict[str, Any], pool_url: str) -> list[dict[str, Any]]:
-    """All samples of one shard with their position (stage 1, one Ray task per shard)."""
-    started = time.perf_counter()
+def prepare_shards(items: dict[str, np.ndarray], pool_url: str, arch: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Read shards and yield prepared batches: uint8 pixels and caption tokens (the CPU stage).
+
+    JPEG decoding, resize + centre crop (the model's own eval transforms) and tokenization happen
+    here, next to the tar, so only small uint8 arrays travel to the model actors.
+    """
     pool = Pool(pool_url)
-    shard = item["shard"]
-    rows = [{"shard": shard, "position": i, "uid": s.uid, "image": s.image, "text": s.text}
-            for i, s in enumerate(pool.samples(shard))]
-    per_row = (time.perf_counter() - started) / max(len(rows), 1)
-    for row in rows:
-        row["t_read"] = per_row
-    return rows
+    for shard in items["shard"]:
+        chunk: list = []
+        read_started = time.perf_counter()
+        for position, sample in enumerate(pool.samples(str(shard))):
+            chunk.append((position, sample))
+            if len(chunk) == batch_size:
+                yield _prepare(str(shard), chunk, arch, time.perf_counter() - read_started)
+                chunk, read_started = [], time.perf_counter()
+        if chunk:
+            yield _prepare(str(shard), chunk, arch, time.perf_counter() - read_started)
 
 
-def prepare(batch: dict[str, np.ndarray], arch: str) -> dict[str, np.ndarray]:
-    """Decode + resize + crop images to uint8 and tokenize captions (stage 2, CPU tasks)."""
+def _prepare(shard: str, chunk: list, arch: str, read_seconds: float) -> dict[str, np.ndarray]:
     from PIL import Image
 
     started = time.perf_counter()
     to_pixels, tokenizer = _image_and_text_transforms(arch)
     pixels, status = [], []
-    for data in batch["image"]:
+    for _, sample in chunk:
         try:
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(sample.image)) as image:
                 pixels.append(to_pixels(image))
             status.append(STATUS_OK)
         except Exception as err:  # PIL raises many types for bad data
@@ -157,13 +154,17 @@ def prepare(batch: dict[str, np.ndarray], arch: str) -> dict[str, np.ndarray]:
             status.append(f"undecodable image: {type(err).__name__}: {err}"[:300])
     blank = next((p for p in pixels if p is not None), None)
     blank = np.zeros_like(blank) if blank is not None else np.zeros((1, 1, 3), np.uint8)
-    tokens = tokenizer([str(t) for t in batch["text"]]).numpy()
-    per_row = (time.perf_counter() - started) / max(len(status), 1)
+    tokens = tokenizer([s.text for _, s in chunk]).numpy()
+    n = len(chunk)
     return {
-        "shard": batch["shard"], "position": batch["position"], "uid": batch["uid"],
+        "shard": np.array([shard] * n, dtype=object),
+        "position": np.array([p for p, _ in chunk], dtype=np.int64),
+        "uid": np.array([s.uid for _, s in chunk], dtype=object),
         "pixels": np.stack([p if p is not None else blank for p in pixels]),
-        "tokens": tokens, "status": np.array(status, dtype=object),
-        "t_read": batch["t_read"], "t_prepare": np.full(len(status), per_row),
+        "tokens": tokens,
+        "status": np.array(status, dtype=object),
+        "t_read": np.full(n, read_seconds / n),
+        "t_prepare": np.full(n, (time.perf_counter() - started) / n),
     }
 
 
@@ -323,6 +324,23 @@ def score_pool(
     return result
 
 
+def score_summary_rows(result: ScoreResult, pool_url: str) -> list[tuple[str, object]]:
+    """Rows for `ui.summary_table`: what was scored, how fast, and where the time went."""
+    busy = sum(result.timings.values()) or 1.0
+    split = ", ".join(f"{stage} {seconds / busy:.0%}" for stage, seconds in result.timings.items())
+    rows: list[tuple[str, object]] = [
+        ("embeddings", f"{pool_url}/embeddings/{result.model_id}"),
+        ("shards", f"{result.shards_scored} scored, {result.shards_skipped} already done"),
+        ("pairs", result.pairs),
+    ]
+    if result.failed:
+        rows.append(("undecodable", f"{result.failed:,} (rows kept with null embeddings and a status)"))
+    if result.pairs:
+        rows += [("precision", result.precision), ("speed", f"{result.pairs_per_second:,.0f} pairs/s ({result.seconds:.1f} s)"),
+                 ("time split", f"{split} (of {busy:.1f} worker-seconds)")]
+    return rows
+
+
 def _run(pool: Pool, spec: ModelSpec, todo: list[str], result: ScoreResult, batch_size: int, precision: str,
          address: str | None, gpus_per_worker: float | None, workers: int | None,
          on_shard_written: Callable[[str], None] | None) -> None:
@@ -378,13 +396,14 @@ def _dataset(pool_url: str, spec: ModelSpec, shards: list[str], batch_size: int,
     if gpus_per_worker > 0 and not gpus:
         raise ClipsiftError(f"--gpus-per-worker {gpus_per_worker} asks for GPUs, but the Ray cluster has none; leave it out to run on CPU")
     precision = precision_name(precision, on_gpu=gpus_per_worker > 0)
-    if workers is None:
-        workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker else max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
-    threads = None if gpus_per_worker else max(1, int(ray.cluster_resources().get("CPU", 2)) // (2 * workers))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    if workers is None:  # on CPUs, one single-threaded actor per core: Ray Data fuses the CPU stage into it
+        workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker else max(1, cpus)
+    threads = None if gpus_per_worker else max(1, cpus // workers)
     dataset = (
         ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-        .flat_map(read_shard, fn_kwargs={"pool_url": pool_url})
-        .map_batches(prepare, fn_kwargs={"arch": spec.arch}, batch_size=min(batch_size, 256), batch_format="numpy")
+        .map_batches(prepare_shards, batch_size=1, batch_format="numpy",
+                     fn_kwargs={"pool_url": pool_url, "arch": spec.arch, "batch_size": batch_size})
         .map_batches(Embedder, fn_constructor_kwargs={"spec": spec, "precision": precision, "threads": threads},
                      batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
                      num_gpus=gpus_per_worker or None, num_cpus=None if gpus_per_worker else 1)
