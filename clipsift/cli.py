@@ -237,6 +237,30 @@ def reshard_cmd(
     _print_summary("reshard", reshard_summary_rows(result))
 
 
+@app.command("train")
+def train_command(
+    scale: str = typer.Option(..., "--scale", "-s", help="xs | tiny | small | medium | large | xlarge: the fixed recipe."),
+    data: list[str] = typer.Option(..., "--data", "-d", help="Resharded data (clipsift reshard --out); repeat to mix sources."),
+    weight: Optional[list[float]] = typer.Option(None, "--weight", help="Sampling weight per --data, in order (default 1 each)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory; re-running the same command resumes it."),
+    gpus: int = typer.Option(1, "--gpus", help="Devices (1 trains in-process; more go through torchrun)."),
+    workers: int = typer.Option(1, "--workers", help="Data-loading workers per device."),
+    max_per_device_batch: Optional[int] = typer.Option(None, help="Largest batch one device holds; the rest is gradient accumulation."),
+    torchcompile: bool = typer.Option(False, "--torchcompile", help="torch.compile the model (infrastructure, results unchanged)."),
+    non_standard_precision: Optional[str] = typer.Option(None, help="Train in another precision than the recipe's: recorded as non-standard."),
+) -> None:
+    """Train a CLIP model with the scale's fixed recipe through open_clip_train."""
+    from clipsift.train.launch import Infra, train, train_summary_rows
+
+    weights = list(weight or [])
+    if weights and len(weights) != len(data):
+        raise ClipsiftError(f"{len(weights)} --weight values for {len(data)} --data sources; give one weight per source or none")
+    infra = Infra(devices=gpus, workers=workers, max_per_device_batch=max_per_device_batch, torchcompile=torchcompile,
+                  precision=non_standard_precision)
+    result = train(scale, list(zip(data, weights or [1.0] * len(data))), str(out), infra=infra)
+    _print_summary("train", train_summary_rows(result))
+
+
 @app.command("demo")
 def demo(
     out: Path = typer.Option(Path("clipsift-demo"), "--out", "-o", help="Directory for everything the demo writes."),

@@ -1,0 +1,140 @@
+"""`clipsift train`: fixed recipes, batch arithmetic, open_clip_train arguments, bad input, and a real
+xs run that is killed after its first pseudo-epoch and resumed to the same samples seen."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from clipsift import ClipsiftError
+from clipsift.pipeline.pool import Sample, derive_uid, write_shard
+from clipsift.pipeline.synth import synth_pool
+from clipsift.train.launch import DataSource, Infra, open_clip_args, open_data, parse_log, train
+from clipsift.train.recipe import SCALES, load_recipe, plan_batches
+from conftest import image_bytes
+
+
+def test_datacomp_scales_keep_their_numbers() -> None:
+    expected = {  # reference/datacomp.md
+        "small": ("ViT-B-32", 12_800_000, 4096, 5e-4, 500, 0.98, "amp"),
+        "medium": ("ViT-B-32", 128_000_000, 4096, 5e-4, 500, 0.98, "amp"),
+        "large": ("ViT-B-16", 1_280_000_000, 8192, 5e-4, 500, 0.98, "amp"),
+        "xlarge": ("ViT-L-14", 12_800_000_000, 90112, 1e-3, 10_000, 0.95, "amp_bfloat16"),
+    }
+    for scale, (model, seen, batch, lr, warmup, beta2, precision) in expected.items():
+        r = load_recipe(scale)
+        assert (r.model, r.samples_seen, r.global_batch, r.lr, r.warmup, r.beta2, r.precision) == (model, seen, batch, lr, warmup, beta2, precision)
+        assert (r.beta1, r.eps, r.weight_decay, r.epochs) == (0.9, 1e-6, 0.2, 5)
+        assert r.dataset_resampled and r.local_loss and r.gather_with_grad and r.grad_checkpointing
+        assert r.pool_size == r.samples_seen
+    tiny = load_recipe("tiny")
+    assert tiny.pool_size == tiny.samples_seen == 128_000
+    assert set(SCALES) == {"xs", "tiny", "small", "medium", "large", "xlarge"}
+    with pytest.raises(ClipsiftError, match="unknown scale 'huge'"):
+        load_recipe("huge")
+
+
+@pytest.mark.parametrize("devices", [1, 8, 64])
+def test_batch_plan_keeps_the_global_batch(devices: int) -> None:
+    for scale in ("small", "large", "xlarge"):
+        batch = load_recipe(scale).global_batch
+        for limit in (None, 512, 96):
+            plan = plan_batches(batch, devices, limit)
+            assert plan.global_batch == batch
+            assert limit is None or plan.per_device_batch <= limit
+            assert plan.devices == devices
+    assert plan_batches(4096, 1, 512).accum_freq == 8
+    assert plan_batches(4096, 8, 512).accum_freq == 1
+    assert plan_batches(90112, 64, 256).per_device_batch == 176  # 1408 per device = 8 x 176
+
+
+def test_a_device_count_that_cannot_keep_the_batch_is_refused() -> None:
+    with pytest.raises(ClipsiftError, match="4096 cannot be split evenly over 3 devices"):
+        plan_batches(4096, 3)
+
+
+def test_open_clip_args_carry_the_recipe_and_mixing_weights(tmp_path: Path) -> None:
+    recipe = load_recipe("small")
+    sources = [DataSource("/a", [f"/a/shards/{i:08d}.tar" for i in range(3)], 1.0),
+               DataSource("/b", ["/b/shards/00000000.tar", "/b/shards/00000001.tar"], 2.0)]
+    args = open_clip_args(recipe, sources, tmp_path / "run", plan_batches(4096, 2, 512), Infra(devices=2), "cuda")
+    value = lambda flag: args[args.index(flag) + 1]  # noqa: E731
+    assert value("--train-data") == "/a/shards/{00000000..00000002}.tar::/b/shards/{00000000..00000001}.tar"
+    assert value("--train-data-upsampling-factors") == "1.0::2.0"
+    assert (value("--batch-size"), value("--accum-freq")) == ("512", "4")
+    assert value("--train-num-samples") == str(12_800_000 // 5) and value("--epochs") == "5"
+    assert (value("--lr"), value("--warmup"), value("--beta2"), value("--wd"), value("--eps")) == ("0.0005", "500", "0.98", "0.2", "1e-06")
+    assert value("--precision") == "amp" and value("--resume") == "latest"
+    for flag in ("--dataset-resampled", "--local-loss", "--gather-with-grad", "--grad-checkpointing", "--save-most-recent"):
+        assert flag in args
+    assert (value("--logs"), value("--name")) == (str(tmp_path), "run")
+
+
+def test_bad_data_gives_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ClipsiftError, match="no such folder"):
+        open_data(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ClipsiftError, match="no .tar shards"):
+        open_data(str(tmp_path / "empty"))
+    (tmp_path / "no_txt" / "shards").mkdir(parents=True)
+    with tarfile.open(tmp_path / "no_txt" / "shards" / "00000000.tar", "w") as tar:
+        data = image_bytes()
+        info = tarfile.TarInfo("k0.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ClipsiftError, match="sample 'k0' has no txt member"):
+        open_data(str(tmp_path / "no_txt"))
+    good = tmp_path / "good"
+    write_shard(str(good), 0, [Sample(derive_uid("y"), image_bytes(), "jpg", "a caption")])
+    with pytest.raises(ClipsiftError, match="2 data workers but only 1 shards"):
+        train("xs", [(str(good), 1.0)], str(tmp_path / "run"), infra=Infra(workers=2))
+    (tmp_path / "stranger").mkdir()
+    (tmp_path / "stranger" / "notes.txt").write_text("not a run")
+    with pytest.raises(ClipsiftError, match="exists but is not a clipsift run"):
+        train("xs", [(str(good), 1.0)], str(tmp_path / "stranger"))
+    with pytest.raises(ClipsiftError, match="no --data"):
+        train("xs", [], str(tmp_path / "run2"))
+
+
+def test_xs_training_resumes_after_a_kill_and_loads(tmp_path: Path) -> None:
+    """Kill the training process once its first pseudo-epoch is saved; the same command resumes."""
+    import open_clip
+    import torch
+
+    synth_pool(str(tmp_path / "pool"), scale="xs", workers=1)
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "clipsift", "train", "--scale", "xs", "--data", str(tmp_path / "pool"), "--out", str(run)]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = run / "checkpoints" / "epoch_latest.pt"
+    deadline = time.time() + 400
+    while not latest.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert latest.exists(), "the first pseudo-epoch never finished"
+    assert torch.load(latest, map_location="cpu", weights_only=False)["epoch"] < 5
+    assert json.loads((run / "run.json").read_text())["status"] == "running"
+
+    result = train("xs", [(str(tmp_path / "pool"), 1.0)], str(run))
+    recipe = load_recipe("xs")
+    assert result.resumed_from_epoch >= 1 and result.epochs_done == 5
+    assert result.samples_seen == recipe.samples_seen
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "complete" and record["samples_seen"] == recipe.samples_seen
+    assert record["recipe"]["model"] == "clipsift-xs" and record["non_standard"] == {}
+    assert record["data"][0]["num_shards"] == 4 and record["versions"]["open_clip"] == open_clip.__version__
+    assert "resuming checkpoint" in (run / "out.log").read_text()
+    losses, speed = parse_log(run / "out.log")
+    assert len(losses) >= 40 and speed and speed > 0
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3  # it learns
+    model, _, preprocess = open_clip.create_model_and_transforms("clipsift-xs", pretrained=str(result.checkpoint))
+    assert model.visual.image_size in (32, (32, 32))

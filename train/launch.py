@@ -1,0 +1,280 @@
+"""`clipsift train`: the fixed recipe of a scale, run by open_clip_train.
+
+One device trains in this process (`open_clip_train.main.main`); several devices go through
+torchrun. Re-running the same command resumes from the latest checkpoint to the same samples seen.
+RUN/run.json records the recipe, the data (with the reshard manifests and subset hashes), the
+seed, the versions, the devices and what happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipsift import ClipsiftError, __version__
+from clipsift.pipeline.pool import image_member, iter_tar, open_fs, write_json_atomic
+from clipsift.train.models import register_model_configs
+from clipsift.train.recipe import BatchPlan, Recipe, load_recipe, plan_batches
+
+CHECKPOINTS = "checkpoints"
+LATEST = "epoch_latest.pt"
+_LOSS = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?Contrastive_loss: ([0-9.eE+-]+) \(([0-9.eE+-]+)\)")
+_SPEED = re.compile(r"Batch \(t\): [0-9.]+, ([0-9.eE+]+)/s")
+
+
+@dataclass
+class DataSource:
+    """One training data source: resharded shards (or any pool) and its sampling weight."""
+
+    path: str
+    shards: list[str]
+    weight: float = 1.0
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def spec(self) -> str:
+        """The source as an open_clip_train shard pattern: `dir/{first..last}.tar`."""
+        return shard_pattern(self.shards)
+
+
+def shard_pattern(paths: list[str]) -> str:
+    folder = os.path.dirname(paths[0])
+    stems = [os.path.basename(p)[: -len(".tar")] for p in paths]
+    if len(stems) == 1:
+        return paths[0]
+    width = len(stems[0])
+    numbers = [int(s) for s in stems] if all(s.isdigit() and len(s) == width for s in stems) else []
+    if numbers != list(range(numbers[0], numbers[0] + len(stems))) if numbers else True:
+        raise ClipsiftError(f"{folder}: shard names must be consecutive numbers (00000000.tar, 00000001.tar, ...) "
+                            "to be given to open_clip_train; reshard the data with `clipsift reshard`")
+    return f"{folder}/{{{stems[0]}..{stems[-1]}}}.tar"
+
+
+def open_data(path: str, weight: float = 1.0) -> DataSource:
+    """A resharded folder (or any pool), checked so that open_clip_train neither drops nor hangs."""
+    root = Path(path)
+    if not root.exists():
+        raise ClipsiftError(f"--data {path}: no such folder; make it with `clipsift reshard POOL --subset subset.npy --out {path}`")
+    manifest = json.loads((root / "manifest.json").read_text()) if (root / "manifest.json").exists() else {}
+    folder = root / "shards" if (root / "shards").is_dir() else root
+    shards = sorted(str(p.resolve()) for p in folder.glob("*.tar"))
+    if not shards:
+        raise ClipsiftError(f"--data {path}: no .tar shards in {folder}; the data is empty")
+    for shard in shards:
+        _check_first_sample(shard)
+    if weight <= 0:
+        raise ClipsiftError(f"--weight {weight} for {path}: weights must be positive")
+    return DataSource(str(root.resolve()), shards, weight, manifest)
+
+
+def _check_first_sample(shard: str) -> None:
+    """open_clip_train silently drops samples without a caption or image: refuse such shards."""
+    fs, local = open_fs(shard)
+    with fs.open(local, "rb") as handle:
+        entry = next(iter_tar(handle, source=shard), None)
+    if entry is None:
+        raise ClipsiftError(f"{shard}: the shard holds no samples; remove it or reshard")
+    missing = [name for name, ok in (("txt", "txt" in entry.members), ("image (jpg/png/webp)", image_member(entry) is not None)) if not ok]
+    if missing:
+        raise ClipsiftError(f"{shard}: sample {entry.key!r} has no {' or '.join(missing)} member "
+                            f"(members: {', '.join(sorted(entry.members))}); open_clip_train would drop every such sample")
+
+
+@dataclass(frozen=True)
+class Infra:
+    """Choices that do not change the recipe's results (free), plus flagged non-standard ones."""
+
+    devices: int = 1
+    workers: int = 1
+    max_per_device_batch: int | None = None
+    torchcompile: bool = False
+    precision: str | None = None  # non-standard when it differs from the recipe's
+
+    def non_standard(self, recipe: Recipe) -> dict[str, Any]:
+        return {"precision": self.precision} if self.precision and self.precision != recipe.precision else {}
+
+
+def open_clip_args(recipe: Recipe, sources: list[DataSource], run: Path, plan: BatchPlan, infra: Infra, device: str) -> list[str]:
+    args = [
+        "--train-data", "::".join(s.spec() for s in sources),
+        "--train-num-samples", str(recipe.samples_per_epoch),
+        "--dataset-type", "webdataset",
+        "--batch-size", str(plan.per_device_batch),
+        "--accum-freq", str(plan.accum_freq),
+        "--epochs", str(recipe.epochs),
+        "--lr", str(recipe.lr),
+        "--warmup", str(recipe.warmup),
+        "--beta1", str(recipe.beta1),
+        "--beta2", str(recipe.beta2),
+        "--eps", str(recipe.eps),
+        "--wd", str(recipe.weight_decay),
+        "--model", recipe.model,
+        "--precision", infra.precision or recipe.precision,
+        "--workers", str(infra.workers),
+        "--seed", str(recipe.seed),
+        "--device", device,
+        "--logs", str(run.parent),
+        "--name", run.name,
+        "--save-frequency", "1",
+        "--save-most-recent",
+        "--resume", "latest",
+        "--log-every-n-steps", "1" if recipe.global_batch * 100 > recipe.samples_seen else "20",
+        "--zeroshot-frequency", "0",
+    ]
+    if recipe.dataset_resampled:
+        args.append("--dataset-resampled")
+    if len(sources) > 1 or any(s.weight != 1.0 for s in sources):
+        args += ["--train-data-upsampling-factors", "::".join(str(s.weight) for s in sources)]
+    for flag, on in (("--local-loss", recipe.local_loss), ("--gather-with-grad", recipe.gather_with_grad),
+                     ("--grad-checkpointing", recipe.grad_checkpointing), ("--torchcompile", infra.torchcompile)):
+        if on:
+            args.append(flag)
+    return args
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    checkpoint: Path
+    samples_seen: int
+    epochs_done: int
+    final_loss: float | None
+    samples_per_second: float | None
+    resumed_from_epoch: int
+    seconds: float
+
+
+def train(scale: str, data: list[tuple[str, float]], out: str, *, infra: Infra = Infra()) -> TrainResult:
+    """Train the scale's fixed recipe on `data` ([(path, weight)]) into the run directory `out`."""
+    recipe = load_recipe(scale)
+    register_model_configs()
+    run = Path(out).resolve()
+    if not data:
+        raise ClipsiftError("no --data given; pass the folder written by `clipsift reshard`")
+    sources = [open_data(path, weight) for path, weight in data]
+    if infra.workers > min(len(s.shards) for s in sources) and not recipe.dataset_resampled:
+        raise ClipsiftError(f"{infra.workers} data workers but only {min(len(s.shards) for s in sources)} shards; use --workers at most that")
+    if infra.workers > sum(len(s.shards) for s in sources):
+        raise ClipsiftError(f"{infra.workers} data workers but only {sum(len(s.shards) for s in sources)} shards in all; "
+                            "open_clip_train needs at least one shard per worker: lower --workers or reshard into more shards")
+    resumed_from = _check_run_dir(run, recipe)
+    plan = plan_batches(recipe.global_batch, infra.devices, infra.max_per_device_batch)
+    device = "cuda" if _cuda_devices() else "cpu"
+    args = open_clip_args(recipe, sources, run, plan, infra, device)
+    started = time.time()
+    record = _run_record(recipe, sources, plan, infra, device, args, started)
+    run.mkdir(parents=True, exist_ok=True)
+    _write_run_json(run, {**record, "status": "running"})
+    status = _launch(args, infra.devices)
+    checkpoint = run / CHECKPOINTS / LATEST
+    epochs_done = _epochs_done(checkpoint)
+    if status != 0 or epochs_done < recipe.epochs:
+        _write_run_json(run, {**record, "status": "failed", "exit_status": status, "epochs_done": epochs_done})
+        raise ClipsiftError(f"open_clip_train stopped after {epochs_done}/{recipe.epochs} epochs (exit status {status}); "
+                            f"see {run / 'out.log'}, then re-run the same command to resume")
+    losses, speed = parse_log(run / "out.log")
+    result = TrainResult(run, checkpoint, recipe.samples_per_epoch * epochs_done, epochs_done,
+                         losses[-1] if losses else None, speed, resumed_from, time.time() - started)
+    _write_run_json(run, {**record, "status": "complete", "ended": _now(), "samples_seen": result.samples_seen,
+                          "final_loss": result.final_loss, "samples_per_second": speed, "checkpoint": str(checkpoint)})
+    return result
+
+
+def train_summary_rows(result: TrainResult) -> list[tuple[str, object]]:
+    rows: list[tuple[str, object]] = [
+        ("run", result.run),
+        ("samples seen", result.samples_seen),
+        ("epochs", f"{result.epochs_done}" + (f" (resumed after epoch {result.resumed_from_epoch})" if result.resumed_from_epoch else "")),
+        ("final loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"),
+        ("speed", f"{result.samples_per_second:,.0f} samples/s" if result.samples_per_second else "n/a"),
+        ("time", f"{result.seconds:.0f} s"),
+        ("checkpoint", result.checkpoint),
+    ]
+    return rows
+
+
+def _check_run_dir(run: Path, recipe: Recipe) -> int:
+    """The epoch a re-run resumes from; refuse a run directory that cannot be resumed."""
+    if not run.exists():
+        return 0
+    previous = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else None
+    if previous is None:
+        if any(run.iterdir()):
+            raise ClipsiftError(f"{run} exists but is not a clipsift run (no run.json, no checkpoint to resume from); "
+                                "delete it or choose another --out (open_clip_train would exit without training)")
+        return 0
+    if previous["recipe"] != recipe.to_dict():
+        raise ClipsiftError(f"{run} was trained with the {previous['recipe']['scale']} recipe v{previous['recipe']['version']}; "
+                            "resume it with the same --scale or choose another --out")
+    return _epochs_done(run / CHECKPOINTS / LATEST)
+
+
+def _epochs_done(checkpoint: Path) -> int:
+    if not checkpoint.exists():
+        return 0
+    import torch
+
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=False).get("epoch", 0))
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _launch(args: list[str], devices: int) -> int:
+    if devices == 1:
+        from open_clip_train.main import main as open_clip_main
+
+        status = open_clip_main(args)
+        return int(status or 0)
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={devices}", "-m", "clipsift.train.worker", *args]
+    return subprocess.run(command).returncode
+
+
+def parse_log(path: Path) -> tuple[list[float], float | None]:
+    """The per-step contrastive losses and the last samples/s that open_clip_train logged."""
+    if not path.exists():
+        return [], None
+    text = path.read_text(errors="replace")
+    losses = [float(m.group(4)) for m in _LOSS.finditer(text)]
+    speeds = _SPEED.findall(text)
+    return losses, float(speeds[-1]) if speeds else None
+
+
+def _run_record(recipe: Recipe, sources: list[DataSource], plan: BatchPlan, infra: Infra, device: str,
+                args: list[str], started: float) -> dict[str, Any]:
+    import open_clip
+    import torch
+
+    return {
+        "scale": recipe.scale,
+        "recipe": recipe.to_dict(),
+        "data": [{"path": s.path, "weight": s.weight, "num_shards": len(s.shards), "manifest": s.manifest,
+                  "subset_sha256": s.manifest.get("subset_sha256")} for s in sources],
+        "seed": recipe.seed,
+        "batch_plan": {"devices": plan.devices, "per_device_batch": plan.per_device_batch, "accum_freq": plan.accum_freq,
+                       "global_batch": plan.global_batch},
+        "infrastructure": {"device": device, "workers": infra.workers, "torchcompile": infra.torchcompile,
+                           "cuda_devices": [torch.cuda.get_device_name(i) for i in range(_cuda_devices())]},
+        "non_standard": infra.non_standard(recipe),
+        "versions": {"clipsift": __version__, "open_clip": open_clip.__version__, "torch": torch.__version__},
+        "open_clip_train_args": args,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+    }
+
+
+def _write_run_json(run: Path, record: dict[str, Any]) -> None:
+    fs, root = open_fs(str(run))
+    write_json_atomic(fs, f"{root}/run.json", record)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
