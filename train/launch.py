@@ -9,8 +9,10 @@ seed, the versions, the devices and what happened.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -178,7 +180,8 @@ def train(scale: str, data: list[tuple[str, float]], out: str, *, infra: Infra =
         _write_run_json(run, {**record, "status": "failed", "exit_status": status, "epochs_done": epochs_done})
         raise ClipsiftError(f"open_clip_train stopped after {epochs_done}/{recipe.epochs} epochs (exit status {status}); "
                             f"see {run / 'out.log'}, then re-run the same command to resume")
-    losses, speed = parse_log(run / "out.log")
+    losses, speeds = parse_log(run / "out.log")
+    speed = steady_speed(speeds)
     result = TrainResult(run, checkpoint, recipe.samples_per_epoch * epochs_done, epochs_done,
                          losses[-1] if losses else None, speed, resumed_from, time.time() - started)
     _write_run_json(run, {**record, "status": "complete", "ended": _now(), "samples_seen": result.samples_seen,
@@ -234,19 +237,23 @@ def _launch(args: list[str], devices: int) -> int:
         from open_clip_train.main import main as open_clip_main
 
         status = open_clip_main(args)
+        logging.getLogger("torch").setLevel(logging.WARNING)  # open_clip_train left the root logger at INFO
         return int(status or 0)
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={devices}", "-m", "clipsift.train.worker", *args]
     return subprocess.run(command).returncode
 
 
-def parse_log(path: Path) -> tuple[list[float], float | None]:
-    """The per-step contrastive losses and the last samples/s that open_clip_train logged."""
+def parse_log(path: Path) -> tuple[list[float], list[float]]:
+    """The per-step contrastive losses and samples/s that open_clip_train logged."""
     if not path.exists():
-        return [], None
+        return [], []
     text = path.read_text(errors="replace")
-    losses = [float(m.group(4)) for m in _LOSS.finditer(text)]
-    speeds = _SPEED.findall(text)
-    return losses, float(speeds[-1]) if speeds else None
+    return [float(m.group(4)) for m in _LOSS.finditer(text)], [float(x) for x in _SPEED.findall(text)]
+
+
+def steady_speed(speeds: list[float]) -> float | None:
+    """Median samples/s, leaving out each run's first logged step (start-up)."""
+    return statistics.median(speeds[1:] or speeds) if speeds else None
 
 
 def _run_record(recipe: Recipe, sources: list[DataSource], plan: BatchPlan, infra: Infra, device: str,
