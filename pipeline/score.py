@@ -376,6 +376,8 @@ def _gather(buffers: dict[str, _ShardBuffer], batch: dict[str, np.ndarray]) -> I
     """Put a batch's rows into their shard buffers; yield the shards this batch completed."""
     touched = set()
     for i, shard in enumerate(batch["shard"]):
+        if shard not in buffers:  # a retried task re-delivered rows of a shard already written
+            continue
         buffers[shard].add(int(batch["position"][i]), str(batch["uid"][i]), batch["image_emb"][i], batch["text_emb"][i],
                            float(batch["clip_score"][i]), str(batch["status"][i]))
         touched.add(shard)
