@@ -62,6 +62,7 @@ from clipsift.pipeline.pool import (
     iter_tar,
     open_fs,
     parquet_file,
+    read_parquet,
 )
 
 KINDS = ("folder", "table", "webdataset")
@@ -283,15 +284,29 @@ class _TarSource:
         with self.fs.open(path, "rb") as handle:
             for entry in iter_tar(handle, source=path):
                 name = f"{rel}/{entry.key}"
-                yield _guarded(name, lambda: _tar_record(name, entry))
+                record = _guarded(name, lambda: tar_record(name, entry))
+                if record.skip is None:
+                    record.extra["source"] = name
+                yield record
 
     def info(self) -> dict[str, Any]:
         return {"kind": self.kind, "src": self.root, "num_inputs": len(self.tars)}
 
 
-def _tar_record(name: str, entry: TarEntry) -> Record:
+def tar_record(name: str, entry: TarEntry, *, keep_caption: bool = False) -> Record:
+    """A webdataset entry (img2dataset's included) as a Record; raises Skip when it is unusable.
+
+    keep_caption: the .txt member exactly as stored (not stripped), for a tar adopted unchanged.
+    """
     meta = _entry_json(entry)
-    caption = _caption_text(entry.members["txt"]) if "txt" in entry.members else _clean_caption(meta.get("caption"))
+    txt = entry.members.get("txt")
+    if txt is not None:
+        caption = _caption_text(txt)  # raises Skip when empty or not UTF-8
+        caption = txt.decode("utf-8") if keep_caption else caption
+    elif keep_caption:
+        raise Skip("no caption member", "an adopted tar needs a .txt member per sample")
+    else:
+        caption = _clean_caption(meta.get("caption"))
     image = image_member(entry) or next(((e, entry.members[e]) for e in CONVERTIBLE_EXTS if e in entry.members), None)
     if image is None:
         raise Skip("no image member", f"members: {', '.join(sorted(entry.members))}")
@@ -301,7 +316,6 @@ def _tar_record(name: str, entry: TarEntry) -> Record:
     extra = {k: v for k, v in meta.items() if k not in IMG2DATASET_FIELDS and k not in RESERVED_COLUMNS}
     if meta.get("sha256"):
         extra["source_sha256"] = meta["sha256"]
-    extra["source"] = name
     return Record(name, uid, caption, image[1], None, url, size, extra)
 
 
@@ -442,6 +456,16 @@ def _read_text_table(fs: Any, path: str, fmt: str) -> pa.Table:
         _TEXT_TABLE_CACHE.clear()
         _TEXT_TABLE_CACHE[key] = table
     return _TEXT_TABLE_CACHE[key]
+
+
+def read_table(fs: Any, path: str, fmt: str) -> pa.Table:
+    """A whole Parquet/CSV/TSV/JSONL table; raises ClipsiftError naming the file when it cannot be read."""
+    if fmt != "parquet":
+        return _read_text_table(fs, path, fmt)
+    try:
+        return read_parquet(fs, path)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise _table_error(path, fmt, err) from err
 
 
 def _table_shape(fs: Any, path: str, fmt: str) -> tuple[pa.Schema, int]:

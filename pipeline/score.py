@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipsift import ClipsiftError, __version__
-from clipsift.pipeline.pool import Pool, embeddings_schema, file_sha256, write_embeddings, write_json_atomic
+from clipsift.pipeline.pool import Pool, embeddings_table, file_sha256, write_embeddings, write_json_atomic
 from clipsift.pipeline.ui import progress_bar
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -213,7 +213,7 @@ class Embedder:
         per_row = (time.perf_counter() - started) / max(len(image_emb), 1)
         return {
             "shard": batch["shard"], "position": batch["position"], "uid": batch["uid"], "status": batch["status"],
-            "image_emb": image_emb, "text_emb": text_emb, "clip_score": (image_emb * text_emb).sum(axis=1),
+            "image_emb": image_emb, "text_emb": text_emb,
             "t_read": batch["t_read"], "t_prepare": batch["t_prepare"], "t_model": np.full(len(image_emb), per_row),
         }
 
@@ -244,20 +244,18 @@ class _ShardBuffer:
     dim: int
     image_emb: np.ndarray = field(init=False)
     text_emb: np.ndarray = field(init=False)
-    clip_score: np.ndarray = field(init=False)
     status: list[str | None] = field(init=False)
 
     def __post_init__(self) -> None:
         n = len(self.uids)
         self.image_emb = np.zeros((n, self.dim), np.float32)
         self.text_emb = np.zeros((n, self.dim), np.float32)
-        self.clip_score = np.zeros(n, np.float32)
         self.status = [None] * n
 
-    def add(self, position: int, uid: str, image_emb: np.ndarray, text_emb: np.ndarray, score: float, status: str) -> None:
+    def add(self, position: int, uid: str, image_emb: np.ndarray, text_emb: np.ndarray, status: str) -> None:
         if self.uids[position] != uid:
             raise ClipsiftError(f"scoring returned uid {uid} at position {position}, the metadata has {self.uids[position]}")
-        self.image_emb[position], self.text_emb[position], self.clip_score[position] = image_emb, text_emb, score
+        self.image_emb[position], self.text_emb[position] = image_emb, text_emb
         self.status[position] = status
 
     @property
@@ -265,19 +263,7 @@ class _ShardBuffer:
         return all(s is not None for s in self.status)
 
     def table(self) -> pa.Table:
-        ok = np.array([s == STATUS_OK for s in self.status])
-        mask = pa.array(~ok)
-        vector = pa.list_(pa.float16(), self.dim)
-
-        def vectors(values: np.ndarray) -> pa.Array:
-            flat = pa.array(values.astype(np.float16).reshape(-1), pa.float16())
-            return pa.FixedSizeListArray.from_arrays(flat, self.dim, mask=mask).cast(vector)
-
-        scores = pa.array(self.clip_score, pa.float32(), mask=~ok)
-        return pa.Table.from_arrays(
-            [pa.array(self.uids, pa.string()), vectors(self.image_emb), vectors(self.text_emb), scores, pa.array(self.status, pa.string())],
-            schema=embeddings_schema(self.dim),
-        )
+        return embeddings_table(self.uids, self.image_emb, self.text_emb, self.status)
 
 
 @dataclass
@@ -379,7 +365,7 @@ def _gather(buffers: dict[str, _ShardBuffer], batch: dict[str, np.ndarray]) -> I
         if shard not in buffers:  # a retried task re-delivered rows of a shard already written
             continue
         buffers[shard].add(int(batch["position"][i]), str(batch["uid"][i]), batch["image_emb"][i], batch["text_emb"][i],
-                           float(batch["clip_score"][i]), str(batch["status"][i]))
+                           str(batch["status"][i]))
         touched.add(shard)
     yield from sorted(s for s in touched if buffers[s].complete)
 
