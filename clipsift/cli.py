@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from clipsift import ClipsiftError
 
@@ -259,6 +260,96 @@ def train_command(
                   precision=non_standard_precision)
     result = train(scale, list(zip(data, weights or [1.0] * len(data))), str(out), infra=infra)
     _print_summary("train", train_summary_rows(result))
+
+
+class _EvalGroup(TyperGroup):
+    """`clipsift eval RUN ...` dispatches to the hidden `run` command; `download` and `make-tiny-suite` are verbs."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+class _EvalRunCommand(TyperCommand):
+    def format_usage(self, ctx, formatter) -> None:
+        formatter.write_usage(ctx.parent.command_path, "RUN|CHECKPOINT [OPTIONS]")
+
+
+eval_app = typer.Typer(cls=_EvalGroup, no_args_is_help=True, help=(
+    "Zero-shot evaluation. `clipsift eval RUN|CHECKPOINT --suite datacomp38|tiny` evaluates a run (or a checkpoint with "
+    "--model ARCH) into RUN/eval/results.jsonl and summary.json; `clipsift eval RUN --help` lists its options."))
+app.add_typer(eval_app, name="eval")
+
+
+def _split_list(values: Optional[list[str]]) -> Optional[list[str]]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()] if values else None
+
+
+@eval_app.command("run", hidden=True, cls=_EvalRunCommand)
+def eval_run(
+    target: str = typer.Argument(..., metavar="RUN|CHECKPOINT", help="Run directory (RUN/checkpoints/epoch_latest.pt, model from run.json) or a checkpoint file."),
+    suite: str = typer.Option("datacomp38", "--suite", "-s", help="datacomp38 | tiny (or a suite YAML file)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="The suite's data (default: $CLIPSIFT_EVAL_DATA/SUITE or ~/.cache/clipsift/eval/SUITE)."),
+    tasks: Optional[list[str]] = typer.Option(None, "--tasks", "-t", help="Only these tasks: keys, globs (vtab/*) or group tags; repeat or comma-separate."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per model batch."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Architecture of a bare checkpoint (e.g. clipsift-tiny, ViT-B-32)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Results folder (default: RUN/eval, or CHECKPOINT_eval beside a checkpoint)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Data-loading processes (default: CPUs - 2 on GPU machines, 0 on CPU)."),
+    precision: str = typer.Option("auto", help="auto (fp16 autocast on GPU as DataComp, fp32 on CPU) | fp32 | bf16 | fp16."),
+) -> None:
+    """Evaluate a run or checkpoint zero-shot; re-running skips the tasks already in results.jsonl."""
+    from clipsift.eval.run import eval_summary_rows, evaluate
+
+    console = _console()
+
+    def show(outcome) -> None:
+        if outcome.status == "failed":
+            console.print(f"[red]✗[/red] {outcome.error}", markup=True, highlight=False)
+
+    result = evaluate(target, suite, data_dir=data_dir, tasks=_split_list(tasks), batch_size=batch_size, arch=model, out=out,
+                      workers=workers, precision=precision, on_task=show)
+    _print_summary(f"eval ({result.suite})", eval_summary_rows(result))
+    if result.failed:
+        raise typer.Exit(1)
+
+
+@eval_app.command("make-tiny-suite")
+def eval_make_tiny_suite(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the suite (one sub-folder per task)."),
+    seed: int = typer.Option(0, help="Everything the generator draws follows from this seed."),
+) -> None:
+    """Write the tiny synthetic suite (held out from every synthetic pool) in the real suite's layouts."""
+    from clipsift.eval.tiny import make_tiny_suite
+
+    started = time.perf_counter()
+    info = make_tiny_suite(str(out), seed=seed)
+    rows: list[tuple[str, object]] = [(key, f"{size:,} samples") for key, size in info["tasks"].items()]
+    rows += [("suite", out), ("time", f"{time.perf_counter() - started:.1f} s"), ("next", f"clipsift eval RUN --suite tiny --data-dir {out}")]
+    _print_summary("tiny evaluation suite", rows)
+
+
+@eval_app.command("download")
+def eval_download(
+    out: Path = typer.Option(..., "--out", "-o", help="Data folder (pass it to `clipsift eval --data-dir`)."),
+    suite: str = typer.Option("datacomp38", "--suite", "-s", help="The suite whose data to fetch."),
+    tasks: Optional[list[str]] = typer.Option(None, "--tasks", "-t", help="Only these tasks: keys, globs or group tags."),
+) -> None:
+    """Fetch a suite's data from the Hugging Face Hub (resumable; sizes and hashes checked)."""
+    from clipsift.eval.download import download_suite
+    from clipsift.eval.registry import load_suite
+
+    loaded = load_suite(suite)
+    if loaded.name == "tiny":
+        raise ClipsiftError(f"the tiny suite is not downloaded: write it with `clipsift eval make-tiny-suite --out {out}`")
+    console = _console()
+    report = download_suite(loaded, str(out), loaded.select(_split_list(tasks)),
+                            on_task=lambda key, status: console.print(f"{key}: {status}", highlight=False))
+    _print_summary("eval download", [("data", out), ("tasks fetched", len(report.done)), ("already complete", len(report.skipped)),
+                                     ("failed", len(report.failed)), ("fetched", f"{report.files_fetched:,} files, {report.bytes_fetched / 1e9:.2f} GB"),
+                                     ("next", f"clipsift eval RUN --suite {loaded.name} --data-dir {out}")])
+    if report.failed:
+        raise typer.Exit(1)
 
 
 @app.command("demo")

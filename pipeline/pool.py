@@ -116,33 +116,164 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def iter_tar(fileobj: Any, source: str = "<tar>") -> Iterator[TarEntry]:
-    """Stream a webdataset tar: consecutive members sharing a key form one entry."""
-    current: TarEntry | None = None
+    """Stream a webdataset tar: consecutive members sharing a key form one entry.
+
+    USTAR and POSIX (pax) tars, what Python's tarfile and webdataset write, are parsed directly;
+    a tar with other header kinds (GNU long names, sparse files, v7) is read again with tarfile.
+    """
+    start = fileobj.tell() if _seekable(fileobj) else None
+    yielded = 0
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, ext = split_member_name(info.name)
-                handle = tar.extractfile(info)
-                data = handle.read() if handle else b""
-                if current is None or key != current.key:
-                    if current is not None:
-                        yield current
-                    current = TarEntry(key, {})
-                current.members[ext] = data
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise PoolFormatError(f"{source}: unreadable tar ({err}); the file is truncated or corrupt") from err
+        for entry in _group(_fast_members(fileobj, source)):
+            yield entry
+            yielded += 1
+        return
+    except _UseTarfile:
+        if start is None:
+            raise PoolFormatError(f"{source}: a tar header kind that needs a seekable file; copy the tar locally") from None
+        fileobj.seek(start)
+    for position, entry in enumerate(_group(_tarfile_members(fileobj, source))):
+        if position >= yielded:
+            yield entry
+
+
+def _seekable(fileobj: Any) -> bool:
+    try:
+        return bool(fileobj.seekable())
+    except (AttributeError, OSError):
+        return False
+
+
+def _group(members: Iterator[tuple[str, bytes]]) -> Iterator[TarEntry]:
+    current: TarEntry | None = None
+    for name, data in members:
+        key, ext = split_member_name(name)
+        if current is None or key != current.key:
+            if current is not None:
+                yield current
+            current = TarEntry(key, {})
+        current.members[ext] = data
     if current is not None:
         yield current
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = _MEMBER_MTIME
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
+def _tarfile_members(fileobj: Any, source: str) -> Iterator[tuple[str, bytes]]:
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+            for info in tar:
+                if info.isfile():
+                    handle = tar.extractfile(info)
+                    yield info.name, handle.read() if handle else b""
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise PoolFormatError(f"{source}: unreadable tar ({err}); the file is truncated or corrupt") from err
+
+
+class _UseTarfile(Exception):
+    """The fast reader met a header kind it leaves to tarfile."""
+
+
+_BLOCK, _RECORD = 512, 10240
+_FILE_TYPES = (b"0", b"\0", b"7")
+_TARFILE_TYPES = (b"g", b"L", b"K", b"S", b"N", b"M", b"V")  # global pax, GNU extensions
+
+
+def _fast_members(fileobj: Any, source: str) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every regular file, reading headers by hand (pax path/size records honoured)."""
+    pax: dict[str, str] = {}
+    while True:
+        header = fileobj.read(_BLOCK)
+        if not header or header == bytes(_BLOCK):
+            return  # the end (a tar ends with zero blocks; tarfile stops at the first too)
+        if len(header) < _BLOCK:
+            raise PoolFormatError(f"{source}: unreadable tar (unexpected end of data); the file is truncated or corrupt")
+        if header[257:262] != b"ustar" or header[156:157] in _TARFILE_TYPES or header[124] & 0x80:
+            raise _UseTarfile
+        _check_header(header, source)
+        size = int(pax["size"]) if "size" in pax else int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        data = _read_exactly(fileobj, size + -size % _BLOCK, source)[:size]  # the data and its padding, one read
+        kind = header[156:157]
+        if kind == b"x":
+            pax = _pax_records(data)
+            continue
+        if kind in _FILE_TYPES:
+            yield pax.get("path") or _header_name(header), data
+        pax = {}
+
+
+def _read_exactly(fileobj: Any, size: int, source: str) -> bytes:
+    data = fileobj.read(size) if size else b""
+    if len(data) != size:
+        raise PoolFormatError(f"{source}: unreadable tar (unexpected end of data); the file is truncated or corrupt")
+    return data
+
+
+def _check_header(header: bytes, source: str) -> None:
+    try:
+        stored = int(header[148:156].replace(b"\0", b" ").strip() or b"0", 8)
+    except ValueError:
+        raise PoolFormatError(f"{source}: unreadable tar (bad header checksum field); the file is corrupt") from None
+    unsigned = sum(header) - sum(header[148:156]) + 256  # the checksum field counts as 8 spaces
+    if stored != unsigned and stored != unsigned - 256 * sum(1 for b in header[:148] + header[156:] if b > 127):
+        raise PoolFormatError(f"{source}: unreadable tar (bad header checksum); the file is corrupt")
+
+
+def _header_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0]
+    return (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """The 'path' and 'size' records of a pax extended header ("LEN key=value\\n" records)."""
+    records, position = {}, 0
+    while position < len(data) and data[position] != 0:
+        space = data.index(b" ", position)
+        length = int(data[position:space])
+        key, _, value = data[space + 1:position + length - 1].partition(b"=")
+        if key in (b"path", b"size"):
+            records[key.decode()] = value.decode("utf-8", "surrogateescape")
+        position += length
+    return records
+
+
+_HEADER_IDS = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
+_HEADER_MTIME = b"%011o\0" % _MEMBER_MTIME
+_HEADER_TAIL = (b"0" + bytes(100) + b"ustar\x0000" + bytes(80)).ljust(_BLOCK - 156, b"\0")  # type .. end of block
+_HEADER_FIXED_SUM = sum(_HEADER_IDS) + sum(_HEADER_MTIME) + sum(b" " * 8) + sum(_HEADER_TAIL)
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The USTAR header of a regular file (mode 644, uid/gid 0, mtime 0): the bytes Python's tarfile
+    writes for such a member in USTAR format, built from a template."""
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100:
+        raise ValueError(f"member name {name!r} is longer than 100 bytes")
+    if size >= 8 ** 11:
+        raise ValueError(f"member {name!r} is {size} bytes; USTAR holds at most {8 ** 11 - 1}")
+    size_field = b"%011o\0" % size
+    checksum = _HEADER_FIXED_SUM + sum(encoded) + sum(size_field)
+    return b"".join([encoded.ljust(100, b"\0"), _HEADER_IDS, size_field, _HEADER_MTIME, b"%06o\0 " % checksum, _HEADER_TAIL])
+
+
+class TarStream:
+    """Writes a USTAR tar, as tarfile would (same bytes), with less work per member."""
+
+    def __init__(self, handle: Any):
+        self.handle, self.offset = handle, 0
+
+    def add(self, *members: tuple[str, bytes]) -> None:
+        """Append members (name, bytes) with one write."""
+        parts = []
+        for name, data in members:
+            parts += [ustar_header(name, len(data)), data, bytes(-len(data) % _BLOCK)]
+        blob = b"".join(parts)
+        self.handle.write(blob)
+        self.offset += len(blob)
+
+    def close(self) -> None:
+        """Two zero blocks, then zeros up to a whole 10 KiB record, like tarfile."""
+        end = self.offset + 2 * _BLOCK
+        self.handle.write(bytes(2 * _BLOCK + (-end % _RECORD)))
 
 
 # --------------------------------------------------------------------------- filesystem
@@ -220,7 +351,7 @@ class ShardWriter:
         self._tar_tmp = _tmp_name(self.tar_path)
         self._parquet_tmp = _tmp_name(self.parquet_path)
         self._handle = self.fs.open(self._tar_tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._handle, mode="w", format=tarfile.USTAR_FORMAT)
+        self._tar = TarStream(self._handle)
         return self
 
     def write(self, sample: Sample) -> None:
@@ -239,10 +370,9 @@ class ShardWriter:
             "sha256": sample.sha256,
             **sample.extra,
         }
-        _add_member(self._tar, f"{key}.{sample.ext}", sample.image)
-        _add_member(self._tar, f"{key}.txt", sample.text.encode("utf-8"))
         meta = json.dumps({k: v for k, v in row.items() if k != "text"}, default=str)
-        _add_member(self._tar, f"{key}.json", meta.encode("utf-8"))
+        self._tar.add((f"{key}.{sample.ext}", sample.image), (f"{key}.txt", sample.text.encode("utf-8")),
+                      (f"{key}.json", meta.encode("utf-8")))
         self._rows.append(row)
         self._extra_keys.update(dict.fromkeys(sample.extra))
 
@@ -282,14 +412,14 @@ def metadata_table(rows: list[dict[str, Any]], stats: dict[str, Any], *, extra: 
     return table.replace_schema_metadata({_STATS_KEY: json.dumps(stats, default=str).encode()})
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocol
 
 
 def _place_file(src_fs: fsspec.AbstractFileSystem, src: str, fs: fsspec.AbstractFileSystem, dst: str) -> str:
     """Put `src` at `dst` without copying where possible: a hard link, else a symlink (both local), else a copy."""
-    if _is_local(src_fs) and _is_local(fs):
+    if is_local_fs(src_fs) and is_local_fs(fs):
         try:
             os.link(src, dst)
             return "hardlink"
@@ -305,7 +435,8 @@ def adopt_shard(pool_url: str, index: int, tar_url: str, rows: list[dict[str, An
                 extra_types: dict[str, pa.DataType] | None = None) -> str:
     """Make shard `index` from an existing webdataset tar, unchanged, and its metadata `rows` (one per sample,
     in the tar's order, each key equal to the tar's). The tar is hard-linked, else symlinked, else copied
-    (see `_place_file`); returns which. Atomic like ShardWriter: tar renamed first, parquet last."""
+    (see `_place_file`); returns which, also kept as stats["tar"]. Atomic like ShardWriter: tar renamed
+    first, parquet last."""
     for row in rows:
         if not is_valid_uid(row["uid"]):
             raise ValueError(f"uid {row['uid']!r} of sample {row['key']!r} is not 32 lowercase hex characters")
@@ -316,11 +447,11 @@ def adopt_shard(pool_url: str, index: int, tar_url: str, rows: list[dict[str, An
     fs.makedirs(f"{root}/metadata", exist_ok=True)
     tar_path, parquet_path = f"{root}/shards/{sid}.tar", f"{root}/metadata/{sid}.parquet"
     tar_tmp, parquet_tmp = _tmp_name(tar_path), _tmp_name(parquet_path)
-    table = metadata_table(rows, stats or {}, extra_types=extra_types)
     try:
+        how = _place_file(src_fs, src, fs, tar_tmp)
+        table = metadata_table(rows, {**(stats or {}), "tar": how}, extra_types=extra_types)
         with fs.open(parquet_tmp, "wb") as handle:
             pq.write_table(table, handle)
-        how = _place_file(src_fs, src, fs, tar_tmp)
         fs.mv(tar_tmp, tar_path)
         fs.mv(parquet_tmp, parquet_path)
     finally:
@@ -330,7 +461,7 @@ def adopt_shard(pool_url: str, index: int, tar_url: str, rows: list[dict[str, An
 
 
 def _remove_if_present(fs: fsspec.AbstractFileSystem, path: str) -> None:
-    if _is_local(fs):
+    if is_local_fs(fs):
         if os.path.lexists(path):  # a dangling symlink too
             os.remove(path)
     elif fs.exists(path):

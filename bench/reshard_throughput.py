@@ -1,0 +1,122 @@
+"""Reshard throughput against a raw copy of the same tar bytes on the same disk, in one run.
+
+    python bench/reshard_throughput.py [--samples 4000] [--shard-size 1000] [--image-size 384] [--workers 2] [--dir DIR]
+
+Builds a pool of JPEGs of about DataComp's size (noisy photos-like images, --image-size px, tens
+of KB each), then times: a raw copy of every tar (shutil.copyfile, the ceiling), and `reshard` of
+a subset holding every uid once (same bytes in, same bytes out) and of a 30% subset. Page cache is
+warmed first so all runs read from the same state. MB/s counts the input tar bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from clipsift.filters.subset import encode_uids, write_subset  # noqa: E402
+from clipsift.pipeline.parallel import ensure_ray  # noqa: E402
+from clipsift.pipeline.pool import Pool, Sample, derive_uid, finalize_pool, write_shard  # noqa: E402
+from clipsift.pipeline.reshard import reshard  # noqa: E402
+
+DISTINCT_IMAGES = 64  # encoded once each, reused: encoding is not what is measured
+
+
+def photo_like(rng: np.random.Generator, size: int) -> bytes:
+    base = rng.integers(0, 255, (size // 16, size // 16, 3)).astype(np.uint8)
+    image = Image.fromarray(base).resize((size, size), Image.BICUBIC)
+    noisy = np.clip(np.asarray(image, np.int16) + rng.integers(-12, 13, (size, size, 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noisy).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_pool(root: Path, samples: int, shard_size: int, image_size: int) -> None:
+    rng = np.random.default_rng(0)
+    images = [photo_like(rng, image_size) for _ in range(DISTINCT_IMAGES)]
+    for index, start in enumerate(range(0, samples, shard_size)):
+        write_shard(str(root), index, [
+            Sample(derive_uid(f"bench/{n}"), images[n % DISTINCT_IMAGES], "jpg", f"a photo number {n} of something",
+                   f"http://bench.invalid/{n}.jpg", image_size, image_size)
+            for n in range(start, min(start + shard_size, samples))])
+    finalize_pool(str(root), "bench", [{"kind": "bench"}])
+
+
+def read_all(paths: list[Path]) -> None:
+    for path in paths:
+        with open(path, "rb") as handle:
+            while handle.read(1 << 22):
+                pass
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=4_000)
+    parser.add_argument("--shard-size", type=int, default=1_000)
+    parser.add_argument("--image-size", type=int, default=384)
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--dir", default=None, help="Scratch directory (default: a temporary one, removed at the end).")
+    args = parser.parse_args()
+    scratch = Path(args.dir or tempfile.mkdtemp(prefix="clipsift-reshard-bench-"))
+    try:
+        make_pool(scratch / "pool", args.samples, args.shard_size, args.image_size)
+        tars = sorted((scratch / "pool" / "shards").glob("*.tar"))
+        total_mb = sum(p.stat().st_size for p in tars) / 1e6
+        uids = Pool(str(scratch / "pool")).uids()
+        write_subset(str(scratch / "all.npy"), encode_uids(uids))
+        chosen = np.random.default_rng(1).random(len(uids)) < 0.3
+        write_subset(str(scratch / "some.npy"), encode_uids(uids.combine_chunks().filter(chosen)))
+        ensure_ray(num_cpus=args.workers)
+        for workers in (1, args.workers):  # warm-up: imports in this process and in the Ray workers
+            reshard(str(scratch / "pool"), str(scratch / "some.npy"), str(scratch / f"warm-{workers}"), shard_size=50, workers=workers)
+        read_all(tars)  # warm the page cache: every run below reads the same cached bytes
+
+        def raw_copy() -> None:
+            (scratch / "raw").mkdir(exist_ok=True)
+            for path in tars:
+                shutil.copyfile(path, scratch / "raw" / path.name)
+
+        def user_space_copy() -> None:
+            (scratch / "raw2").mkdir(exist_ok=True)
+            for path in tars:
+                with open(path, "rb") as source, open(scratch / "raw2" / path.name, "wb") as target:
+                    shutil.copyfileobj(source, target, 1 << 20)
+
+        raw = timed(raw_copy)
+        user_space = timed(user_space_copy)
+        runs = []
+        for name, subset, workers in (("every uid, 1 worker", "all", 1), (f"every uid, {args.workers} Ray workers", "all", args.workers),
+                                      (f"30% subset, {args.workers} Ray workers", "some", args.workers)):
+            out = scratch / f"out-{subset}-{workers}"
+            seconds = timed(lambda: reshard(str(scratch / "pool"), str(scratch / f"{subset}.npy"), str(out),
+                                            shard_size=args.shard_size, workers=workers))
+            runs.append((name, seconds))
+        print(f"reshard throughput: {args.samples:,} samples, {args.image_size} px JPEG "
+              f"({total_mb / args.samples * 1000:.0f} KB/sample), {total_mb:.0f} MB of tars, {os.cpu_count()} cores")
+        print(f"  {'raw copy (shutil.copyfile)':<34} {total_mb / raw:>8.0f} MB/s   ceiling (in-kernel copy)")
+        print(f"  {'raw copy through user space':<34} {total_mb / user_space:>8.0f} MB/s   "
+              f"{total_mb / user_space / (total_mb / raw):.2f} of raw copy (1 MiB reads and writes)")
+        for name, seconds in runs:
+            print(f"  {'reshard, ' + name:<34} {total_mb / seconds:>8.0f} MB/s   {total_mb / seconds / (total_mb / raw):.2f} of raw copy")
+    finally:
+        if not args.dir:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

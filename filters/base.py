@@ -1,0 +1,254 @@
+"""What every filter shares: the registry, typed parameters, and per-shard data access.
+
+A filter is a dataclass whose fields are its parameters (parsed and checked from a recipe before any
+work). It answers `keep(state, data) -> bool mask` over one shard's rows, where `data` reads the
+shard's metadata and embeddings as Arrow tables. A filter that needs a statistic of the whole input
+(a score threshold, centroids, duplicate groups) computes it once in `prepare`, which sees every
+shard's input rows; its result (`state`) is passed to every `keep` call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from clipsift import ClipsiftError
+from clipsift.pipeline.pool import Pool, PoolFormatError, embedding_matrix
+
+REGISTRY: dict[str, type["Filter"]] = {}
+_ALIGNED: set[tuple] = set()  # embeddings files (pool, path, size, mtime) whose uids matched the metadata
+
+
+class RecipeError(ClipsiftError):
+    """A recipe names an unknown filter or parameter, a bad value, or an input that is missing."""
+
+
+def register(cls: type["Filter"]) -> type["Filter"]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+class Inputs:
+    """The rows a step sees: per shard, a bool mask over the shard's metadata rows (None: all rows)."""
+
+    def __init__(self, pool: Pool, load: Callable[[str], np.ndarray] | None = None):
+        self.pool = pool
+        self._load = load
+
+    def mask(self, shard: str) -> np.ndarray:
+        if self._load is None:
+            return np.ones(self.pool.num_rows(shard), bool)
+        return self._load(shard)
+
+
+@dataclass
+class ShardData:
+    """One shard's columns, read on demand; embeddings are checked to line up with the metadata."""
+
+    pool: Pool
+    shard: str
+    _metadata: dict[str, pa.ChunkedArray] = field(default_factory=dict)
+    _embeddings: dict[str, pa.Table] = field(default_factory=dict)
+
+    @classmethod
+    def in_memory(cls, pool: Pool, shard: str, metadata: pa.Table, embeddings: dict[str, pa.Table] | None = None) -> "ShardData":
+        """A shard whose columns are already read (benchmarks, notebooks); embeddings are not re-checked."""
+        data = cls(pool, shard)
+        data._metadata.update({name: metadata.column(name) for name in metadata.column_names})
+        for model_id, table in (embeddings or {}).items():
+            for columns in (["clip_score"], ["image_emb"]):
+                if all(c in table.column_names for c in columns):
+                    data._embeddings[f"{model_id}:{','.join(columns)}"] = table
+        return data
+
+    def prefetch(self, names: tuple[str, ...]) -> None:
+        """Read several metadata columns in one parquet read."""
+        names = tuple(n for n in names if n not in self._metadata)
+        if names:
+            table = self.pool.metadata(self.shard, list(names))
+            self._metadata.update({n: table.column(n) for n in names})
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        if name not in self._metadata:
+            table = self.pool.metadata(self.shard, [name])
+            self._metadata[name] = table.column(name)
+        return self._metadata[name]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.column("uid"))
+
+    def embeddings(self, model_id: str, columns: list[str]) -> pa.Table:
+        """Embedding columns of this shard, after checking once per file that its uids are the metadata's."""
+        key = f"{model_id}:{','.join(columns)}"
+        if key not in self._embeddings:
+            path = self.pool.embeddings_path(model_id, self.shard)
+            info = self.pool.fs.info(path)
+            stamp = (self.pool.url, path, info.get("size"), str(info.get("mtime", info.get("LastModified"))))
+            verified = stamp in _ALIGNED
+            table = self.pool.embeddings(model_id, self.shard, columns if verified else ["uid", *columns])
+            if not verified:
+                if not table.column("uid").equals(self.column("uid")):
+                    raise PoolFormatError(
+                        f"{path}: its rows do not match the metadata of shard {self.shard} "
+                        f"(uids differ or are in another order); re-run `clipsift score` for model {model_id}")
+                _ALIGNED.add(stamp)
+            self._embeddings[key] = table
+        return self._embeddings[key]
+
+    def scores(self, model_id: str) -> np.ndarray:
+        """clip_score as float32, NaN where the row has no score."""
+        column = self.embeddings(model_id, ["clip_score"]).column("clip_score")
+        return column.to_numpy().astype(np.float32) if column.null_count == 0 else \
+            column.cast(pa.float32()).fill_null(np.nan).to_numpy().astype(np.float32)
+
+    def image_vectors(self, model_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 [rows, D], valid [rows]) image embeddings."""
+        return embedding_matrix(self.embeddings(model_id, ["image_emb"]), "image_emb")
+
+    def language_is(self, language: str, rows: np.ndarray) -> np.ndarray:
+        """Whether each caption's language is `language`, identified only for `rows` (False elsewhere)."""
+        from clipsift.filters.text import detect_languages
+
+        out = np.zeros(self.num_rows, bool)
+        selected = np.flatnonzero(rows)
+        if len(selected):
+            texts = self.column("text").take(pa.array(selected)).to_pylist()
+            out[selected] = np.array(detect_languages(texts), dtype=object) == language
+        return out
+
+
+@dataclass
+class Context:
+    """What a step's `prepare` may use: the pool, the step's input rows, where the step keeps files."""
+
+    pool: Pool
+    inputs: Inputs
+    workdir: str
+    workers: int | None = None
+    address: str | None = None
+
+    def shards(self) -> list[str]:
+        return self.pool.shard_ids()
+
+    def iter_data(self) -> Iterator[tuple[ShardData, np.ndarray]]:
+        """Every shard's data and input mask, in pool order."""
+        for shard in self.shards():
+            yield ShardData(self.pool, shard), self.inputs.mask(shard)
+
+
+class Filter:
+    """Base of every filter; subclasses are dataclasses whose fields are the parameters."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    columns: ClassVar[tuple[str, ...]] = ()  # metadata columns `keep` reads (fetched in one read)
+
+    def validate(self, where: str) -> None:
+        """Check parameter values; raise RecipeError(f"{where}: ...") for a bad one."""
+
+    def models(self) -> list[str]:
+        """The embedding model ids this filter reads (their folders must exist for every shard)."""
+        return []
+
+    def check(self, pool: Pool, where: str) -> None:
+        """Check inputs other than the pool's embeddings (files this filter reads)."""
+
+    def prepare(self, context: Context) -> Any:
+        """A statistic of the whole input, computed once; passed to every `keep` call."""
+        return None
+
+    def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
+        """Which of the shard's rows pass; only `rows` (the step's input) matter, the rest may be anything."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                           if getattr(self, f.name) != _default(f))
+        return f"{self.name}({params})"
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def make_filter(name: str, params: Any, where: str) -> Filter:
+    """Build filter `name` from recipe params, checking names, types and values."""
+    if name not in REGISTRY:
+        raise RecipeError(f"{where}: unknown filter {name!r}; known filters: {', '.join(sorted(REGISTRY))} "
+                          "(and the combinators all, any, not, seq)")
+    cls = REGISTRY[name]
+    params = {} if params is None else params
+    if not isinstance(params, dict):
+        raise RecipeError(f"{where} ({name}): parameters must be a mapping of name: value, got {params!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise RecipeError(f"{where} ({name}): unknown parameter {unknown[0]!r}; {name} takes {', '.join(fields) or 'no parameters'}")
+    values = {}
+    for key, f in fields.items():
+        if key in params:
+            values[key] = _coerce(params[key], hints[key], f"{where} ({name}): parameter {key!r}")
+        elif _default(f) is dataclasses.MISSING:
+            raise RecipeError(f"{where} ({name}): parameter {key!r} is required")
+    instance = cls(**values)
+    instance.validate(f"{where} ({name})")
+    return instance
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except RecipeError as err:
+                errors.append(str(err))
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{where}: {value!r} is none of {hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{where} must be a list, got {value!r}")
+        return [_coerce(item, args[0], where) for item in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported parameter type {hint}")
+    raise RecipeError(f"{where} must be {hint.__name__}, got {value!r}")
+
+
+def require(condition: bool, where: str, message: str) -> None:
+    if not condition:
+        raise RecipeError(f"{where}: {message}")
+
+
+@functools.lru_cache(maxsize=None)
+def known_filters() -> dict[str, type[Filter]]:
+    """Every filter, after importing the modules that register them."""
+    from clipsift.filters import clip, cluster, dedup, metadata  # noqa: F401
+
+    return dict(REGISTRY)

@@ -1,0 +1,116 @@
+"""image_cluster: DataComp's image-based filter, on any pool and any reference set.
+
+k-means (faiss; on GPUs when faiss sees them) on the input rows' image embeddings gives K
+centroids, saved to a .npy file and reused when that file already exists (so DataComp's published
+centroids, or those of an earlier run, can be given). Every target embedding (a reference set
+scored with the same model) is assigned to its nearest centroid by inner product; a pool row is
+kept when its own nearest centroid received at least one target. The pool assignment runs shard
+by shard (Ray tasks, like every per-shard step).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from clipsift.filters.base import Context, Filter, RecipeError, ShardData, register, require
+from clipsift.filters.vectors import check_dim, check_source, ip_index, load_vectors, nearest
+from clipsift.pipeline.pool import Pool, open_fs, write_atomic
+
+
+@register
+@dataclass
+class ImageCluster(Filter):
+    name = "image_cluster"
+    summary = "image embedding falls in a k-means cluster that holds a target (reference) image"
+    model_id: str
+    targets: str
+    k: int | None = None
+    iterations: int = 20
+    seed: int = 0
+    subsample: float = 1.0
+    spherical: bool = False
+    centroids: str | None = None  # .npy: read when it exists, else fitted and written there
+    targets_model_id: str | None = None
+
+    def validate(self, where: str) -> None:
+        require(self.k is None or self.k > 0, where, f"parameter 'k' must be > 0, got {self.k}")
+        require(self.iterations > 0, where, f"parameter 'iterations' must be > 0, got {self.iterations}")
+        require(0.0 < self.subsample <= 1.0, where, f"parameter 'subsample' must be in (0, 1], got {self.subsample}")
+
+    def models(self) -> list[str]:
+        return [self.model_id]
+
+    def check(self, pool: Pool, where: str) -> None:
+        check_source(self.targets, self.targets_model_id or self.model_id, f"{where}: targets")
+        if not self._centroids_exist():
+            require(self.k is not None, where, f"no centroids file {self.centroids}, so parameter 'k' is needed to fit them")
+
+    def _centroids_exist(self) -> bool:
+        if self.centroids is None:
+            return False
+        fs, path = open_fs(self.centroids)
+        return fs.exists(path)
+
+    def prepare(self, context: Context) -> Any:
+        where = f"image_cluster centroids {self.centroids}"
+        centroids = read_centroids(self.centroids) if self._centroids_exist() else self._fit(context)
+        if self.k is not None and len(centroids) != self.k:
+            raise RecipeError(f"{where}: the file holds {len(centroids)} centroids but k is {self.k}; "
+                              "delete the file to fit new ones, or name another file")
+        targets = load_vectors(self.targets, self.targets_model_id or self.model_id, "image_cluster targets")
+        check_dim(targets, centroids.shape[1], f"targets {self.targets}", where)
+        hit = np.zeros(len(centroids), bool)
+        hit[nearest(ip_index(centroids), targets)[1]] = True
+        return centroids, hit
+
+    def _fit(self, context: Context) -> np.ndarray:
+        import faiss
+
+        parts = []
+        for index, (data, rows) in enumerate(context.iter_data()):
+            vectors, valid = data.image_vectors(self.model_id)
+            chosen = rows & valid
+            if self.subsample < 1.0:
+                chosen &= np.random.default_rng([self.seed, index]).random(len(chosen)) < self.subsample
+            parts.append(vectors[chosen])
+        train = np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros((0, 1), np.float32))
+        if len(train) < self.k:
+            raise RecipeError(f"image_cluster: {len(train)} embeddings to cluster but k is {self.k}; lower k or subsample less")
+        kmeans = faiss.Kmeans(train.shape[1], self.k, niter=self.iterations, seed=self.seed, spherical=self.spherical,
+                              gpu=faiss.get_num_gpus() > 0, max_points_per_centroid=1 << 30, verbose=False)
+        kmeans.train(train)
+        centroids = np.asarray(kmeans.centroids, np.float32)
+        save_centroids(self.centroids, centroids)
+        return centroids
+
+    def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
+        centroids, hit = state
+        vectors, valid = data.image_vectors(self.model_id)
+        check_dim(centroids, vectors.shape[1], f"centroids {self.centroids}", "image_cluster")
+        chosen = np.flatnonzero(rows & valid)
+        out = np.zeros(len(rows), bool)
+        out[chosen] = hit[nearest(ip_index(centroids), vectors[chosen])[1]]
+        return out
+
+
+def read_centroids(url: str) -> np.ndarray:
+    fs, path = open_fs(url)
+    with fs.open(path, "rb") as handle:
+        array = np.load(io.BytesIO(handle.read()), allow_pickle=False)
+    if array.ndim != 2:
+        raise RecipeError(f"centroids file {url} holds shape {array.shape}, expected [K, D]")
+    return np.ascontiguousarray(array, np.float32)
+
+
+def save_centroids(url: str, centroids: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, centroids)
+    fs, path = open_fs(url)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    write_atomic(fs, path, lambda handle: handle.write(buffer.getvalue()))

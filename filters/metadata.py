@@ -1,0 +1,195 @@
+"""Filters over metadata columns alone: no_filter, random, basic, caption, text_based."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipsift.filters import text
+from clipsift.filters.base import Context, Filter, RecipeError, ShardData, register, require
+from clipsift.filters.quantile import kth_smallest
+from clipsift.filters.subset import encode_uids
+from clipsift.pipeline.pool import Pool
+
+VOCABULARIES = ("imagenet", "synthetic")
+
+
+@register
+@dataclass
+class NoFilter(Filter):
+    name = "no_filter"
+    summary = "keep every row"
+
+    def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
+        return np.ones(len(rows), bool)
+
+
+@register
+@dataclass
+class Random(Filter):
+    """Exactly round(fraction * input rows) rows, drawn by a hash of (seed, uid): independent of the
+    sharding and of the order of rows, and the same rows for the same seed."""
+
+    name = "random"
+    columns = ("uid",)
+    summary = "a uniformly random share of the input rows"
+    fraction: float
+    seed: int = 0
+
+    def validate(self, where: str) -> None:
+        require(0.0 <= self.fraction <= 1.0, where, f"parameter 'fraction' must be in [0, 1], got {self.fraction}")
+
+    def _keys(self, data: ShardData, rows: np.ndarray) -> np.ndarray:
+        pairs = encode_uids(data.column("uid"))[rows]
+        return _mix(pairs["f0"] ^ _mix(pairs["f1"] ^ np.uint64(self.seed & (2**64 - 1))))
+
+    def prepare(self, context: Context) -> Any:
+        total = sum(int(rows.sum()) for _, rows in context.iter_data())
+        wanted = round(self.fraction * total)
+        if wanted == 0:
+            return None
+        return kth_smallest(lambda: (self._keys(data, rows) for data, rows in context.iter_data()), wanted - 1, 64)
+
+    def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(rows), bool)
+        if state is not None:
+            out[rows] = self._keys(data, rows) <= np.uint64(state)
+        return out
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective scramble of uint64 values."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+@dataclass
+class CaptionConditions(Filter):
+    """Shared by basic and caption: language, words (len(text.split())) and characters (len(text))."""
+
+    columns = ("text",)
+    language: str | None = "en"
+    min_words: int = 2
+    min_chars: int = 6
+
+    def validate(self, where: str) -> None:
+        require(self.min_words >= 0, where, f"parameter 'min_words' must be >= 0, got {self.min_words}")
+        require(self.min_chars >= 0, where, f"parameter 'min_chars' must be >= 0, got {self.min_chars}")
+
+    def caption_ok(self, data: ShardData, rows: np.ndarray) -> np.ndarray:
+        texts = data.column("text")
+        ok = rows & text.at_least_words(texts, self.min_words) & (text.char_counts(texts) >= self.min_chars)
+        return language_ok(data, self.language, ok)
+
+
+def language_ok(data: ShardData, language: str | None, rows: np.ndarray) -> np.ndarray:
+    """`rows` whose caption is in `language` (identified for those rows only; None: every row)."""
+    return rows if language is None else data.language_is(language, rows)
+
+
+@register
+@dataclass
+class Caption(CaptionConditions):
+    """DataComp's caption pre-filter of the image-based baseline: English, more than 1 word, more than 5 characters."""
+
+    name = "caption"
+    summary = "caption language, word and character conditions"
+
+    def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
+        return self.caption_ok(data, rows)
+
+
+@register
+@dataclass
+class Basic(CaptionConditions):
+    """DataComp's basic filter: English (lid.176), more than 2 words, more than 5 characters,
+    min(original_width, original_height) >= 200 and aspect ratio max/min <= 3."""
+
+    name = "basic"
+    columns = ("text", "original_width", "original_height")
+    summary = "DataComp's basic filter: caption conditions and image size / aspect ratio"
+    min_words: int = 3
+    min_side: int = 200
+    max_aspect_ratio: float = 3.0
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        require(self.max_aspect_ratio >= 1.0, where, f"parameter 'max_aspect_ratio' must be >= 1, got {self.max_aspect_ratio}")
+
+    def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
+        return self.caption_ok(data, rows & size_ok(data, self.min_side, self.max_aspect_ratio))
+
+
+def size_ok(data: ShardData, min_side: int, max_aspect_ratio: float) -> np.ndarray:
+    """min side >= min_side and max/min <= max_aspect_ratio; rows without a size fail."""
+    width = data.column("original_width").to_numpy(zero_copy_only=False).astype(np.float64)
+    height = data.column("original_height").to_numpy(zero_copy_only=False).astype(np.float64)
+    short, long = np.minimum(width, height), np.maximum(width, height)  # NaN (no size) propagates and fails
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (short >= min_side) & (long / short <= max_aspect_ratio)
+
+
+@register
+@dataclass
+class TextBased(Filter):
+    """Captions in `language` with at least one word or phrase of a class vocabulary (whole words,
+    case-insensitive, an optional plural s/es). Vocabulary: 'imagenet' (the 1,000 ImageNet class
+    names open_clip ships), 'synthetic' (the synthetic world's shapes), a list, or a text file."""
+
+    name = "text_based"
+    columns = ("text",)
+    summary = "caption names a class of a vocabulary"
+    vocabulary: str | list[str] = "imagenet"
+    language: str | None = "en"
+
+    def check(self, pool: Pool, where: str) -> None:
+        if isinstance(self.vocabulary, str) and self.vocabulary not in VOCABULARIES:
+            fs, path = _local_fs(self.vocabulary)
+            if not fs.exists(path):
+                raise RecipeError(f"{where}: vocabulary {self.vocabulary!r} is neither {' nor '.join(VOCABULARIES)} "
+                                  "nor an existing text file (one class name per line)")
+
+    def prepare(self, context: Context) -> Any:
+        return text.vocabulary_pattern(vocabulary_phrases(self.vocabulary))
+
+    def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
+        return language_ok(data, self.language, rows & text.matches(data.column("text"), state))
+
+
+def vocabulary_phrases(vocabulary: str | list[str]) -> list[str]:
+    if isinstance(vocabulary, list):
+        return vocabulary
+    if vocabulary == "imagenet":
+        return imagenet_classnames()
+    if vocabulary == "synthetic":
+        from clipsift.pipeline.world import SHAPES
+
+        return list(SHAPES)
+    fs, path = _local_fs(vocabulary)
+    with fs.open(path, "r", encoding="utf-8") as handle:
+        return [line.strip() for line in handle if line.strip()]
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_classnames() -> list[str]:
+    """The 1,000 ImageNet class names of open_clip's zero_shot_metadata.py, read without importing
+    open_clip (whose package import loads torch: seconds for a list of strings)."""
+    package = importlib.util.find_spec("open_clip")
+    path = Path(package.submodule_search_locations[0]) / "zero_shot_metadata.py"
+    spec = importlib.util.spec_from_file_location("clipsift_open_clip_zero_shot_metadata", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list(module.IMAGENET_CLASSNAMES)
+
+
+def _local_fs(url: str):
+    from clipsift.pipeline.pool import open_fs
+
+    return open_fs(url)

@@ -1,0 +1,373 @@
+"""Filter recipes (YAML) and the runner that applies one to a pool and writes a subset.
+
+A recipe::
+
+    name: image_based_intersect_clip_score
+    vars: {model_id: ViT-L-14__openai, targets: null}   # ${name} in any value; --set name=value overrides
+    steps:                                              # applied in order, each to what the last one kept
+      - all:                                            # every child sees the same input; keep the intersection
+          - seq: [caption, {image_cluster: {model_id: "${model_id}", targets: "${targets}", k: 100000}}]
+          - clip_score: {model_id: "${model_id}", fraction: 0.3}
+
+A step is a filter name (no parameters), `{filter: {params}}`, or a combinator: `all: [...]`
+(intersection), `any: [...]` (union), `not: step` (input minus what the step keeps), `seq: [...]`
+(in order, each on the survivors). Filters with a global statistic (clip_score fraction, random,
+dedup, image_cluster) compute it over the rows their step sees: a first step sees every row.
+
+The runner checks the whole recipe against the pool (filters, parameters, embeddings folders,
+files) before any work. Each step's per-shard result is saved under OUT.work/ as it completes, so
+a killed run re-run resumes; the subset and subset.json are written last, atomically.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import pickle
+import re
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import yaml
+
+from clipsift import __version__
+from clipsift.filters.base import Context, Filter, Inputs, RecipeError, ShardData, known_filters, make_filter
+from clipsift.filters.cluster import ImageCluster
+from clipsift.filters.subset import encode_uids, write_subset
+from clipsift.pipeline.parallel import map_shards
+from clipsift.pipeline.pool import Pool, file_sha256, open_fs, write_atomic, write_json_atomic
+
+COMBINATORS = ("all", "any", "not", "seq")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+@dataclass
+class Node:
+    """One step of a recipe: a filter (leaf) or a combinator over child steps."""
+
+    path: str  # "1", "2.1", ... as printed in the report
+    kind: str  # "filter" or one of COMBINATORS
+    filter: Filter | None = None
+    children: list["Node"] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.filter.describe() if self.filter else self.kind
+
+    def walk(self):
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+
+@dataclass
+class Recipe:
+    name: str
+    source: str
+    vars: dict[str, Any]
+    steps: list[Any]  # with variables substituted: what subset.json records
+    root: Node
+
+    def leaves(self) -> list[Node]:
+        return [node for node in self.root.walk() if node.filter is not None]
+
+    def resolved(self) -> dict[str, Any]:
+        return {"name": self.name, "vars": self.vars, "steps": self.steps}
+
+
+def shipped_recipes() -> list[str]:
+    folder = resources.files("clipsift.configs") / "filters"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_text(source: str) -> tuple[str, str]:
+    """(text, where) of a recipe file, or of a shipped recipe named without .yaml."""
+    fs, path = open_fs(source)
+    if fs.exists(path) and not fs.isdir(path):
+        with fs.open(path, "r", encoding="utf-8") as handle:
+            return handle.read(), source
+    shipped = resources.files("clipsift.configs") / "filters" / f"{source}.yaml"
+    if "/" not in source and shipped.is_file():
+        return shipped.read_text(encoding="utf-8"), f"{source}.yaml (shipped)"
+    raise RecipeError(f"recipe {source}: no such file, and no shipped recipe of that name; shipped: {', '.join(shipped_recipes())}")
+
+
+def load_recipe(source: str, overrides: dict[str, str] | None = None) -> Recipe:
+    """Parse and check a recipe: filters, parameters and variables (not yet the pool's inputs)."""
+    text, where = recipe_text(source)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {where}: not valid YAML ({err})") from err
+    if not isinstance(raw, dict) or "steps" not in raw:
+        raise RecipeError(f"recipe {where}: expected a mapping with `steps:` (and optionally name, description, vars)")
+    unknown = sorted(set(raw) - {"name", "description", "vars", "steps"})
+    if unknown:
+        raise RecipeError(f"recipe {where}: unknown top-level key {unknown[0]!r} (allowed: name, description, vars, steps)")
+    variables = dict(raw.get("vars") or {})
+    for key, value in (overrides or {}).items():
+        if key not in variables:
+            raise RecipeError(f"recipe {where}: --set {key}=...: the recipe has no variable {key!r} "
+                              f"(its variables: {', '.join(variables) or 'none'})")
+        variables[key] = yaml.safe_load(value) if isinstance(value, str) else value
+    steps = _substitute(raw["steps"], variables, where)
+    if not isinstance(steps, list) or not steps:
+        raise RecipeError(f"recipe {where}: `steps` must be a non-empty list")
+    root = Node("", "seq", children=[parse_step(step, str(i + 1), where) for i, step in enumerate(steps)])
+    name = raw.get("name") or where.rsplit("/", 1)[-1].split(".")[0]
+    return Recipe(str(name), where, variables, steps, root)
+
+
+def _substitute(value: Any, variables: dict[str, Any], where: str) -> Any:
+    if isinstance(value, list):
+        return [_substitute(v, variables, where) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, variables, where) for k, v in value.items()}
+    if not isinstance(value, str):
+        return value
+
+    def lookup(name: str) -> Any:
+        if name not in variables:
+            raise RecipeError(f"recipe {where}: ${{{name}}} is used but not declared under vars:")
+        if variables[name] is None:
+            raise RecipeError(f"recipe {where}: variable {name!r} has no value; pass --set {name}=...")
+        return variables[name]
+
+    whole = _VAR.fullmatch(value)
+    if whole:  # the value is one variable: keep its type (a number stays a number)
+        return lookup(whole.group(1))
+    return _VAR.sub(lambda m: str(lookup(m.group(1))), value)
+
+
+def parse_step(step: Any, path: str, where: str) -> Node:
+    here = f"recipe {where}, step {path}"
+    if isinstance(step, str):
+        step = {step: None}
+    if not isinstance(step, dict) or len(step) != 1:
+        raise RecipeError(f"{here}: a step is a filter name or a one-key mapping {{filter: {{params}}}} "
+                          f"or {{all|any|seq: [steps]}} or {{not: step}}; got {step!r}")
+    (name, body), = step.items()
+    if name == "not":
+        if isinstance(body, list):
+            raise RecipeError(f"{here} (not): takes one step, not a list (wrap several in seq:)")
+        return Node(path, "not", children=[parse_step(body, f"{path}.1", where)])
+    if name in COMBINATORS:
+        if not isinstance(body, list) or not body:
+            raise RecipeError(f"{here} ({name}): needs a non-empty list of steps")
+        return Node(path, name, children=[parse_step(s, f"{path}.{i + 1}", where) for i, s in enumerate(body)])
+    known_filters()
+    return Node(path, "filter", filter=make_filter(str(name), body, here))
+
+
+def check_inputs(recipe: Recipe, pool: Pool) -> None:
+    """Everything a recipe reads must exist before any work starts."""
+    shards = pool.shard_ids()
+    for node in recipe.leaves():
+        here = f"recipe {recipe.source}, step {node.path} ({node.filter.name})"
+        for model_id in node.filter.models():
+            folder = pool.path("embeddings", model_id)
+            if not pool.fs.isdir(folder):
+                scored = ", ".join(pool.embedding_models()) or "none"
+                raise RecipeError(f"{here}: embeddings folder {folder} does not exist (models scored: {scored}); "
+                                  f"run `clipsift score {pool.url}` with that model, or pick another model_id (--set model_id=...)")
+            missing = [s for s in shards if not pool.has_embeddings(model_id, s)]
+            if missing:
+                raise RecipeError(f"{here}: {folder} lacks {len(missing)} of {len(shards)} shards ({', '.join(missing[:5])}"
+                                  f"{', ...' if len(missing) > 5 else ''}); finish `clipsift score` first")
+        node.filter.check(pool, here)
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class StepReport:
+    path: str
+    label: str
+    rows_in: int
+    kept: int
+
+
+@dataclass
+class FilterResult:
+    subset: str
+    info_path: str
+    num_uids: int
+    npy_sha256: str
+    steps: list[StepReport]
+    seconds: float
+    info: dict[str, Any]
+
+
+def output_paths(out: str) -> tuple[str, str, str]:
+    """(subset.json, work folder, default centroids file) beside `out`."""
+    base = out[: -len(".npy")] if out.endswith(".npy") else out
+    return f"{base}.json", f"{base}.work", f"{base}.centroids.npy"
+
+
+def apply_recipe(pool_url: str, recipe: Recipe, out: str, *, workers: int | None = None,
+                 address: str | None = None) -> FilterResult:
+    """Apply `recipe` to the pool, write the subset `out` and its subset.json; resumable."""
+    started = time.perf_counter()
+    pool = Pool(pool_url)
+    pool_sha = file_sha256(pool.fs, pool.path("pool.json")) if pool.info else ""
+    info_path, work_root, default_centroids = output_paths(out)
+    _default_centroids(recipe, default_centroids)
+    check_inputs(recipe, pool)
+    fingerprint = hashlib.sha256(json.dumps([recipe.resolved(), pool_sha], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    runner = _Runner(pool, f"{work_root}/{fingerprint}", workers, address)
+    final = runner.evaluate(recipe.root, None)
+    pairs = np.concatenate([encode_uids(pool.metadata(s, ["uid"]).column("uid"))[final.mask(s)] for s in pool.shard_ids()]
+                           or [encode_uids([])])
+    npy_sha = write_subset(out, pairs)
+    info = {
+        "recipe": recipe.resolved(),
+        "recipe_source": recipe.source,
+        "pool": pool.url,
+        "pool_json_sha256": pool_sha,
+        "num_uids": int(len(pairs)),
+        "npy_sha256": npy_sha,
+        "steps": [vars(step) for step in runner.reports],
+        "centroids": _centroid_files(recipe),
+        "clipsift_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    fs, path = open_fs(info_path)
+    write_json_atomic(fs, path, info)
+    work_fs, work_path = open_fs(work_root)
+    if work_fs.exists(work_path):
+        work_fs.rm(work_path, recursive=True)
+    return FilterResult(out, info_path, len(pairs), npy_sha, runner.reports, time.perf_counter() - started, info)
+
+
+def _centroid_files(recipe: Recipe) -> dict[str, dict[str, str]]:
+    """The centroids file each image_cluster step read or wrote, with its sha256."""
+    files = {}
+    for node in recipe.leaves():
+        if isinstance(node.filter, ImageCluster):
+            fs, path = open_fs(node.filter.centroids)
+            files[node.path] = {"path": node.filter.centroids, "sha256": file_sha256(fs, path)}
+    return files
+
+
+def _default_centroids(recipe: Recipe, default: str) -> None:
+    clustering = [n for n in recipe.leaves() if isinstance(n.filter, ImageCluster) and n.filter.centroids is None]
+    if len(clustering) > 1:
+        raise RecipeError(f"recipe {recipe.source}: steps {', '.join(n.path for n in clustering)} are image_cluster steps "
+                          "without a `centroids:` file; give each its own")
+    for node in clustering:
+        node.filter.centroids = default
+
+
+class Masks:
+    """A step's result: per shard, which rows it kept (saved as .npy bool arrays in `folder`)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.fs, self.root = open_fs(folder)
+
+    def path(self, shard: str) -> str:
+        return f"{self.root}/{shard}.npy"
+
+    def has(self, shard: str) -> bool:
+        return self.fs.exists(self.path(shard))
+
+    def mask(self, shard: str) -> np.ndarray:
+        with self.fs.open(self.path(shard), "rb") as handle:
+            return np.load(io.BytesIO(handle.read()))
+
+    def save(self, shard: str, mask: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(mask, bool))
+        self.fs.makedirs(self.root, exist_ok=True)
+        write_atomic(self.fs, self.path(shard), lambda handle: handle.write(buffer.getvalue()))
+
+
+class _Runner:
+    def __init__(self, pool: Pool, work: str, workers: int | None, address: str | None):
+        self.pool, self.work, self.workers, self.address = pool, work, workers, address
+        self.shards = pool.shard_ids()
+        self.reports: list[StepReport] = []
+        self._counts: dict[str | None, int] = {}
+
+    def inputs(self, masks: Masks | None) -> Inputs:
+        return Inputs(self.pool, masks.mask if masks else None)
+
+    def count(self, masks: Masks | None) -> int:
+        key = masks.folder if masks else None
+        if key not in self._counts:
+            self._counts[key] = sum(self.pool.num_rows(s) if masks is None else int(masks.mask(s).sum()) for s in self.shards)
+        return self._counts[key]
+
+    def evaluate(self, node: Node, masks: Masks | None) -> Masks | None:
+        rows_in = self.count(masks)
+        if node.kind == "seq":
+            out = masks
+            for child in node.children:
+                out = self.evaluate(child, out)
+        else:
+            out = Masks(f"{self.work}/step-{node.path}")
+            if node.kind == "filter":
+                self._leaf(node, masks, out)
+            else:
+                children = [self.evaluate(child, masks) for child in node.children]
+                self._combine(node.kind, masks, children, out)
+        if node.path:
+            self.reports.append(StepReport(node.path, node.label, rows_in, self.count(out)))
+            self.reports.sort(key=lambda r: [int(part) for part in r.path.split(".")])
+        return out
+
+    def _leaf(self, node: Node, masks: Masks | None, out: Masks) -> None:
+        todo = [s for s in self.shards if not out.has(s)]
+        if not todo:
+            return
+        state = self._state(node, masks, out)
+        task = functools.partial(_leaf_task, self.pool.url, node.filter, state, masks.folder if masks else None, out.folder)
+        map_shards(task, todo, desc=f"step {node.path} {node.filter.name}", workers=self.workers, address=self.address)
+
+    def _state(self, node: Node, masks: Masks | None, out: Masks) -> Any:
+        """The filter's global statistic, computed once and kept in the work folder for a re-run."""
+        fs, path = out.fs, f"{out.root}.state.pkl"
+        if fs.exists(path):
+            with fs.open(path, "rb") as handle:
+                return pickle.loads(handle.read())
+        context = Context(self.pool, self.inputs(masks), out.folder, self.workers, self.address)
+        state = node.filter.prepare(context)
+        data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        fs.makedirs(open_fs(self.work)[1], exist_ok=True)
+        write_atomic(fs, path, lambda handle: handle.write(data))
+        return state
+
+    def _combine(self, kind: str, masks: Masks | None, children: list[Masks | None], out: Masks) -> None:
+        for shard in self.shards:
+            if out.has(shard):
+                continue
+            given = self.inputs(masks).mask(shard)
+            parts = [self.inputs(child).mask(shard) for child in children]
+            if kind == "all":
+                result = given & np.logical_and.reduce(parts)
+            elif kind == "any":
+                result = given & np.logical_or.reduce(parts)
+            else:  # not
+                result = given & ~parts[0]
+            out.save(shard, result)
+
+
+def _leaf_task(pool_url: str, filter: Filter, state: Any, given: str | None, out: str, shard: str) -> int:
+    pool = Pool(pool_url)
+    rows = Masks(given).mask(shard) if given else np.ones(pool.num_rows(shard), bool)
+    keep = rows.copy()
+    if rows.any():
+        data = ShardData(pool, shard)
+        data.prefetch(filter.columns)
+        keep &= np.asarray(filter.keep(state, data, rows), bool)
+    Masks(out).save(shard, keep)
+    return int(keep.sum())

@@ -1,0 +1,135 @@
+"""Subset files: DataComp's uid format, and the one home of the uid <-> (u8, u8) encoding.
+
+A subset is a numpy structured array of dtype `u8,u8`: (int(uid[:16], 16), int(uid[16:], 16)),
+sorted ascending and saved with np.save. A uid may appear more than once (it is then repeated when
+resharding). DataComp's baseline files use the same dtype (fields f0, f1) and are read as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from clipsift import ClipsiftError
+from clipsift.pipeline.pool import file_sha256, open_fs, write_atomic
+
+SUBSET_DTYPE = np.dtype("u8,u8")
+
+_HEX_VALUE = np.full(256, 255, dtype=np.uint8)
+_HEX_VALUE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def encode_uids(uids: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
+    """uids (32 lowercase hex) -> structured `u8,u8` array, vectorised over the Arrow string buffer."""
+    array = uids if isinstance(uids, (pa.Array, pa.ChunkedArray)) else pa.array(uids, pa.string())
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks() if array.num_chunks else pa.array([], pa.string())
+    array = array.cast(pa.string())
+    if array.null_count:
+        raise ClipsiftError(f"{array.null_count} uid(s) are missing (null); every row needs a 32-hex uid")
+    offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset: array.offset + len(array) + 1]
+    if len(array) and not np.all(np.diff(offsets) == 32):
+        raise ClipsiftError(f"uid {_first_bad(array)!r} is not 32 lowercase hex characters")
+    data = np.frombuffer(array.buffers()[2] or b"", np.uint8)[offsets[0]: offsets[-1]] if len(array) else np.zeros(0, np.uint8)
+    nibbles = _HEX_VALUE[data].reshape(len(array), 32)
+    if np.any(nibbles == 255):
+        raise ClipsiftError(f"uid {_first_bad(array)!r} is not 32 lowercase hex characters")
+    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]  # 16 bytes per uid, big-endian
+    words = np.ascontiguousarray(packed).view(">u8").reshape(len(array), 2)
+    out = np.empty(len(array), SUBSET_DTYPE)
+    out["f0"], out["f1"] = words[:, 0], words[:, 1]
+    return out
+
+
+def _first_bad(array: pa.Array) -> Any:
+    for uid in array.to_pylist():
+        if not (isinstance(uid, str) and len(uid) == 32 and all(c in "0123456789abcdef" for c in uid)):
+            return uid
+    return None
+
+
+def decode_uids(pairs: np.ndarray) -> list[str]:
+    """Structured `u8,u8` array -> uids (32 lowercase hex)."""
+    pairs = as_subset_array(pairs, "uid array")
+    return [f"{int(hi):016x}{int(lo):016x}" for hi, lo in zip(pairs["f0"], pairs["f1"])]
+
+
+def as_subset_array(array: np.ndarray, source: str) -> np.ndarray:
+    """A two-field unsigned 64-bit structured array with any field names, as SUBSET_DTYPE."""
+    fields = array.dtype.fields
+    if fields is None or len(fields) != 2 or any(array.dtype[i] != np.dtype("u8") for i in range(2)):
+        raise ClipsiftError(f"{source}: dtype {array.dtype} is not a subset (expected a structured array of two uint64 fields, `u8,u8`)")
+    names = array.dtype.names
+    out = np.empty(array.shape, SUBSET_DTYPE)
+    out["f0"], out["f1"] = array[names[0]], array[names[1]]
+    return out.reshape(-1)
+
+
+def sort_subset(pairs: np.ndarray) -> np.ndarray:
+    pairs = as_subset_array(pairs, "uid array")
+    return pairs[np.lexsort((pairs["f1"], pairs["f0"]))]  # far faster than sorting the structured array
+
+
+def write_subset(url: str, pairs: np.ndarray) -> str:
+    """Sort and save `pairs` with np.save, atomically; returns the file's sha256."""
+    data = io.BytesIO()
+    np.save(data, sort_subset(pairs))
+    fs, path = open_fs(url)
+    if "/" in path:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    write_atomic(fs, path, lambda handle: handle.write(data.getvalue()))
+    return hashlib.sha256(data.getvalue()).hexdigest()
+
+
+def read_subset(url: str) -> np.ndarray:
+    """A subset file (ours or DataComp's) as a SUBSET_DTYPE array, in file order."""
+    fs, path = open_fs(url)
+    if not fs.exists(path):
+        raise ClipsiftError(f"{url}: no such subset file; make one with `clipsift filter POOL --recipe R.yaml --out {url}`")
+    try:
+        with fs.open(path, "rb") as handle:
+            array = np.load(io.BytesIO(handle.read()), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ClipsiftError(f"{url}: not a numpy .npy file ({err})") from err
+    return as_subset_array(array, url)
+
+
+def subset_counts(subset: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """How many times each of `pairs` appears in the sorted `subset` (int64 per pair)."""
+    left = np.searchsorted(subset, pairs, side="left")
+    right = np.searchsorted(subset, pairs, side="right")
+    return (right - left).astype(np.int64)
+
+
+def unique_counts(ordered: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct uids, how often each appears) of a sorted subset."""
+    if len(ordered) == 0:
+        return ordered, np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+    return ordered[starts], np.diff(np.append(starts, len(ordered)))
+
+
+@dataclass
+class SubsetInfo:
+    path: str
+    count: int
+    unique: int
+    duplicates: int  # entries beyond the first of each uid
+    max_repeat: int
+    sorted: bool
+    sha256: str
+
+
+def subset_info(url: str) -> SubsetInfo:
+    pairs = read_subset(url)
+    ordered = sort_subset(pairs)
+    _, counts = unique_counts(ordered)
+    unique = len(counts)
+    fs, path = open_fs(url)
+    return SubsetInfo(url, len(pairs), unique, len(pairs) - unique, int(counts.max(initial=0)),
+                      bool(np.array_equal(ordered, pairs)), file_sha256(fs, path))

@@ -1,0 +1,102 @@
+"""Embedding vectors from outside the filtered pool (reference sets, evaluation sets, centroids) and
+faiss inner-product search (on every GPU when faiss sees one, else on the CPU).
+
+A vector source is any of:
+- a pool directory scored with the model: POOL/embeddings/<model_id>/*.parquet, column image_emb;
+- an embeddings folder itself (a directory of such parquet files);
+- one parquet file with an `image_emb` column (fixed-size or plain list of floats);
+- a .npy file holding a [rows, D] float array.
+Vectors are L2-normalised on load, so inner product is cosine similarity.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+
+from clipsift.filters.base import RecipeError
+from clipsift.pipeline.pool import Pool, embedding_matrix, open_fs, read_parquet
+
+SEARCH_BATCH = 8192
+
+
+def check_source(source: str, model_id: str, where: str) -> None:
+    """Fail early when `source` cannot give vectors of `model_id`."""
+    fs, path = open_fs(source)
+    if not fs.exists(path):
+        raise RecipeError(f"{where}: {source} does not exist (expected a scored pool, an embeddings folder, a .parquet or a .npy)")
+    if fs.isdir(path) and fs.exists(f"{path}/pool.json") and not fs.isdir(f"{path}/embeddings/{model_id}"):
+        raise RecipeError(f"{where}: {source} has no embeddings folder {path}/embeddings/{model_id}; "
+                          f"score it first: clipsift score {source} (with the model {model_id})")
+    if fs.isdir(path) and not fs.exists(f"{path}/pool.json") and not fs.glob(f"{path}/*.parquet"):
+        raise RecipeError(f"{where}: {source} is a folder with neither pool.json nor embeddings parquet files")
+
+
+def load_vectors(source: str, model_id: str, where: str) -> np.ndarray:
+    """All vectors of `source` as float32 [rows, D], L2-normalised (rows without a vector dropped)."""
+    fs, path = open_fs(source)
+    if fs.isdir(path):
+        if fs.exists(f"{path}/pool.json"):
+            pool = Pool(source)
+            tables = [pool.embeddings(model_id, s, ["image_emb"]) for s in pool.shard_ids() if pool.has_embeddings(model_id, s)]
+        else:
+            tables = [read_parquet(fs, p, ["image_emb"]) for p in sorted(fs.glob(f"{path}/*.parquet"))]
+        parts = [_table_vectors(t, where) for t in tables]
+        if not parts:
+            raise RecipeError(f"{where}: {source} holds no embeddings")
+        vectors = np.concatenate(parts)
+    elif path.endswith(".npy"):
+        with fs.open(path, "rb") as handle:
+            vectors = np.load(io.BytesIO(handle.read()), allow_pickle=False)
+    elif path.endswith(".parquet"):
+        vectors = _table_vectors(read_parquet(fs, path), where)
+    else:
+        raise RecipeError(f"{where}: {source}: unknown vector file type (use a .npy, a .parquet or a scored pool)")
+    if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
+        raise RecipeError(f"{where}: {source} holds {vectors.dtype} of shape {vectors.shape}, expected a [rows, D] float array")
+    return normalise(vectors.astype(np.float32))
+
+
+def _table_vectors(table: pa.Table, where: str) -> np.ndarray:
+    if "image_emb" not in table.column_names:
+        raise RecipeError(f"{where}: a vector parquet needs an `image_emb` column; it has {', '.join(table.column_names)}")
+    column = table.column("image_emb")
+    if pa.types.is_fixed_size_list(column.type):
+        matrix, valid = embedding_matrix(table, "image_emb")
+        return matrix[valid]
+    rows = [v for v in column.to_pylist() if v is not None]
+    return np.asarray(rows, np.float32).reshape(len(rows), -1)
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.ascontiguousarray(vectors / np.where(norms > 0, norms, 1), dtype=np.float32)
+
+
+def ip_index(vectors: np.ndarray):
+    """An exact inner-product faiss index over `vectors`, on all GPUs when there are any."""
+    import faiss
+
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    if faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(np.ascontiguousarray(vectors, np.float32))
+    return index
+
+
+def nearest(index, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(similarity, id) of each query's nearest vector by inner product, searched in batches."""
+    sims, ids = np.empty(len(queries), np.float32), np.empty(len(queries), np.int64)
+    for start in range(0, len(queries), SEARCH_BATCH):
+        batch = np.ascontiguousarray(queries[start:start + SEARCH_BATCH], np.float32)
+        s, i = index.search(batch, 1)
+        sims[start:start + len(batch)], ids[start:start + len(batch)] = s[:, 0], i[:, 0]
+    return sims, ids
+
+
+def check_dim(vectors: np.ndarray, dim: int, what: str, where: str) -> None:
+    if vectors.shape[1] != dim:
+        raise RecipeError(f"{where}: {what} have dimension {vectors.shape[1]}, the pool's embeddings (and centroids) {dim}; "
+                          "all must come from the same model")

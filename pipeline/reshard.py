@@ -1,0 +1,207 @@
+"""`clipsift reshard`: the subset's samples, copied byte for byte into new webdataset shards.
+
+The output folder is itself a clipsift pool (pool.json, shards/, metadata/, checkable with
+`clipsift pool check`) plus manifest.json, which `clipsift train` reads. Samples keep the pool's
+order; a uid listed n times in the subset is written n times in a row, each copy under its own new
+key. Images and captions are copied as stored (no re-encoding); metadata rows carry over with the
+new key.
+
+Plan: one pass over the pool's uid columns counts each row's copies, which fixes the global output
+order; output shard j holds samples [j*S, (j+1)*S) of it, so every shard but the last is full. Each
+output shard is one Ray task that streams the input tars overlapping its range; shards already
+complete are skipped, so a killed reshard re-run writes only what is missing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from clipsift import ClipsiftError, __version__
+from clipsift.filters.subset import decode_uids, encode_uids, read_subset, sort_subset, unique_counts
+from clipsift.pipeline.pool import (
+    Pool,
+    PoolFormatError,
+    ShardWriter,
+    build_pool,
+    file_sha256,
+    open_fs,
+    sample_from_entry,
+    write_json_atomic,
+)
+
+MANIFEST_FORMAT = "clipsift-shards/1"
+Segment = tuple[str, int, int]  # input shard, output copies of it to skip, copies to write
+
+
+@dataclass
+class ReshardResult:
+    out: str
+    manifest: str
+    num_samples: int
+    num_shards: int
+    subset_uids: int
+    missing_uids: int  # distinct subset uids that are not in the pool
+    missing_examples: list[str]
+    input_bytes: int
+    seconds: float
+
+
+def row_copies(subset_unique: np.ndarray, repeats: np.ndarray, uids: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(copies of each row, index into subset_unique of each matched row) for a shard's uid column."""
+    pairs = encode_uids(uids)
+    index = np.searchsorted(subset_unique, pairs)
+    clipped = np.minimum(index, max(len(subset_unique) - 1, 0))
+    found = (index < len(subset_unique)) & (subset_unique[clipped] == pairs) if len(subset_unique) else np.zeros(len(pairs), bool)
+    return np.where(found, repeats[clipped], 0).astype(np.int64), index[found]
+
+
+def plan_segments(totals: list[int], shards: list[str], shard_size: int) -> list[list[Segment]]:
+    """Cut the concatenated output (shard i contributes totals[i] copies) into output shards of shard_size."""
+    bounds = np.concatenate([[0], np.cumsum(totals, dtype=np.int64)])
+    total = int(bounds[-1])
+    plan = []
+    for j in range(math.ceil(total / shard_size)):
+        start, stop = j * shard_size, min((j + 1) * shard_size, total)
+        first = int(np.searchsorted(bounds, start, side="right")) - 1
+        segments = []
+        for i in range(first, len(shards)):
+            if bounds[i] >= stop:
+                break
+            lo, hi = max(start, int(bounds[i])), min(stop, int(bounds[i + 1]))
+            if hi > lo:
+                segments.append((shards[i], lo - int(bounds[i]), hi - lo))
+        plan.append(segments)
+    return plan
+
+
+@dataclass(frozen=True)
+class _Fill:
+    """Writes output shard `index` from its segments (a picklable callable for Ray tasks)."""
+
+    pool_url: str
+    subset_unique: np.ndarray
+    repeats: np.ndarray
+    plan: list[list[Segment]]
+
+    def __call__(self, index: int, writer: ShardWriter) -> None:
+        pool = Pool(self.pool_url)
+        for shard, skip, take in self.plan[index]:
+            self._copy(pool, shard, skip, take, writer)
+
+    def _copy(self, pool: Pool, shard: str, skip: int, take: int, writer: ShardWriter) -> None:
+        table = pool.metadata(shard)
+        copies, _ = row_copies(self.subset_unique, self.repeats, table.column("uid"))
+        ends = np.cumsum(copies)  # output copies of this shard up to and including each row
+        wanted = np.flatnonzero((copies > 0) & (ends > skip) & (ends - copies < skip + take))
+        rows = dict(zip(wanted.tolist(), table.take(wanted).to_pylist()))
+        last = int(wanted[-1]) if len(wanted) else -1
+        source = pool.tar_path(shard)
+        position = -1
+        for position, entry in enumerate(pool.entries(shard)):
+            if position > last:
+                break
+            if position not in rows:
+                continue
+            row = rows[position]
+            if entry.key != row["key"]:
+                raise PoolFormatError(f"{source}: sample {position} has key {entry.key!r} but the metadata says {row['key']!r}; "
+                                      "the shard is misaligned, run `clipsift pool check`")
+            sample = sample_from_entry(entry, row, source)
+            sample.key = None  # the writer gives each copy a new key
+            begin = int(ends[position] - copies[position])
+            for _ in range(max(begin, skip), min(int(ends[position]), skip + take)):
+                writer.write(sample)
+        if last >= 0 and position < last:
+            raise PoolFormatError(f"{source}: the tar ends before sample {last} that the metadata lists")
+
+
+def reshard(pool_url: str, subset_path: str, out: str, *, shard_size: int = 10_000, workers: int | None = None,
+            address: str | None = None) -> ReshardResult:
+    """Write the subset's samples of `pool_url` as training shards in `out`, plus out/manifest.json."""
+    started = time.perf_counter()
+    if shard_size < 1:
+        raise ClipsiftError(f"--shard-size must be at least 1, got {shard_size}")
+    pool = Pool(pool_url)
+    info = pool.info
+    subset = sort_subset(read_subset(subset_path))
+    unique, repeats = unique_counts(subset)
+    shards = pool.shard_ids()
+    totals, found = [], np.zeros(len(unique), bool)
+    for shard in shards:
+        copies, matched = row_copies(unique, repeats, pool.metadata(shard, ["uid"]).column("uid"))
+        totals.append(int(copies.sum()))
+        found[matched] = True
+    plan = plan_segments(totals, shards, shard_size)
+    subset_fs, subset_file = open_fs(subset_path)
+    subset_sha = file_sha256(subset_fs, subset_file)
+    pool_sha = file_sha256(pool.fs, pool.path("pool.json"))
+    source = {"kind": "reshard", "pool": pool.url, "pool_json_sha256": pool_sha, "subset": subset_path, "subset_sha256": subset_sha}
+    params = {**source, "shard_size": shard_size, "sources": [source]}
+    _remove_stale_temporaries(out)
+    written = build_pool(out, name=f"{info.get('name', 'pool')}-subset", params=params, num_shards=len(plan),
+                         fill=_Fill(pool.url, unique, repeats, plan), desc="reshard", workers=workers, address=address,
+                         uids_may_repeat=bool(np.any(repeats > 1)))
+    missing = unique[~found]
+    result_pool = Pool(out)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "pool": pool.url,
+        "pool_json_sha256": pool_sha,
+        "subset": subset_path,
+        "subset_sha256": subset_sha,
+        "subset_uids": int(len(subset)),
+        "missing_uids": int(len(missing)),
+        "num_samples": written["num_samples"],
+        "num_shards": written["num_shards"],
+        "shard_size": shard_size,
+        "shards": [{"path": f"shards/{s}.tar", "num_samples": result_pool.num_rows(s)} for s in result_pool.shard_ids()],
+        "clipsift_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    fs, root = open_fs(out)
+    write_json_atomic(fs, f"{root}/manifest.json", manifest)
+    input_bytes = sum(pool.fs.size(pool.tar_path(s)) for s in shards)
+    return ReshardResult(out, f"{root}/manifest.json", written["num_samples"], written["num_shards"], len(subset),
+                         len(missing), decode_uids(missing[:5]), input_bytes, time.perf_counter() - started)
+
+
+def _remove_stale_temporaries(out: str) -> None:
+    """Temporary files left by a killed run (a clean failure removes its own)."""
+    fs, root = open_fs(out)
+    for pattern in ("shards/*.tmp-*", "metadata/*.tmp-*", "*.tmp-*"):
+        for path in fs.glob(f"{root}/{pattern}"):
+            fs.rm(path)
+
+
+def read_manifest(shards_dir: str) -> dict[str, Any]:
+    """The manifest of a reshard output folder (for `clipsift train`)."""
+    import json
+
+    fs, root = open_fs(shards_dir)
+    path = f"{root}/manifest.json"
+    if not fs.exists(path):
+        raise ClipsiftError(f"{shards_dir}: no manifest.json; make the shards with `clipsift reshard POOL --subset S --out {shards_dir}`")
+    with fs.open(path, "rb") as handle:
+        manifest = json.load(handle)
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ClipsiftError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    return manifest
+
+
+def reshard_summary_rows(result: ReshardResult) -> list[tuple[str, object]]:
+    rate = result.input_bytes / 1e6 / result.seconds if result.seconds else 0.0
+    rows: list[tuple[str, object]] = [
+        ("shards", f"{result.out} ({result.num_shards:,} shards)"),
+        ("samples", result.num_samples),
+        ("subset uids", result.subset_uids),
+        ("missing from the pool", result.missing_uids if not result.missing_uids else
+         f"{result.missing_uids:,} distinct uids, e.g. {', '.join(result.missing_examples)}"),
+        ("manifest", result.manifest),
+        ("time", f"{result.seconds:.1f} s ({rate:,.0f} MB/s of input tars)"),
+    ]
+    return rows

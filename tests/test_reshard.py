@@ -1,0 +1,194 @@
+"""Reshard: exactly the subset with multiplicity, bytes unchanged, manifest, kill-and-rerun."""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipsift import ClipsiftError
+from clipsift.filters.subset import encode_uids, write_subset
+from clipsift.pipeline import pool as pool_module
+from clipsift.pipeline.check import check_pool
+from clipsift.pipeline.pool import Pool, derive_uid
+from clipsift.pipeline.reshard import read_manifest, reshard
+from conftest import make_pool
+
+MISSING = derive_uid("not in the pool")
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> tuple[Path, list[str], Path]:
+    """A pool of 3 shards x 7 samples and a subset with repeats and one uid the pool lacks."""
+    pool = make_pool(tmp_path / "pool", shards=3, per_shard=7)
+    uids = Pool(str(pool)).uids().to_pylist()
+    wanted = [uids[i] for i in (0, 2, 3, 8, 9, 10, 20)] + [uids[3]] * 2 + [uids[10]] + [MISSING]
+    subset = tmp_path / "subset.npy"
+    write_subset(str(subset), encode_uids(wanted))
+    return pool, wanted, subset
+
+
+def output_samples(out: Path) -> list[tuple[str, str, bytes, str, dict]]:
+    """(uid, key, image bytes, caption, json) of every output sample, in shard order, from the tars."""
+    samples = []
+    for tar_path in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name in sorted(n for n in members if n.endswith(".json")):
+            key = name[: -len(".json")]
+            meta = json.loads(members[name])
+            samples.append((meta["uid"], key, members[f"{key}.jpg"], members[f"{key}.txt"].decode(), meta))
+    return samples
+
+
+def source_samples(pool: Path) -> dict[str, tuple[bytes, str]]:
+    p = Pool(str(pool))
+    return {s.uid: (s.image, s.text) for shard in p.shard_ids() for s in p.samples(shard)}
+
+
+def test_reshard_writes_exactly_the_subset_with_multiplicity(tmp_path: Path, source) -> None:
+    pool, wanted, subset = source
+    result = reshard(str(pool), str(subset), str(tmp_path / "out"), shard_size=4, workers=1)
+    samples = output_samples(tmp_path / "out")
+    present = [u for u in wanted if u != MISSING]
+    assert collections.Counter(s[0] for s in samples) == collections.Counter(present)
+    pool_order = Pool(str(pool)).uids().to_pylist()
+    assert [s[0] for s in samples] == sorted(present, key=pool_order.index)  # pool order, copies together
+    originals = source_samples(pool)
+    for uid, key, image, text, meta in samples:
+        assert (image, text) == originals[uid]  # byte for byte
+        assert meta["key"] == key
+    assert len({s[1] for s in samples}) == len(samples)  # repeated uids get distinct keys
+    out = Pool(str(tmp_path / "out"))
+    assert [out.num_rows(s) for s in out.shard_ids()] == [4, 4, 2]
+    assert (result.num_samples, result.num_shards, result.missing_uids, result.missing_examples) == (10, 3, 1, [MISSING])
+    manifest = read_manifest(str(tmp_path / "out"))
+    assert manifest["num_samples"] == 10 and manifest["missing_uids"] == 1 and manifest["subset_uids"] == 11
+    assert [s["path"] for s in manifest["shards"]] == ["shards/00000000.tar", "shards/00000001.tar", "shards/00000002.tar"]
+    assert [s["num_samples"] for s in manifest["shards"]] == [4, 4, 2]
+    assert manifest["subset_sha256"] == __import__("hashlib").sha256(subset.read_bytes()).hexdigest()
+    assert check_pool(str(tmp_path / "out"), workers=1).ok  # a valid pool, repeated uids allowed
+    assert out.metadata("00000000").column("score").to_pylist()[0] == 0.0  # extra columns carried over
+
+
+def test_reshard_resumes_after_a_failure_mid_shard(tmp_path: Path, source, monkeypatch) -> None:
+    pool, _, subset = source
+    reshard(str(pool), str(subset), str(tmp_path / "clean"), shard_size=3, workers=1)
+    original = pool_module.ShardWriter.write
+    calls = []
+
+    def failing(self, sample):
+        calls.append(sample.uid)
+        if len(calls) == 7:  # in the middle of the third shard
+            raise RuntimeError("killed")
+        return original(self, sample)
+
+    monkeypatch.setattr(pool_module.ShardWriter, "write", failing)
+    with pytest.raises(RuntimeError, match="killed"):
+        reshard(str(pool), str(subset), str(tmp_path / "out"), shard_size=3, workers=1)
+    assert len(list((tmp_path / "out" / "metadata").glob("*.parquet"))) == 2
+    monkeypatch.setattr(pool_module.ShardWriter, "write", original)
+    reshard(str(pool), str(subset), str(tmp_path / "out"), shard_size=3, workers=1)
+    assert output_samples(tmp_path / "out") == output_samples(tmp_path / "clean")
+    for tar in (tmp_path / "clean" / "shards").glob("*.tar"):
+        assert tar.read_bytes() == (tmp_path / "out" / "shards" / tar.name).read_bytes()
+    assert not list((tmp_path / "out").rglob("*.tmp-*"))
+
+
+SLOW_RESHARD = """
+import sys, time
+from clipsift.pipeline import pool
+from clipsift.pipeline.reshard import reshard
+write = pool.ShardWriter.write
+def slow(self, sample):
+    time.sleep(0.05)
+    return write(self, sample)
+pool.ShardWriter.write = slow
+reshard(sys.argv[1], sys.argv[2], sys.argv[3], shard_size=2, workers=1)
+"""
+
+
+def test_reshard_killed_with_sigkill_and_rerun_loses_and_duplicates_nothing(tmp_path: Path, source) -> None:
+    pool, _, subset = source
+    reshard(str(pool), str(subset), str(tmp_path / "clean"), shard_size=2, workers=1)
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-c", SLOW_RESHARD, str(pool), str(subset), str(out)], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((out / "metadata").glob("*.parquet")) if (out / "metadata").exists() else True:
+        assert time.time() < deadline and child.poll() is None, "the reshard ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    done = len(list((out / "metadata").glob("*.parquet")))
+    assert 1 <= done < 5 and not (out / "manifest.json").exists()
+    reshard(str(pool), str(subset), str(out), shard_size=2, workers=1)
+    assert output_samples(out) == output_samples(tmp_path / "clean")
+    assert read_manifest(str(out))["num_samples"] == 10
+
+
+def test_reshard_refuses_mixing_and_bad_sizes(tmp_path: Path, source) -> None:
+    pool, wanted, subset = source
+    with pytest.raises(ClipsiftError, match="--shard-size must be at least 1"):
+        reshard(str(pool), str(subset), str(tmp_path / "out"), shard_size=0, workers=1)
+    reshard(str(pool), str(subset), str(tmp_path / "out"), shard_size=4, workers=1)
+    other = tmp_path / "other.npy"
+    write_subset(str(other), encode_uids(wanted[:2]))
+    with pytest.raises(ClipsiftError, match="started with other settings"):
+        reshard(str(pool), str(other), str(tmp_path / "out"), shard_size=4, workers=1)
+    with pytest.raises(ClipsiftError, match="no manifest.json"):
+        read_manifest(str(tmp_path))
+    empty = tmp_path / "empty.npy"
+    write_subset(str(empty), encode_uids([MISSING]))
+    result = reshard(str(pool), str(empty), str(tmp_path / "none"), workers=1)
+    assert (result.num_samples, result.num_shards, result.missing_uids) == (0, 0, 1)
+    assert np.load(empty).dtype == np.dtype("u8,u8")
+
+
+def tar_members(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tar:
+        return [(info.name, tar.extractfile(info).read()) for info in tar if info.isfile()]
+
+
+def test_fast_tar_layer_matches_tarfile(tmp_path: Path) -> None:
+    """Reshard speed comes from pool.py's direct tar reading/writing: it must agree with tarfile."""
+    rng = np.random.default_rng(0)
+    members = [(f"{i:08d}_{j:08d}.{ext}", rng.bytes(int(rng.integers(0, 3000)))) for i in range(2) for j in range(4)
+               for ext in ("jpg", "txt", "json")] + [("dir/naïve.key.txt", b"x")]
+    ours = io.BytesIO()
+    stream = pool_module.TarStream(ours)
+    for name, data in members:
+        stream.add((name, data))
+    stream.close()
+    reference = io.BytesIO()
+    with tarfile.open(fileobj=reference, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    assert ours.getvalue() == reference.getvalue()  # the writer makes tarfile's exact bytes
+    for fmt, mtime in ((tarfile.PAX_FORMAT, 1.5), (tarfile.GNU_FORMAT, 0)):  # webdataset writes pax; GNU long names
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
+            for name, data in members + [("y" * 120 + ".jpg", b"long name")]:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(data), mtime
+                tar.addfile(info, io.BytesIO(data))
+        buffer.seek(0)
+        read = [(f"{e.key}.{ext}", d) for e in pool_module.iter_tar(buffer) for ext, d in e.members.items()]
+        assert sorted(read) == sorted(tar_members(buffer.getvalue()))
+    with pytest.raises(pool_module.PoolFormatError, match="truncated or corrupt"):
+        list(pool_module.iter_tar(io.BytesIO(ours.getvalue()[:3000])))
+    corrupt = bytearray(ours.getvalue())
+    corrupt[0] ^= 0x20
+    with pytest.raises(pool_module.PoolFormatError, match="checksum"):
+        list(pool_module.iter_tar(io.BytesIO(bytes(corrupt))))

@@ -1,0 +1,63 @@
+"""Subset files: DataComp's u8,u8 format, order, duplicates, and round trips with DataComp-format files."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from clipsift import ClipsiftError
+from clipsift.filters.subset import SUBSET_DTYPE, decode_uids, encode_uids, read_subset, subset_counts, subset_info, write_subset
+from clipsift.pipeline.pool import derive_uid
+
+UIDS = [derive_uid(f"u{i}") for i in range(50)] + ["0" * 32, "f" * 32, "00000000000000010000000000000000"]
+
+
+def datacomp_array(uids: list[str]) -> np.ndarray:
+    """How DataComp's baselines build their files."""
+    return np.array([(int(u[:16], 16), int(u[16:32], 16)) for u in uids], np.dtype("u8,u8"))
+
+
+def test_encoding_is_datacomps() -> None:
+    encoded = encode_uids(pa.array(["x" * 32] + UIDS).slice(1))  # an Arrow slice with an offset
+    assert encoded.dtype == SUBSET_DTYPE == np.dtype("u8,u8")
+    assert np.array_equal(encoded, datacomp_array(UIDS))
+    assert decode_uids(encoded) == UIDS
+    for bad in (["ABCDEF" + "0" * 26], ["0" * 31], ["g" * 32]):
+        with pytest.raises(ClipsiftError, match="not 32 lowercase hex"):
+            encode_uids(bad)
+
+
+def test_written_subset_is_sorted_and_round_trips_with_datacomp_files(tmp_path: Path) -> None:
+    uids = UIDS + UIDS[:3]  # duplicates are kept: they mean upsampling
+    digest = write_subset(str(tmp_path / "ours.npy"), encode_uids(uids))
+    raw = np.load(tmp_path / "ours.npy")
+    assert raw.dtype == np.dtype("u8,u8") and len(raw) == len(uids)
+    assert [tuple(r) for r in raw] == sorted((int(u[:16], 16), int(u[16:], 16)) for u in uids)
+    assert digest == hashlib.sha256((tmp_path / "ours.npy").read_bytes()).hexdigest()
+    # a DataComp baseline file: same dtype, fields f0/f1, order as they produced it
+    np.save(tmp_path / "datacomp.npy", datacomp_array(list(reversed(uids))))
+    theirs = read_subset(str(tmp_path / "datacomp.npy"))
+    assert sorted(decode_uids(theirs)) == sorted(uids)
+    named = np.array([(1, 2), (0, 5)], dtype=[("hi", "<u8"), ("lo", "<u8")])
+    np.save(tmp_path / "named.npy", named)
+    assert decode_uids(read_subset(str(tmp_path / "named.npy"))) == ["0000000000000001" + "0000000000000002", "0" * 16 + "0000000000000005"]
+    info = subset_info(str(tmp_path / "datacomp.npy"))
+    assert (info.count, info.unique, info.duplicates, info.max_repeat, info.sorted) == (len(uids), len(UIDS), 3, 2, False)
+    assert subset_info(str(tmp_path / "ours.npy")).sorted
+
+
+def test_counts_and_bad_files(tmp_path: Path) -> None:
+    subset = np.sort(encode_uids(UIDS[:5] + UIDS[:2] + UIDS[:1]))
+    assert subset_counts(subset, encode_uids(UIDS[:6])).tolist() == [3, 2, 1, 1, 1, 0]
+    np.save(tmp_path / "floats.npy", np.zeros(3))
+    with pytest.raises(ClipsiftError, match="is not a subset"):
+        read_subset(str(tmp_path / "floats.npy"))
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    with pytest.raises(ClipsiftError, match="not a numpy .npy file"):
+        read_subset(str(tmp_path / "junk.npy"))
+    with pytest.raises(ClipsiftError, match="no such subset file"):
+        read_subset(str(tmp_path / "none.npy"))
