@@ -13,14 +13,24 @@ import tarfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
-
-from clipsift import ClipsiftError
-from clipsift.pipeline.pool import Sample, derive_uid, write_shard
+from clipsift.filters.subset import encode_uids, sort_subset, write_subset
+from clipsift.pipeline.pool import Pool, Sample, derive_uid, write_shard
+from clipsift.pipeline.reshard import read_manifest, reshard
 from clipsift.pipeline.synth import synth_pool
-from clipsift.train.launch import DataSource, Infra, open_clip_args, open_data, parse_log, train
+from clipsift.train.launch import (
+    DataSource,
+    Infra,
+    open_clip_args,
+    open_data,
+    parse_log,
+    train,
+)
 from clipsift.train.recipe import SCALES, load_recipe, plan_batches
 from conftest import image_bytes
+
+from clipsift import ClipsiftError
 
 
 def test_datacomp_scales_keep_their_numbers() -> None:
@@ -111,8 +121,12 @@ def test_xs_training_resumes_after_a_kill_and_loads(tmp_path: Path) -> None:
     import torch
 
     synth_pool(str(tmp_path / "pool"), scale="xs", workers=1)
+    uids = Pool(str(tmp_path / "pool")).uids()
+    write_subset(str(tmp_path / "subset.npy"), sort_subset(encode_uids(pa.concat_arrays([uids.combine_chunks(), uids[:500].combine_chunks()]))))
+    reshard(str(tmp_path / "pool"), str(tmp_path / "subset.npy"), str(tmp_path / "shards"), shard_size=1024, workers=1)
+    data = str(tmp_path / "shards")
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "clipsift", "train", "--scale", "xs", "--data", str(tmp_path / "pool"), "--out", str(run)]
+    command = [sys.executable, "-m", "clipsift", "train", "--scale", "xs", "--data", data, "--out", str(run)]
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     latest = run / "checkpoints" / "epoch_latest.pt"
     deadline = time.time() + 400
@@ -124,14 +138,16 @@ def test_xs_training_resumes_after_a_kill_and_loads(tmp_path: Path) -> None:
     assert torch.load(latest, map_location="cpu", weights_only=False)["epoch"] < 5
     assert json.loads((run / "run.json").read_text())["status"] == "running"
 
-    result = train("xs", [(str(tmp_path / "pool"), 1.0)], str(run))
+    result = train("xs", [(data, 1.0)], str(run))
     recipe = load_recipe("xs")
     assert result.resumed_from_epoch >= 1 and result.epochs_done == 5
     assert result.samples_seen == recipe.samples_seen
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "complete" and record["samples_seen"] == recipe.samples_seen
     assert record["recipe"]["model"] == "clipsift-xs" and record["non_standard"] == {}
-    assert record["data"][0]["num_shards"] == 4 and record["versions"]["open_clip"] == open_clip.__version__
+    manifest = read_manifest(data)
+    assert record["data"][0]["num_shards"] == 5 and manifest["num_samples"] == 4096 + 500
+    assert record["data"][0]["subset_sha256"] == manifest["subset_sha256"] and record["versions"]["open_clip"] == open_clip.__version__
     assert "resuming checkpoint" in (run / "out.log").read_text()
     losses, speeds = parse_log(run / "out.log")
     assert len(losses) >= 40 and len(speeds) == len(losses) and result.samples_per_second > 0

@@ -22,6 +22,7 @@ from typing import Any
 
 from clipsift import ClipsiftError, __version__
 from clipsift.pipeline.pool import image_member, iter_tar, open_fs, write_json_atomic
+from clipsift.pipeline.reshard import read_manifest
 from clipsift.train.models import register_model_configs
 from clipsift.train.recipe import BatchPlan, Recipe, load_recipe, plan_batches
 
@@ -63,9 +64,12 @@ def open_data(path: str, weight: float = 1.0) -> DataSource:
     root = Path(path)
     if not root.exists():
         raise ClipsiftError(f"--data {path}: no such folder; make it with `clipsift reshard POOL --subset subset.npy --out {path}`")
-    manifest = json.loads((root / "manifest.json").read_text()) if (root / "manifest.json").exists() else {}
-    folder = root / "shards" if (root / "shards").is_dir() else root
-    shards = sorted(str(p.resolve()) for p in folder.glob("*.tar"))
+    manifest = read_manifest(str(root)) if (root / "manifest.json").exists() else {}
+    if manifest:
+        shards = [str((root / entry["path"]).resolve()) for entry in manifest["shards"]]
+    else:  # any pool, or a folder of webdataset tars
+        folder = root / "shards" if (root / "shards").is_dir() else root
+        shards = sorted(str(p.resolve()) for p in folder.glob("*.tar"))
     if not shards:
         raise ClipsiftError(f"--data {path}: no .tar shards in {folder}; the data is empty")
     for shard in shards:
@@ -236,9 +240,15 @@ def _launch(args: list[str], devices: int) -> int:
     if devices == 1:
         from open_clip_train.main import main as open_clip_main
 
-        status = open_clip_main(args)
-        logging.getLogger("torch").setLevel(logging.WARNING)  # open_clip_train left the root logger at INFO
-        return int(status or 0)
+        root = logging.getLogger()
+        level, handlers = root.level, list(root.handlers)
+        try:
+            return int(open_clip_main(args) or 0)
+        finally:  # open_clip_train sets up root logging for its out.log; give the process its logging back
+            for handler in [h for h in root.handlers if h not in handlers]:
+                root.removeHandler(handler)
+                handler.close()
+            root.setLevel(level)
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={devices}", "-m", "clipsift.train.worker", *args]
     return subprocess.run(command).returncode
 
