@@ -1,0 +1,280 @@
+"""Evaluation data on disk: reading and writing the suites' layouts (docs/evaluation.md).
+
+Every task is a folder in clip_benchmark's webdataset layout::
+
+    ROOT/test/nshards.txt                         number of tars
+    ROOT/test/{0..n-1}.tar                        samples, in order
+    ROOT/classnames.txt                           one class name per line (classification)
+    ROOT/zeroshot_classification_templates.txt    one template per line, `{c}` stands for the class
+    ROOT/dataset_type.txt                         "retrieval" or "winogavil" (absent: classification)
+
+Sample members by task type:
+- classification: an image (webp/png/jpg/jpeg) and `cls` (class index as text); WILDS and
+  fairness tasks add `npy`, the integer metadata vector (np.save), in the registry's field order.
+- retrieval: an image and `txt`, its captions one per line (clip_benchmark's retrieval layout).
+- winogavil: `json` {"cue", "candidates", "associations"} and the candidate images
+  `img00.<ext>`, `img01.<ext>`, ... in the order of "candidates".
+- multiobjective (FairFace, UTKFace): an image and `npy`; classes and templates are
+  "objective:text" lines.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from clipsift import ClipsiftError
+from clipsift.pipeline.pool import TarEntry, TarStream, iter_tar, open_fs, write_atomic
+
+IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
+SPLIT = "test"
+NSHARDS = "nshards.txt"
+CLASSNAMES = "classnames.txt"
+TEMPLATES = "zeroshot_classification_templates.txt"
+DATASET_TYPE = "dataset_type.txt"
+_TYPE_FILE = {"retrieval": "retrieval", "winogavil": "winogavil"}  # dataset_type.txt of the types that need one
+
+
+class MissingData(ClipsiftError):
+    """A task's data is not (completely) on disk."""
+
+
+@dataclass
+class TaskData:
+    """A task folder that is complete on disk."""
+
+    root: str
+    tars: list[str]
+    classnames: list[str] | None
+    templates: list[str] | None
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.tars)
+
+
+def _read_lines(path: str) -> list[str]:
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def open_task_data(root: str, task_type: str) -> TaskData:
+    """Check a task folder and read its class names and templates; MissingData names what is absent."""
+    nshards_path = os.path.join(root, SPLIT, NSHARDS)
+    if not os.path.isdir(root):
+        raise MissingData(f"no folder {root}")
+    if not os.path.exists(nshards_path):
+        raise MissingData(f"{nshards_path} is missing (the data is absent or incomplete)")
+    try:
+        nshards = int(Path(nshards_path).read_text(encoding="utf-8").strip())
+    except ValueError:
+        raise MissingData(f"{nshards_path} does not hold a number of shards") from None
+    _check_type(root, task_type)
+    tars = [os.path.join(root, SPLIT, f"{i}.tar") for i in range(nshards)]
+    absent = [t for t in tars if not os.path.exists(t)]
+    if absent:
+        raise MissingData(f"{len(absent)} of {nshards} tars are missing, e.g. {absent[0]}")
+    classnames = templates = None
+    if task_type in ("classification", "multiobjective"):
+        for name in (CLASSNAMES, TEMPLATES):
+            if not os.path.exists(os.path.join(root, name)):
+                raise MissingData(f"{os.path.join(root, name)} is missing")
+        classnames = _read_lines(os.path.join(root, CLASSNAMES))
+        templates = _read_lines(os.path.join(root, TEMPLATES))
+        if not classnames or not templates:
+            raise ClipsiftError(f"{root}: {CLASSNAMES} and {TEMPLATES} must not be empty")
+        bad = [t for t in templates if "{c}" not in t]
+        if bad:
+            raise ClipsiftError(f"{os.path.join(root, TEMPLATES)}: template {bad[0]!r} has no {{c}}")
+    return TaskData(root, tars, classnames, templates)
+
+
+def _check_type(root: str, task_type: str) -> None:
+    path = os.path.join(root, DATASET_TYPE)
+    found = Path(path).read_text(encoding="utf-8").strip().lower() if os.path.exists(path) else None
+    if (found in _TYPE_FILE.values() or task_type in _TYPE_FILE) and found != _TYPE_FILE.get(task_type):
+        raise ClipsiftError(f"{root}: holds {found or 'classification'} data ({DATASET_TYPE}), the task is {task_type}; "
+                            "check --data-dir or re-download the task")
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@dataclass
+class Record:
+    """The non-image part of one sample: where it sits and what it is labelled with."""
+
+    index: int  # shard << 32 | position: sorts in file order
+    label: int | None = None
+    texts: list[str] = field(default_factory=list)
+    meta: np.ndarray | None = None
+    info: dict[str, Any] | None = None
+    num_images: int = 1
+
+
+def _image(entry: TarEntry, source: str) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in entry.members:
+            return entry.members[ext]
+    raise ClipsiftError(f"{source}: sample {entry.key} has no image member ({', '.join(IMAGE_EXTS)}); members: {sorted(entry.members)}")
+
+
+def _npy(entry: TarEntry, source: str) -> np.ndarray:
+    if "npy" not in entry.members:
+        raise ClipsiftError(f"{source}: sample {entry.key} has no `npy` metadata member, which this task's group metrics need")
+    return np.asarray(np.load(io.BytesIO(entry.members["npy"]), allow_pickle=False)).reshape(-1)
+
+
+def parse_sample(entry: TarEntry, task_type: str, index: int, source: str, with_meta: bool) -> tuple[Record, list[bytes]]:
+    """A sample's record and its image bytes, for a task of `task_type`."""
+    if task_type == "retrieval":
+        if "txt" not in entry.members:
+            raise ClipsiftError(f"{source}: sample {entry.key} has no `txt` member (its captions, one per line)")
+        texts = [t.strip() for t in entry.members["txt"].decode("utf-8").splitlines() if t.strip()]
+        if not texts:
+            raise ClipsiftError(f"{source}: sample {entry.key} has no caption")
+        return Record(index, texts=texts), [_image(entry, source)]
+    if task_type == "winogavil":
+        info = json.loads(entry.members["json"]) if "json" in entry.members else None
+        if not info or not {"cue", "candidates", "associations"} <= set(info):
+            raise ClipsiftError(f"{source}: sample {entry.key} needs a `json` member with cue, candidates and associations")
+        images = [entry.members.get(f"img{j:02d}.{ext}") for j in range(len(info["candidates"])) for ext in IMAGE_EXTS]
+        images = [b for b in images if b is not None]
+        if len(images) != len(info["candidates"]):
+            raise ClipsiftError(f"{source}: sample {entry.key} has {len(images)} candidate images for {len(info['candidates'])} candidates")
+        return Record(index, info=info, num_images=len(images)), images
+    if task_type == "multiobjective":
+        return Record(index, meta=_npy(entry, source)), [_image(entry, source)]
+    if "cls" not in entry.members:
+        raise ClipsiftError(f"{source}: sample {entry.key} has no `cls` member (its class index)")
+    label = int(entry.members["cls"].decode().strip())
+    return Record(index, label=label, meta=_npy(entry, source) if with_meta else None), [_image(entry, source)]
+
+
+def iter_entries(tars: list[str], worker: int = 0, num_workers: int = 1) -> Iterator[tuple[int, str, TarEntry]]:
+    """(index, source, entry) of this worker's share: whole tars when there are enough, else every n-th sample."""
+    by_shard = len(tars) >= num_workers
+    for shard, path in enumerate(tars):
+        if by_shard and shard % num_workers != worker:
+            continue
+        with open(path, "rb") as handle:
+            for position, entry in enumerate(iter_tar(handle, path)):
+                if by_shard or position % num_workers == worker:
+                    yield shard << 32 | position, path, entry
+
+
+def decode_image(data: bytes, transform: Callable, source: str, key: str) -> Any:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return transform(image)
+    except Exception as err:  # PIL raises many types for bad data
+        raise ClipsiftError(f"{source}: sample {key}: undecodable image ({type(err).__name__}: {err}); "
+                            "re-download the task's data") from err
+
+
+class EvalBatches(torch.utils.data.IterableDataset):
+    """A torch IterableDataset of batches of decoded, transformed images and their samples' records.
+
+    `transform` turns a PIL image into uint8 pixels [H, W, 3]. Each batch is {"images": uint8
+    [B, H, W, 3], "owner": [B] sample index, "slot": [B] image number within the sample,
+    "records": records of the samples whose first image is in the batch}. DataLoader workers split
+    the samples between them (see `iter_entries`).
+    """
+
+    def __init__(self, data: TaskData, task_type: str, transform: Callable, batch_size: int, with_meta: bool = False):
+        super().__init__()
+        self.data, self.task_type, self.transform = data, task_type, transform
+        self.batch_size, self.with_meta = batch_size, with_meta
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        images, owners, slots, records = [], [], [], []
+        for index, source, entry in iter_entries(self.data.tars, worker, workers):
+            record, blobs = parse_sample(entry, self.task_type, index, source, self.with_meta)
+            records.append(record)
+            for slot, blob in enumerate(blobs):
+                images.append(decode_image(blob, self.transform, source, entry.key))
+                owners.append(index)
+                slots.append(slot)
+            if len(images) >= self.batch_size:
+                yield self._batch(images, owners, slots, records)
+                images, owners, slots, records = [], [], [], []
+        if images or records:
+            yield self._batch(images, owners, slots, records)
+
+    @staticmethod
+    def _batch(images: list, owners: list[int], slots: list[int], records: list[Record]) -> dict[str, Any]:
+        pixels = torch.from_numpy(np.stack(images)) if images else torch.zeros((0, 1, 1, 3), dtype=torch.uint8)
+        return {"images": pixels, "owner": torch.tensor(owners, dtype=torch.int64),
+                "slot": torch.tensor(slots, dtype=torch.int64), "records": records}
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def sample_key(index: int) -> str:
+    return f"s{index:07d}"
+
+
+def write_task(root: str, samples: Iterable[dict[str, bytes]], *, shard_size: int = 10_000,
+               classnames: list[str] | None = None, templates: list[str] | None = None,
+               dataset_type: str | None = None) -> int:
+    """Write a task folder in the layout above; `samples` are {extension: bytes}. Returns the sample count.
+
+    Every file is written atomically and nshards.txt last, so a folder with nshards.txt is complete.
+    """
+    fs, root = open_fs(root)
+    fs.makedirs(f"{root}/{SPLIT}", exist_ok=True)
+    for name, lines in ((CLASSNAMES, classnames), (TEMPLATES, templates), (DATASET_TYPE, [dataset_type] if dataset_type else None)):
+        if lines is not None:
+            data = ("\n".join(lines) + "\n").encode("utf-8")
+            write_atomic(fs, f"{root}/{name}", lambda handle, data=data: handle.write(data))
+    count, shard, batch = 0, 0, []
+    for sample in samples:
+        batch.append((sample_key(count), sample))
+        count += 1
+        if len(batch) == shard_size:
+            _write_tar(fs, f"{root}/{SPLIT}/{shard}.tar", batch)
+            shard, batch = shard + 1, []
+    if batch or shard == 0:
+        _write_tar(fs, f"{root}/{SPLIT}/{shard}.tar", batch)
+        shard += 1
+    write_atomic(fs, f"{root}/{SPLIT}/{NSHARDS}", lambda handle: handle.write(f"{shard}\n".encode()))
+    return count
+
+
+def _write_tar(fs: Any, path: str, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    def write(handle: Any) -> None:
+        tar = TarStream(handle)
+        for key, members in samples:
+            tar.add(*((f"{key}.{ext}", data) for ext, data in members.items()))
+        tar.close()
+
+    write_atomic(fs, path, write)
+
+
+def npy_bytes(values: Iterable[int]) -> bytes:
+    """An integer metadata vector as an `npy` member (np.save, as webdataset writes arrays)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(list(values), dtype=np.int64))
+    return buffer.getvalue()
+
+
+def image_ext(data: bytes) -> str:
+    """The member extension for encoded image bytes (by their magic number)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    raise ClipsiftError("image bytes are neither JPEG, PNG nor WebP")

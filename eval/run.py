@@ -1,0 +1,361 @@
+"""`clipsift eval`: zero-shot evaluation of a run or checkpoint on a suite.
+
+Each task's images are read, decoded and transformed by DataLoader workers and encoded in large
+batches (autocast on GPU); its metrics go to OUT/results.jsonl as one line once the task is done
+and OUT/summary.json is rewritten from all lines. A re-run skips the tasks already in
+results.jsonl, so a killed evaluation resumes. A task whose data is missing fails with its name
+and the download command; the other tasks go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from clipsift import ClipsiftError, __version__
+from clipsift.eval import aggregate, metrics
+from clipsift.eval.data import EvalBatches, MissingData, Record, TaskData, open_task_data
+from clipsift.eval.model import EvalModel, load_model, resolve_target, zero_shot_classifier
+from clipsift.eval.registry import Suite, Task, load_suite
+from clipsift.pipeline.pool import open_fs, write_atomic, write_json_atomic
+
+RESULTS = "results.jsonl"
+SUMMARY = "summary.json"
+CACHE = "cache"
+
+
+@dataclass
+class TaskOutcome:
+    task: str
+    status: str  # done | skipped | failed
+    value: float | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class EvalResult:
+    out: str
+    suite: str
+    outcomes: list[TaskOutcome] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[TaskOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+def default_data_dir(suite: str) -> str:
+    """$CLIPSIFT_EVAL_DATA/<suite>, else ~/.cache/clipsift/eval/<suite>."""
+    base = os.environ.get("CLIPSIFT_EVAL_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "clipsift", "eval")
+    return os.path.join(base, suite)
+
+
+def default_workers() -> int:
+    import torch
+
+    return min(16, max(1, (os.cpu_count() or 2) - 2)) if torch.cuda.is_available() else 0
+
+
+def evaluate(target: str, suite: str = "datacomp38", *, data_dir: str | None = None, tasks: list[str] | None = None,
+             batch_size: int = 256, arch: str | None = None, out: str | None = None, workers: int | None = None,
+             device: str | None = None, precision: str = "auto", on_task: Callable[[TaskOutcome], None] | None = None) -> EvalResult:
+    """Evaluate a run directory or a checkpoint file (with `arch`) on a suite; see the module doc."""
+    resolved = resolve_target(target, arch, out)
+    loaded = load_suite(suite)
+    chosen = loaded.select(tasks)
+    if data_dir is None:
+        data_dir = default_data_dir(loaded.name)
+        if loaded.name == "tiny" and not os.path.exists(os.path.join(data_dir, "suite.json")):
+            from clipsift.eval.tiny import make_tiny_suite
+
+            make_tiny_suite(data_dir)  # offline and deterministic: written on first use
+    model = load_model(resolved.arch, resolved.checkpoint, device=device, precision=precision)
+    return evaluate_model(model, loaded, chosen, data_dir, resolved.out, batch_size=batch_size,
+                          workers=default_workers() if workers is None else workers, on_task=on_task)
+
+
+def evaluate_model(model: EvalModel, suite: Suite, tasks: list[Task], data_dir: str, out: str, *, batch_size: int = 256,
+                   workers: int = 0, on_task: Callable[[TaskOutcome], None] | None = None) -> EvalResult:
+    """Evaluate `tasks` of `suite` that OUT/results.jsonl does not hold yet, one line per finished task."""
+    if batch_size < 1:
+        raise ClipsiftError(f"--batch-size {batch_size}: must be at least 1")
+    fs, out = open_fs(out)
+    fs.makedirs(out, exist_ok=True)
+    lines = read_results(os.path.join(out, RESULTS), model.weights_sha256)
+    done = {(line["suite"], line["task"]) for line in lines}
+    result, failed = EvalResult(out, suite.name), {}
+    for task in tasks:
+        if (suite.name, task.key) in done:
+            outcome = TaskOutcome(task.key, "skipped")
+        else:
+            outcome = _run_and_record(model, suite, task, data_dir, out, batch_size, workers, lines)
+            if outcome.error:
+                failed[task.key] = outcome.error
+        result.outcomes.append(outcome)
+        result.summary = write_summary(out, model, lines, suite, failed)
+        if on_task:
+            on_task(outcome)
+    if not tasks:
+        result.summary = write_summary(out, model, lines, suite, failed)
+    return result
+
+
+def _run_and_record(model: EvalModel, suite: Suite, task: Task, data_dir: str, out: str, batch_size: int, workers: int,
+                    lines: list[dict[str, Any]]) -> TaskOutcome:
+    """Evaluate one task and append its line; a bad-input error becomes a failed outcome, not an exception."""
+    started = time.perf_counter()
+    try:
+        line = run_task(model, suite, task, data_dir, batch_size, workers, os.path.join(out, CACHE))
+    except MissingData as err:
+        return TaskOutcome(task.key, "failed", error=f"{task.key}: {err}; get the data with `{suite.download_command(data_dir)}`",
+                           seconds=time.perf_counter() - started)
+    except ClipsiftError as err:
+        return TaskOutcome(task.key, "failed", error=f"{task.key}: {err}", seconds=time.perf_counter() - started)
+    line["seconds"] = round(time.perf_counter() - started, 3)
+    append_result(os.path.join(out, RESULTS), line)
+    lines.append(line)
+    return TaskOutcome(task.key, "done", line["value"], seconds=line["seconds"])
+
+
+def eval_summary_rows(result: EvalResult) -> list[tuple[str, object]]:
+    """Rows for `ui.summary_table`: each task's main metric, the averages, where the files are."""
+    rows: list[tuple[str, object]] = []
+    tasks = result.summary["suites"][result.suite]["tasks"]
+    for outcome in result.outcomes:
+        if outcome.status == "failed":
+            rows.append((outcome.task, "failed (see above)"))
+        else:
+            note = "from results.jsonl" if outcome.status == "skipped" else f"{outcome.seconds:.1f} s"
+            rows.append((outcome.task, f"{tasks[outcome.task]['metric']} {tasks[outcome.task]['value']:.4f} ({note})"))
+    suite = result.summary["suites"][result.suite]
+    state = "complete" if suite["complete"] else f"partial: {suite['num_evaluated']}/{suite['num_scored']} tasks"
+    average = suite["average"]
+    rows.append(("average", f"{average:.4f} ({state})" if average is not None else f"n/a ({state})"))
+    for group in suite["groups"].values():
+        if group["value"] is not None:
+            rows.append((group["label"], f"{group['value']:.4f}" + ("" if group["complete"] else f" ({len(group['tasks'])} of {len(group['tasks']) + len(group['missing'])})")))
+    rows.append(("results", os.path.join(result.out, RESULTS)))
+    return rows
+
+
+# --------------------------------------------------------------------------- results files
+
+
+def read_results(path: str, weights_sha256: str) -> list[dict[str, Any]]:
+    """The lines of results.jsonl; refuses lines written for other weights."""
+    if not os.path.exists(path):
+        return []
+    lines = []
+    for number, text in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+        except ValueError:
+            line = None
+        if not isinstance(line, dict) or not {"suite", "task", "value"} <= set(line):
+            raise ClipsiftError(f"{path}:{number} is not a results line; move the file away to re-evaluate") from None
+        other = (line.get("model") or {}).get("weights_sha256")
+        if other != weights_sha256:
+            raise ClipsiftError(f"{path} holds results of other weights (sha256 {str(other)[:12]}, these are {weights_sha256[:12]}); "
+                                "move that eval folder away or pass --out to evaluate these weights")
+        lines.append(line)
+    return lines
+
+
+def append_result(path: str, line: dict[str, Any]) -> None:
+    """Add one line to results.jsonl: the whole file is rewritten atomically, so no line is ever torn."""
+    fs, local = open_fs(path)
+    old = Path(local).read_bytes() if os.path.exists(local) else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    data = old + json.dumps(line, sort_keys=True, allow_nan=False).encode("utf-8") + b"\n"
+    write_atomic(fs, local, lambda handle: handle.write(data))
+
+
+def write_summary(out: str, model: EvalModel, lines: list[dict[str, Any]], current: Suite, failed: dict[str, str]) -> dict[str, Any]:
+    """Rewrite OUT/summary.json from all results lines (every suite they cover)."""
+    suites = {}
+    for name in sorted({line["suite"] for line in lines} | {current.name}):
+        suite = current if name == current.name else _load_known(name)
+        if suite is None:
+            continue
+        results = {line["task"]: line for line in lines if line["suite"] == name}
+        suites[name] = aggregate.suite_summary(suite, results, failed if name == current.name else None)
+    data = aggregate.summary(model.describe(), suites)
+    fs, local = open_fs(os.path.join(out, SUMMARY))
+    write_json_atomic(fs, local, data)
+    return data
+
+
+def _load_known(name: str) -> Suite | None:
+    try:
+        return load_suite(name)
+    except ClipsiftError:
+        return None  # lines of a suite given as a file path elsewhere: its own run wrote its summary
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def run_task(model: EvalModel, suite: Suite, task: Task, data_dir: str, batch_size: int, workers: int, cache_dir: str) -> dict[str, Any]:
+    """Evaluate one task; its results.jsonl line."""
+    data = open_task_data(os.path.join(data_dir, task.dirname), task.type)
+    evaluator = {"classification": _classification, "retrieval": _retrieval, "winogavil": _winogavil,
+                 "multiobjective": _multiobjective}[task.type]
+    values, n = evaluator(model, task, data, batch_size, workers, cache_dir)
+    value = values.get(task.metric)
+    if value is None:
+        raise ClipsiftError(f"{data.root}: the main metric {task.metric} is undefined for this data")
+    return {"task": task.key, "suite": suite.name, "metric": task.metric, "value": float(value), "metrics": _clean(values),
+            "n": n, "scored": task.scored, "model": model.describe(), "data": data.root, "clipsift": __version__,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _clean(values: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe metrics: numpy scalars as Python numbers, NaN as None."""
+    clean = {}
+    for key, value in values.items():
+        if isinstance(value, (np.integer, int)) and not isinstance(value, bool):
+            clean[key] = int(value)
+        elif value is None or (isinstance(value, float) and np.isnan(value)):
+            clean[key] = None
+        else:
+            clean[key] = float(value)
+    return clean
+
+
+def embed_images(model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int,
+                 with_meta: bool = False) -> tuple[np.ndarray, list[Record]]:
+    """Image embeddings in file order (all images of a sample consecutive) and the samples' records."""
+    import torch
+
+    from clipsift.pipeline.ui import progress_bar
+
+    dataset = EvalBatches(data, task.type, model.pixels, batch_size, with_meta)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=model.device.type == "cuda",
+                                         prefetch_factor=2 if workers else None)
+    features, owners, slots, records = [], [], [], []
+    with progress_bar() as progress:
+        bar = progress.add_task(task.key, total=task.size)
+        for batch in loader:
+            if len(batch["owner"]):
+                features.append(model.encode_images(batch["images"]))
+                owners.append(batch["owner"].numpy())
+                slots.append(batch["slot"].numpy())
+            records += batch["records"]
+            progress.advance(bar, len(batch["records"]))
+    if not records:
+        raise MissingData(f"{data.root}: the tars hold no samples")
+    order = np.lexsort((np.concatenate(slots), np.concatenate(owners)))
+    records.sort(key=lambda r: r.index)
+    return np.concatenate(features)[order], records
+
+
+def _check_size(task: Task, data: TaskData, n: int) -> None:
+    if n != task.size:
+        raise MissingData(f"{data.root} holds {n} samples, {task.key} has {task.size} (incomplete or another version of the data)")
+
+
+def _labels(task: Task, data: TaskData, records: list[Record]) -> np.ndarray:
+    labels = np.array([r.label for r in records], dtype=np.int64)
+    classes = len(data.classnames or [])
+    if task.classes is not None and classes != task.classes:
+        raise ClipsiftError(f"{data.root}: classnames.txt has {classes} classes, {task.key} has {task.classes}")
+    bad = labels[(labels < 0) | (labels >= classes)]
+    if len(bad):
+        raise ClipsiftError(f"{data.root}: class index {int(bad[0])} is out of range for {classes} classes")
+    return labels
+
+
+def _classification(model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, cache_dir: str):
+    spec = task.metadata
+    grouped = spec is not None and spec.group_by is not None
+    emb, records = embed_images(model, task, data, batch_size, workers, with_meta=grouped)
+    _check_size(task, data, len(records))
+    labels = _labels(task, data, records)
+    logits = emb @ zero_shot_classifier(model, data.classnames, data.templates, cache_dir)
+    values: dict[str, Any] = metrics.classification_metrics(logits, labels)
+    if grouped:
+        groups = np.array([_meta_value(r, spec.column, spec.fields, data) for r in records])
+        values.update(metrics.group_metrics(logits, labels, groups, name=spec.name, field=spec.group_by,
+                                            group_names=spec.group_names, exclude=spec.exclude))
+    return values, len(records)
+
+
+def _meta_value(record: Record, column: int, fields: tuple[str, ...], data: TaskData) -> int:
+    if record.meta is None or len(record.meta) != len(fields):
+        raise ClipsiftError(f"{data.root}: a sample's npy metadata has {0 if record.meta is None else len(record.meta)} values, "
+                            f"expected {len(fields)} ({', '.join(fields)})")
+    return int(record.meta[column])
+
+
+def _retrieval(model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, cache_dir: str):
+    emb, records = embed_images(model, task, data, batch_size, workers)
+    _check_size(task, data, len(records))
+    texts = [t for r in records for t in r.texts]
+    text_image = np.repeat(np.arange(len(records)), [len(r.texts) for r in records])
+    values = metrics.retrieval_metrics(emb, model.encode_texts(texts), text_image)
+    values["num_captions"] = len(texts)
+    return values, len(records)
+
+
+def cue_prompt(cue: str) -> str:
+    """WinoGAViL's text for a cue: 'A {cue}' / 'An {cue}' (lower-cased)."""
+    cue = cue.lower()
+    return f"{'An' if cue[:1] in 'aeiou' else 'A'} {cue}"
+
+
+def _winogavil(model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, cache_dir: str):
+    emb, records = embed_images(model, task, data, batch_size, workers)
+    _check_size(task, data, len(records))
+    cues = model.encode_texts([cue_prompt(r.info["cue"]) for r in records])
+    jaccards, sizes, start = [], [], 0
+    for record, cue in zip(records, cues):
+        rows = emb[start:start + record.num_images]
+        start += record.num_images
+        truth = np.isin(record.info["candidates"], record.info["associations"])
+        jaccards.append(metrics.jaccard_topk(rows @ cue, truth))
+        sizes.append(record.num_images)
+    values = metrics.winogavil_metrics(jaccards, sizes)
+    values["num_10-12"] = int(np.sum(np.asarray(sizes) >= 10))
+    values["num_images"] = len(emb)
+    return values, len(records)
+
+
+def split_objectives(lines: list[str]) -> dict[str, list[str]]:
+    """'objective:text' lines -> {objective: [text, ...]} in order."""
+    split: dict[str, list[str]] = {}
+    for line in lines:
+        objective, sep, text = line.partition(":")
+        if not sep:
+            raise ClipsiftError(f"multiobjective line {line!r} is not 'objective:text'")
+        split.setdefault(objective.strip(), []).append(text.strip())
+    return split
+
+
+def _multiobjective(model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, cache_dir: str):
+    """FairFace / UTKFace (unscored): accuracy per objective and its worst group (by race)."""
+    spec = task.metadata
+    emb, records = embed_images(model, task, data, batch_size, workers)
+    _check_size(task, data, len(records))
+    classes, templates = split_objectives(data.classnames), split_objectives(data.templates)
+    meta = np.stack([r.meta for r in records])
+    groups = meta[:, spec.column] if spec and spec.group_by else None
+    values: dict[str, Any] = {}
+    for objective, names in classes.items():
+        if spec is None or objective not in spec.fields or objective not in templates:
+            continue
+        weights = zero_shot_classifier(model, names, templates[objective], cache_dir)
+        correct = metrics.predictions(emb @ weights) == meta[:, spec.fields.index(objective)]
+        values[f"acc_{objective}"] = float(correct.mean())
+        if groups is not None:
+            values[f"acc_{objective}_wg"] = metrics.worst_group(correct, groups)
+    return values, len(records)

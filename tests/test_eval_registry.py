@@ -1,0 +1,96 @@
+"""The suite registry: the DataComp table (reference/datacomp.md) exactly, and the tiny suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from clipsift import ClipsiftError
+from clipsift.eval.registry import load_suite, suite_names
+
+# The reference table: key -> (metric, test size, classes); None marks unscored / no classes.
+REFERENCE = {
+    "vtab/caltech101": ("mean_per_class_recall", 6085, 102), "cifar10": ("acc1", 10000, 10),
+    "vtab/cifar100": ("acc1", 10000, 100), "vtab/clevr_count_all": ("acc1", 15000, 8),
+    "vtab/clevr_closest_object_distance": ("acc1", 15000, 6), "country211": ("acc1", 21100, 211),
+    "vtab/dtd": ("acc1", 1880, 47), "vtab/eurosat": ("acc1", 5400, 10), "fgvc_aircraft": ("mean_per_class_recall", 3333, 100),
+    "food101": ("acc1", 25250, 101), "gtsrb": ("acc1", 12630, 43), "imagenet1k": ("acc1", 50000, 1000),
+    "imagenet_sketch": ("acc1", 50889, 1000), "imagenetv2": ("acc1", 10000, 1000), "imagenet-a": ("acc1", 7500, 200),
+    "imagenet-o": ("acc1", 2000, 200), "imagenet-r": ("acc1", 30000, 200), "vtab/kitti_closest_vehicle_distance": ("acc1", 711, 4),
+    "mnist": ("acc1", 10000, 10), "objectnet": ("acc1", 18574, 113), "vtab/flowers": ("mean_per_class_recall", 6149, 102),
+    "vtab/pets": ("mean_per_class_recall", 3669, 37), "voc2007": ("acc1", 14976, 20), "vtab/pcam": ("acc1", 32768, 2),
+    "renderedsst2": ("acc1", 1821, 2), "vtab/resisc45": ("acc1", 6300, 45), "cars": ("acc1", 8041, 196),
+    "stl10": ("acc1", 8000, 10), "sun397": ("acc1", 108754, 397), "vtab/svhn": ("acc1", 26032, 10),
+    "retrieval/flickr_1k_test_image_text_retrieval": ("mean_recall@1", 1000, None),
+    "retrieval/mscoco_2014_5k_test_image_text_retrieval": ("mean_recall@1", 5000, None),
+    "misc/winogavil": ("jaccard_score_10-12", 3563, None), "wilds/iwildcam": ("F1-macro_all", 42791, 182),
+    "wilds/camelyon17": ("acc1", 85054, 2), "wilds/fmow": ("acc_worst_region", 22108, 62),
+    "fairness/dollar_street": ("acc_top5_wg", 3503, 58), "fairness/geode": ("acc_wg", 12488, 40),
+    "fairness/fairface": (None, 10954, None), "fairness/utkface": (None, 23703, None),
+}
+VTAB = {"vtab/caltech101", "vtab/cifar100", "vtab/clevr_count_all", "vtab/clevr_closest_object_distance", "vtab/dtd",
+        "vtab/eurosat", "vtab/kitti_closest_vehicle_distance", "vtab/flowers", "vtab/pets", "vtab/pcam", "vtab/resisc45",
+        "vtab/svhn", "sun397"}
+SHIFTS = {"imagenet_sketch", "imagenetv2", "imagenet-a", "imagenet-o", "imagenet-r", "objectnet"}
+RETRIEVAL = {"retrieval/flickr_1k_test_image_text_retrieval", "retrieval/mscoco_2014_5k_test_image_text_retrieval", "misc/winogavil"}
+
+
+def test_datacomp38_has_exactly_the_38_scored_tasks_of_the_reference_table() -> None:
+    suite = load_suite("datacomp38")
+    assert len(suite.tasks) == 40 and len(suite.scored) == 38
+    assert {t.key for t in suite.tasks} == set(REFERENCE)
+    for task in suite.tasks:
+        metric, size, classes = REFERENCE[task.key]
+        assert task.scored == (metric is not None), task.key
+        if metric is not None:
+            assert task.metric == metric, task.key
+        assert task.size == size and task.classes == classes, task.key
+
+
+def test_datacomp38_groups_sources_and_chance() -> None:
+    suite = load_suite("datacomp38")
+    assert {t.key for t in suite.group_tasks("vtab")} == VTAB
+    assert {t.key for t in suite.group_tasks("imagenet_shifts")} == SHIFTS
+    assert {t.key for t in suite.group_tasks("retrieval")} == RETRIEVAL
+    assert [t.key for t in suite.group_tasks("imagenet")] == ["imagenet1k"]
+    assert {t.key for t in suite.group_tasks("wilds")} == {"wilds/iwildcam", "wilds/camelyon17", "wilds/fmow"}
+    assert {t.key for t in suite.group_tasks("fairness")} == {"fairness/dollar_street", "fairness/geode"}
+    for task in suite.tasks:
+        if task.type in ("classification", "multiobjective"):  # djghosh/wds_<key, / -> ->_test, fairness/ dropped
+            assert task.source == "djghosh/wds_" + task.key.removeprefix("fairness/").replace("/", "-") + "_test"
+        else:
+            assert task.source == "nlphuji/" + task.key.split("/")[1]
+        if task.metric in ("acc1", "mean_per_class_recall", "acc_wg", "acc_worst_region"):
+            assert task.chance == pytest.approx(1 / task.classes, rel=1e-3), task.key
+    assert suite.task("fairness/dollar_street").chance == pytest.approx(5 / 58, rel=1e-3)
+    fmow = suite.task("wilds/fmow").metadata
+    assert fmow.group_by == "region" and fmow.exclude == ("Other",) and fmow.name == "worst_region"
+
+
+def test_select_by_key_glob_and_group() -> None:
+    suite = load_suite("datacomp38")
+    assert [t.key for t in suite.select(["cifar10"])] == ["cifar10"]
+    assert {t.key for t in suite.select(["vtab/*"])} == VTAB - {"sun397"}
+    assert {t.key for t in suite.select(["retrieval", "imagenet1k"])} == RETRIEVAL | {"imagenet1k"}
+    with pytest.raises(ClipsiftError, match="no such task or group"):
+        suite.select(["imagenet2k"])
+
+
+def test_tiny_suite_has_every_task_type_and_group() -> None:
+    assert {"datacomp38", "tiny"} <= set(suite_names())
+    tiny = load_suite("tiny")
+    assert {t.type for t in tiny.tasks} == {"classification", "retrieval", "winogavil"}
+    assert [t.key for t in tiny.group_tasks("shifts")] == ["tiny/shape_outline"]
+    assert tiny.task("tiny/shape_by_background").metadata.group_by == "background"
+    assert all(t.scored and t.key.startswith("tiny/") for t in tiny.tasks)
+    assert "make-tiny-suite" in tiny.download_command("/data")
+
+
+def test_a_bad_suite_file_is_refused_with_its_name(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("suite: x\ndownload: y\ngroups: {}\ntasks:\n  - {key: a, type: regression, metric: m, source: s, size: 1}\n")
+    with pytest.raises(ClipsiftError, match="bad.yaml.*regression"):
+        load_suite(str(path))
+    with pytest.raises(ClipsiftError, match="unknown suite"):
+        load_suite("datacomp39")
