@@ -354,27 +354,48 @@ def eval_download(
 
 @app.command("demo")
 def demo(
-    out: Path = typer.Option(Path("clipsift-demo"), "--out", "-o", help="Directory for everything the demo writes."),
-    scale: str = typer.Option("xs", help="Synthetic scale of the demo pool."),
+    out: Path = typer.Option(Path("clipsift-demo"), "--out", "-o", help="Directory for everything the demo writes (re-running resumes)."),
     workers: Optional[int] = WorkersOption,
 ) -> None:
-    """The main job on the embedded default, fully offline: synthesize a pool and its reference set, then check the pool."""
+    """The main job on the embedded default, offline on CPU: synthesize the xs pool and its reference set,
+    check the pool, filter it with the basic recipe, reshard, train the xs recipe, evaluate on the tiny suite."""
+    from clipsift.eval.run import evaluate
+    from clipsift.eval.tiny import make_tiny_suite
+    from clipsift.filters.recipe import apply_recipe, load_recipe
     from clipsift.pipeline import synth
     from clipsift.pipeline.check import check_pool
+    from clipsift.pipeline.reshard import reshard
+    from clipsift.train.launch import Infra, train
 
     started = time.perf_counter()
-    pool_dir, reference_dir = out / "pool", out / "reference"
-    result = synth.synth_pool(str(pool_dir), scale=scale, truth=str(out / "pool.truth.parquet"), workers=workers)
-    reference = synth.synth_reference(str(reference_dir), scale=scale, workers=workers)
+    console = _console()
+    pool_dir = out / "pool"
+    console.rule("1/6 synthesize the xs pool (hidden truth beside it) and the clean reference set")
+    pool = synth.synth_pool(str(pool_dir), scale="xs", truth=str(out / "pool.truth.parquet"), workers=workers)
+    reference = synth.synth_reference(str(out / "reference"), scale="xs", workers=workers)
+    console.rule("2/6 check the pool")
     report = check_pool(str(pool_dir), workers=workers)
     if not report.ok:
         raise ClipsiftError(f"the demo pool failed its check: {report.problems[0]}")
+    console.rule("3/6 filter: synth_basic (English, caption length, image size and aspect, exact dedup)")
+    subset = apply_recipe(str(pool_dir), load_recipe("synth_basic"), str(out / "subset.npy"), workers=workers)
+    console.rule("4/6 reshard the subset")
+    shards = reshard(str(pool_dir), subset.subset, str(out / "shards"), shard_size=1024, workers=workers)
+    console.rule("5/6 train the xs recipe")
+    run = train("xs", [(shards.out, 1.0)], str(out / "run"), infra=Infra(workers=1))
+    console.rule("6/6 evaluate on the tiny suite (held-out synthetic tasks)")
+    make_tiny_suite(str(out / "tiny-suite"))
+    evaluation = evaluate(str(out / "run"), "tiny", data_dir=str(out / "tiny-suite"))
+    if evaluation.failed:
+        raise ClipsiftError(f"tiny-suite evaluation failed: {evaluation.failed[0]}")
+    average = evaluation.summary["suites"]["tiny"]["average"]
     _print_summary("clipsift demo", [
-        ("pool", f"{pool_dir} ({result.info['num_samples']:,} samples, {result.info['num_shards']} shards, check ok)"),
-        ("reference set", f"{reference_dir} ({reference['num_samples']:,} samples)"),
-        ("truth (hidden)", result.truth_path),
-        ("time", f"{time.perf_counter() - started:.1f} s"),
-        ("next", f"clipsift pool check {pool_dir}"),
+        ("pool", f"{pool_dir} ({pool.info['num_samples']:,} samples, check ok); reference {reference['num_samples']:,}"),
+        ("subset", f"{subset.subset}: kept {subset.num_uids:,} of {pool.info['num_samples']:,}"),
+        ("training", f"{run.run}: {run.samples_seen:,} samples seen, final loss {run.final_loss:.3f}"),
+        ("tiny suite", f"average {average:.3f} over {len(evaluation.summary['suites']['tiny']['tasks'])} tasks ({out / 'run' / 'eval' / 'summary.json'})"),
+        ("time", f"{time.perf_counter() - started:.0f} s"),
+        ("next", f"clipsift eval {out / 'run'} --suite tiny   |   clipsift filter {pool_dir} --recipe synth_text_based --out other.npy"),
     ])
 
 

@@ -11,14 +11,15 @@ from rich.table import Table
 console = Console(stderr=True)
 
 
-def progress_bar() -> Progress:
+def progress_bar(to: Console | None = None) -> Progress:
+    """A progress bar on `to` (default: the shared stderr console)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=console,
+        console=to or console,
         transient=False,
     )
 

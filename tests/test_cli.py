@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,9 +44,20 @@ def test_user_errors_exit_2_with_a_message_and_no_traceback(tmp_path: Path) -> N
     assert missing.returncode == 1 and "no pool.json" in missing.stderr
 
 
-def test_demo_runs_offline_on_ray(tmp_path: Path) -> None:
+def test_demo_runs_the_chain_offline(tmp_path: Path) -> None:
+    """The README's main command: synth -> check -> filter -> reshard -> train xs -> eval tiny, on Ray."""
     result = clipsift("demo", "--out", str(tmp_path / "demo"), "--workers", "2")
-    assert result.returncode == 0, result.stderr
-    assert "check ok" in result.stderr
-    assert Pool(str(tmp_path / "demo" / "pool")).info["num_samples"] == 4096
-    assert Pool(str(tmp_path / "demo" / "reference")).info["num_samples"] == 2048
+    assert result.returncode == 0, result.stderr[-3000:]
+    demo = tmp_path / "demo"
+    assert Pool(str(demo / "pool")).info["num_samples"] == 4096
+    assert Pool(str(demo / "reference")).info["num_samples"] == 2048
+    subset = json.loads((demo / "subset.json").read_text())
+    assert 0 < subset["num_uids"] < 4096
+    manifest = json.loads((demo / "shards" / "manifest.json").read_text())
+    assert manifest["num_samples"] == subset["num_uids"] and manifest["subset_sha256"] == subset["npy_sha256"]
+    run = json.loads((demo / "run" / "run.json").read_text())
+    assert run["status"] == "complete" and run["data"][0]["subset_sha256"] == subset["npy_sha256"]
+    summary = json.loads((demo / "run" / "eval" / "summary.json").read_text())["suites"]["tiny"]
+    values = [task["value"] for task in summary["tasks"].values()]
+    assert summary["complete"] and len(values) == 8 and abs(summary["average"] - sum(values) / 8) < 1e-9
+    assert f"average {summary['average']:.3f}" in result.stderr

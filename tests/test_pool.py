@@ -161,3 +161,15 @@ def test_embeddings_round_trip_and_missing_model(small_pool: Path) -> None:
     # float16 parquet reads once aborted the interpreter at exit (pyarrow 26 + Python file objects)
     code = f"from clipsift.pipeline.pool import Pool; Pool({str(small_pool)!r}).embeddings('tiny__abc', '00000000')"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_rebuilding_a_complete_pool_keeps_pool_json_bytes(tmp_path: Path) -> None:
+    url = str(tmp_path / "pool")
+    kwargs = dict(name="stable", params={"seed": 1}, num_shards=2, fill=FlakyFiller(None), desc="build", workers=1)
+    build_pool(url, **kwargs)
+    before = (tmp_path / "pool" / "pool.json").read_bytes()
+    import time
+
+    time.sleep(1.1)  # a rewrite would carry a new "created" second
+    build_pool(url, **kwargs)
+    assert (tmp_path / "pool" / "pool.json").read_bytes() == before

@@ -8,6 +8,7 @@ seed, the versions, the devices and what happened.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,7 +179,7 @@ def train(scale: str, data: list[tuple[str, float]], out: str, *, infra: Infra =
     record = _run_record(recipe, sources, plan, infra, device, args, started)
     run.mkdir(parents=True, exist_ok=True)
     _write_run_json(run, {**record, "status": "running"})
-    status = _launch(args, infra.devices)
+    status = _launch(args, infra.devices, run / "out.log", recipe.samples_per_epoch * recipe.epochs)
     checkpoint = run / CHECKPOINTS / LATEST
     epochs_done = _epochs_done(checkpoint)
     if status != 0 or epochs_done < recipe.epochs:
@@ -236,21 +238,61 @@ def _cuda_devices() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _launch(args: list[str], devices: int) -> int:
-    if devices == 1:
-        from open_clip_train.main import main as open_clip_main
+def _launch(args: list[str], devices: int, log: Path, total_samples: int) -> int:
+    if devices > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={devices}", "-m", "clipsift.train.worker", *args]
+        with _LogProgress(log, total_samples):
+            return subprocess.run(command, stdout=subprocess.DEVNULL).returncode
+    from open_clip_train.main import main as open_clip_main
 
-        root = logging.getLogger()
-        level, handlers = root.level, list(root.handlers)
-        try:
+    levels = {name: logger.level for name, logger in logging.root.manager.loggerDict.items() if isinstance(logger, logging.Logger)}
+    root_level, root_handlers = logging.root.level, list(logging.root.handlers)
+    try:  # open_clip_train logs to RUN/out.log and prints a lot: keep the terminal for the progress bar
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), _LogProgress(log, total_samples):
             return int(open_clip_main(args) or 0)
-        finally:  # open_clip_train sets up root logging for its out.log; give the process its logging back
-            for handler in [h for h in root.handlers if h not in handlers]:
-                root.removeHandler(handler)
-                handler.close()
-            root.setLevel(level)
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={devices}", "-m", "clipsift.train.worker", *args]
-    return subprocess.run(command).returncode
+    finally:  # it also set every logger to INFO and added root handlers: give the process its logging back
+        for handler in [h for h in logging.root.handlers if h not in root_handlers]:
+            logging.root.removeHandler(handler)
+            handler.close()
+        logging.root.setLevel(root_level)
+        for name, logger in list(logging.root.manager.loggerDict.items()):
+            if isinstance(logger, logging.Logger):
+                logger.setLevel(levels.get(name, logging.NOTSET))
+
+
+class _LogProgress(threading.Thread):
+    """Shows training progress (samples seen, loss) read from open_clip_train's out.log."""
+
+    def __init__(self, log: Path, total_samples: int):
+        super().__init__(daemon=True)
+        self.log, self.total = log, total_samples
+        self.done = threading.Event()
+
+    def __enter__(self) -> "_LogProgress":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.join()
+
+    def run(self) -> None:
+        from rich.console import Console
+
+        from clipsift.pipeline.ui import progress_bar
+
+        with progress_bar(Console(file=sys.__stderr__)) as progress:
+            task = progress.add_task("train", total=self.total)
+            while not self.done.wait(1.0):
+                self._update(progress, task)
+            self._update(progress, task)
+
+    def _update(self, progress: Any, task: Any) -> None:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        steps = list(_LOSS.finditer(text))
+        if steps:
+            epoch, seen, per_epoch, loss = (steps[-1].group(i) for i in (1, 2, 3, 4))
+            progress.update(task, completed=int(epoch) * int(per_epoch) + int(seen), description=f"train (loss {float(loss):.3f})")
 
 
 def parse_log(path: Path) -> tuple[list[float], list[float]]:
