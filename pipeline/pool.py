@@ -13,10 +13,13 @@ Pools are local paths or fsspec URLs.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import io
+import itertools
 import json
+import mmap
 import os
 import re
 import shutil
@@ -50,6 +53,7 @@ BASE_SCHEMA = pa.schema(
         ("sha256", pa.string()),
     ]
 )
+BASE_COLUMNS = frozenset(BASE_SCHEMA.names)
 _STATS_KEY = b"clipsift.shard_stats"
 _MEMBER_MTIME = 0  # fixed, so the same samples always give byte-identical tars
 
@@ -72,7 +76,7 @@ def shard_id(index: int) -> str:
 
 
 def sample_key(shard_index: int, position: int) -> str:
-    return f"{shard_index:08d}_{position:08d}"
+    return "%08d_%08d" % (shard_index, position)
 
 
 @dataclass
@@ -80,7 +84,7 @@ class Sample:
     """One image-text pair with its metadata, as stored in a pool shard."""
 
     uid: str
-    image: bytes
+    image: bytes | memoryview  # encoded; a view of a tar's bytes while resharding
     ext: str
     text: str
     url: str | None = None
@@ -105,7 +109,7 @@ class TarEntry:
     """The members of one webdataset sample: {extension: bytes}, keyed by the sample key."""
 
     key: str
-    members: dict[str, bytes]
+    members: dict[str, bytes | memoryview]  # views only in `tar_windows`
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -116,25 +120,38 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def iter_tar(fileobj: Any, source: str = "<tar>") -> Iterator[TarEntry]:
-    """Stream a webdataset tar: consecutive members sharing a key form one entry.
+    """Stream a webdataset tar: consecutive members sharing a key form one entry (member data as bytes)."""
+    for window in tar_windows(fileobj, source):
+        yield from map(_owned, window)
 
-    USTAR and POSIX (pax) tars, what Python's tarfile and webdataset write, are parsed directly;
-    a tar with other header kinds (GNU long names, sparse files, v7) is read again with tarfile.
+
+def tar_windows(fileobj: Any, source: str = "<tar>", *, mapped: bool = False) -> Iterator[list[TarEntry]]:
+    """Stream a webdataset tar a window (a few MiB of whole entries) at a time, without copying data.
+
+    Member data are memoryviews into a buffer that is reused: valid only until the next window is
+    asked for, so copy what you keep (`iter_tar` does). With `mapped` (`fileobj` is a local file
+    at its start), each window is a map of the file instead: nothing is copied and the views stay
+    valid. USTAR and POSIX (pax) tars, what Python's tarfile and webdataset write, are parsed
+    directly; a tar with other header kinds (GNU long names, sparse files, v7) is read again with tarfile.
     """
     start = fileobj.tell() if _seekable(fileobj) else None
     yielded = 0
     try:
-        for entry in _group(_fast_members(fileobj, source)):
-            yield entry
-            yielded += 1
+        for window in (_mapped_windows if mapped else _read_windows)(fileobj, source):
+            yield window
+            yielded += len(window)
         return
     except _UseTarfile:
         if start is None:
             raise PoolFormatError(f"{source}: a tar header kind that needs a seekable file; copy the tar locally") from None
         fileobj.seek(start)
-    for position, entry in enumerate(_group(_tarfile_members(fileobj, source))):
-        if position >= yielded:
-            yield entry
+    rest = itertools.islice(_group(_tarfile_members(fileobj, source)), yielded, None)
+    while window := list(itertools.islice(rest, 64)):
+        yield window
+
+
+def _owned(entry: TarEntry) -> TarEntry:
+    return TarEntry(entry.key, {ext: bytes(data) for ext, data in entry.members.items()})
 
 
 def _seekable(fileobj: Any) -> bool:
@@ -173,48 +190,170 @@ class _UseTarfile(Exception):
 
 
 _BLOCK, _RECORD = 512, 10240
+_ZERO_BLOCK = bytes(_BLOCK)
+_READ_WINDOW = 1 << 20  # bytes read at a time: copies into a buffer that stays in cache are faster
+_MAP_WINDOW = 8 << 20  # bytes of a local file mapped at a time
 _FILE_TYPES = (b"0", b"\0", b"7")
 _TARFILE_TYPES = (b"g", b"L", b"K", b"S", b"N", b"M", b"V")  # global pax, GNU extensions
 
 
-def _fast_members(fileobj: Any, source: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of every regular file, reading headers by hand (pax path/size records honoured)."""
-    pax: dict[str, str] = {}
+def _read_windows(fileobj: Any, source: str) -> Iterator[list[TarEntry]]:
+    """Windows read into one reused buffer; an entry cut by the buffer's end moves to its start."""
+    buffer = mmap.mmap(-1, _READ_WINDOW)  # page-aligned: copies into it are measurably faster than into a bytearray
+    end = _fill(fileobj, buffer, 0)
     while True:
-        header = fileobj.read(_BLOCK)
-        if not header or header == bytes(_BLOCK):
-            return  # the end (a tar ends with zero blocks; tarfile stops at the first too)
-        if len(header) < _BLOCK:
-            raise PoolFormatError(f"{source}: unreadable tar (unexpected end of data); the file is truncated or corrupt")
-        if header[257:262] != b"ustar" or header[156:157] in _TARFILE_TYPES or header[124] & 0x80:
-            raise _UseTarfile
-        _check_header(header, source)
-        size = int(pax["size"]) if "size" in pax else int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        data = _read_exactly(fileobj, size + -size % _BLOCK, source)[:size]  # the data and its padding, one read
-        kind = header[156:157]
-        if kind == b"x":
-            pax = _pax_records(data)
-            continue
-        if kind in _FILE_TYPES:
-            yield pax.get("path") or _header_name(header), data
-        pax = {}
+        entries, resume, error = _scan_window(buffer, 0, end, end < len(buffer), source)
+        if entries:
+            yield entries
+        if error is not None:
+            raise error
+        if resume is None:
+            return
+        if resume == 0:  # one entry is larger than the buffer
+            larger = mmap.mmap(-1, 2 * len(buffer))
+            larger[:end] = buffer[:end]
+            buffer = larger
+        else:
+            buffer.move(0, resume, end - resume)
+        end -= resume
+        end += _fill(fileobj, buffer, end)
 
 
-def _read_exactly(fileobj: Any, size: int, source: str) -> bytes:
-    data = fileobj.read(size) if size else b""
-    if len(data) != size:
-        raise PoolFormatError(f"{source}: unreadable tar (unexpected end of data); the file is truncated or corrupt")
-    return data
+def _mapped_windows(fileobj: Any, source: str) -> Iterator[list[TarEntry]]:
+    """Windows that are maps of a local file; an entry cut by a window's end starts the next one."""
+    fd, size = fileobj.fileno(), os.fstat(fileobj.fileno()).st_size
+    offset, start, length = 0, 0, _MAP_WINDOW  # the window maps the file from `offset`; entries from `start`
+    while offset + start < size:
+        end = min(length, size - offset)
+        try:  # MAP_POPULATE maps all pages at once: os.writev from pages that fault in one by one is twice as slow
+            window = mmap.mmap(fd, end, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ, offset=offset)
+        except OSError:  # a filesystem that cannot map files
+            if offset or start:
+                raise
+            yield from _read_windows(fileobj, source)
+            return
+        entries, resume, error = _scan_window(window, start, end, offset + end == size, source)
+        if entries:
+            yield entries
+        if error is not None:
+            raise error
+        if resume is None:
+            return
+        if resume == start:  # one entry is larger than the window
+            length *= 2
+        else:
+            offset, start = offset + resume - resume % mmap.ALLOCATIONGRANULARITY, resume % mmap.ALLOCATIONGRANULARITY
 
 
-def _check_header(header: bytes, source: str) -> None:
+def _fill(fileobj: Any, buffer: mmap.mmap, start: int) -> int:
+    """Read into buffer[start:] until it is full or the file ends; returns the number of bytes read."""
+    view = memoryview(buffer)[start:]
+    done = 0
+    while done < len(view):
+        if hasattr(fileobj, "readinto"):
+            count = fileobj.readinto(view[done:]) or 0
+        else:
+            data = fileobj.read(len(view) - done)
+            count = len(data)
+            view[done:done + count] = data
+        if not count:
+            break
+        done += count
+    return done
+
+
+def _scan_window(buffer: mmap.mmap, start: int, end: int, at_eof: bool, source: str) -> tuple[list[TarEntry], int | None, Exception | None]:
+    """Parse the entries in buffer[start:end], reading headers directly (pax path/size records honoured).
+
+    Returns (the complete entries, where the unfinished entry starts or None at the archive's end,
+    the error met after those entries). Headers start at multiples of 512 of the buffer.
+    """
+    view = memoryview(buffer)
+    entries: list[TarEntry] = []
+    starts: list[int] = []  # where each entry's first header (its pax header included) is
+    headers: list[int] = []
+    pax: dict[str, str] = {}
+    position = member = start
+    resume: int | None = None
+    error: Exception | None = None
     try:
-        stored = int(header[148:156].replace(b"\0", b" ").strip() or b"0", 8)
+        while True:
+            if not pax:
+                member = position
+            if end - position < _BLOCK:
+                if not at_eof:
+                    resume = starts[-1] if entries else member
+                elif position != end:  # no end blocks at all is fine (tarfile accepts it too)
+                    raise _truncated(source)
+                break
+            header = buffer[position:position + _BLOCK]
+            if header == _ZERO_BLOCK:
+                break  # the end (a tar ends with zero blocks; tarfile stops at the first too)
+            if header[257:262] != b"ustar" or header[156:157] in _TARFILE_TYPES or header[124] & 0x80:
+                raise _UseTarfile
+            headers.append(position)
+            size = int(pax["size"]) if "size" in pax else _octal(header[124:136], source, "size")
+            data = position + _BLOCK
+            following = data + size + -size % _BLOCK
+            if following > end:
+                if not at_eof:
+                    resume = starts[-1] if entries else member
+                    break
+                raise _truncated(source)
+            kind = header[156:157]
+            if kind == b"x":
+                pax = _pax_records(buffer[data:data + size])
+            else:
+                if kind in _FILE_TYPES:
+                    key, ext = split_member_name(pax.get("path") or _header_name(header))
+                    if not entries or entries[-1].key != key:
+                        entries.append(TarEntry(key, {}))
+                        starts.append(member)
+                    entries[-1].members[ext] = view[data:data + size]
+                pax = {}
+            position = following
+    except (PoolFormatError, _UseTarfile) as err:
+        error, resume = err, None
+    bad = _first_bad_checksum(buffer, headers, source)
+    if bad is not None:  # a corrupt header explains whatever came after it
+        error, resume = PoolFormatError(f"{source}: unreadable tar (bad header checksum); the file is corrupt"), None
+        del entries[max(bisect.bisect_right(starts, bad) - 1, 0):]  # from the entry holding that header
+    elif resume is not None or error is not None:
+        entries = entries[:-1]  # the last entry may go on after what was read
+    return entries, resume, error
+
+
+def _truncated(source: str) -> PoolFormatError:
+    return PoolFormatError(f"{source}: unreadable tar (unexpected end of data); the file is truncated or corrupt")
+
+
+def _octal(field: bytes, source: str, what: str) -> int:
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)  # as tarfile reads numbers
     except ValueError:
-        raise PoolFormatError(f"{source}: unreadable tar (bad header checksum field); the file is corrupt") from None
-    unsigned = sum(header) - sum(header[148:156]) + 256  # the checksum field counts as 8 spaces
-    if stored != unsigned and stored != unsigned - 256 * sum(1 for b in header[:148] + header[156:] if b > 127):
-        raise PoolFormatError(f"{source}: unreadable tar (bad header checksum); the file is corrupt")
+        raise PoolFormatError(f"{source}: unreadable tar (bad header {what} field); the file is corrupt") from None
+
+
+_OCTAL_SHIFTS = np.arange(15, -1, -3)
+
+
+def _first_bad_checksum(buffer: mmap.mmap, headers: list[int], source: str) -> int | None:
+    """Where the first header whose checksum is wrong starts, checking all at once: the sum of the bytes,
+    the checksum field counting as 8 spaces, is stored as "%06o\\0 " (other spellings and tarfile's
+    signed sum are accepted too, one header at a time)."""
+    if not headers:
+        return None
+    blocks = np.frombuffer(buffer, np.uint8, len(buffer) // _BLOCK * _BLOCK).reshape(-1, _BLOCK)[np.asarray(headers) // _BLOCK]
+    field = blocks[:, 148:156]
+    unsigned = blocks.sum(axis=1, dtype=np.uint32).astype(np.int64) - field.sum(axis=1, dtype=np.int64) + 8 * ord(" ")
+    spelled = np.zeros_like(field)
+    spelled[:, :6] = (unsigned[:, None] >> _OCTAL_SHIFTS) % 8 + ord("0")
+    spelled[:, 7] = ord(" ")
+    for index in np.flatnonzero((field != spelled).any(axis=1)).tolist():
+        signed = int(unsigned[index]) - 256 * int(np.count_nonzero(np.delete(blocks[index], np.s_[148:156]) > 127))
+        if _octal(bytes(field[index]), source, "checksum") not in (unsigned[index], signed):
+            return headers[index]
+    return None
 
 
 def _header_name(header: bytes) -> str:
@@ -237,43 +376,101 @@ def _pax_records(data: bytes) -> dict[str, str]:
 
 
 _HEADER_IDS = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
-_HEADER_MTIME = b"%011o\0" % _MEMBER_MTIME
-_HEADER_TAIL = (b"0" + bytes(100) + b"ustar\x0000" + bytes(80)).ljust(_BLOCK - 156, b"\0")  # type .. end of block
-_HEADER_FIXED_SUM = sum(_HEADER_IDS) + sum(_HEADER_MTIME) + sum(b" " * 8) + sum(_HEADER_TAIL)
+_HEADER_TEMPLATE = np.frombuffer(  # name, size and checksum to fill in; the checksum field counts as 8 spaces
+    (bytes(100) + _HEADER_IDS + bytes(12) + b"%011o\0" % _MEMBER_MTIME + b" " * 8 + b"0" + bytes(100)
+     + b"ustar\x0000").ljust(_BLOCK, b"\0"), np.uint8)
+_SIZE_SHIFTS = np.arange(30, -1, -3)  # "%011o"
+_CHECKSUM_SHIFTS = np.arange(15, -1, -3)  # "%06o"
 
 
-def ustar_header(name: str, size: int) -> bytes:
-    """The USTAR header of a regular file (mode 644, uid/gid 0, mtime 0): the bytes Python's tarfile
-    writes for such a member in USTAR format, built from a template."""
-    encoded = name.encode("utf-8")
-    if len(encoded) > 100:
-        raise ValueError(f"member name {name!r} is longer than 100 bytes")
-    if size >= 8 ** 11:
-        raise ValueError(f"member {name!r} is {size} bytes; USTAR holds at most {8 ** 11 - 1}")
-    size_field = b"%011o\0" % size
-    checksum = _HEADER_FIXED_SUM + sum(encoded) + sum(size_field)
-    return b"".join([encoded.ljust(100, b"\0"), _HEADER_IDS, size_field, _HEADER_MTIME, b"%06o\0 " % checksum, _HEADER_TAIL])
+def ustar_headers(names: list[bytes], sizes: list[int]) -> np.ndarray:
+    """The USTAR headers ([len(names), 512] uint8) of regular files (mode 644, uid/gid 0, mtime 0):
+    the bytes Python's tarfile writes for such members in USTAR format, all built at once."""
+    if names and (max(map(len, names)) > 100 or max(sizes) >= 8 ** 11):
+        name, size = next((name, size) for name, size in zip(names, sizes) if len(name) > 100 or size >= 8 ** 11)
+        raise ValueError(f"member {name!r} ({size} bytes): USTAR holds names of up to 100 bytes and sizes below {8 ** 11}")
+    headers = np.tile(_HEADER_TEMPLATE, (len(names), 1))
+    if names:
+        headers[:, :100] = np.frombuffer(b"".join(name.ljust(100, b"\0") for name in names), np.uint8).reshape(-1, 100)
+        headers[:, 124:135] = np.asarray(sizes, np.int64)[:, None] >> _SIZE_SHIFTS & 7 | ord("0")
+        checksums = headers.sum(axis=1, dtype=np.int64)
+        headers[:, 148:154] = checksums[:, None] >> _CHECKSUM_SHIFTS & 7 | ord("0")
+        headers[:, 154] = 0  # then the space that is already there
+    return headers
 
 
 class TarStream:
-    """Writes a USTAR tar, as tarfile would (same bytes), with less work per member."""
+    """Writes a USTAR tar, as tarfile would (same bytes), with little work per member.
 
-    def __init__(self, handle: Any):
-        self.handle, self.offset = handle, 0
+    Members are gathered and written in batches, their headers made together: with `fd` (a local
+    file's descriptor) by one os.writev per batch, so large member data are never copied in
+    Python, else by one handle.write. Member data may be views of a buffer that its owner reuses
+    (`tar_windows`): call flush() before it does.
+    """
 
-    def add(self, *members: tuple[str, bytes]) -> None:
-        """Append members (name, bytes) with one write."""
-        parts = []
+    def __init__(self, handle: Any, fd: int | None = None):
+        self.handle, self.fd = handle, fd
+        self.offset = 0  # bytes written
+        self._names: list[bytes] = []
+        self._data: list[bytes | memoryview] = []
+        self._pending = 0  # bytes of data in _data
+
+    def add(self, *members: tuple[str, bytes | memoryview]) -> None:
+        """Append members (name, data)."""
         for name, data in members:
-            parts += [ustar_header(name, len(data)), data, bytes(-len(data) % _BLOCK)]
-        blob = b"".join(parts)
-        self.handle.write(blob)
-        self.offset += len(blob)
+            self._names.append(name.encode("utf-8"))
+            self._data.append(data)
+            self._pending += len(data)
+        if self._pending >= _FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the members added so far."""
+        if not self._data:
+            return
+        parts: list[bytes | memoryview] = []
+        headers = memoryview(ustar_headers(self._names, [len(data) for data in self._data])).cast("B")
+        for start, data in zip(range(0, len(headers), _BLOCK), self._data):
+            header, padding = headers[start:start + _BLOCK], _ZERO_BLOCK[:-len(data) % _BLOCK]
+            if len(data) < _SMALL:  # one buffer: fewer, larger pieces are written faster
+                parts.append(b"".join((header, data, padding)))
+            else:
+                parts += (header, data, padding)
+        self._write(parts)
+        self._names, self._data, self._pending = [], [], 0
 
     def close(self) -> None:
         """Two zero blocks, then zeros up to a whole 10 KiB record, like tarfile."""
-        end = self.offset + 2 * _BLOCK
-        self.handle.write(bytes(2 * _BLOCK + (-end % _RECORD)))
+        self.flush()
+        self._write([bytes(2 * _BLOCK + (-(self.offset + 2 * _BLOCK) % _RECORD))])
+
+    def _write(self, parts: list[bytes | memoryview]) -> None:
+        if self.fd is not None:
+            _writev(self.fd, parts)
+        elif parts:
+            self.handle.write(b"".join(parts))
+        self.offset += sum(map(len, parts))
+
+
+_FLUSH_BYTES = 8 << 20  # a TarStream writes at least this often
+_SMALL = 4096  # member data below this size are copied into one buffer with their header
+_IOV_MAX = 1024  # Linux's limit on the buffers of one writev
+
+
+def _writev(fd: int, parts: list[bytes | memoryview]) -> None:
+    """Write every part to `fd`, IOV_MAX buffers per os.writev, finishing short writes."""
+    for start in range(0, len(parts), _IOV_MAX):
+        chunk = parts[start:start + _IOV_MAX]
+        written = os.writev(fd, chunk)
+        if written < sum(map(len, chunk)):
+            rest = memoryview(b"".join(chunk))[written:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
+
+
+def local_fd(fs: fsspec.AbstractFileSystem, handle: Any) -> int | None:
+    """The descriptor to os.writev to, for a file of the local filesystem opened for writing (else None)."""
+    return handle.fileno() if is_local_fs(fs) and hasattr(os, "writev") else None
 
 
 # --------------------------------------------------------------------------- filesystem
@@ -329,6 +526,9 @@ def file_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
 # --------------------------------------------------------------------------- writing
 
 
+_to_json = json.JSONEncoder(default=str).encode  # json.dumps(obj, default=str), without making an encoder per call
+
+
 class ShardWriter:
     """Writes one shard (tar + parquet) atomically; use as a context manager.
 
@@ -351,7 +551,7 @@ class ShardWriter:
         self._tar_tmp = _tmp_name(self.tar_path)
         self._parquet_tmp = _tmp_name(self.parquet_path)
         self._handle = self.fs.open(self._tar_tmp, "wb")
-        self._tar = TarStream(self._handle)
+        self._tar = TarStream(self._handle, local_fd(self.fs, self._handle))
         return self
 
     def write(self, sample: Sample) -> None:
@@ -363,18 +563,21 @@ class ShardWriter:
         row = {
             "uid": sample.uid,
             "key": key,
-            "text": sample.text,
             "url": sample.url,
             "original_width": sample.original_width,
             "original_height": sample.original_height,
             "sha256": sample.sha256,
             **sample.extra,
         }
-        meta = json.dumps({k: v for k, v in row.items() if k != "text"}, default=str)
         self._tar.add((f"{key}.{sample.ext}", sample.image), (f"{key}.txt", sample.text.encode("utf-8")),
-                      (f"{key}.json", meta.encode("utf-8")))
+                      (f"{key}.json", _to_json(row).encode("utf-8")))  # the .json member: the row without the caption
+        row["text"] = sample.text
         self._rows.append(row)
         self._extra_keys.update(dict.fromkeys(sample.extra))
+
+    def flush(self) -> None:
+        """Write the tar members of the samples so far (needed before a sample's image buffer is reused)."""
+        self._tar.flush()
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -404,7 +607,7 @@ def metadata_table(rows: list[dict[str, Any]], stats: dict[str, Any], *, extra: 
     of a pool, even an empty one, gets the same schema), and `stats` in the key-value metadata."""
     extra_types = extra_types or {}
     if extra is None:
-        extra = list(dict.fromkeys([*extra_types, *(k for row in rows for k in row if k not in BASE_SCHEMA.names)]))
+        extra = list(dict.fromkeys([*extra_types, *(k for row in rows for k in row if k not in BASE_COLUMNS)]))
     columns = {name: pa.array([r[name] for r in rows], type=BASE_SCHEMA.field(name).type) for name in BASE_SCHEMA.names}
     for name in extra:
         columns[name] = pa.array([r.get(name) for r in rows], type=extra_types.get(name))
@@ -558,8 +761,14 @@ def shard_is_complete(pool_url: str, index: int) -> bool:
 
 
 def finalize_pool(pool_url: str, name: str, sources: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    """Write pool.json from the shards present (counts read from parquet footers)."""
+    """Write pool.json from the shards present (counts read from parquet footers).
+
+    A re-run that finds the same pool leaves pool.json byte for byte as it was (its sha256 is
+    recorded downstream, e.g. in subset.json and reshard manifests).
+    """
     fs, root = open_fs(pool_url)
+    path = f"{root}/pool.json"
+    previous = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
     shards = Pool(pool_url).shard_ids()
     num_samples = sum(parquet_file(fs, f"{root}/metadata/{s}.parquet").metadata.num_rows for s in shards)
     info = {
@@ -568,11 +777,12 @@ def finalize_pool(pool_url: str, name: str, sources: list[dict[str, Any]], **ext
         "num_shards": len(shards),
         "num_samples": num_samples,
         "sources": sources,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": previous.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "clipsift_version": __version__,
         **extra,
     }
-    write_json_atomic(fs, f"{root}/pool.json", info)
+    if json.loads(json.dumps(info, default=str)) != previous:
+        write_json_atomic(fs, path, info)
     return info
 
 
@@ -714,13 +924,19 @@ class Pool:
 
     def entries(self, shard: str) -> Iterator[TarEntry]:
         """The raw tar entries of a shard, in stored order."""
+        for window in self.entry_windows(shard):
+            yield from map(_owned, window)
+
+    def entry_windows(self, shard: str) -> Iterator[list[TarEntry]]:
+        """The raw tar entries of a shard a window at a time, member data as views of a reused buffer
+        (see `tar_windows`)."""
         path = self.tar_path(shard)
         try:
             handle = self.fs.open(path, "rb")
         except FileNotFoundError as err:
             raise PoolFormatError(f"{path}: missing tar for shard {shard}") from err
         with handle:
-            yield from iter_tar(handle, source=path)
+            yield from tar_windows(handle, source=path, mapped=is_local_fs(self.fs) and os.name == "posix")
 
     def samples(self, shard: str) -> Iterator[Sample]:
         """The shard's samples with their metadata rows; raises PoolFormatError if tar and parquet disagree."""
@@ -750,7 +966,6 @@ def sample_from_entry(entry: TarEntry, row: dict[str, Any], source: str) -> Samp
     image = image_member(entry)
     if image is None:
         raise PoolFormatError(f"{source}: sample {entry.key!r} has no image member (.jpg/.png/.webp)")
-    base = set(BASE_SCHEMA.names)
     return Sample(
         uid=row["uid"],
         image=image[1],
@@ -760,6 +975,6 @@ def sample_from_entry(entry: TarEntry, row: dict[str, Any], source: str) -> Samp
         original_width=row["original_width"],
         original_height=row["original_height"],
         sha256=row["sha256"],
-        extra={k: v for k, v in row.items() if k not in base},
+        extra={k: v for k, v in row.items() if k not in BASE_COLUMNS},
         key=entry.key,
     )

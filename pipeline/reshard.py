@@ -94,30 +94,35 @@ class _Fill:
             self._copy(pool, shard, skip, take, writer)
 
     def _copy(self, pool: Pool, shard: str, skip: int, take: int, writer: ShardWriter) -> None:
+        """Write output copies [skip, skip + take) of input shard `shard`, images as views of its tar (never copied
+        in Python: the writer gathers them and writes a window's worth at once)."""
         table = pool.metadata(shard)
         copies, _ = row_copies(self.subset_unique, self.repeats, table.column("uid"))
         ends = np.cumsum(copies)  # output copies of this shard up to and including each row
-        wanted = np.flatnonzero((copies > 0) & (ends > skip) & (ends - copies < skip + take))
-        rows = dict(zip(wanted.tolist(), table.take(wanted).to_pylist()))
-        last = int(wanted[-1]) if len(wanted) else -1
+        counts = np.clip(np.minimum(ends, skip + take) - np.maximum(ends - copies, skip), 0, None)  # copies written here
+        wanted = np.flatnonzero(counts)
+        if not len(wanted):
+            return
+        rows = dict(zip(wanted.tolist(), zip(table.take(wanted).to_pylist(), counts[wanted].tolist())))
+        last, seen = int(wanted[-1]), 0
         source = pool.tar_path(shard)
-        position = -1
-        for position, entry in enumerate(pool.entries(shard)):
-            if position > last:
-                break
-            if position not in rows:
-                continue
-            row = rows[position]
-            if entry.key != row["key"]:
-                raise PoolFormatError(f"{source}: sample {position} has key {entry.key!r} but the metadata says {row['key']!r}; "
-                                      "the shard is misaligned, run `clipsift pool check`")
-            sample = sample_from_entry(entry, row, source)
-            sample.key = None  # the writer gives each copy a new key
-            begin = int(ends[position] - copies[position])
-            for _ in range(max(begin, skip), min(int(ends[position]), skip + take)):
-                writer.write(sample)
-        if last >= 0 and position < last:
-            raise PoolFormatError(f"{source}: the tar ends before sample {last} that the metadata lists")
+        for window in pool.entry_windows(shard):
+            for position, entry in enumerate(window[: last + 1 - seen], start=seen):
+                if position not in rows:
+                    continue
+                row, count = rows[position]
+                if entry.key != row["key"]:
+                    raise PoolFormatError(f"{source}: sample {position} has key {entry.key!r} but the metadata says {row['key']!r}; "
+                                          "the shard is misaligned, run `clipsift pool check`")
+                sample = sample_from_entry(entry, row, source)
+                sample.key = None  # the writer gives each copy a new key
+                for _ in range(count):
+                    writer.write(sample)
+            writer.flush()  # before the next window reuses the buffer the images point into
+            seen += len(window)
+            if seen > last:
+                return
+        raise PoolFormatError(f"{source}: the tar ends before sample {last} that the metadata lists")
 
 
 def reshard(pool_url: str, subset_path: str, out: str, *, shard_size: int = 10_000, workers: int | None = None,

@@ -11,9 +11,12 @@ import subprocess
 import sys
 import tarfile
 import time
+import uuid
 from pathlib import Path
 
+import fsspec
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from clipsift import ClipsiftError
@@ -192,3 +195,99 @@ def test_fast_tar_layer_matches_tarfile(tmp_path: Path) -> None:
     corrupt[0] ^= 0x20
     with pytest.raises(pool_module.PoolFormatError, match="checksum"):
         list(pool_module.iter_tar(io.BytesIO(bytes(corrupt))))
+
+
+def test_fast_and_generic_paths_write_identical_pools(tmp_path: Path, source, monkeypatch) -> None:
+    """A local pool takes the fast path (its tars mapped, images handed to os.writev as views of the map);
+    another fsspec filesystem the generic one (tars read into a reused buffer, one write per batch). Both
+    write the same bytes, whatever the window sizes: small windows make entries straddle and outgrow them."""
+    pool, _, subset = source
+    remote = f"memory://reshard-{uuid.uuid4().hex}"
+    make_pool(f"{remote}/pool", shards=3, per_shard=7)  # the same samples as `pool`
+    calls = collections.Counter()
+    for name in ("_mapped_windows", "_read_windows", "_writev"):
+        monkeypatch.setattr(pool_module, name, _counted(calls, name, getattr(pool_module, name)))
+    reshard(str(pool), str(subset), str(tmp_path / "default"), shard_size=4, workers=1)
+    monkeypatch.setattr(pool_module, "_MAP_WINDOW", 4096)
+    monkeypatch.setattr(pool_module, "_READ_WINDOW", 2048)
+    reshard(str(pool), str(subset), str(tmp_path / "fast"), shard_size=4, workers=1)
+    assert calls["_mapped_windows"] and calls["_writev"] and not calls["_read_windows"]
+    calls.clear()
+    reshard(f"{remote}/pool", str(subset), f"{remote}/out", shard_size=4, workers=1)
+    assert calls["_read_windows"] and not calls["_mapped_windows"] and not calls["_writev"]
+    fs = fsspec.filesystem("memory")
+    try:
+        for out in ("default", "fast"):
+            shards = sorted(p.name for p in (tmp_path / out / "shards").glob("*.tar"))
+            assert shards == ["00000000.tar", "00000001.tar", "00000002.tar"]
+            for name in shards:
+                assert (tmp_path / out / "shards" / name).read_bytes() == fs.cat_file(f"{remote}/out/shards/{name}")
+                parquet = name.replace(".tar", ".parquet")
+                local = pq.read_table(tmp_path / out / "metadata" / parquet)
+                assert local.equals(pq.read_table(f"{remote}/out/metadata/{parquet}", filesystem=fs), check_metadata=True)
+        assert output_samples(tmp_path / "fast") == output_samples(tmp_path / "default")
+    finally:
+        fs.rm(remote, recursive=True)
+
+
+def _counted(calls: collections.Counter, name: str, function):
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return function(*args, **kwargs)
+    return counted
+
+
+def test_tar_windows_agree_with_tarfile_at_any_window_size(tmp_path: Path, monkeypatch) -> None:
+    """Entries cut by a window's end, entries larger than a window, pax and long (prefix) names, empty members:
+    read into a buffer (any file object) or mapped (a local file), the entries are tarfile's."""
+    rng = np.random.default_rng(1)
+    members = [(f"{i:04d}.{ext}", rng.bytes(size)) for i, size in enumerate([0, 1, 511, 512, 513, 3000, 9000, 20000, 100])
+               for ext in ("jpg", "txt")] + [("naïve/clé.json", b"{}"), ("d" * 90 + "/" + "e" * 90 + ".txt", b"prefix field")]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / "members.tar"
+    path.write_bytes(buffer.getvalue())
+    expected = tar_members(buffer.getvalue())
+    for window in (1024, 4096, 1 << 20):
+        monkeypatch.setattr(pool_module, "_READ_WINDOW", window)
+        monkeypatch.setattr(pool_module, "_MAP_WINDOW", max(window, 4096))  # maps start at page boundaries
+        read = [(f"{e.key}.{ext}", d) for e in pool_module.iter_tar(io.BytesIO(buffer.getvalue())) for ext, d in e.members.items()]
+        with open(path, "rb") as handle:
+            mapped = [(f"{e.key}.{ext}", bytes(d)) for w in pool_module.tar_windows(handle, mapped=True) for e in w
+                      for ext, d in e.members.items()]
+        assert read == mapped == expected, window
+    corrupt = bytearray(buffer.getvalue())
+    with tarfile.open(fileobj=io.BytesIO(buffer.getvalue())) as tar:
+        corrupt[tar.getmember("0007.txt").offset + 3] ^= 0x01  # a name byte of a header past the first windows
+    path.write_bytes(bytes(corrupt))
+    with open(path, "rb") as handle, pytest.raises(pool_module.PoolFormatError, match="checksum"):
+        list(pool_module.tar_windows(handle, mapped=True))
+    path.write_bytes(buffer.getvalue()[:5000])
+    with open(path, "rb") as handle, pytest.raises(pool_module.PoolFormatError, match="truncated or corrupt"):
+        list(pool_module.tar_windows(handle, mapped=True))
+
+
+def test_tar_stream_through_writev_writes_the_same_bytes_even_when_writes_come_up_short(tmp_path: Path, monkeypatch) -> None:
+    members = [(f"{i:08d}.{ext}", bytes([i]) * size) for i, size in enumerate([0, 7, 512, 4095, 4096, 70000]) for ext in ("jpg", "txt")]
+    expected = io.BytesIO()
+    stream = pool_module.TarStream(expected)
+    for name, data in members:
+        stream.add((name, data))
+    stream.close()
+    writev = os.writev
+    monkeypatch.setattr(pool_module.os, "writev", lambda fd, buffers: writev(fd, [memoryview(buffers[0])[: len(buffers[0]) // 2 + 1]]))
+    with open(tmp_path / "out.tar", "wb") as handle:
+        stream = pool_module.TarStream(handle, handle.fileno())
+        for name, data in members:
+            stream.add((name, memoryview(data)))
+        stream.close()
+    assert (tmp_path / "out.tar").read_bytes() == expected.getvalue()
+    assert tar_members(expected.getvalue()) == members
+    with pytest.raises(ValueError, match="USTAR holds"):
+        pool_module.ustar_headers([b"x" * 101], [1])
+    with pytest.raises(ValueError, match="USTAR holds"):
+        pool_module.ustar_headers([b"x"], [8 ** 11])
