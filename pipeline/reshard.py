@@ -94,8 +94,8 @@ class _Fill:
             self._copy(pool, shard, skip, take, writer)
 
     def _copy(self, pool: Pool, shard: str, skip: int, take: int, writer: ShardWriter) -> None:
-        """Write output copies [skip, skip + take) of input shard `shard`, images as views of its tar (never copied
-        in Python: the writer gathers them and writes a window's worth at once)."""
+        """Write output copies [skip, skip + take) of input shard `shard`. Images go to the writer as views of
+        the input tar's window, which it writes in batches (local files: os.writev from the map, no copy in Python)."""
         table = pool.metadata(shard)
         copies, _ = row_copies(self.subset_unique, self.repeats, table.column("uid"))
         ends = np.cumsum(copies)  # output copies of this shard up to and including each row
