@@ -18,6 +18,7 @@ pool_app = typer.Typer(help="Make, import and check pools of image-text pairs.",
 app.add_typer(pool_app, name="pool")
 
 WorkersOption = typer.Option(None, "--workers", "-w", help="CPU workers of the local Ray cluster (default: all cores; 1 runs in-process).")
+AddressOption = typer.Option(None, "--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster).")
 
 
 def _console():
@@ -157,7 +158,7 @@ def score(
     pretrained: str = typer.Option(..., "--pretrained", "-p", help="open_clip pretrained tag (e.g. openai) or a checkpoint file."),
     batch_size: int = typer.Option(256, help="Samples per model batch."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)."),
+    address: Optional[str] = AddressOption,
     gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per model actor (default: 1 where the cluster has GPUs, else 0)."),
     workers: Optional[int] = typer.Option(None, help="Model actors (default: one per GPU, or half the CPUs)."),
 ) -> None:
@@ -189,7 +190,7 @@ def filter_pool(
     recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML file, or the name of a shipped recipe (e.g. basic_filter)."),
     out: str = typer.Option(..., "--out", "-o", help="Subset file to write (.npy); subset.json is written beside it."),
     set_: list[str] = typer.Option([], "--set", help="Set a recipe variable, NAME=VALUE (repeatable), e.g. --set model_id=tiny__ab12."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)."),
+    address: Optional[str] = AddressOption,
     workers: Optional[int] = WorkersOption,
 ) -> None:
     """Apply a filter recipe to a pool and write the subset (DataComp's uid .npy) and subset.json."""
@@ -228,7 +229,7 @@ def reshard_cmd(
     subset: str = typer.Option(..., "--subset", "-s", help="Subset .npy (a repeated uid is written that many times)."),
     out: str = typer.Option(..., "--out", "-o", help="Folder for the training shards (a clipsift pool + manifest.json)."),
     shard_size: int = typer.Option(10_000, help="Samples per output shard (the last may hold fewer)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)."),
+    address: Optional[str] = AddressOption,
     workers: Optional[int] = WorkersOption,
 ) -> None:
     """Copy the subset's samples byte for byte into new webdataset shards for training (resumable)."""
