@@ -35,6 +35,7 @@ def suite_summary(suite: Suite, results: dict[str, dict[str, Any]], failed: dict
     overall = _average(suite.scored, results)
     return {
         "version": suite.version,
+        "sha256": suite.sha256,
         "average": overall["value"],
         "complete": overall["complete"],
         "num_scored": len(suite.scored),

@@ -8,6 +8,8 @@ what its metrics mean is `metrics.py`'s.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from importlib.resources import files
@@ -64,6 +66,7 @@ class Suite:
     groups: dict[str, str]  # group tag -> label
     tasks: tuple[Task, ...]
     path: str = ""
+    sha256: str = ""  # of the definition's canonical JSON: a suite is known by name and this hash
 
     @property
     def scored(self) -> list[Task]:
@@ -124,7 +127,13 @@ def parse_suite(data: dict[str, Any], path: str = "") -> Suite:
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     if duplicates:
         raise ValueError(f"duplicate task keys {duplicates}")
-    return Suite(str(data["suite"]), int(data.get("version", 1)), str(data["download"]), groups, tasks, path)
+    return Suite(str(data["suite"]), int(data.get("version", 1)), str(data["download"]), groups, tasks, path, definition_sha256(data))
+
+
+def definition_sha256(data: dict[str, Any]) -> str:
+    """The hash of a suite definition, independent of YAML formatting, comments and key order."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _task(entry: dict[str, Any], groups: dict[str, str]) -> Task:

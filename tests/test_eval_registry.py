@@ -94,3 +94,17 @@ def test_a_bad_suite_file_is_refused_with_its_name(tmp_path: Path) -> None:
         load_suite(str(path))
     with pytest.raises(ClipsiftError, match="unknown suite"):
         load_suite("datacomp39")
+
+
+def test_suite_hash_ignores_formatting_but_not_content(tmp_path):
+    import yaml
+
+    shipped = load_suite("tiny")
+    data = yaml.safe_load(Path(shipped.path).read_text(encoding="utf-8"))
+    reformatted = tmp_path / "reformatted.yaml"
+    reformatted.write_text("# a comment\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=True), encoding="utf-8")
+    assert load_suite(str(reformatted)).sha256 == shipped.sha256
+    data["tasks"][0]["metric"] = "acc5"
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert load_suite(str(changed)).sha256 != shipped.sha256
