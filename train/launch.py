@@ -103,6 +103,10 @@ class Infra:
     max_per_device_batch: int | None = None
     torchcompile: bool = False
     precision: str | None = None  # non-standard when it differs from the recipe's
+    seed: int | None = None  # another training seed (for seed spreads); recorded in run.json
+
+    def seed_for(self, recipe: Recipe) -> int:
+        return recipe.seed if self.seed is None else self.seed
 
     def non_standard(self, recipe: Recipe) -> dict[str, Any]:
         return {"precision": self.precision} if self.precision and self.precision != recipe.precision else {}
@@ -125,7 +129,7 @@ def open_clip_args(recipe: Recipe, sources: list[DataSource], run: Path, plan: B
         "--model", recipe.model,
         "--precision", infra.precision or recipe.precision,
         "--workers", str(infra.workers),
-        "--seed", str(recipe.seed),
+        "--seed", str(infra.seed_for(recipe)),
         "--device", device,
         "--logs", str(run.parent),
         "--name", run.name,
@@ -318,7 +322,7 @@ def _run_record(recipe: Recipe, sources: list[DataSource], plan: BatchPlan, infr
         "recipe": recipe.to_dict(),
         "data": [{"path": s.path, "weight": s.weight, "num_shards": len(s.shards), "manifest": s.manifest,
                   "subset_sha256": s.manifest.get("subset_sha256")} for s in sources],
-        "seed": recipe.seed,
+        "seed": infra.seed_for(recipe),
         "batch_plan": {"devices": plan.devices, "per_device_batch": plan.per_device_batch, "accum_freq": plan.accum_freq,
                        "global_batch": plan.global_batch},
         "infrastructure": {"device": device, "workers": infra.workers, "torchcompile": infra.torchcompile,

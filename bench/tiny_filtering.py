@@ -1,0 +1,175 @@
+"""Does filtering matter? DataComp's central finding, reproduced on the synthetic pool.
+
+    python bench/tiny_filtering.py [--scale tiny|xs] [--seeds 0 1] [--recipes NAME ...] [--out DIR]
+                                   [--filternet-scale xs|tiny]
+
+At the scale's fixed samples seen, train and evaluate (tiny suite) each recipe with each seed:
+no_filter, basic, random 30%, clip_score at 10/20/30/50% (CLIP scores from the filtering network
+trained on the clean reference set), image_cluster, and image_cluster intersected with
+clip_score 30%. Prints the table of tiny-suite averages (mean and half the seed range) and each
+recipe's precision and recall against the pool's hidden truth (clean = positive).
+
+Everything lands in --out and resumes: pools, network, scores, subsets, runs and evaluations that
+are complete are not redone, so a killed benchmark re-run continues. The seed varies the training
+run (and the random filter's draw); the pool, network and scores are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import yaml
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from clipsift.eval.run import evaluate  # noqa: E402
+from clipsift.filters.recipe import apply_recipe, load_recipe  # noqa: E402
+from clipsift.filters.subset import encode_uids, read_subset  # noqa: E402
+from clipsift.pipeline import synth  # noqa: E402
+from clipsift.pipeline.reshard import reshard  # noqa: E402
+from clipsift.pipeline.score import score_pool  # noqa: E402
+from clipsift.train.filternet import train_filternet  # noqa: E402
+from clipsift.train.launch import Infra, train  # noqa: E402
+
+CLUSTER = {"image_cluster": {"model_id": "${model_id}", "targets": "${reference}", "k": "${k}", "iterations": 20, "seed": 0}}
+CAPTION = {"caption": {"language": "en", "min_words": 2, "min_chars": 6}}
+
+
+def recipe_steps(name: str, seed: int) -> list:
+    """The steps of each benchmarked recipe (`${model_id}`, `${reference}`, `${k}` filled in later)."""
+    if name == "no_filter":
+        return ["no_filter"]
+    if name == "basic":
+        return ["basic", {"dedup": {"by": "sha256"}}]
+    if name.startswith("random_"):
+        return [{"random": {"fraction": int(name.split("_")[1]) / 100, "seed": seed}}]
+    if name.startswith("clip_score_"):
+        return [{"clip_score": {"model_id": "${model_id}", "fraction": int(name.split("_")[2]) / 100}}]
+    if name == "image_cluster":
+        return [CAPTION, CLUSTER]
+    if name == "image_cluster_and_clip_score_30":
+        return [{"all": [{"seq": [CAPTION, CLUSTER]}, {"clip_score": {"model_id": "${model_id}", "fraction": 0.3}}]}]
+    raise SystemExit(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+
+
+RECIPES = ("no_filter", "basic", "random_30", "clip_score_10", "clip_score_20", "clip_score_30", "clip_score_50",
+           "image_cluster", "image_cluster_and_clip_score_30")
+SEED_DEPENDENT = ("random_",)  # recipes whose subset changes with the seed
+
+
+@dataclass
+class RecipeOutcome:
+    recipe: str
+    kept: int
+    precision: float
+    recall: float
+    averages: dict[int, float] = field(default_factory=dict)  # seed -> tiny-suite average
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.averages.values())
+
+    @property
+    def spread(self) -> float:
+        """Half the range over seeds (0 with one seed)."""
+        return (max(self.averages.values()) - min(self.averages.values())) / 2
+
+
+def prepare(out: Path, scale: str, filternet_scale: str, workers: int | None) -> dict:
+    """Pool + truth, reference set, filtering network, and the pool and reference scored with it."""
+    pool, reference = out / "pool", out / "reference"
+    synth.synth_pool(str(pool), scale=scale, truth=str(out / "truth.parquet"), workers=workers)
+    synth.synth_reference(str(reference), scale=scale, workers=workers)
+    net = train_filternet(str(reference), str(out / "filternet"), scale=filternet_scale, workers=workers)
+    for target in (pool, reference):
+        score_pool(str(target), net.arch, str(net.checkpoint), workers=workers)
+    return {"pool": str(pool), "reference": str(reference), "model_id": net.model_id, "truth": str(out / "truth.parquet")}
+
+
+def select(setup: dict, out: Path, name: str, seed: int, workers: int | None) -> Path:
+    """Apply the recipe; the subset lands in out/subsets/<name>[_s<seed>].npy."""
+    tag = f"{name}_s{seed}" if name.startswith(SEED_DEPENDENT) else name
+    subset = out / "subsets" / f"{tag}.npy"
+    recipe_file = out / "recipes" / f"{tag}.yaml"
+    recipe_file.parent.mkdir(parents=True, exist_ok=True)
+    recipe_file.write_text(yaml.safe_dump({"name": tag, "vars": {"model_id": setup["model_id"], "reference": setup["reference"], "k": 64},
+                                           "steps": recipe_steps(name, seed)}), encoding="utf-8")
+    if not subset.exists():
+        apply_recipe(setup["pool"], load_recipe(str(recipe_file)), str(subset), workers=workers)
+    return subset
+
+
+def against_truth(subset: Path, truth: str) -> tuple[int, float, float]:
+    """(samples kept, precision, recall) with clean samples as the positives."""
+    table = pq.read_table(truth, columns=["uid", "kind"])
+    pairs = encode_uids(table.column("uid"))
+    clean = np.asarray(table.column("kind").to_pylist()) == "clean"
+    kept = np.isin(pairs, read_subset(str(subset)))
+    return int(kept.sum()), float(clean[kept].mean()) if kept.any() else 0.0, float(kept[clean].mean())
+
+
+def train_and_evaluate(setup: dict, out: Path, scale: str, subset: Path, seed: int, workers: int | None) -> float:
+    """The tiny-suite average of the scale's recipe trained on the subset with this seed."""
+    shards = out / "shards" / subset.stem
+    run = out / "runs" / f"{subset.stem}_seed{seed}"
+    summary = run / "eval" / "summary.json"
+    if not summary.exists():
+        resharded = reshard(setup["pool"], str(subset), str(shards), shard_size=1024 if scale == "xs" else 5_000, workers=workers)
+        train(scale, [(resharded.out, 1.0)], str(run), infra=Infra(workers=1, seed=seed))
+        evaluate(str(run), "tiny", data_dir=str(out / "tiny-suite"))
+    return float(json.loads(summary.read_text())["suites"]["tiny"]["average"])
+
+
+def run_benchmark(out: Path, scale: str, recipes: list[str], seeds: list[int], filternet_scale: str,
+                  workers: int | None = None) -> list[RecipeOutcome]:
+    setup = prepare(out, scale, filternet_scale, workers)
+    outcomes = []
+    for name in recipes:
+        outcome = None
+        for seed in seeds:
+            subset = select(setup, out, name, seed, workers)
+            if outcome is None:
+                outcome = RecipeOutcome(name, *against_truth(subset, setup["truth"]))
+            outcome.averages[seed] = train_and_evaluate(setup, out, scale, subset, seed, workers)
+            print(f"{name} seed {seed}: tiny-suite average {outcome.averages[seed]:.4f}", flush=True)
+        outcomes.append(outcome)
+    (out / "results.json").write_text(json.dumps([vars(o) for o in outcomes], indent=1), encoding="utf-8")
+    return outcomes
+
+
+def table(outcomes: list[RecipeOutcome]) -> str:
+    lines = [f"{'recipe':34} {'kept':>7} {'precision':>9} {'recall':>7}   tiny-suite average",
+             f"{'-' * 34} {'-' * 7} {'-' * 9} {'-' * 7}   {'-' * 24}"]
+    for o in sorted(outcomes, key=lambda o: -o.mean):
+        seeds = ", ".join(f"{v:.3f}" for v in o.averages.values())
+        lines.append(f"{o.recipe:34} {o.kept:7,} {o.precision:9.3f} {o.recall:7.3f}   {o.mean:.4f} ± {o.spread:.4f}  ({seeds})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", default="tiny", choices=["xs", "tiny"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
+    parser.add_argument("--filternet-scale", default=None, choices=["xs", "tiny"], help="Default: the benchmark's scale.")
+    parser.add_argument("--out", type=Path, default=None, help="Default: bench-tiny-filtering-<scale>/ (resumes).")
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args()
+    out = args.out or Path(f"bench-tiny-filtering-{args.scale}")
+    started = time.perf_counter()
+    outcomes = run_benchmark(out, args.scale, args.recipes, args.seeds, args.filternet_scale or args.scale, args.workers)
+    print(f"\nscale {args.scale}, seeds {args.seeds}, {time.perf_counter() - started:.0f} s (resumed work not counted)\n")
+    print(table(outcomes))
+
+
+if __name__ == "__main__":
+    main()
