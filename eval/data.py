@@ -1,6 +1,7 @@
 """Evaluation data on disk: reading and writing the suites' layouts (docs/evaluation.md).
 
-Every task is a folder in clip_benchmark's webdataset layout::
+The built-in suites' tasks are folders in clip_benchmark's webdataset layout (image folders and
+tables, the other layouts a custom suite may use, become the same samples in `layouts.py`)::
 
     ROOT/test/nshards.txt                         number of tars
     ROOT/test/{0..n-1}.tar                        samples, in order
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from clipsift import ClipsiftError
+from clipsift.eval.registry import GroupSpec
 from clipsift.pipeline.pool import TarEntry, TarStream, iter_tar, open_fs, write_atomic
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
@@ -46,26 +48,59 @@ class MissingData(ClipsiftError):
     """A task's data is not (completely) on disk."""
 
 
+@dataclass(frozen=True)
+class FileSample:
+    """A sample of an image folder or a table: the image file and its label, captions or group."""
+
+    image: str
+    label: int | None = None
+    captions: tuple[str, ...] = ()
+    group: int | None = None
+
+    def members(self) -> dict[str, bytes]:
+        """The sample's webdataset members, exactly as `layouts.make_task` writes them into a tar."""
+        members = dict([image_file_member(self.image)])
+        if self.label is not None:
+            members["cls"] = str(self.label).encode()
+        if self.captions:
+            members["txt"] = "\n".join(self.captions).encode("utf-8")
+        if self.group is not None:
+            members["npy"] = npy_bytes([self.group])
+        return members
+
+
 @dataclass
 class TaskData:
-    """A task folder that is complete on disk."""
+    """A task's data, complete on disk: webdataset tars, or the samples of an image folder or table."""
 
     root: str
     tars: list[str]
     classnames: list[str] | None
     templates: list[str] | None
+    files: list[FileSample] | None = None  # image folder / table: read from these instead of tars
+    metadata: GroupSpec | None = None  # how samples fall into groups (the task's, or a table's group column)
 
     @property
     def num_shards(self) -> int:
         return len(self.tars)
+
+    def entries(self, worker: int = 0, num_workers: int = 1) -> Iterator[tuple[int, str, TarEntry]]:
+        """(index, source, entry) of this worker's share of the samples, as `iter_entries`."""
+        if self.files is None:
+            yield from iter_entries(self.tars, worker, num_workers)
+            return
+        for index in range(worker, len(self.files), num_workers):
+            sample = self.files[index]
+            yield index, sample.image, TarEntry(sample_key(index), sample.members())
 
 
 def _read_lines(path: str) -> list[str]:
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def open_task_data(root: str, task_type: str) -> TaskData:
-    """Check a task folder and read its class names and templates; MissingData names what is absent."""
+def open_task_data(root: str, task_type: str, classnames: list[str] | None = None, templates: list[str] | None = None,
+                   metadata: GroupSpec | None = None) -> TaskData:
+    """Check a task folder and read its class names and templates (unless given); MissingData names what is absent."""
     nshards_path = os.path.join(root, SPLIT, NSHARDS)
     if not os.path.isdir(root):
         raise MissingData(f"no folder {root}")
@@ -80,19 +115,20 @@ def open_task_data(root: str, task_type: str) -> TaskData:
     absent = [t for t in tars if not os.path.exists(t)]
     if absent:
         raise MissingData(f"{len(absent)} of {nshards} tars are missing, e.g. {absent[0]}")
-    classnames = templates = None
     if task_type in ("classification", "multiobjective"):
-        for name in (CLASSNAMES, TEMPLATES):
-            if not os.path.exists(os.path.join(root, name)):
+        for name, given in ((CLASSNAMES, classnames), (TEMPLATES, templates)):
+            if given is None and not os.path.exists(os.path.join(root, name)):
                 raise MissingData(f"{os.path.join(root, name)} is missing")
-        classnames = _read_lines(os.path.join(root, CLASSNAMES))
-        templates = _read_lines(os.path.join(root, TEMPLATES))
+        classnames = classnames or _read_lines(os.path.join(root, CLASSNAMES))
+        templates = templates or _read_lines(os.path.join(root, TEMPLATES))
         if not classnames or not templates:
             raise ClipsiftError(f"{root}: {CLASSNAMES} and {TEMPLATES} must not be empty")
         bad = [t for t in templates if "{c}" not in t]
         if bad:
             raise ClipsiftError(f"{os.path.join(root, TEMPLATES)}: template {bad[0]!r} has no {{c}}")
-    return TaskData(root, tars, classnames, templates)
+    else:
+        classnames = templates = None
+    return TaskData(root, tars, classnames, templates, metadata=metadata)
 
 
 def _check_type(root: str, task_type: str) -> None:
@@ -198,7 +234,7 @@ class EvalBatches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         images, owners, slots, records = [], [], [], []
-        for index, source, entry in iter_entries(self.data.tars, worker, workers):
+        for index, source, entry in self.data.entries(worker, workers):
             record, blobs = parse_sample(entry, self.task_type, index, source, self.with_meta)
             records.append(record)
             for slot, blob in enumerate(blobs):
@@ -233,26 +269,38 @@ def write_task(root: str, samples: Iterable[dict[str, bytes]], *, shard_size: in
     Every file is written atomically and nshards.txt last, so a folder with nshards.txt is complete.
     """
     fs, root = open_fs(root)
-    fs.makedirs(f"{root}/{SPLIT}", exist_ok=True)
-    for name, lines in ((CLASSNAMES, classnames), (TEMPLATES, templates), (DATASET_TYPE, [dataset_type] if dataset_type else None)):
-        if lines is not None:
-            data = ("\n".join(lines) + "\n").encode("utf-8")
-            write_atomic(fs, f"{root}/{name}", lambda handle, data=data: handle.write(data))
+    write_task_texts(fs, root, classnames, templates, dataset_type)
     count, shard, batch = 0, 0, []
     for sample in samples:
         batch.append((sample_key(count), sample))
         count += 1
         if len(batch) == shard_size:
-            _write_tar(fs, f"{root}/{SPLIT}/{shard}.tar", batch)
+            write_tar(fs, f"{root}/{SPLIT}/{shard}.tar", batch)
             shard, batch = shard + 1, []
     if batch or shard == 0:
-        _write_tar(fs, f"{root}/{SPLIT}/{shard}.tar", batch)
+        write_tar(fs, f"{root}/{SPLIT}/{shard}.tar", batch)
         shard += 1
-    write_atomic(fs, f"{root}/{SPLIT}/{NSHARDS}", lambda handle: handle.write(f"{shard}\n".encode()))
+    finish_task(fs, root, shard)
     return count
 
 
-def _write_tar(fs: Any, path: str, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+def write_task_texts(fs: Any, root: str, classnames: list[str] | None, templates: list[str] | None,
+                     dataset_type: str | None) -> None:
+    """The task folder's text files (those that apply), each written atomically."""
+    fs.makedirs(f"{root}/{SPLIT}", exist_ok=True)
+    for name, lines in ((CLASSNAMES, classnames), (TEMPLATES, templates), (DATASET_TYPE, [dataset_type] if dataset_type else None)):
+        if lines is not None:
+            data = ("\n".join(lines) + "\n").encode("utf-8")
+            write_atomic(fs, f"{root}/{name}", lambda handle, data=data: handle.write(data))
+
+
+def finish_task(fs: Any, root: str, nshards: int) -> None:
+    """Write nshards.txt, the mark of a complete task folder."""
+    write_atomic(fs, f"{root}/{SPLIT}/{NSHARDS}", lambda handle: handle.write(f"{nshards}\n".encode()))
+
+
+def write_tar(fs: Any, path: str, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """One tar of (key, members) samples, written atomically."""
     def write(handle: Any) -> None:
         tar = TarStream(handle)
         for key, members in samples:
@@ -278,3 +326,25 @@ def image_ext(data: bytes) -> str:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
     raise ClipsiftError("image bytes are neither JPEG, PNG nor WebP")
+
+
+def image_file_member(path: str) -> tuple[str, bytes]:
+    """(extension, bytes) of an image file as a sample member: JPEG, PNG and WebP as they are, other formats as PNG."""
+    from PIL import Image
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ClipsiftError(f"{path}: cannot read the image ({err.strerror or err})") from None
+    try:
+        return image_ext(data), data
+    except ClipsiftError:
+        pass
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image = image if image.mode in ("RGB", "RGBA", "L", "LA", "P") else image.convert("RGB")
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+    except Exception as err:  # PIL raises many types for bad data
+        raise ClipsiftError(f"{path}: undecodable image ({type(err).__name__}: {err})") from err
+    return "png", buffer.getvalue()

@@ -155,6 +155,10 @@ def download_suite(suite: Suite, out: str, tasks: list[Task] | None = None, *, l
 
 def download_task(task: Task, out: str, lister: Lister = hub_list, fetcher: Fetcher = hub_fetch) -> list[RemoteFile]:
     """Fetch (and convert) one task; returns the files fetched."""
+    if task.data is not None or not task.source:
+        why = f"its data is {task.data.path}" if task.data else "no `source` repository"
+        raise ClipsiftError(f"{task.key}: nothing to download ({why}); "
+                            "custom data is written with `clipsift eval make-task` or named with `data:` in the suite file")
     revision = PARQUET_REVISION if converted(task) else "main"
     local_dir = os.path.join(out, STAGING, task.dirname) if converted(task) else os.path.join(out, task.dirname)
     try:

@@ -11,6 +11,11 @@ from typing import Sequence
 
 import numpy as np
 
+CLASSIFICATION_METRICS = ("acc1", "acc5", "mean_per_class_recall", "F1-macro_all")
+RETRIEVAL_KS = (1, 5, 10)
+WINOGAVIL_METRICS = ("avg_jaccard_score", "jaccard_score_5", "jaccard_score_6", "jaccard_score_10", "jaccard_score_12",
+                     "jaccard_score_5-6", "jaccard_score_10-12")
+
 
 def _rank_of(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
     """0-based rank of column target[i] in row i: higher scores first, then lower indices."""
@@ -111,7 +116,7 @@ def _chunks(n: int, size: int = 2048):
 
 
 def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray,
-                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+                      ks: Sequence[int] = RETRIEVAL_KS) -> dict[str, float]:
     """Recall@k both ways for images with several captions each; `text_image[t]` is caption t's image.
 
     image_retrieval_recall@k (text -> image): share of captions whose image is among the k
@@ -172,3 +177,23 @@ def winogavil_metrics(jaccards: Sequence[float], num_candidates: Sequence[int]) 
         "jaccard_score_5-6": mean(sizes <= 6),
         "jaccard_score_10-12": mean(sizes >= 10),
     }
+
+
+# --------------------------------------------------------------------------- names a suite may choose
+
+
+def main_metrics(task_type: str, group_name: str | None = None, objectives: Sequence[str] = ()) -> tuple[str, ...]:
+    """The metrics a task of `task_type` reports that can be its main metric.
+
+    `group_name` (classification with groups): adds acc_<name> and acc_top5_<name>;
+    `objectives` (multiobjective): acc_<objective> and acc_<objective>_wg.
+    """
+    if task_type == "classification":
+        return CLASSIFICATION_METRICS + ((f"acc_{group_name}", f"acc_top5_{group_name}") if group_name else ())
+    if task_type == "retrieval":
+        return tuple(f"{way}_retrieval_recall@{k}" for way in ("image", "text") for k in RETRIEVAL_KS) + ("mean_recall@1",)
+    if task_type == "winogavil":
+        return WINOGAVIL_METRICS
+    if task_type == "multiobjective":
+        return tuple(name for o in objectives for name in (f"acc_{o}", f"acc_{o}_wg"))
+    return ()

@@ -1,8 +1,9 @@
-"""The evaluation suites: which tasks, their type, main metric, groups, source, size and chance.
+"""The evaluation suites: which tasks, their type, main metric, groups, data, size and chance.
 
-A suite is a YAML file in configs/eval/ (`datacomp38`, `tiny`) or any path with the same schema.
-This module loads and checks it; what a task's data looks like on disk is `data.py`'s business,
-what its metrics mean is `metrics.py`'s.
+A suite is a YAML file in configs/eval/ (`datacomp38`, `tiny`) or any path with the same schema
+(docs/evaluation.md, "Custom suites"). This module loads it and checks the definition (fields,
+types, metrics) without touching any data; what a task's data looks like on disk is `data.py`'s
+and `layouts.py`'s business, what its metrics mean is `metrics.py`'s.
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ from typing import Any
 import yaml
 
 from clipsift import ClipsiftError
+from clipsift.eval import metrics
 
 SUITE_DIR = files("clipsift.configs") / "eval"
 TASK_TYPES = ("classification", "retrieval", "winogavil", "multiobjective")
+LAYOUTS = ("wds", "folder", "table")  # clip_benchmark's webdataset layout, one sub-folder per class, CSV/Parquet
+SUITE_FIELDS = ("suite", "version", "download", "groups", "tasks")
+REQUIRED_TASK_FIELDS = ("key", "type", "metric")
+TASK_FIELDS = (*REQUIRED_TASK_FIELDS, "groups", "source", "size", "classes", "chance", "scored", "metadata", "data", "layout",
+               "columns", "classnames", "templates")
+COLUMNS = ("image", "label", "caption", "group")  # table columns a task may name (`columns:`); defaults: their own names
 
 
 @dataclass(frozen=True)
@@ -40,22 +48,43 @@ class GroupSpec:
 
 
 @dataclass(frozen=True)
+class DataSpec:
+    """Where a task's data is when the suite says so; absent, it is DATA_DIR/<key> in the webdataset layout."""
+
+    path: str  # absolute (a relative `data:` is resolved against the suite file's folder)
+    layout: str | None = None  # wds | folder | table; None: from the path (layouts.detect_layout)
+    image: str = "image"  # table columns
+    label: str = "label"
+    caption: str = "caption"
+    group: str | None = None
+    named: tuple[str, ...] = ()  # the columns the suite names (only a table may name any)
+
+
+@dataclass(frozen=True)
 class Task:
     key: str
     type: str
     metric: str
-    groups: tuple[str, ...]
-    source: str
-    size: int
-    classes: int | None
-    chance: float | None
+    groups: tuple[str, ...] = ()
+    source: str = ""
+    size: int | None = None  # samples the data must hold; None: any number
+    classes: int | None = None
+    chance: float | None = None
     scored: bool = True
     metadata: GroupSpec | None = None
+    data: DataSpec | None = None
+    classnames: tuple[str, ...] | None = None  # override (or, for folders and tables, set) the class names
+    templates: tuple[str, ...] | None = None
+    class_keys: tuple[str, ...] | None = None  # folder names / label values of the classes, where they differ from the names
 
     @property
     def dirname(self) -> str:
         """The task's folder below the suite's data directory."""
         return self.key
+
+    def location(self, data_dir: str) -> str:
+        """The task's data: its own `data` path, else DATA_DIR/<key>."""
+        return self.data.path if self.data else os.path.join(data_dir, self.dirname)
 
 
 @dataclass(frozen=True)
@@ -100,6 +129,11 @@ class Suite:
     def download_command(self, data_dir: str) -> str:
         return self.download.replace("DATA_DIR", data_dir)
 
+    def where(self, task: Task | str, field: str | None = None) -> str:
+        """'SUITE_FILE: task KEY: FIELD', the prefix of every error about a task's definition or data."""
+        key = task.key if isinstance(task, Task) else task
+        return f"{self.path or self.name}: task {key}" + (f": {field}" if field else "")
+
 
 def suite_names() -> list[str]:
     return sorted(entry.name[: -len(".yaml")] for entry in SUITE_DIR.iterdir() if entry.name.endswith(".yaml"))
@@ -121,13 +155,26 @@ def load_suite(name_or_path: str) -> Suite:
 
 
 def parse_suite(data: dict[str, Any], path: str = "") -> Suite:
+    """A suite from its definition (a YAML file's content); `path` names it in errors and anchors relative data paths.
+
+    Only the definition is checked here (fields, types, metrics, groups); the data is checked by
+    `layouts.check_suite_data` before an evaluation starts.
+    """
+    where = path or (str(data.get("suite", "suite")) if isinstance(data, dict) else "suite")
+    if not isinstance(data, dict):
+        raise ClipsiftError(f"{where}: a suite file is a mapping with {', '.join(SUITE_FIELDS)}")
+    _check_fields(where, data, SUITE_FIELDS, ("suite", "tasks"))
+    if not isinstance(data["tasks"], list) or not data["tasks"]:
+        raise ClipsiftError(f"{where}: tasks: a suite needs a non-empty list of tasks")
     groups = {str(k): str(v) for k, v in (data.get("groups") or {}).items()}
-    tasks = tuple(_task(entry, groups) for entry in data["tasks"])
+    base = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+    tasks = tuple(_task(where, number, entry, groups, base) for number, entry in enumerate(data["tasks"], 1))
     keys = [t.key for t in tasks]
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     if duplicates:
-        raise ValueError(f"duplicate task keys {duplicates}")
-    return Suite(str(data["suite"]), int(data.get("version", 1)), str(data["download"]), groups, tasks, path, definition_sha256(data))
+        raise ClipsiftError(f"{where}: tasks: duplicate task keys {duplicates}")
+    return Suite(str(data["suite"]), int(data.get("version", 1)), str(data.get("download") or ""), groups, tasks, path,
+                 definition_sha256(data))
 
 
 def definition_sha256(data: dict[str, Any]) -> str:
@@ -136,23 +183,109 @@ def definition_sha256(data: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _task(entry: dict[str, Any], groups: dict[str, str]) -> Task:
-    if entry["type"] not in TASK_TYPES:
-        raise ValueError(f"task {entry['key']}: type {entry['type']!r} is not one of {TASK_TYPES}")
+def _check_fields(where: str, entry: dict[str, Any], known: tuple[str, ...], required: tuple[str, ...]) -> None:
+    unknown = [k for k in entry if k not in known]
+    if unknown:
+        raise ClipsiftError(f"{where}: {unknown[0]}: unknown field (known: {', '.join(known)})")
+    missing = [k for k in required if entry.get(k) is None]
+    if missing:
+        raise ClipsiftError(f"{where}: {missing[0]}: missing required field")
+
+
+def _strings(where: str, value: Any, field: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(v, (str, int)) and str(v).strip() for v in value):
+        raise ClipsiftError(f"{where}: {field}: a non-empty list of non-empty strings")
+    return tuple(str(v).strip() for v in value)
+
+
+def _task(suite: str, number: int, entry: Any, groups: dict[str, str], base: str) -> Task:
+    if not isinstance(entry, dict):
+        raise ClipsiftError(f"{suite}: task {number}: a task is a mapping with {', '.join(REQUIRED_TASK_FIELDS)}")
+    where = f"{suite}: task {entry.get('key') or number}"
+    _check_fields(where, entry, TASK_FIELDS, REQUIRED_TASK_FIELDS)
+    key, task_type, metric = str(entry["key"]), str(entry["type"]), str(entry["metric"])
+    if task_type not in TASK_TYPES:
+        raise ClipsiftError(f"{where}: type: {task_type!r} is not one of {', '.join(TASK_TYPES)} (a worst-group "
+                            "classification is `classification` with a group column, see docs/evaluation.md)")
     unknown = [g for g in entry.get("groups") or [] if g not in groups]
     if unknown:
-        raise ValueError(f"task {entry['key']}: groups {unknown} are not declared under `groups`")
-    meta = entry.get("metadata")
-    spec = None
-    if meta:
-        spec = GroupSpec(tuple(meta["fields"]), meta.get("group_by"), tuple(meta["group_names"]) if meta.get("group_names") else None,
-                         tuple(meta.get("exclude") or ()), str(meta.get("name", "wg")))
-        if spec.group_by is not None and spec.group_by not in spec.fields:
-            raise ValueError(f"task {entry['key']}: group_by {spec.group_by!r} is not one of its fields {list(spec.fields)}")
-        if spec.exclude and not spec.group_names:
-            raise ValueError(f"task {entry['key']}: `exclude` names groups, so `group_names` is needed")
-    return Task(
-        key=str(entry["key"]), type=str(entry["type"]), metric=str(entry["metric"]), groups=tuple(entry.get("groups") or ()),
-        source=str(entry["source"]), size=int(entry["size"]), classes=entry.get("classes"), chance=entry.get("chance"),
-        scored=bool(entry.get("scored", True)), metadata=spec,
-    )
+        raise ClipsiftError(f"{where}: groups: {unknown} are not declared under the suite's `groups`")
+    spec = _group_spec(where, entry.get("metadata"))
+    data = _data_spec(where, entry, base)
+    if data and data.group and spec:
+        raise ClipsiftError(f"{where}: columns.group: a table's groups come from its group column; leave out `metadata`")
+    group_name = "wg" if data and data.group else spec.name if spec and spec.group_by else None
+    allowed = metrics.main_metrics(task_type, group_name, spec.fields if spec else ())
+    if metric not in allowed:
+        hint = "" if group_name or task_type != "classification" else \
+            " (worst-group metrics need a group: `columns: {group: ...}` for a table, `metadata.group_by` for webdataset data)"
+        raise ClipsiftError(f"{where}: metric: {metric!r} is not a metric of this {task_type} task; choose one of "
+                            f"{', '.join(allowed) or 'none (give metadata.fields)'}{hint}")
+    classnames, class_keys = _classnames(where, entry.get("classnames"))
+    templates = _strings(where, entry.get("templates"), "templates")
+    if templates and any("{c}" not in t for t in templates):
+        raise ClipsiftError(f"{where}: templates: {next(t for t in templates if '{c}' not in t)!r} has no {{c}} (the class name)")
+    if classnames and len(set(classnames)) != len(classnames):
+        raise ClipsiftError(f"{where}: classnames: {next(c for c in classnames if classnames.count(c) > 1)!r} appears twice")
+    if (classnames or templates) and task_type != "classification":
+        field = "classnames" if classnames else "templates"
+        raise ClipsiftError(f"{where}: {field}: only classification tasks have class names and templates")
+    size, classes = entry.get("size"), entry.get("classes")
+    for field, value in (("size", size), ("classes", classes)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ClipsiftError(f"{where}: {field}: a positive whole number (or leave it out)")
+    if classnames and classes is not None and len(classnames) != classes:
+        raise ClipsiftError(f"{where}: classes: {classes}, but classnames lists {len(classnames)}")
+    return Task(key=key, type=task_type, metric=metric, groups=tuple(entry.get("groups") or ()), source=str(entry.get("source") or ""),
+                size=size, classes=classes, chance=entry.get("chance"), scored=bool(entry.get("scored", True)), metadata=spec,
+                data=data, classnames=classnames, templates=templates, class_keys=class_keys)
+
+
+def _classnames(where: str, value: Any) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+    """(names, keys): a list gives the names (which are also the keys), a mapping key -> name both."""
+    if isinstance(value, dict):
+        keys = tuple(str(k).strip() for k in value)
+        return _strings(where, list(value.values()), "classnames"), keys
+    return _strings(where, value, "classnames"), None
+
+
+def _group_spec(where: str, meta: Any) -> GroupSpec | None:
+    if not meta:
+        return None
+    if not isinstance(meta, dict) or not meta.get("fields"):
+        raise ClipsiftError(f"{where}: metadata.fields: the names of the `npy` metadata vector's values are required")
+    spec = GroupSpec(tuple(str(f) for f in meta["fields"]), meta.get("group_by"),
+                     tuple(str(n) for n in meta["group_names"]) if meta.get("group_names") else None,
+                     tuple(meta.get("exclude") or ()), str(meta.get("name", "wg")))
+    if spec.group_by is not None and spec.group_by not in spec.fields:
+        raise ClipsiftError(f"{where}: metadata.group_by: {spec.group_by!r} is not one of its fields {list(spec.fields)}")
+    if spec.exclude and not spec.group_names:
+        raise ClipsiftError(f"{where}: metadata.exclude: names groups, so `group_names` is needed")
+    return spec
+
+
+def _data_spec(where: str, entry: dict[str, Any], base: str) -> DataSpec | None:
+    path, layout, columns = entry.get("data"), entry.get("layout"), entry.get("columns")
+    if path is None:
+        if layout not in (None, "wds") or columns:
+            raise ClipsiftError(f"{where}: data: `{'layout' if layout else 'columns'}` needs the data's path in `data`")
+        return None
+    if not isinstance(path, str) or not path.strip():
+        raise ClipsiftError(f"{where}: data: the path of the task's data (a folder or a CSV/Parquet table)")
+    if layout is not None and layout not in LAYOUTS:
+        raise ClipsiftError(f"{where}: layout: {layout!r} is not one of {', '.join(LAYOUTS)}")
+    columns = columns or {}
+    if not isinstance(columns, dict) or any(k not in COLUMNS for k in columns):
+        raise ClipsiftError(f"{where}: columns: a mapping of {', '.join(COLUMNS)} to the table's column names")
+    task_type = entry["type"]
+    if columns and layout not in (None, "table"):
+        raise ClipsiftError(f"{where}: columns: only a table has columns (layout is {layout})")
+    wrong = [f for f in columns if f != "image" and (f == "caption") != (task_type == "retrieval")]
+    if wrong:
+        raise ClipsiftError(f"{where}: columns.{wrong[0]}: a {task_type} task has no {wrong[0]} column")
+    if task_type in ("winogavil", "multiobjective") and layout not in (None, "wds"):
+        raise ClipsiftError(f"{where}: layout: {task_type} data is read only in the webdataset layout")
+    resolved = os.path.join(base, os.path.expanduser(path))
+    return DataSpec(os.path.normpath(resolved), layout, **{k: str(v) for k, v in columns.items()}, named=tuple(columns))

@@ -4,7 +4,8 @@ Each task's images are read, decoded and transformed by DataLoader workers and e
 batches (autocast on GPU); its metrics go to OUT/results.jsonl as one line once the task is done
 and OUT/summary.json is rewritten from all lines. A re-run skips the tasks already in
 results.jsonl, so a killed evaluation resumes. A task whose data is missing fails with its name
-and the download command; the other tasks go on.
+and the download command; the other tasks go on. A task whose data is named in the suite file
+(custom suites) is checked before any work: a missing file or a bad label stops the run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import numpy as np
 
 from clipsift import ClipsiftError, __version__
 from clipsift.eval import aggregate, metrics
-from clipsift.eval.data import EvalBatches, MissingData, Record, TaskData, open_task_data
+from clipsift.eval.data import EvalBatches, MissingData, Record, TaskData
+from clipsift.eval.layouts import check_suite_data, open_task
 from clipsift.eval.model import EvalModel, load_model, resolve_target, zero_shot_classifier
 from clipsift.eval.registry import Suite, Task, load_suite
 from clipsift.pipeline.pool import open_fs, write_atomic, write_json_atomic
@@ -76,26 +78,32 @@ def evaluate(target: str, suite: str = "datacomp38", *, data_dir: str | None = N
             from clipsift.eval.tiny import make_tiny_suite
 
             make_tiny_suite(data_dir)  # offline and deterministic: written on first use
+    opened = check_suite_data(loaded, chosen, data_dir)
     model = load_model(resolved.arch, resolved.checkpoint, device=device, precision=precision)
     return evaluate_model(model, loaded, chosen, data_dir, resolved.out, batch_size=batch_size,
-                          workers=default_workers() if workers is None else workers, on_task=on_task)
+                          workers=default_workers() if workers is None else workers, on_task=on_task, opened=opened)
 
 
 def evaluate_model(model: EvalModel, suite: Suite, tasks: list[Task], data_dir: str, out: str, *, batch_size: int = 256,
-                   workers: int = 0, on_task: Callable[[TaskOutcome], None] | None = None) -> EvalResult:
-    """Evaluate `tasks` of `suite` that OUT/results.jsonl does not hold yet, one line per finished task."""
+                   workers: int = 0, on_task: Callable[[TaskOutcome], None] | None = None,
+                   opened: dict[str, TaskData] | None = None) -> EvalResult:
+    """Evaluate `tasks` of `suite` that OUT/results.jsonl does not hold yet, one line per finished task.
+
+    `opened`: tasks' data already opened (and checked) by `layouts.check_suite_data`.
+    """
     if batch_size < 1:
         raise ClipsiftError(f"--batch-size {batch_size}: must be at least 1")
     fs, out = open_fs(out)
     fs.makedirs(out, exist_ok=True)
     lines = read_results(os.path.join(out, RESULTS), model.weights_sha256)
+    _check_definition(os.path.join(out, RESULTS), suite, lines)
     done = {(line["suite"], line["task"]) for line in lines}
     result, failed = EvalResult(out, suite.name), {}
     for task in tasks:
         if (suite.name, task.key) in done:
             outcome = TaskOutcome(task.key, "skipped")
         else:
-            outcome = _run_and_record(model, suite, task, data_dir, out, batch_size, workers, lines)
+            outcome = _run_and_record(model, suite, task, data_dir, out, batch_size, workers, lines, (opened or {}).get(task.key))
             if outcome.error:
                 failed[task.key] = outcome.error
         result.outcomes.append(outcome)
@@ -108,14 +116,15 @@ def evaluate_model(model: EvalModel, suite: Suite, tasks: list[Task], data_dir: 
 
 
 def _run_and_record(model: EvalModel, suite: Suite, task: Task, data_dir: str, out: str, batch_size: int, workers: int,
-                    lines: list[dict[str, Any]]) -> TaskOutcome:
+                    lines: list[dict[str, Any]], data: TaskData | None = None) -> TaskOutcome:
     """Evaluate one task and append its line; a bad-input error becomes a failed outcome, not an exception."""
     started = time.perf_counter()
     try:
-        line = run_task(model, suite, task, data_dir, batch_size, workers, os.path.join(out, CACHE))
+        line = run_task(model, suite, task, data_dir, batch_size, workers, os.path.join(out, CACHE), data)
     except MissingData as err:
-        return TaskOutcome(task.key, "failed", error=f"{task.key}: {err}; get the data with `{suite.download_command(data_dir)}`",
-                           seconds=time.perf_counter() - started)
+        fetch = (f"get the data with `{suite.download_command(data_dir)}`" if suite.download else
+                 f"put the task's data there (`clipsift eval make-task`) or name it with `data:` in {suite.path or suite.name}")
+        return TaskOutcome(task.key, "failed", error=f"{task.key}: {err}; {fetch}", seconds=time.perf_counter() - started)
     except ClipsiftError as err:
         return TaskOutcome(task.key, "failed", error=f"{task.key}: {err}", seconds=time.perf_counter() - started)
     line["seconds"] = round(time.perf_counter() - started, 3)
@@ -170,6 +179,14 @@ def read_results(path: str, weights_sha256: str) -> list[dict[str, Any]]:
     return lines
 
 
+def _check_definition(path: str, suite: Suite, lines: list[dict[str, Any]]) -> None:
+    """Refuse to resume on results of another definition of the suite (an edited suite file)."""
+    other = next((line for line in lines if line["suite"] == suite.name and line.get("suite_sha256") not in (None, suite.sha256)), None)
+    if other is not None:
+        raise ClipsiftError(f"{path} holds results of another definition of suite {suite.name} (sha256 {other['suite_sha256'][:12]}, "
+                            f"{suite.path or 'this one'} is {suite.sha256[:12]}); move that eval folder away or pass --out")
+
+
 def append_result(path: str, line: dict[str, Any]) -> None:
     """Add one line to results.jsonl: the whole file is rewritten atomically, so no line is ever torn."""
     fs, local = open_fs(path)
@@ -181,16 +198,23 @@ def append_result(path: str, line: dict[str, Any]) -> None:
 
 
 def write_summary(out: str, model: EvalModel, lines: list[dict[str, Any]], current: Suite, failed: dict[str, str]) -> dict[str, Any]:
-    """Rewrite OUT/summary.json from all results lines (every suite they cover)."""
+    """Rewrite OUT/summary.json from all results lines (every suite they cover).
+
+    A suite that is neither the current one nor shipped (a custom suite evaluated earlier into the
+    same folder) keeps the entry its own run wrote.
+    """
+    fs, local = open_fs(os.path.join(out, SUMMARY))
+    previous = json.loads(Path(local).read_text(encoding="utf-8")).get("suites", {}) if os.path.exists(local) else {}
     suites = {}
     for name in sorted({line["suite"] for line in lines} | {current.name}):
         suite = current if name == current.name else _load_known(name)
         if suite is None:
+            if name in previous:
+                suites[name] = previous[name]
             continue
         results = {line["task"]: line for line in lines if line["suite"] == name}
         suites[name] = aggregate.suite_summary(suite, results, failed if name == current.name else None)
     data = aggregate.summary(model.describe(), suites)
-    fs, local = open_fs(os.path.join(out, SUMMARY))
     write_json_atomic(fs, local, data)
     return data
 
@@ -199,15 +223,16 @@ def _load_known(name: str) -> Suite | None:
     try:
         return load_suite(name)
     except ClipsiftError:
-        return None  # lines of a suite given as a file path elsewhere: its own run wrote its summary
+        return None  # a suite given as a file path in another run
 
 
 # --------------------------------------------------------------------------- tasks
 
 
-def run_task(model: EvalModel, suite: Suite, task: Task, data_dir: str, batch_size: int, workers: int, cache_dir: str) -> dict[str, Any]:
-    """Evaluate one task; its results.jsonl line."""
-    data = open_task_data(os.path.join(data_dir, task.dirname), task.type)
+def run_task(model: EvalModel, suite: Suite, task: Task, data_dir: str, batch_size: int, workers: int, cache_dir: str,
+             data: TaskData | None = None) -> dict[str, Any]:
+    """Evaluate one task (its data opened here unless given); its results.jsonl line."""
+    data = data or open_task(suite, task, data_dir)
     evaluator = {"classification": _classification, "retrieval": _retrieval, "winogavil": _winogavil,
                  "multiobjective": _multiobjective}[task.type]
     values, n = evaluator(model, task, data, batch_size, workers, cache_dir)
@@ -215,8 +240,8 @@ def run_task(model: EvalModel, suite: Suite, task: Task, data_dir: str, batch_si
     if value is None:
         raise ClipsiftError(f"{data.root}: the main metric {task.metric} is undefined for this data")
     return {"task": task.key, "suite": suite.name, "metric": task.metric, "value": float(value), "metrics": _clean(values),
-            "n": n, "scored": task.scored, "model": model.describe(), "data": data.root, "clipsift": __version__,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "n": n, "scored": task.scored, "suite_sha256": suite.sha256, "model": model.describe(), "data": data.root,
+            "clipsift": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def _clean(values: dict[str, Any]) -> dict[str, Any]:
@@ -244,7 +269,7 @@ def embed_images(model: EvalModel, task: Task, data: TaskData, batch_size: int, 
                                          prefetch_factor=2 if workers else None)
     features, owners, slots, records = [], [], [], []
     with progress_bar() as progress:
-        bar = progress.add_task(task.key, total=task.size)
+        bar = progress.add_task(task.key, total=len(data.files) if data.files is not None else task.size)
         for batch in loader:
             if len(batch["owner"]):
                 features.append(model.encode_images(batch["images"]))
@@ -260,7 +285,7 @@ def embed_images(model: EvalModel, task: Task, data: TaskData, batch_size: int, 
 
 
 def _check_size(task: Task, data: TaskData, n: int) -> None:
-    if n != task.size:
+    if task.size is not None and n != task.size:
         raise MissingData(f"{data.root} holds {n} samples, {task.key} has {task.size} (incomplete or another version of the data)")
 
 
@@ -276,7 +301,7 @@ def _labels(task: Task, data: TaskData, records: list[Record]) -> np.ndarray:
 
 
 def _classification(model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, cache_dir: str):
-    spec = task.metadata
+    spec = data.metadata
     grouped = spec is not None and spec.group_by is not None
     emb, records = embed_images(model, task, data, batch_size, workers, with_meta=grouped)
     _check_size(task, data, len(records))
@@ -343,7 +368,7 @@ def split_objectives(lines: list[str]) -> dict[str, list[str]]:
 
 def _multiobjective(model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, cache_dir: str):
     """FairFace / UTKFace (unscored): accuracy per objective and its worst group (by race)."""
-    spec = task.metadata
+    spec = data.metadata
     emb, records = embed_images(model, task, data, batch_size, workers)
     _check_size(task, data, len(records))
     classes, templates = split_objectives(data.classnames), split_objectives(data.templates)
