@@ -32,6 +32,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from clipsift.eval.run import evaluate  # noqa: E402
+from clipsift.eval.tiny import make_tiny_suite  # noqa: E402
 from clipsift.filters.recipe import apply_recipe, load_recipe  # noqa: E402
 from clipsift.filters.subset import encode_uids, read_subset  # noqa: E402
 from clipsift.pipeline import synth  # noqa: E402
@@ -92,6 +93,8 @@ def prepare(out: Path, scale: str, filternet_scale: str, workers: int | None) ->
     net = train_filternet(str(reference), str(out / "filternet"), scale=filternet_scale, workers=workers)
     for target in (pool, reference):
         score_pool(str(target), net.arch, str(net.checkpoint), workers=workers)
+    if not (out / "tiny-suite" / "suite.json").exists():
+        make_tiny_suite(str(out / "tiny-suite"))
     return {"pool": str(pool), "reference": str(reference), "model_id": net.model_id, "truth": str(out / "truth.parquet")}
 
 
@@ -125,7 +128,9 @@ def train_and_evaluate(setup: dict, out: Path, scale: str, subset: Path, seed: i
     if not summary.exists():
         resharded = reshard(setup["pool"], str(subset), str(shards), shard_size=1024 if scale == "xs" else 5_000, workers=workers)
         train(scale, [(resharded.out, 1.0)], str(run), infra=Infra(workers=1, seed=seed))
-        evaluate(str(run), "tiny", data_dir=str(out / "tiny-suite"))
+        result = evaluate(str(run), "tiny", data_dir=str(out / "tiny-suite"))
+        if result.failed:
+            raise SystemExit(f"{run}: tiny-suite evaluation failed: {result.failed[0]}")
     return float(json.loads(summary.read_text())["suites"]["tiny"]["average"])
 
 
