@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 
 from clipsift import ClipsiftError
 from clipsift.pipeline.pool import Pool
-from clipsift.pipeline.score import score_pool
+from clipsift.pipeline.score import score_models, score_pool
 from clipsift.pipeline.synth import synth_pool
 from clipsift.train.models import register_model_configs
 from conftest import rewrite_tar
@@ -40,12 +41,12 @@ def pool(tmp_path: Path) -> Pool:
     return Pool(str(tmp_path / "pool"))
 
 
-def direct_embeddings(pool: Pool, checkpoint: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def direct_embeddings(pool: Pool, checkpoint: Path, arch: str = ARCH) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Single-process open_clip, the way its README computes embeddings."""
     import open_clip
 
-    model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=str(checkpoint))
-    tokenizer = open_clip.get_tokenizer(ARCH)
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(checkpoint))
+    tokenizer = open_clip.get_tokenizer(arch)
     model.eval()
     out = {}
     for shard in pool.shard_ids():
@@ -60,13 +61,10 @@ def direct_embeddings(pool: Pool, checkpoint: Path) -> dict[str, tuple[np.ndarra
     return out
 
 
-def test_scores_equal_a_direct_open_clip_computation(pool: Pool, checkpoint: Path) -> None:
-    result = score_pool(pool.url, ARCH, str(checkpoint), batch_size=40, workers=1)
-    assert result.model_id.startswith(f"{ARCH}__") and len(result.model_id) == len(ARCH) + 2 + 12
-    assert (result.shards_scored, result.pairs, result.failed) == (3, 96, 0)
-    expected = direct_embeddings(pool, checkpoint)
+def assert_equals_direct(pool: Pool, model_id: str, checkpoint: Path, arch: str = ARCH) -> None:
+    expected = direct_embeddings(pool, checkpoint, arch)
     for shard in pool.shard_ids():
-        table = pool.embeddings(result.model_id, shard)
+        table = pool.embeddings(model_id, shard)
         assert table.column("uid").to_pylist() == pool.metadata(shard, ["uid"]).column("uid").to_pylist()
         image = np.array(table.column("image_emb").to_pylist(), dtype=np.float32)
         text = np.array(table.column("text_emb").to_pylist(), dtype=np.float32)
@@ -76,6 +74,13 @@ def test_scores_equal_a_direct_open_clip_computation(pool: Pool, checkpoint: Pat
         np.testing.assert_allclose(text, want_text, atol=2e-3)
         np.testing.assert_allclose(table.column("clip_score").to_numpy(), (want_image * want_text).sum(1), atol=1e-5)
         assert set(table.column("status").to_pylist()) == {"ok"}
+
+
+def test_scores_equal_a_direct_open_clip_computation(pool: Pool, checkpoint: Path) -> None:
+    result = score_pool(pool.url, ARCH, str(checkpoint), batch_size=40, workers=1)
+    assert result.model_id.startswith(f"{ARCH}__") and len(result.model_id) == len(ARCH) + 2 + 12
+    assert (result.shards_scored, result.pairs, result.failed) == (3, 96, 0)
+    assert_equals_direct(pool, result.model_id, checkpoint)
     manifest = (Path(pool.root) / "embeddings" / result.model_id / "manifest.json").read_text()
     assert '"rows": 96' in manifest and result.model_id.split("__")[1] in manifest
 
@@ -117,3 +122,54 @@ def test_unloadable_models_fail_before_any_work(pool: Pool, checkpoint: Path, tm
     with pytest.raises(ClipsiftError, match="fp16 needs a GPU"):
         score_pool(pool.url, ARCH, str(checkpoint), precision="fp16", workers=1)
     assert not (Path(pool.root) / "embeddings").exists() or not list((Path(pool.root) / "embeddings").rglob("*.parquet"))
+
+
+def test_several_models_in_one_read_equal_single_model_runs(pool: Pool, checkpoint: Path, tmp_path: Path) -> None:
+    # xs and tiny share the image transform (32 px, bicubic) but not the tokenizer (32 vs 24 tokens)
+    tiny = save_checkpoint(tmp_path / "tiny.pt", arch="clipsift-tiny", seed=1)
+    models = [(ARCH, str(checkpoint)), ("clipsift-tiny", str(tiny))]
+    xs_result, tiny_result = score_models(pool.url, models, batch_size=40, workers=1)
+    assert [(r.shards_scored, r.pairs, r.failed) for r in (xs_result, tiny_result)] == [(3, 96, 0)] * 2
+    assert_equals_direct(pool, xs_result.model_id, checkpoint)
+    assert_equals_direct(pool, tiny_result.model_id, tiny, arch="clipsift-tiny")
+    for result in (xs_result, tiny_result):
+        manifest = json.loads((Path(pool.root) / "embeddings" / result.model_id / "manifest.json").read_text())
+        assert (manifest["model"]["model_id"], manifest["rows"], manifest["shards"]) == (result.model_id, 96, 3)
+
+    single = tmp_path / "single"
+    synth_pool(str(single), num_samples=96, shard_size=32, workers=1)  # the same pool again (the generator is deterministic)
+    alone = score_pool(str(single), ARCH, str(checkpoint), batch_size=40, workers=1)
+    assert alone.model_id == xs_result.model_id
+    for shard in pool.shard_ids():
+        assert Pool(str(single)).embeddings(alone.model_id, shard).equals(pool.embeddings(xs_result.model_id, shard))
+
+    # a shard missing for one model only is scored by that model only
+    folder = Path(pool.root) / "embeddings"
+    before = {p: p.read_bytes() for p in folder.rglob("*.parquet")}
+    (folder / xs_result.model_id / "00000001.parquet").unlink()
+    (folder / tiny_result.model_id / "00000002.parquet").unlink()
+    written: list[tuple[str, str]] = []
+    again = score_models(pool.url, models, batch_size=40, workers=1, on_shard_written=lambda m, s: written.append((m, s)))
+    assert sorted(written) == sorted([(xs_result.model_id, "00000001"), (tiny_result.model_id, "00000002")])
+    assert [(r.shards_scored, r.shards_skipped) for r in again] == [(1, 2), (1, 2)]
+    assert {p: p.read_bytes() for p in folder.rglob("*.parquet")} == before  # same bytes recomputed, others untouched
+
+
+def test_prepared_pixels_equal_open_clips_transform() -> None:
+    import open_clip
+    from torchvision.transforms import Compose
+
+    from clipsift.pipeline.score import _to_pixels
+
+    rng = np.random.default_rng(0)
+    shapes = [(64, 43), (43, 64), (32, 32), (31, 33), (1, 200), (200, 1), (500, 7), (33, 32), (100, 100), (3, 3)]
+    for transform_size, interpolation in [(32, "bicubic"), (24, "bilinear")]:
+        preprocess = open_clip.image_transform(transform_size, is_train=False, interpolation=interpolation)
+        head = Compose(preprocess.transforms[:-1])  # all but Normalize: resize, crop, RGB, to [0, 1]
+        key = (("size", (transform_size, transform_size)), ("interpolation", interpolation), ("resize_mode", "shortest"), ("fill_color", 0))
+        for (width, height), mode in zip(shapes, ["RGB", "RGB", "L", "RGBA", "RGB", "P", "RGB", "CMYK", "LA", "RGB"]):
+            image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
+            want = (head(image) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            got = _to_pixels(key)(image)
+            assert got.dtype == np.uint8 and got.shape == (transform_size, transform_size, 3)
+            np.testing.assert_array_equal(got, want, err_msg=f"{width}x{height} {mode} -> {transform_size} {interpolation}")
