@@ -40,7 +40,8 @@ def make_shard(rng: np.random.Generator, index: int, rows: int) -> tuple[pa.Tabl
     words = vocabulary[picks]
     ends = np.cumsum(counts)
     texts = [" ".join(words[end - count:end]) for count, end in zip(counts, ends)]
-    uids = [f"{index:08x}{row:024x}" for row in range(rows)]
+    digits = rng.bytes(16 * rows).hex()
+    uids = [digits[start:start + 32] for start in range(0, 32 * rows, 32)]  # random 128-bit, like DataComp's (hashes)
     metadata = pa.table({
         "uid": pa.array(uids), "key": pa.array([f"{index:08d}_{row:08d}" for row in range(rows)]), "text": pa.array(texts),
         "url": pa.nulls(rows, pa.string()),

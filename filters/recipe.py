@@ -225,7 +225,7 @@ def apply_recipe(pool_url: str, recipe: Recipe, out: str, *, workers: int | None
     fingerprint = hashlib.sha256(json.dumps([recipe.resolved(), pool_sha], sort_keys=True, default=str).encode()).hexdigest()[:16]
     runner = _Runner(pool, f"{work_root}/{fingerprint}", workers, address)
     final = runner.evaluate(recipe.root, None)
-    pairs = np.concatenate([encode_uids(pool.metadata(s, ["uid"]).column("uid"))[final.mask(s)] for s in pool.shard_ids()]
+    pairs = np.concatenate([encode_uids(pool.metadata(s, ["uid"]).column("uid").filter(final.mask(s))) for s in pool.shard_ids()]
                            or [encode_uids([])])
     npy_sha = write_subset(out, pairs)
     info = {

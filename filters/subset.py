@@ -7,6 +7,7 @@ resharding). DataComp's baseline files use the same dtype (fields f0, f1) and ar
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import io
 from dataclasses import dataclass
@@ -20,12 +21,12 @@ from clipsift.pipeline.pool import file_sha256, open_fs, write_atomic
 
 SUBSET_DTYPE = np.dtype("u8,u8")
 
-_HEX_VALUE = np.full(256, 255, dtype=np.uint8)
-_HEX_VALUE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+_HEX_DIGITS = b"0123456789abcdef"
 
 
 def encode_uids(uids: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
-    """uids (32 lowercase hex) -> structured `u8,u8` array, vectorised over the Arrow string buffer."""
+    """uids (32 lowercase hex) -> structured `u8,u8` array, decoded in bulk from the Arrow string buffer
+    (one bytes.translate to check the digits, one binascii.unhexlify)."""
     array = uids if isinstance(uids, (pa.Array, pa.ChunkedArray)) else pa.array(uids, pa.string())
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks() if array.num_chunks else pa.array([], pa.string())
@@ -35,15 +36,11 @@ def encode_uids(uids: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
     offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset: array.offset + len(array) + 1]
     if len(array) and not np.all(np.diff(offsets) == 32):
         raise ClipsiftError(f"uid {_first_bad(array)!r} is not 32 lowercase hex characters")
-    data = np.frombuffer(array.buffers()[2] or b"", np.uint8)[offsets[0]: offsets[-1]] if len(array) else np.zeros(0, np.uint8)
-    nibbles = _HEX_VALUE[data].reshape(len(array), 32)
-    if np.any(nibbles == 255):
+    data = bytes(memoryview(array.buffers()[2])[offsets[0]:offsets[-1]]) if len(array) else b""
+    if data.translate(None, _HEX_DIGITS):
         raise ClipsiftError(f"uid {_first_bad(array)!r} is not 32 lowercase hex characters")
-    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]  # 16 bytes per uid, big-endian
-    words = np.ascontiguousarray(packed).view(">u8").reshape(len(array), 2)
-    out = np.empty(len(array), SUBSET_DTYPE)
-    out["f0"], out["f1"] = words[:, 0], words[:, 1]
-    return out
+    words = np.frombuffer(binascii.unhexlify(data), ">u8")  # 16 bytes per uid, big-endian
+    return words.astype(np.uint64).view(SUBSET_DTYPE).reshape(len(array))
 
 
 def _first_bad(array: pa.Array) -> Any:
@@ -71,8 +68,18 @@ def as_subset_array(array: np.ndarray, source: str) -> np.ndarray:
 
 
 def sort_subset(pairs: np.ndarray) -> np.ndarray:
+    """Sorted by (f0, f1): one argsort of f0 (about 5x faster than a two-key lexsort of random uids), then a
+    lexsort of only the rows whose f0 is shared (repeated uids; all rows if most share it)."""
     pairs = as_subset_array(pairs, "uid array")
-    return pairs[np.lexsort((pairs["f1"], pairs["f0"]))]  # far faster than sorting the structured array
+    order = np.argsort(pairs["f0"])
+    shared = np.flatnonzero(np.diff(pairs["f0"][order]) == 0)
+    if len(shared):
+        tied = np.zeros(len(order), bool)
+        tied[shared] = tied[shared + 1] = True
+        rows = np.flatnonzero(tied)  # every position of each run of equal f0
+        runs = order[rows]
+        order[rows] = runs[np.lexsort((pairs["f1"][runs], pairs["f0"][runs]))]
+    return pairs[order]
 
 
 def write_subset(url: str, pairs: np.ndarray) -> str:

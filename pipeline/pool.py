@@ -14,6 +14,7 @@ Pools are local paths or fsspec URLs.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import hashlib
 import io
@@ -33,6 +34,8 @@ from typing import Any, Callable, Iterable, Iterator
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from clipsift import ClipsiftError, __version__
@@ -375,6 +378,90 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
+def find_entries(buffer: Any, keys: list[str], source: str = "<tar>") -> dict[str, TarEntry] | None:
+    """The entries with these keys (given in tar order) of a whole tar in `buffer` (bytes or a map), found by
+    searching the bytes for their first header's name, so the members between them are never parsed.
+
+    A hit counts only at a header boundary with the ustar magic, the key as its name and a good
+    checksum. Returns None when a key is not found that way (names under a folder, pax or GNU
+    headers, a missing key): read such a tar with `tar_windows`. Member data are copied.
+    """
+    found: dict[str, TarEntry] = {}
+    start = 0
+    for key in keys:
+        needle = key.encode("utf-8") + b"."
+        while True:
+            hit = buffer.find(needle, start)
+            if hit < 0:
+                return None
+            start = hit + 1
+            if hit % _BLOCK == 0 and buffer[hit + 257:hit + 262] == b"ustar" and \
+                    split_member_name(_header_name(buffer[hit:hit + _BLOCK]))[0] == key and \
+                    _first_bad_checksum(buffer[hit:hit + _BLOCK], [0], source) is None:
+                break
+        entry, position = TarEntry(key, {}), hit
+        while position + _BLOCK <= len(buffer):
+            header = buffer[position:position + _BLOCK]
+            if header[257:262] != b"ustar" or header[156:157] not in _FILE_TYPES:
+                break
+            name, ext = split_member_name(_header_name(header))
+            if name != key:
+                break
+            size = _octal(header[124:136], source, "size")
+            entry.members[ext] = buffer[position + _BLOCK:position + _BLOCK + size]
+            position += _BLOCK + size + -size % _BLOCK
+        found[key], start = entry, position
+    return found
+
+
+_USTAR = np.frombuffer(b"ustar", np.uint8)
+_OCTAL_WEIGHTS = 8 ** np.arange(10, -1, -1, dtype=np.int64)
+
+
+@dataclass
+class ImageSpans:
+    """Where the image of each entry of a whole tar lies, entries in tar order (see `image_spans`)."""
+
+    keys: pa.Array  # binary
+    exts: list[str]
+    offsets: np.ndarray  # of the image data in the tar
+    sizes: np.ndarray
+
+
+def image_spans(buffer: Any, source: str = "<tar>") -> ImageSpans | None:
+    """The image member of every entry of a whole tar in `buffer` (bytes or a map), found with no Python step per
+    member: the blocks with the USTAR magic are the candidate headers, and they must chain (each member's data
+    ends where the next header starts) up to the end blocks. None where that fails, or for members of other
+    kinds, names under a prefix, pax or base-256 fields, or an entry without exactly one image member: read
+    such a tar with `tar_windows`."""
+    blocks = np.frombuffer(buffer, np.uint8, len(buffer) // _BLOCK * _BLOCK).reshape(-1, _BLOCK)
+    starts = np.flatnonzero(blocks[:, 257] == _USTAR[0])  # one byte per block first: the pass that touches every block
+    starts = starts[(blocks[starts, 257:262] == _USTAR).all(axis=1)]
+    if not len(starts) or starts[0] != 0:
+        return None
+    heads = blocks[starts]
+    digits = heads[:, 124:135].astype(np.int64) - ord("0")
+    if not (np.isin(heads[:, 156], np.frombuffer(b"0\0" b"7", np.uint8)).all() and not heads[:, 345:500].any()
+            and ((digits >= 0) & (digits < 8)).all() and np.isin(heads[:, 135], (0, 32)).all()):
+        return None
+    sizes = digits @ _OCTAL_WEIGHTS
+    ends = starts * _BLOCK + _BLOCK + sizes + -sizes % _BLOCK
+    last = int(ends[-1])
+    if not np.array_equal(ends[:-1], starts[1:] * _BLOCK) or last > len(buffer) or \
+            (last + _BLOCK <= len(buffer) and blocks[last // _BLOCK].any()):
+        return None
+    if _first_bad_checksum(buffer, (starts * _BLOCK).tolist(), source) is not None:
+        return None
+    keys, _, exts = np.strings.partition(heads[:, :100].copy().view("S100").ravel(), b".")
+    exts = np.strings.lower(exts)
+    images = np.flatnonzero(np.isin(exts, [b"jpg", b"png", b"webp", b"jpeg"]))
+    firsts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+    if len(images) != len(firsts) or np.any(np.searchsorted(firsts, images, side="right") - 1 != np.arange(len(images))) \
+            or np.strings.find(keys, b"/").max() >= 0:
+        return None
+    return ImageSpans(pa.array(keys[firsts]), np.strings.decode(exts[images]).tolist(), starts[images] * _BLOCK + _BLOCK, sizes[images])
+
+
 _HEADER_IDS = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
 _HEADER_TEMPLATE = np.frombuffer(  # name, size and checksum to fill in; the checksum field counts as 8 spaces
     (bytes(100) + _HEADER_IDS + bytes(12) + b"%011o\0" % _MEMBER_MTIME + b" " * 8 + b"0" + bytes(100)
@@ -391,7 +478,7 @@ def ustar_headers(names: list[bytes], sizes: list[int]) -> np.ndarray:
         raise ValueError(f"member {name!r} ({size} bytes): USTAR holds names of up to 100 bytes and sizes below {8 ** 11}")
     headers = np.tile(_HEADER_TEMPLATE, (len(names), 1))
     if names:
-        headers[:, :100] = np.frombuffer(b"".join(name.ljust(100, b"\0") for name in names), np.uint8).reshape(-1, 100)
+        headers[:, :100] = np.array(names, "S100").view(np.uint8).reshape(-1, 100)
         headers[:, 124:135] = np.asarray(sizes, np.int64)[:, None] >> _SIZE_SHIFTS & 7 | ord("0")
         checksums = headers.sum(axis=1, dtype=np.int64)
         headers[:, 148:154] = checksums[:, None] >> _CHECKSUM_SHIFTS & 7 | ord("0")
@@ -439,6 +526,37 @@ class TarStream:
         self._write(parts)
         self._names, self._data, self._pending = [], [], 0
 
+    def add_samples(self, keys: list[str], images: list[tuple[str, bytes | memoryview]], texts: pa.Array, jsons: pa.Array) -> None:
+        """Append webdataset samples: members {key}.{ext} (the image), {key}.txt and {key}.json (`texts`, `jsons`:
+        binary arrays). The headers and the small members are laid out column-wise in one buffer, so one
+        os.writev writes a batch as alternating pieces of that buffer and image data (and its padding)."""
+        self.flush()
+        if not keys:
+            return
+        image_sizes = np.fromiter((len(data) for _, data in images), np.int64, len(images))
+        (text_data, text_offsets), (json_data, json_offsets) = _binary_buffers(texts), _binary_buffers(jsons)
+        text_sizes, json_sizes = np.diff(text_offsets), np.diff(json_offsets)
+        names = [name for key, (ext, _) in zip(keys, images) for name in (f"{key}.{ext}", f"{key}.txt", f"{key}.json")]
+        headers = ustar_headers([name.encode("utf-8") for name in names], np.stack([image_sizes, text_sizes, json_sizes], 1).ravel().tolist())
+        # The buffer: the first image's header, then per sample the .txt header and data, the .json header and
+        # data, the next image's header (all padded to blocks); each image goes between two pieces of it.
+        json_at = _BLOCK + text_sizes + -text_sizes % _BLOCK  # within a sample's piece
+        piece = json_at + _BLOCK + json_sizes + -json_sizes % _BLOCK + _BLOCK
+        starts = np.concatenate([[_BLOCK], _BLOCK + np.cumsum(piece)])  # where each sample's piece starts
+        buffer = np.zeros(int(starts[-1]) - _BLOCK, np.uint8)  # the last sample has no next image
+        blocks = buffer.reshape(-1, _BLOCK)
+        blocks[np.concatenate([[0], starts[1:-1] - _BLOCK]) // _BLOCK] = headers[0::3]
+        blocks[starts[:-1] // _BLOCK] = headers[1::3]
+        blocks[(starts[:-1] + json_at) // _BLOCK] = headers[2::3]
+        _scatter(buffer, starts[:-1] + _BLOCK, text_data, text_offsets)
+        _scatter(buffer, starts[:-1] + json_at + _BLOCK, json_data, json_offsets)
+        view, cuts, zeros = memoryview(buffer), starts.tolist(), memoryview(_ZERO_BLOCK)
+        cuts[-1] -= _BLOCK
+        parts: list[bytes | memoryview] = [view[:_BLOCK]]
+        for (_, data), size, cut, following in zip(images, image_sizes.tolist(), cuts, cuts[1:]):
+            parts += (data, zeros[:-size % _BLOCK], view[cut:following])
+        self._write(parts)
+
     def close(self) -> None:
         """Two zero blocks, then zeros up to a whole 10 KiB record, like tarfile."""
         self.flush()
@@ -450,6 +568,22 @@ class TarStream:
         elif parts:
             self.handle.write(b"".join(parts))
         self.offset += sum(map(len, parts))
+
+
+def _binary_buffers(array: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(data bytes, offsets [len + 1]) of a binary or string array without nulls."""
+    array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+    array = array.cast(pa.large_binary())
+    offsets = np.frombuffer(array.buffers()[1], np.int64)[array.offset:array.offset + len(array) + 1]
+    return np.frombuffer(array.buffers()[2] or b"", np.uint8), offsets
+
+
+def _scatter(buffer: np.ndarray, at: np.ndarray, data: np.ndarray, offsets: np.ndarray) -> None:
+    """Copy the pieces data[offsets[i]:offsets[i + 1]] to buffer[at[i]:], all at once."""
+    sizes = np.diff(offsets)
+    if sizes.sum():
+        source = np.arange(offsets[0], offsets[-1])
+        buffer[source + np.repeat(at - offsets[:-1], sizes)] = data[source]
 
 
 _FLUSH_BYTES = 8 << 20  # a TarStream writes at least this often
@@ -486,9 +620,13 @@ def _tmp_name(path: str) -> str:
 
 
 def read_parquet(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
-    # Through pyarrow's filesystem wrapper, not a Python file object: pyarrow 26 can abort the
-    # interpreter at exit after threaded reads from Python file objects.
-    return pq.read_table(path, columns=columns, filesystem=fs)
+    # Through a pyarrow filesystem, not a Python file object: pyarrow 26 can abort the interpreter at exit
+    # after threaded reads from Python file objects. Local files through pyarrow's own (no Python in the
+    # reads: about a third faster for string columns), others through its wrapper of the fsspec filesystem.
+    return pq.read_table(path, columns=columns, filesystem=_LOCAL_ARROW_FS if is_local_fs(fs) else fs)
+
+
+_LOCAL_ARROW_FS = pafs.LocalFileSystem()
 
 
 def parquet_file(fs: fsspec.AbstractFileSystem, path: str) -> pq.ParquetFile:
@@ -541,6 +679,8 @@ class ShardWriter:
         self.stats: dict[str, Any] = {}
         self._rows: list[dict[str, Any]] = []
         self._extra_keys: dict[str, None] = {}
+        self._tables: list[pa.Table] = []  # rows written by write_rows (and the write() rows before them)
+        self._written = 0
 
     def __enter__(self) -> "ShardWriter":
         sid = shard_id(self.index)
@@ -559,7 +699,7 @@ class ShardWriter:
             raise ValueError(f"uid {sample.uid!r} is not 32 lowercase hex characters")
         if sample.ext not in IMAGE_EXTS:
             raise ValueError(f"image extension {sample.ext!r} is not one of {IMAGE_EXTS}")
-        key = sample.key or sample_key(self.index, len(self._rows))
+        key = sample.key or sample_key(self.index, len(self))
         row = {
             "uid": sample.uid,
             "key": key,
@@ -574,16 +714,52 @@ class ShardWriter:
         row["text"] = sample.text
         self._rows.append(row)
         self._extra_keys.update(dict.fromkeys(sample.extra))
+        self._written += 1
+
+    def write_rows(self, rows: pa.Table, images: list[tuple[str, bytes | memoryview]]) -> None:
+        """Write samples given column-wise: metadata `rows` (the base columns, any other column carried as an
+        extra; their keys are replaced by new ones) and each row's image (extension, data). The bytes are
+        those of write() for each sample; the .json members are built by Arrow (`json_members`)."""
+        if len(images) != rows.num_rows:
+            raise ValueError(f"{rows.num_rows} rows but {len(images)} images")
+        uids = rows.column("uid")
+        bad = pc.invert(pc.fill_null(pc.match_substring_regex(uids, "^[0-9a-f]{32}$"), False))
+        if pc.any(bad).as_py():
+            raise ValueError(f"uid {uids.filter(bad)[0].as_py()!r} is not 32 lowercase hex characters")
+        for ext in {ext for ext, _ in images} - set(IMAGE_EXTS):
+            raise ValueError(f"image extension {ext!r} is not one of {IMAGE_EXTS}")
+        if rows.column("text").null_count:
+            raise ValueError(f"uid {uids.filter(pc.is_null(rows.column('text')))[0].as_py()!r} has no caption (null text)")
+        keys = [sample_key(self.index, n) for n in range(len(self), len(self) + rows.num_rows)]
+        extra = [name for name in rows.column_names if name not in BASE_COLUMNS]
+        columns = {name: rows.column(name).cast(BASE_SCHEMA.field(name).type) for name in BASE_SCHEMA.names}
+        columns["key"] = pa.chunked_array([keys], pa.string())
+        sha256 = columns["sha256"]
+        if sha256.null_count:  # as Sample does: the image's sha256 where the row has none
+            given = sha256.to_pylist()
+            columns["sha256"] = pa.chunked_array([[digest or hashlib.sha256(image).hexdigest() for digest, (_, image) in zip(given, images)]], pa.string())
+        table = pa.table({**columns, **{name: rows.column(name) for name in extra}})
+        members = json_members(table.select(["uid", "key", "url", "original_width", "original_height", "sha256", *extra]))
+        self._tar.add_samples(keys, images, table.column("text"), members)
+        if self._rows:  # keep the order of rows written one by one before these
+            self._tables.append(metadata_table(self._rows, {}, extra=list(self._extra_keys)))
+            self._rows, self._extra_keys = [], {}
+        self._tables.append(table)
+        self._written += rows.num_rows
 
     def flush(self) -> None:
         """Write the tar members of the samples so far (needed before a sample's image buffer is reused)."""
         self._tar.flush()
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return self._written
 
     def _table(self) -> pa.Table:
-        return metadata_table(self._rows, self.stats, extra=list(self._extra_keys))
+        if not self._tables:
+            return metadata_table(self._rows, self.stats, extra=list(self._extra_keys))
+        tables = [*self._tables, *([metadata_table(self._rows, {}, extra=list(self._extra_keys))] if self._rows else [])]
+        table = pa.concat_tables(tables, promote_options="permissive").combine_chunks()
+        return table.replace_schema_metadata({_STATS_KEY: json.dumps(self.stats, default=str).encode()})
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -613,6 +789,43 @@ def metadata_table(rows: list[dict[str, Any]], stats: dict[str, Any], *, extra: 
         columns[name] = pa.array([r.get(name) for r in rows], type=extra_types.get(name))
     table = pa.table(columns)
     return table.replace_schema_metadata({_STATS_KEY: json.dumps(stats, default=str).encode()})
+
+
+_JSON_PLAIN = r"^[ !#-\[\]-~]*$"  # printable ASCII but the quote and the backslash: json.dumps keeps them as they are
+
+
+def json_members(table: pa.Table) -> pa.Array:
+    """json.dumps(row, default=str) of every row, as ShardWriter writes a sample's .json member, built column-wise
+    by Arrow: strings that need no escaping, integers, booleans and nulls as they are, floats by Python's repr;
+    rows holding a string that needs escaping, and tables with columns of other types, are encoded row by row."""
+    parts: list[Any] = []
+    plain = pa.chunked_array([np.ones(table.num_rows, bool)])
+    for name in table.column_names:
+        column, kind = table.column(name), table.column(name).type
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            plain = pc.and_(plain, pc.fill_null(pc.match_substring_regex(column, _JSON_PLAIN), True))
+            text = pc.binary_join_element_wise('"', column, '"', "")
+        elif pa.types.is_integer(kind):
+            text = column.cast(pa.string())
+        elif pa.types.is_boolean(kind):
+            text = pc.if_else(column, "true", "false")
+        elif pa.types.is_floating(kind):
+            text = pa.array([None if value is None else _to_json(value) for value in column.to_pylist()], pa.string())
+        elif pa.types.is_null(kind):
+            text = pa.nulls(table.num_rows, pa.string())
+        else:
+            return pa.array([_to_json(row).encode("utf-8") for row in table.to_pylist()], pa.binary())
+        parts += [("{" if not parts else ", ") + json.dumps(name) + ": ", pc.fill_null(text, "null")]
+    if not parts:
+        return pa.array([b"{}"] * table.num_rows, pa.binary())
+    members = pc.binary_join_element_wise(*parts, "}", "").combine_chunks().cast(pa.binary())
+    escaped = np.flatnonzero(~plain.to_numpy(zero_copy_only=False))
+    if len(escaped):
+        values = members.to_pylist()
+        for index, row in zip(escaped.tolist(), table.take(escaped).to_pylist()):
+            values[index] = _to_json(row).encode("utf-8")
+        members = pa.array(values, pa.binary())
+    return members
 
 
 def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
@@ -926,6 +1139,39 @@ class Pool:
         """The raw tar entries of a shard, in stored order."""
         for window in self.entry_windows(shard):
             yield from map(_owned, window)
+
+    def entries_at(self, shard: str, keys: list[str]) -> dict[str, TarEntry]:
+        """The shard's entries with these keys (given in tar order), without reading the others: a local tar is
+        mapped and searched for their headers (`find_entries`); other tars are streamed up to the last key."""
+        path = self.tar_path(shard)
+        if is_local_fs(self.fs) and os.name == "posix" and self.fs.exists(path) and self.fs.size(path):
+            with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                found = find_entries(mapped, keys, path)
+            if found is not None:
+                return found
+        wanted, found = set(keys), {}
+        for window in self.entry_windows(shard):
+            found.update((entry.key, _owned(entry)) for entry in window if entry.key in wanted)
+            if len(found) == len(wanted):
+                break
+        return found
+
+    @contextlib.contextmanager
+    def mapped_tar(self, shard: str) -> Iterator[mmap.mmap | None]:
+        """The shard's tar mapped whole and read in (MAP_POPULATE), or None for a tar that is not a non-empty local file."""
+        path = self.tar_path(shard)
+        if not (is_local_fs(self.fs) and os.name == "posix" and os.path.isfile(path) and os.path.getsize(path)):
+            yield None
+            return
+        with open(path, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
+        try:
+            yield mapped
+        finally:
+            try:
+                mapped.close()
+            except BufferError:  # views of it still held (by an exception's traceback): unmapped when they go
+                pass
 
     def entry_windows(self, shard: str) -> Iterator[list[TarEntry]]:
         """The raw tar entries of a shard a window at a time, member data as views of a reused buffer

@@ -8,18 +8,22 @@ new key.
 
 Plan: one pass over the pool's uid columns counts each row's copies, which fixes the global output
 order; output shard j holds samples [j*S, (j+1)*S) of it, so every shard but the last is full. Each
-output shard is one Ray task that streams the input tars overlapping its range; shards already
+output shard is one Ray task that copies from the input tars overlapping its range, column-wise: no
+Python step per tar member (docs/pool-format.md, "How reshard moves bytes"); shards already
 complete are skipped, so a killed reshard re-run writes only what is missing.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from clipsift import ClipsiftError, __version__
 from clipsift.filters.subset import decode_uids, encode_uids, read_subset, sort_subset, unique_counts
@@ -27,10 +31,12 @@ from clipsift.pipeline.pool import (
     Pool,
     PoolFormatError,
     ShardWriter,
+    TarEntry,
     build_pool,
     file_sha256,
+    image_member,
+    image_spans,
     open_fs,
-    sample_from_entry,
     write_json_atomic,
 )
 
@@ -94,8 +100,8 @@ class _Fill:
             self._copy(pool, shard, skip, take, writer)
 
     def _copy(self, pool: Pool, shard: str, skip: int, take: int, writer: ShardWriter) -> None:
-        """Write output copies [skip, skip + take) of input shard `shard`. Images go to the writer as views of
-        the input tar's window, which it writes in batches (local files: os.writev from the map, no copy in Python)."""
+        """Write output copies [skip, skip + take) of input shard `shard`: the rows are taken from its metadata
+        table column-wise, the images go to the writer as views of the input tar (a local one mapped whole)."""
         table = pool.metadata(shard)
         copies, _ = row_copies(self.subset_unique, self.repeats, table.column("uid"))
         ends = np.cumsum(copies)  # output copies of this shard up to and including each row
@@ -103,26 +109,56 @@ class _Fill:
         wanted = np.flatnonzero(counts)
         if not len(wanted):
             return
-        rows = dict(zip(wanted.tolist(), zip(table.take(wanted).to_pylist(), counts[wanted].tolist())))
-        last, seen = int(wanted[-1]), 0
-        source = pool.tar_path(shard)
-        for window in pool.entry_windows(shard):
-            for position, entry in enumerate(window[: last + 1 - seen], start=seen):
-                if position not in rows:
-                    continue
-                row, count = rows[position]
-                if entry.key != row["key"]:
-                    raise PoolFormatError(f"{source}: sample {position} has key {entry.key!r} but the metadata says {row['key']!r}; "
-                                          "the shard is misaligned, run `clipsift pool check`")
-                sample = sample_from_entry(entry, row, source)
-                sample.key = None  # the writer gives each copy a new key
-                for _ in range(count):
-                    writer.write(sample)
-            writer.flush()  # before the next window reuses the buffer the images point into
-            seen += len(window)
-            if seen > last:
+        with pool.mapped_tar(shard) as mapped:
+            spans = image_spans(mapped, pool.tar_path(shard)) if mapped is not None else None
+            if spans is not None and len(spans.keys) == table.num_rows and \
+                    spans.keys.take(wanted).equals(table.column("key").take(wanted).combine_chunks().cast(pa.binary())):
+                view = memoryview(mapped)
+                images = [(_JPEG.get(spans.exts[row], spans.exts[row]), view[offset:offset + size]) for row, offset, size in
+                          zip(wanted.tolist(), spans.offsets[wanted].tolist(), spans.sizes[wanted].tolist())]
+                repeats = counts[wanted]
+                writer.write_rows(table.take(np.repeat(wanted, repeats)), list(_repeat(images, repeats.tolist())))
+                del images, view  # so that the map can close
                 return
-        raise PoolFormatError(f"{source}: the tar ends before sample {last} that the metadata lists")
+        self._copy_windows(pool, shard, table, wanted, counts, writer)
+
+    def _copy_windows(self, pool: Pool, shard: str, table: pa.Table, wanted: np.ndarray, counts: np.ndarray,
+                      writer: ShardWriter) -> None:
+        """`_copy` for any tar (another filesystem, pax headers, ...): the tar read a window at a time."""
+        keys = table.column("key").take(wanted).to_pylist()
+        source = pool.tar_path(shard)
+        done, seen = 0, 0  # wanted rows written; entries of the tar passed
+        for window in pool.entry_windows(shard):
+            stop = int(np.searchsorted(wanted, seen + len(window)))
+            if stop > done:
+                rows = wanted[done:stop]
+                images = [_image(window[position - seen], key, position, source)
+                          for position, key in zip(rows.tolist(), keys[done:stop])]
+                repeats = counts[rows]
+                writer.write_rows(table.take(np.repeat(rows, repeats)), list(_repeat(images, repeats.tolist())))  # written now
+            done, seen = stop, seen + len(window)
+            if done == len(wanted):
+                return
+        raise PoolFormatError(f"{source}: the tar ends before sample {int(wanted[-1])} that the metadata lists")
+
+
+_JPEG = {"jpeg": "jpg"}  # written as .jpg, as Sample does
+
+
+def _image(entry: TarEntry, key: str, position: int, source: str) -> tuple[str, bytes | memoryview]:
+    """The (extension, data) of a sample's image, after checking that the tar entry is the metadata row's."""
+    if entry.key != key:
+        raise PoolFormatError(f"{source}: sample {position} has key {entry.key!r} but the metadata says {key!r}; "
+                              "the shard is misaligned, run `clipsift pool check`")
+    image = image_member(entry)
+    if image is None:
+        raise PoolFormatError(f"{source}: sample {entry.key!r} has no image member (.jpg/.png/.webp)")
+    return _JPEG.get(image[0], image[0]), image[1]
+
+
+def _repeat(items: list[Any], counts: list[int]) -> Iterator[Any]:
+    for item, count in zip(items, counts):
+        yield from itertools.repeat(item, count)
 
 
 def reshard(pool_url: str, subset_path: str, out: str, *, shard_size: int = 10_000, workers: int | None = None,

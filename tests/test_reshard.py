@@ -16,14 +16,16 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from clipsift import ClipsiftError
 from clipsift.filters.subset import encode_uids, write_subset
 from clipsift.pipeline import pool as pool_module
+from clipsift.pipeline import reshard as reshard_module
 from clipsift.pipeline.check import check_pool
-from clipsift.pipeline.pool import Pool, derive_uid
+from clipsift.pipeline.pool import Pool, Sample, ShardWriter, derive_uid
 from clipsift.pipeline.reshard import read_manifest, reshard
 from conftest import make_pool
 
@@ -87,20 +89,19 @@ def test_reshard_writes_exactly_the_subset_with_multiplicity(tmp_path: Path, sou
 def test_reshard_resumes_after_a_failure_mid_shard(tmp_path: Path, source, monkeypatch) -> None:
     pool, _, subset = source
     reshard(str(pool), str(subset), str(tmp_path / "clean"), shard_size=3, workers=1)
-    original = pool_module.ShardWriter.write
-    calls = []
+    original = pool_module.ShardWriter.write_rows
 
-    def failing(self, sample):
-        calls.append(sample.uid)
-        if len(calls) == 7:  # in the middle of the third shard
+    def failing(self, rows, images):
+        if self.index == 2:  # the third shard: one sample written, then the failure
+            original(self, rows.slice(0, 1), images[:1])
             raise RuntimeError("killed")
-        return original(self, sample)
+        return original(self, rows, images)
 
-    monkeypatch.setattr(pool_module.ShardWriter, "write", failing)
+    monkeypatch.setattr(pool_module.ShardWriter, "write_rows", failing)
     with pytest.raises(RuntimeError, match="killed"):
         reshard(str(pool), str(subset), str(tmp_path / "out"), shard_size=3, workers=1)
     assert len(list((tmp_path / "out" / "metadata").glob("*.parquet"))) == 2
-    monkeypatch.setattr(pool_module.ShardWriter, "write", original)
+    monkeypatch.setattr(pool_module.ShardWriter, "write_rows", original)
     reshard(str(pool), str(subset), str(tmp_path / "out"), shard_size=3, workers=1)
     assert output_samples(tmp_path / "out") == output_samples(tmp_path / "clean")
     for tar in (tmp_path / "clean" / "shards").glob("*.tar"):
@@ -112,11 +113,11 @@ SLOW_RESHARD = """
 import sys, time
 from clipsift.pipeline import pool
 from clipsift.pipeline.reshard import reshard
-write = pool.ShardWriter.write
-def slow(self, sample):
-    time.sleep(0.05)
-    return write(self, sample)
-pool.ShardWriter.write = slow
+write_rows = pool.ShardWriter.write_rows
+def slow(self, rows, images):
+    time.sleep(0.05 * len(images))
+    return write_rows(self, rows, images)
+pool.ShardWriter.write_rows = slow
 reshard(sys.argv[1], sys.argv[2], sys.argv[3], shard_size=2, workers=1)
 """
 
@@ -198,8 +199,9 @@ def test_fast_tar_layer_matches_tarfile(tmp_path: Path) -> None:
 
 
 def test_fast_and_generic_paths_write_identical_pools(tmp_path: Path, source, monkeypatch) -> None:
-    """A local pool takes the fast path (its tars mapped, images handed to os.writev as views of the map);
-    another fsspec filesystem the generic one (tars read into a reused buffer, one write per batch). Both
+    """A local pool takes the fast path (each tar mapped whole and indexed by `image_spans`, images handed to
+    os.writev as views of the map); a local tar that path declines is mapped a window at a time; another
+    fsspec filesystem takes the generic path (tars read into a reused buffer, one write per batch). All
     write the same bytes, whatever the window sizes: small windows make entries straddle and outgrow them."""
     pool, _, subset = source
     remote = f"memory://reshard-{uuid.uuid4().hex}"
@@ -207,7 +209,10 @@ def test_fast_and_generic_paths_write_identical_pools(tmp_path: Path, source, mo
     calls = collections.Counter()
     for name in ("_mapped_windows", "_read_windows", "_writev"):
         monkeypatch.setattr(pool_module, name, _counted(calls, name, getattr(pool_module, name)))
+    monkeypatch.setattr(reshard_module, "image_spans", _counted(calls, "image_spans", pool_module.image_spans))
     reshard(str(pool), str(subset), str(tmp_path / "default"), shard_size=4, workers=1)
+    assert calls["image_spans"] and calls["_writev"] and not calls["_mapped_windows"] and not calls["_read_windows"]
+    monkeypatch.setattr(reshard_module, "image_spans", lambda buffer, source: None)
     monkeypatch.setattr(pool_module, "_MAP_WINDOW", 4096)
     monkeypatch.setattr(pool_module, "_READ_WINDOW", 2048)
     reshard(str(pool), str(subset), str(tmp_path / "fast"), shard_size=4, workers=1)
@@ -291,3 +296,69 @@ def test_tar_stream_through_writev_writes_the_same_bytes_even_when_writes_come_u
         pool_module.ustar_headers([b"x" * 101], [1])
     with pytest.raises(ValueError, match="USTAR holds"):
         pool_module.ustar_headers([b"x"], [8 ** 11])
+
+
+def awkward_samples() -> list[Sample]:
+    """Samples whose metadata needs JSON escaping (quotes, backslashes, control and non-ASCII characters),
+    nulls, floats, a missing sha256 and every image kind."""
+    rng = np.random.default_rng(3)
+    texts = ["plain caption", 'quote " and \\ backslash', "ünïcode ☃", "tab\tnew\nline", "del\x7f", ""]
+    urls = [None, 'http://x/"q".jpg', "http://x/é.jpg", "http://x/a.jpg"]
+    return [Sample(derive_uid(f"awkward {n}"), rng.bytes(int(rng.integers(0, 2000))), ("jpg", "png", "webp")[n % 3],
+                   texts[n % len(texts)], urls[n % len(urls)], None if n % 7 == 0 else n * 10, 7,
+                   sha256=None if n % 4 == 0 else f"{n:064x}",
+                   extra={"score": [0.1, float("nan"), 1e16, -2.5e-7][n % 4], "label": ["a", None, 'b"c', "ß"][n % 4],
+                          "count": n if n % 5 else None, "flag": bool(n % 2)})
+            for n in range(13)]
+
+
+def test_write_rows_writes_what_write_writes(tmp_path: Path) -> None:
+    """ShardWriter.write_rows (column-wise: Arrow JSON members, one buffer of headers and small members) makes the
+    same tar and parquet bytes as write() sample by sample, keys replaced by the writer's own."""
+    samples = awkward_samples()
+    with ShardWriter(str(tmp_path / "a"), 0) as writer:
+        for sample in samples:
+            writer.write(sample)
+    rows = Pool(str(tmp_path / "a")).metadata("00000000").drop_columns(["sha256"])
+    rows = rows.append_column("sha256", pa.array([sample.sha256 if n % 4 else None for n, sample in enumerate(samples)]))
+    rows = rows.set_column(rows.column_names.index("key"), "key", pa.array(["old"] * len(samples)))
+    with ShardWriter(str(tmp_path / "b"), 0) as writer:
+        writer.write_rows(rows.slice(0, 5), [(s.ext, memoryview(s.image)) for s in samples[:5]])
+        writer.write_rows(rows.slice(5), [(s.ext, s.image) for s in samples[5:]])
+    for part in ("shards/00000000.tar", "metadata/00000000.parquet"):
+        assert (tmp_path / "a" / part).read_bytes() == (tmp_path / "b" / part).read_bytes(), part
+    members = pool_module.json_members(rows.select(["uid", "key", "url", "original_width"]).slice(0, 3))
+    assert members.to_pylist() == [json.dumps({k: r[k] for k in ("uid", "key", "url", "original_width")}).encode()
+                                   for r in rows.slice(0, 3).to_pylist()]
+
+
+def test_image_spans_agree_with_tarfile_or_decline(tmp_path: Path) -> None:
+    """image_spans finds each entry's image where tarfile says it is; a tar it cannot index without a
+    member-by-member walk (pax headers, names under a folder, two images in one entry) gives None."""
+    rng = np.random.default_rng(4)
+
+    def tar_bytes(members: list[tuple[str, bytes]], format: int = tarfile.USTAR_FORMAT) -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=format) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return buffer.getvalue()
+
+    sizes = [0, 1, 511, 512, 513, 5000]
+    members = [(f"k{i:03d}.{ext}", rng.bytes(size if ext != "json" else 3)) for i, size in enumerate(sizes)
+               for ext in (("txt", "png", "json") if i % 2 else ("JPG", "txt"))]
+    data = tar_bytes(members)
+    spans = pool_module.image_spans(data)
+    assert spans is not None and spans.keys.to_pylist() == [f"k{i:03d}".encode() for i in range(len(sizes))]
+    assert spans.exts == ["jpg" if i % 2 == 0 else "png" for i in range(len(sizes))]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        images = [info for info in tar.getmembers() if info.name.lower().endswith((".jpg", ".png"))]
+        assert spans.offsets.tolist() == [info.offset_data for info in images]
+        assert spans.sizes.tolist() == [info.size for info in images]
+    assert pool_module.image_spans(tar_bytes([("ä.jpg", b"x")], tarfile.PAX_FORMAT)) is None
+    assert pool_module.image_spans(tar_bytes([("dir/a.jpg", b"x")])) is None
+    assert pool_module.image_spans(tar_bytes([("a.jpg", b"x"), ("a.png", b"y")])) is None
+    assert pool_module.image_spans(tar_bytes([("a.txt", b"x")])) is None
+    assert pool_module.image_spans(data[:-2048 - len(data) % 10240 or None][:1536]) is None  # cut inside a member
