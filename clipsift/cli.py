@@ -154,20 +154,25 @@ def pool_check(
 @app.command("score")
 def score(
     pool: str = typer.Argument(..., help="Pool directory or fsspec URL."),
-    model: str = typer.Option(..., "--model", "-m", help="open_clip architecture, e.g. ViT-B-32, or a config of configs/models (clipsift-xs)."),
-    pretrained: str = typer.Option(..., "--pretrained", "-p", help="open_clip pretrained tag (e.g. openai) or a checkpoint file."),
+    model: list[str] = typer.Option(..., "--model", "-m", help="open_clip architecture, e.g. ViT-B-32, or a config of configs/models "
+                                    "(clipsift-xs). Repeat --model/--pretrained to score several models in one read of the pool."),
+    pretrained: list[str] = typer.Option(..., "--pretrained", "-p", help="open_clip pretrained tag (e.g. openai) or a checkpoint file, "
+                                         "one per --model, in the same order."),
     batch_size: int = typer.Option(256, help="Samples per model batch."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16."),
     address: Optional[str] = AddressOption,
     gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per model actor (default: 1 where the cluster has GPUs, else 0)."),
-    workers: Optional[int] = typer.Option(None, help="Model actors (default: one per GPU, or half the CPUs)."),
+    workers: Optional[int] = typer.Option(None, help="Model actors (default: one per GPU, or one per CPU)."),
 ) -> None:
     """CLIP image/text embeddings and CLIP scores for every shard (resumes: scored shards are skipped)."""
-    from clipsift.pipeline.score import score_pool, score_summary_rows
+    from clipsift.pipeline.score import score_models, score_summary_rows
 
-    result = score_pool(pool, model, pretrained, batch_size=batch_size, precision=precision, address=address,
-                        gpus_per_worker=gpus_per_worker, workers=workers)
-    _print_summary("score", score_summary_rows(result, pool))
+    if len(model) != len(pretrained):
+        raise ClipsiftError(f"{len(model)} --model but {len(pretrained)} --pretrained: give one --pretrained per --model, in the same order")
+    results = score_models(pool, list(zip(model, pretrained)), batch_size=batch_size, precision=precision, address=address,
+                           gpus_per_worker=gpus_per_worker, workers=workers)
+    for result in results:
+        _print_summary("score" if len(results) == 1 else f"score {result.model_id}", score_summary_rows(result, pool))
 
 
 subset_app = typer.Typer(help="Inspect subset files (.npy uid lists, DataComp's format).", no_args_is_help=True)
@@ -250,6 +255,7 @@ def train_command(
     max_per_device_batch: Optional[int] = typer.Option(None, help="Largest batch one device holds; the rest is gradient accumulation."),
     torchcompile: bool = typer.Option(False, "--torchcompile", help="torch.compile the model (infrastructure, results unchanged)."),
     non_standard_precision: Optional[str] = typer.Option(None, help="Train in another precision than the recipe's: recorded as non-standard."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Training seed (default: the recipe's); for measuring seed spread."),
 ) -> None:
     """Train a CLIP model with the scale's fixed recipe through open_clip_train."""
     from clipsift.train.launch import Infra, train, train_summary_rows
@@ -258,17 +264,42 @@ def train_command(
     if weights and len(weights) != len(data):
         raise ClipsiftError(f"{len(weights)} --weight values for {len(data)} --data sources; give one weight per source or none")
     infra = Infra(devices=gpus, workers=workers, max_per_device_batch=max_per_device_batch, torchcompile=torchcompile,
-                  precision=non_standard_precision)
+                  precision=non_standard_precision, seed=seed)
     result = train(scale, list(zip(data, weights or [1.0] * len(data))), str(out), infra=infra)
     _print_summary("train", train_summary_rows(result))
 
 
+filternet_app = typer.Typer(help="The filtering network: a small CLIP trained on a clean reference set, to score pools with.",
+                            no_args_is_help=True)
+app.add_typer(filternet_app, name="filternet")
+
+
+@filternet_app.command("train")
+def filternet_train(
+    reference: str = typer.Option(..., "--reference", "-r", help="Clean reference pool (clipsift pool synth --clean-reference, or your curated pairs imported)."),
+    scale: str = typer.Option("xs", "--scale", "-s", help="Training recipe for the network: xs or tiny."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the network (filternet.json, run/, the checkpoint); re-running resumes."),
+    workers: Optional[int] = WorkersOption,
+) -> None:
+    """Train the filtering network on a clean reference set; `clipsift score` then scores a pool with it."""
+    from clipsift.train.filternet import train_filternet
+
+    result = train_filternet(reference, str(out), scale=scale, workers=workers)
+    _print_summary("filternet train", [
+        ("reference", f"{reference} ({result.reference_samples:,} samples)"), ("recipe", f"{scale}: {result.samples_seen:,} samples seen"),
+        ("network", f"{result.arch}, {result.checkpoint}"), ("model_id", result.model_id), ("time", f"{result.seconds:.0f} s"),
+        ("next", f"clipsift score POOL --model {result.arch} --pretrained {result.checkpoint}"),
+    ])
+
+
 class _EvalGroup(TyperGroup):
-    """`clipsift eval RUN ...` dispatches to the hidden `run` command; `download` and `make-tiny-suite` are verbs."""
+    """`clipsift eval RUN ...` dispatches to the hidden `run` command; `download`, `make-tiny-suite` and `make-task` are verbs."""
+
+    default = "run"  # the hidden command that a first argument other than a verb goes to
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
-            args = ["run", *args]
+            args = [self.default, *args]
         return super().parse_args(ctx, args)
 
 
@@ -290,7 +321,7 @@ def _split_list(values: Optional[list[str]]) -> Optional[list[str]]:
 @eval_app.command("run", hidden=True, cls=_EvalRunCommand)
 def eval_run(
     target: str = typer.Argument(..., metavar="RUN|CHECKPOINT", help="Run directory (RUN/checkpoints/epoch_latest.pt, model from run.json) or a checkpoint file."),
-    suite: str = typer.Option("datacomp38", "--suite", "-s", help="datacomp38 | tiny (or a suite YAML file)."),
+    suite: str = typer.Option("datacomp38", "--suite", "-s", help="datacomp38 | tiny | a custom suite YAML file (docs/evaluation.md)."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="The suite's data (default: $CLIPSIFT_EVAL_DATA/SUITE or ~/.cache/clipsift/eval/SUITE)."),
     tasks: Optional[list[str]] = typer.Option(None, "--tasks", "-t", help="Only these tasks: keys, globs (vtab/*) or group tags; repeat or comma-separate."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per model batch."),
@@ -330,6 +361,33 @@ def eval_make_tiny_suite(
     _print_summary("tiny evaluation suite", rows)
 
 
+@eval_app.command("make-task")
+def eval_make_task(
+    src: Path = typer.Option(..., "--from", help="An image folder (one sub-folder per class) or a CSV/Parquet table of image paths."),
+    task_type: str = typer.Option(..., "--type", help="classification | retrieval"),
+    out: Path = typer.Option(..., "--out", "-o", help="Task folder to write (clip_benchmark's webdataset layout)."),
+    shard_size: int = typer.Option(10_000, "--shard-size", help="Samples per tar."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help="Table column of image paths (default: image)."),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="Table column of class labels (default: label)."),
+    caption_column: Optional[str] = typer.Option(None, "--caption-column", help="Table column of captions (default: caption)."),
+    group_column: Optional[str] = typer.Option(None, "--group-column", help="Table column of groups, for worst-group metrics."),
+    classnames: Optional[Path] = typer.Option(None, "--classnames", help="Class names, one per line (or 'label<TAB>name'); default: the labels."),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="Prompt templates with {c}, one per line; default: 'a photo of a {c}.'."),
+) -> None:
+    """Convert an image folder or table into a task in the webdataset layout (resumable), with its suite entry in OUT/task.yaml."""
+    from clipsift.eval.layouts import make_task, read_lines_file
+
+    started = time.perf_counter()
+    made = make_task(str(src), task_type, str(out), shard_size=shard_size, image_column=image_column, label_column=label_column,
+                     caption_column=caption_column, group_column=group_column,
+                     classnames=read_lines_file(str(classnames), pairs=True) if classnames else None,
+                     templates=read_lines_file(str(templates)) if templates else None)
+    _print_summary("eval make-task", [("task", out), ("samples", f"{made.samples:,}"), ("classes", made.classes or "-"),
+                                      ("tars", f"{made.shards} ({made.written} written now)"),
+                                      ("time", f"{time.perf_counter() - started:.1f} s"),
+                                      ("next", f"add {out / 'task.yaml'} to a suite file's tasks; clipsift eval RUN --suite SUITE.yaml")])
+
+
 @eval_app.command("download")
 def eval_download(
     out: Path = typer.Option(..., "--out", "-o", help="Data folder (pass it to `clipsift eval --data-dir`)."),
@@ -353,50 +411,199 @@ def eval_download(
         raise typer.Exit(1)
 
 
+leaderboard_app = typer.Typer(help="The leaderboard server and its API tokens.", no_args_is_help=True)
+app.add_typer(leaderboard_app, name="leaderboard")
+token_app = typer.Typer(help="API tokens (stored hashed; shown once when created).", no_args_is_help=True)
+leaderboard_app.add_typer(token_app, name="token")
+DbOption = typer.Option("leaderboard.sqlite", "--db", help="SQLAlchemy URL (e.g. postgresql+psycopg://user:pw@host/db) or a SQLite file path.")
+
+
+@leaderboard_app.command("serve")
+def leaderboard_serve(
+    db: str = DbOption,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default; put a TLS proxy in front to publish it)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    rate: float = typer.Option(1.0, "--rate", help="Requests per second a token's bucket refills (writes and authenticated calls)."),
+    burst: int = typer.Option(30, "--burst", help="Requests a token may send at once."),
+    max_body: int = typer.Option(1_000_000, "--max-body", help="Largest request body in bytes."),
+) -> None:
+    """Serve the leaderboard (API at /api/v1, web page at /); the schema is created or upgraded on start."""
+    from clipsift.leaderboard.app import Settings, serve
+
+    serve(Settings(db=db, max_body=max_body, rate=rate, burst=burst), host=host, port=port)
+
+
+@token_app.command("create")
+def leaderboard_token_create(
+    name: str = typer.Argument(..., help="Who or what the token is for (unique)."),
+    admin: bool = typer.Option(False, "--admin", help="May change a submission's status and register suites."),
+    db: str = DbOption,
+) -> None:
+    """Create an API token and print it once (only its hash is stored)."""
+    from clipsift.leaderboard.db import Database
+
+    token = Database(db).create_token(name, admin=admin)
+    typer.echo(token)
+    typer.echo(f"{'admin' if admin else 'submitter'} token {name!r} created; it is not shown again.", err=True)
+
+
+@app.command("submit")
+def submit(
+    run: Path = typer.Argument(..., help="Run directory: RUN/run.json and RUN/eval/results.jsonl + summary.json."),
+    server: str = typer.Option(..., "--server", help="Leaderboard URL, e.g. http://127.0.0.1:8000."),
+    token: str = typer.Option(..., "--token", envvar="CLIPSIFT_LEADERBOARD_TOKEN", help="API token (or set CLIPSIFT_LEADERBOARD_TOKEN)."),
+    method_name: str = typer.Option(..., "--method-name", help="The method's name on the leaderboard."),
+    track: str = typer.Option("filtering", "--track", help="filtering | byod."),
+    authors: Optional[list[str]] = typer.Option(None, "--author", help="An author (repeat for several)."),
+    links: Optional[list[str]] = typer.Option(None, "--link", help="A paper or code link, http(s) (repeat for several)."),
+    description: Optional[str] = typer.Option(None, "--description", help="Method notes; for byod, the description of the data (required)."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="The suite to submit (default: the one summary.json has complete)."),
+) -> None:
+    """Submit an evaluated run to a leaderboard; prints its URL, or the server's reasons for refusing it."""
+    from clipsift.leaderboard.client import build_submission, post_submission, submission_url
+
+    payload = build_submission(str(run), method_name=method_name, track=track, authors=authors, links=links,
+                               description=description, suite=suite)
+    submission_id = post_submission(server, token, payload)
+    _print_summary("submitted", [("submission", submission_id), ("suite", payload["suite"]["name"]), ("scale", payload["scale"]),
+                                 ("status", "pending (an admin verifies it)")])
+    typer.echo(submission_url(server, submission_id))
+
+
+def _print_run(result, title: str) -> None:
+    """Per-stage times of a `clipsift run` (or demo) and where its result lies."""
+    from rich.table import Table
+
+    from clipsift.pipeline.run import time_rows
+
+    table = Table(title=f"{title}: stages", title_justify="left", box=None, pad_edge=False)
+    for column in ("stage", "status", "seconds", "cpu seconds", "what"):
+        table.add_column(column, justify="right" if "seconds" in column else "left")
+    for row in time_rows(result):
+        table.add_row(*row)
+    _console().print(table)
+
+
+def _run_summary_rows(result) -> list[tuple[str, object]]:
+    out, rows = result.outputs, [("run", result.run_dir)]
+    if "eval" in out:
+        rows.append(("score", f"{out['eval']['suite']} average {out['eval']['average']:.3f} over {out['eval']['tasks']} tasks "
+                              f"({out['eval']['summary']})"))
+    if "submit" in out:
+        rows.append(("leaderboard", f"submission {out['submit']['id']} in {out['submit']['url'] or out['submit']['leaderboard']}"))
+    rows.append(("provenance", f"{result.run_dir / 'provenance.json'} ({len(result.provenance['checks'])} hash checks ok)"))
+    return rows
+
+
+def _stage_rule(name: str, title: str) -> None:
+    _console().rule(title)
+
+
+@app.command("run")
+def run_command(
+    config: str = typer.Argument(..., help="Run config YAML, or a shipped one by name (tiny, xs, datacomp_small, datacomp_medium)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/NAME); re-running resumes it."),
+    until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage (pool, reference, filternet, score, filter, reshard, train, eval, submit)."),
+    check: bool = typer.Option(False, "--check", help="Validate the config, list its stages and stop."),
+    workers: Optional[int] = WorkersOption,
+) -> None:
+    """Run a whole job from one config: pool, filtering network (optional), score, filter, reshard, train, eval, submit
+    (optional). Every stage resumes: re-running the same command continues where a killed run stopped, and a config
+    that changed since is refused instead of mixing results (docs/run.md)."""
+    from clipsift.pipeline.run import default_run_dir, run_pipeline, stage_names
+    from clipsift.pipeline.run_config import load_run_config
+
+    loaded, where = load_run_config(config)
+    if check:
+        _print_summary("run config ok", [("config", where), ("name", loaded.name), ("stages", " -> ".join(stage_names(loaded))),
+                                         ("run directory", out or default_run_dir(loaded)), ("sha256", loaded.sha256())])
+        return
+    result = run_pipeline(loaded, out, where=where, workers=workers, until=until, on_stage=_stage_rule)
+    _print_run(result, f"clipsift run {loaded.name}")
+    _print_summary(f"clipsift run {loaded.name}", _run_summary_rows(result))
+
+
+class _ReportGroup(_EvalGroup):
+    """`clipsift report SUBSET|RUN ...` dispatches to the hidden `curation` command; `scaling` is a verb."""
+
+    default = "curation"
+
+
+class _ReportCurationCommand(TyperCommand):
+    def format_usage(self, ctx, formatter) -> None:
+        formatter.write_usage(ctx.parent.command_path, "SUBSET|RUN --out REPORT.html [OPTIONS]")
+
+
+report_app = typer.Typer(cls=_ReportGroup, no_args_is_help=True, help=(
+    "Reports. `clipsift report SUBSET|RUN --out report.html` writes the curation report of a subset (or of the subset a run "
+    "trained on); `clipsift report SUBSET --help` lists its options; `clipsift report scaling RUN... --out scaling.html` fits each "
+    "recipe's score against samples seen."))
+app.add_typer(report_app, name="report")
+
+
+@report_app.command("curation", hidden=True, cls=_ReportCurationCommand)
+def report_curation(
+    target: str = typer.Argument(..., metavar="SUBSET|RUN", help="Subset .npy (subset.json beside it) or a run directory (run.json)."),
+    out: str = typer.Option(..., "--out", "-o", help="The HTML page to write (images embedded: one self-contained file)."),
+    truth: Optional[str] = typer.Option(None, "--truth", help="Truth file (uid -> kind) of a synthetic pool: adds precision and recall per kind."),
+    samples: int = typer.Option(12, "--samples", "-n", help="Samples per gallery (random, at each threshold's margin, per cluster)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random galleries and clusters."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="Where the pool is now, if it moved since filtering (its pool.json must match)."),
+    workers: Optional[int] = typer.Option(1, "--workers", "-w", help="Ray workers to re-apply the recipe with (default 1: in-process)."),
+    address: Optional[str] = AddressOption,
+) -> None:
+    """The curation report: what each step kept, CLIP-score histograms with thresholds, galleries, cluster montages."""
+    from clipsift.pipeline.report import curation_report, report_summary_rows
+
+    result = curation_report(target, out, truth=truth, samples=samples, seed=seed, pool_url=pool, workers=workers, address=address)
+    _print_summary("curation report", report_summary_rows(result))
+
+
+@report_app.command("scaling")
+def report_scaling(
+    runs: list[str] = typer.Argument(..., metavar="RUN...", help="Run directories (run.json and eval/summary.json), several recipes and scales."),
+    out: str = typer.Option(..., "--out", "-o", help="The HTML page to write."),
+    suite: Optional[str] = typer.Option(None, "--suite", "-s", help="The suite whose average is fitted (default: the runs' only suite)."),
+) -> None:
+    """Fit each recipe's error (1 - suite average) against samples seen with a power law, predict the next scale, rank recipes."""
+    from clipsift.pipeline.scaling import scaling_report, scaling_summary_rows
+
+    _print_summary("scaling", scaling_summary_rows(scaling_report(runs, out, suite=suite)))
+
+
 @app.command("demo")
 def demo(
     out: Path = typer.Option(Path("clipsift-demo"), "--out", "-o", help="Directory for everything the demo writes (re-running resumes)."),
+    scale: str = typer.Option("tiny", "--scale", help="tiny: the full demo (128,000 samples; minutes) | xs: a quick version (4,096 samples)."),
     workers: Optional[int] = WorkersOption,
 ) -> None:
-    """The main job on the embedded default, offline on CPU: synthesize the xs pool and its reference set,
-    check the pool, filter it with the basic recipe, reshard, train the xs recipe, evaluate on the tiny suite."""
-    from clipsift.eval.run import evaluate
-    from clipsift.eval.tiny import make_tiny_suite
-    from clipsift.filters.recipe import apply_recipe, load_recipe
-    from clipsift.pipeline import synth
-    from clipsift.pipeline.check import check_pool
-    from clipsift.pipeline.reshard import reshard
-    from clipsift.train.launch import Infra, train
+    """The main job on the embedded default (configs/runs/tiny.yaml), offline on CPU: synthesize the pool and
+    the clean reference set, train a filtering network on the reference, score the pool with it, keep the top 30%
+    by CLIP score, reshard, train the fixed recipe, evaluate on the tiny suite, post to a local leaderboard."""
+    from clipsift.pipeline.run import run_pipeline
+    from clipsift.pipeline.run_config import load_run_config
 
-    started = time.perf_counter()
-    console = _console()
-    pool_dir = out / "pool"
-    console.rule("1/6 synthesize the xs pool (hidden truth beside it) and the clean reference set")
-    pool = synth.synth_pool(str(pool_dir), scale="xs", truth=str(out / "pool.truth.parquet"), workers=workers)
-    reference = synth.synth_reference(str(out / "reference"), scale="xs", workers=workers)
-    console.rule("2/6 check the pool")
-    report = check_pool(str(pool_dir), workers=workers)
-    if not report.ok:
-        raise ClipsiftError(f"the demo pool failed its check: {report.problems[0]}")
-    console.rule("3/6 filter: synth_basic (English, caption length, image size and aspect, exact dedup)")
-    subset = apply_recipe(str(pool_dir), load_recipe("synth_basic"), str(out / "subset.npy"), workers=workers)
-    console.rule("4/6 reshard the subset")
-    shards = reshard(str(pool_dir), subset.subset, str(out / "shards"), shard_size=1024, workers=workers)
-    console.rule("5/6 train the xs recipe")
-    run = train("xs", [(shards.out, 1.0)], str(out / "run"), infra=Infra(workers=1))
-    console.rule("6/6 evaluate on the tiny suite (held-out synthetic tasks)")
-    make_tiny_suite(str(out / "tiny-suite"))
-    evaluation = evaluate(str(out / "run"), "tiny", data_dir=str(out / "tiny-suite"))
-    if evaluation.failed:
-        raise ClipsiftError(f"tiny-suite evaluation failed: {evaluation.failed[0]}")
-    average = evaluation.summary["suites"]["tiny"]["average"]
+    if scale not in ("tiny", "xs"):
+        raise ClipsiftError(f"--scale {scale!r}: choose tiny (the full demo) or xs (a quick version)")
+    config, where = load_run_config(scale)
+    result = run_pipeline(config, out, where=where, workers=workers, on_stage=_stage_rule)
+    _print_run(result, "clipsift demo")
+    o = result.outputs
+    pool = o["pool"]["num_samples"]
+    board = o["submit"]["leaderboard"]
     _print_summary("clipsift demo", [
-        ("pool", f"{pool_dir} ({pool.info['num_samples']:,} samples, check ok); reference {reference['num_samples']:,}"),
-        ("subset", f"{subset.subset}: kept {subset.num_uids:,} of {pool.info['num_samples']:,}"),
-        ("training", f"{run.run}: {run.samples_seen:,} samples seen, final loss {run.final_loss:.3f}"),
-        ("tiny suite", f"average {average:.3f} over {len(evaluation.summary['suites']['tiny']['tasks'])} tasks ({out / 'run' / 'eval' / 'summary.json'})"),
-        ("time", f"{time.perf_counter() - started:.0f} s"),
-        ("next", f"clipsift eval {out / 'run'} --suite tiny   |   clipsift filter {pool_dir} --recipe synth_text_based --out other.npy"),
+        ("pool", f"{o['pool']['path']}: {pool:,} synthetic web-like pairs (noise kinds in {o['pool']['truth']}, which filters never read)"),
+        ("filtering network", f"{o['filternet']['arch']} trained on {o['reference']['num_samples']:,} clean reference pairs "
+                              f"({o['filternet']['samples_seen']:,} samples seen)"),
+        ("scores", f"{o['score']['pairs']:,} pairs scored ({o['score']['embeddings']})"),
+        ("subset", f"{o['filter']['recipe']['name']}: kept {o['filter']['num_uids']:,} of {pool:,} ({o['filter']['num_uids'] / pool:.0%}); "
+                   f"{o['filter']['subset']}"),
+        ("training", f"{o['train']['scale']} recipe: {o['train']['samples_seen']:,} samples seen, final loss {o['train']['final_loss']:.3f}"),
+        ("score", f"tiny suite average {o['eval']['average']:.3f} over {o['eval']['tasks']} tasks ({o['eval']['summary']})"),
+        ("leaderboard", f"submission {o['submit']['id']} in {board}"),
+        ("time", f"{result.seconds:.0f} s"),
+        ("report", f"clipsift report {o['filter']['subset']} --truth {o['pool']['truth']} --out {result.run_dir / 'report.html'}"),
+        ("leaderboard page", f"clipsift leaderboard serve --db {board}, then open http://127.0.0.1:8000/submissions/{o['submit']['id']}"),
     ])
 
 

@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from clipsift.pipeline.pool import Pool
 
 
-def clipsift(*args: str) -> subprocess.CompletedProcess:
+def clipsift(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "250"}  # no line wrapping inside messages
-    return subprocess.run([sys.executable, "-m", "clipsift", *args], capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run([sys.executable, "-m", "clipsift", *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_help_lists_the_verbs() -> None:
@@ -44,20 +45,28 @@ def test_user_errors_exit_2_with_a_message_and_no_traceback(tmp_path: Path) -> N
     assert missing.returncode == 1 and "no pool.json" in missing.stderr
 
 
+@pytest.mark.timeout(2400)  # about three minutes on an idle 2-core machine; room for a loaded one
 def test_demo_runs_the_chain_offline(tmp_path: Path) -> None:
-    """The README's main command: synth -> check -> filter -> reshard -> train xs -> eval tiny, on Ray."""
-    result = clipsift("demo", "--out", str(tmp_path / "demo"), "--workers", "2")
+    """The README's main command, quick version: configs/runs/xs.yaml (synth -> filtering network -> score ->
+    clip_score 30% -> reshard -> train xs -> eval tiny -> local leaderboard), on Ray."""
+    result = clipsift("demo", "--scale", "xs", "--out", str(tmp_path / "demo"), "--workers", "2", timeout=2300)
     assert result.returncode == 0, result.stderr[-3000:]
     demo = tmp_path / "demo"
     assert Pool(str(demo / "pool")).info["num_samples"] == 4096
     assert Pool(str(demo / "reference")).info["num_samples"] == 2048
+    provenance = json.loads((demo / "provenance.json").read_text())
+    assert provenance["ok"] and provenance["stages"]["score"]["weights_sha256"] == provenance["stages"]["filternet"]["weights_sha256"]
     subset = json.loads((demo / "subset.json").read_text())
-    assert 0 < subset["num_uids"] < 4096
+    assert subset["recipe"]["name"] == "synth_clip_score" and abs(subset["num_uids"] - 0.3 * 4096) <= 2
     manifest = json.loads((demo / "shards" / "manifest.json").read_text())
     assert manifest["num_samples"] == subset["num_uids"] and manifest["subset_sha256"] == subset["npy_sha256"]
-    run = json.loads((demo / "run" / "run.json").read_text())
+    run = json.loads((demo / "train" / "run.json").read_text())
     assert run["status"] == "complete" and run["data"][0]["subset_sha256"] == subset["npy_sha256"]
-    summary = json.loads((demo / "run" / "eval" / "summary.json").read_text())["suites"]["tiny"]
+    summary = json.loads((demo / "train" / "eval" / "summary.json").read_text())["suites"]["tiny"]
     values = [task["value"] for task in summary["tasks"].values()]
     assert summary["complete"] and len(values) == 8 and abs(summary["average"] - sum(values) / 8) < 1e-9
-    assert f"average {summary['average']:.3f}" in result.stderr
+    assert f"tiny suite average {summary['average']:.3f}" in result.stderr
+    assert f"submission {provenance['stages']['submit']['id']} in {demo / 'leaderboard.db'}" in result.stderr
+    for stage in ("pool", "reference", "filternet", "score", "filter", "reshard", "train", "eval", "submit"):
+        assert f"\n{stage} " in result.stderr  # the per-stage time table
+    assert "clipsift leaderboard serve --db" in result.stderr and "clipsift report" in result.stderr
