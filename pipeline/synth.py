@@ -94,23 +94,26 @@ def plan_shard(seed: int, stream: int, index: int, size: int, mix: dict[str, flo
     rng = np.random.default_rng([seed, stream, index])
     kinds = rng.choice(list(mix), size=size, p=np.array(list(mix.values())) / sum(mix.values()))
     plans: list[Plan] = []
+    clean: list[int] = []  # positions of the clean plans so far: near-duplicates copy one of them
     for position, kind in enumerate(kinds):
-        plans.append(_plan_sample(rng, str(kind), plans, (seed, stream, index, position)))
+        plans.append(_plan_sample(rng, str(kind), plans, clean, (seed, stream, index, position)))
+        if plans[-1].kind == "clean":
+            clean.append(position)
     return plans
 
 
-def _plan_sample(rng: np.random.Generator, kind: str, earlier: list[Plan], render_seed: tuple[int, ...]) -> Plan:
+def _plan_sample(rng: np.random.Generator, kind: str, earlier: list[Plan], clean: list[int], render_seed: tuple[int, ...]) -> Plan:
     uid = derive_uid("clipsift-synth/{}:".format(GENERATOR_VERSION) + ":".join(map(str, render_seed)))
-    sources = [i for i, p in enumerate(earlier) if p.kind == "clean"]
-    if kind == "near_duplicate" and not sources:
+    if kind == "near_duplicate" and not clean:
         kind = "clean"
     if kind == "near_duplicate":
-        source = earlier[int(rng.choice(sources))]
+        position = int(rng.choice(clean))
+        source = earlier[position]
         same_caption = bool(rng.random() < 0.5)
         text = source.caption if same_caption else world.caption(rng, source.scene)
         return Plan(uid, kind, text, source.original_width, source.original_height, source.width, source.height,
                     render_seed, source.scene, detail="same_caption" if same_caption else "new_caption",
-                    duplicate_of=earlier.index(source))
+                    duplicate_of=position)
     scene = world.sample_scene(rng)
     size = _crawl_size(rng, (220, 1200), (1.0, 1.6))
     text, detail = world.caption(rng, scene), None
