@@ -223,7 +223,7 @@ def apply_recipe(pool_url: str, recipe: Recipe, out: str, *, workers: int | None
     _default_centroids(recipe, default_centroids)
     check_inputs(recipe, pool)
     fingerprint = hashlib.sha256(json.dumps([recipe.resolved(), pool_sha], sort_keys=True, default=str).encode()).hexdigest()[:16]
-    runner = _Runner(pool, f"{work_root}/{fingerprint}", workers, address)
+    runner = RecipeRunner(pool, f"{work_root}/{fingerprint}", workers, address)
     final = runner.evaluate(recipe.root, None)
     pairs = np.concatenate([encode_uids(pool.metadata(s, ["uid"]).column("uid").filter(final.mask(s))) for s in pool.shard_ids()]
                            or [encode_uids([])])
@@ -291,12 +291,24 @@ class Masks:
         write_atomic(self.fs, self.path(shard), lambda handle: handle.write(buffer.getvalue()))
 
 
-class _Runner:
+class RecipeRunner:
+    """Evaluates a recipe's tree shard by shard into mask folders under `work`, remembering for each step
+    its report, its input and output masks (`io`, by step path; "" is the whole recipe) and each filter's
+    global statistic (`states`), which the curation report reads."""
+
     def __init__(self, pool: Pool, work: str, workers: int | None, address: str | None):
         self.pool, self.work, self.workers, self.address = pool, work, workers, address
         self.shards = pool.shard_ids()
         self.reports: list[StepReport] = []
+        self.io: dict[str, tuple[Masks | None, Masks | None]] = {}
+        self.states: dict[str, Any] = {}
         self._counts: dict[str | None, int] = {}
+
+    def rows(self, path: str, shard: str) -> tuple[np.ndarray, np.ndarray]:
+        """(input, kept) masks of step `path` over the shard's rows."""
+        given, out = self.io[path]
+        kept = out.mask(shard) if out else np.ones(self.pool.num_rows(shard), bool)
+        return (given.mask(shard) if given else np.ones(len(kept), bool)), kept
 
     def inputs(self, masks: Masks | None) -> Inputs:
         return Inputs(self.pool, masks.mask if masks else None)
@@ -323,6 +335,7 @@ class _Runner:
         if node.path:
             self.reports.append(StepReport(node.path, node.label, rows_in, self.count(out)))
             self.reports.sort(key=lambda r: [int(part) for part in r.path.split(".")])
+        self.io[node.path] = (masks, out)
         return out
 
     def _leaf(self, node: Node, masks: Masks | None, out: Masks) -> None:
@@ -338,9 +351,10 @@ class _Runner:
         fs, path = out.fs, f"{out.root}.state.pkl"
         if fs.exists(path):
             with fs.open(path, "rb") as handle:
-                return pickle.loads(handle.read())
+                self.states[node.path] = state = pickle.loads(handle.read())
+            return state
         context = Context(self.pool, self.inputs(masks), out.folder, self.workers, self.address)
-        state = node.filter.prepare(context)
+        self.states[node.path] = state = node.filter.prepare(context)
         data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
         fs.makedirs(open_fs(self.work)[1], exist_ok=True)
         write_atomic(fs, path, lambda handle: handle.write(data))

@@ -40,7 +40,7 @@ from clipsift import ClipsiftError, __version__
 from clipsift.filters.base import RecipeError, ShardData
 from clipsift.filters.clip import ClipScore
 from clipsift.filters.cluster import ImageCluster
-from clipsift.filters.recipe import Masks, Node, Recipe, StepReport, _Runner, check_inputs, parse_step
+from clipsift.filters.recipe import Node, Recipe, RecipeRunner, StepReport, check_inputs, parse_step
 from clipsift.filters.subset import encode_uids, read_subset, sort_subset
 from clipsift.filters.vectors import ip_index, nearest
 from clipsift.pipeline.pool import Pool, PoolFormatError, file_sha256, image_member, open_fs, parquet_file, read_parquet, write_atomic
@@ -143,39 +143,15 @@ def recorded_recipe(info: dict[str, Any], where: str) -> Recipe:
 # --------------------------------------------------------------------------- re-applying the recipe
 
 
-class _StepRecorder(_Runner):
-    """The recipe runner, remembering each step's input and output rows and each filter's statistic."""
-
-    def __init__(self, *args: Any):
-        super().__init__(*args)
-        self.io: dict[str, tuple[Masks | None, Masks]] = {}
-        self.states: dict[str, Any] = {}
-
-    def evaluate(self, node: Node, masks: Masks | None) -> Masks | None:
-        out = super().evaluate(node, masks)
-        self.io[node.path] = (masks, out)
-        return out
-
-    def _state(self, node: Node, masks: Masks | None, out: Masks) -> Any:
-        self.states[node.path] = state = super()._state(node, masks, out)
-        return state
-
-    def rows(self, path: str, shard: str) -> tuple[np.ndarray, np.ndarray]:
-        """(input, kept) masks of step `path` ("": the whole recipe) over the shard's rows."""
-        given, out = self.io[path]
-        kept = out.mask(shard)
-        return (given.mask(shard) if given else np.ones(len(kept), bool)), kept
-
-
 def replay(pool: Pool, recipe: Recipe, info: dict[str, Any], subset: str, work: str, workers: int | None,
-           address: str | None) -> _StepRecorder:
+           address: str | None) -> RecipeRunner:
     """Apply the recipe again in `work`; its counts and rows must be those recorded for `subset`."""
     try:
         check_inputs(recipe, pool)
     except RecipeError as err:
         raise ReportError(f"{err} (files named in the recipe are read from the current directory, as `clipsift filter` read them: "
                           "run the report where the filter ran)") from err
-    runner = _StepRecorder(pool, work, workers, address)
+    runner = RecipeRunner(pool, work, workers, address)
     runner.evaluate(recipe.root, None)
     recorded = {s["path"]: (s["rows_in"], s["kept"]) for s in info["steps"]}
     for step in runner.reports:
@@ -254,7 +230,7 @@ class Truth:
 class Scan:
     """What the page needs from the pool's uid, score and embedding columns, in one pass over the shards."""
 
-    def __init__(self, pool: Pool, recipe: Recipe, runner: _StepRecorder, truth: Truth | None, samples: int, seed: int):
+    def __init__(self, pool: Pool, recipe: Recipe, runner: RecipeRunner, truth: Truth | None, samples: int, seed: int):
         self.pool, self.runner, self.truth, self.samples = pool, runner, truth, samples
         self.shards = pool.shard_ids()
         self.offsets = np.concatenate([[0], np.cumsum([pool.num_rows(s) for s in self.shards])]).astype(np.int64)

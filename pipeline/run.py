@@ -12,13 +12,11 @@ hashes checked against the files.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,8 +262,7 @@ class Runner:
         status = "resumed" if record else "ran"
         book.start(name, settings, inputs)
         started, cpu = time.perf_counter(), cpu_times()
-        with _logging_kept():
-            self.outputs[name] = getattr(self, f"_run_{name}")()
+        self.outputs[name] = getattr(self, f"_run_{name}")()
         seconds, cpu = time.perf_counter() - started, cpu_since(cpu)
         book.complete(name, self.outputs[name], seconds, cpu)
         self.times.append(StageTime(name, status, seconds, cpu, self.detail(name)))
@@ -562,19 +559,6 @@ class Runner:
             raise ClipsiftError(f"{path}: the provenance chain is broken ({'; '.join(c['check'] for c in broken)}); "
                                 f"a file changed after its stage wrote it: delete {self.run_dir} and run again")
         return record
-
-
-@contextlib.contextmanager
-def _logging_kept() -> Iterator[None]:
-    """Leave the root logger as the stage found it: Ray Data adds a stderr handler to it, which would then print
-    every line of a later in-process open_clip_train run."""
-    handlers, level = list(logging.root.handlers), logging.root.level
-    try:
-        yield
-    finally:
-        for handler in [h for h in logging.root.handlers if h not in handlers]:
-            logging.root.removeHandler(handler)
-        logging.root.setLevel(level)
 
 
 def _models_in(value: Any) -> list[str]:

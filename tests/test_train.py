@@ -138,13 +138,16 @@ def test_xs_training_resumes_after_a_kill_and_loads(tmp_path: Path) -> None:
     assert torch.load(latest, map_location="cpu", weights_only=False)["epoch"] < 5
     assert json.loads((run / "run.json").read_text())["status"] == "running"
 
+    threads = torch.get_num_threads()
     result = train("xs", [(data, 1.0)], str(run))
+    assert torch.get_num_threads() == threads  # the run's CPU thread choice does not leak into the caller
     recipe = load_recipe("xs")
     assert result.resumed_from_epoch >= 1 and result.epochs_done == 5
     assert result.samples_seen == recipe.samples_seen
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "complete" and record["samples_seen"] == recipe.samples_seen
     assert record["recipe"]["model"] == "clipsift-xs" and record["non_standard"] == {}
+    assert record["infrastructure"]["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) - 1)  # cores left by 1 worker
     manifest = read_manifest(data)
     assert record["data"][0]["num_shards"] == 5 and manifest["num_samples"] == 4096 + 500
     assert record["data"][0]["subset_sha256"] == manifest["subset_sha256"] and record["versions"]["open_clip"] == open_clip.__version__
@@ -154,3 +157,23 @@ def test_xs_training_resumes_after_a_kill_and_loads(tmp_path: Path) -> None:
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3  # it learns
     model, _, preprocess = open_clip.create_model_and_transforms("clipsift-xs", pretrained=str(result.checkpoint))
     assert model.visual.image_size in (32, (32, 32))
+
+
+def test_two_devices_train_through_torchrun_with_the_recipes_global_batch(tmp_path: Path) -> None:
+    """The multi-device path (torchrun, one process per device; gloo processes on a CPU machine)."""
+    import open_clip
+
+    synth_pool(str(tmp_path / "pool"), scale="xs", workers=1)
+    write_subset(str(tmp_path / "subset.npy"), sort_subset(encode_uids(Pool(str(tmp_path / "pool")).uids().combine_chunks())))
+    data = reshard(str(tmp_path / "pool"), str(tmp_path / "subset.npy"), str(tmp_path / "shards"), shard_size=512, workers=1).out
+    result = train("xs", [(data, 1.0)], str(tmp_path / "run"), infra=Infra(devices=2))
+    recipe = load_recipe("xs")
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["batch_plan"] == {"devices": 2, "per_device_batch": recipe.global_batch // 2, "accum_freq": 1,
+                                    "global_batch": recipe.global_batch}
+    assert record["status"] == "complete" and result.samples_seen == recipe.samples_seen and result.epochs_done == 5
+    log = (tmp_path / "run" / "out.log").read_text()
+    assert "total 2" in log  # open_clip_train ran distributed over two processes
+    losses, _ = parse_log(tmp_path / "run" / "out.log")
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+    open_clip.create_model_and_transforms("clipsift-xs", pretrained=str(result.checkpoint))

@@ -1,11 +1,29 @@
-"""torchrun entry point: register clipsift's model configs, then run open_clip_train."""
+"""torchrun entry point: register clipsift's model configs, then run open_clip_train with the
+arguments recorded in the run's run.json (`python -m clipsift.train.worker RUN/run.json`)."""
 
+import json
 import sys
 
+import torch
 from open_clip_train.main import main
 
 from clipsift.train.models import register_model_configs
 
+
+class _CpuDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
+    """open_clip_train passes device_ids=[device] to DDP, which DDP refuses for CPU modules: drop them
+    there, so that several gloo processes on a CPU machine run the same multi-device path as GPUs."""
+
+    def __init__(self, module: torch.nn.Module, device_ids=None, **kwargs) -> None:
+        if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
+            device_ids = None
+        super().__init__(module, device_ids=device_ids, **kwargs)
+
+
 if __name__ == "__main__":
     register_model_configs()
-    sys.exit(main(sys.argv[1:]) or 0)
+    with open(sys.argv[1], encoding="utf-8") as f:
+        args = json.load(f)["open_clip_train_args"]
+    if args[args.index("--device") + 1] == "cpu":
+        torch.nn.parallel.DistributedDataParallel = _CpuDistributedDataParallel
+    sys.exit(main(args) or 0)
