@@ -65,7 +65,7 @@ def test_clean_captions_name_what_was_drawn(synth) -> None:
     pool, truth = synth
     samples = samples_by_uid(pool)
     clean = [u for u, row in truth.items() if row["kind"] == "clean"]
-    assert len(clean) > 800
+    assert len(clean) > 0.22 * len(truth)  # 28% of the pool
     for uid in clean:
         row, text = truth[uid], samples[uid].text.lower()
         shape_words = f"{row['shape']}|{world.SHAPE_PLURALS[row['shape']]}"  # icon/clipart captions say "star" for any count

@@ -137,7 +137,7 @@ def open_clip_args(recipe: Recipe, sources: list[DataSource], run: Path, plan: B
         "--save-frequency", "1",
         "--save-most-recent",
         "--resume", "latest",
-        "--log-every-n-steps", "1" if recipe.global_batch * 100 > recipe.samples_seen else "20",
+        "--log-every-n-steps", "1" if recipe.samples_seen // recipe.global_batch <= 2000 else "20",
         "--zeroshot-frequency", "0",
     ]
     if recipe.dataset_resampled:
