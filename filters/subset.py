@@ -68,15 +68,21 @@ def as_subset_array(array: np.ndarray, source: str) -> np.ndarray:
 
 
 def sort_subset(pairs: np.ndarray) -> np.ndarray:
-    """Sorted by (f0, f1): one argsort of f0 (about 5x faster than a two-key lexsort of random uids), then a
-    lexsort of only the rows whose f0 is shared (repeated uids; all rows if most share it)."""
+    """Sorted by (f0, f1). One value sort (numpy's SIMD kernel, several times faster than an argsort) of
+    keys packing the high bits of f0 above each row's index; rows whose high bits are shared (repeated
+    uids, or near-equal f0) are then put in order by a lexsort of just those rows."""
     pairs = as_subset_array(pairs, "uid array")
-    order = np.argsort(pairs["f0"])
-    shared = np.flatnonzero(np.diff(pairs["f0"][order]) == 0)
+    if len(pairs) < 2:
+        return pairs.copy()
+    shift = np.uint64(int(len(pairs) - 1).bit_length())
+    keys = (pairs["f0"] >> shift) << shift | np.arange(len(pairs), dtype=np.uint64)
+    keys.sort()
+    order = (keys & ((np.uint64(1) << shift) - np.uint64(1))).astype(np.intp)
+    shared = np.flatnonzero(np.diff(keys >> shift) == 0)
     if len(shared):
         tied = np.zeros(len(order), bool)
         tied[shared] = tied[shared + 1] = True
-        rows = np.flatnonzero(tied)  # every position of each run of equal f0
+        rows = np.flatnonzero(tied)  # every position of each run of equal high bits
         runs = order[rows]
         order[rows] = runs[np.lexsort((pairs["f1"][runs], pairs["f0"][runs]))]
     return pairs[order]

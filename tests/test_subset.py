@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 
 from clipsift import ClipsiftError
-from clipsift.filters.subset import SUBSET_DTYPE, decode_uids, encode_uids, read_subset, subset_counts, subset_info, write_subset
+from clipsift.filters.subset import (SUBSET_DTYPE, decode_uids, encode_uids, read_subset, sort_subset, subset_counts, subset_info,
+                                     write_subset)
 from clipsift.pipeline.pool import derive_uid
 
 UIDS = [derive_uid(f"u{i}") for i in range(50)] + ["0" * 32, "f" * 32, "00000000000000010000000000000000"]
@@ -61,3 +62,23 @@ def test_counts_and_bad_files(tmp_path: Path) -> None:
         read_subset(str(tmp_path / "junk.npy"))
     with pytest.raises(ClipsiftError, match="no such subset file"):
         read_subset(str(tmp_path / "none.npy"))
+
+
+@pytest.mark.parametrize("case", ["random", "repeated", "shared_high_bits", "equal_f0", "tiny"])
+def test_sort_subset_orders_by_both_words(case: str) -> None:
+    rng = np.random.default_rng(len(case))
+    n = {"tiny": 2, "random": 50_000}.get(case, 5_000)
+    f0 = rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True)
+    f1 = rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True)
+    if case == "repeated":  # uids kept several times
+        picks = rng.integers(0, n // 10, n)
+        f0, f1 = f0[picks], f1[picks]
+    if case == "shared_high_bits":  # f0 differing only in the bits below the packed row index
+        f0 = (f0[rng.integers(0, 20, n)] & ~np.uint64(0xFFF)) | rng.integers(0, 0xFFF, n, dtype=np.uint64)
+    if case == "equal_f0":
+        f0[:] = f0[0]
+    pairs = np.empty(n, SUBSET_DTYPE)
+    pairs["f0"], pairs["f1"] = f0, f1
+    expected = sorted(zip(f0.tolist(), f1.tolist()))
+    assert list(zip(*(sort_subset(pairs)[name].tolist() for name in ("f0", "f1")))) == expected
+    assert len(sort_subset(pairs[:0])) == 0 and sort_subset(pairs[:1]).tolist() == pairs[:1].tolist()
