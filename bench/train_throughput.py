@@ -54,6 +54,7 @@ def training_flops_per_sample(model_name: str, batch: int = 32) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     register_model_configs()
+    logging.getLogger().setLevel(logging.ERROR)  # after any training: open_clip warns that a model without weights is random
     model = open_clip.create_model(model_name)
     size = model.visual.image_size
     size = size[0] if isinstance(size, tuple) else size
@@ -113,7 +114,6 @@ def _synchronize(device: str) -> None:
 
 
 def step_mode(recipe, device: str, batch: int, steps: int, variants: list[str]) -> None:
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that a model without weights is random: it is meant to be
     flops = training_flops_per_sample(recipe.model)
     print(f"model steps of {args_label(recipe)} on {device}: per-device batch {batch}, {steps} timed steps, "
           f"{flops / 1e9:,.2f} GFLOP per sample (forward + backward)")
