@@ -5,6 +5,7 @@ training runs plus the filtering network."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "tiny_filtering.py"
 def _benchmark():
     spec = importlib.util.spec_from_file_location("tiny_filtering", BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
