@@ -1,6 +1,8 @@
 """DataComp's finding on the synthetic pool: CLIP-score filtering near 30% beats no filtering and a
-random 30% by more than the seed spread (bench/tiny_filtering.py, at the xs scale). Slow: six
-training runs plus the filtering network."""
+random 30% by more than the seed spread (bench/tiny_filtering.py, at the xs scale, scored by a
+filtering network trained with the tiny recipe on the xs reference set: the xs network's precision
+varied from 0.41 to 0.50 between runs, too little to separate the recipes reliably). Slow: six xs
+training runs plus the network, about 5 minutes on 2 cores."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def _benchmark():
 @pytest.mark.timeout(7200)
 def test_clip_score_filtering_beats_no_filter_and_random_at_xs(tmp_path: Path) -> None:
     bench = _benchmark()
-    outcomes = {o.recipe: o for o in bench.run_benchmark(tmp_path, "xs", ["no_filter", "random_30", "clip_score_30"], [0, 1], "xs")}
+    outcomes = {o.recipe: o for o in bench.run_benchmark(tmp_path, "xs", ["no_filter", "random_30", "clip_score_30"], [0, 1], "tiny")}
     print("\n" + bench.table(list(outcomes.values())))
     best, others = outcomes["clip_score_30"], [outcomes["no_filter"], outcomes["random_30"]]
     assert best.precision > max(o.precision for o in others) + 0.1  # the network finds the clean samples
