@@ -4,8 +4,8 @@
                                    [--filternet-scale xs|tiny]
 
 At the scale's fixed samples seen, train and evaluate (tiny suite) each recipe with each seed:
-no_filter, basic, random 30%, clip_score at 10/20/30/50% (CLIP scores from the filtering network
-trained on the clean reference set), image_cluster, and image_cluster intersected with
+no_filter, basic, random 30%, clip_score at 10/20/30/50% (CLIP scores from the filtering network,
+by default the tiny recipe trained on the scale's clean reference set), image_cluster, and image_cluster intersected with
 clip_score 30%. Prints the table of tiny-suite averages (mean and half the seed range) and each
 recipe's precision and recall against the pool's hidden truth (clean = positive).
 
@@ -165,13 +165,14 @@ def main() -> None:
     parser.add_argument("--scale", default="tiny", choices=["xs", "tiny"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
-    parser.add_argument("--filternet-scale", default=None, choices=["xs", "tiny"], help="Default: the benchmark's scale.")
+    parser.add_argument("--filternet-scale", default="tiny", choices=["xs", "tiny"],
+                        help="The filtering network's recipe (default tiny: the xs recipe ranks too weakly to separate recipes reliably).")
     parser.add_argument("--out", type=Path, default=None, help="Default: bench-tiny-filtering-<scale>/ (resumes).")
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args()
     out = args.out or Path(f"bench-tiny-filtering-{args.scale}")
     started = time.perf_counter()
-    outcomes = run_benchmark(out, args.scale, args.recipes, args.seeds, args.filternet_scale or args.scale, args.workers)
+    outcomes = run_benchmark(out, args.scale, args.recipes, args.seeds, args.filternet_scale, args.workers)
     print(f"\nscale {args.scale}, seeds {args.seeds}, {time.perf_counter() - started:.0f} s (resumed work not counted)\n")
     print(table(outcomes))
 
