@@ -5,8 +5,8 @@
 
 At the scale's fixed samples seen, train and evaluate (tiny suite) each recipe with each seed:
 no_filter, basic, random 30%, clip_score at 10/20/30/50% (CLIP scores from the filtering network,
-by default the tiny recipe trained on the scale's clean reference set), image_cluster, and image_cluster intersected with
-clip_score 30%. Prints the table of tiny-suite averages (mean and half the seed range) and each
+by default the tiny recipe trained on the scale's clean reference set), image_cluster, and
+image_cluster intersected with clip_score 30%. Prints the table of tiny-suite averages (mean and half the seed range) and each
 recipe's precision and recall against the pool's hidden truth (clean = positive).
 
 Everything lands in --out and resumes: pools, network, scores, subsets, runs and evaluations that
