@@ -7,6 +7,7 @@ process: same results, no cluster start-up.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -69,13 +70,20 @@ def _apply(fn: Callable[[T], R], item: T) -> R:
     return fn(item)
 
 
+@functools.lru_cache(maxsize=1)
+def _remote_apply() -> Any:
+    """`_apply` as a Ray task, made once per process (each making exports the function to the cluster again)."""
+    import ray
+
+    return ray.remote(num_cpus=1, max_retries=3)(_apply)
+
+
 def _map_on_ray(fn: Callable, items: list, workers: int | None, address: str | None, done: Callable) -> None:
     import ray
 
     ensure_ray(address, workers)
-    remote = ray.remote(num_cpus=1, max_retries=3)(_apply)
     fn_ref = ray.put(fn)
-    pending = {remote.remote(fn_ref, item): index for index, item in enumerate(items)}
+    pending = {_remote_apply().remote(fn_ref, item): index for index, item in enumerate(items)}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:

@@ -340,13 +340,14 @@ def _octal(field: bytes, source: str, what: str) -> int:
 _OCTAL_SHIFTS = np.arange(15, -1, -3)
 
 
-def _first_bad_checksum(buffer: mmap.mmap, headers: list[int], source: str) -> int | None:
+def _first_bad_checksum(buffer: mmap.mmap, headers: list[int], source: str, blocks: np.ndarray | None = None) -> int | None:
     """Where the first header whose checksum is wrong starts, checking all at once: the sum of the bytes,
     the checksum field counting as 8 spaces, is stored as "%06o\\0 " (other spellings and tarfile's
-    signed sum are accepted too, one header at a time)."""
-    if not headers:
+    signed sum are accepted too, one header at a time). `blocks`: the headers' bytes, where the caller has them."""
+    if not len(headers):
         return None
-    blocks = np.frombuffer(buffer, np.uint8, len(buffer) // _BLOCK * _BLOCK).reshape(-1, _BLOCK)[np.asarray(headers) // _BLOCK]
+    if blocks is None:
+        blocks = np.frombuffer(buffer, np.uint8, len(buffer) // _BLOCK * _BLOCK).reshape(-1, _BLOCK)[np.asarray(headers) // _BLOCK]
     field = blocks[:, 148:156]
     unsigned = blocks.sum(axis=1, dtype=np.uint32).astype(np.int64) - field.sum(axis=1, dtype=np.int64) + 8 * ord(" ")
     spelled = np.zeros_like(field)
@@ -355,7 +356,7 @@ def _first_bad_checksum(buffer: mmap.mmap, headers: list[int], source: str) -> i
     for index in np.flatnonzero((field != spelled).any(axis=1)).tolist():
         signed = int(unsigned[index]) - 256 * int(np.count_nonzero(np.delete(blocks[index], np.s_[148:156]) > 127))
         if _octal(bytes(field[index]), source, "checksum") not in (unsigned[index], signed):
-            return headers[index]
+            return int(headers[index])
     return None
 
 
@@ -450,7 +451,7 @@ def image_spans(buffer: Any, source: str = "<tar>") -> ImageSpans | None:
     if not np.array_equal(ends[:-1], starts[1:] * _BLOCK) or last > len(buffer) or \
             (last + _BLOCK <= len(buffer) and blocks[last // _BLOCK].any()):
         return None
-    if _first_bad_checksum(buffer, (starts * _BLOCK).tolist(), source) is not None:
+    if _first_bad_checksum(buffer, starts * _BLOCK, source, heads) is not None:
         return None
     keys, _, exts = np.strings.partition(heads[:, :100].copy().view("S100").ravel(), b".")
     exts = np.strings.lower(exts)
@@ -466,6 +467,7 @@ _HEADER_IDS = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
 _HEADER_TEMPLATE = np.frombuffer(  # name, size and checksum to fill in; the checksum field counts as 8 spaces
     (bytes(100) + _HEADER_IDS + bytes(12) + b"%011o\0" % _MEMBER_MTIME + b" " * 8 + b"0" + bytes(100)
      + b"ustar\x0000").ljust(_BLOCK, b"\0"), np.uint8)
+_TEMPLATE_SUM = int(_HEADER_TEMPLATE.sum()) - int(_HEADER_TEMPLATE[124:135].sum())  # its bytes but the name and size fields
 _SIZE_SHIFTS = np.arange(30, -1, -3)  # "%011o"
 _CHECKSUM_SHIFTS = np.arange(15, -1, -3)  # "%06o"
 
@@ -480,7 +482,7 @@ def ustar_headers(names: list[bytes], sizes: list[int]) -> np.ndarray:
     if names:
         headers[:, :100] = np.array(names, "S100").view(np.uint8).reshape(-1, 100)
         headers[:, 124:135] = np.asarray(sizes, np.int64)[:, None] >> _SIZE_SHIFTS & 7 | ord("0")
-        checksums = headers.sum(axis=1, dtype=np.int64)
+        checksums = _TEMPLATE_SUM + headers[:, :100].sum(axis=1, dtype=np.int64) + headers[:, 124:135].sum(axis=1, dtype=np.int64)
         headers[:, 148:154] = checksums[:, None] >> _CHECKSUM_SHIFTS & 7 | ord("0")
         headers[:, 154] = 0  # then the space that is already there
     return headers
@@ -528,33 +530,26 @@ class TarStream:
 
     def add_samples(self, keys: list[str], images: list[tuple[str, bytes | memoryview]], texts: pa.Array, jsons: pa.Array) -> None:
         """Append webdataset samples: members {key}.{ext} (the image), {key}.txt and {key}.json (`texts`, `jsons`:
-        binary arrays). The headers and the small members are laid out column-wise in one buffer, so one
-        os.writev writes a batch as alternating pieces of that buffer and image data (and its padding)."""
+        binary arrays). Everything between two images (the first image's padding, the .txt and .json members,
+        the next image's header) is one piece, all pieces laid end to end by Arrow's concatenation kernel, so one
+        os.writev writes a batch as alternating image data and pieces."""
         self.flush()
         if not keys:
             return
         image_sizes = np.fromiter((len(data) for _, data in images), np.int64, len(images))
-        (text_data, text_offsets), (json_data, json_offsets) = _binary_buffers(texts), _binary_buffers(jsons)
-        text_sizes, json_sizes = np.diff(text_offsets), np.diff(json_offsets)
+        texts, jsons = _large_binary(texts), _large_binary(jsons)
+        text_sizes, json_sizes = _lengths(texts), _lengths(jsons)
         names = [name for key, (ext, _) in zip(keys, images) for name in (f"{key}.{ext}", f"{key}.txt", f"{key}.json")]
         headers = ustar_headers([name.encode("utf-8") for name in names], np.stack([image_sizes, text_sizes, json_sizes], 1).ravel().tolist())
-        # The buffer: the first image's header, then per sample the .txt header and data, the .json header and
-        # data, the next image's header (all padded to blocks); each image goes between two pieces of it.
-        json_at = _BLOCK + text_sizes + -text_sizes % _BLOCK  # within a sample's piece
-        piece = json_at + _BLOCK + json_sizes + -json_sizes % _BLOCK + _BLOCK
-        starts = np.concatenate([[_BLOCK], _BLOCK + np.cumsum(piece)])  # where each sample's piece starts
-        buffer = np.zeros(int(starts[-1]) - _BLOCK, np.uint8)  # the last sample has no next image
-        blocks = buffer.reshape(-1, _BLOCK)
-        blocks[np.concatenate([[0], starts[1:-1] - _BLOCK]) // _BLOCK] = headers[0::3]
-        blocks[starts[:-1] // _BLOCK] = headers[1::3]
-        blocks[(starts[:-1] + json_at) // _BLOCK] = headers[2::3]
-        _scatter(buffer, starts[:-1] + _BLOCK, text_data, text_offsets)
-        _scatter(buffer, starts[:-1] + json_at + _BLOCK, json_data, json_offsets)
-        view, cuts, zeros = memoryview(buffer), starts.tolist(), memoryview(_ZERO_BLOCK)
-        cuts[-1] -= _BLOCK
-        parts: list[bytes | memoryview] = [view[:_BLOCK]]
-        for (_, data), size, cut, following in zip(images, image_sizes.tolist(), cuts, cuts[1:]):
-            parts += (data, zeros[:-size % _BLOCK], view[cut:following])
+        next_image_headers = _blocks_array(headers[3::3], len(keys))  # the last sample's is empty
+        pieces = pc.binary_join_element_wise(
+            _zeros_array(-image_sizes % _BLOCK), _blocks_array(headers[1::3]), texts, _zeros_array(-text_sizes % _BLOCK),
+            _blocks_array(headers[2::3]), jsons, _zeros_array(-json_sizes % _BLOCK), next_image_headers, pa.scalar(b"", pa.large_binary()))
+        data, offsets = _binary_buffers(pieces)
+        view, cuts = memoryview(data), offsets.tolist()
+        parts: list[bytes | memoryview] = [memoryview(headers[0])]
+        for (_, image), start, stop in zip(images, cuts, cuts[1:]):
+            parts += (image, view[start:stop])
         self._write(parts)
 
     def close(self) -> None:
@@ -570,20 +565,36 @@ class TarStream:
         self.offset += sum(map(len, parts))
 
 
-def _binary_buffers(array: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(data bytes, offsets [len + 1]) of a binary or string array without nulls."""
+def _large_binary(array: pa.Array | pa.ChunkedArray) -> pa.Array:
     array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
-    array = array.cast(pa.large_binary())
+    return array.cast(pa.large_binary())
+
+
+def _lengths(array: pa.Array) -> np.ndarray:
+    return np.diff(np.frombuffer(array.buffers()[1], np.int64)[array.offset:array.offset + len(array) + 1])
+
+
+def _binary_buffers(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(data bytes, offsets [len + 1]) of a large binary array without nulls."""
+    array = _large_binary(array)
     offsets = np.frombuffer(array.buffers()[1], np.int64)[array.offset:array.offset + len(array) + 1]
     return np.frombuffer(array.buffers()[2] or b"", np.uint8), offsets
 
 
-def _scatter(buffer: np.ndarray, at: np.ndarray, data: np.ndarray, offsets: np.ndarray) -> None:
-    """Copy the pieces data[offsets[i]:offsets[i + 1]] to buffer[at[i]:], all at once."""
-    sizes = np.diff(offsets)
-    if sizes.sum():
-        source = np.arange(offsets[0], offsets[-1])
-        buffer[source + np.repeat(at - offsets[:-1], sizes)] = data[source]
+def _binary_array(data: np.ndarray, offsets: np.ndarray) -> pa.Array:
+    return pa.Array.from_buffers(pa.large_binary(), len(offsets) - 1, [None, pa.py_buffer(offsets.astype(np.int64)), pa.py_buffer(data)])
+
+
+def _blocks_array(blocks: np.ndarray, length: int | None = None) -> pa.Array:
+    """The rows of `blocks` ([n, 512]) as a binary array, padded with empty values up to `length`."""
+    offsets = np.arange(len(blocks) + 1) * _BLOCK
+    return _binary_array(np.ascontiguousarray(blocks).ravel(), np.pad(offsets, (0, (length or len(blocks)) - len(blocks)), mode="edge"))
+
+
+def _zeros_array(sizes: np.ndarray) -> pa.Array:
+    """A binary array of zero bytes, `sizes` long each."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    return _binary_array(np.zeros(int(offsets[-1]), np.uint8), offsets)
 
 
 _FLUSH_BYTES = 8 << 20  # a TarStream writes at least this often
