@@ -61,6 +61,8 @@ def as_subset_array(array: np.ndarray, source: str) -> np.ndarray:
     fields = array.dtype.fields
     if fields is None or len(fields) != 2 or any(array.dtype[i] != np.dtype("u8") for i in range(2)):
         raise ClipsiftError(f"{source}: dtype {array.dtype} is not a subset (expected a structured array of two uint64 fields, `u8,u8`)")
+    if array.dtype == SUBSET_DTYPE:
+        return array.reshape(-1)
     names = array.dtype.names
     out = np.empty(array.shape, SUBSET_DTYPE)
     out["f0"], out["f1"] = array[names[0]], array[names[1]]
@@ -75,10 +77,15 @@ def sort_subset(pairs: np.ndarray) -> np.ndarray:
     if len(pairs) < 2:
         return pairs.copy()
     shift = np.uint64(int(len(pairs) - 1).bit_length())
-    keys = (pairs["f0"] >> shift) << shift | np.arange(len(pairs), dtype=np.uint64)
+    keys = pairs["f0"] >> shift  # in place from here on: fresh large arrays cost page faults
+    keys <<= shift
+    keys |= np.arange(len(pairs), dtype=np.uint64)
     keys.sort()
-    order = (keys & ((np.uint64(1) << shift) - np.uint64(1))).astype(np.intp)
-    shared = np.flatnonzero(np.diff(keys >> shift) == 0)
+    high = keys >> shift
+    shared = np.flatnonzero(high[1:] == high[:-1])
+    del high
+    keys &= (np.uint64(1) << shift) - np.uint64(1)
+    order = keys.view(np.int64)
     if len(shared):
         tied = np.zeros(len(order), bool)
         tied[shared] = tied[shared + 1] = True
@@ -90,13 +97,21 @@ def sort_subset(pairs: np.ndarray) -> np.ndarray:
 
 def write_subset(url: str, pairs: np.ndarray) -> str:
     """Sort and save `pairs` with np.save, atomically; returns the file's sha256."""
-    data = io.BytesIO()
-    np.save(data, sort_subset(pairs))
+    ordered = sort_subset(pairs)
     fs, path = open_fs(url)
     if "/" in path:
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    write_atomic(fs, path, lambda handle: handle.write(data.getvalue()))
-    return hashlib.sha256(data.getvalue()).hexdigest()
+    digest = hashlib.sha256()
+
+    def save(handle: Any) -> None:
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(ordered))
+        for part in (header.getbuffer(), memoryview(ordered).cast("B")):
+            digest.update(part)
+            handle.write(part)
+
+    write_atomic(fs, path, save)
+    return digest.hexdigest()
 
 
 def read_subset(url: str) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,9 @@ def test_written_subset_is_sorted_and_round_trips_with_datacomp_files(tmp_path: 
     assert raw.dtype == np.dtype("u8,u8") and len(raw) == len(uids)
     assert [tuple(r) for r in raw] == sorted((int(u[:16], 16), int(u[16:], 16)) for u in uids)
     assert digest == hashlib.sha256((tmp_path / "ours.npy").read_bytes()).hexdigest()
+    saved = io.BytesIO()
+    np.save(saved, raw)
+    assert saved.getvalue() == (tmp_path / "ours.npy").read_bytes()  # byte for byte what np.save writes
     # a DataComp baseline file: same dtype, fields f0/f1, order as they produced it
     np.save(tmp_path / "datacomp.npy", datacomp_array(list(reversed(uids))))
     theirs = read_subset(str(tmp_path / "datacomp.npy"))
