@@ -65,10 +65,12 @@ def read_all(paths: list[Path]) -> None:
 
 
 def timed(fn, output: Path, repeat: int) -> float:
-    """The best of `repeat` runs of fn, in seconds; its output is removed after each, so every run writes
-    from the same state (dirty pages that earlier runs leave slow later writes on this machine)."""
+    """The best of `repeat` runs of fn, in seconds; its output is removed after each and dirty pages are
+    written back before each (os.sync, not timed), so every run writes from the same state: writeback
+    of earlier runs' data (or of the pool just made) slows later writes several-fold on this machine."""
     best = float("inf")
     for _ in range(repeat):
+        os.sync()
         started = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - started)
