@@ -1,7 +1,7 @@
 """CLIP scoring throughput: end to end from tar shards, against the model-only ceiling.
 
     python bench/score_throughput.py [--model clipsift-xs] [--pretrained PATH|TAG] [--samples 8192]
-                                     [--batch-size 256] [--device cpu|cuda] [--repeats 3] [--models 1]
+                                     [--batch-size 256] [--device cpu|cuda] [--decode cpu|device] [--repeats 3] [--models 1]
 
 End to end = `score_models` on a synthetic pool (read tars, decode JPEG, preprocess, tokenize,
 model, write parquet), after the local Ray cluster has started, so the model actors' start-up
@@ -9,7 +9,9 @@ model, write parquet), after the local Ray cluster has started, so the model act
 removed between runs. Ceiling = the same model on the same device with the same batch size,
 inputs already on the device, in the same precision. Without --pretrained a randomly initialised
 checkpoint of --model is saved and used (speed does not depend on the weights). --models N scores N
-copies of the model (different random weights) in one read of the pool.
+copies of the model (different random weights) in one read of the pool. --decode device decodes and
+resizes in the model actors (torchvision's batched JPEG decoder: nvJPEG on a GPU) instead of in the
+CPU tasks.
 
 On Linux the bench also sums the CPU time of this process and every process under it (Ray's
 raylet, workers and actors) over each run: CPU-seconds per 1,000 pairs depends much less on other
@@ -82,7 +84,7 @@ def model_only(arch: str, pretrained: str, batch: int, pairs: int, device: str, 
     return steps * batch / (time.perf_counter() - started)
 
 
-def one_core(pool: str, arch: str, pretrained: str, batch: int, shards: int = 4) -> float:
+def one_core(pool: str, arch: str, pretrained: str, batch: int, decode: str, shards: int = 4) -> float:
     """CPU milliseconds per pair of what one fused actor does (read, decode, resize, tokenize, fp32 model
     on one thread), in this process without Ray: the steady-state cost per core."""
     previous = torch.get_num_threads()
@@ -90,9 +92,9 @@ def one_core(pool: str, arch: str, pretrained: str, batch: int, shards: int = 4)
     try:
         spec = resolve_model(arch, pretrained)
         inputs = _Inputs.of([spec])
-        embedder = Embedder([spec], inputs, "fp32", "cpu", batch, threads=1)
+        embedder = Embedder([spec], inputs, "fp32", "cpu", batch, threads=1, decode=decode)
         started, pairs = time.process_time(), 0
-        for prepared in prepare_shards({"shard": Pool(pool).shard_ids()[:shards]}, pool, inputs, batch):
+        for prepared in prepare_shards({"shard": Pool(pool).shard_ids()[:shards]}, pool, inputs, batch, decode):
             pairs += len(embedder(prepared)["uid"])
         return (time.process_time() - started) / pairs * 1000
     finally:
@@ -160,6 +162,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--decode", choices=["cpu", "device"], default="cpu", help="Where images are decoded and resized.")
     parser.add_argument("--workers", type=int, default=None, help="Model actors (default: one per GPU, or one per CPU).")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pool", default=None, help="Reuse this synthetic pool (made there if missing) instead of a temporary one.")
@@ -180,16 +183,18 @@ def main() -> None:
                 if any(model_id.startswith(f"{arch}__") for arch, _ in models):
                     shutil.rmtree(os.path.join(pool, "embeddings", model_id))
             with TreeCpu() as cpu:
-                results = score_models(pool, models, batch_size=args.batch_size, precision=args.precision, workers=args.workers)
+                results = score_models(pool, models, batch_size=args.batch_size, precision=args.precision, workers=args.workers,
+                                       decode=args.decode)
             runs.append((results[0].pairs / results[0].seconds, cpu.seconds, results[0]))
         precision = precision_name(args.precision, args.device == "cuda")
         ceiling = model_only(args.model, models[0][1], args.batch_size, args.samples, args.device, precision)
-        per_pair = min(one_core(pool, args.model, models[0][1], args.batch_size) for _ in range(args.repeats)) if args.device == "cpu" else None
+        per_pair = min(one_core(pool, args.model, models[0][1], args.batch_size, args.decode)
+                       for _ in range(args.repeats)) if args.device == "cpu" else None
         best, best_cpu, result = max(runs, key=lambda r: r[0])
         busy = sum(result.timings.values()) or 1.0
         pairs = result.pairs
         print(f"scoring {len(models)} x {args.model} on {args.device} ({os.cpu_count()} CPU cores), {pairs:,} pairs of 64 px JPEG, "
-              f"batch {args.batch_size}, {precision}, best of {args.repeats}")
+              f"batch {args.batch_size}, {precision}, decode on {args.decode}, best of {args.repeats}")
         print(f"  end to end (tar -> parquet)  {best:>10,.0f} pairs/s   (runs: {', '.join(f'{r[0]:,.0f}' for r in runs)})")
         print(f"  model only (ceiling)         {ceiling / len(models):>10,.0f} pairs/s" + (f"   ({ceiling:,.0f} per model)" if len(models) > 1 else ""))
         print(f"  ratio                        {best / ceiling * len(models):>10.2f}")

@@ -163,6 +163,8 @@ def score(
     address: Optional[str] = AddressOption,
     gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per model actor (default: 1 where the cluster has GPUs, else 0)."),
     workers: Optional[int] = typer.Option(None, help="Model actors (default: one per GPU, or one per CPU)."),
+    decode: str = typer.Option("cpu", help="Where images are decoded and resized: cpu (PIL, in CPU tasks) | device (in the "
+                               "model actors: torchvision's batched JPEG decoder, nvJPEG on GPUs)."),
 ) -> None:
     """CLIP image/text embeddings and CLIP scores for every shard (resumes: scored shards are skipped)."""
     from clipsift.pipeline.score import score_models, score_summary_rows
@@ -170,7 +172,7 @@ def score(
     if len(model) != len(pretrained):
         raise ClipsiftError(f"{len(model)} --model but {len(pretrained)} --pretrained: give one --pretrained per --model, in the same order")
     results = score_models(pool, list(zip(model, pretrained)), batch_size=batch_size, precision=precision, address=address,
-                           gpus_per_worker=gpus_per_worker, workers=workers)
+                           gpus_per_worker=gpus_per_worker, workers=workers, decode=decode)
     for result in results:
         _print_summary("score" if len(results) == 1 else f"score {result.model_id}", score_summary_rows(result, pool))
 

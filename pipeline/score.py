@@ -29,6 +29,7 @@ from clipsift.pipeline.pool import Pool, embeddings_table, file_sha256, write_em
 from clipsift.pipeline.ui import progress_bar
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DECODES = ("cpu", "device")  # where images are decoded and resized: CPU tasks (PIL), or the model actors' device
 STATUS_OK = "ok"
 STAGES = ("read", "prepare", "model", "write")
 
@@ -116,14 +117,14 @@ class _Inputs:
 
     transforms: tuple[tuple[tuple[str, Any], ...], ...]
     tokenizers: tuple[str, ...]  # an architecture that names each tokenizer
-    columns: tuple[tuple[str, str], ...]  # (pixels column, tokens column) per model
+    columns: tuple[tuple[int, int], ...]  # (image transform, tokenizer) per model
 
     @classmethod
     def of(cls, specs: Sequence[ModelSpec]) -> _Inputs:
         transforms = tuple(dict.fromkeys(s.image_transform for s in specs))
         tokenizer_keys = list(dict.fromkeys(s.tokenizer for s in specs))
         tokenizers = tuple(next(s.arch for s in specs if s.tokenizer == key) for key in tokenizer_keys)
-        columns = tuple((f"pixels{transforms.index(s.image_transform)}", f"tokens{tokenizer_keys.index(s.tokenizer)}") for s in specs)
+        columns = tuple((transforms.index(s.image_transform), tokenizer_keys.index(s.tokenizer)) for s in specs)
         return cls(transforms, tokenizers, columns)
 
 
@@ -157,16 +158,32 @@ def _to_pixels(transform: tuple[tuple[str, Any], ...]) -> Callable[[Any], np.nda
     return to_pixels
 
 
-def _shortest_side_crop(image: Any, side: int, resample: int) -> np.ndarray:
-    """torchvision Resize(side) then CenterCrop(side) on a PIL image, as uint8 RGB."""
-    width, height = image.size
+def _resize_and_crop_box(width: int, height: int, side: int) -> tuple[int, int, int, int]:
+    """(width, height) after torchvision's Resize(side) and the (left, top) of CenterCrop(side) in it."""
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(side * long / short)
     new_width, new_height = (side, new_long) if width <= height else (new_long, side)
-    if (new_width, new_height) != (width, height):
+    return new_width, new_height, round((new_width - side) / 2.0), round((new_height - side) / 2.0)  # banker's rounding, as torchvision
+
+
+def _shortest_side_crop(image: Any, side: int, resample: int) -> np.ndarray:
+    """torchvision Resize(side) then CenterCrop(side) on a PIL image, as uint8 RGB."""
+    new_width, new_height, left, top = _resize_and_crop_box(*image.size, side)
+    if (new_width, new_height) != image.size:
         image = image.resize((new_width, new_height), resample)
-    top, left = round((new_height - side) / 2.0), round((new_width - side) / 2.0)  # as torchvision (banker's rounding)
     return np.asarray(image.crop((left, top, left + side, top + side)).convert("RGB"), dtype=np.uint8)
+
+
+def _device_transform(transform: tuple[tuple[str, Any], ...]) -> tuple[int, str]:
+    """(crop side, torch interpolation mode) of an image transform that `--decode device` can run: open_clip's
+    default eval transform (shortest side resized to a square crop's side, bicubic or bilinear)."""
+    settings = dict(transform)
+    size = settings["size"]
+    square = size if isinstance(size, int) else size[0] if size[0] == size[1] else None
+    if settings["resize_mode"] != "shortest" or not square or settings["interpolation"] not in ("bicubic", "bilinear"):
+        raise ClipsiftError(f"--decode device runs open_clip's default eval transform only (shortest side, square crop, bicubic "
+                            f"or bilinear); this model's is {settings}: use --decode cpu")
+    return int(square), settings["interpolation"]
 
 
 @lru_cache(maxsize=8)
@@ -189,11 +206,13 @@ def _tokenize(arch: str, texts: list[str]) -> np.ndarray:
     return tokens[[index[t] for t in texts]]
 
 
-def prepare_shards(items: dict[str, np.ndarray], pool_url: str, inputs: _Inputs, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def prepare_shards(items: dict[str, np.ndarray], pool_url: str, inputs: _Inputs, batch_size: int,
+                   decode: str = "cpu") -> Iterator[dict[str, np.ndarray]]:
     """Read shards and yield prepared batches: uint8 pixels and caption tokens (the CPU stage).
 
     JPEG decoding, resize + centre crop (the models' own eval transforms) and tokenization happen
-    here, next to the tar, so only small uint8 arrays travel to the model actors.
+    here, next to the tar, so only small uint8 arrays travel to the model actors. With decode
+    "device" the images travel as they are stored and the actors decode them.
     """
     pool = Pool(pool_url)
     for shard in items["shard"]:
@@ -202,45 +221,59 @@ def prepare_shards(items: dict[str, np.ndarray], pool_url: str, inputs: _Inputs,
         for position, sample in enumerate(pool.samples(str(shard))):
             chunk.append((position, sample))
             if len(chunk) == batch_size:
-                yield _prepare(str(shard), chunk, inputs, time.perf_counter() - read_started)
+                yield _prepare(str(shard), chunk, inputs, time.perf_counter() - read_started, decode)
                 chunk, read_started = [], time.perf_counter()
         if chunk:
-            yield _prepare(str(shard), chunk, inputs, time.perf_counter() - read_started)
+            yield _prepare(str(shard), chunk, inputs, time.perf_counter() - read_started, decode)
 
 
-def _prepare(shard: str, chunk: list, inputs: _Inputs, read_seconds: float) -> dict[str, np.ndarray]:
-    from PIL import Image
-
+def _prepare(shard: str, chunk: list, inputs: _Inputs, read_seconds: float, decode: str = "cpu") -> dict[str, np.ndarray]:
     started = time.perf_counter()
-    transforms = [_to_pixels(t) for t in inputs.transforms]
-    pixels: list[list[np.ndarray | None]] = [[] for _ in transforms]
-    status = []
-    for _, sample in chunk:
-        try:
-            with Image.open(io.BytesIO(sample.image)) as image:
-                image.load()
-                made = [to_pixels(image) for to_pixels in transforms]
-            status.append(STATUS_OK)
-        except Exception as err:  # PIL raises many types for bad data
-            made = [None] * len(transforms)
-            status.append(f"undecodable image: {type(err).__name__}: {err}"[:300])
-        for column, array in zip(pixels, made):
-            column.append(array)
-    texts = [s.text for _, s in chunk]
     n = len(chunk)
     batch = {
         "shard": np.array([shard] * n, dtype=object),
         "position": np.array([p for p, _ in chunk], dtype=np.int64),
         "uid": np.array([s.uid for _, s in chunk], dtype=object),
-        "status": np.array(status, dtype=object),
     }
-    for j, column in enumerate(pixels):
-        batch[f"pixels{j}"] = _stack(column)
+    if decode == "device":
+        batch["status"] = np.array([STATUS_OK] * n, dtype=object)  # the actor records decoding failures
+        batch["image"] = np.array([bytes(s.image) for _, s in chunk], dtype=object)
+    else:
+        statuses, pixels = _decode_on_cpu([s.image for _, s in chunk], inputs)
+        batch["status"] = np.array(statuses, dtype=object)
+        for j, column in enumerate(pixels):
+            batch[f"pixels{j}"] = _stack(column)
+    texts = [s.text for _, s in chunk]
     for k, arch in enumerate(inputs.tokenizers):
         batch[f"tokens{k}"] = _tokenize(arch, texts)
     batch["t_read"] = np.full(n, read_seconds / n)
     batch["t_prepare"] = np.full(n, (time.perf_counter() - started) / n)
     return batch
+
+
+def _decode_on_cpu(images: list[bytes], inputs: _Inputs) -> tuple[list[str], list[list[np.ndarray | None]]]:
+    """(status of each image, uint8 HWC pixels of each image per image transform: None where undecodable)."""
+    from PIL import Image
+
+    transforms = [_to_pixels(t) for t in inputs.transforms]
+    pixels: list[list[np.ndarray | None]] = [[] for _ in transforms]
+    statuses = []
+    for data in images:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                made = [to_pixels(image) for to_pixels in transforms]
+            statuses.append(STATUS_OK)
+        except Exception as err:  # PIL raises many types for bad data
+            made = [None] * len(transforms)
+            statuses.append(_undecodable(err))
+        for column, array in zip(pixels, made):
+            column.append(array)
+    return statuses, pixels
+
+
+def _undecodable(err: Exception) -> str:
+    return f"undecodable image: {type(err).__name__}: {err}"[:300]
 
 
 def _stack(images: list[np.ndarray | None]) -> np.ndarray:
@@ -250,11 +283,19 @@ def _stack(images: list[np.ndarray | None]) -> np.ndarray:
     return np.stack([p if p is not None else blank for p in images])
 
 
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_DECODE_NOTES = {
+    "cpu": "cpu: PIL decode and resize in CPU tasks",
+    "device": "device: torchvision decode_jpeg on the model's device (nvJPEG on CUDA; other formats by PIL), antialiased "
+              "torch resize rounded to uint8",
+}
+
+
 class Embedder:
     """Holds the models on its device; embeds prepared batches (stage 2, a Ray actor)."""
 
     def __init__(self, specs: Sequence[ModelSpec], inputs: _Inputs, precision: str, device: str, batch_size: int,
-                 threads: int | None = None):
+                 threads: int | None = None, decode: str = "cpu"):
         import open_clip
         import torch
 
@@ -268,6 +309,9 @@ class Embedder:
         self.dtype = resolve_precision(precision, self.device.type)
         self.batch_size = batch_size
         self.columns = inputs.columns
+        self.num_transforms = len(inputs.transforms)
+        self.decode = decode
+        self.device_transforms = [_device_transform(t) for t in inputs.transforms] if decode == "device" else []
         self.models = [open_clip.create_model(s.arch, pretrained=_weights_file(s.arch, s.pretrained)[0]).to(self.device).eval()
                        for s in specs]
         self.norms = [(torch.tensor(s.mean, device=self.device).view(1, 3, 1, 1), torch.tensor(s.std, device=self.device).view(1, 3, 1, 1))
@@ -279,16 +323,15 @@ class Embedder:
             tensor = tensor.pin_memory()
         return tensor.to(self.device, non_blocking=True)
 
-    def embed(self, index: int, pixels: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """L2-normalised float32 image and text embeddings of model `index`."""
+    def embed(self, index: int, images: Any, tokens: Any) -> tuple[np.ndarray, np.ndarray]:
+        """L2-normalised float32 image and text embeddings of model `index` from uint8 NCHW images and tokens on the device."""
         torch, model = self.torch, self.models[index]
         mean, std = self.norms[index]
-        images = self._to_device(pixels).permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
-        texts = self._to_device(tokens)
+        images = images.float().div_(255).sub_(mean).div_(std)
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         with torch.inference_mode(), autocast:
             image_emb = model.encode_image(images)
-            text_emb = model.encode_text(texts)
+            text_emb = model.encode_text(tokens)
         image_emb = torch.nn.functional.normalize(image_emb.float(), dim=-1)
         text_emb = torch.nn.functional.normalize(text_emb.float(), dim=-1)
         return image_emb.cpu().numpy(), text_emb.cpu().numpy()
@@ -296,14 +339,82 @@ class Embedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         n = len(batch["uid"])
-        out = {key: batch[key] for key in ("shard", "position", "uid", "status", "t_read", "t_prepare")}
-        for index, (pixels, tokens) in enumerate(self.columns):
-            parts = [self.embed(index, batch[pixels][i:i + self.batch_size], batch[tokens][i:i + self.batch_size])
-                     for i in range(0, n, self.batch_size)]
-            out[f"image_emb{index}"] = np.concatenate([p[0] for p in parts])
-            out[f"text_emb{index}"] = np.concatenate([p[1] for p in parts])
+        out = {key: batch[key] for key in ("shard", "position", "uid", "t_read", "t_prepare")}
+        status = batch["status"].copy()
+        parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in self.columns]
+        for start in range(0, n, self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            if self.decode == "device":
+                images = self._decode_and_crop(batch["image"][rows], status[rows])
+            else:
+                images = [self._to_device(batch[f"pixels{j}"][rows]).permute(0, 3, 1, 2) for j in range(self.num_transforms)]
+            tokens = {k: self._to_device(batch[f"tokens{k}"][rows]) for k in {k for _, k in self.columns}}
+            for index, (j, k) in enumerate(self.columns):
+                parts[index].append(self.embed(index, images[j], tokens[k]))
+        for index, made in enumerate(parts):
+            out[f"image_emb{index}"] = np.concatenate([p[0] for p in made])
+            out[f"text_emb{index}"] = np.concatenate([p[1] for p in made])
+        out["status"] = status
         out["t_model"] = np.full(n, (time.perf_counter() - started) / max(n, 1))
         return out
+
+    def _decode_and_crop(self, blobs: np.ndarray, status: np.ndarray) -> list[Any]:
+        """uint8 NCHW crops on the device, one tensor per image transform; undecodable images become zeros and their
+        `status` (a view of the batch's) says why."""
+        torch = self.torch
+        decoded = self._decode(blobs, status)
+        crops = []
+        for side, mode in self.device_transforms:
+            blank = torch.zeros(3, side, side, dtype=torch.uint8, device=self.device)
+            crops.append(torch.stack([blank if image is None else _resize_and_crop_tensor(image, side, mode) for image in decoded]))
+        return crops
+
+    def _decode(self, blobs: np.ndarray, status: np.ndarray) -> list[Any]:
+        """Each image as a uint8 CHW RGB tensor on the device: JPEGs together by torchvision's batched decoder (nvJPEG
+        on CUDA), other formats and JPEGs it refuses one by one with PIL on the CPU; None where PIL fails too."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        torch = self.torch
+        images: list[Any] = [None] * len(blobs)
+        jpegs = [i for i, data in enumerate(blobs) if data[:3] == _JPEG_MAGIC]
+        data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs]
+        try:
+            made = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device) if jpegs else []
+        except RuntimeError:  # one JPEG it cannot decode fails the whole call: then one call per image
+            made = []
+            for one in data:
+                try:
+                    made.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    made.append(None)
+        for i, image in zip(jpegs, made):
+            images[i] = image
+        for i in [i for i, image in enumerate(images) if image is None]:
+            try:
+                images[i] = self._to_device(_pil_rgb(blobs[i])).permute(2, 0, 1)
+            except Exception as err:  # PIL raises many types for bad data
+                status[i] = _undecodable(err)
+        return images
+
+
+def _resize_and_crop_tensor(image: Any, side: int, mode: str) -> Any:
+    """`_shortest_side_crop` of a uint8 CHW tensor, on its device: PyTorch's antialiased resize (its bicubic and
+    bilinear filters are PIL's), rounded to uint8."""
+    import torch
+
+    height, width = image.shape[1:]
+    new_width, new_height, left, top = _resize_and_crop_box(width, height, side)
+    if (new_width, new_height) != (width, height):
+        image = torch.nn.functional.interpolate(image[None].float(), size=(new_height, new_width), mode=mode, antialias=True,
+                                                align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
+    return image[:, top:top + side, left:left + side]
+
+
+def _pil_rgb(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def precision_name(precision: str, on_gpu: bool) -> str:
@@ -390,11 +501,12 @@ def score_pool(
     address: str | None = None,
     gpus_per_worker: float | None = None,
     workers: int | None = None,
+    decode: str = "cpu",
     on_shard_written: Callable[[str], None] | None = None,
 ) -> ScoreResult:
     """Embed every shard of the pool that has no output for this model yet."""
     return score_models(pool_url, [(arch, pretrained)], batch_size=batch_size, precision=precision, address=address,
-                        gpus_per_worker=gpus_per_worker, workers=workers,
+                        gpus_per_worker=gpus_per_worker, workers=workers, decode=decode,
                         on_shard_written=on_shard_written and (lambda model_id, shard: on_shard_written(shard)))[0]
 
 
@@ -407,17 +519,25 @@ def score_models(
     address: str | None = None,
     gpus_per_worker: float | None = None,
     workers: int | None = None,
+    decode: str = "cpu",
     on_shard_written: Callable[[str, str], None] | None = None,
 ) -> list[ScoreResult]:
     """Embed every shard of the pool with each (architecture, pretrained) model, reading the pool once.
 
     Each model has its own output folder and manifest; a shard is scored only by the models that
     have no output for it yet. `on_shard_written(model_id, shard)` is called after each write.
+    `decode`: where images are decoded and resized, "cpu" (PIL, in CPU tasks) or "device" (in the
+    model actors: torchvision's batched JPEG decoder, nvJPEG on GPUs, and a resize on the device).
     """
     precision_name(precision, on_gpu=True)  # a name check; the device check follows once the cluster is known
+    if decode not in DECODES:
+        raise ClipsiftError(f"--decode {decode!r}: choose one of {', '.join(DECODES)}")
     if not models:
         raise ClipsiftError("no model given: pass --model ARCH --pretrained TAG|PATH")
     specs = [resolve_model(arch, pretrained) for arch, pretrained in models]
+    if decode == "device":
+        for spec in specs:
+            _device_transform(spec.image_transform)
     duplicate = next((s.model_id for i, s in enumerate(specs) if s.model_id in [t.model_id for t in specs[:i]]), None)
     if duplicate:
         raise ClipsiftError(f"model {duplicate} is given twice; pass each --model/--pretrained pair once")
@@ -435,10 +555,10 @@ def score_models(
             groups.setdefault(missing, []).append(shard)
     for members, todo in groups.items():  # usually one group: all models lack the same shards
         _run(pool, [specs[m] for m in members], [results[m] for m in members], todo, batch_size, precision, address,
-             gpus_per_worker, workers, on_shard_written)
+             gpus_per_worker, workers, decode, on_shard_written)
     for spec, result in zip(specs, results):
         if result.shards_scored:
-            _write_manifest(pool, spec, result.precision, len(shards))
+            _write_manifest(pool, spec, result.precision, decode, len(shards))
         result.seconds = time.perf_counter() - started
     return results
 
@@ -461,7 +581,7 @@ def score_summary_rows(result: ScoreResult, pool_url: str) -> list[tuple[str, ob
 
 
 def _run(pool: Pool, specs: list[ModelSpec], results: list[ScoreResult], todo: list[str], batch_size: int, precision: str,
-         address: str | None, gpus_per_worker: float | None, workers: int | None,
+         address: str | None, gpus_per_worker: float | None, workers: int | None, decode: str,
          on_shard_written: Callable[[str, str], None] | None) -> None:
     """Score `todo` with every model of `specs` in one pass over those shards."""
     from clipsift.pipeline.parallel import ensure_ray
@@ -474,7 +594,7 @@ def _run(pool: Pool, specs: list[ModelSpec], results: list[ScoreResult], todo: l
     with progress_bar() as progress:
         bar = progress.add_task(f"score {names}", total=total)
         shard_bar = progress.add_task("shards written", total=len(todo))
-        dataset, precision = _dataset(pool.url, specs, todo, batch_size, precision, gpus_per_worker, workers)
+        dataset, precision = _dataset(pool.url, specs, todo, batch_size, precision, gpus_per_worker, workers, decode)
         for result in results:
             result.precision = precision
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -513,7 +633,7 @@ def _gather(buffers: dict[str, _ShardBuffer], batch: dict[str, np.ndarray]) -> I
 
 
 def _dataset(pool_url: str, specs: list[ModelSpec], shards: list[str], batch_size: int, precision: str,
-             gpus_per_worker: float | None, workers: int | None):
+             gpus_per_worker: float | None, workers: int | None, decode: str = "cpu"):
     """The Ray Data pipeline over `shards` and the precision it runs in.
 
     On a CPU-only cluster Ray Data fuses the prepare stage into the model actors (same CPU
@@ -545,16 +665,17 @@ def _dataset(pool_url: str, specs: list[ModelSpec], shards: list[str], batch_siz
     dataset = (
         ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
         .map_batches(prepare_shards, batch_size=1, batch_format="numpy",
-                     fn_kwargs={"pool_url": pool_url, "inputs": inputs, "batch_size": batch_size})
+                     fn_kwargs={"pool_url": pool_url, "inputs": inputs, "batch_size": batch_size, "decode": decode})
         .map_batches(Embedder, batch_size=None, batch_format="numpy", compute=strategy,
                      fn_constructor_kwargs={"specs": specs, "inputs": inputs, "precision": precision, "batch_size": batch_size,
-                                            "device": "cpu" if on_cpu else "cuda", "threads": max(1, cpus // workers) if on_cpu else None},
+                                            "device": "cpu" if on_cpu else "cuda", "threads": max(1, cpus // workers) if on_cpu else None,
+                                            "decode": decode},
                      num_gpus=gpus_per_worker or None, num_cpus=1 if on_cpu else None)
     )
     return dataset, precision
 
 
-def _write_manifest(pool: Pool, spec: ModelSpec, precision: str | None, num_shards: int) -> None:
+def _write_manifest(pool: Pool, spec: ModelSpec, precision: str | None, decode: str, num_shards: int) -> None:
     folder = pool.path("embeddings", spec.model_id)
     scored = [s for s in pool.shard_ids() if pool.has_embeddings(spec.model_id, s)]
     transform = dict(spec.image_transform)
@@ -563,6 +684,7 @@ def _write_manifest(pool: Pool, spec: ModelSpec, precision: str | None, num_shar
         "precision": precision,
         "preprocessing": (f"open_clip eval transform: resize {transform['size']} {transform['interpolation']} "
                           f"({transform['resize_mode']}), centre crop, normalize mean/std"),
+        "decode": _DECODE_NOTES[decode],
         "shards": len(scored),
         "pool_shards": num_shards,
         "rows": sum(pool.parquet_rows(pool.embeddings_path(spec.model_id, s)) for s in scored),

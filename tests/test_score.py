@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +174,62 @@ def test_prepared_pixels_equal_open_clips_transform() -> None:
             got = _to_pixels(key)(image)
             assert got.dtype == np.uint8 and got.shape == (transform_size, transform_size, 3)
             np.testing.assert_array_equal(got, want, err_msg=f"{width}x{height} {mode} -> {transform_size} {interpolation}")
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_decoding_on_the_device_matches_decoding_on_cpu(pool: Pool, checkpoint: Path, tmp_path: Path) -> None:
+    """--decode device (torchvision's JPEG decoder and a torch resize in the model actor; here the CPU) gives the
+    embeddings of --decode cpu within resize rounding, and the same statuses: a PNG goes through PIL, a broken JPEG
+    fails in both."""
+    keys = pool.metadata("00000001").column("key").to_pylist()
+    edits = {f"{keys[3]}.jpg": png_bytes(3), f"{keys[7]}.jpg": b"\xff\xd8\xff\xe0broken"}
+    rewrite_tar(Path(pool.tar_path("00000001")), lambda name, data: edits.get(name, data))
+    on_cpu = score_pool(pool.url, ARCH, str(checkpoint), batch_size=40, workers=1)
+    cpu_tables = {s: pool.embeddings(on_cpu.model_id, s) for s in pool.shard_ids()}
+    shutil.rmtree(Path(pool.root) / "embeddings")
+    on_device = score_pool(pool.url, ARCH, str(checkpoint), batch_size=40, workers=1, decode="device")
+    assert (on_device.pairs, on_device.failed) == (on_cpu.pairs, on_cpu.failed) == (96, 1)
+    for shard, cpu_table in cpu_tables.items():
+        table = pool.embeddings(on_device.model_id, shard)
+        assert table.column("uid").equals(cpu_table.column("uid"))
+        status = table.column("status").to_pylist()
+        assert [s.split(":")[0] for s in status] == [s.split(":")[0] for s in cpu_table.column("status").to_pylist()]
+        ok = np.array([s == "ok" for s in status])
+        image = np.array([v for v, good in zip(table.column("image_emb").to_pylist(), ok) if good], np.float32)
+        want = np.array([v for v, good in zip(cpu_table.column("image_emb").to_pylist(), ok) if good], np.float32)
+        cosine = (image * want).sum(1) / np.linalg.norm(image, axis=1) / np.linalg.norm(want, axis=1)
+        assert cosine.min() > 0.9999, (shard, cosine.min())  # measured: 0.99999+
+        assert table.column("text_emb").equals(cpu_table.column("text_emb"))
+    manifest = json.loads((Path(pool.root) / "embeddings" / on_device.model_id / "manifest.json").read_text())
+    assert manifest["decode"].startswith("device")
+
+
+def test_device_resize_matches_pil_within_one_level() -> None:
+    from clipsift.pipeline.score import _resize_and_crop_tensor, _shortest_side_crop
+
+    rng = np.random.default_rng(5)
+    for width, height in [(64, 43), (43, 64), (300, 200), (32, 32), (31, 90), (500, 7)]:
+        base = rng.integers(0, 256, (height // 4 + 1, width // 4 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(base).resize((width, height), Image.Resampling.BILINEAR)  # photo-like: smooth with edges
+        for side, mode, resample in [(32, "bicubic", Image.Resampling.BICUBIC), (24, "bilinear", Image.Resampling.BILINEAR)]:
+            want = _shortest_side_crop(image, side, resample).astype(int)
+            got = _resize_and_crop_tensor(torch.from_numpy(np.array(image)).permute(2, 0, 1), side, mode).permute(1, 2, 0).numpy()
+            assert got.shape == want.shape == (side, side, 3)
+            assert np.abs(got.astype(int) - want).max() <= 1 and np.abs(got.astype(int) - want).mean() < 0.5, (width, height, mode)
+
+
+def test_device_decode_refuses_transforms_it_cannot_run(pool: Pool, checkpoint: Path) -> None:
+    from clipsift.pipeline.score import _device_transform
+
+    with pytest.raises(ClipsiftError, match="--decode 'gpu': choose one of cpu, device"):
+        score_pool(pool.url, ARCH, str(checkpoint), decode="gpu")
+    squash = (("size", (32, 32)), ("interpolation", "bicubic"), ("resize_mode", "squash"), ("fill_color", 0))
+    with pytest.raises(ClipsiftError, match="--decode device runs open_clip's default eval transform only"):
+        _device_transform(squash)
+    assert _device_transform((("size", 224), ("interpolation", "bilinear"), ("resize_mode", "shortest"), ("fill_color", 0))) == (224, "bilinear")
