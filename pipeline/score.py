@@ -317,14 +317,17 @@ class Embedder:
         self.norms = [(torch.tensor(s.mean, device=self.device).view(1, 3, 1, 1), torch.tensor(s.std, device=self.device).view(1, 3, 1, 1))
                       for s in specs]
 
-    def _to_device(self, array: np.ndarray):
+    def _host(self, array: np.ndarray):
+        """A block's array as a CPU tensor, in pinned memory on CUDA (pinned once per block, not per batch)."""
         tensor = self.torch.from_numpy(np.ascontiguousarray(array))
-        if self.device.type == "cuda":
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=True)
+        return tensor.pin_memory() if self.device.type == "cuda" else tensor
 
-    def embed(self, index: int, images: Any, tokens: Any) -> tuple[np.ndarray, np.ndarray]:
-        """L2-normalised float32 image and text embeddings of model `index` from uint8 NCHW images and tokens on the device."""
+    def _to_device(self, array: np.ndarray):
+        return self._host(array).to(self.device, non_blocking=True)
+
+    def embed(self, index: int, images: Any, tokens: Any) -> tuple[Any, Any]:
+        """L2-normalised float32 image and text embeddings of model `index` (on the device) from uint8 NCHW images
+        and tokens on the device."""
         torch, model = self.torch, self.models[index]
         mean, std = self.norms[index]
         images = images.float().div_(255).sub_(mean).div_(std)
@@ -332,28 +335,30 @@ class Embedder:
         with torch.inference_mode(), autocast:
             image_emb = model.encode_image(images)
             text_emb = model.encode_text(tokens)
-        image_emb = torch.nn.functional.normalize(image_emb.float(), dim=-1)
-        text_emb = torch.nn.functional.normalize(text_emb.float(), dim=-1)
-        return image_emb.cpu().numpy(), text_emb.cpu().numpy()
+        return torch.nn.functional.normalize(image_emb.float(), dim=-1), torch.nn.functional.normalize(text_emb.float(), dim=-1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Embed a block model batch by model batch. Nothing waits on the device until the block's embeddings are
+        copied back at the end, so the host queues the next batch's copies and kernels while the device computes."""
         started = time.perf_counter()
+        torch = self.torch
         n = len(batch["uid"])
         out = {key: batch[key] for key in ("shard", "position", "uid", "t_read", "t_prepare")}
         status = batch["status"].copy()
-        parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in self.columns]
+        host = {name: self._host(array) for name, array in batch.items() if name.startswith(("pixels", "tokens"))}
+        made: list[list[tuple[Any, Any]]] = [[] for _ in self.columns]
         for start in range(0, n, self.batch_size):
             rows = slice(start, start + self.batch_size)
             if self.decode == "device":
                 images = self._decode_and_crop(batch["image"][rows], status[rows])
             else:
-                images = [self._to_device(batch[f"pixels{j}"][rows]).permute(0, 3, 1, 2) for j in range(self.num_transforms)]
-            tokens = {k: self._to_device(batch[f"tokens{k}"][rows]) for k in {k for _, k in self.columns}}
+                images = [host[f"pixels{j}"][rows].to(self.device, non_blocking=True).permute(0, 3, 1, 2) for j in range(self.num_transforms)]
+            tokens = {k: host[f"tokens{k}"][rows].to(self.device, non_blocking=True) for k in {k for _, k in self.columns}}
             for index, (j, k) in enumerate(self.columns):
-                parts[index].append(self.embed(index, images[j], tokens[k]))
-        for index, made in enumerate(parts):
-            out[f"image_emb{index}"] = np.concatenate([p[0] for p in made])
-            out[f"text_emb{index}"] = np.concatenate([p[1] for p in made])
+                made[index].append(self.embed(index, images[j], tokens[k]))
+        for index, parts in enumerate(made):
+            out[f"image_emb{index}"] = torch.cat([p[0] for p in parts]).cpu().numpy()
+            out[f"text_emb{index}"] = torch.cat([p[1] for p in parts]).cpu().numpy()
         out["status"] = status
         out["t_model"] = np.full(n, (time.perf_counter() - started) / max(n, 1))
         return out
