@@ -396,7 +396,7 @@ class Runner:
         else:
             arch, pretrained = spec.model, spec.pretrained
         result = score_pool(pool, arch, pretrained, batch_size=spec.batch_size, precision=spec.precision, address=self.config.address,
-                            gpus_per_worker=spec.gpus_per_worker, workers=spec.workers)
+                            gpus_per_worker=spec.gpus_per_worker, workers=spec.workers, decode=spec.decode)
         manifest_path = f"{pool}/embeddings/{result.model_id}/manifest.json"
         manifest = _read_json(manifest_path)
         return {"model_id": result.model_id, "arch": arch, "pretrained": pretrained, "weights_sha256": manifest["model"]["weights_sha256"],

@@ -185,6 +185,7 @@ class ScoreSpec(Section):
     pretrained: PathOrName | None = None
     batch_size: PositiveInt = 256
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    decode: Literal["cpu", "device"] = "cpu"  # where images are decoded and resized (`clipsift score --decode`)
     workers: PositiveInt | None = None
     gpus_per_worker: float | None = Field(None, ge=0)
 
