@@ -16,7 +16,6 @@ tar bytes.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import tempfile
@@ -25,36 +24,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from clipsift.filters.subset import encode_uids, write_subset  # noqa: E402
 from clipsift.pipeline.parallel import ensure_ray  # noqa: E402
-from clipsift.pipeline.pool import Pool, Sample, derive_uid, finalize_pool, write_shard  # noqa: E402
+from clipsift.pipeline.pool import Pool  # noqa: E402
 from clipsift.pipeline.reshard import reshard  # noqa: E402
-
-DISTINCT_IMAGES = 64  # encoded once each, reused: encoding is not what is measured
-
-
-def photo_like(rng: np.random.Generator, size: int) -> bytes:
-    base = rng.integers(0, 255, (size // 16, size // 16, 3)).astype(np.uint8)
-    image = Image.fromarray(base).resize((size, size), Image.BICUBIC)
-    noisy = np.clip(np.asarray(image, np.int16) + rng.integers(-12, 13, (size, size, 3)), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(noisy).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def make_pool(root: Path, samples: int, shard_size: int, image_size: int) -> None:
-    rng = np.random.default_rng(0)
-    images = [photo_like(rng, image_size) for _ in range(DISTINCT_IMAGES)]
-    for index, start in enumerate(range(0, samples, shard_size)):
-        write_shard(str(root), index, [
-            Sample(derive_uid(f"bench/{n}"), images[n % DISTINCT_IMAGES], "jpg", f"a photo number {n} of something",
-                   f"http://bench.invalid/{n}.jpg", image_size, image_size)
-            for n in range(start, min(start + shard_size, samples))])
-    finalize_pool(str(root), "bench", [{"kind": "bench"}])
+from photo_pool import make_photo_pool  # noqa: E402  (bench/, beside this script)
 
 
 def read_all(paths: list[Path]) -> None:
@@ -89,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="clipsift-reshard-bench-"))
     try:
-        make_pool(scratch / "pool", args.samples, args.shard_size, args.image_size)
+        make_photo_pool(scratch / "pool", args.samples, args.shard_size, args.image_size)
         tars = sorted((scratch / "pool" / "shards").glob("*.tar"))
         total_mb = sum(p.stat().st_size for p in tars) / 1e6
         uids = Pool(str(scratch / "pool")).uids()

@@ -1,9 +1,11 @@
 """CLIP scoring throughput: end to end from tar shards, against the model-only ceiling.
 
     python bench/score_throughput.py [--model clipsift-xs] [--pretrained PATH|TAG] [--samples 8192]
-                                     [--batch-size 256] [--device cpu|cuda] [--decode cpu|device] [--repeats 3] [--models 1]
+                                     [--batch-size 256] [--device cpu|cuda] [--decode cpu|device] [--image-size PX]
+                                     [--repeats 3] [--models 1]
 
-End to end = `score_models` on a synthetic pool (read tars, decode JPEG, preprocess, tokenize,
+End to end = `score_models` on a synthetic pool (64 px images; with --image-size, a pool of
+photo-like JPEGs of that size, as web images are) (read tars, decode JPEG, preprocess, tokenize,
 model, write parquet), after the local Ray cluster has started, so the model actors' start-up
 (importing torch and open_clip, loading weights) is counted. Best of --repeats runs, the output
 removed between runs. Ceiling = the same model on the same device with the same batch size,
@@ -46,6 +48,7 @@ from clipsift.pipeline.score import (  # noqa: E402
 )
 from clipsift.pipeline.synth import synth_pool  # noqa: E402
 from clipsift.train.models import register_model_configs  # noqa: E402
+from photo_pool import make_photo_pool  # noqa: E402  (bench/, beside this script)
 
 
 def random_checkpoint(arch: str, path: Path, seed: int = 0) -> str:
@@ -159,6 +162,7 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=1, help="Score this many copies of the model in one read (random weights).")
     parser.add_argument("--samples", type=int, default=8_192)
     parser.add_argument("--shard-size", type=int, default=1_024)
+    parser.add_argument("--image-size", type=int, default=None, help="Photo-like JPEGs of this many px instead of the synthetic pool's 64.")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="auto")
@@ -170,7 +174,11 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="clipsift-score-bench-"))
     pool = args.pool or str(scratch / "pool")
     try:
-        if not os.path.exists(os.path.join(pool, "pool.json")):
+        if os.path.exists(os.path.join(pool, "pool.json")):
+            pass
+        elif args.image_size:
+            make_photo_pool(Path(pool), args.samples, args.shard_size, args.image_size)
+        else:
             synth_pool(pool, num_samples=args.samples, shard_size=args.shard_size, truth=str(scratch / "truth.parquet"))
         if args.pretrained:
             models = [(args.model, args.pretrained)]
@@ -193,7 +201,7 @@ def main() -> None:
         best, best_cpu, result = max(runs, key=lambda r: r[0])
         busy = sum(result.timings.values()) or 1.0
         pairs = result.pairs
-        print(f"scoring {len(models)} x {args.model} on {args.device} ({os.cpu_count()} CPU cores), {pairs:,} pairs of 64 px JPEG, "
+        print(f"scoring {len(models)} x {args.model} on {args.device} ({os.cpu_count()} CPU cores), {pairs:,} pairs of {args.image_size or 64} px JPEG, "
               f"batch {args.batch_size}, {precision}, decode on {args.decode}, best of {args.repeats}")
         print(f"  end to end (tar -> parquet)  {best:>10,.0f} pairs/s   (runs: {', '.join(f'{r[0]:,.0f}' for r in runs)})")
         print(f"  model only (ceiling)         {ceiling / len(models):>10,.0f} pairs/s" + (f"   ({ceiling:,.0f} per model)" if len(models) > 1 else ""))
