@@ -41,6 +41,8 @@ def test_round_trip_keeps_every_field(small_pool: Path) -> None:
             assert have.sha256 == want.sha256 and len(have.sha256) == 64
             assert have.extra == want.extra
     assert pool.uids().to_pylist() == [s.uid for i in range(2) for s in make_samples(i, 5)]
+    footer = pq.ParquetFile(small_pool / "metadata" / "00000000.parquet").metadata
+    assert {footer.row_group(0).column(i).compression for i in range(footer.num_columns)} == {"LZ4"}  # LZ4_RAW, as pyarrow names it
 
 
 def test_tar_members_follow_webdataset_layout(small_pool: Path) -> None:
