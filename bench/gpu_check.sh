@@ -20,9 +20,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled NO_ALBUMENTATIONS_UPDATE=1 TOKENIZERS_PARALLELISM=false
 
 if [ "${WHEELS:-1}" = 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target /tmp/site . || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade --target /tmp/site . || exit 1
 fi
 
 { nvidia-smi; nproc; free -g; python3 -c "import torch, torchvision, ray, open_clip, pyarrow; print(torch.__version__, torchvision.__version__, ray.__version__, open_clip.__version__, pyarrow.__version__)"; } \

@@ -266,14 +266,10 @@ def _decode_on_cpu(images: list[bytes], inputs: _Inputs) -> tuple[list[str], lis
             statuses.append(STATUS_OK)
         except Exception as err:  # PIL raises many types for bad data
             made = [None] * len(transforms)
-            statuses.append(_undecodable(err))
+            statuses.append(f"undecodable image: {type(err).__name__}: {err}"[:300])
         for column, array in zip(pixels, made):
             column.append(array)
     return statuses, pixels
-
-
-def _undecodable(err: Exception) -> str:
-    return f"undecodable image: {type(err).__name__}: {err}"[:300]
 
 
 def _stack(images: list[np.ndarray | None]) -> np.ndarray:
@@ -308,6 +304,7 @@ class Embedder:
             torch.set_num_threads(threads)
         self.dtype = resolve_precision(precision, self.device.type)
         self.batch_size = batch_size
+        self.inputs = inputs
         self.columns = inputs.columns
         self.num_transforms = len(inputs.transforms)
         self.decode = decode
@@ -364,19 +361,28 @@ class Embedder:
         return out
 
     def _decode_and_crop(self, blobs: np.ndarray, status: np.ndarray) -> list[Any]:
-        """uint8 NCHW crops on the device, one tensor per image transform; undecodable images become zeros and their
-        `status` (a view of the batch's) says why."""
+        """uint8 NCHW crops on the device, one tensor per image transform. JPEGs are decoded together by torchvision
+        (nvJPEG on CUDA) and resized on the device; every other image (PNG, WebP, a JPEG it refuses) takes the CPU
+        path's PIL decode and crop, in its own mode (palette and alpha images resize as PIL resizes them), and is
+        copied over. Undecodable images become zeros and their `status` (a view of the batch's) says why."""
         torch = self.torch
-        decoded = self._decode(blobs, status)
+        decoded = self._decode_jpegs(blobs)
+        rest = [i for i, image in enumerate(decoded) if image is None]
+        statuses, pil_pixels = _decode_on_cpu([blobs[i] for i in rest], self.inputs)
+        status[rest] = statuses
+        on_cpu = {i: [column[k] for column in pil_pixels] for k, i in enumerate(rest)}
         crops = []
-        for side, mode in self.device_transforms:
+        for j, (side, mode) in enumerate(self.device_transforms):
             blank = torch.zeros(3, side, side, dtype=torch.uint8, device=self.device)
-            crops.append(torch.stack([blank if image is None else _resize_and_crop_tensor(image, side, mode) for image in decoded]))
+            crops.append(torch.stack([
+                _resize_and_crop_tensor(image, side, mode) if image is not None
+                else blank if on_cpu[i][j] is None else self._to_device(on_cpu[i][j]).permute(2, 0, 1)
+                for i, image in enumerate(decoded)]))
         return crops
 
-    def _decode(self, blobs: np.ndarray, status: np.ndarray) -> list[Any]:
-        """Each image as a uint8 CHW RGB tensor on the device: JPEGs together by torchvision's batched decoder (nvJPEG
-        on CUDA), other formats and JPEGs it refuses one by one with PIL on the CPU; None where PIL fails too."""
+    def _decode_jpegs(self, blobs: np.ndarray) -> list[Any]:
+        """Each JPEG as a uint8 CHW RGB tensor on the device, by torchvision's batched decoder (one call; one call per
+        image when that fails); None for other formats and for JPEGs it cannot decode."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         torch = self.torch
@@ -385,7 +391,7 @@ class Embedder:
         data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs]
         try:
             made = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device) if jpegs else []
-        except RuntimeError:  # one JPEG it cannot decode fails the whole call: then one call per image
+        except RuntimeError:  # one JPEG it cannot decode fails the whole call
             made = []
             for one in data:
                 try:
@@ -394,11 +400,6 @@ class Embedder:
                     made.append(None)
         for i, image in zip(jpegs, made):
             images[i] = image
-        for i in [i for i, image in enumerate(images) if image is None]:
-            try:
-                images[i] = self._to_device(_pil_rgb(blobs[i])).permute(2, 0, 1)
-            except Exception as err:  # PIL raises many types for bad data
-                status[i] = _undecodable(err)
         return images
 
 
@@ -413,13 +414,6 @@ def _resize_and_crop_tensor(image: Any, side: int, mode: str) -> Any:
         image = torch.nn.functional.interpolate(image[None].float(), size=(new_height, new_width), mode=mode, antialias=True,
                                                 align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
     return image[:, top:top + side, left:left + side]
-
-
-def _pil_rgb(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def precision_name(precision: str, on_gpu: bool) -> str:
@@ -682,6 +676,9 @@ def _dataset(pool_url: str, specs: list[ModelSpec], shards: list[str], batch_siz
 
 def _write_manifest(pool: Pool, spec: ModelSpec, precision: str | None, decode: str, num_shards: int) -> None:
     folder = pool.path("embeddings", spec.model_id)
+    path = f"{folder}/manifest.json"
+    earlier = json.loads(pool.fs.cat_file(path)).get("decode", []) if pool.fs.exists(path) else []
+    earlier = [earlier] if isinstance(earlier, str) else earlier
     scored = [s for s in pool.shard_ids() if pool.has_embeddings(spec.model_id, s)]
     transform = dict(spec.image_transform)
     manifest = {
@@ -689,11 +686,11 @@ def _write_manifest(pool: Pool, spec: ModelSpec, precision: str | None, decode: 
         "precision": precision,
         "preprocessing": (f"open_clip eval transform: resize {transform['size']} {transform['interpolation']} "
                           f"({transform['resize_mode']}), centre crop, normalize mean/std"),
-        "decode": _DECODE_NOTES[decode],
+        "decode": sorted({*earlier, _DECODE_NOTES[decode]}),  # every decoder that made some of the shards
         "shards": len(scored),
         "pool_shards": num_shards,
         "rows": sum(pool.parquet_rows(pool.embeddings_path(spec.model_id, s)) for s in scored),
         "clipsift_version": __version__,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    write_json_atomic(pool.fs, f"{folder}/manifest.json", manifest)
+    write_json_atomic(pool.fs, path, manifest)

@@ -176,19 +176,26 @@ def test_prepared_pixels_equal_open_clips_transform() -> None:
             np.testing.assert_array_equal(got, want, err_msg=f"{width}x{height} {mode} -> {transform_size} {interpolation}")
 
 
-def png_bytes(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
+def png_bytes(seed: int, mode: str = "RGB", size: tuple[int, int] = (40, 30)) -> bytes:
+    """A PNG in `mode`; RGBA ones are transparent in their top half, P ones have 16 colours."""
     rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    if mode == "RGBA":
+        image.putalpha(Image.fromarray(np.where(np.arange(size[1])[:, None] < size[1] // 2, 0, 255).repeat(size[0], 1).astype(np.uint8)))
+    elif mode == "P":
+        image = image.quantize(16)
     buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
 def test_decoding_on_the_device_matches_decoding_on_cpu(pool: Pool, checkpoint: Path, tmp_path: Path) -> None:
     """--decode device (torchvision's JPEG decoder and a torch resize in the model actor; here the CPU) gives the
-    embeddings of --decode cpu within resize rounding, and the same statuses: a PNG goes through PIL, a broken JPEG
-    fails in both."""
+    embeddings of --decode cpu within resize rounding, and the same statuses: PNGs (RGB, with alpha, with a palette)
+    take the CPU path's PIL crop (the same pixels), a broken JPEG fails in both."""
     keys = pool.metadata("00000001").column("key").to_pylist()
-    edits = {f"{keys[3]}.jpg": png_bytes(3), f"{keys[7]}.jpg": b"\xff\xd8\xff\xe0broken"}
+    edits = {f"{keys[3]}.jpg": png_bytes(3), f"{keys[4]}.jpg": png_bytes(4, "RGBA"), f"{keys[5]}.jpg": png_bytes(5, "P"),
+             f"{keys[7]}.jpg": b"\xff\xd8\xff\xe0broken"}
     rewrite_tar(Path(pool.tar_path("00000001")), lambda name, data: edits.get(name, data))
     on_cpu = score_pool(pool.url, ARCH, str(checkpoint), batch_size=40, workers=1)
     cpu_tables = {s: pool.embeddings(on_cpu.model_id, s) for s in pool.shard_ids()}
@@ -206,8 +213,11 @@ def test_decoding_on_the_device_matches_decoding_on_cpu(pool: Pool, checkpoint: 
         cosine = (image * want).sum(1) / np.linalg.norm(image, axis=1) / np.linalg.norm(want, axis=1)
         assert cosine.min() > 0.9999, (shard, cosine.min())  # measured: 0.99999+
         assert table.column("text_emb").equals(cpu_table.column("text_emb"))
+        if shard == "00000001":  # the PNGs: the very pixels of the CPU path
+            for row in (3, 4, 5):
+                assert table.column("image_emb")[row] == cpu_table.column("image_emb")[row]
     manifest = json.loads((Path(pool.root) / "embeddings" / on_device.model_id / "manifest.json").read_text())
-    assert manifest["decode"].startswith("device")
+    assert [note.split(":")[0] for note in manifest["decode"]] == ["device"]
 
 
 def test_device_resize_matches_pil_within_one_level() -> None:
