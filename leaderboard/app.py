@@ -34,6 +34,7 @@ from clipsift.leaderboard.client import API, submission_url
 from clipsift.leaderboard.db import DEFAULT_DB, Database, Submission, Token
 from clipsift.leaderboard.schema import (
     Refusal,
+    Rejected,
     Row,
     StatusIn,
     SubmissionCreated,
@@ -43,7 +44,7 @@ from clipsift.leaderboard.schema import (
     SuiteOut,
     Track,
 )
-from clipsift.leaderboard.verify import Rejected, recipe_of, validation_problems
+from clipsift.leaderboard.verify import recipe_of, validation_problems
 
 log = logging.getLogger("clipsift.leaderboard")
 HERE = files("clipsift.leaderboard")
@@ -73,8 +74,11 @@ class Refuse(Exception):
         self.status, self.detail, self.errors, self.headers = status, detail, errors or [], headers
 
 
-def _refusal(status: int, detail: str, errors: list[tuple[str, str]] = (), headers: dict[str, str] | None = None) -> JSONResponse:
+def _refusal(status: int, detail: str, errors: list[tuple[str, str]] = (), headers: dict[str, str] | None = None,
+             existing: int | None = None) -> JSONResponse:
     body = {"detail": detail, "errors": [{"field": field, "reason": reason} for field, reason in errors]}
+    if existing is not None:
+        body["existing"] = existing
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -210,7 +214,7 @@ def create_app(settings: Settings = Settings()) -> FastAPI:
 
     @app.exception_handler(Rejected)
     async def _rejected(request: Request, err: Rejected) -> JSONResponse:
-        return _refusal(err.status, err.detail, err.errors)
+        return _refusal(err.status, err.detail, err.errors, existing=getattr(err, "existing", None))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from clipsift import ClipsiftError
-from clipsift.leaderboard.schema import SUBMISSION_FORMAT, TRACKS
+from clipsift.leaderboard.schema import SUBMISSION_FORMAT, TRACKS, Duplicate
 
 API = "/api/v1"
 
@@ -127,7 +127,8 @@ def refusal_message(status: int, body: Any) -> str:
 
 
 def post_submission(server: str, token: str, payload: dict[str, Any], timeout: float = 60.0) -> int:
-    """Send a payload to a server; the new submission's id. Raises ClipsiftError with the server's reasons."""
+    """Send a payload to a server; the new submission's id. Raises ClipsiftError with the server's reasons, `Duplicate`
+    (naming the `existing` submission) when the server holds the same subset, scale and results already."""
     import httpx
 
     try:
@@ -139,6 +140,8 @@ def post_submission(server: str, token: str, payload: dict[str, Any], timeout: f
         body = response.json()
     except ValueError:
         body = response.text[:500]
+    if response.status_code == 409 and isinstance(body, dict) and isinstance(body.get("existing"), int):
+        raise Duplicate(body["existing"], detail=f"{server} refused the submission:\nHTTP 409: {body.get('detail', 'duplicate')}")
     if response.status_code != 201:
         raise ClipsiftError(f"{server} refused the submission:\n{refusal_message(response.status_code, body)}")
     return int(body["id"])

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from clipsift import ClipsiftError
+
 SUBMISSION_FORMAT = "clipsift-submission/1"
 TRACKS = ("filtering", "byod")
 STATUSES = ("pending", "verified", "rejected")
@@ -146,6 +148,24 @@ class Refusal(BaseModel):
 
     detail: str
     errors: list[Problem] = Field(default_factory=list)
+    existing: int | None = Field(default=None, description="409 only: the submission that holds the same subset, scale and results.")
+
+
+class Rejected(ClipsiftError):
+    """A refused submission: `errors` lists (field, reason); `status` is the HTTP status to answer."""
+
+    def __init__(self, errors: list[tuple[str, str]], status: int = 422, detail: str = "the submission was refused"):
+        self.errors, self.status, self.detail = errors, status, detail
+        super().__init__(f"{detail}: " + "; ".join(f"{field}: {reason}" for field, reason in errors))
+
+
+class Duplicate(Rejected):
+    """A submission whose subset, scale and results are on the board already, as submission `existing`."""
+
+    def __init__(self, existing: int, detail: str = "duplicate submission"):
+        self.existing = existing
+        super().__init__([("results", f"the same subset, scale and results were submitted already: submission {existing}")],
+                         status=409, detail=detail)
 
 
 class Row(BaseModel):

@@ -8,7 +8,8 @@ import sqlalchemy as sa
 
 from clipsift.leaderboard.db import Database, Submission
 from clipsift.leaderboard.schema import SubmissionIn
-from clipsift.leaderboard.verify import Rejected, parse_payload, verify
+from clipsift.leaderboard.schema import Duplicate, Rejected
+from clipsift.leaderboard.verify import parse_payload, verify
 
 LISTED = (Submission.id, Submission.method_name, Submission.authors, Submission.track, Submission.scale, Submission.suite_name,
           Submission.suite_sha256, Submission.status, Submission.average, Submission.groups, Submission.subset_size, Submission.created)
@@ -42,15 +43,15 @@ def add_submission(db: Database, submission: SubmissionIn, token_id: int | None 
             first = session.scalar(sa.select(Submission.id).where(Submission.fingerprint == verified.fingerprint))
             if first is None:
                 raise
-            raise Rejected([("results", f"the same subset, scale and results were submitted already: submission {first}")],
-                           status=409, detail="duplicate submission") from None
+            raise Duplicate(first) from None
     return row
 
 
 def post_local(db_url: str, payload: dict[str, Any]) -> int:
     """Verify and store a submission payload straight into a database (no server); its id.
 
-    Raises `Rejected` (a ClipsiftError) with the reasons when the submission is refused.
+    Raises `Rejected` (a ClipsiftError) with the reasons when the submission is refused, `Duplicate` (a `Rejected`
+    naming the `existing` submission) when the same subset, scale and results are stored already.
     """
     submission = parse_payload(payload)
     db = Database(db_url)

@@ -21,21 +21,13 @@ from clipsift import ClipsiftError
 from clipsift.eval.aggregate import suite_summary
 from clipsift.eval.registry import Suite
 from clipsift.leaderboard.db import canonical_json
-from clipsift.leaderboard.schema import SubmissionIn
+from clipsift.leaderboard.schema import Rejected, SubmissionIn
 from clipsift.train.recipe import SCALES, Recipe, load_recipe
 
 recipe_of = lru_cache(maxsize=None)(load_recipe)  # the recipe files are fixed: parse each once per process
 
 TOLERANCE = 1e-6  # claimed vs recomputed averages (JSON floats round-trip exactly; other clients may sum differently)
 RECIPE_CHECKED = ("samples_seen", "model")  # a difference in these refuses the submission; in other fields it is flagged
-
-
-class Rejected(ClipsiftError):
-    """A refused submission: `errors` lists (field, reason); `status` is the HTTP status to answer."""
-
-    def __init__(self, errors: list[tuple[str, str]], status: int = 422, detail: str = "the submission was refused"):
-        self.errors, self.status, self.detail = errors, status, detail
-        super().__init__(f"{detail}: " + "; ".join(f"{field}: {reason}" for field, reason in errors))
 
 
 def validation_problems(err: Any, drop: tuple[str, ...] = ("body",)) -> list[tuple[str, str]]:

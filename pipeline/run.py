@@ -323,7 +323,8 @@ class Runner:
             "train": lambda: f"{out['scale']}: {out['samples_seen']:,} samples seen, loss {out['final_loss']:.3f}",
             "eval": lambda: f"{out['suite']} average {out['average']:.3f}" + (f" (suite written in {out['suite_seconds']:.0f} s)"
                                                                                 if out.get("suite_seconds") else ""),
-            "submit": lambda: f"submission {out['id']} on {out['url'] or out['leaderboard']}",
+            "submit": lambda: f"submission {out['id']} on {out['url'] or out['leaderboard']}"
+                              + (" (there already: same subset, scale and results)" if out.get("found_existing") else ""),
         }[name]()
 
     # ----------------------------------------------------------- the stages
@@ -487,17 +488,20 @@ class Runner:
             post_submission,
             submission_url,
         )
+        from clipsift.leaderboard.schema import Duplicate
 
         spec = self.config.submit
         payload = build_submission(self.outputs["train"]["run"], method_name=spec.method_name, track=spec.track, authors=spec.authors,
                                    links=spec.links, description=spec.description, suite=self.outputs["eval"]["suite"])
         token = self._leaderboard_token()
-        if token:
-            submission = post_submission(spec.leaderboard, token, payload)
-            url = submission_url(spec.leaderboard, submission)
-        else:
-            submission, url = post_local(spec.leaderboard, payload), None
-        return {"leaderboard": spec.leaderboard, "id": submission, "url": url, "method_name": spec.method_name, "track": spec.track}
+        try:
+            submission = post_submission(spec.leaderboard, token, payload) if token else post_local(spec.leaderboard, payload)
+            adopted = False
+        except Duplicate as duplicate:  # the same subset, scale and results: posted by an attempt of this run killed
+            submission, adopted = duplicate.existing, True  # before it recorded the stage, or posted by hand
+        url = submission_url(spec.leaderboard, submission) if token else None
+        return {"leaderboard": spec.leaderboard, "id": submission, "url": url, "method_name": spec.method_name, "track": spec.track,
+                "found_existing": adopted}
 
     # ----------------------------------------------------------- provenance
 

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from clipsift import ClipsiftError
 from clipsift.eval.registry import load_suite, parse_suite
 from clipsift.leaderboard import post_local, submission_url
+from clipsift.leaderboard.schema import Duplicate
 from clipsift.leaderboard.db import Database
 
 SQLI = "x'); DROP TABLE submissions; --"
@@ -228,6 +229,7 @@ def test_duplicate_is_refused(server, token, tmp_path):
     again = post(server, new_token(server), renamed)
     assert again.status_code == 409
     assert again.json()["errors"][0]["field"] == "results" and f"submission {first.json()['id']}" in again.json()["errors"][0]["reason"]
+    assert again.json()["existing"] == first.json()["id"]
 
 
 def test_rate_limit_per_token(server, tmp_path):
@@ -322,7 +324,7 @@ def test_cli_submit_end_to_end(server, token, tmp_path):
     assert httpx.get(url).status_code == 200 and "cli method" in httpx.get(url).text
 
     again = CliRunner().invoke(app, args)  # the same run twice: the server's reason comes back
-    assert again.exit_code != 0 and isinstance(again.exception, ClipsiftError)
+    assert again.exit_code != 0 and isinstance(again.exception, Duplicate) and again.exception.existing == int(match.group(1))
     assert "HTTP 409" in str(again.exception) and "results: the same subset" in str(again.exception)
     wrong = CliRunner().invoke(app, [*args[:5], "clipsift_wrong", *args[6:]])
     assert isinstance(wrong.exception, ClipsiftError) and "HTTP 401" in str(wrong.exception)
@@ -424,8 +426,9 @@ def test_post_local_and_build_errors(tmp_path):
     payload = payload_of(run, method_name="local")
     first = post_local(db, payload)
     assert first >= 1 and Database(db).suites()
-    with pytest.raises(ClipsiftError, match="duplicate submission: results: the same subset"):
+    with pytest.raises(Duplicate, match="duplicate submission: results: the same subset") as duplicate:
         post_local(db, payload)
+    assert duplicate.value.existing == first
     with pytest.raises(ClipsiftError, match=r"results.0.value: Input should be less than or equal to 1"):
         post_local(db, {**payload, "results": [{**payload["results"][0], "value": 2.0}, *payload["results"][1:]]})
     (run / "eval" / "summary.json").unlink()

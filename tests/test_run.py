@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from clipsift import ClipsiftError
-from clipsift.pipeline.run import STAGES_FILE, run_pipeline, stage_names
+from clipsift.pipeline.run import STAGES_FILE, Runner, run_pipeline, stage_names
 from clipsift.pipeline.run_config import RunConfigError, load_run_config, shipped_runs
 
 def clipsift(*args: str, **kwargs) -> subprocess.Popen:
@@ -281,3 +281,19 @@ def test_the_xs_chain_with_a_filtering_network(tmp_path: Path) -> None:
     assert stages["score"]["model_id"] == f"clipsift-xs__{stages['filternet']['weights_sha256'][:12]}"
     assert stages["filter"]["recipe"]["steps"] == [{"clip_score": {"model_id": stages["score"]["model_id"], "fraction": 0.3}}]
     assert abs(stages["filter"]["num_uids"] - 0.3 * 4096) <= 2
+
+
+def test_submit_stage_takes_the_submission_an_earlier_attempt_posted(tmp_path: Path) -> None:
+    """A run killed after posting and before recording its submit stage posts again when re-run: the leaderboard
+    refuses the duplicate and names the submission, which the stage records as the run's own."""
+    from leaderboard_support import write_run
+
+    config, where = load_run_config(str(write_config(tmp_path / "run.yaml", {"submit.method_name": "resumed"})))
+    runner = Runner(config, tmp_path / "RUN", where)
+    runner.outputs = {"train": {"run": str(write_run(tmp_path / "train", seed=11))}, "eval": {"suite": "tiny"}}
+    first = runner._run_submit()
+    again = runner._run_submit()
+    assert (first["found_existing"], again["found_existing"]) == (False, True)
+    assert again["id"] == first["id"] and again["leaderboard"] == first["leaderboard"] == str(tmp_path / "RUN" / "leaderboard.db")
+    runner.outputs["submit"] = again
+    assert runner.detail("submit").endswith("(there already: same subset, scale and results)")
