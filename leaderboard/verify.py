@@ -17,7 +17,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from clipsift import ClipsiftError
 from clipsift.eval.aggregate import suite_summary
 from clipsift.eval.registry import Suite
 from clipsift.leaderboard.db import canonical_json

@@ -17,7 +17,6 @@ import bisect
 import contextlib
 import functools
 import hashlib
-import io
 import itertools
 import json
 import mmap
