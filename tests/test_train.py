@@ -177,3 +177,22 @@ def test_two_devices_train_through_torchrun_with_the_recipes_global_batch(tmp_pa
     losses, _ = parse_log(tmp_path / "run" / "out.log")
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
     open_clip.create_model_and_transforms("clipsift-xs", pretrained=str(result.checkpoint))
+
+
+def test_the_same_seed_trains_to_the_same_weights(tmp_path: Path) -> None:
+    """open_clip_train's sample shuffle is seeded (clipsift.train.shuffle), so a seed fixes the data order and,
+    on a CPU, the weights bit for bit; another seed gives other weights."""
+    import torch
+
+    synth_pool(str(tmp_path / "pool"), scale="xs", workers=1)
+    write_subset(str(tmp_path / "subset.npy"), sort_subset(encode_uids(Pool(str(tmp_path / "pool")).uids().combine_chunks())))
+    data = reshard(str(tmp_path / "pool"), str(tmp_path / "subset.npy"), str(tmp_path / "shards"), shard_size=512, workers=1).out
+
+    def weights(name: str, seed: int | None = None) -> list[torch.Tensor]:
+        result = train("xs", [(data, 1.0)], str(tmp_path / name), infra=Infra(workers=2, seed=seed))
+        return list(torch.load(result.checkpoint, map_location="cpu", weights_only=False)["state_dict"].values())
+
+    first, again, other = weights("first"), weights("again"), weights("other", seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    assert json.loads((tmp_path / "first" / "run.json").read_text())["sample_shuffle"].startswith("seeded")

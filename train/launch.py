@@ -28,6 +28,7 @@ from clipsift.pipeline.pool import image_member, iter_tar, open_fs, write_json_a
 from clipsift.pipeline.reshard import read_manifest
 from clipsift.train.models import register_model_configs
 from clipsift.train.recipe import BatchPlan, Recipe, load_recipe, plan_batches
+from clipsift.train.shuffle import seeded_sample_shuffle
 
 CHECKPOINTS = "checkpoints"
 LATEST = "epoch_latest.pt"
@@ -272,7 +273,7 @@ def _launch(args: list[str], devices: int, log: Path, total_samples: int, thread
             return subprocess.run(command, stdout=subprocess.DEVNULL).returncode
     from open_clip_train.main import main as open_clip_main
 
-    with _open_clip_train_in_process(threads), _LogProgress(log, total_samples):
+    with _open_clip_train_in_process(threads), seeded_sample_shuffle(), _LogProgress(log, total_samples):
         return int(open_clip_main(args) or 0)
 
 
@@ -368,6 +369,7 @@ def _run_record(recipe: Recipe, sources: list[DataSource], plan: BatchPlan, infr
         "infrastructure": {"device": device, "workers": infra.workers, "torchcompile": infra.torchcompile,
                            "cuda_devices": [torch.cuda.get_device_name(i) for i in range(_cuda_devices())]},
         "non_standard": infra.non_standard(recipe),
+        "sample_shuffle": "seeded by each data worker's seed and pass over the data (clipsift.train.shuffle)",
         "versions": {"clipsift": __version__, "open_clip": open_clip.__version__, "torch": torch.__version__},
         "open_clip_train_args": args,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

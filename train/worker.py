@@ -8,6 +8,7 @@ import torch
 from open_clip_train.main import main
 
 from clipsift.train.models import register_model_configs
+from clipsift.train.shuffle import seeded_sample_shuffle
 
 
 class _CpuDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
@@ -26,4 +27,6 @@ if __name__ == "__main__":
         args = json.load(f)["open_clip_train_args"]
     if args[args.index("--device") + 1] == "cpu":
         torch.nn.parallel.DistributedDataParallel = _CpuDistributedDataParallel
-    sys.exit(main(args) or 0)
+    with seeded_sample_shuffle():
+        status = main(args) or 0
+    sys.exit(status)
