@@ -466,7 +466,7 @@ _HEADER_IDS = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
 _HEADER_TEMPLATE = np.frombuffer(  # name, size and checksum to fill in; the checksum field counts as 8 spaces
     (bytes(100) + _HEADER_IDS + bytes(12) + b"%011o\0" % _MEMBER_MTIME + b" " * 8 + b"0" + bytes(100)
      + b"ustar\x0000").ljust(_BLOCK, b"\0"), np.uint8)
-_TEMPLATE_SUM = int(_HEADER_TEMPLATE.sum()) - int(_HEADER_TEMPLATE[124:135].sum())  # its bytes but the name and size fields
+_TEMPLATE_SUM = int(_HEADER_TEMPLATE.sum())  # its name and size fields are zeros: the rows add theirs
 _SIZE_SHIFTS = np.arange(30, -1, -3)  # "%011o"
 _CHECKSUM_SHIFTS = np.arange(15, -1, -3)  # "%06o"
 

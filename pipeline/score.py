@@ -140,13 +140,14 @@ def _to_pixels(transform: tuple[tuple[str, Any], ...]) -> Callable[[Any], np.nda
     import open_clip
     from PIL import Image
 
-    settings = dict(transform)
-    size = settings["size"] if isinstance(settings["size"], int) else tuple(settings["size"])
-    square = size if isinstance(size, int) else size[0] if size[0] == size[1] else None
-    resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}.get(settings["interpolation"])
-    if settings["resize_mode"] == "shortest" and square and resample is not None:
-        return lambda image: _shortest_side_crop(image, square, resample)
-    preprocess = open_clip.image_transform(is_train=False, image_size=size, **{k: v for k, v in transform if k != "size"})
+    default = _default_crop(transform)
+    if default is not None:
+        side, interpolation = default
+        resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[interpolation]
+        return lambda image: _shortest_side_crop(image, side, resample)
+    size = dict(transform)["size"]
+    preprocess = open_clip.image_transform(is_train=False, image_size=size if isinstance(size, int) else tuple(size),
+                                           **{k: v for k, v in transform if k != "size"})
     cut = next(i for i, t in enumerate(preprocess.transforms) if "ToTensor" in type(t).__name__)
     head = preprocess.transforms[:cut]
 
@@ -174,16 +175,24 @@ def _shortest_side_crop(image: Any, side: int, resample: int) -> np.ndarray:
     return np.asarray(image.crop((left, top, left + side, top + side)).convert("RGB"), dtype=np.uint8)
 
 
-def _device_transform(transform: tuple[tuple[str, Any], ...]) -> tuple[int, str]:
-    """(crop side, torch interpolation mode) of an image transform that `--decode device` can run: open_clip's
-    default eval transform (shortest side resized to a square crop's side, bicubic or bilinear)."""
+def _default_crop(transform: tuple[tuple[str, Any], ...]) -> tuple[int, str] | None:
+    """(crop side, interpolation) when the transform is open_clip's default eval transform (shortest side resized to a
+    square crop's side, bicubic or bilinear), else None."""
     settings = dict(transform)
     size = settings["size"]
     square = size if isinstance(size, int) else size[0] if size[0] == size[1] else None
     if settings["resize_mode"] != "shortest" or not square or settings["interpolation"] not in ("bicubic", "bilinear"):
-        raise ClipsiftError(f"--decode device runs open_clip's default eval transform only (shortest side, square crop, bicubic "
-                            f"or bilinear); this model's is {settings}: use --decode cpu")
+        return None
     return int(square), settings["interpolation"]
+
+
+def _device_transform(transform: tuple[tuple[str, Any], ...]) -> tuple[int, str]:
+    """(crop side, torch interpolation mode) of an image transform that `--decode device` can run: the default one."""
+    default = _default_crop(transform)
+    if default is None:
+        raise ClipsiftError(f"--decode device runs open_clip's default eval transform only (shortest side, square crop, bicubic "
+                            f"or bilinear); this model's is {dict(transform)}: use --decode cpu")
+    return default
 
 
 @lru_cache(maxsize=8)
@@ -306,7 +315,6 @@ class Embedder:
         self.batch_size = batch_size
         self.inputs = inputs
         self.columns = inputs.columns
-        self.num_transforms = len(inputs.transforms)
         self.decode = decode
         self.device_transforms = [_device_transform(t) for t in inputs.transforms] if decode == "device" else []
         self.models = [open_clip.create_model(s.arch, pretrained=_weights_file(s.arch, s.pretrained)[0]).to(self.device).eval()
@@ -349,7 +357,7 @@ class Embedder:
             if self.decode == "device":
                 images = self._decode_and_crop(batch["image"][rows], status[rows])
             else:
-                images = [host[f"pixels{j}"][rows].to(self.device, non_blocking=True).permute(0, 3, 1, 2) for j in range(self.num_transforms)]
+                images = [host[f"pixels{j}"][rows].to(self.device, non_blocking=True).permute(0, 3, 1, 2) for j in range(len(self.inputs.transforms))]
             tokens = {k: host[f"tokens{k}"][rows].to(self.device, non_blocking=True) for k in {k for _, k in self.columns}}
             for index, (j, k) in enumerate(self.columns):
                 made[index].append(self.embed(index, images[j], tokens[k]))

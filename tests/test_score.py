@@ -212,6 +212,7 @@ def test_decoding_on_the_device_matches_decoding_on_cpu(pool: Pool, checkpoint: 
         want = np.array([v for v, good in zip(cpu_table.column("image_emb").to_pylist(), ok) if good], np.float32)
         cosine = (image * want).sum(1) / np.linalg.norm(image, axis=1) / np.linalg.norm(want, axis=1)
         assert cosine.min() > 0.9999, (shard, cosine.min())  # measured: 0.99999+
+        assert not np.array_equal(image, want)  # the JPEGs did take the other decoder and resize
         assert table.column("text_emb").equals(cpu_table.column("text_emb"))
         if shard == "00000001":  # the PNGs: the very pixels of the CPU path
             for row in (3, 4, 5):
