@@ -13,7 +13,10 @@ inputs already on the device, in the same precision. Without --pretrained a rand
 checkpoint of --model is saved and used (speed does not depend on the weights). --models N scores N
 copies of the model (different random weights) in one read of the pool. --decode device decodes and
 resizes in the model actors (torchvision's batched JPEG decoder: nvJPEG on a GPU) instead of in the
-CPU tasks.
+CPU tasks. "One actor, blocks in memory" runs the model actor's calls on prepared blocks held in this
+process (two side by side on CUDA, as a run does): what one actor can do when fed perfectly; on CUDA
+a profiler trace of those calls gives the share of host-to-device copy time that ran beside a kernel
+(the side copy stream's overlap).
 
 On Linux the bench also sums the CPU time of this process and every process under it (Ray's
 raylet, workers and actors) over each run: CPU-seconds per 1,000 pairs depends much less on other
@@ -24,11 +27,14 @@ every core free for it.
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import os
 import shutil
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -38,6 +44,7 @@ import torch  # noqa: E402
 from clipsift.pipeline.parallel import ensure_ray  # noqa: E402
 from clipsift.pipeline.pool import Pool  # noqa: E402
 from clipsift.pipeline.score import (  # noqa: E402
+    GPU_CALLS_PER_ACTOR,
     Embedder,
     _Inputs,
     precision_name,
@@ -102,6 +109,64 @@ def one_core(pool: str, arch: str, pretrained: str, batch: int, decode: str, sha
         return (time.process_time() - started) / pairs * 1000
     finally:
         torch.set_num_threads(previous)
+
+
+def prepared_blocks(pool: str, arch: str, pretrained: str, batch: int, decode: str, blocks: int) -> tuple[list[dict], object, object]:
+    """(the first `blocks` prepared blocks of the pool, the model spec, the inputs): what the prepare stage hands the actors."""
+    spec = resolve_model(arch, pretrained)
+    inputs = _Inputs.of([spec])
+    made = prepare_shards({"shard": Pool(pool).shard_ids()}, pool, inputs, batch, decode)
+    return list(itertools.islice(made, blocks)), spec, inputs
+
+
+def actor_alone(pool: str, arch: str, pretrained: str, batch: int, device: str, precision: str, decode: str,
+                blocks: int = 6) -> tuple[float, float | None]:
+    """(pairs/s of one model actor fed blocks from memory, share of its host-to-device copy time that ran beside a kernel).
+
+    The actor's calls run as in a run (two side by side on CUDA): copies in, decoding when on the device, the model,
+    embeddings back. Against end to end it shows what feeding the actor costs; against the ceiling, what the copies and
+    decoding cost. The overlap share comes from a profiler trace (CUDA only; None on CPU).
+    """
+    prepared, spec, inputs = prepared_blocks(pool, arch, pretrained, batch, decode, blocks)
+    embedder = Embedder([spec], inputs, precision, device, batch, decode=decode)
+    threads = ThreadPoolExecutor(GPU_CALLS_PER_ACTOR) if device == "cuda" else None  # on CPU: this thread, as an actor
+
+    def run() -> int:
+        return sum(len(out["uid"]) for out in (threads.map if threads else map)(embedder, prepared))
+
+    try:
+        run()  # warm-up: kernels chosen, memory pools filled
+        started = time.perf_counter()
+        pairs = run()
+        rate = pairs / (time.perf_counter() - started)
+        if threads is None:
+            return rate, None
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as trace:
+            run()
+    finally:
+        if threads:
+            threads.shutdown()
+    with tempfile.NamedTemporaryFile(suffix=".json") as file:
+        trace.export_chrome_trace(file.name)
+        events = [e for e in json.load(open(file.name))["traceEvents"] if e.get("ph") == "X"]
+    copies = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "gpu_memcpy" and "HtoD" in e["name"]]
+    kernels = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "kernel"]
+    return rate, overlap_share(copies, kernels)
+
+
+def overlap_share(spans: list[tuple[float, float]], others: list[tuple[float, float]]) -> float | None:
+    """Share of the time of `spans` during which at least one of `others` ran (None without spans)."""
+    merged: list[list[float]] = []
+    for start, end in sorted(others):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    total = sum(end - start for start, end in spans)
+    covered = sum(max(0.0, min(end, o_end) - max(start, o_start)) for start, end in spans for o_start, o_end in merged)
+    return covered / total if total else None
 
 
 class TreeCpu:
@@ -184,6 +249,12 @@ def main() -> None:
             models = [(args.model, args.pretrained)]
         else:
             models = [(args.model, random_checkpoint(args.model, scratch / f"model{i}.pt", seed=i)) for i in range(args.models)]
+        # in-process figures first, while no Ray actor is running or shutting down beside them
+        precision = precision_name(args.precision, args.device == "cuda")
+        ceiling = model_only(args.model, models[0][1], args.batch_size, args.samples, args.device, precision)
+        alone, overlap = actor_alone(pool, args.model, models[0][1], args.batch_size, args.device, precision, args.decode)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()  # the actors get the memory
         ensure_ray()
         runs = []
         for _ in range(args.repeats):
@@ -194,8 +265,6 @@ def main() -> None:
                 results = score_models(pool, models, batch_size=args.batch_size, precision=args.precision, workers=args.workers,
                                        decode=args.decode)
             runs.append((results[0].pairs / results[0].seconds, cpu.seconds, results[0]))
-        precision = precision_name(args.precision, args.device == "cuda")
-        ceiling = model_only(args.model, models[0][1], args.batch_size, args.samples, args.device, precision)
         per_pair = min(one_core(pool, args.model, models[0][1], args.batch_size, args.decode)
                        for _ in range(args.repeats)) if args.device == "cpu" else None
         best, best_cpu, result = max(runs, key=lambda r: r[0])
@@ -206,6 +275,10 @@ def main() -> None:
         print(f"  end to end (tar -> parquet)  {best:>10,.0f} pairs/s   (runs: {', '.join(f'{r[0]:,.0f}' for r in runs)})")
         print(f"  model only (ceiling)         {ceiling / len(models):>10,.0f} pairs/s" + (f"   ({ceiling:,.0f} per model)" if len(models) > 1 else ""))
         print(f"  ratio                        {best / ceiling * len(models):>10.2f}")
+        print(f"  one actor, blocks in memory  {alone:>10,.0f} pairs/s   (copies, {'decode, ' if args.decode == 'device' else ''}model, "
+              f"results back; {GPU_CALLS_PER_ACTOR if args.device == 'cuda' else 1} call(s) at a time)")
+        if overlap is not None:
+            print(f"  copies beside kernels        {overlap:>10.0%}      of host-to-device copy time (profiler trace)")
         if best_cpu is not None:
             per_k = min(r[1] for r in runs) / pairs * 1000
             print(f"  CPU time, all processes      {per_k:>10.2f} s per 1,000 pairs (least of the runs; "

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -32,6 +33,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODES = ("cpu", "device")  # where images are decoded and resized: CPU tasks (PIL), or the model actors' device
 STATUS_OK = "ok"
 STAGES = ("read", "prepare", "model", "write")
+GPU_CALLS_PER_ACTOR = 2  # blocks a GPU actor embeds side by side
 
 
 @dataclass(frozen=True)
@@ -288,7 +290,7 @@ def _stack(images: list[np.ndarray | None]) -> np.ndarray:
     return np.stack([p if p is not None else blank for p in images])
 
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
+_JPEG_START, _JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 _DECODE_NOTES = {
     "cpu": "cpu: PIL decode and resize in CPU tasks",
     "device": "device: torchvision decode_jpeg on the model's device (nvJPEG on CUDA; other formats by PIL), antialiased "
@@ -321,6 +323,10 @@ class Embedder:
                        for s in specs]
         self.norms = [(torch.tensor(s.mean, device=self.device).view(1, 3, 1, 1), torch.tensor(s.std, device=self.device).view(1, 3, 1, 1))
                       for s in specs]
+        self.streams = threading.local()  # on CUDA, each thread's (copy, compute) streams: GPU actors run calls side by side
+        if self.device.type == "cuda" and self.dtype == torch.float32:  # fp32 means fp32: no TF32 matmuls or convolutions
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
 
     def _host(self, array: np.ndarray):
         """A block's array as a CPU tensor, in pinned memory on CUDA (pinned once per block, not per batch)."""
@@ -329,6 +335,27 @@ class Embedder:
 
     def _to_device(self, array: np.ndarray):
         return self._host(array).to(self.device, non_blocking=True)
+
+    def _thread_streams(self) -> tuple[Any, Any]:
+        """The calling thread's (copy, compute) CUDA streams, made on its first call."""
+        if not hasattr(self.streams, "pair"):
+            self.streams.pair = (self.torch.cuda.Stream(self.device), self.torch.cuda.Stream(self.device))
+        return self.streams.pair
+
+    def _copy_in(self, host: dict[str, Any], rows: slice) -> dict[str, Any]:
+        """A model batch's rows of the block's host tensors, on the device. On CUDA they are copied on the thread's copy
+        stream, so the copy overlaps the kernels of the batch before it; the compute stream waits for the copy, and the
+        allocator is told that the compute stream uses the tensors (so their memory is not reused while it reads them)."""
+        if self.device.type != "cuda":
+            return {name: tensor[rows].to(self.device) for name, tensor in host.items()}
+        torch = self.torch
+        copy, compute = self._thread_streams()
+        with torch.cuda.stream(copy):
+            copies = {name: tensor[rows].to(self.device, non_blocking=True) for name, tensor in host.items()}
+        compute.wait_stream(copy)
+        for tensor in copies.values():
+            tensor.record_stream(compute)
+        return copies
 
     def embed(self, index: int, images: Any, tokens: Any) -> tuple[Any, Any]:
         """L2-normalised float32 image and text embeddings of model `index` (on the device) from uint8 NCHW images
@@ -343,8 +370,17 @@ class Embedder:
         return torch.nn.functional.normalize(image_emb.float(), dim=-1), torch.nn.functional.normalize(text_emb.float(), dim=-1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Embed a block. On CUDA the work goes to the calling thread's compute stream, so two calls running side by side
+        (GPU actors take two blocks at once) keep the device busy while one of them waits for its results."""
+        if self.device.type != "cuda":
+            return self._embed_block(batch)
+        with self.torch.cuda.stream(self._thread_streams()[1]):
+            return self._embed_block(batch)
+
+    def _embed_block(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Embed a block model batch by model batch. Nothing waits on the device until the block's embeddings are
-        copied back at the end, so the host queues the next batch's copies and kernels while the device computes."""
+        copied back at the end, so the host queues the next batch's copies (on their own stream) and kernels while the
+        device computes."""
         started = time.perf_counter()
         torch = self.torch
         n = len(batch["uid"])
@@ -354,13 +390,13 @@ class Embedder:
         made: list[list[tuple[Any, Any]]] = [[] for _ in self.columns]
         for start in range(0, n, self.batch_size):
             rows = slice(start, start + self.batch_size)
+            on_device = self._copy_in(host, rows)
             if self.decode == "device":
                 images = self._decode_and_crop(batch["image"][rows], status[rows])
             else:
-                images = [host[f"pixels{j}"][rows].to(self.device, non_blocking=True).permute(0, 3, 1, 2) for j in range(len(self.inputs.transforms))]
-            tokens = {k: host[f"tokens{k}"][rows].to(self.device, non_blocking=True) for k in {k for _, k in self.columns}}
+                images = [on_device[f"pixels{j}"].permute(0, 3, 1, 2) for j in range(len(self.inputs.transforms))]
             for index, (j, k) in enumerate(self.columns):
-                made[index].append(self.embed(index, images[j], tokens[k]))
+                made[index].append(self.embed(index, images[j], on_device[f"tokens{k}"]))
         for index, parts in enumerate(made):
             out[f"image_emb{index}"] = torch.cat([p[0] for p in parts]).cpu().numpy()
             out[f"text_emb{index}"] = torch.cat([p[1] for p in parts]).cpu().numpy()
@@ -370,7 +406,7 @@ class Embedder:
 
     def _decode_and_crop(self, blobs: np.ndarray, status: np.ndarray) -> list[Any]:
         """uint8 NCHW crops on the device, one tensor per image transform. JPEGs are decoded together by torchvision
-        (nvJPEG on CUDA) and resized on the device; every other image (PNG, WebP, a JPEG it refuses) takes the CPU
+        (nvJPEG on CUDA) and resized on the device; every other image (PNG, WebP, a JPEG cut short or refused) takes the CPU
         path's PIL decode and crop, in its own mode (palette and alpha images resize as PIL resizes them), and is
         copied over. Undecodable images become zeros and their `status` (a view of the batch's) says why."""
         torch = self.torch
@@ -390,12 +426,12 @@ class Embedder:
 
     def _decode_jpegs(self, blobs: np.ndarray) -> list[Any]:
         """Each JPEG as a uint8 CHW RGB tensor on the device, by torchvision's batched decoder (one call; one call per
-        image when that fails); None for other formats and for JPEGs it cannot decode."""
+        image when that fails); None for other formats, JPEGs cut short (`_whole_jpeg`) and JPEGs it cannot decode."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         torch = self.torch
         images: list[Any] = [None] * len(blobs)
-        jpegs = [i for i, data in enumerate(blobs) if data[:3] == _JPEG_MAGIC]
+        jpegs = [i for i, data in enumerate(blobs) if _whole_jpeg(data)]
         data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs]
         try:
             made = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device) if jpegs else []
@@ -409,6 +445,12 @@ class Embedder:
         for i, image in zip(jpegs, made):
             images[i] = image
         return images
+
+
+def _whole_jpeg(data: bytes) -> bool:
+    """Whether `data` is a JPEG that ends with its end-of-image marker. The device decoder gets only those: a truncated
+    file (or one with bytes after its image) goes to PIL, which judges it as the CPU path does, whatever nvJPEG would do."""
+    return data[:3] == _JPEG_START and data[-2:] == _JPEG_END
 
 
 def _resize_and_crop_tensor(image: Any, side: int, mode: str) -> Any:
@@ -667,8 +709,7 @@ def _dataset(pool_url: str, specs: list[ModelSpec], shards: list[str], batch_siz
         workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker else max(1, cpus)
     on_cpu = not gpus_per_worker
     inputs = _Inputs.of(specs)
-    # on CPU a free actor takes the next shard (no queue behind a busy one); on GPU the next blocks wait on the actor
-    strategy = ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1 if on_cpu else 4)
+    strategy = _actor_strategy(workers, on_gpu=not on_cpu)
     dataset = (
         ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
         .map_batches(prepare_shards, batch_size=1, batch_format="numpy",
@@ -680,6 +721,18 @@ def _dataset(pool_url: str, specs: list[ModelSpec], shards: list[str], batch_siz
                      num_gpus=gpus_per_worker or None, num_cpus=1 if on_cpu else None)
     )
     return dataset, precision
+
+
+def _actor_strategy(workers: int, on_gpu: bool):
+    """The model actors' pool. On CPU a free actor takes the next shard (no queue behind a busy one). On GPU the next
+    blocks wait on the actor, and it embeds two at once (each on its own CUDA streams), so the device has work queued
+    while one call pins its block, decodes or waits for its results."""
+    import ray
+
+    if not on_gpu:
+        return ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1)
+    return ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=4, max_concurrent_calls_per_actor=GPU_CALLS_PER_ACTOR,
+                                      enable_true_multi_threading=True)
 
 
 def _write_manifest(pool: Pool, spec: ModelSpec, precision: str | None, decode: str, num_shards: int) -> None:

@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -78,7 +79,7 @@ def assert_equals_direct(pool: Pool, model_id: str, checkpoint: Path, arch: str 
 
 
 def test_scores_equal_a_direct_open_clip_computation(pool: Pool, checkpoint: Path) -> None:
-    result = score_pool(pool.url, ARCH, str(checkpoint), batch_size=40, workers=1)
+    result = score_pool(pool.url, ARCH, str(checkpoint), batch_size=40, workers=1, precision="fp32")
     assert result.model_id.startswith(f"{ARCH}__") and len(result.model_id) == len(ARCH) + 2 + 12
     assert (result.shards_scored, result.pairs, result.failed) == (3, 96, 0)
     assert_equals_direct(pool, result.model_id, checkpoint)
@@ -120,8 +121,9 @@ def test_unloadable_models_fail_before_any_work(pool: Pool, checkpoint: Path, tm
     other = save_checkpoint(tmp_path / "tiny.pt", arch="clipsift-tiny")
     with pytest.raises(ClipsiftError, match="cannot load .*tiny.pt as clipsift-xs weights"):
         score_pool(pool.url, ARCH, str(other))
-    with pytest.raises(ClipsiftError, match="fp16 needs a GPU"):
-        score_pool(pool.url, ARCH, str(checkpoint), precision="fp16", workers=1)
+    if not torch.cuda.is_available():
+        with pytest.raises(ClipsiftError, match="fp16 needs a GPU"):
+            score_pool(pool.url, ARCH, str(checkpoint), precision="fp16", workers=1)
     assert not (Path(pool.root) / "embeddings").exists() or not list((Path(pool.root) / "embeddings").rglob("*.parquet"))
 
 
@@ -129,7 +131,7 @@ def test_several_models_in_one_read_equal_single_model_runs(pool: Pool, checkpoi
     # xs and tiny share the image transform (32 px, bicubic) but not the tokenizer (32 vs 24 tokens)
     tiny = save_checkpoint(tmp_path / "tiny.pt", arch="clipsift-tiny", seed=1)
     models = [(ARCH, str(checkpoint)), ("clipsift-tiny", str(tiny))]
-    xs_result, tiny_result = score_models(pool.url, models, batch_size=40, workers=1)
+    xs_result, tiny_result = score_models(pool.url, models, batch_size=40, workers=1, precision="fp32")
     assert [(r.shards_scored, r.pairs, r.failed) for r in (xs_result, tiny_result)] == [(3, 96, 0)] * 2
     assert_equals_direct(pool, xs_result.model_id, checkpoint)
     assert_equals_direct(pool, tiny_result.model_id, tiny, arch="clipsift-tiny")
@@ -139,7 +141,7 @@ def test_several_models_in_one_read_equal_single_model_runs(pool: Pool, checkpoi
 
     single = tmp_path / "single"
     synth_pool(str(single), num_samples=96, shard_size=32, workers=1)  # the same pool again (the generator is deterministic)
-    alone = score_pool(str(single), ARCH, str(checkpoint), batch_size=40, workers=1)
+    alone = score_pool(str(single), ARCH, str(checkpoint), batch_size=40, workers=1, precision="fp32")
     assert alone.model_id == xs_result.model_id
     for shard in pool.shard_ids():
         assert Pool(str(single)).embeddings(alone.model_id, shard).equals(pool.embeddings(xs_result.model_id, shard))
@@ -150,7 +152,7 @@ def test_several_models_in_one_read_equal_single_model_runs(pool: Pool, checkpoi
     (folder / xs_result.model_id / "00000001.parquet").unlink()
     (folder / tiny_result.model_id / "00000002.parquet").unlink()
     written: list[tuple[str, str]] = []
-    again = score_models(pool.url, models, batch_size=40, workers=1, on_shard_written=lambda m, s: written.append((m, s)))
+    again = score_models(pool.url, models, batch_size=40, workers=1, precision="fp32", on_shard_written=lambda m, s: written.append((m, s)))
     assert sorted(written) == sorted([(xs_result.model_id, "00000001"), (tiny_result.model_id, "00000002")])
     assert [(r.shards_scored, r.shards_skipped) for r in again] == [(1, 2), (1, 2)]
     assert {p: p.read_bytes() for p in folder.rglob("*.parquet")} == before  # same bytes recomputed, others untouched
@@ -192,16 +194,19 @@ def png_bytes(seed: int, mode: str = "RGB", size: tuple[int, int] = (40, 30)) ->
 def test_decoding_on_the_device_matches_decoding_on_cpu(pool: Pool, checkpoint: Path, tmp_path: Path) -> None:
     """--decode device (torchvision's JPEG decoder and a torch resize in the model actor; here the CPU) gives the
     embeddings of --decode cpu within resize rounding, and the same statuses: PNGs (RGB, with alpha, with a palette)
-    take the CPU path's PIL crop (the same pixels), a broken JPEG fails in both."""
+    take the CPU path's PIL crop (the same pixels), as does a JPEG with bytes after its end; a broken JPEG and one cut
+    short fail in both (whatever the device's decoder would make of them)."""
     keys = pool.metadata("00000001").column("key").to_pylist()
-    edits = {f"{keys[3]}.jpg": png_bytes(3), f"{keys[4]}.jpg": png_bytes(4, "RGBA"), f"{keys[5]}.jpg": png_bytes(5, "P"),
-             f"{keys[7]}.jpg": b"\xff\xd8\xff\xe0broken"}
-    rewrite_tar(Path(pool.tar_path("00000001")), lambda name, data: edits.get(name, data))
-    on_cpu = score_pool(pool.url, ARCH, str(checkpoint), batch_size=40, workers=1)
+    edits: dict[str, Callable[[bytes], bytes]] = {
+        f"{keys[3]}.jpg": lambda _: png_bytes(3), f"{keys[4]}.jpg": lambda _: png_bytes(4, "RGBA"),
+        f"{keys[5]}.jpg": lambda _: png_bytes(5, "P"), f"{keys[7]}.jpg": lambda _: b"\xff\xd8\xff\xe0broken",
+        f"{keys[8]}.jpg": lambda data: data[:len(data) // 2], f"{keys[9]}.jpg": lambda data: data + b"\0trailer"}
+    rewrite_tar(Path(pool.tar_path("00000001")), lambda name, data: edits[name](data) if name in edits else data)
+    on_cpu = score_pool(pool.url, ARCH, str(checkpoint), batch_size=40, workers=1, precision="fp32")
     cpu_tables = {s: pool.embeddings(on_cpu.model_id, s) for s in pool.shard_ids()}
     shutil.rmtree(Path(pool.root) / "embeddings")
-    on_device = score_pool(pool.url, ARCH, str(checkpoint), batch_size=40, workers=1, decode="device")
-    assert (on_device.pairs, on_device.failed) == (on_cpu.pairs, on_cpu.failed) == (96, 1)
+    on_device = score_pool(pool.url, ARCH, str(checkpoint), batch_size=40, workers=1, decode="device", precision="fp32")
+    assert (on_device.pairs, on_device.failed) == (on_cpu.pairs, on_cpu.failed) == (96, 2)
     for shard, cpu_table in cpu_tables.items():
         table = pool.embeddings(on_device.model_id, shard)
         assert table.column("uid").equals(cpu_table.column("uid"))
@@ -214,8 +219,9 @@ def test_decoding_on_the_device_matches_decoding_on_cpu(pool: Pool, checkpoint: 
         assert cosine.min() > 0.9999, (shard, cosine.min())  # measured: 0.99999+
         assert not np.array_equal(image, want)  # the JPEGs did take the other decoder and resize
         assert table.column("text_emb").equals(cpu_table.column("text_emb"))
-        if shard == "00000001":  # the PNGs: the very pixels of the CPU path
-            for row in (3, 4, 5):
+        if shard == "00000001":  # the PNGs and the JPEG with a trailer: the very pixels of the CPU path
+            assert status[7].startswith("undecodable") and status[8].startswith("undecodable") and status[9] == "ok"
+            for row in (3, 4, 5, 9):
                 assert table.column("image_emb")[row] == cpu_table.column("image_emb")[row]
     manifest = json.loads((Path(pool.root) / "embeddings" / on_device.model_id / "manifest.json").read_text())
     assert [note.split(":")[0] for note in manifest["decode"]] == ["device"]
@@ -244,3 +250,37 @@ def test_device_decode_refuses_transforms_it_cannot_run(pool: Pool, checkpoint: 
     with pytest.raises(ClipsiftError, match="--decode device runs open_clip's default eval transform only"):
         _device_transform(squash)
     assert _device_transform((("size", 224), ("interpolation", "bilinear"), ("resize_mode", "shortest"), ("fill_color", 0))) == (224, "bilinear")
+
+
+def test_gpu_model_actors_embed_two_blocks_side_by_side() -> None:
+    """The pool a GPU run gives its model actors (here with no GPU asked for): one actor runs two calls at once, in
+    two threads, so one call's device work is queued while the other waits; CPU actors run one call at a time."""
+    import ray
+
+    from clipsift.pipeline.parallel import ensure_ray
+    from clipsift.pipeline.score import GPU_CALLS_PER_ACTOR, _actor_strategy
+
+    class Probe:  # defined here so that Ray pickles it by value
+        """A model-stage stand-in that records when each call ran, in which process and thread."""
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            import os
+            import threading
+            import time
+
+            started = time.monotonic()
+            time.sleep(0.5)
+            n = len(batch["id"])
+            return {"id": batch["id"], "start": np.full(n, started), "end": np.full(n, time.monotonic()),
+                    "pid": np.full(n, os.getpid()), "thread": np.full(n, threading.get_ident())}
+
+    ensure_ray()
+    for on_gpu, side_by_side in ((True, GPU_CALLS_PER_ACTOR), (False, 1)):
+        rows = (ray.data.range(6, override_num_blocks=6)
+                .map_batches(Probe, batch_size=None, batch_format="numpy", compute=_actor_strategy(1, on_gpu=on_gpu))
+                .take_all())
+        assert sorted(r["id"] for r in rows) == list(range(6)) and len({r["pid"] for r in rows}) == 1
+        calls = {(r["start"], r["end"], r["thread"]) for r in rows}
+        most = max(sum(start <= moment < end for start, end, _ in calls) for moment, _, _ in calls)
+        assert most == side_by_side, (on_gpu, sorted(calls))
+        assert len({thread for _, _, thread in calls}) >= side_by_side
