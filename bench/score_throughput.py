@@ -36,6 +36,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -141,19 +142,28 @@ def actor_alone(pool: str, arch: str, pretrained: str, batch: int, device: str, 
         rate = pairs / (time.perf_counter() - started)
         if threads is None:
             return rate, None
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as trace:
-            run()
+        try:
+            return rate, copy_overlap(run)
+        except Exception as err:  # the trace needs CUPTI; it is a diagnostic, so a failure must not cost the figures
+            print(f"no profiler trace ({type(err).__name__}: {err})")
+            return rate, None
     finally:
         if threads:
             threads.shutdown()
+
+
+def copy_overlap(run: Callable[[], object]) -> float | None:
+    """Share of host-to-device copy time that ran beside a kernel while `run()` ran, from a CUDA profiler trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        run()
     with tempfile.NamedTemporaryFile(suffix=".json") as file:
         trace.export_chrome_trace(file.name)
         events = [e for e in json.load(open(file.name))["traceEvents"] if e.get("ph") == "X"]
     copies = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "gpu_memcpy" and "HtoD" in e["name"]]
     kernels = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "kernel"]
-    return rate, overlap_share(copies, kernels)
+    return overlap_share(copies, kernels)
 
 
 def overlap_share(spans: list[tuple[float, float]], others: list[tuple[float, float]]) -> float | None:
@@ -277,8 +287,9 @@ def main() -> None:
         print(f"  ratio                        {best / ceiling * len(models):>10.2f}")
         print(f"  one actor, blocks in memory  {alone:>10,.0f} pairs/s   (copies, {'decode, ' if args.decode == 'device' else ''}model, "
               f"results back; {GPU_CALLS_PER_ACTOR if args.device == 'cuda' else 1} call(s) at a time)")
-        if overlap is not None:
-            print(f"  copies beside kernels        {overlap:>10.0%}      of host-to-device copy time (profiler trace)")
+        if args.device == "cuda":
+            share = "no trace or no copies in it" if overlap is None else f"{overlap:>10.0%}"
+            print(f"  copies beside kernels        {share}      of host-to-device copy time (profiler trace)")
         if best_cpu is not None:
             per_k = min(r[1] for r in runs) / pairs * 1000
             print(f"  CPU time, all processes      {per_k:>10.2f} s per 1,000 pairs (least of the runs; "
