@@ -23,7 +23,7 @@ import pyarrow as pa
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from clipsift.filters.recipe import apply_recipe, load_recipe  # noqa: E402
-from clipsift.pipeline.pool import embeddings_schema, finalize_pool, write_embeddings, write_metadata  # noqa: E402
+from clipsift.pipeline.pool import Pool, embeddings_schema, finalize_pool, write_metadata  # noqa: E402
 
 WORDS = ("a photo of the red blue green small large dog cat car house tree beach sunset city street man woman "
          "child shirt dress logo vector illustration free download stock image png jpg with and on in at for").split()
@@ -60,7 +60,7 @@ def make_pool(root: Path, rows: int, shard_rows: int) -> None:
     for index, start in enumerate(range(0, rows, shard_rows)):
         metadata, embeddings = make_shard(rng, index, min(shard_rows, rows - start))
         write_metadata(str(root), index, metadata)
-        write_embeddings(str(root), "bench", f"{index:08d}", embeddings)
+        Pool(str(root)).write_embeddings("bench", f"{index:08d}", embeddings)
     finalize_pool(str(root), "bench", [{"kind": "bench"}])
 
 

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from clipsift.filters.recipe import apply_recipe, load_recipe  # noqa: E402
-from clipsift.pipeline.pool import Pool, embeddings_table, write_embeddings  # noqa: E402
+from clipsift.pipeline.pool import Pool, embeddings_table  # noqa: E402
 from clipsift.pipeline.report import curation_report  # noqa: E402
 
 MODEL, DIM = "bench__truth", 96
@@ -54,7 +54,7 @@ def write_truth_embeddings(pool: Pool, truth: str, reference: Path) -> None:
         image = image + rng.normal(0, 0.6, image.shape).astype(np.float32)
         mixed = np.where(clean[:, None], 0.45, 0.25)  # how much of the image vector the caption vector shares
         text = mixed * image / np.linalg.norm(image, axis=1, keepdims=True) + rng.normal(0, 0.12, image.shape)
-        write_embeddings(pool.url, MODEL, shard, embeddings_table(uids, image, text, ["ok"] * len(uids)))
+        pool.write_embeddings(MODEL, shard, embeddings_table(uids, image, text, ["ok"] * len(uids)))
     shapes = [g for g in groups if g not in {r["kind"] for r in rows}]
     picks = rng.integers(0, len(shapes), 4096)
     np.save(reference, centres[[index[shapes[p]] for p in picks]] + rng.normal(0, 0.6, (4096, DIM)).astype(np.float32))

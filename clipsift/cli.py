@@ -165,6 +165,9 @@ def score(
     workers: Optional[int] = typer.Option(None, help="Model actors (default: one per GPU, or one per CPU)."),
     decode: str = typer.Option("cpu", help="Where images are decoded and resized: cpu (PIL, in CPU tasks) | device (in the "
                                "model actors: torchvision's batched JPEG decoder, nvJPEG on GPUs)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Folder or URL for the embeddings, OUT/<model_id>/<shard>.parquet "
+                                      "(default POOL/embeddings), e.g. for a pool you cannot write to; filter with "
+                                      "`clipsift filter POOL --embeddings OUT`."),
 ) -> None:
     """CLIP image/text embeddings and CLIP scores for every shard (resumes: scored shards are skipped)."""
     from clipsift.pipeline.score import score_models, score_summary_rows
@@ -172,9 +175,9 @@ def score(
     if len(model) != len(pretrained):
         raise ClipsiftError(f"{len(model)} --model but {len(pretrained)} --pretrained: give one --pretrained per --model, in the same order")
     results = score_models(pool, list(zip(model, pretrained)), batch_size=batch_size, precision=precision, address=address,
-                           gpus_per_worker=gpus_per_worker, workers=workers, decode=decode)
+                           gpus_per_worker=gpus_per_worker, workers=workers, decode=decode, out=out)
     for result in results:
-        _print_summary("score" if len(results) == 1 else f"score {result.model_id}", score_summary_rows(result, pool))
+        _print_summary("score" if len(results) == 1 else f"score {result.model_id}", score_summary_rows(result))
 
 
 subset_app = typer.Typer(help="Inspect subset files (.npy uid lists, DataComp's format).", no_args_is_help=True)
@@ -197,6 +200,8 @@ def filter_pool(
     recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML file, or the name of a shipped recipe (e.g. basic_filter)."),
     out: str = typer.Option(..., "--out", "-o", help="Subset file to write (.npy); subset.json is written beside it."),
     set_: list[str] = typer.Option([], "--set", help="Set a recipe variable, NAME=VALUE (repeatable), e.g. --set model_id=tiny__ab12."),
+    embeddings: Optional[str] = typer.Option(None, "--embeddings", help="Where the pool's embeddings are when `clipsift score --out` "
+                                             "put them outside the pool (default POOL/embeddings)."),
     address: Optional[str] = AddressOption,
     workers: Optional[int] = WorkersOption,
 ) -> None:
@@ -204,7 +209,7 @@ def filter_pool(
     from clipsift.filters.recipe import apply_recipe, load_recipe
 
     loaded = load_recipe(recipe, _parse_sets(set_))
-    result = apply_recipe(pool, loaded, out, workers=workers, address=address)
+    result = apply_recipe(pool, loaded, out, workers=workers, address=address, embeddings=embeddings)
     from rich.table import Table
 
     table = Table(title=f"recipe {loaded.name}: rows kept by each step", title_justify="left", box=None, pad_edge=False)

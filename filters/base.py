@@ -90,7 +90,7 @@ class ShardData:
         key = f"{model_id}:{','.join(columns)}"
         if key not in self._embeddings:
             path = self.pool.embeddings_path(model_id, self.shard)
-            info = self.pool.fs.info(path)
+            info = self.pool.embeddings_fs.info(path)
             stamp = (self.pool.url, path, info.get("size"), str(info.get("mtime", info.get("LastModified"))))
             verified = stamp in _ALIGNED
             table = self.pool.embeddings(model_id, self.shard, columns if verified else ["uid", *columns])

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 import pickle
 import re
 import time
@@ -173,11 +174,11 @@ def check_inputs(recipe: Recipe, pool: Pool) -> None:
     for node in recipe.leaves():
         here = f"recipe {recipe.source}, step {node.path} ({node.filter.name})"
         for model_id in node.filter.models():
-            folder = pool.path("embeddings", model_id)
-            if not pool.fs.isdir(folder):
+            folder = pool.embeddings_folder(model_id)
+            if not pool.embeddings_fs.isdir(folder):
                 scored = ", ".join(pool.embedding_models()) or "none"
                 raise RecipeError(f"{here}: embeddings folder {folder} does not exist (models scored: {scored}); "
-                                  f"run `clipsift score {pool.url}` with that model, or pick another model_id (--set model_id=...)")
+                                  f"run `{pool.score_command}` with that model, or pick another model_id (--set model_id=...)")
             missing = [s for s in shards if not pool.has_embeddings(model_id, s)]
             if missing:
                 raise RecipeError(f"{here}: {folder} lacks {len(missing)} of {len(shards)} shards ({', '.join(missing[:5])}"
@@ -214,15 +215,19 @@ def output_paths(out: str) -> tuple[str, str, str]:
 
 
 def apply_recipe(pool_url: str, recipe: Recipe, out: str, *, workers: int | None = None,
-                 address: str | None = None) -> FilterResult:
-    """Apply `recipe` to the pool, write the subset `out` and its subset.json; resumable."""
+                 address: str | None = None, embeddings: str | None = None) -> FilterResult:
+    """Apply `recipe` to the pool, write the subset `out` and its subset.json; resumable. `embeddings`: where the
+    pool's embeddings are when not in POOL/embeddings (`clipsift score --out`)."""
     started = time.perf_counter()
-    pool = Pool(pool_url)
+    if embeddings and "://" not in embeddings:
+        embeddings = os.path.abspath(embeddings)  # subset.json names it for the report, which may run elsewhere
+    pool = Pool(pool_url, embeddings=embeddings)
     pool_sha = file_sha256(pool.fs, pool.path("pool.json")) if pool.info else ""
     info_path, work_root, default_centroids = output_paths(out)
     _default_centroids(recipe, default_centroids)
     check_inputs(recipe, pool)
-    fingerprint = hashlib.sha256(json.dumps([recipe.resolved(), pool_sha], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(json.dumps([recipe.resolved(), pool_sha, *([embeddings] if embeddings else [])], sort_keys=True,
+                                            default=str).encode()).hexdigest()[:16]
     runner = RecipeRunner(pool, f"{work_root}/{fingerprint}", workers, address)
     final = runner.evaluate(recipe.root, None)
     pairs = np.concatenate([encode_uids(pool.metadata(s, ["uid"]).column("uid").filter(final.mask(s))) for s in pool.shard_ids()]
@@ -232,6 +237,7 @@ def apply_recipe(pool_url: str, recipe: Recipe, out: str, *, workers: int | None
         "recipe": recipe.resolved(),
         "recipe_source": recipe.source,
         "pool": pool.url,
+        "embeddings": embeddings,
         "pool_json_sha256": pool_sha,
         "num_uids": int(len(pairs)),
         "npy_sha256": npy_sha,
@@ -343,7 +349,7 @@ class RecipeRunner:
         if not todo:
             return
         state = self._state(node, masks, out)
-        task = functools.partial(_leaf_task, self.pool.url, node.filter, state, masks.folder if masks else None, out.folder)
+        task = functools.partial(_leaf_task, self.pool, node.filter, state, masks.folder if masks else None, out.folder)
         map_shards(task, todo, desc=f"step {node.path} {node.filter.name}", workers=self.workers, address=self.address)
 
     def _state(self, node: Node, masks: Masks | None, out: Masks) -> Any:
@@ -375,8 +381,7 @@ class RecipeRunner:
             out.save(shard, result)
 
 
-def _leaf_task(pool_url: str, filter: Filter, state: Any, given: str | None, out: str, shard: str) -> int:
-    pool = Pool(pool_url)
+def _leaf_task(pool: Pool, filter: Filter, state: Any, given: str | None, out: str, shard: str) -> int:
     rows = Masks(given).mask(shard) if given else np.ones(pool.num_rows(shard), bool)
     keep = rows.copy()
     if rows.any():

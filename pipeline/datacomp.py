@@ -59,7 +59,6 @@ from clipsift.pipeline.pool import (
     record_build_params,
     shard_id,
     shard_is_complete,
-    write_embeddings,
     write_json_atomic,
 )
 
@@ -246,7 +245,7 @@ class _DatacompShard:
             if theirs is not None:
                 _merge(row, theirs)
         for prefix in self.meta.dims:  # embeddings first: a complete shard has them
-            write_embeddings(self.out, FEATURE_MODELS[prefix], shard_id(index), self.meta.embeddings(prefix, uids, positions))
+            Pool(self.out).write_embeddings(FEATURE_MODELS[prefix], shard_id(index), self.meta.embeddings(prefix, uids, positions))
         stats = {"source": rel, "not_in_metadata": positions.count(None)}
         place_img2dataset_shard(self.out, index, _url(fs, tar), rows, skipped, stats, self.meta.carried_types)
 
@@ -305,12 +304,12 @@ def _write_manifests(out: str, meta: _Metadata) -> None:
     for prefix, dim in meta.dims.items():
         model_id = FEATURE_MODELS[prefix]
         shards = [s for s in pool.shard_ids() if pool.has_embeddings(model_id, s)]
-        write_json_atomic(pool.fs, pool.path("embeddings", model_id, "manifest.json"), {
+        write_json_atomic(pool.embeddings_fs, f"{pool.embeddings_folder(model_id)}/manifest.json", {
             "model": {"model_id": model_id, "weights": "openai", "dim": dim},
             "source": f"DataComp's published features ({prefix}_img, {prefix}_txt in the .npz beside their metadata parquets)",
             "metadata": os.path.dirname(meta.files[0]),
             "shards": len(shards),
-            "rows": sum(pool.parquet_rows(pool.embeddings_path(model_id, s)) for s in shards),
+            "rows": sum(pool.embeddings_rows(model_id, s) for s in shards),
             "clipsift_version": __version__,
         })
 

@@ -948,16 +948,6 @@ def _l2_normalise(vectors: Any) -> Any:
     return vectors / np.where(norms > 0, norms, 1)
 
 
-def write_embeddings(pool_url: str, model_id: str, shard: str, table: pa.Table) -> str:
-    """Write one shard's embeddings atomically to POOL/embeddings/<model_id>/<shard>.parquet."""
-    fs, root = open_fs(pool_url)
-    folder = f"{root}/embeddings/{model_id}"
-    fs.makedirs(folder, exist_ok=True)
-    path = f"{folder}/{shard}.parquet"
-    write_atomic(fs, path, lambda handle: write_parquet(table, handle))
-    return path
-
-
 def embedding_matrix(table: pa.Table, column: str = "image_emb") -> tuple[np.ndarray, np.ndarray]:
     """(float32 array [rows, D], bool array [rows]: row has a vector) from an embeddings column.
 
@@ -1074,11 +1064,17 @@ def _build_shard(pool_url: str, fill: ShardFiller, index: int) -> int:
 
 
 class Pool:
-    """Read access to a pool: its info, shard list, metadata tables and samples."""
+    """Read access to a pool: its info, shard list, metadata tables and samples; and its embeddings.
 
-    def __init__(self, url: str):
+    Embeddings live in POOL/embeddings/<model_id>/<shard>.parquet, or under another folder or URL
+    given as `embeddings` (for a pool one cannot write to): <embeddings>/<model_id>/<shard>.parquet.
+    """
+
+    def __init__(self, url: str, embeddings: str | None = None):
         self.url = str(url)
         self.fs, self.root = open_fs(self.url)
+        self.embeddings_url = str(embeddings) if embeddings else None  # None: inside the pool
+        self.embeddings_fs, self.embeddings_root = open_fs(self.embeddings_url) if embeddings else (self.fs, self.path("embeddings"))
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -1132,22 +1128,42 @@ class Pool:
 
     def embedding_models(self) -> list[str]:
         """The model ids that have an embeddings folder."""
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.glob(self.path("embeddings", "*")) if self.fs.isdir(p))
+        fs = self.embeddings_fs
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.glob(f"{self.embeddings_root}/*") if fs.isdir(p))
+
+    def embeddings_folder(self, model_id: str) -> str:
+        """A model's embeddings folder (a path in `embeddings_fs`)."""
+        return f"{self.embeddings_root}/{model_id}"
 
     def embeddings_path(self, model_id: str, shard: str) -> str:
-        return self.path("embeddings", model_id, f"{shard}.parquet")
+        return f"{self.embeddings_folder(model_id)}/{shard}.parquet"
 
     def has_embeddings(self, model_id: str, shard: str) -> bool:
-        return self.fs.exists(self.embeddings_path(model_id, shard))
+        return self.embeddings_fs.exists(self.embeddings_path(model_id, shard))
 
     def embeddings(self, model_id: str, shard: str, columns: list[str] | None = None) -> pa.Table:
         """A shard's embeddings, rows in the shard's metadata order."""
         path = self.embeddings_path(model_id, shard)
-        if not self.fs.exists(path):
+        if not self.embeddings_fs.exists(path):
             known = ", ".join(self.embedding_models()) or "none"
             raise PoolFormatError(f"{path}: no embeddings of model {model_id!r} for shard {shard} (models scored: {known}); "
-                                  f"run `clipsift score {self.url} --model ...` first")
-        return read_parquet(self.fs, path, columns)
+                                  f"run `{self.score_command} --model ...` first")
+        return read_parquet(self.embeddings_fs, path, columns)
+
+    def embeddings_rows(self, model_id: str, shard: str) -> int:
+        return parquet_file(self.embeddings_fs, self.embeddings_path(model_id, shard)).metadata.num_rows
+
+    def write_embeddings(self, model_id: str, shard: str, table: pa.Table) -> str:
+        """Write one shard's embeddings atomically to <embeddings>/<model_id>/<shard>.parquet."""
+        self.embeddings_fs.makedirs(self.embeddings_folder(model_id), exist_ok=True)
+        path = self.embeddings_path(model_id, shard)
+        write_atomic(self.embeddings_fs, path, lambda handle: write_parquet(table, handle))
+        return path
+
+    @property
+    def score_command(self) -> str:
+        """The command that scores this pool into its embeddings folder (a model to be added)."""
+        return f"clipsift score {self.url}" + (f" --out {self.embeddings_url}" if self.embeddings_url else "")
 
     def uids(self) -> pa.ChunkedArray:
         """Every uid of the pool in shard order, reading only the parquets' uid column."""

@@ -536,7 +536,7 @@ def curation_report(target: str, out: str, *, truth: str | None = None, samples:
     info = read_subset_info(subset)
     info_path = subset.removesuffix(".npy") + ".json"
     pool = Pool(pool_url or locate(info["pool"], [os.path.dirname(os.path.abspath(subset))], "the subset's pool",
-                                   info["pool_json_sha256"], inside="pool.json"))
+                                   info["pool_json_sha256"], inside="pool.json"), embeddings=info.get("embeddings"))
     if pool_url and file_sha256(pool.fs, pool.path("pool.json")) != info["pool_json_sha256"]:
         raise ReportError(f"--pool {pool_url}: its pool.json is not the one {subset} was made from (sha256 differs)")
     recipe = recorded_recipe(info, info_path)

@@ -398,10 +398,10 @@ class Runner:
             arch, pretrained = spec.model, spec.pretrained
         result = score_pool(pool, arch, pretrained, batch_size=spec.batch_size, precision=spec.precision, address=self.config.address,
                             gpus_per_worker=spec.gpus_per_worker, workers=spec.workers, decode=spec.decode)
-        manifest_path = f"{pool}/embeddings/{result.model_id}/manifest.json"
+        manifest_path = f"{result.folder}/manifest.json"
         manifest = _read_json(manifest_path)
         return {"model_id": result.model_id, "arch": arch, "pretrained": pretrained, "weights_sha256": manifest["model"]["weights_sha256"],
-                "embeddings": f"{pool}/embeddings/{result.model_id}", "manifest_sha256": _sha(manifest_path), "pairs": manifest["rows"],
+                "embeddings": result.folder, "manifest_sha256": _sha(manifest_path), "pairs": manifest["rows"],
                 "precision": manifest["precision"], "pairs_per_second": round(result.pairs_per_second, 1) if result.pairs else None,
                 "files": [manifest_path]}
 

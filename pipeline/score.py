@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipsift import ClipsiftError, __version__
-from clipsift.pipeline.pool import Pool, embeddings_table, file_sha256, write_embeddings, write_json_atomic
+from clipsift.pipeline.pool import Pool, embeddings_table, file_sha256, write_json_atomic
 from clipsift.pipeline.ui import progress_bar
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -534,6 +534,7 @@ class ScoreResult:
     seconds: float
     timings: dict[str, float]  # summed seconds per stage: read, prepare, model, write (read/prepare shared by the models of a run)
     precision: str | None = None  # what the model ran in (None when nothing was left to score)
+    folder: str = ""  # where its embeddings are
 
     @property
     def pairs_per_second(self) -> float:
@@ -551,11 +552,12 @@ def score_pool(
     gpus_per_worker: float | None = None,
     workers: int | None = None,
     decode: str = "cpu",
+    out: str | None = None,
     on_shard_written: Callable[[str], None] | None = None,
 ) -> ScoreResult:
     """Embed every shard of the pool that has no output for this model yet."""
     return score_models(pool_url, [(arch, pretrained)], batch_size=batch_size, precision=precision, address=address,
-                        gpus_per_worker=gpus_per_worker, workers=workers, decode=decode,
+                        gpus_per_worker=gpus_per_worker, workers=workers, decode=decode, out=out,
                         on_shard_written=on_shard_written and (lambda model_id, shard: on_shard_written(shard)))[0]
 
 
@@ -569,6 +571,7 @@ def score_models(
     gpus_per_worker: float | None = None,
     workers: int | None = None,
     decode: str = "cpu",
+    out: str | None = None,
     on_shard_written: Callable[[str, str], None] | None = None,
 ) -> list[ScoreResult]:
     """Embed every shard of the pool with each (architecture, pretrained) model, reading the pool once.
@@ -577,6 +580,8 @@ def score_models(
     have no output for it yet. `on_shard_written(model_id, shard)` is called after each write.
     `decode`: where images are decoded and resized, "cpu" (PIL, in CPU tasks) or "device" (in the
     model actors: torchvision's batched JPEG decoder, nvJPEG on GPUs, and a resize on the device).
+    `out`: the folder (or URL) for the embeddings, <out>/<model_id>/<shard>.parquet, instead of
+    POOL/embeddings (for a pool one cannot write to; filters read them with `embeddings=out`).
     """
     precision_name(precision, on_gpu=True)  # a name check; the device check follows once the cluster is known
     if decode not in DECODES:
@@ -590,11 +595,12 @@ def score_models(
     duplicate = next((s.model_id for i, s in enumerate(specs) if s.model_id in [t.model_id for t in specs[:i]]), None)
     if duplicate:
         raise ClipsiftError(f"model {duplicate} is given twice; pass each --model/--pretrained pair once")
-    pool = Pool(pool_url)
+    pool = Pool(pool_url, embeddings=out)
     pool.info  # a clear error if this is not a pool
     shards = pool.shard_ids()
     started = time.perf_counter()
-    results = [ScoreResult(s.model_id, 0, 0, 0, 0, 0.0, dict.fromkeys(STAGES, 0.0)) for s in specs]
+    results = [ScoreResult(s.model_id, 0, 0, 0, 0, 0.0, dict.fromkeys(STAGES, 0.0), folder=f"{out or pool.url + '/embeddings'}/{s.model_id}")
+               for s in specs]
     groups: dict[tuple[int, ...], list[str]] = {}  # models that lack a shard -> those shards
     for shard in shards:
         missing = tuple(m for m, spec in enumerate(specs) if not pool.has_embeddings(spec.model_id, shard))
@@ -612,12 +618,12 @@ def score_models(
     return results
 
 
-def score_summary_rows(result: ScoreResult, pool_url: str) -> list[tuple[str, object]]:
+def score_summary_rows(result: ScoreResult) -> list[tuple[str, object]]:
     """Rows for `ui.summary_table`: what was scored, how fast, and where the time went."""
     busy = sum(result.timings.values()) or 1.0
     split = ", ".join(f"{stage} {seconds / busy:.0%}" for stage, seconds in result.timings.items())
     rows: list[tuple[str, object]] = [
-        ("embeddings", f"{pool_url}/embeddings/{result.model_id}"),
+        ("embeddings", result.folder),
         ("shards", f"{result.shards_scored} scored, {result.shards_skipped} already done"),
         ("pairs", result.pairs),
     ]
@@ -656,7 +662,7 @@ def _run(pool: Pool, specs: list[ModelSpec], results: list[ScoreResult], todo: l
                 for m, (spec, result) in enumerate(zip(specs, results)):
                     write_started = time.perf_counter()
                     table = buffer.table(m)
-                    write_embeddings(pool.url, spec.model_id, shard, table)
+                    pool.write_embeddings(spec.model_id, shard, table)
                     result.timings["write"] += time.perf_counter() - write_started
                     result.shards_scored += 1
                     result.pairs += table.num_rows
@@ -736,22 +742,23 @@ def _actor_strategy(workers: int, on_gpu: bool):
 
 
 def _write_manifest(pool: Pool, spec: ModelSpec, precision: str | None, decode: str, num_shards: int) -> None:
-    folder = pool.path("embeddings", spec.model_id)
-    path = f"{folder}/manifest.json"
-    earlier = json.loads(pool.fs.cat_file(path)).get("decode", []) if pool.fs.exists(path) else []
+    fs = pool.embeddings_fs
+    path = f"{pool.embeddings_folder(spec.model_id)}/manifest.json"
+    earlier = json.loads(fs.cat_file(path)).get("decode", []) if fs.exists(path) else []
     earlier = [earlier] if isinstance(earlier, str) else earlier
     scored = [s for s in pool.shard_ids() if pool.has_embeddings(spec.model_id, s)]
     transform = dict(spec.image_transform)
     manifest = {
         "model": dict(asdict(spec), image_transform=transform, tokenizer=json.loads(spec.tokenizer)),
+        "pool": pool.url,
         "precision": precision,
         "preprocessing": (f"open_clip eval transform: resize {transform['size']} {transform['interpolation']} "
                           f"({transform['resize_mode']}), centre crop, normalize mean/std"),
         "decode": sorted({*earlier, _DECODE_NOTES[decode]}),  # every decoder that made some of the shards
         "shards": len(scored),
         "pool_shards": num_shards,
-        "rows": sum(pool.parquet_rows(pool.embeddings_path(spec.model_id, s)) for s in scored),
+        "rows": sum(pool.embeddings_rows(spec.model_id, s) for s in scored),
         "clipsift_version": __version__,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    write_json_atomic(pool.fs, path, manifest)
+    write_json_atomic(fs, path, manifest)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Callable
@@ -15,6 +17,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from clipsift.pipeline.pool import Sample, derive_uid, finalize_pool, write_shard  # noqa: E402
+
+
+def clipsift(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The `clipsift` command line, run as a user runs it (a subprocess; no line wrapping inside messages)."""
+    env = {**os.environ, "COLUMNS": "250"}
+    return subprocess.run([sys.executable, "-m", "clipsift", *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def image_bytes(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (24, 16), fmt: str = "JPEG") -> bytes:

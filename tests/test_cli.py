@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from clipsift.pipeline.pool import Pool
-
-
-def clipsift(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "250"}  # no line wrapping inside messages
-    return subprocess.run([sys.executable, "-m", "clipsift", *args], capture_output=True, text=True, timeout=timeout, env=env)
+from conftest import clipsift
 
 
 def test_help_lists_the_verbs() -> None:

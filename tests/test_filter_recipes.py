@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,7 @@ from clipsift.filters.base import RecipeError
 from clipsift.filters.recipe import apply_recipe, load_recipe, shipped_recipes
 from clipsift.filters.subset import decode_uids, read_subset
 from clipsift.pipeline.pool import Pool
+from conftest import clipsift
 from test_filters import build_pool, run, uids_of, write_model
 
 BASELINES = ["no_filter", "basic_filter", "text_based", "image_based", "clip_score_l14_30pct", "clip_score_b32_30pct",
@@ -87,12 +85,12 @@ def test_missing_inputs_fail_before_any_work(tmp_path: Path, monkeypatch) -> Non
 
 
 def test_embeddings_out_of_step_with_the_metadata_are_refused(tmp_path: Path) -> None:
-    from clipsift.pipeline.pool import PoolFormatError, embeddings_schema, write_embeddings
+    from clipsift.pipeline.pool import PoolFormatError, embeddings_schema
 
     pool = build_pool(tmp_path / "pool", [{} for _ in range(6)], per_shard=6)
     write_model(pool, "m", np.full(6, 0.3, np.float32))
     table = pool.embeddings("m", "00000000")
-    write_embeddings(pool.url, "m", "00000000", table.take([1, 0, 2, 3, 4, 5]).cast(embeddings_schema(8)))
+    pool.write_embeddings("m", "00000000", table.take([1, 0, 2, 3, 4, 5]).cast(embeddings_schema(8)))
     with pytest.raises(PoolFormatError, match="do not match the metadata of shard 00000000"):
         run(pool, tmp_path, "steps: [{clip_score: {model_id: m, fraction: 0.5}}]")
 
@@ -162,11 +160,6 @@ def test_basic_filter_on_the_synthetic_pool_against_its_truth(tmp_path: Path) ->
     removed = [r for r in truth if r["uid"] not in kept]
     noise_removed = sum(r["kind"] != "clean" for r in removed) / len(removed)
     assert noise_removed >= 0.85  # precision of what basic removes
-
-
-def clipsift(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "250"}
-    return subprocess.run([sys.executable, "-m", "clipsift", *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_cli_filter_prints_each_step_and_subset_info(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 from clipsift.filters.quantile import kth_smallest, top_fraction_threshold
 from clipsift.filters.recipe import apply_recipe, load_recipe
 from clipsift.filters.subset import decode_uids, read_subset
-from clipsift.pipeline.pool import Pool, Sample, derive_uid, embeddings_schema, finalize_pool, write_embeddings, write_shard
+from clipsift.pipeline.pool import Pool, Sample, derive_uid, embeddings_schema, finalize_pool, write_shard
 from conftest import image_bytes
 
 D = 8
@@ -42,7 +42,7 @@ def write_model(pool: Pool, model_id: str, scores: np.ndarray, vectors: np.ndarr
         emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.astype(np.float16).reshape(-1)), D, mask=pa.array(missing))
         table = pa.table([pa.array(uids), emb, emb, pa.array(part.astype(np.float32), mask=missing),
                           pa.array(["no image" if m else "ok" for m in missing])], schema=embeddings_schema(D))
-        write_embeddings(pool.url, model_id, shard, table)
+        pool.write_embeddings(model_id, shard, table)
         offset += len(uids)
 
 

@@ -149,11 +149,11 @@ def test_embeddings_round_trip_and_missing_model(small_pool: Path) -> None:
 
     import pyarrow as pa
 
-    from clipsift.pipeline.pool import embeddings_schema, write_embeddings
+    from clipsift.pipeline.pool import embeddings_schema
 
     uids = Pool(str(small_pool)).metadata("00000000").column("uid").to_pylist()
     rows = [{"uid": u, "image_emb": [0.6, 0.8], "text_emb": [1.0, 0.0], "clip_score": 0.6, "status": "ok"} for u in uids]
-    write_embeddings(str(small_pool), "tiny__abc", "00000000", pa.Table.from_pylist(rows, schema=embeddings_schema(2)))
+    Pool(str(small_pool)).write_embeddings("tiny__abc", "00000000", pa.Table.from_pylist(rows, schema=embeddings_schema(2)))
     pool = Pool(str(small_pool))
     assert pool.embedding_models() == ["tiny__abc"]
     table = pool.embeddings("tiny__abc", "00000000")

@@ -284,3 +284,36 @@ def test_gpu_model_actors_embed_two_blocks_side_by_side() -> None:
         most = max(sum(start <= moment < end for start, end, _ in calls) for moment, _, _ in calls)
         assert most == side_by_side, (on_gpu, sorted(calls))
         assert len({thread for _, _, thread in calls}) >= side_by_side
+
+
+def test_embeddings_outside_the_pool_through_the_cli(pool: Pool, checkpoint: Path, tmp_path: Path) -> None:
+    """`clipsift score --out DIR` leaves the pool untouched and resumes from DIR; `clipsift filter --embeddings DIR`
+    (and the report, from subset.json) read them there: the same subset as with the embeddings inside the pool."""
+    from conftest import clipsift
+
+    out = tmp_path / "elsewhere"
+    scored = clipsift("score", pool.url, "--model", ARCH, "--pretrained", str(checkpoint), "--workers", "1", "--out", str(out))
+    assert scored.returncode == 0, scored.stderr
+    model_id = next(p.name for p in out.iterdir())
+    assert not (Path(pool.root) / "embeddings").exists()
+    assert sorted(p.name for p in (out / model_id).iterdir()) == ["00000000.parquet", "00000001.parquet", "00000002.parquet", "manifest.json"]
+    manifest = json.loads((out / model_id / "manifest.json").read_text())
+    assert (manifest["pool"], manifest["rows"]) == (pool.url, 96)
+    assert f"{out}/{model_id}" in scored.stderr
+    again = score_pool(pool.url, ARCH, str(checkpoint), workers=1, out=str(out))
+    assert (again.shards_scored, again.shards_skipped) == (0, 3)
+
+    recipe = ["--recipe", "synth_clip_score", "--set", f"model_id={model_id}", "--set", "fraction=0.5", "--workers", "1"]
+    lost = clipsift("filter", pool.url, *recipe, "--out", str(tmp_path / "lost.npy"))
+    assert lost.returncode == 2 and f"embeddings/{model_id} does not exist" in lost.stderr
+    found = clipsift("filter", pool.url, *recipe, "--embeddings", str(out), "--out", str(tmp_path / "outside.npy"))
+    assert found.returncode == 0, found.stderr
+    assert json.loads((tmp_path / "outside.json").read_text())["embeddings"] == str(out)
+    report = clipsift("report", str(tmp_path / "outside.npy"), "--out", str(tmp_path / "report.html"))
+    assert report.returncode == 0, report.stderr
+
+    shutil.move(str(out), str(Path(pool.root) / "embeddings"))
+    inside = clipsift("filter", pool.url, *recipe, "--out", str(tmp_path / "inside.npy"))
+    assert inside.returncode == 0, inside.stderr
+    assert (tmp_path / "inside.npy").read_bytes() == (tmp_path / "outside.npy").read_bytes()
+    assert 48 <= len(np.load(tmp_path / "inside.npy")) <= 50  # half of the 96, give or take the rows at the threshold
