@@ -289,7 +289,8 @@ def main() -> None:
               f"results back; {GPU_CALLS_PER_ACTOR if args.device == 'cuda' else 1} call(s) at a time)")
         if args.device == "cuda":
             share = "no trace or no copies in it" if overlap is None else f"{overlap:>10.0%}"
-            print(f"  copies beside kernels        {share}      of host-to-device copy time (profiler trace)")
+            print(f"  copies beside kernels        {share}      of host-to-device copy time ran while a kernel of either call ran "
+                  "(profiler trace; with --decode device nvJPEG's uploads count too)")
         if best_cpu is not None:
             per_k = min(r[1] for r in runs) / pairs * 1000
             print(f"  CPU time, all processes      {per_k:>10.2f} s per 1,000 pairs (least of the runs; "

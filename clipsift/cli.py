@@ -556,13 +556,16 @@ def report_curation(
     samples: int = typer.Option(12, "--samples", "-n", help="Samples per gallery (random, at each threshold's margin, per cluster)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random galleries and clusters."),
     pool: Optional[str] = typer.Option(None, "--pool", help="Where the pool is now, if it moved since filtering (its pool.json must match)."),
+    embeddings: Optional[str] = typer.Option(None, "--embeddings", help="Where the embeddings are now, if the filter read them from a "
+                                             "folder (`clipsift filter --embeddings`) that has moved since."),
     workers: Optional[int] = typer.Option(1, "--workers", "-w", help="Ray workers to re-apply the recipe with (default 1: in-process)."),
     address: Optional[str] = AddressOption,
 ) -> None:
     """The curation report: what each step kept, CLIP-score histograms with thresholds, galleries, cluster montages."""
     from clipsift.pipeline.report import curation_report, report_summary_rows
 
-    result = curation_report(target, out, truth=truth, samples=samples, seed=seed, pool_url=pool, workers=workers, address=address)
+    result = curation_report(target, out, truth=truth, samples=samples, seed=seed, pool_url=pool, embeddings=embeddings, workers=workers,
+                             address=address)
     _print_summary("curation report", report_summary_rows(result))
 
 

@@ -25,7 +25,6 @@ import functools
 import hashlib
 import io
 import json
-import os
 import pickle
 import re
 import time
@@ -219,14 +218,12 @@ def apply_recipe(pool_url: str, recipe: Recipe, out: str, *, workers: int | None
     """Apply `recipe` to the pool, write the subset `out` and its subset.json; resumable. `embeddings`: where the
     pool's embeddings are when not in POOL/embeddings (`clipsift score --out`)."""
     started = time.perf_counter()
-    if embeddings and "://" not in embeddings:
-        embeddings = os.path.abspath(embeddings)  # subset.json names it for the report, which may run elsewhere
     pool = Pool(pool_url, embeddings=embeddings)
     pool_sha = file_sha256(pool.fs, pool.path("pool.json")) if pool.info else ""
     info_path, work_root, default_centroids = output_paths(out)
     _default_centroids(recipe, default_centroids)
     check_inputs(recipe, pool)
-    fingerprint = hashlib.sha256(json.dumps([recipe.resolved(), pool_sha, *([embeddings] if embeddings else [])], sort_keys=True,
+    fingerprint = hashlib.sha256(json.dumps([recipe.resolved(), pool_sha, *([pool.embeddings_url] if embeddings else [])], sort_keys=True,
                                             default=str).encode()).hexdigest()[:16]
     runner = RecipeRunner(pool, f"{work_root}/{fingerprint}", workers, address)
     final = runner.evaluate(recipe.root, None)
@@ -237,7 +234,7 @@ def apply_recipe(pool_url: str, recipe: Recipe, out: str, *, workers: int | None
         "recipe": recipe.resolved(),
         "recipe_source": recipe.source,
         "pool": pool.url,
-        "embeddings": embeddings,
+        "embeddings": pool.embeddings_url,  # absolute: the report may run elsewhere
         "pool_json_sha256": pool_sha,
         "num_uids": int(len(pairs)),
         "npy_sha256": npy_sha,

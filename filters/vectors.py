@@ -29,7 +29,8 @@ def check_source(source: str, model_id: str, where: str) -> None:
         raise RecipeError(f"{where}: {source} does not exist (expected a scored pool, an embeddings folder, a .parquet or a .npy)")
     if fs.isdir(path) and fs.exists(f"{path}/pool.json") and not fs.isdir(f"{path}/embeddings/{model_id}"):
         raise RecipeError(f"{where}: {source} has no embeddings folder {path}/embeddings/{model_id}; "
-                          f"score it first: clipsift score {source} (with the model {model_id})")
+                          f"score it first: clipsift score {source} (with the model {model_id}), or, if it was scored with "
+                          f"--out DIR, give DIR/{model_id} as the source")
     if fs.isdir(path) and not fs.exists(f"{path}/pool.json") and not fs.glob(f"{path}/*.parquet"):
         raise RecipeError(f"{where}: {source} is a folder with neither pool.json nor embeddings parquet files")
 

@@ -1063,6 +1063,12 @@ def _build_shard(pool_url: str, fill: ShardFiller, index: int) -> int:
 # --------------------------------------------------------------------------- reading
 
 
+def _absolute(url: str) -> str:
+    """A local path made absolute (so that it names the same folder from elsewhere); URLs as given; no trailing slash."""
+    url = url.rstrip("/") or "/"
+    return url if "://" in url else os.path.abspath(url)
+
+
 class Pool:
     """Read access to a pool: its info, shard list, metadata tables and samples; and its embeddings.
 
@@ -1073,8 +1079,13 @@ class Pool:
     def __init__(self, url: str, embeddings: str | None = None):
         self.url = str(url)
         self.fs, self.root = open_fs(self.url)
-        self.embeddings_url = str(embeddings) if embeddings else None  # None: inside the pool
+        self.embeddings_url = _absolute(str(embeddings)) if embeddings else None  # None: inside the pool
         self.embeddings_fs, self.embeddings_root = open_fs(self.embeddings_url) if embeddings else (self.fs, self.path("embeddings"))
+
+    @property
+    def embeddings_home(self) -> str:
+        """Where the embeddings folders are, as a path or URL to show users."""
+        return self.embeddings_url or f"{self.url}/embeddings"
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])

@@ -527,8 +527,10 @@ class CurationReport:
 
 
 def curation_report(target: str, out: str, *, truth: str | None = None, samples: int = 12, seed: int = 0,
-                    pool_url: str | None = None, workers: int | None = 1, address: str | None = None) -> CurationReport:
-    """Write the curation report of a subset (or of the subset a run trained on) to `out`."""
+                    pool_url: str | None = None, embeddings: str | None = None, workers: int | None = 1,
+                    address: str | None = None) -> CurationReport:
+    """Write the curation report of a subset (or of the subset a run trained on) to `out`. `pool_url` and `embeddings`:
+    where the pool and its embeddings are now, when they moved since the subset was made."""
     started = time.perf_counter()
     if samples < 1:
         raise ReportError(f"--samples must be at least 1, got {samples}")
@@ -536,7 +538,8 @@ def curation_report(target: str, out: str, *, truth: str | None = None, samples:
     info = read_subset_info(subset)
     info_path = subset.removesuffix(".npy") + ".json"
     pool = Pool(pool_url or locate(info["pool"], [os.path.dirname(os.path.abspath(subset))], "the subset's pool",
-                                   info["pool_json_sha256"], inside="pool.json"), embeddings=info.get("embeddings"))
+                                   info["pool_json_sha256"], inside="pool.json"),
+                embeddings=embeddings or info.get("embeddings"))
     if pool_url and file_sha256(pool.fs, pool.path("pool.json")) != info["pool_json_sha256"]:
         raise ReportError(f"--pool {pool_url}: its pool.json is not the one {subset} was made from (sha256 differs)")
     recipe = recorded_recipe(info, info_path)

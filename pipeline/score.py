@@ -323,7 +323,7 @@ class Embedder:
                        for s in specs]
         self.norms = [(torch.tensor(s.mean, device=self.device).view(1, 3, 1, 1), torch.tensor(s.std, device=self.device).view(1, 3, 1, 1))
                       for s in specs]
-        self.streams = threading.local()  # on CUDA, each thread's (copy, compute) streams: GPU actors run calls side by side
+        self.streams = threading.local()  # on CUDA, each thread's (copy, compute, decode) streams: GPU actors run calls side by side
         if self.device.type == "cuda" and self.dtype == torch.float32:  # fp32 means fp32: no TF32 matmuls or convolutions
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
@@ -336,11 +336,11 @@ class Embedder:
     def _to_device(self, array: np.ndarray):
         return self._host(array).to(self.device, non_blocking=True)
 
-    def _thread_streams(self) -> tuple[Any, Any]:
-        """The calling thread's (copy, compute) CUDA streams, made on its first call."""
-        if not hasattr(self.streams, "pair"):
-            self.streams.pair = (self.torch.cuda.Stream(self.device), self.torch.cuda.Stream(self.device))
-        return self.streams.pair
+    def _thread_streams(self) -> tuple[Any, Any, Any]:
+        """The calling thread's (copy, compute, decode) CUDA streams, made on its first call."""
+        if not hasattr(self.streams, "made"):
+            self.streams.made = tuple(self.torch.cuda.Stream(self.device) for _ in range(3))
+        return self.streams.made
 
     def _copy_in(self, host: dict[str, Any], rows: slice) -> dict[str, Any]:
         """A model batch's rows of the block's host tensors, on the device. On CUDA they are copied on the thread's copy
@@ -349,7 +349,7 @@ class Embedder:
         if self.device.type != "cuda":
             return {name: tensor[rows].to(self.device) for name, tensor in host.items()}
         torch = self.torch
-        copy, compute = self._thread_streams()
+        copy, compute, _ = self._thread_streams()
         with torch.cuda.stream(copy):
             copies = {name: tensor[rows].to(self.device, non_blocking=True) for name, tensor in host.items()}
         compute.wait_stream(copy)
@@ -433,15 +433,33 @@ class Embedder:
         images: list[Any] = [None] * len(blobs)
         jpegs = [i for i, data in enumerate(blobs) if _whole_jpeg(data)]
         data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs]
-        try:
-            made = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device) if jpegs else []
-        except RuntimeError:  # one JPEG it cannot decode fails the whole call
-            made = []
-            for one in data:
-                try:
-                    made.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=self.device))
-                except RuntimeError:
-                    made.append(None)
+
+        def decode() -> list[Any]:
+            try:
+                return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device) if jpegs else []
+            except RuntimeError:  # one JPEG it cannot decode fails the whole call
+                made = []
+                for one in data:
+                    try:
+                        made.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=self.device))
+                    except RuntimeError:
+                        made.append(None)
+                return made
+
+        if self.device.type == "cuda":
+            # torchvision allocates the outputs on the current stream but nvJPEG writes them from a stream of its own that
+            # does not wait for it (pytorch/vision#9606): on the compute stream it could be handed memory that queued
+            # kernels have yet to read. The thread's decode stream runs nothing else, so nothing queued can still use
+            # what it is handed; the compute stream then waits for the decode and owns the results.
+            _, compute, decoding = self._thread_streams()
+            with torch.cuda.stream(decoding):
+                made = decode()
+            compute.wait_stream(decoding)
+            for image in made:
+                if image is not None:
+                    image.record_stream(compute)
+        else:
+            made = decode()
         for i, image in zip(jpegs, made):
             images[i] = image
         return images
@@ -599,7 +617,7 @@ def score_models(
     pool.info  # a clear error if this is not a pool
     shards = pool.shard_ids()
     started = time.perf_counter()
-    results = [ScoreResult(s.model_id, 0, 0, 0, 0, 0.0, dict.fromkeys(STAGES, 0.0), folder=f"{out or pool.url + '/embeddings'}/{s.model_id}")
+    results = [ScoreResult(s.model_id, 0, 0, 0, 0, 0.0, dict.fromkeys(STAGES, 0.0), folder=f"{pool.embeddings_home}/{s.model_id}")
                for s in specs]
     groups: dict[tuple[int, ...], list[str]] = {}  # models that lack a shard -> those shards
     for shard in shards:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -317,3 +318,7 @@ def test_embeddings_outside_the_pool_through_the_cli(pool: Pool, checkpoint: Pat
     assert inside.returncode == 0, inside.stderr
     assert (tmp_path / "inside.npy").read_bytes() == (tmp_path / "outside.npy").read_bytes()
     assert 48 <= len(np.load(tmp_path / "inside.npy")) <= 50  # half of the 96, give or take the rows at the threshold
+    moved = ["report", str(tmp_path / "outside.npy"), "--out", str(tmp_path / "again.html")]
+    assert clipsift(*moved).returncode == 2  # the folder subset.json names is gone
+    assert clipsift(*moved, "--embeddings", str(Path(pool.root) / "embeddings")).returncode == 0
+    assert Pool(pool.url, embeddings="some/where/").embeddings_url == os.path.abspath("some/where")  # named from anywhere
