@@ -203,10 +203,11 @@ def test_decoding_on_the_device_matches_decoding_on_cpu(pool: Pool, checkpoint: 
         f"{keys[5]}.jpg": lambda _: png_bytes(5, "P"), f"{keys[7]}.jpg": lambda _: b"\xff\xd8\xff\xe0broken",
         f"{keys[8]}.jpg": lambda data: data[:len(data) // 2], f"{keys[9]}.jpg": lambda data: data + b"\0trailer"}
     rewrite_tar(Path(pool.tar_path("00000001")), lambda name, data: edits[name](data) if name in edits else data)
-    on_cpu = score_pool(pool.url, ARCH, str(checkpoint), batch_size=40, workers=1, precision="fp32")
+    # model batches of 8: four per block, so on a GPU the decoder runs while earlier batches' kernels are queued
+    on_cpu = score_pool(pool.url, ARCH, str(checkpoint), batch_size=8, workers=1, precision="fp32")
     cpu_tables = {s: pool.embeddings(on_cpu.model_id, s) for s in pool.shard_ids()}
     shutil.rmtree(Path(pool.root) / "embeddings")
-    on_device = score_pool(pool.url, ARCH, str(checkpoint), batch_size=40, workers=1, decode="device", precision="fp32")
+    on_device = score_pool(pool.url, ARCH, str(checkpoint), batch_size=8, workers=1, decode="device", precision="fp32")
     assert (on_device.pairs, on_device.failed) == (on_cpu.pairs, on_cpu.failed) == (96, 2)
     for shard, cpu_table in cpu_tables.items():
         table = pool.embeddings(on_device.model_id, shard)
