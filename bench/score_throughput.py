@@ -48,6 +48,7 @@ from clipsift.pipeline.score import (  # noqa: E402
     GPU_CALLS_PER_ACTOR,
     Embedder,
     _Inputs,
+    apply_precision,
     precision_name,
     prepare_shards,
     resolve_model,
@@ -79,6 +80,7 @@ def model_only(arch: str, pretrained: str, batch: int, pairs: int, device: str, 
     images = torch.randn(batch, 3, size, size, device=device)
     tokens = open_clip.get_tokenizer(arch)(["a photo of two small red circles on a striped background"] * batch).to(device)
     dtype = resolve_precision(precision, device)
+    apply_precision(dtype, device)  # as the actors do
     steps = max(3, pairs // batch)
 
     def run(n: int) -> None:

@@ -324,9 +324,7 @@ class Embedder:
         self.norms = [(torch.tensor(s.mean, device=self.device).view(1, 3, 1, 1), torch.tensor(s.std, device=self.device).view(1, 3, 1, 1))
                       for s in specs]
         self.streams = threading.local()  # on CUDA, each thread's (copy, compute, decode) streams: GPU actors run calls side by side
-        if self.device.type == "cuda" and self.dtype == torch.float32:  # fp32 means fp32: no TF32 matmuls or convolutions
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
+        apply_precision(self.dtype, self.device.type)
 
     def _host(self, array: np.ndarray):
         """A block's array as a CPU tensor, in pinned memory on CUDA (pinned once per block, not per batch)."""
@@ -497,6 +495,16 @@ def resolve_precision(precision: str, device_type: str):
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision_name(precision, device_type == "cuda")]
+
+
+def apply_precision(dtype: Any, device_type: str) -> None:
+    """The process-wide settings a precision needs: fp32 on CUDA means fp32, so TF32 is turned off for matmuls and
+    convolutions (PyTorch lets cuDNN convolutions use it by default). Meant for a process that runs one model: an actor."""
+    import torch
+
+    if device_type == "cuda" and dtype == torch.float32:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
 
 # --------------------------------------------------------------------------- gathering and writing
