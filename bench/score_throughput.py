@@ -162,7 +162,7 @@ def copy_overlap(run: Callable[[], object]) -> float | None:
         run()
     with tempfile.NamedTemporaryFile(suffix=".json") as file:
         trace.export_chrome_trace(file.name)
-        events = [e for e in json.load(open(file.name))["traceEvents"] if e.get("ph") == "X"]
+        events = [e for e in json.loads(Path(file.name).read_text())["traceEvents"] if e.get("ph") == "X"]
     copies = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "gpu_memcpy" and "HtoD" in e["name"]]
     kernels = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "kernel"]
     return overlap_share(copies, kernels)

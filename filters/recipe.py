@@ -223,7 +223,7 @@ def apply_recipe(pool_url: str, recipe: Recipe, out: str, *, workers: int | None
     info_path, work_root, default_centroids = output_paths(out)
     _default_centroids(recipe, default_centroids)
     check_inputs(recipe, pool)
-    fingerprint = hashlib.sha256(json.dumps([recipe.resolved(), pool_sha, *([pool.embeddings_url] if embeddings else [])], sort_keys=True,
+    fingerprint = hashlib.sha256(json.dumps([recipe.resolved(), pool_sha, *([pool.embeddings_url] if pool.embeddings_url else [])], sort_keys=True,
                                             default=str).encode()).hexdigest()[:16]
     runner = RecipeRunner(pool, f"{work_root}/{fingerprint}", workers, address)
     final = runner.evaluate(recipe.root, None)

@@ -623,6 +623,9 @@ def score_models(
         raise ClipsiftError(f"model {duplicate} is given twice; pass each --model/--pretrained pair once")
     pool = Pool(pool_url, embeddings=out)
     pool.info  # a clear error if this is not a pool
+    pool_sha = file_sha256(pool.fs, pool.path("pool.json"))
+    for spec in specs:
+        _check_folder_is_this_pools(pool, spec.model_id, pool_sha)
     shards = pool.shard_ids()
     started = time.perf_counter()
     results = [ScoreResult(s.model_id, 0, 0, 0, 0, 0.0, dict.fromkeys(STAGES, 0.0), folder=f"{pool.embeddings_home}/{s.model_id}")
@@ -639,7 +642,7 @@ def score_models(
              gpus_per_worker, workers, decode, on_shard_written)
     for spec, result in zip(specs, results):
         if result.shards_scored:
-            _write_manifest(pool, spec, result.precision, decode, len(shards))
+            _write_manifest(pool, spec, result.precision, decode, len(shards), pool_sha)
         result.seconds = time.perf_counter() - started
     return results
 
@@ -767,9 +770,24 @@ def _actor_strategy(workers: int, on_gpu: bool):
                                       enable_true_multi_threading=True)
 
 
-def _write_manifest(pool: Pool, spec: ModelSpec, precision: str | None, decode: str, num_shards: int) -> None:
+def _manifest_path(pool: Pool, model_id: str) -> str:
+    return f"{pool.embeddings_folder(model_id)}/manifest.json"
+
+
+def _check_folder_is_this_pools(pool: Pool, model_id: str, pool_sha: str) -> None:
+    """Refuse an embeddings folder made for another pool: its shard files would count as done (`--out` shared by pools)."""
+    path = _manifest_path(pool, model_id)
+    if not pool.embeddings_fs.exists(path):
+        return
+    manifest = json.loads(pool.embeddings_fs.cat_file(path))
+    if manifest.get("pool_json_sha256", pool_sha) != pool_sha:
+        raise ClipsiftError(f"{pool.embeddings_folder(model_id)} holds embeddings of another pool ({manifest.get('pool')}, whose "
+                            f"pool.json differs from {pool.url}'s); give this pool its own --out folder")
+
+
+def _write_manifest(pool: Pool, spec: ModelSpec, precision: str | None, decode: str, num_shards: int, pool_sha: str) -> None:
     fs = pool.embeddings_fs
-    path = f"{pool.embeddings_folder(spec.model_id)}/manifest.json"
+    path = _manifest_path(pool, spec.model_id)
     earlier = json.loads(fs.cat_file(path)).get("decode", []) if fs.exists(path) else []
     earlier = [earlier] if isinstance(earlier, str) else earlier
     scored = [s for s in pool.shard_ids() if pool.has_embeddings(spec.model_id, s)]
@@ -777,6 +795,7 @@ def _write_manifest(pool: Pool, spec: ModelSpec, precision: str | None, decode: 
     manifest = {
         "model": dict(asdict(spec), image_transform=transform, tokenizer=json.loads(spec.tokenizer)),
         "pool": pool.url,
+        "pool_json_sha256": pool_sha,
         "precision": precision,
         "preprocessing": (f"open_clip eval transform: resize {transform['size']} {transform['interpolation']} "
                           f"({transform['resize_mode']}), centre crop, normalize mean/std"),

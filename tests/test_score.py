@@ -304,6 +304,12 @@ def test_embeddings_outside_the_pool_through_the_cli(pool: Pool, checkpoint: Pat
     assert f"{out}/{model_id}" in scored.stderr
     again = score_pool(pool.url, ARCH, str(checkpoint), workers=1, out=str(out))
     assert (again.shards_scored, again.shards_skipped) == (0, 3)
+    other = tmp_path / "other"  # another pool with the same shard names may not take these files as its own
+    synth_pool(str(other), num_samples=64, shard_size=32, workers=1)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ClipsiftError, match="holds embeddings of another pool"):
+        score_pool(str(other), ARCH, str(checkpoint), workers=1, out=str(out))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
     recipe = ["--recipe", "synth_clip_score", "--set", f"model_id={model_id}", "--set", "fraction=0.5", "--workers", "1"]
     lost = clipsift("filter", pool.url, *recipe, "--out", str(tmp_path / "lost.npy"))
