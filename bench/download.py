@@ -32,7 +32,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from clipsift.pipeline import download  # noqa: E402
-from clipsift.pipeline.download import download_pool, img2dataset_settings  # noqa: E402
+from clipsift.pipeline.download import DownloadSettings, download_pool, img2dataset_settings  # noqa: E402
 from clipsift.pipeline.pool import Pool, derive_uid  # noqa: E402
 
 SIZES = [(640, 480), (1024, 768), (480, 640), (300, 200)]  # three of four get resized to 512
@@ -121,7 +121,7 @@ def main() -> None:
 
     def clipsift() -> None:
         shutil.rmtree(scratch / "pool", ignore_errors=True)
-        download_pool(str(scratch / "urls.parquet"), str(scratch / "pool"), workers=1, **common)
+        download_pool(str(scratch / "urls.parquet"), str(scratch / "pool"), DownloadSettings(**common), workers=1)
 
     try:
         import img2dataset  # noqa: F401  (imported once before timing: both runs then start equal)

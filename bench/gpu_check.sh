@@ -40,7 +40,7 @@ bench() {  # name, seconds, script and arguments
 # -P: the checkout's clipsift/ folder must not hide the installed package
 if [ "${TESTS:-1}" = 1 ]; then
   echo "== tests on the device ($(date +%T))"
-  timeout -k 10 100 python3 -P -m pytest tests/test_score.py -q -p no:cacheprovider -o addopts="" -x > "$OUT/tests_score.txt" 2>&1
+  timeout -k 10 100 python3 -P -m pytest tests/pipeline/test_score.py -q -p no:cacheprovider -o addopts="" -x > "$OUT/tests_score.txt" 2>&1
   echo "exit $?" >> "$OUT/tests_score.txt"
   tail -n 4 "$OUT/tests_score.txt"
 fi

@@ -45,6 +45,7 @@ import torch  # noqa: E402
 from clipsift.pipeline.parallel import ensure_ray  # noqa: E402
 from clipsift.pipeline.pool import Pool  # noqa: E402
 from clipsift.pipeline.score import (  # noqa: E402
+    ScoreSettings,
     GPU_CALLS_PER_ACTOR,
     Embedder,
     _Inputs,
@@ -274,8 +275,7 @@ def main() -> None:
                 if any(model_id.startswith(f"{arch}__") for arch, _ in models):
                     shutil.rmtree(os.path.join(pool, "embeddings", model_id))
             with TreeCpu() as cpu:
-                results = score_models(pool, models, batch_size=args.batch_size, precision=args.precision, workers=args.workers,
-                                       decode=args.decode)
+                results = score_models(pool, models, ScoreSettings(batch_size=args.batch_size, precision=args.precision, workers=args.workers, decode=args.decode))
             runs.append((results[0].pairs / results[0].seconds, cpu.seconds, results[0]))
         per_pair = min(one_core(pool, args.model, models[0][1], args.batch_size, args.decode)
                        for _ in range(args.repeats)) if args.device == "cpu" else None

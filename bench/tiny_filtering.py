@@ -37,7 +37,7 @@ from clipsift.filters.recipe import apply_recipe, load_recipe  # noqa: E402
 from clipsift.filters.subset import encode_uids, read_subset  # noqa: E402
 from clipsift.pipeline import synth  # noqa: E402
 from clipsift.pipeline.reshard import reshard  # noqa: E402
-from clipsift.pipeline.score import score_pool  # noqa: E402
+from clipsift.pipeline.score import ScoreSettings, score_pool  # noqa: E402
 from clipsift.train.filternet import train_filternet  # noqa: E402
 from clipsift.train.launch import Infra, train  # noqa: E402
 
@@ -92,7 +92,7 @@ def prepare(out: Path, scale: str, filternet_scale: str, workers: int | None) ->
     synth.synth_reference(str(reference), scale=scale, workers=workers)
     net = train_filternet(str(reference), str(out / "filternet"), scale=filternet_scale, workers=workers)
     for target in (pool, reference):
-        score_pool(str(target), net.arch, str(net.checkpoint), workers=workers)
+        score_pool(str(target), net.arch, str(net.checkpoint), ScoreSettings(workers=workers))
     if not (out / "tiny-suite" / "suite.json").exists():
         make_tiny_suite(str(out / "tiny-suite"))
     return {"pool": str(pool), "reference": str(reference), "model_id": net.model_id, "truth": str(out / "truth.parquet")}

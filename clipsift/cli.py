@@ -27,6 +27,17 @@ def _console():
     return console
 
 
+def _settings(cls, **options):
+    """A settings section from CLI options; a bad value is an error naming the option (--shard-size ...)."""
+    from pydantic import ValidationError
+
+    try:
+        return cls(**options)
+    except ValidationError as err:
+        problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors())
+        raise ClipsiftError(problems) from None
+
+
 def _print_summary(title: str, rows: list[tuple[str, object]]) -> None:
     from clipsift.pipeline.ui import summary_table
 
@@ -103,9 +114,10 @@ def pool_download(
     from clipsift.pipeline import download
 
     started = time.perf_counter()
-    result = download.download_pool(urls, str(out), processes=processes, threads=threads, image_size=image_size,
-                                    shard_size=shard_size, retries=retries, blur_faces=blur_faces, verify_sha256=verify_sha256,
-                                    timeout=timeout, url_column=url_column, caption_column=caption_column, workers=workers, name=name)
+    settings = _settings(download.DownloadSettings, processes=processes, threads=threads, image_size=image_size,
+                         shard_size=shard_size, retries=retries, timeout=timeout, blur_faces=blur_faces,
+                         verify_sha256=verify_sha256, url_column=url_column, caption_column=caption_column, name=name)
+    result = download.download_pool(urls, str(out), settings, workers=workers)
     elapsed = time.perf_counter() - started
     rows = download.download_summary_rows(result)
     rows.append(("time", f"{elapsed:.1f} s ({result.info['num_samples'] / elapsed:,.0f} images/s stored)"))
@@ -170,12 +182,13 @@ def score(
                                       "`clipsift filter POOL --embeddings OUT`."),
 ) -> None:
     """CLIP image/text embeddings and CLIP scores for every shard (resumes: scored shards are skipped)."""
-    from clipsift.pipeline.score import score_models, score_summary_rows
+    from clipsift.pipeline.score import ScoreSettings, score_models, score_summary_rows
 
     if len(model) != len(pretrained):
         raise ClipsiftError(f"{len(model)} --model but {len(pretrained)} --pretrained: give one --pretrained per --model, in the same order")
-    results = score_models(pool, list(zip(model, pretrained)), batch_size=batch_size, precision=precision, address=address,
-                           gpus_per_worker=gpus_per_worker, workers=workers, decode=decode, out=out)
+    settings = _settings(ScoreSettings, batch_size=batch_size, precision=precision, decode=decode, workers=workers,
+                         gpus_per_worker=gpus_per_worker)
+    results = score_models(pool, list(zip(model, pretrained)), settings, address=address, out=out)
     for result in results:
         _print_summary("score" if len(results) == 1 else f"score {result.model_id}", score_summary_rows(result))
 
@@ -492,12 +505,16 @@ def _print_run(result, title: str) -> None:
 
 
 def _run_summary_rows(result) -> list[tuple[str, object]]:
-    out, rows = result.outputs, [("run", result.run_dir)]
-    if "eval" in out:
-        rows.append(("score", f"{out['eval']['suite']} average {out['eval']['average']:.3f} over {out['eval']['tasks']} tasks "
-                              f"({out['eval']['summary']})"))
-    if "submit" in out:
-        rows.append(("leaderboard", f"submission {out['submit']['id']} in {out['submit']['url'] or out['submit']['leaderboard']}"))
+    from clipsift.eval.stage import EvalStage
+    from clipsift.leaderboard.stage import SubmitStage
+
+    rows: list[tuple[str, object]] = [("run", result.run_dir)]
+    evaluated, submitted = result.outputs.get(EvalStage), result.outputs.get(SubmitStage)
+    if evaluated:
+        rows.append(("score", f"{evaluated.suite} average {evaluated.average:.3f} over {evaluated.tasks} tasks "
+                              f"({evaluated.summary})"))
+    if submitted:
+        rows.append(("leaderboard", f"submission {submitted.id} in {submitted.url or submitted.leaderboard}"))
     rows.append(("provenance", f"{result.run_dir / 'provenance.json'} ({len(result.provenance['checks'])} hash checks ok)"))
     return rows
 
@@ -598,23 +615,34 @@ def demo(
     config, where = load_run_config(scale)
     result = run_pipeline(config, out, where=where, workers=workers, on_stage=_stage_rule)
     _print_run(result, "clipsift demo")
+    _print_summary("clipsift demo", _demo_rows(result))
+
+
+def _demo_rows(result) -> list[tuple[str, object]]:
+    from clipsift.eval.stage import EvalStage
+    from clipsift.filters.stage import FilterStage
+    from clipsift.leaderboard.stage import SubmitStage
+    from clipsift.pipeline.stages import PoolStage, ReferenceStage, ScoreStage
+    from clipsift.train.stages import FilternetStage, TrainStage
+
     o = result.outputs
-    pool = o["pool"]["num_samples"]
-    board = o["submit"]["leaderboard"]
-    _print_summary("clipsift demo", [
-        ("pool", f"{o['pool']['path']}: {pool:,} synthetic web-like pairs (noise kinds in {o['pool']['truth']}, which filters never read)"),
-        ("filtering network", f"{o['filternet']['arch']} trained on {o['reference']['num_samples']:,} clean reference pairs "
-                              f"({o['filternet']['samples_seen']:,} samples seen)"),
-        ("scores", f"{o['score']['pairs']:,} pairs scored ({o['score']['embeddings']})"),
-        ("subset", f"{o['filter']['recipe']['name']}: kept {o['filter']['num_uids']:,} of {pool:,} ({o['filter']['num_uids'] / pool:.0%}); "
-                   f"{o['filter']['subset']}"),
-        ("training", f"{o['train']['scale']} recipe: {o['train']['samples_seen']:,} samples seen, final loss {o['train']['final_loss']:.3f}"),
-        ("score", f"tiny suite average {o['eval']['average']:.3f} over {o['eval']['tasks']} tasks ({o['eval']['summary']})"),
-        ("leaderboard", f"submission {o['submit']['id']} in {board}"),
+    pool, net, subset, trained, evaluated, board = o[PoolStage], o[FilternetStage], o[FilterStage], o[TrainStage], \
+        o[EvalStage], o[SubmitStage]
+    n = pool.num_samples
+    return [
+        ("pool", f"{pool.path}: {n:,} synthetic web-like pairs (noise kinds in {pool.truth}, which filters never read)"),
+        ("filtering network", f"{net.arch} trained on {o[ReferenceStage].num_samples:,} clean reference pairs "
+                              f"({net.samples_seen:,} samples seen)"),
+        ("scores", f"{o[ScoreStage].pairs:,} pairs scored ({o[ScoreStage].embeddings})"),
+        ("subset", f"{subset.recipe['name']}: kept {subset.num_uids:,} of {n:,} ({subset.num_uids / n:.0%}); {subset.subset}"),
+        ("training", f"{trained.scale} recipe: {trained.samples_seen:,} samples seen, final loss {trained.final_loss:.3f}"),
+        ("score", f"tiny suite average {evaluated.average:.3f} over {evaluated.tasks} tasks ({evaluated.summary})"),
+        ("leaderboard", f"submission {board.id} in {board.leaderboard}"),
         ("time", f"{result.seconds:.0f} s"),
-        ("report", f"clipsift report {o['filter']['subset']} --truth {o['pool']['truth']} --out {result.run_dir / 'report.html'}"),
-        ("leaderboard page", f"clipsift leaderboard serve --db {board}, then open http://127.0.0.1:8000/submissions/{o['submit']['id']}"),
-    ])
+        ("report", f"clipsift report {subset.subset} --truth {pool.truth} --out {result.run_dir / 'report.html'}"),
+        ("leaderboard page", f"clipsift leaderboard serve --db {board.leaderboard}, then open "
+                             f"http://127.0.0.1:8000/submissions/{board.id}"),
+    ]
 
 
 def main() -> None:

@@ -22,9 +22,8 @@ Sample members by task type:
 from __future__ import annotations
 
 import io
-import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -32,16 +31,18 @@ import numpy as np
 import torch
 
 from clipsift import ClipsiftError
+from clipsift.eval import task_types
 from clipsift.eval.registry import GroupSpec
-from clipsift.pipeline.pool import TarEntry, TarStream, iter_tar, open_fs, write_atomic
+from clipsift.eval.task_types import Record, TaskType
+from clipsift.eval.task_types.base import IMAGE_EXTS  # noqa: F401  (a sample's image members, as before)
+from clipsift.files import open_fs, write_atomic
+from clipsift.pipeline.pool import TarEntry, TarStream, iter_tar
 
-IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 SPLIT = "test"
 NSHARDS = "nshards.txt"
 CLASSNAMES = "classnames.txt"
 TEMPLATES = "zeroshot_classification_templates.txt"
 DATASET_TYPE = "dataset_type.txt"
-_TYPE_FILE = {"retrieval": "retrieval", "winogavil": "winogavil"}  # dataset_type.txt of the types that need one
 
 
 class MissingData(ClipsiftError):
@@ -98,9 +99,13 @@ def _read_lines(path: str) -> list[str]:
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def open_task_data(root: str, task_type: str, classnames: list[str] | None = None, templates: list[str] | None = None,
-                   metadata: GroupSpec | None = None) -> TaskData:
-    """Check a task folder and read its class names and templates (unless given); MissingData names what is absent."""
+def open_task_data(root: str, task_type: str | TaskType, classnames: list[str] | None = None,
+                   templates: list[str] | None = None, metadata: GroupSpec | None = None) -> TaskData:
+    """Check a task folder and read its class names and templates (unless given); MissingData names what is absent.
+
+    `task_type`: a type name (or the type), e.g. "classification".
+    """
+    kind = task_types.get(task_type)
     nshards_path = os.path.join(root, SPLIT, NSHARDS)
     if not os.path.isdir(root):
         raise MissingData(f"no folder {root}")
@@ -110,12 +115,12 @@ def open_task_data(root: str, task_type: str, classnames: list[str] | None = Non
         nshards = int(Path(nshards_path).read_text(encoding="utf-8").strip())
     except ValueError:
         raise MissingData(f"{nshards_path} does not hold a number of shards") from None
-    _check_type(root, task_type)
+    _check_type(root, kind)
     tars = [os.path.join(root, SPLIT, f"{i}.tar") for i in range(nshards)]
     absent = [t for t in tars if not os.path.exists(t)]
     if absent:
         raise MissingData(f"{len(absent)} of {nshards} tars are missing, e.g. {absent[0]}")
-    if task_type in ("classification", "multiobjective"):
+    if kind.class_files:
         for name, given in ((CLASSNAMES, classnames), (TEMPLATES, templates)):
             if given is None and not os.path.exists(os.path.join(root, name)):
                 raise MissingData(f"{os.path.join(root, name)} is missing")
@@ -131,66 +136,23 @@ def open_task_data(root: str, task_type: str, classnames: list[str] | None = Non
     return TaskData(root, tars, classnames, templates, metadata=metadata)
 
 
-def _check_type(root: str, task_type: str) -> None:
+def _check_type(root: str, kind: TaskType) -> None:
+    """The folder's dataset_type.txt says what the type expects (no file: a type that expects none)."""
     path = os.path.join(root, DATASET_TYPE)
     found = Path(path).read_text(encoding="utf-8").strip().lower() if os.path.exists(path) else None
-    if (found in _TYPE_FILE.values() or task_type in _TYPE_FILE) and found != _TYPE_FILE.get(task_type):
-        raise ClipsiftError(f"{root}: holds {found or 'classification'} data ({DATASET_TYPE}), the task is {task_type}; "
-                            "check --data-dir or re-download the task")
+    type_files = {t.type_file for t in task_types.REGISTRY.values() if t.type_file}
+    if (found in type_files or kind.type_file is not None) and found != kind.type_file:
+        raise ClipsiftError(f"{root}: holds {found or 'classification'} data ({DATASET_TYPE}), "
+                            f"the task is {kind.name}; check --data-dir or re-download the task")
 
 
 # --------------------------------------------------------------------------- samples
 
 
-@dataclass
-class Record:
-    """The non-image part of one sample: where it sits and what it is labelled with."""
-
-    index: int  # shard << 32 | position: sorts in file order
-    label: int | None = None
-    texts: list[str] = field(default_factory=list)
-    meta: np.ndarray | None = None
-    info: dict[str, Any] | None = None
-    num_images: int = 1
-
-
-def _image(entry: TarEntry, source: str) -> bytes:
-    for ext in IMAGE_EXTS:
-        if ext in entry.members:
-            return entry.members[ext]
-    raise ClipsiftError(f"{source}: sample {entry.key} has no image member ({', '.join(IMAGE_EXTS)}); members: {sorted(entry.members)}")
-
-
-def _npy(entry: TarEntry, source: str) -> np.ndarray:
-    if "npy" not in entry.members:
-        raise ClipsiftError(f"{source}: sample {entry.key} has no `npy` metadata member, which this task's group metrics need")
-    return np.asarray(np.load(io.BytesIO(entry.members["npy"]), allow_pickle=False)).reshape(-1)
-
-
-def parse_sample(entry: TarEntry, task_type: str, index: int, source: str, with_meta: bool) -> tuple[Record, list[bytes]]:
-    """A sample's record and its image bytes, for a task of `task_type`."""
-    if task_type == "retrieval":
-        if "txt" not in entry.members:
-            raise ClipsiftError(f"{source}: sample {entry.key} has no `txt` member (its captions, one per line)")
-        texts = [t.strip() for t in entry.members["txt"].decode("utf-8").splitlines() if t.strip()]
-        if not texts:
-            raise ClipsiftError(f"{source}: sample {entry.key} has no caption")
-        return Record(index, texts=texts), [_image(entry, source)]
-    if task_type == "winogavil":
-        info = json.loads(entry.members["json"]) if "json" in entry.members else None
-        if not info or not {"cue", "candidates", "associations"} <= set(info):
-            raise ClipsiftError(f"{source}: sample {entry.key} needs a `json` member with cue, candidates and associations")
-        images = [entry.members.get(f"img{j:02d}.{ext}") for j in range(len(info["candidates"])) for ext in IMAGE_EXTS]
-        images = [b for b in images if b is not None]
-        if len(images) != len(info["candidates"]):
-            raise ClipsiftError(f"{source}: sample {entry.key} has {len(images)} candidate images for {len(info['candidates'])} candidates")
-        return Record(index, info=info, num_images=len(images)), images
-    if task_type == "multiobjective":
-        return Record(index, meta=_npy(entry, source)), [_image(entry, source)]
-    if "cls" not in entry.members:
-        raise ClipsiftError(f"{source}: sample {entry.key} has no `cls` member (its class index)")
-    label = int(entry.members["cls"].decode().strip())
-    return Record(index, label=label, meta=_npy(entry, source) if with_meta else None), [_image(entry, source)]
+def parse_sample(entry: TarEntry, task_type: str | TaskType, index: int, source: str,
+                 with_meta: bool) -> tuple[Record, list[bytes]]:
+    """A sample's record and its image bytes, for a task of `task_type` (a name or the type)."""
+    return task_types.get(task_type).parse_sample(entry, index, source, with_meta)
 
 
 def iter_entries(tars: list[str], worker: int = 0, num_workers: int = 1) -> Iterator[tuple[int, str, TarEntry]]:
@@ -225,9 +187,11 @@ class EvalBatches(torch.utils.data.IterableDataset):
     the samples between them (see `iter_entries`).
     """
 
-    def __init__(self, data: TaskData, task_type: str, transform: Callable, batch_size: int, with_meta: bool = False):
+    def __init__(self, data: TaskData, task_type: str | TaskType, transform: Callable, batch_size: int,
+                 with_meta: bool = False):
         super().__init__()
-        self.data, self.task_type, self.transform = data, task_type, transform
+        self.kind = task_types.get(task_type)
+        self.data, self.task_type, self.transform = data, self.kind.name, transform
         self.batch_size, self.with_meta = batch_size, with_meta
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -235,7 +199,7 @@ class EvalBatches(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         images, owners, slots, records = [], [], [], []
         for index, source, entry in self.data.entries(worker, workers):
-            record, blobs = parse_sample(entry, self.task_type, index, source, self.with_meta)
+            record, blobs = self.kind.parse_sample(entry, index, source, self.with_meta)
             records.append(record)
             for slot, blob in enumerate(blobs):
                 images.append(decode_image(blob, self.transform, source, entry.key))

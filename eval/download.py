@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 from clipsift import ClipsiftError
 from clipsift.eval.data import image_ext, write_task
 from clipsift.eval.registry import Suite, Task
-from clipsift.pipeline.pool import open_fs, write_json_atomic
+from clipsift.files import open_fs, write_json_atomic
 
 MANIFEST = "download.json"
 STAGING = ".hf"  # raw parquet files of converted tasks, below DATA_DIR
@@ -87,8 +87,8 @@ def verify(local: str, remote: RemoteFile) -> str | None:
 
 
 def converted(task: Task) -> bool:
-    """Tasks fetched as parquet and converted (retrieval, WinoGAViL) rather than copied."""
-    return task.type in ("retrieval", "winogavil")
+    """Tasks fetched as parquet and converted (retrieval, WinoGAViL: `TaskType.hub_parquet`) rather than copied."""
+    return task.kind.hub_parquet
 
 
 def wanted_files(task: Task, listing: list[RemoteFile]) -> list[RemoteFile]:
@@ -242,11 +242,10 @@ def _require(row: dict[str, Any], columns: tuple[str, ...], where: str) -> None:
 
 
 def convert(task: Task, parquet_paths: list[str], root: str) -> int:
-    """Write a retrieval or WinoGAViL task folder from the dataset's parquet files."""
+    """Write a retrieval or WinoGAViL task folder from the dataset's parquet files (`TaskType.hub_samples`)."""
     where = f"{task.key} ({task.source})"
-    if task.type == "retrieval":
-        return write_task(root, _retrieval_samples(_rows(parquet_paths), where), dataset_type="retrieval")
-    return write_task(root, _winogavil_samples(_rows(parquet_paths), where), dataset_type="winogavil")
+    kind = task.kind
+    return write_task(root, kind.hub_samples(_rows(parquet_paths), where), dataset_type=kind.type_file)
 
 
 def _retrieval_samples(rows: Iterator[dict[str, Any]], where: str) -> Iterator[dict[str, bytes]]:

@@ -35,9 +35,10 @@ from clipsift.eval.data import (
     write_tar,
     write_task_texts,
 )
+from clipsift.eval import task_types
 from clipsift.eval.registry import DataSpec, GroupSpec, Suite, Task, parse_suite
+from clipsift.files import open_fs, write_atomic, write_json_atomic
 from clipsift.pipeline.importer import FOLDER_IMAGE_EXTS, TABLE_FORMATS, read_table
-from clipsift.pipeline.pool import open_fs, write_atomic, write_json_atomic
 
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)
 TASK_BUILD = "make-task.json"
@@ -72,17 +73,17 @@ def open_spec(task: Task, data_dir: str, where: Where) -> TaskData:
     """The data of `task`, every check made that needs no tar read; `where(field)` starts each error."""
     names, templates = _names(task), list(task.templates) if task.templates else None
     if task.data is None:
-        return open_task_data(task.location(data_dir), task.type, names, templates, task.metadata)
+        return open_task_data(task.location(data_dir), task.kind, names, templates, task.metadata)
     spec, layout = task.data, _layout(task, where)
     if layout == "wds":
         try:
-            data = open_task_data(spec.path, task.type, names, templates, task.metadata)
+            data = open_task_data(spec.path, task.kind, names, templates, task.metadata)
         except MissingData as err:
             raise ClipsiftError(f"{where('data')}: {err}") from None
         _check_counts(task, data, where)
         return data
     rows, metadata = (_read_folder(spec.path, where), None) if layout == "folder" else _read_table(task, spec, where)
-    if task.type == "retrieval":
+    if task.kind.captioned:
         samples, classnames = _captioned(rows, spec, where), None
     else:
         samples, classnames = _labelled(task, rows, where)
@@ -102,12 +103,18 @@ def _layout(task: Task, where: Where) -> str:
     layout = spec.layout or detect_layout(spec.path)
     if spec.named and layout != "table":
         raise ClipsiftError(f"{where('columns')}: only a table has columns; {spec.path} is in the {layout} layout")
-    if layout != "wds" and task.type not in ("classification", "retrieval"):
-        raise ClipsiftError(f"{where('layout')}: {task.type} data is read only in the webdataset layout; {spec.path} is a {layout}")
+    kind = task.kind
+    if layout != "wds" and kind.wds_only:
+        raise ClipsiftError(f"{where('layout')}: {kind.name} data is read only in the webdataset layout; "
+                            f"{spec.path} is a {layout}")
     if layout == "folder" and not os.path.isdir(spec.path):
         raise ClipsiftError(f"{where('layout')}: {spec.path} is not a folder (an image folder has one sub-folder per class)")
-    if layout == "folder" and task.type != "classification":
-        raise ClipsiftError(f"{where('layout')}: an image folder holds classification data; give {task.type} data as a table")
+    if layout == "folder" and "folder" not in kind.layouts:
+        holds = " or ".join(t.name for t in task_types.REGISTRY.values() if "folder" in t.layouts)
+        raise ClipsiftError(f"{where('layout')}: an image folder holds {holds} data; give {kind.name} data as a table")
+    if layout not in kind.layouts:
+        raise ClipsiftError(f"{where('layout')}: {kind.name} data is read in the {' or '.join(kind.layouts)} layout; "
+                            f"{spec.path} is a {layout}")
     return layout
 
 
@@ -151,7 +158,7 @@ def _read_table(task: Task, spec: DataSpec, where: Where) -> tuple[list[tuple[st
                             "or a folder; set `layout` if the name misleads")
     fs, path = open_fs(spec.path)
     table = read_table(fs, path, fmt)
-    value_field = "label" if task.type == "classification" else "caption"
+    value_field = task.kind.value_column
     wanted = {"image": spec.image, value_field: getattr(spec, value_field)}
     if spec.group:
         wanted["group"] = spec.group
@@ -246,14 +253,16 @@ def make_task(src: str, task_type: str, out: str, *, shard_size: int = 10_000, l
     zeroshot_classification_templates.txt (classification), dataset_type.txt (retrieval),
     make-task.json (what it was made from) and task.yaml (the task's entry for a suite file).
     """
-    if task_type not in ("classification", "retrieval"):
-        raise ClipsiftError(f"--type {task_type}: make-task writes classification or retrieval tasks")
+    kind = task_types.REGISTRY.get(task_type)
+    if kind is None or kind.wds_only:
+        writable = " or ".join(t.name for t in task_types.REGISTRY.values() if not t.wds_only)
+        raise ClipsiftError(f"--type {task_type}: make-task writes {writable} tasks")
     if shard_size < 1:
         raise ClipsiftError(f"--shard-size {shard_size}: must be at least 1")
     src, key = os.path.abspath(src), key or os.path.basename(os.path.normpath(out))
     columns = {field: column for field, column in (("image", image_column), ("label", label_column), ("caption", caption_column),
                                                    ("group", group_column)) if column is not None}
-    metric = "mean_recall@1" if task_type == "retrieval" else "acc_wg" if group_column else "acc1"
+    metric = kind.default_metric(grouped=bool(group_column))
     entry = {"key": key, "type": task_type, "metric": metric, "data": src, "layout": layout, "columns": columns or None,
              "classnames": classnames, "templates": templates}
     where = f"make-task --from {src}"
@@ -285,7 +294,7 @@ def _write(data: TaskData, task: Task, out: str, shard_size: int) -> MadeTask:
                                 "choose another --out or delete it")
     else:
         write_json_atomic(fs, build_path, build)
-    write_task_texts(fs, root, data.classnames, data.templates, "retrieval" if task.type == "retrieval" else None)
+    write_task_texts(fs, root, data.classnames, data.templates, task.kind.type_file)
     shards, written = max(1, -(-len(files) // shard_size)), 0
     for shard in range(shards):
         path = f"{root}/{SPLIT}/{shard}.tar"

@@ -177,23 +177,3 @@ def winogavil_metrics(jaccards: Sequence[float], num_candidates: Sequence[int]) 
         "jaccard_score_5-6": mean(sizes <= 6),
         "jaccard_score_10-12": mean(sizes >= 10),
     }
-
-
-# --------------------------------------------------------------------------- names a suite may choose
-
-
-def main_metrics(task_type: str, group_name: str | None = None, objectives: Sequence[str] = ()) -> tuple[str, ...]:
-    """The metrics a task of `task_type` reports that can be its main metric.
-
-    `group_name` (classification with groups): adds acc_<name> and acc_top5_<name>;
-    `objectives` (multiobjective): acc_<objective> and acc_<objective>_wg.
-    """
-    if task_type == "classification":
-        return CLASSIFICATION_METRICS + ((f"acc_{group_name}", f"acc_top5_{group_name}") if group_name else ())
-    if task_type == "retrieval":
-        return tuple(f"{way}_retrieval_recall@{k}" for way in ("image", "text") for k in RETRIEVAL_KS) + ("mean_recall@1",)
-    if task_type == "winogavil":
-        return WINOGAVIL_METRICS
-    if task_type == "multiobjective":
-        return tuple(name for o in objectives for name in (f"acc_{o}", f"acc_{o}_wg"))
-    return ()

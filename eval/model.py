@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from clipsift import ClipsiftError
-from clipsift.pipeline.pool import file_sha256, open_fs, write_atomic
+from clipsift.files import file_sha256, open_fs, write_atomic
 
 RUN_JSON = "run.json"
 LATEST = os.path.join("checkpoints", "epoch_latest.pt")

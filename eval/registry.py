@@ -3,7 +3,8 @@
 A suite is a YAML file in configs/eval/ (`datacomp38`, `tiny`) or any path with the same schema
 (docs/evaluation.md, "Custom suites"). This module loads it and checks the definition (fields,
 types, metrics) without touching any data; what a task's data looks like on disk is `data.py`'s
-and `layouts.py`'s business, what its metrics mean is `metrics.py`'s.
+and `layouts.py`'s business, what its metrics mean is `metrics.py`'s. What each task type allows
+(metrics, layouts, class names) its class says (`task_types`, looked up by `Task.kind`).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from typing import Any
 import yaml
 
 from clipsift import ClipsiftError
-from clipsift.eval import metrics
+from clipsift.eval import task_types
+from clipsift.eval.task_types import TaskType
 
 SUITE_DIR = files("clipsift.configs") / "eval"
-TASK_TYPES = ("classification", "retrieval", "winogavil", "multiobjective")
 LAYOUTS = ("wds", "folder", "table")  # clip_benchmark's webdataset layout, one sub-folder per class, CSV/Parquet
 SUITE_FIELDS = ("suite", "version", "download", "groups", "tasks")
 REQUIRED_TASK_FIELDS = ("key", "type", "metric")
@@ -76,6 +77,11 @@ class Task:
     classnames: tuple[str, ...] | None = None  # override (or, for folders and tables, set) the class names
     templates: tuple[str, ...] | None = None
     class_keys: tuple[str, ...] | None = None  # folder names / label values of the classes, where they differ from the names
+
+    @property
+    def kind(self) -> TaskType:
+        """The task's type: the class registered for its `type` name."""
+        return task_types.get(self.type)
 
     @property
     def dirname(self) -> str:
@@ -206,21 +212,18 @@ def _task(suite: str, number: int, entry: Any, groups: dict[str, str], base: str
     where = f"{suite}: task {entry.get('key') or number}"
     _check_fields(where, entry, TASK_FIELDS, REQUIRED_TASK_FIELDS)
     key, task_type, metric = str(entry["key"]), str(entry["type"]), str(entry["metric"])
-    if task_type not in TASK_TYPES:
-        raise ClipsiftError(f"{where}: type: {task_type!r} is not one of {', '.join(TASK_TYPES)} (a worst-group "
-                            "classification is `classification` with a group column, see docs/evaluation.md)")
+    kind = task_types.get(task_type, where)
     unknown = [g for g in entry.get("groups") or [] if g not in groups]
     if unknown:
         raise ClipsiftError(f"{where}: groups: {unknown} are not declared under the suite's `groups`")
     spec = _group_spec(where, entry.get("metadata"))
-    data = _data_spec(where, entry, base)
+    data = _data_spec(where, entry, kind, base)
     if data and data.group and spec:
         raise ClipsiftError(f"{where}: columns.group: a table's groups come from its group column; leave out `metadata`")
     group_name = "wg" if data and data.group else spec.name if spec and spec.group_by else None
-    allowed = metrics.main_metrics(task_type, group_name, spec.fields if spec else ())
+    allowed = kind.main_metrics(group_name, spec.fields if spec else ())
     if metric not in allowed:
-        hint = "" if group_name or task_type != "classification" else \
-            " (worst-group metrics need a group: `columns: {group: ...}` for a table, `metadata.group_by` for webdataset data)"
+        hint = kind.metric_hint(group_name)
         raise ClipsiftError(f"{where}: metric: {metric!r} is not a metric of this {task_type} task; choose one of "
                             f"{', '.join(allowed) or 'none (give metadata.fields)'}{hint}")
     classnames, class_keys = _classnames(where, entry.get("classnames"))
@@ -229,9 +232,10 @@ def _task(suite: str, number: int, entry: Any, groups: dict[str, str], base: str
         raise ClipsiftError(f"{where}: templates: {next(t for t in templates if '{c}' not in t)!r} has no {{c}} (the class name)")
     if classnames and len(set(classnames)) != len(classnames):
         raise ClipsiftError(f"{where}: classnames: {next(c for c in classnames if classnames.count(c) > 1)!r} appears twice")
-    if (classnames or templates) and task_type != "classification":
+    if (classnames or templates) and not kind.suite_classnames:
         field = "classnames" if classnames else "templates"
-        raise ClipsiftError(f"{where}: {field}: only classification tasks have class names and templates")
+        named = " or ".join(t.name for t in task_types.REGISTRY.values() if t.suite_classnames)
+        raise ClipsiftError(f"{where}: {field}: only {named} tasks have class names and templates")
     size, classes = entry.get("size"), entry.get("classes")
     for field, value in (("size", size), ("classes", classes)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -266,7 +270,7 @@ def _group_spec(where: str, meta: Any) -> GroupSpec | None:
     return spec
 
 
-def _data_spec(where: str, entry: dict[str, Any], base: str) -> DataSpec | None:
+def _data_spec(where: str, entry: dict[str, Any], kind: TaskType, base: str) -> DataSpec | None:
     path, layout, columns = entry.get("data"), entry.get("layout"), entry.get("columns")
     if path is None:
         if layout not in (None, "wds") or columns:
@@ -279,13 +283,12 @@ def _data_spec(where: str, entry: dict[str, Any], base: str) -> DataSpec | None:
     columns = columns or {}
     if not isinstance(columns, dict) or any(k not in COLUMNS for k in columns):
         raise ClipsiftError(f"{where}: columns: a mapping of {', '.join(COLUMNS)} to the table's column names")
-    task_type = entry["type"]
     if columns and layout not in (None, "table"):
         raise ClipsiftError(f"{where}: columns: only a table has columns (layout is {layout})")
-    wrong = [f for f in columns if f != "image" and (f == "caption") != (task_type == "retrieval")]
+    wrong = [f for f in columns if f not in kind.table_columns]
     if wrong:
-        raise ClipsiftError(f"{where}: columns.{wrong[0]}: a {task_type} task has no {wrong[0]} column")
-    if task_type in ("winogavil", "multiobjective") and layout not in (None, "wds"):
-        raise ClipsiftError(f"{where}: layout: {task_type} data is read only in the webdataset layout")
+        raise ClipsiftError(f"{where}: columns.{wrong[0]}: a {kind.name} task has no {wrong[0]} column")
+    if kind.wds_only and layout not in (None, "wds"):
+        raise ClipsiftError(f"{where}: layout: {kind.name} data is read only in the webdataset layout")
     resolved = os.path.join(base, os.path.expanduser(path))
     return DataSpec(os.path.normpath(resolved), layout, **{k: str(v) for k, v in columns.items()}, named=tuple(columns))

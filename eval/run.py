@@ -20,12 +20,12 @@ from typing import Any, Callable
 import numpy as np
 
 from clipsift import ClipsiftError, __version__
-from clipsift.eval import aggregate, metrics
+from clipsift.eval import aggregate
 from clipsift.eval.data import EvalBatches, MissingData, Record, TaskData
 from clipsift.eval.layouts import check_suite_data, open_task
-from clipsift.eval.model import EvalModel, load_model, resolve_target, zero_shot_classifier
+from clipsift.eval.model import EvalModel, load_model, resolve_target
 from clipsift.eval.registry import Suite, Task, load_suite
-from clipsift.pipeline.pool import open_fs, write_atomic, write_json_atomic
+from clipsift.files import open_fs, write_atomic, write_json_atomic
 
 RESULTS = "results.jsonl"
 SUMMARY = "summary.json"
@@ -233,9 +233,7 @@ def run_task(model: EvalModel, suite: Suite, task: Task, data_dir: str, batch_si
              data: TaskData | None = None) -> dict[str, Any]:
     """Evaluate one task (its data opened here unless given); its results.jsonl line."""
     data = data or open_task(suite, task, data_dir)
-    evaluator = {"classification": _classification, "retrieval": _retrieval, "winogavil": _winogavil,
-                 "multiobjective": _multiobjective}[task.type]
-    values, n = evaluator(model, task, data, batch_size, workers, cache_dir)
+    values, n = task.kind.evaluate(model, task, data, batch_size, workers, cache_dir)
     value = values.get(task.metric)
     if value is None:
         raise ClipsiftError(f"{data.root}: the main metric {task.metric} is undefined for this data")
@@ -264,7 +262,7 @@ def embed_images(model: EvalModel, task: Task, data: TaskData, batch_size: int, 
 
     from clipsift.pipeline.ui import progress_bar
 
-    dataset = EvalBatches(data, task.type, model.pixels, batch_size, with_meta)
+    dataset = EvalBatches(data, task.kind, model.pixels, batch_size, with_meta)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=model.device.type == "cuda",
                                          prefetch_factor=2 if workers else None)
     features, owners, slots, records = [], [], [], []
@@ -284,103 +282,7 @@ def embed_images(model: EvalModel, task: Task, data: TaskData, batch_size: int, 
     return np.concatenate(features)[order], records
 
 
-def _check_size(task: Task, data: TaskData, n: int) -> None:
+def check_size(task: Task, data: TaskData, n: int) -> None:
+    """MissingData unless `data` holds the samples the suite says `task` has."""
     if task.size is not None and n != task.size:
         raise MissingData(f"{data.root} holds {n} samples, {task.key} has {task.size} (incomplete or another version of the data)")
-
-
-def _labels(task: Task, data: TaskData, records: list[Record]) -> np.ndarray:
-    labels = np.array([r.label for r in records], dtype=np.int64)
-    classes = len(data.classnames or [])
-    if task.classes is not None and classes != task.classes:
-        raise ClipsiftError(f"{data.root}: classnames.txt has {classes} classes, {task.key} has {task.classes}")
-    bad = labels[(labels < 0) | (labels >= classes)]
-    if len(bad):
-        raise ClipsiftError(f"{data.root}: class index {int(bad[0])} is out of range for {classes} classes")
-    return labels
-
-
-def _classification(model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, cache_dir: str):
-    spec = data.metadata
-    grouped = spec is not None and spec.group_by is not None
-    emb, records = embed_images(model, task, data, batch_size, workers, with_meta=grouped)
-    _check_size(task, data, len(records))
-    labels = _labels(task, data, records)
-    logits = emb @ zero_shot_classifier(model, data.classnames, data.templates, cache_dir)
-    values: dict[str, Any] = metrics.classification_metrics(logits, labels)
-    if grouped:
-        groups = np.array([_meta_value(r, spec.column, spec.fields, data) for r in records])
-        values.update(metrics.group_metrics(logits, labels, groups, name=spec.name, field=spec.group_by,
-                                            group_names=spec.group_names, exclude=spec.exclude))
-    return values, len(records)
-
-
-def _meta_value(record: Record, column: int, fields: tuple[str, ...], data: TaskData) -> int:
-    if record.meta is None or len(record.meta) != len(fields):
-        raise ClipsiftError(f"{data.root}: a sample's npy metadata has {0 if record.meta is None else len(record.meta)} values, "
-                            f"expected {len(fields)} ({', '.join(fields)})")
-    return int(record.meta[column])
-
-
-def _retrieval(model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, cache_dir: str):
-    emb, records = embed_images(model, task, data, batch_size, workers)
-    _check_size(task, data, len(records))
-    texts = [t for r in records for t in r.texts]
-    text_image = np.repeat(np.arange(len(records)), [len(r.texts) for r in records])
-    values = metrics.retrieval_metrics(emb, model.encode_texts(texts), text_image)
-    values["num_captions"] = len(texts)
-    return values, len(records)
-
-
-def cue_prompt(cue: str) -> str:
-    """WinoGAViL's text for a cue: 'A {cue}' / 'An {cue}' (lower-cased)."""
-    cue = cue.lower()
-    return f"{'An' if cue[:1] in 'aeiou' else 'A'} {cue}"
-
-
-def _winogavil(model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, cache_dir: str):
-    emb, records = embed_images(model, task, data, batch_size, workers)
-    _check_size(task, data, len(records))
-    cues = model.encode_texts([cue_prompt(r.info["cue"]) for r in records])
-    jaccards, sizes, start = [], [], 0
-    for record, cue in zip(records, cues):
-        rows = emb[start:start + record.num_images]
-        start += record.num_images
-        truth = np.isin(record.info["candidates"], record.info["associations"])
-        jaccards.append(metrics.jaccard_topk(rows @ cue, truth))
-        sizes.append(record.num_images)
-    values = metrics.winogavil_metrics(jaccards, sizes)
-    values["num_10-12"] = int(np.sum(np.asarray(sizes) >= 10))
-    values["num_images"] = len(emb)
-    return values, len(records)
-
-
-def split_objectives(lines: list[str]) -> dict[str, list[str]]:
-    """'objective:text' lines -> {objective: [text, ...]} in order."""
-    split: dict[str, list[str]] = {}
-    for line in lines:
-        objective, sep, text = line.partition(":")
-        if not sep:
-            raise ClipsiftError(f"multiobjective line {line!r} is not 'objective:text'")
-        split.setdefault(objective.strip(), []).append(text.strip())
-    return split
-
-
-def _multiobjective(model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, cache_dir: str):
-    """FairFace / UTKFace (unscored): accuracy per objective and its worst group (by race)."""
-    spec = data.metadata
-    emb, records = embed_images(model, task, data, batch_size, workers)
-    _check_size(task, data, len(records))
-    classes, templates = split_objectives(data.classnames), split_objectives(data.templates)
-    meta = np.stack([r.meta for r in records])
-    groups = meta[:, spec.column] if spec and spec.group_by else None
-    values: dict[str, Any] = {}
-    for objective, names in classes.items():
-        if spec is None or objective not in spec.fields or objective not in templates:
-            continue
-        weights = zero_shot_classifier(model, names, templates[objective], cache_dir)
-        correct = metrics.predictions(emb @ weights) == meta[:, spec.fields.index(objective)]
-        values[f"acc_{objective}"] = float(correct.mean())
-        if groups is not None:
-            values[f"acc_{objective}_wg"] = metrics.worst_group(correct, groups)
-    return values, len(records)

@@ -19,8 +19,8 @@ import numpy as np
 from clipsift import ClipsiftError
 from clipsift.eval.data import NSHARDS, SPLIT, npy_bytes, write_task
 from clipsift.eval.registry import Task, load_suite
+from clipsift.files import open_fs, write_json_atomic
 from clipsift.pipeline import world
-from clipsift.pipeline.pool import open_fs, write_json_atomic
 from clipsift.pipeline.synth import IMAGE_SIZE, STREAM_EVAL
 
 GENERATOR_VERSION = 1
@@ -94,16 +94,18 @@ def _association(rng: np.random.Generator, size: int) -> Iterator[dict[str, byte
         yield sample
 
 
-# key -> (samples, classnames, templates, dataset_type)
-_TASKS: dict[str, tuple[Callable, list[str] | None, list[str] | None, str | None]] = {
-    "tiny/shape": (_classification("shape", list(world.SHAPES)), list(world.SHAPES), SHAPE_TEMPLATES, None),
-    "tiny/colour": (_classification("colour", list(world.COLOURS)), list(world.COLOURS), COLOUR_TEMPLATES, None),
-    "tiny/count": (_classification("count", [1, 2, 3, 4]), COUNT_CLASSES, COUNT_TEMPLATES, None),
-    "tiny/background": (_classification("background", list(world.BACKGROUNDS)), list(world.BACKGROUNDS), BACKGROUND_TEMPLATES, None),
-    "tiny/shape_outline": (_classification("shape", list(world.SHAPES), style="outline"), list(world.SHAPES), SHAPE_TEMPLATES, None),
-    "tiny/retrieval": (_retrieval, None, None, "retrieval"),
-    "tiny/association": (_association, None, None, "winogavil"),
-    "tiny/shape_by_background": (_shape_by_background, list(world.SHAPES), SHAPE_TEMPLATES, None),
+# key -> (samples, classnames, templates); dataset_type.txt is what the task's type expects (TaskType.type_file)
+_TASKS: dict[str, tuple[Callable, list[str] | None, list[str] | None]] = {
+    "tiny/shape": (_classification("shape", list(world.SHAPES)), list(world.SHAPES), SHAPE_TEMPLATES),
+    "tiny/colour": (_classification("colour", list(world.COLOURS)), list(world.COLOURS), COLOUR_TEMPLATES),
+    "tiny/count": (_classification("count", [1, 2, 3, 4]), COUNT_CLASSES, COUNT_TEMPLATES),
+    "tiny/background": (_classification("background", list(world.BACKGROUNDS)), list(world.BACKGROUNDS),
+                        BACKGROUND_TEMPLATES),
+    "tiny/shape_outline": (_classification("shape", list(world.SHAPES), style="outline"), list(world.SHAPES),
+                           SHAPE_TEMPLATES),
+    "tiny/retrieval": (_retrieval, None, None),
+    "tiny/association": (_association, None, None),
+    "tiny/shape_by_background": (_shape_by_background, list(world.SHAPES), SHAPE_TEMPLATES),
 }
 
 
@@ -133,7 +135,7 @@ def _write(task: Task, index: int, path: str, seed: int, fs: Any) -> int:
         raise ClipsiftError(f"configs/eval/tiny.yaml lists {task.key}, which the tiny generator does not know")
     if fs.exists(f"{path}/{SPLIT}/{NSHARDS}"):  # written last: the task is complete
         return task.size
-    samples, classnames, templates, dataset_type = _TASKS[task.key]
+    samples, classnames, templates = _TASKS[task.key]
     rng = np.random.default_rng([seed, STREAM_EVAL, index])
     return write_task(path, samples(rng, task.size), shard_size=SHARD_SIZE, classnames=classnames, templates=templates,
-                      dataset_type=dataset_type)
+                      dataset_type=task.kind.type_file)

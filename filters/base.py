@@ -5,12 +5,18 @@ work). It answers `keep(state, data) -> bool mask` over one shard's rows, where 
 shard's metadata and embeddings as Arrow tables. A filter that needs a statistic of the whole input
 (a score threshold, centroids, duplicate groups) computes it once in `prepare`, which sees every
 shard's input rows; its result (`state`) is passed to every `keep` call.
+
+A filter declares as data what it reads and writes: `models()` (the embeddings it reads) and `writes`
+(the files it makes, such as k-means centroids: `Artifact`s, each named by one of its parameters).
+The recipe runner names the unnamed ones, calls `make_artifacts` before `prepare`, and records each
+file with its sha256 in subset.json; the report reads them back from there.
+
+This module imports no filter module: `clipsift.filters.registry` imports them all (`known_filters`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +39,29 @@ class RecipeError(ClipsiftError):
 def register(cls: type["Filter"]) -> type["Filter"]:
     REGISTRY[cls.name] = cls
     return cls
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A file a filter step writes when it does not exist yet (and reads when it does): the subset depends on it.
+
+    The filter's parameter `param` holds the file's path; a step that leaves it None gets the file SUBSET.`suffix`
+    beside the subset (so one such step per suffix). subset.json records, under `kind`, each step's file and its
+    sha256, and the report re-applies the recipe with those files (sha256 checked)."""
+
+    kind: str  # its key in subset.json, e.g. "centroids"
+    param: str  # the filter parameter naming the file, e.g. "centroids"
+    suffix: str  # the default file's suffix, e.g. "centroids.npy"
+
+
+@dataclass(frozen=True)
+class Clusters:
+    """A step's state as a partition of its input, for the report: each row's image embedding (of `model_id`) goes
+    to its nearest centroid by inner product, and the rows of the `kept` centroids pass."""
+
+    model_id: str
+    centroids: np.ndarray  # float32 [K, D]
+    kept: np.ndarray  # bool [K]
 
 
 class Inputs:
@@ -150,6 +179,7 @@ class Filter:
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     columns: ClassVar[tuple[str, ...]] = ()  # metadata columns `keep` reads (fetched in one read)
+    writes: ClassVar[tuple[Artifact, ...]] = ()  # the files `make_artifacts` writes (see Artifact)
 
     def validate(self, where: str) -> None:
         """Check parameter values; raise RecipeError(f"{where}: ...") for a bad one."""
@@ -161,8 +191,20 @@ class Filter:
     def check(self, pool: Pool, where: str) -> None:
         """Check inputs other than the pool's embeddings (files this filter reads)."""
 
+    def artifact_file(self, artifact: Artifact) -> str | None:
+        """The path of one of this filter's `writes` files (None until the recipe runner names it)."""
+        return getattr(self, artifact.param)
+
+    def make_artifacts(self, context: Context) -> None:
+        """Write those of the `writes` files that do not exist yet, from the step's input; the recipe runner calls
+        it once, before `prepare` (which then reads them), and checks that every file then exists."""
+
     def prepare(self, context: Context) -> Any:
         """A statistic of the whole input, computed once; passed to every `keep` call."""
+        return None
+
+    def clusters(self, state: Any) -> Clusters | None:
+        """The clusters `state` (from `prepare`) splits the input into, which the report shows; None: none."""
         return None
 
     def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
@@ -244,11 +286,3 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 def require(condition: bool, where: str, message: str) -> None:
     if not condition:
         raise RecipeError(f"{where}: {message}")
-
-
-@functools.lru_cache(maxsize=None)
-def known_filters() -> dict[str, type[Filter]]:
-    """Every filter, after importing the modules that register them."""
-    from clipsift.filters import clip, cluster, dedup, metadata  # noqa: F401
-
-    return dict(REGISTRY)

@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from clipsift.filters.base import Context, Filter, RecipeError, ShardData, register, require
+from clipsift.files import open_fs, write_atomic
+from clipsift.filters.base import Artifact, Clusters, Context, Filter, RecipeError, ShardData, register, require
 from clipsift.filters.vectors import check_dim, check_source, ip_index, load_vectors, nearest
-from clipsift.pipeline.pool import Pool, open_fs, write_atomic
+from clipsift.pipeline.pool import Pool
 
 
 @register
@@ -26,6 +27,7 @@ from clipsift.pipeline.pool import Pool, open_fs, write_atomic
 class ImageCluster(Filter):
     name = "image_cluster"
     summary = "image embedding falls in a k-means cluster that holds a target (reference) image"
+    writes = (Artifact("centroids", "centroids", "centroids.npy"),)
     model_id: str
     targets: str
     k: int | None = None
@@ -54,6 +56,10 @@ class ImageCluster(Filter):
             return False
         fs, path = open_fs(self.centroids)
         return fs.exists(path)
+
+    def make_artifacts(self, context: Context) -> None:
+        if not self._centroids_exist():
+            self._fit(context)
 
     def prepare(self, context: Context) -> Any:
         where = f"image_cluster centroids {self.centroids}"
@@ -86,6 +92,10 @@ class ImageCluster(Filter):
         centroids = np.asarray(kmeans.centroids, np.float32)
         save_centroids(self.centroids, centroids)
         return centroids
+
+    def clusters(self, state: Any) -> Clusters | None:
+        centroids, hit = state
+        return Clusters(self.model_id, centroids, hit)
 
     def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
         centroids, hit = state

@@ -190,6 +190,6 @@ def imagenet_classnames() -> list[str]:
 
 
 def _local_fs(url: str):
-    from clipsift.pipeline.pool import open_fs
+    from clipsift.files import open_fs
 
     return open_fs(url)

@@ -16,7 +16,9 @@ dedup, image_cluster) compute it over the rows their step sees: a first step see
 
 The runner checks the whole recipe against the pool (filters, parameters, embeddings folders,
 files) before any work. Each step's per-shard result is saved under OUT.work/ as it completes, so
-a killed run re-run resumes; the subset and subset.json are written last, atomically.
+a killed run re-run resumes; the subset and subset.json are written last, atomically. Files a filter
+writes (its `writes`, e.g. image_cluster's centroids) are made before its `prepare`, default to
+OUT.<suffix> beside the subset, and are recorded in subset.json with their sha256.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ import numpy as np
 import yaml
 
 from clipsift import __version__
-from clipsift.filters.base import Context, Filter, Inputs, RecipeError, ShardData, known_filters, make_filter
-from clipsift.filters.cluster import ImageCluster
+from clipsift.files import file_sha256, open_fs, write_atomic, write_json_atomic
+from clipsift.filters.base import Artifact, Context, Filter, Inputs, RecipeError, ShardData
+from clipsift.filters.registry import known_filters, make_filter
 from clipsift.filters.subset import encode_uids, write_subset
 from clipsift.pipeline.parallel import map_shards
-from clipsift.pipeline.pool import Pool, file_sha256, open_fs, write_atomic, write_json_atomic
+from clipsift.pipeline.pool import Pool
 
 COMBINATORS = ("all", "any", "not", "seq")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -163,7 +166,6 @@ def parse_step(step: Any, path: str, where: str) -> Node:
         if not isinstance(body, list) or not body:
             raise RecipeError(f"{here} ({name}): needs a non-empty list of steps")
         return Node(path, name, children=[parse_step(s, f"{path}.{i + 1}", where) for i, s in enumerate(body)])
-    known_filters()
     return Node(path, "filter", filter=make_filter(str(name), body, here))
 
 
@@ -207,10 +209,15 @@ class FilterResult:
     info: dict[str, Any]
 
 
-def output_paths(out: str) -> tuple[str, str, str]:
-    """(subset.json, work folder, default centroids file) beside `out`."""
+def output_paths(out: str) -> tuple[str, str]:
+    """(subset.json, work folder) beside `out`."""
     base = out[: -len(".npy")] if out.endswith(".npy") else out
-    return f"{base}.json", f"{base}.work", f"{base}.centroids.npy"
+    return f"{base}.json", f"{base}.work"
+
+
+def default_artifact_file(out: str, artifact: Artifact) -> str:
+    """Where a step that names no file for `artifact` keeps it: beside `out`, e.g. SUBSET.centroids.npy."""
+    return f"{out.removesuffix('.npy')}.{artifact.suffix}"
 
 
 def apply_recipe(pool_url: str, recipe: Recipe, out: str, *, workers: int | None = None,
@@ -220,8 +227,8 @@ def apply_recipe(pool_url: str, recipe: Recipe, out: str, *, workers: int | None
     started = time.perf_counter()
     pool = Pool(pool_url, embeddings=embeddings)
     pool_sha = file_sha256(pool.fs, pool.path("pool.json")) if pool.info else ""
-    info_path, work_root, default_centroids = output_paths(out)
-    _default_centroids(recipe, default_centroids)
+    info_path, work_root = output_paths(out)
+    _default_artifacts(recipe, out)
     check_inputs(recipe, pool)
     fingerprint = hashlib.sha256(json.dumps([recipe.resolved(), pool_sha, *([pool.embeddings_url] if pool.embeddings_url else [])], sort_keys=True,
                                             default=str).encode()).hexdigest()[:16]
@@ -239,7 +246,7 @@ def apply_recipe(pool_url: str, recipe: Recipe, out: str, *, workers: int | None
         "num_uids": int(len(pairs)),
         "npy_sha256": npy_sha,
         "steps": [vars(step) for step in runner.reports],
-        "centroids": _centroid_files(recipe),
+        **_artifact_files(recipe),  # "centroids": the file each image_cluster step read or wrote
         "clipsift_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -251,23 +258,35 @@ def apply_recipe(pool_url: str, recipe: Recipe, out: str, *, workers: int | None
     return FilterResult(out, info_path, len(pairs), npy_sha, runner.reports, time.perf_counter() - started, info)
 
 
-def _centroid_files(recipe: Recipe) -> dict[str, dict[str, str]]:
-    """The centroids file each image_cluster step read or wrote, with its sha256."""
-    files = {}
+def _artifact_files(recipe: Recipe) -> dict[str, dict[str, dict[str, str]]]:
+    """Per artifact kind, the file each step read or wrote, with its sha256: {kind: {step path: {path, sha256}}}.
+    Every known filter's kinds are present (empty when no step has them), so subset.json always holds them."""
+    files: dict[str, dict[str, dict[str, str]]] = {a.kind: {} for cls in known_filters().values() for a in cls.writes}
     for node in recipe.leaves():
-        if isinstance(node.filter, ImageCluster):
-            fs, path = open_fs(node.filter.centroids)
-            files[node.path] = {"path": node.filter.centroids, "sha256": file_sha256(fs, path)}
+        for artifact in node.filter.writes:
+            url = node.filter.artifact_file(artifact)
+            fs, path = open_fs(url)
+            files.setdefault(artifact.kind, {})[node.path] = {"path": url, "sha256": file_sha256(fs, path)}
     return files
 
 
-def _default_centroids(recipe: Recipe, default: str) -> None:
-    clustering = [n for n in recipe.leaves() if isinstance(n.filter, ImageCluster) and n.filter.centroids is None]
-    if len(clustering) > 1:
-        raise RecipeError(f"recipe {recipe.source}: steps {', '.join(n.path for n in clustering)} are image_cluster steps "
-                          "without a `centroids:` file; give each its own")
-    for node in clustering:
-        node.filter.centroids = default
+def _default_artifacts(recipe: Recipe, out: str) -> None:
+    """Name the artifact files the steps leave unnamed, beside `out`: one step per default file."""
+    unnamed: dict[str, list[tuple[Node, Artifact]]] = {}
+    for node in recipe.leaves():
+        for artifact in node.filter.writes:
+            if node.filter.artifact_file(artifact) is None:
+                unnamed.setdefault(default_artifact_file(out, artifact), []).append((node, artifact))
+    for steps in unnamed.values():
+        if len(steps) > 1:
+            names = ", ".join(dict.fromkeys(node.filter.name for node, _ in steps))
+            params = ", ".join(dict.fromkeys(f"`{artifact.param}:`" for _, artifact in steps))
+            paths = ", ".join(node.path for node, _ in steps)
+            raise RecipeError(f"recipe {recipe.source}: steps {paths} are {names} steps without a {params} file; "
+                              "give each its own")
+    for default, steps in unnamed.items():
+        for node, artifact in steps:
+            setattr(node.filter, artifact.param, default)
 
 
 class Masks:
@@ -357,11 +376,23 @@ class RecipeRunner:
                 self.states[node.path] = state = pickle.loads(handle.read())
             return state
         context = Context(self.pool, self.inputs(masks), out.folder, self.workers, self.address)
+        self._artifacts(node, context)
         self.states[node.path] = state = node.filter.prepare(context)
         data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
         fs.makedirs(open_fs(self.work)[1], exist_ok=True)
         write_atomic(fs, path, lambda handle: handle.write(data))
         return state
+
+    def _artifacts(self, node: Node, context: Context) -> None:
+        """Have the filter write its `writes` files that do not exist yet; each must exist afterwards."""
+        if not node.filter.writes:
+            return
+        node.filter.make_artifacts(context)
+        for artifact in node.filter.writes:
+            url = node.filter.artifact_file(artifact)
+            fs, path = open_fs(url)
+            if not fs.exists(path):
+                raise RecipeError(f"step {node.path} ({node.filter.name}): wrote no {artifact.kind} file {url}")
 
     def _combine(self, kind: str, masks: Masks | None, children: list[Masks | None], out: Masks) -> None:
         for shard in self.shards:

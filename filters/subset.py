@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipsift import ClipsiftError
-from clipsift.pipeline.pool import file_sha256, open_fs, write_atomic
+from clipsift.files import file_sha256, open_fs, write_atomic
 
 SUBSET_DTYPE = np.dtype("u8,u8")
 

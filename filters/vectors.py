@@ -16,8 +16,9 @@ import io
 import numpy as np
 import pyarrow as pa
 
+from clipsift.files import open_fs, read_parquet
 from clipsift.filters.base import RecipeError
-from clipsift.pipeline.pool import Pool, embedding_matrix, open_fs, read_parquet
+from clipsift.pipeline.pool import Pool, embedding_matrix
 
 SEARCH_BATCH = 8192
 

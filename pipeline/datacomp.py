@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipsift import ClipsiftError, __version__
+from clipsift.files import is_local_fs, open_fs, parquet_file, read_parquet, write_json_atomic
 from clipsift.pipeline.download import (
     StatusSummary,
     place_img2dataset_shard,
@@ -47,19 +48,14 @@ from clipsift.pipeline.download import (
     summarize_status,
     write_status,
 )
-from clipsift.pipeline.importer import _is_tar_name, _list_files
+from clipsift.pipeline.importer import is_tar_name, list_files
 from clipsift.pipeline.pool import (
     Pool,
     embeddings_table,
     finalize_pool,
-    is_local_fs,
-    open_fs,
-    parquet_file,
-    read_parquet,
     record_build_params,
     shard_id,
     shard_is_complete,
-    write_json_atomic,
 )
 
 FEATURE_MODELS = {"l14": "ViT-L-14__openai", "b32": "ViT-B-32__openai"}  # npz key prefix -> embeddings model_id
@@ -277,7 +273,7 @@ def from_datacomp(metadata: str, shards: str, out: str, *, workers: int | None =
     shards_fs, shards_root = open_fs(os.path.abspath(shards) if "://" not in shards else shards)
     if not shards_fs.isdir(shards_root):
         raise ClipsiftError(f"{shards}: not a folder; --shards is the folder of DataComp's img2dataset .tar shards")
-    tars = tuple(rel for rel in _list_files(shards_fs, shards_root) if _is_tar_name(rel))
+    tars = tuple(rel for rel in list_files(shards_fs, shards_root) if is_tar_name(rel))
     if not tars:
         raise ClipsiftError(f"{shards}: no .tar files; --shards is the folder of DataComp's img2dataset .tar shards")
     shards_url = _url(shards_fs, shards_root)

@@ -40,22 +40,26 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from pydantic import Field, PositiveInt  # noqa: E402
+
 from clipsift import ClipsiftError  # noqa: E402
+from clipsift.files import open_fs, parquet_file, read_parquet, write_atomic, write_json_atomic  # noqa: E402
 from clipsift.pipeline.importer import (  # noqa: E402
     CAPTION_COLUMNS,
     RESERVED_COLUMNS,
     TABLE_FORMATS,
     URL_COLUMNS,
     Skip,
-    _default_name,
-    _entry_json,
-    _ext,
-    _pick_column,
-    _read_rows,
-    _text_or_none,
+    default_name,
+    entry_json,
+    file_ext,
+    pick_column,
+    read_rows,
+    text_or_none,
     read_table,
     tar_record,
 )
+from clipsift.settings import Section  # noqa: E402
 from clipsift.pipeline.pool import (  # noqa: E402
     BASE_SCHEMA,
     DEFAULT_SHARD_SIZE,
@@ -69,14 +73,9 @@ from clipsift.pipeline.pool import (  # noqa: E402
     image_member,
     is_valid_uid,
     iter_tar,
-    open_fs,
-    parquet_file,
-    read_parquet,
     record_build_params,
     shard_id,
     shard_is_complete,
-    write_atomic,
-    write_json_atomic,
 )
 
 STAGING = "download"  # POOL/download/: the normalised url tables and img2dataset's own output
@@ -207,7 +206,7 @@ def scan_img2dataset_tar(fs: Any, path: str, name: str) -> tuple[list[dict[str, 
                 if row["uid"] in seen:
                     raise Skip("duplicate uid", row["uid"])
             except Skip as skip:
-                uid = _entry_json(entry).get("uid")
+                uid = entry_json(entry).get("uid")
                 skipped.append({**skip.entry(source), **({"uid": uid} if is_valid_uid(uid) else {})})
                 continue
             seen.add(row["uid"])
@@ -301,7 +300,7 @@ def _url_files(urls: str) -> list[tuple[Any, str, str]]:
             raise ClipsiftError(f"{urls}: no .parquet files in this folder; pass a table of urls and captions "
                                 "(.parquet/.csv/.jsonl) or a folder of DataComp metadata parquets")
         return [(fs, file, "parquet") for file in files]
-    fmt = TABLE_FORMATS.get(_ext(path))
+    fmt = TABLE_FORMATS.get(file_ext(path))
     if fmt is None:
         raise ClipsiftError(f"{urls}: not a {'/'.join('.' + e for e in TABLE_FORMATS)} table; pass a table of urls and captions")
     return [(fs, path, fmt)]
@@ -342,11 +341,11 @@ def _normalise(fs: Any, path: str, fmt: str, url_column: str | None, caption_col
     table = read_table(fs, path, fmt)
     names = table.column_names
     listed = ", ".join(names)
-    url = _pick_column(names, url_column, "url", URL_COLUMNS, path)
+    url = pick_column(names, url_column, "url", URL_COLUMNS, path)
     if url is None:
         raise ClipsiftError(f"{path}: no url column (looked for {', '.join(URL_COLUMNS)}); the table's columns are: {listed}. "
                             "Name it with --url-column")
-    caption = _pick_column(names, caption_column, "caption", CAPTION_COLUMNS, path)
+    caption = pick_column(names, caption_column, "caption", CAPTION_COLUMNS, path)
     if caption is None:
         raise ClipsiftError(f"{path}: no caption column (looked for {', '.join(CAPTION_COLUMNS)}); the table's columns are: "
                             f"{listed}. Name it with --caption-column")
@@ -354,7 +353,7 @@ def _normalise(fs: Any, path: str, fmt: str, url_column: str | None, caption_col
         raise ClipsiftError(f"{path}: --verify-sha256 needs a sha256 column (the sha256 of each image's bytes); the table's "
                             f"columns are: {listed}")
     base = os.path.basename(path)
-    urls = [_text_or_none(v) for v in table[url].to_pylist()]
+    urls = [text_or_none(v) for v in table[url].to_pylist()]
     captions = [None if v is None else str(v) for v in table[caption].to_pylist()]
     given = table["uid"].to_pylist() if "uid" in names else [None] * table.num_rows
     uids = [own if is_valid_uid(own) else derive_uid(u) if u else None for own, u in zip(given, urls)]
@@ -521,7 +520,7 @@ class _AdoptShard:
         part, index = self.plan.locate(shard)
         part_path = f"{root}/{STAGING}/input/{part.name}"
         start = index * self.plan.shard_size  # img2dataset cuts each input file into shards in order
-        inputs = _read_rows(fs, part_path, "parquet", start, min(start + self.plan.shard_size, part.num_rows))
+        inputs = read_rows(fs, part_path, "parquet", start, min(start + self.plan.shard_size, part.num_rows))
         rows, skipped = scan_img2dataset_tar(fs, f"{staging}.tar", f"{staging_name(shard)}.tar")
         reported = read_parquet(fs, f"{staging}.parquet", ["uid", "status", "error_message"]).to_pylist()
         write_status(self.pool_url, shard_id(shard), _shard_status(inputs, rows, skipped, reported))
@@ -566,43 +565,44 @@ class DownloadResult:
     placed: dict[str, int] = field(default_factory=dict)  # how the tars got into the pool -> shards
 
 
-def download_pool(
-    urls: str,
-    out: str,
-    *,
-    processes: int | None = None,
-    threads: int = 64,
-    image_size: int = 512,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    retries: int = 2,
-    blur_faces: bool = True,
-    verify_sha256: bool = False,
-    timeout: int = 10,
-    url_column: str | None = None,
-    caption_column: str | None = None,
-    workers: int | None = None,
-    name: str | None = None,
-) -> DownloadResult:
+class DownloadSettings(Section):
+    """How `clipsift pool download` (and a run's `pool: {kind: download}`) fetches and stores the images."""
+
+    infra = frozenset({"processes", "threads"})
+    processes: PositiveInt | None = None  # img2dataset processes (default: all cores)
+    threads: PositiveInt = 64
+    image_size: PositiveInt = 512
+    shard_size: PositiveInt = DEFAULT_SHARD_SIZE
+    retries: int = Field(2, ge=0)
+    timeout: PositiveInt = 10
+    blur_faces: bool = True
+    verify_sha256: bool = False
+    url_column: str | None = None
+    caption_column: str | None = None
+    name: str | None = None
+
+
+def download_pool(urls: str, out: str, settings: DownloadSettings | None = None, *, workers: int | None = None) -> DownloadResult:
     """Download the images of `urls` with img2dataset into the pool `out` (see the module docstring).
 
     Re-running the same command continues a killed download: finished img2dataset shards are not
     downloaded again and finished pool shards are kept. Must run in the main thread (img2dataset
     installs a SIGINT handler).
     """
-    if shard_size < 1 or image_size < 1 or threads < 1 or retries < 0 or timeout < 1:
-        raise ClipsiftError("shard_size, image_size, threads and timeout must be at least 1 and retries at least 0")
+    s = settings or DownloadSettings()
     src = os.path.abspath(urls) if "://" not in urls else urls
-    params = {"image_size": image_size, "blur_faces": blur_faces, "resize_mode": "keep_ratio_largest",
+    params = {"image_size": s.image_size, "blur_faces": s.blur_faces, "resize_mode": "keep_ratio_largest",
               "resize_only_if_bigger": True, "encode_format": "jpg"}
-    plan = plan_download(urls, out, shard_size=shard_size, verify_sha256=verify_sha256, url_column=url_column,
-                         caption_column=caption_column, params=params)
-    settings = img2dataset_settings(image_size=image_size, shard_size=shard_size, processes=processes or os.cpu_count() or 1,
-                                    threads=threads, retries=retries, timeout=timeout, blur_faces=blur_faces,
-                                    verify_sha256=verify_sha256, bbox=plan.bbox, carried=plan.carried)
-    _download_and_adopt(out, plan, settings, workers)
+    plan = plan_download(urls, out, shard_size=s.shard_size, verify_sha256=s.verify_sha256, url_column=s.url_column,
+                         caption_column=s.caption_column, params=params)
+    config = img2dataset_settings(image_size=s.image_size, shard_size=s.shard_size,
+                                  processes=s.processes or os.cpu_count() or 1, threads=s.threads, retries=s.retries,
+                                  timeout=s.timeout, blur_faces=s.blur_faces, verify_sha256=s.verify_sha256,
+                                  bbox=plan.bbox, carried=plan.carried)
+    _download_and_adopt(out, plan, config, workers)
     summary = summarize_status(read_download_status(out))
     sources = [{"kind": "download", "src": src, "num_inputs": plan.num_inputs}]
-    info = finalize_pool(out, name or _default_name(src), sources, download=summary.as_dict())
+    info = finalize_pool(out, s.name or default_name(src), sources, download=summary.as_dict())
     return DownloadResult(out, src, info, summary, plan.num_rejected, list(plan.dropped_columns), placed_tars(out))
 
 

@@ -48,6 +48,7 @@ import pyarrow.json as pa_json
 from PIL import Image
 
 from clipsift import ClipsiftError
+from clipsift.files import open_fs, parquet_file, read_parquet
 from clipsift.pipeline.pool import (
     BASE_SCHEMA,
     DEFAULT_SHARD_SIZE,
@@ -60,9 +61,6 @@ from clipsift.pipeline.pool import (
     image_member,
     is_valid_uid,
     iter_tar,
-    open_fs,
-    parquet_file,
-    read_parquet,
 )
 
 KINDS = ("folder", "table", "webdataset")
@@ -136,7 +134,7 @@ def _caption_text(data: bytes) -> str:
         raise Skip("caption is not UTF-8", str(err)) from None
 
 
-def _text_or_none(value: Any) -> str | None:
+def text_or_none(value: Any) -> str | None:
     text = "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value).strip()
     return text or None
 
@@ -227,7 +225,7 @@ class _TableSource:
 
     def records(self, index: int) -> Iterator[Record]:
         start = index * self.shard_size
-        rows = _read_rows(self.fs, self.path, self.fmt, start, min(start + self.shard_size, self.num_rows))
+        rows = read_rows(self.fs, self.path, self.fmt, start, min(start + self.shard_size, self.num_rows))
         name = posixpath.basename(self.path)
         for number, row in enumerate(rows, start):
             source = f"{name} row {number}"
@@ -235,7 +233,7 @@ class _TableSource:
 
     def _record(self, source: str, row: dict[str, Any]) -> Record:
         caption = _clean_caption(row[self.caption_column])
-        url = _text_or_none(row[self.url_column]) if self.url_column else None
+        url = text_or_none(row[self.url_column]) if self.url_column else None
         image_path, data = self._image(row)
         fallback = image_path if data is None else hashlib.sha256(data).hexdigest()
         uid = _source_uid(row[self.uid_column] if self.uid_column else None, url, fallback, caption)
@@ -298,7 +296,7 @@ def tar_record(name: str, entry: TarEntry, *, keep_caption: bool = False) -> Rec
 
     keep_caption: the .txt member exactly as stored (not stripped), for a tar adopted unchanged.
     """
-    meta = _entry_json(entry)
+    meta = entry_json(entry)
     txt = entry.members.get("txt")
     if txt is not None:
         caption = _caption_text(txt)  # raises Skip when empty or not UTF-8
@@ -310,7 +308,7 @@ def tar_record(name: str, entry: TarEntry, *, keep_caption: bool = False) -> Rec
     image = image_member(entry) or next(((e, entry.members[e]) for e in CONVERTIBLE_EXTS if e in entry.members), None)
     if image is None:
         raise Skip("no image member", f"members: {', '.join(sorted(entry.members))}")
-    url = _text_or_none(meta.get("url"))
+    url = text_or_none(meta.get("url"))
     uid = _source_uid(meta.get("uid"), url, name, caption)
     size = _size(meta.get("original_width"), meta.get("original_height"))
     extra = {k: v for k, v in meta.items() if k not in IMG2DATASET_FIELDS and k not in RESERVED_COLUMNS}
@@ -319,7 +317,7 @@ def tar_record(name: str, entry: TarEntry, *, keep_caption: bool = False) -> Rec
     return Record(name, uid, caption, image[1], None, url, size, extra)
 
 
-def _entry_json(entry: TarEntry) -> dict[str, Any]:
+def entry_json(entry: TarEntry) -> dict[str, Any]:
     try:
         meta = json.loads(entry.members.get("json", b"{}"))
     except ValueError:
@@ -343,7 +341,7 @@ def open_source(src: str, out: str | None = None, *, kind: str | None = None, im
     is_dir = fs.isdir(root)
     if is_dir and out is not None:
         _check_out_outside(root, out)
-    files = _list_files(fs, root) if is_dir else []
+    files = list_files(fs, root) if is_dir else []
     kind = kind or _detect_kind(fs, root, is_dir, files)
     if kind == "folder":
         return _open_folder(fs, root, is_dir, files, shard_size)
@@ -360,27 +358,27 @@ def _check_out_outside(root: str, out: str) -> None:
         raise ClipsiftError(f"{out}: the output pool is inside the source folder {root}; choose an --out outside it")
 
 
-def _list_files(fs: Any, root: str) -> list[str]:
+def list_files(fs: Any, root: str) -> list[str]:
     """Files under root, relative to it, sorted; hidden files and folders are left out."""
     rels = (path[len(root) + 1 :] for path in fs.find(root))
     return sorted(rel for rel in rels if rel and not any(part.startswith(".") for part in rel.split("/")))
 
 
-def _ext(path: str) -> str:
+def file_ext(path: str) -> str:
     return posixpath.splitext(path)[1][1:].lower()
 
 
-def _is_tar_name(path: str) -> bool:
+def is_tar_name(path: str) -> bool:
     return path.lower().endswith(TAR_SUFFIXES)
 
 
 def _detect_kind(fs: Any, root: str, is_dir: bool, files: list[str]) -> str:
     if is_dir:
-        has_images = any(_ext(f) in FOLDER_IMAGE_EXTS for f in files)
-        return "webdataset" if not has_images and any(_is_tar_name(f) for f in files) else "folder"
-    if _is_tar_name(root):
+        has_images = any(file_ext(f) in FOLDER_IMAGE_EXTS for f in files)
+        return "webdataset" if not has_images and any(is_tar_name(f) for f in files) else "folder"
+    if is_tar_name(root):
         return "webdataset"
-    if _ext(root) in TABLE_FORMATS:
+    if file_ext(root) in TABLE_FORMATS:
         return "table"
     if _is_tar(fs, root):
         return "webdataset"
@@ -393,7 +391,7 @@ def _detect_kind(fs: Any, root: str, is_dir: bool, files: list[str]) -> str:
 def _open_folder(fs: Any, root: str, is_dir: bool, files: list[str], shard_size: int) -> _FolderSource:
     if not is_dir:
         raise ClipsiftError(f"{root}: is a file, not a folder of images; pass the folder (or --kind table / webdataset)")
-    images = [f for f in files if _ext(f) in FOLDER_IMAGE_EXTS]
+    images = [f for f in files if file_ext(f) in FOLDER_IMAGE_EXTS]
     if not images:
         raise ClipsiftError(
             f"{root}: no image files ({', '.join('.' + e for e in FOLDER_IMAGE_EXTS)}) or .tar files found in this folder "
@@ -406,7 +404,7 @@ def _open_folder(fs: Any, root: str, is_dir: bool, files: list[str], shard_size:
 
 def _open_tars(fs: Any, root: str, is_dir: bool, files: list[str]) -> _TarSource:
     if is_dir:
-        tars = tuple(f for f in files if _is_tar_name(f))
+        tars = tuple(f for f in files if is_tar_name(f))
         if not tars:
             raise ClipsiftError(f"{root}: no .tar files in this folder or its subfolders; a webdataset source is .tar files")
         base = root
@@ -479,7 +477,7 @@ def _table_shape(fs: Any, path: str, fmt: str) -> tuple[pa.Schema, int]:
         raise _table_error(path, fmt, err) from err
 
 
-def _read_rows(fs: Any, path: str, fmt: str, start: int, stop: int) -> list[dict[str, Any]]:
+def read_rows(fs: Any, path: str, fmt: str, start: int, stop: int) -> list[dict[str, Any]]:
     """Rows [start, stop) as dicts; for Parquet only the row groups that hold them are read."""
     if fmt != "parquet":
         return _read_text_table(fs, path, fmt).slice(start, stop - start).to_pylist()
@@ -494,7 +492,7 @@ def _read_rows(fs: Any, path: str, fmt: str, start: int, stop: int) -> list[dict
     return parquet.read_row_groups(groups, use_threads=False).slice(start - first, stop - start).to_pylist()
 
 
-def _pick_column(names: list[str], wanted: str | None, default: str, candidates: tuple[str, ...], path: str) -> str | None:
+def pick_column(names: list[str], wanted: str | None, default: str, candidates: tuple[str, ...], path: str) -> str | None:
     """The column asked for; when none or the default was asked for and it is absent, the first candidate present."""
     if wanted in names:
         return wanted
@@ -516,18 +514,18 @@ def _image_type(path: str, column: str, dtype: pa.DataType) -> str:
 
 def _open_table(fs: Any, path: str, is_dir: bool, image_column: str | None, caption_column: str | None,
                 shard_size: int) -> _TableSource:
-    fmt = TABLE_FORMATS.get(_ext(path))
+    fmt = TABLE_FORMATS.get(file_ext(path))
     if is_dir or fmt is None:
         raise ClipsiftError(f"{path}: a table source must be one {'/'.join('.' + e for e in TABLE_FORMATS)} file")
     schema, num_rows = _table_shape(fs, path, fmt)
     names = schema.names
     listed = ", ".join(names)
-    caption = _pick_column(names, caption_column, "caption", CAPTION_COLUMNS, path)
+    caption = pick_column(names, caption_column, "caption", CAPTION_COLUMNS, path)
     if caption is None:
         raise ClipsiftError(f"{path}: no caption column (looked for {', '.join(CAPTION_COLUMNS)}); the table's columns are: "
                             f"{listed}. Name it with --caption-column")
-    url = _pick_column(names, None, "url", URL_COLUMNS, path)
-    image = _pick_column(names, image_column, "image", IMAGE_COLUMNS, path)
+    url = pick_column(names, None, "url", URL_COLUMNS, path)
+    image = pick_column(names, image_column, "image", IMAGE_COLUMNS, path)
     if image is None:
         hint = "; it has urls only: download the images with `clipsift pool download`" if url else ""
         raise ClipsiftError(f"{path}: no image column (looked for {', '.join(IMAGE_COLUMNS)}); the table's columns are: "
@@ -680,12 +678,12 @@ def import_pool(
     fill = _ImportShards(source, find_duplicates(uid_lists))
     source_info = source.info()
     params = {"kind": "import", "sources": [source_info]}
-    info = build_pool(out, name=name or _default_name(source_info["src"]), params=params, num_shards=len(shards),
+    info = build_pool(out, name=name or default_name(source_info["src"]), params=params, num_shards=len(shards),
                       fill=fill, desc=f"import {source.kind}", workers=workers)
     return _result(out, source_info, info)
 
 
-def _default_name(src: str) -> str:
+def default_name(src: str) -> str:
     base = posixpath.basename(src.rstrip("/"))
     for suffix in (*TAR_SUFFIXES, *(f".{e}" for e in TABLE_FORMATS)):
         if base.lower().endswith(suffix):

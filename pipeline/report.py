@@ -37,13 +37,13 @@ import pyarrow as pa
 import yaml
 
 from clipsift import ClipsiftError, __version__
+from clipsift.files import file_sha256, open_fs, parquet_file, read_parquet, write_atomic
 from clipsift.filters.base import RecipeError, ShardData
 from clipsift.filters.clip import ClipScore
-from clipsift.filters.cluster import ImageCluster
 from clipsift.filters.recipe import Node, Recipe, RecipeRunner, StepReport, check_inputs, parse_step
 from clipsift.filters.subset import encode_uids, read_subset, sort_subset
 from clipsift.filters.vectors import ip_index, nearest
-from clipsift.pipeline.pool import Pool, PoolFormatError, file_sha256, image_member, open_fs, parquet_file, read_parquet, write_atomic
+from clipsift.pipeline.pool import Pool, PoolFormatError, image_member
 from clipsift.pipeline.synth import NOISE_MIX
 from clipsift.pipeline.ui import progress_bar
 
@@ -126,17 +126,18 @@ def read_subset_info(subset: str) -> dict[str, Any]:
 
 
 def recorded_recipe(info: dict[str, Any], where: str) -> Recipe:
-    """The recipe as subset.json resolved it, reading the centroids files the run used (sha256 checked)."""
+    """The recipe as subset.json resolved it, reading the files its steps wrote (centroids; sha256 checked)."""
     resolved = info["recipe"]
     root = Node("", "seq", children=[parse_step(step, str(i + 1), where) for i, step in enumerate(resolved["steps"])])
     recipe = Recipe(resolved["name"], where, resolved.get("vars", {}), resolved["steps"], root)
     for node in recipe.leaves():
-        if isinstance(node.filter, ImageCluster):
-            recorded = info.get("centroids", {}).get(node.path)
+        step = f"step {node.path} ({node.filter.name})"
+        for artifact in node.filter.writes:
+            recorded = info.get(artifact.kind, {}).get(node.path)
             if recorded is None:
-                raise ReportError(f"{where}: step {node.path} (image_cluster) has no centroids file recorded; re-run `clipsift filter`")
-            node.filter.centroids = locate(recorded["path"], [os.path.dirname(os.path.abspath(where))],
-                                           f"step {node.path} (image_cluster): centroids file", recorded["sha256"])
+                raise ReportError(f"{where}: {step} has no {artifact.kind} file recorded; re-run `clipsift filter`")
+            setattr(node.filter, artifact.param, locate(recorded["path"], [os.path.dirname(os.path.abspath(where))],
+                                                        f"{step}: {artifact.kind} file", recorded["sha256"]))
     return recipe
 
 
@@ -243,8 +244,9 @@ class Scan:
         self.step_histograms = {path: Histogram() for path in self.thresholds}
         self.above = {path: Smallest(samples) for path in self.thresholds}
         self.below = {path: Smallest(samples) for path in self.thresholds}
-        self.clusters = {n.path: n for n in self.leaves if isinstance(n.filter, ImageCluster)}
-        self.indexes = {path: ip_index(runner.states[path][0]) for path in self.clusters}
+        views = {n.path: n.filter.clusters(runner.states[n.path]) for n in self.leaves if n.path in runner.states}
+        self.clusters = {path: clusters for path, clusters in views.items() if clusters is not None}
+        self.indexes = {path: ip_index(clusters.centroids) for path, clusters in self.clusters.items()}
         self.assigned: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {path: [] for path in self.clusters}
         self.random = {"kept": Smallest(samples), "removed": Smallest(samples),
                        **{f"removed:{n.path}": Smallest(samples) for n in self.leaves
@@ -290,7 +292,7 @@ class Scan:
         self.below[path].add(-scores[scored & ~kept].astype(np.float64), ids[scored & ~kept])
 
     def _assign(self, path: str, data: ShardData, given: np.ndarray, ids: np.ndarray) -> None:
-        vectors, valid = data.image_vectors(self.clusters[path].filter.model_id)
+        vectors, valid = data.image_vectors(self.clusters[path].model_id)
         chosen = given & valid
         if self.rows_in[path] > MAX_ASSIGNED:
             chosen &= self.rng.random(len(chosen)) < MAX_ASSIGNED / self.rows_in[path]
@@ -299,7 +301,7 @@ class Scan:
 
     def cluster_picks(self, path: str) -> ClusterView:
         """Up to CLUSTERS_SHOWN kept and removed clusters that hold input rows, each with up to `samples` of its rows."""
-        centroids, hit = self.runner.states[path]
+        centroids, hit = self.clusters[path].centroids, self.clusters[path].kept
         parts = self.assigned[path]
         clusters = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
         rows = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipsift import ClipsiftError, __version__
+from clipsift.files import content_sha256, file_sha256, open_fs, write_json_atomic
 from clipsift.filters.subset import decode_uids, encode_uids, read_subset, sort_subset, unique_counts
 from clipsift.pipeline.pool import (
     Pool,
@@ -33,11 +34,8 @@ from clipsift.pipeline.pool import (
     ShardWriter,
     TarEntry,
     build_pool,
-    file_sha256,
     image_member,
     image_spans,
-    open_fs,
-    write_json_atomic,
 )
 
 MANIFEST_FORMAT = "clipsift-shards/1"
@@ -55,6 +53,7 @@ class ReshardResult:
     missing_examples: list[str]
     input_bytes: int
     seconds: float
+    data_sha256: str = ""  # the manifest's content without its timestamp: the identity of this training data
 
 
 def row_copies(subset_unique: np.ndarray, repeats: np.ndarray, uids: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -208,7 +207,8 @@ def reshard(pool_url: str, subset_path: str, out: str, *, shard_size: int = 10_0
     write_json_atomic(fs, f"{root}/manifest.json", manifest)
     input_bytes = sum(pool.fs.size(pool.tar_path(s)) for s in shards)
     return ReshardResult(out, f"{root}/manifest.json", written["num_samples"], written["num_shards"], len(subset),
-                         len(missing), decode_uids(missing[:5]), input_bytes, time.perf_counter() - started)
+                         len(missing), decode_uids(missing[:5]), input_bytes, time.perf_counter() - started,
+                         content_sha256(manifest))
 
 
 def _remove_stale_temporaries(out: str) -> None:

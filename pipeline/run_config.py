@@ -11,60 +11,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
+from typing import Annotated, Any, get_args, get_origin
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, ValidationInfo,
-                      model_validator)
+from pydantic import BaseModel, Field, PositiveInt, ValidationError, model_validator
 
 from clipsift import ClipsiftError
+from clipsift.eval.stage import EvalSpec
+from clipsift.filters.stage import FilterSpec, recipe_overrides, recipe_source, write_inline_recipe
+from clipsift.leaderboard.stage import SubmitSpec
+from clipsift.pipeline.sources import POOL, REFERENCE, kinds, spec_type
+from clipsift.pipeline.stages import FILTERNET, ReshardSpec, ScoreSpec
+from clipsift.settings import RUN_VAR, UNSET, RunConfigError, Section
+from clipsift.train.stages import FilternetSettings, MixSource, TrainSpec
 
-RUN_VAR = "${run}"
-FILTERNET = "filternet"  # score.model value: the filtering network this run trains
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_UNSET = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
+__all__ = ["FILTERNET", "MixSource", "RunConfig", "RunConfigError", "load_run_config", "validate_run_config"]
 
-
-class RunConfigError(ClipsiftError):
-    """A run config that cannot be used: the message names the file and the field."""
-
-
-# --------------------------------------------------------------------------- paths
-
-
-def _resolve(value: str, info: ValidationInfo, *, only_if_exists: bool = False) -> str:
-    """`${run}/...` stays for later; URLs only expand $VARS; relative paths join the config's folder."""
-    if value.startswith(RUN_VAR):
-        return value
-    value = os.path.expandvars(value)
-    if _URL.match(value) or _UNSET.search(value):  # an unset variable is reported when the run starts
-        return value
-    value = os.path.expanduser(value)
-    base = (info.context or {}).get("base")
-    if base is None or os.path.isabs(value):
-        return value
-    joined = os.path.normpath(os.path.join(base, value))
-    return joined if not only_if_exists or os.path.exists(joined) else value
-
-
-def _path_or_name(value: str, info: ValidationInfo) -> str:
-    """A file path when it looks like one or exists beside the config; else a name (a pretrained tag, a shipped recipe)."""
-    looks_like_path = os.sep in value or value.startswith((".", "~", "$")) or value.endswith((".yaml", ".yml", ".pt", ".bin"))
-    return _resolve(value, info, only_if_exists=not looks_like_path)
-
-
-PathStr = Annotated[str, Field(min_length=1), AfterValidator(_resolve)]
-PathOrName = Annotated[str, Field(min_length=1), AfterValidator(_path_or_name)]
+POOL_KINDS = kinds(POOL)
 
 
 def unset_variables(config: BaseModel) -> list[str]:
     """`field: $VAR` for each path that names an environment variable that is not set (the recipe's own ${vars} aside)."""
     dumped = config.model_dump(mode="json", exclude={"filter"})
     prose = ("name", "description", "method_name", "authors", "links")
-    return [f"{field}: ${match.group(1)}" for field, value in _strings(dumped) for match in _UNSET.finditer(value)
+    return [f"{field}: ${match.group(1)}" for field, value in _strings(dumped) for match in UNSET.finditer(value)
             if field.split(".")[-1].split("[")[0] not in prose and (not value.startswith(RUN_VAR) or match.start() > 0)]
 
 
@@ -85,162 +57,14 @@ def bind_run(value: Any, run_dir: str) -> Any:
     return value.replace(RUN_VAR, run_dir) if isinstance(value, str) else value
 
 
-# --------------------------------------------------------------------------- schema
+# --------------------------------------------------------------------------- schema: each stage's section, composed
+
+PoolSpec = spec_type(POOL)  # the registered pool sources, told apart by `kind`
+ReferenceSpec = spec_type(REFERENCE)
 
 
-class Section(BaseModel):
-    """A config section; `infra` names the fields that change how fast, not what comes out."""
-
-    model_config = ConfigDict(extra="forbid")
-    infra: ClassVar[frozenset[str]] = frozenset()
-
-    def settings(self) -> dict[str, Any]:
-        """The fields that decide this stage's results (recorded and compared on a re-run)."""
-        return self.model_dump(mode="json", exclude=set(self.infra))
-
-
-class SynthPool(Section):
-    kind: Literal["synth"]
-    scale: Literal["xs", "tiny"] = "xs"
-    seed: int = 0
-    num_samples: PositiveInt | None = None
-    shard_size: PositiveInt | None = None
-    path: PathStr | None = None  # where the pool goes (default: RUN/pool)
-
-
-class ImportPool(Section):
-    kind: Literal["import"]
-    src: PathStr
-    format: Literal["folder", "table", "webdataset"] | None = None
-    image_column: str | None = None
-    caption_column: str | None = None
-    shard_size: PositiveInt = 10_000
-    name: str | None = None
-    path: PathStr | None = None
-
-
-class DownloadPool(Section):
-    infra = frozenset({"processes", "threads"})
-    kind: Literal["download"]
-    urls: PathStr
-    processes: PositiveInt | None = None
-    threads: PositiveInt = 64
-    image_size: PositiveInt = 512
-    shard_size: PositiveInt = 10_000
-    retries: int = Field(2, ge=0)
-    timeout: PositiveInt = 10
-    blur_faces: bool = True
-    verify_sha256: bool = False
-    url_column: str | None = None
-    caption_column: str | None = None
-    name: str | None = None
-    path: PathStr | None = None
-
-
-class DatacompPool(Section):
-    kind: Literal["from-datacomp"]
-    metadata: PathStr
-    shards: PathStr
-    name: str | None = None
-    path: PathStr | None = None
-
-
-class ExistingPool(Section):
-    kind: Literal["existing"]
-    path: PathStr
-
-
-class SynthReference(Section):
-    kind: Literal["synth"]
-    scale: Literal["xs", "tiny"] = "xs"
-    seed: int = 0
-    num_samples: PositiveInt | None = None
-    path: PathStr | None = None  # default: RUN/reference
-
-
-PoolSpec = Annotated[SynthPool | ImportPool | DownloadPool | DatacompPool | ExistingPool, Field(discriminator="kind")]
-ReferenceSpec = Annotated[SynthReference | ImportPool | ExistingPool, Field(discriminator="kind")]
-POOL_KINDS = ("synth", "import", "download", "from-datacomp", "existing")
-
-
-def _known_scale(value: str) -> str:
-    from clipsift.train.recipe import SCALES
-
-    if value not in SCALES:
-        raise ValueError(f"unknown scale {value!r}; choose one of {', '.join(SCALES)}")
-    return value
-
-
-Scale = Annotated[str, AfterValidator(_known_scale)]
-
-
-class FilternetSpec(Section):
+class FilternetSpec(FilternetSettings):
     reference: ReferenceSpec
-    scale: Scale = "xs"
-
-
-class ScoreSpec(Section):
-    infra = frozenset({"batch_size", "workers", "gpus_per_worker"})
-    model: str = Field(min_length=1)  # an open_clip architecture, or `filternet`
-    pretrained: PathOrName | None = None
-    batch_size: PositiveInt = 256
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    decode: Literal["cpu", "device"] = "cpu"  # where images are decoded and resized (`clipsift score --decode`)
-    workers: PositiveInt | None = None
-    gpus_per_worker: float | None = Field(None, ge=0)
-
-    @model_validator(mode="after")
-    def _weights(self) -> ScoreSpec:
-        if self.model == FILTERNET and self.pretrained is not None:
-            raise ValueError("model: filternet scores with this run's filtering network; leave out `pretrained`")
-        if self.model != FILTERNET and self.pretrained is None:
-            raise ValueError(f"model {self.model!r} needs `pretrained:` (an open_clip tag such as openai, or a checkpoint file)")
-        return self
-
-
-class FilterSpec(Section):
-    recipe: PathOrName | dict[str, Any]  # a shipped recipe's name, a recipe file, or the recipe itself
-    set: dict[str, Any] = Field(default_factory=dict)  # recipe variables (as `clipsift filter --set`)
-
-
-class ReshardSpec(Section):
-    shard_size: PositiveInt = 10_000
-
-
-class MixSource(Section):
-    path: PathStr
-    weight: PositiveFloat = 1.0
-
-
-class TrainSpec(Section):
-    infra = frozenset({"gpus", "workers", "max_per_device_batch", "torchcompile"})
-    scale: Scale
-    subset_weight: PositiveFloat = 1.0  # sampling weight of this run's subset
-    mix: list[MixSource] = Field(default_factory=list)  # more sources (bring your own data), with weights
-    gpus: PositiveInt = 1
-    workers: PositiveInt = 1
-    max_per_device_batch: PositiveInt | None = None
-    torchcompile: bool = False
-
-
-class EvalSpec(Section):
-    infra = frozenset({"batch_size", "workers"})
-    suite: PathOrName = "datacomp38"
-    data_dir: PathStr | None = None  # default: RUN/tiny-suite for tiny, else $CLIPSIFT_EVAL_DATA/SUITE
-    tasks: list[str] | None = None
-    batch_size: PositiveInt = 256
-    workers: int | None = Field(None, ge=0)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-
-
-class SubmitSpec(Section):
-    leaderboard: PathStr  # a SQLite file or database URL (a local leaderboard), or http(s)://SERVER
-    method_name: str = Field(min_length=1)
-    track: Literal["filtering", "byod"] = "filtering"
-    authors: list[str] | None = None
-    links: list[str] | None = None
-    description: str | None = None
-    token_env: str = "CLIPSIFT_LEADERBOARD_TOKEN"  # environment variable holding an HTTP server's token
 
 
 class RunConfig(Section):
@@ -365,36 +189,6 @@ def _section_type(annotation: Any) -> Any:
     return None
 
 
-def recipe_source(config: RunConfig, run_dir: str | None) -> str:
-    """The recipe file the filter stage loads: a shipped name, a file, or RUN/recipe.yaml for an inline recipe."""
-    if isinstance(config.filter.recipe, str):
-        return config.filter.recipe
-    if run_dir is None:
-        raise ValueError("an inline recipe is written into the run directory first")
-    return os.path.join(run_dir, "recipe.yaml")
-
-
-def write_inline_recipe(config: RunConfig, run_dir: str) -> None:
-    from clipsift.pipeline.pool import open_fs, write_atomic
-
-    if isinstance(config.filter.recipe, dict):
-        text = yaml.safe_dump(config.filter.recipe, sort_keys=False).encode()
-        fs, path = open_fs(recipe_source(config, run_dir))
-        write_atomic(fs, path, lambda handle: handle.write(text))
-
-
-def recipe_overrides(config: RunConfig, source: str, model_id: str | None) -> dict[str, Any]:
-    """`filter.set`, plus model_id = the scored model when the recipe declares that variable and the config leaves it."""
-    from clipsift.filters.recipe import recipe_text
-
-    overrides = dict(config.filter.set)
-    raw = yaml.safe_load(recipe_text(source)[0]) if isinstance(config.filter.recipe, str) else config.filter.recipe
-    declared = (raw.get("vars") or {}) if isinstance(raw, dict) else {}
-    if model_id is not None and "model_id" in declared and "model_id" not in overrides:
-        overrides["model_id"] = model_id
-    return overrides
-
-
 def expected_model_id(config: RunConfig) -> str | None:
     """The scored model's id as far as the config tells it (a placeholder where it depends on trained weights)."""
     if config.score is None:
@@ -411,10 +205,10 @@ def _check_recipe(config: RunConfig, where: str) -> None:
     from clipsift.filters.recipe import load_recipe
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_inline_recipe(config, tmp)
-        source = recipe_source(config, tmp)
+        write_inline_recipe(config.filter, tmp)
+        source = recipe_source(config.filter, tmp)
         try:
-            load_recipe(source, recipe_overrides(config, source, expected_model_id(config)))
+            load_recipe(source, recipe_overrides(config.filter, source, expected_model_id(config)))
         except ClipsiftError as err:
             message = str(err).replace("--set ", "filter.set.")
             if isinstance(config.filter.recipe, dict):

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from clipsift import ClipsiftError, __version__
-from clipsift.pipeline.pool import open_fs
+from clipsift.files import open_fs
 from clipsift.pipeline.report import escape, figure_uri, find_subset, html_page, html_table, write_page
 from clipsift.train.recipe import SCALES, load_recipe
 

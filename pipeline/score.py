@@ -24,10 +24,13 @@ from typing import Any, Callable, Iterator, Sequence
 import fsspec
 import numpy as np
 import pyarrow as pa
+from pydantic import Field, PositiveInt
 
 from clipsift import ClipsiftError, __version__
-from clipsift.pipeline.pool import Pool, embeddings_table, file_sha256, write_json_atomic
+from clipsift.files import file_sha256, write_json_atomic
+from clipsift.pipeline.pool import Pool, embeddings_table
 from clipsift.pipeline.ui import progress_bar
+from clipsift.settings import Section
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODES = ("cpu", "device")  # where images are decoded and resized: CPU tasks (PIL), or the model actors' device
@@ -561,45 +564,38 @@ class ScoreResult:
     timings: dict[str, float]  # summed seconds per stage: read, prepare, model, write (read/prepare shared by the models of a run)
     precision: str | None = None  # what the model ran in (None when nothing was left to score)
     folder: str = ""  # where its embeddings are
+    manifest: dict[str, Any] = field(default_factory=dict)  # FOLDER/manifest.json as written (or found, when nothing was left)
+
+    @property
+    def manifest_path(self) -> str:
+        return f"{self.folder}/manifest.json"
 
     @property
     def pairs_per_second(self) -> float:
         return self.pairs / self.seconds if self.seconds else 0.0
 
 
-def score_pool(
-    pool_url: str,
-    arch: str,
-    pretrained: str,
-    *,
-    batch_size: int = 256,
-    precision: str = "auto",
-    address: str | None = None,
-    gpus_per_worker: float | None = None,
-    workers: int | None = None,
-    decode: str = "cpu",
-    out: str | None = None,
-    on_shard_written: Callable[[str], None] | None = None,
-) -> ScoreResult:
+class ScoreSettings(Section):
+    """How `clipsift score` (and a run's `score:` section) embeds: batch, precision, where images are decoded, actors."""
+
+    infra = frozenset({"batch_size", "workers", "gpus_per_worker"})
+    batch_size: PositiveInt = 256  # samples per model batch
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    decode: str = "cpu"  # where images are decoded and resized: cpu (PIL in CPU tasks) | device (in the model actors)
+    workers: PositiveInt | None = None  # model actors (default: one per GPU, or one per CPU)
+    gpus_per_worker: float | None = Field(None, ge=0)  # default: 1 where the cluster has GPUs, else 0
+
+
+def score_pool(pool_url: str, arch: str, pretrained: str, settings: ScoreSettings | None = None, *, address: str | None = None,
+               out: str | None = None, on_shard_written: Callable[[str], None] | None = None) -> ScoreResult:
     """Embed every shard of the pool that has no output for this model yet."""
-    return score_models(pool_url, [(arch, pretrained)], batch_size=batch_size, precision=precision, address=address,
-                        gpus_per_worker=gpus_per_worker, workers=workers, decode=decode, out=out,
+    return score_models(pool_url, [(arch, pretrained)], settings, address=address, out=out,
                         on_shard_written=on_shard_written and (lambda model_id, shard: on_shard_written(shard)))[0]
 
 
-def score_models(
-    pool_url: str,
-    models: Sequence[tuple[str, str]],
-    *,
-    batch_size: int = 256,
-    precision: str = "auto",
-    address: str | None = None,
-    gpus_per_worker: float | None = None,
-    workers: int | None = None,
-    decode: str = "cpu",
-    out: str | None = None,
-    on_shard_written: Callable[[str, str], None] | None = None,
-) -> list[ScoreResult]:
+def score_models(pool_url: str, models: Sequence[tuple[str, str]], settings: ScoreSettings | None = None, *,
+                 address: str | None = None, out: str | None = None,
+                 on_shard_written: Callable[[str, str], None] | None = None) -> list[ScoreResult]:
     """Embed every shard of the pool with each (architecture, pretrained) model, reading the pool once.
 
     Each model has its own output folder and manifest; a shard is scored only by the models that
@@ -609,13 +605,14 @@ def score_models(
     `out`: the folder (or URL) for the embeddings, <out>/<model_id>/<shard>.parquet, instead of
     POOL/embeddings (for a pool one cannot write to; filters read them with `embeddings=out`).
     """
-    precision_name(precision, on_gpu=True)  # a name check; the device check follows once the cluster is known
-    if decode not in DECODES:
-        raise ClipsiftError(f"--decode {decode!r}: choose one of {', '.join(DECODES)}")
+    settings = settings or ScoreSettings()
+    precision_name(settings.precision, on_gpu=True)  # a name check; the device check follows once the cluster is known
+    if settings.decode not in DECODES:
+        raise ClipsiftError(f"--decode {settings.decode!r}: choose one of {', '.join(DECODES)}")
     if not models:
         raise ClipsiftError("no model given: pass --model ARCH --pretrained TAG|PATH")
     specs = [resolve_model(arch, pretrained) for arch, pretrained in models]
-    if decode == "device":
+    if settings.decode == "device":
         for spec in specs:
             _device_transform(spec.image_transform)
     duplicate = next((s.model_id for i, s in enumerate(specs) if s.model_id in [t.model_id for t in specs[:i]]), None)
@@ -638,11 +635,12 @@ def score_models(
         if missing:
             groups.setdefault(missing, []).append(shard)
     for members, todo in groups.items():  # usually one group: all models lack the same shards
-        _run(pool, [specs[m] for m in members], [results[m] for m in members], todo, batch_size, precision, address,
-             gpus_per_worker, workers, decode, on_shard_written)
+        _run(pool, [specs[m] for m in members], [results[m] for m in members], todo, settings, address, on_shard_written)
     for spec, result in zip(specs, results):
         if result.shards_scored:
-            _write_manifest(pool, spec, result.precision, decode, len(shards), pool_sha)
+            result.manifest = _write_manifest(pool, spec, result.precision, settings.decode, len(shards), pool_sha)
+        else:
+            result.manifest = _read_manifest(pool, spec.model_id)
         result.seconds = time.perf_counter() - started
     return results
 
@@ -664,9 +662,8 @@ def score_summary_rows(result: ScoreResult) -> list[tuple[str, object]]:
     return rows
 
 
-def _run(pool: Pool, specs: list[ModelSpec], results: list[ScoreResult], todo: list[str], batch_size: int, precision: str,
-         address: str | None, gpus_per_worker: float | None, workers: int | None, decode: str,
-         on_shard_written: Callable[[str, str], None] | None) -> None:
+def _run(pool: Pool, specs: list[ModelSpec], results: list[ScoreResult], todo: list[str], settings: ScoreSettings,
+         address: str | None, on_shard_written: Callable[[str, str], None] | None) -> None:
     """Score `todo` with every model of `specs` in one pass over those shards."""
     from clipsift.pipeline.parallel import ensure_ray
 
@@ -678,7 +675,7 @@ def _run(pool: Pool, specs: list[ModelSpec], results: list[ScoreResult], todo: l
     with progress_bar() as progress:
         bar = progress.add_task(f"score {names}", total=total)
         shard_bar = progress.add_task("shards written", total=len(todo))
-        dataset, precision = _dataset(pool.url, specs, todo, batch_size, precision, gpus_per_worker, workers, decode)
+        dataset, precision = _dataset(pool.url, specs, todo, settings)
         for result in results:
             result.precision = precision
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -716,8 +713,7 @@ def _gather(buffers: dict[str, _ShardBuffer], batch: dict[str, np.ndarray]) -> I
     yield from sorted(completed)
 
 
-def _dataset(pool_url: str, specs: list[ModelSpec], shards: list[str], batch_size: int, precision: str,
-             gpus_per_worker: float | None, workers: int | None, decode: str = "cpu"):
+def _dataset(pool_url: str, specs: list[ModelSpec], shards: list[str], settings: ScoreSettings):
     """The Ray Data pipeline over `shards` and the precision it runs in.
 
     On a CPU-only cluster Ray Data fuses the prepare stage into the model actors (same CPU
@@ -735,10 +731,11 @@ def _dataset(pool_url: str, specs: list[ModelSpec], shards: list[str], batch_siz
     context.print_on_execution_start = False
     context.execution_options.preserve_order = False
     gpus = ray.cluster_resources().get("GPU", 0)
+    batch_size, decode, workers, gpus_per_worker = settings.batch_size, settings.decode, settings.workers, settings.gpus_per_worker
     gpus_per_worker = (1.0 if gpus else 0.0) if gpus_per_worker is None else gpus_per_worker
     if gpus_per_worker > 0 and not gpus:
         raise ClipsiftError(f"--gpus-per-worker {gpus_per_worker} asks for GPUs, but the Ray cluster has none; leave it out to run on CPU")
-    precision = precision_name(precision, on_gpu=gpus_per_worker > 0)
+    precision = precision_name(settings.precision, on_gpu=gpus_per_worker > 0)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     if workers is None:
         workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker else max(1, cpus)
@@ -785,7 +782,14 @@ def _check_folder_is_this_pools(pool: Pool, model_id: str, pool_sha: str) -> Non
                             f"pool.json differs from {pool.url}'s); give this pool its own --out folder")
 
 
-def _write_manifest(pool: Pool, spec: ModelSpec, precision: str | None, decode: str, num_shards: int, pool_sha: str) -> None:
+def _read_manifest(pool: Pool, model_id: str) -> dict[str, Any]:
+    """The manifest of a folder scored earlier ({} when there is none: nothing was ever scored into it)."""
+    path = _manifest_path(pool, model_id)
+    return json.loads(pool.embeddings_fs.cat_file(path)) if pool.embeddings_fs.exists(path) else {}
+
+
+def _write_manifest(pool: Pool, spec: ModelSpec, precision: str | None, decode: str, num_shards: int,
+                    pool_sha: str) -> dict[str, Any]:
     fs = pool.embeddings_fs
     path = _manifest_path(pool, spec.model_id)
     earlier = json.loads(fs.cat_file(path)).get("decode", []) if fs.exists(path) else []
@@ -807,3 +811,4 @@ def _write_manifest(pool: Pool, spec: ModelSpec, precision: str | None, decode: 
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_json_atomic(fs, path, manifest)
+    return manifest

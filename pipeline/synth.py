@@ -19,8 +19,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from clipsift import ClipsiftError
+from clipsift.files import open_fs, write_atomic
 from clipsift.pipeline import world
-from clipsift.pipeline.pool import Sample, ShardWriter, build_pool, derive_uid, open_fs, write_atomic
+from clipsift.pipeline.pool import Sample, ShardWriter, build_pool, derive_uid
 
 GENERATOR_VERSION = 2
 STREAM_POOL, STREAM_REFERENCE, STREAM_EVAL = 0, 1, 2

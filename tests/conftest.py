@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 from PIL import Image
@@ -19,10 +19,21 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from clipsift.pipeline.pool import Sample, derive_uid, finalize_pool, write_shard  # noqa: E402
 
 
+REPO = Path(__file__).resolve().parent.parent  # the checkout: configs/, docs/, bench/
+CLI_ENV = {"COLUMNS": "250", "RAY_AUTH_MODE": "disabled"}  # no line wrapping inside messages
+
+
 def clipsift(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """The `clipsift` command line, run as a user runs it (a subprocess; no line wrapping inside messages)."""
-    env = {**os.environ, "COLUMNS": "250"}
-    return subprocess.run([sys.executable, "-m", "clipsift", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    """The `clipsift` command line, run as a user runs it (a subprocess), to its end."""
+    return subprocess.run([sys.executable, "-m", "clipsift", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **CLI_ENV})
+
+
+def clipsift_started(*args: str, **popen: Any) -> subprocess.Popen:
+    """The `clipsift` command line started in a session of its own (so a test can kill it and its Ray workers)."""
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen([sys.executable, "-m", "clipsift", *args], env={**os.environ, **CLI_ENV}, start_new_session=True,
+                            **popen)
 
 
 def image_bytes(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (24, 16), fmt: str = "JPEG") -> bytes:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipsift import ClipsiftError, __version__
-from clipsift.pipeline.pool import Pool, file_sha256, open_fs, write_json_atomic
+from clipsift.files import file_sha256, open_fs, write_json_atomic
+from clipsift.pipeline.pool import Pool
 
 MANIFEST = "filternet.json"
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from clipsift import ClipsiftError, __version__
-from clipsift.pipeline.pool import image_member, iter_tar, open_fs, write_json_atomic
+from clipsift.files import open_fs, write_json_atomic
+from clipsift.pipeline.pool import image_member, iter_tar
 from clipsift.pipeline.reshard import read_manifest
 from clipsift.train.models import register_model_configs
 from clipsift.train.recipe import BatchPlan, Recipe, load_recipe, plan_batches

@@ -22,6 +22,7 @@ from clipsift import ClipsiftError
 from clipsift.eval import run as eval_run
 from clipsift.eval.layouts import make_task, open_task, read_entry
 from clipsift.eval.registry import load_suite, parse_suite
+from conftest import REPO
 
 CLASSES = ["circle", "square", "star"]
 FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP"}
@@ -298,7 +299,7 @@ def test_builtin_suites_fit_the_same_schema() -> None:
 
 
 def test_the_documented_example_suite_parses() -> None:
-    doc = (Path(__file__).parent.parent / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    doc = (REPO / "docs" / "evaluation.md").read_text(encoding="utf-8")
     block = doc.split("A complete suite file", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     suite = parse_suite(yaml.safe_load(block), "/somewhere/derm.yaml")
     assert [t.type for t in suite.tasks] == ["classification"] * 3 + ["retrieval"] + ["classification"] * 2

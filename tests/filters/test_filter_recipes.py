@@ -177,3 +177,75 @@ def test_cli_filter_prints_each_step_and_subset_info(tmp_path: Path) -> None:
     unset = clipsift("filter", pool.url, "--recipe", "synth_clip_score", "--set", "modelid=x", "--out", str(tmp_path / "t.npy"))
     assert unset.returncode == 2 and "has no variable 'modelid'" in unset.stderr
     assert Pool(pool.url).info["num_samples"] == 9
+
+
+def test_a_filter_that_writes_an_artifact_gets_it_named_made_and_recorded(tmp_path: Path, monkeypatch) -> None:
+    """A filter defined here declares a file it writes; the runner names it, has it made before `prepare`, and
+    subset.json records it like image_cluster's centroids, where the report finds it again (sha256 checked)."""
+    from dataclasses import dataclass
+
+    from clipsift.filters.registry import known_filters
+    from clipsift.pipeline.report import ReportError, recorded_recipe
+
+    known_filters()  # the shipped filters, before this test's one is registered
+    monkeypatch.setattr(base, "REGISTRY", dict(base.REGISTRY))
+
+    @base.register
+    @dataclass
+    class RowCount(base.Filter):
+        name = "test_row_count"
+        writes = (base.Artifact("row_counts", "counts", "counts.npy"),)
+        counts: str | None = None  # .npy: [rows the step sees], written when missing
+
+        def make_artifacts(self, context: base.Context) -> None:
+            if not Path(self.counts).exists():
+                np.save(self.counts, np.array([sum(int(rows.sum()) for _, rows in context.iter_data())]))
+
+        def prepare(self, context: base.Context) -> int:
+            return int(np.load(self.counts)[0])
+
+        def keep(self, state: int, data: base.ShardData, rows: np.ndarray) -> np.ndarray:
+            return rows
+
+    scores = np.array([0.9, 0.1, 0.8, 0.7, 0.2, 0.6, 0.3, 0.95, 0.55, 0.05, 0.65, 0.4], np.float32)
+    pool = build_pool(tmp_path / "pool", [{} for _ in range(12)], per_shard=5)
+    write_model(pool, "m", scores)
+    kept = run(pool, tmp_path, "steps: [{clip_score: {model_id: m, threshold: 0.5}}, test_row_count]", "s")
+    assert kept == uids_of(np.flatnonzero(scores >= 0.5))
+    counts = tmp_path / "s.counts.npy"
+    assert np.load(counts).tolist() == [7]  # made from the rows step 2 saw
+    info = json.loads((tmp_path / "s.json").read_text())
+    assert info["row_counts"] == {"2": {"path": str(counts), "sha256": hashlib.sha256(counts.read_bytes()).hexdigest()}}
+    assert info["centroids"] == {}  # as before: no image_cluster step
+    assert info["steps"][1]["label"] == f"test_row_count(counts={str(counts)!r})"
+
+    assert recorded_recipe(info, str(tmp_path / "s.json")).leaves()[1].filter.counts == str(counts)
+    del info["row_counts"]["2"]
+    with pytest.raises(ReportError, match=r"step 2 \(test_row_count\) has no row_counts file recorded"):
+        recorded_recipe(info, str(tmp_path / "s.json"))
+    np.save(counts, np.array([6]))
+    info = json.loads((tmp_path / "s.json").read_text())
+    with pytest.raises(ReportError, match=r"step 2 \(test_row_count\): row_counts file .* changed since"):
+        recorded_recipe(info, str(tmp_path / "s.json"))
+
+    (tmp_path / "two.yaml").write_text("steps: [test_row_count, {not: test_row_count}]")
+    with pytest.raises(RecipeError, match=r"steps 1, 2.1 are test_row_count steps without a `counts:` file"):
+        apply_recipe(pool.url, load_recipe(str(tmp_path / "two.yaml")), str(tmp_path / "two.npy"), workers=1)
+    monkeypatch.setattr(RowCount, "make_artifacts", lambda self, context: None)
+    with pytest.raises(RecipeError, match=r"step 1 \(test_row_count\): wrote no row_counts file"):
+        run(pool, tmp_path, "steps: [test_row_count]", "none")
+
+
+def test_importing_the_filter_base_imports_no_filter_module() -> None:
+    import subprocess
+    import sys
+
+    def loaded(imports: str) -> list[str]:
+        code = f"import sys; {imports}; print(*sorted(m for m in sys.modules if m.startswith('clipsift.filters.')))"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+
+    assert loaded("import clipsift.filters.base") == ["clipsift.filters.base"]
+    registered = loaded("from clipsift.filters.registry import known_filters; "
+                        "assert 'image_cluster' in known_filters()")
+    modules = ("base", "clip", "cluster", "dedup", "metadata", "registry")
+    assert {f"clipsift.filters.{m}" for m in modules} <= set(registered)

@@ -28,7 +28,7 @@ from clipsift.train.launch import (
     train,
 )
 from clipsift.train.recipe import SCALES, load_recipe, plan_batches
-from conftest import image_bytes
+from conftest import clipsift_started, image_bytes
 
 from clipsift import ClipsiftError
 
@@ -126,8 +126,8 @@ def test_xs_training_resumes_after_a_kill_and_loads(tmp_path: Path) -> None:
     reshard(str(tmp_path / "pool"), str(tmp_path / "subset.npy"), str(tmp_path / "shards"), shard_size=1024, workers=1)
     data = str(tmp_path / "shards")
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "clipsift", "train", "--scale", "xs", "--data", data, "--out", str(run)]
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    command = ["train", "--scale", "xs", "--data", data, "--out", str(run)]
+    first = clipsift_started(*command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = run / "checkpoints" / "epoch_latest.pt"
     deadline = time.time() + 400
     while not latest.exists() and first.poll() is None and time.time() < deadline:

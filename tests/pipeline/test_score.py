@@ -16,7 +16,7 @@ from PIL import Image
 
 from clipsift import ClipsiftError
 from clipsift.pipeline.pool import Pool
-from clipsift.pipeline.score import score_models, score_pool
+from clipsift.pipeline.score import ScoreSettings, score_models, score_pool
 from clipsift.pipeline.synth import synth_pool
 from clipsift.train.models import register_model_configs
 from conftest import rewrite_tar
@@ -80,7 +80,7 @@ def assert_equals_direct(pool: Pool, model_id: str, checkpoint: Path, arch: str 
 
 
 def test_scores_equal_a_direct_open_clip_computation(pool: Pool, checkpoint: Path) -> None:
-    result = score_pool(pool.url, ARCH, str(checkpoint), batch_size=40, workers=1, precision="fp32")
+    result = score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(batch_size=40, workers=1, precision="fp32"))
     assert result.model_id.startswith(f"{ARCH}__") and len(result.model_id) == len(ARCH) + 2 + 12
     assert (result.shards_scored, result.pairs, result.failed) == (3, 96, 0)
     assert_equals_direct(pool, result.model_id, checkpoint)
@@ -89,24 +89,24 @@ def test_scores_equal_a_direct_open_clip_computation(pool: Pool, checkpoint: Pat
 
 
 def test_rerun_scores_only_missing_shards(pool: Pool, checkpoint: Path) -> None:
-    first = score_pool(pool.url, ARCH, str(checkpoint), workers=1)
+    first = score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(workers=1))
     folder = Path(pool.root) / "embeddings" / first.model_id
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.glob("*.parquet")}
     (folder / "00000001.parquet").unlink()
     written: list[str] = []
-    again = score_pool(pool.url, ARCH, str(checkpoint), workers=1, on_shard_written=written.append)
+    again = score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(workers=1), on_shard_written=written.append)
     assert written == ["00000001"] and (again.shards_scored, again.shards_skipped) == (1, 2)
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.glob("*.parquet")}
     assert after["00000000.parquet"] == before["00000000.parquet"]
     assert after["00000001.parquet"][1] == before["00000001.parquet"][1]  # same values recomputed
-    idle = score_pool(pool.url, ARCH, str(checkpoint), workers=1)
+    idle = score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(workers=1))
     assert (idle.shards_scored, idle.shards_skipped, idle.timings["model"]) == (0, 3, 0.0)
 
 
 def test_undecodable_image_keeps_its_row_with_a_status(pool: Pool, checkpoint: Path) -> None:
     key = pool.metadata("00000002").column("key")[5].as_py()
     rewrite_tar(Path(pool.tar_path("00000002")), lambda name, data: b"\xff\xd8broken" if name == f"{key}.jpg" else data)
-    result = score_pool(pool.url, ARCH, str(checkpoint), workers=1)
+    result = score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(workers=1))
     assert (result.pairs, result.failed) == (96, 1)
     rows = pool.embeddings(result.model_id, "00000002").to_pylist()
     assert len(rows) == 32
@@ -124,7 +124,7 @@ def test_unloadable_models_fail_before_any_work(pool: Pool, checkpoint: Path, tm
         score_pool(pool.url, ARCH, str(other))
     if not torch.cuda.is_available():
         with pytest.raises(ClipsiftError, match="fp16 needs a GPU"):
-            score_pool(pool.url, ARCH, str(checkpoint), precision="fp16", workers=1)
+            score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(precision="fp16", workers=1))
     assert not (Path(pool.root) / "embeddings").exists() or not list((Path(pool.root) / "embeddings").rglob("*.parquet"))
 
 
@@ -132,7 +132,7 @@ def test_several_models_in_one_read_equal_single_model_runs(pool: Pool, checkpoi
     # xs and tiny share the image transform (32 px, bicubic) but not the tokenizer (32 vs 24 tokens)
     tiny = save_checkpoint(tmp_path / "tiny.pt", arch="clipsift-tiny", seed=1)
     models = [(ARCH, str(checkpoint)), ("clipsift-tiny", str(tiny))]
-    xs_result, tiny_result = score_models(pool.url, models, batch_size=40, workers=1, precision="fp32")
+    xs_result, tiny_result = score_models(pool.url, models, ScoreSettings(batch_size=40, workers=1, precision="fp32"))
     assert [(r.shards_scored, r.pairs, r.failed) for r in (xs_result, tiny_result)] == [(3, 96, 0)] * 2
     assert_equals_direct(pool, xs_result.model_id, checkpoint)
     assert_equals_direct(pool, tiny_result.model_id, tiny, arch="clipsift-tiny")
@@ -142,7 +142,7 @@ def test_several_models_in_one_read_equal_single_model_runs(pool: Pool, checkpoi
 
     single = tmp_path / "single"
     synth_pool(str(single), num_samples=96, shard_size=32, workers=1)  # the same pool again (the generator is deterministic)
-    alone = score_pool(str(single), ARCH, str(checkpoint), batch_size=40, workers=1, precision="fp32")
+    alone = score_pool(str(single), ARCH, str(checkpoint), ScoreSettings(batch_size=40, workers=1, precision="fp32"))
     assert alone.model_id == xs_result.model_id
     for shard in pool.shard_ids():
         assert Pool(str(single)).embeddings(alone.model_id, shard).equals(pool.embeddings(xs_result.model_id, shard))
@@ -153,7 +153,8 @@ def test_several_models_in_one_read_equal_single_model_runs(pool: Pool, checkpoi
     (folder / xs_result.model_id / "00000001.parquet").unlink()
     (folder / tiny_result.model_id / "00000002.parquet").unlink()
     written: list[tuple[str, str]] = []
-    again = score_models(pool.url, models, batch_size=40, workers=1, precision="fp32", on_shard_written=lambda m, s: written.append((m, s)))
+    again = score_models(pool.url, models, ScoreSettings(batch_size=40, workers=1, precision="fp32"),
+                         on_shard_written=lambda m, s: written.append((m, s)))
     assert sorted(written) == sorted([(xs_result.model_id, "00000001"), (tiny_result.model_id, "00000002")])
     assert [(r.shards_scored, r.shards_skipped) for r in again] == [(1, 2), (1, 2)]
     assert {p: p.read_bytes() for p in folder.rglob("*.parquet")} == before  # same bytes recomputed, others untouched
@@ -204,10 +205,10 @@ def test_decoding_on_the_device_matches_decoding_on_cpu(pool: Pool, checkpoint: 
         f"{keys[8]}.jpg": lambda data: data[:len(data) // 2], f"{keys[9]}.jpg": lambda data: data + b"\0trailer"}
     rewrite_tar(Path(pool.tar_path("00000001")), lambda name, data: edits[name](data) if name in edits else data)
     # model batches of 8: four per block, so on a GPU the decoder runs while earlier batches' kernels are queued
-    on_cpu = score_pool(pool.url, ARCH, str(checkpoint), batch_size=8, workers=1, precision="fp32")
+    on_cpu = score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(batch_size=8, workers=1, precision="fp32"))
     cpu_tables = {s: pool.embeddings(on_cpu.model_id, s) for s in pool.shard_ids()}
     shutil.rmtree(Path(pool.root) / "embeddings")
-    on_device = score_pool(pool.url, ARCH, str(checkpoint), batch_size=8, workers=1, decode="device", precision="fp32")
+    on_device = score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(batch_size=8, workers=1, decode="device", precision="fp32"))
     assert (on_device.pairs, on_device.failed) == (on_cpu.pairs, on_cpu.failed) == (96, 2)
     for shard, cpu_table in cpu_tables.items():
         table = pool.embeddings(on_device.model_id, shard)
@@ -247,7 +248,7 @@ def test_device_decode_refuses_transforms_it_cannot_run(pool: Pool, checkpoint: 
     from clipsift.pipeline.score import _device_transform
 
     with pytest.raises(ClipsiftError, match="--decode 'gpu': choose one of cpu, device"):
-        score_pool(pool.url, ARCH, str(checkpoint), decode="gpu")
+        score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(decode="gpu"))
     squash = (("size", (32, 32)), ("interpolation", "bicubic"), ("resize_mode", "squash"), ("fill_color", 0))
     with pytest.raises(ClipsiftError, match="--decode device runs open_clip's default eval transform only"):
         _device_transform(squash)
@@ -302,13 +303,13 @@ def test_embeddings_outside_the_pool_through_the_cli(pool: Pool, checkpoint: Pat
     manifest = json.loads((out / model_id / "manifest.json").read_text())
     assert (manifest["pool"], manifest["rows"]) == (pool.url, 96)
     assert f"{out}/{model_id}" in scored.stderr
-    again = score_pool(pool.url, ARCH, str(checkpoint), workers=1, out=str(out))
+    again = score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(workers=1), out=str(out))
     assert (again.shards_scored, again.shards_skipped) == (0, 3)
     other = tmp_path / "other"  # another pool with the same shard names may not take these files as its own
     synth_pool(str(other), num_samples=64, shard_size=32, workers=1)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(ClipsiftError, match="holds embeddings of another pool"):
-        score_pool(str(other), ARCH, str(checkpoint), workers=1, out=str(out))
+        score_pool(str(other), ARCH, str(checkpoint), ScoreSettings(workers=1), out=str(out))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
     recipe = ["--recipe", "synth_clip_score", "--set", f"model_id={model_id}", "--set", "fraction=0.5", "--workers", "1"]

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "tiny_filtering.py"
+from conftest import REPO
+
+BENCH = REPO / "bench" / "tiny_filtering.py"
 
 
 def _benchmark():

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipsift.pipeline.check import check_pool
-from conftest import rewrite_tar
+from conftest import clipsift, rewrite_tar
 
 SHARD0 = "00000000"
 KEY = "00000000_00000002"  # the third sample of shard 0
@@ -98,14 +98,12 @@ def test_pool_json_counts_must_match(small_pool: Path) -> None:
 
 def test_check_on_ray_and_cli_exit_status(small_pool: Path) -> None:
     """Two Ray workers find the same problem; the CLI prints it and exits 1 (0 on a clean pool)."""
-    clean = subprocess.run([sys.executable, "-m", "clipsift", "pool", "check", str(small_pool), "--workers", "1"],
-                           capture_output=True, text=True)
+    clean = clipsift("pool", "check", str(small_pool), "--workers", "1")
     assert clean.returncode == 0, clean.stderr
     rewrite_tar(small_pool / "shards" / "00000001.tar", lambda name, data: b"garbage" if name.endswith("00000004.jpg") else data)
     report = check_pool(str(small_pool), workers=2)
     assert [p.key for p in report.problems if "undecodable" in p.reason] == ["00000001_00000004"]
-    broken = subprocess.run([sys.executable, "-m", "clipsift", "pool", "check", str(small_pool), "--workers", "1"],
-                            capture_output=True, text=True)
+    broken = clipsift("pool", "check", str(small_pool), "--workers", "1")
     assert broken.returncode == 1
     assert "undecodable image" in broken.stderr and "00000001_00000004" in broken.stderr
 

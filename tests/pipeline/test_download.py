@@ -30,6 +30,7 @@ from clipsift.pipeline import download
 from clipsift.pipeline.check import check_pool
 from clipsift.pipeline.datacomp import datacomp_summary_rows, from_datacomp
 from clipsift.pipeline.download import (
+    DownloadSettings,
     download_pool,
     download_summary_rows,
     plan_download,
@@ -38,6 +39,7 @@ from clipsift.pipeline.download import (
 )
 from clipsift.pipeline.pool import Pool, derive_uid
 from clipsift.pipeline.ui import console, summary_table
+from conftest import clipsift, clipsift_started
 
 IMAGE_SIZE = 64
 
@@ -170,7 +172,8 @@ CASES = [
 SHARD0_PATHS = [path for _, path, _, _ in CASES[:8]]
 SHARD1_PATHS = [path for _, path, _, _ in CASES[8:12]]
 DOWNLOAD_OPTIONS = {"processes": 1, "threads": 16, "image_size": IMAGE_SIZE, "shard_size": SHARD_SIZE, "retries": 1,
-                    "timeout": 2, "verify_sha256": True, "workers": 1}
+                    "timeout": 2, "verify_sha256": True}
+DOWNLOAD_SETTINGS = DownloadSettings(**DOWNLOAD_OPTIONS)
 
 
 def url_table(server: ImageServer, refused: str) -> pa.Table:
@@ -203,8 +206,8 @@ def kill_after_first_shard(urls: Path, out: Path, server: ImageServer, log: Path
     """`clipsift pool download` in a subprocess, SIGKILLed (with img2dataset's workers) once shard 0 is done
     and shard 1 is being fetched (its paths are gated)."""
     with log.open("w") as handle:
-        run = subprocess.Popen([sys.executable, "-m", "clipsift", "pool", "download", str(urls), "--out", str(out),
-                                *cli_args(DOWNLOAD_OPTIONS)], stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        run = clipsift_started("pool", "download", str(urls), "--out", str(out), *cli_args(DOWNLOAD_OPTIONS), "--workers", "1",
+                               stdout=handle, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 120
             shard0 = out / "download" / "img2dataset" / "00000_stats.json"
@@ -252,10 +255,10 @@ def downloaded(tmp_path_factory: pytest.TempPathFactory):
 
         with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError, match="killed while adopting"):
             patch.setattr(download, "place_img2dataset_shard", failing)
-            download_pool(str(urls), str(out), **DOWNLOAD_OPTIONS)
+            download_pool(str(urls), str(out), DOWNLOAD_SETTINGS, workers=1)
         after_failure = {"counts": server.requests(), "shards": Pool(str(out)).shard_ids(), "tmp": list(out.rglob("*.tmp-*")),
                          "finished": sorted(p.name for p in staging.glob("*_stats.json"))}
-        result = download_pool(str(urls), str(out), **DOWNLOAD_OPTIONS)
+        result = download_pool(str(urls), str(out), DOWNLOAD_SETTINGS, workers=1)
         labels = {label: url for (label, *_), url in zip(CASES, table["url"].to_pylist())}
         yield Downloaded(result, out, labels, server.requests(), killed, after_failure)
     finally:
@@ -414,7 +417,7 @@ def test_missing_caption_column(tmp_path: Path) -> None:
 def test_verify_sha256_needs_a_sha256_column(tmp_path: Path) -> None:
     pq.write_table(pa.table({"url": ["http://x.test/a.jpg"], "caption": ["x"]}), tmp_path / "urls.parquet")
     with pytest.raises(ClipsiftError, match="--verify-sha256 needs a sha256 column"):
-        download_pool(str(tmp_path / "urls.parquet"), str(tmp_path / "pool"), verify_sha256=True, workers=1)
+        download_pool(str(tmp_path / "urls.parquet"), str(tmp_path / "pool"), DownloadSettings(verify_sha256=True), workers=1)
 
 
 def test_folders_without_parquets(tmp_path: Path) -> None:
@@ -576,11 +579,6 @@ def test_datacomp_features_must_align_with_their_parquet(datacomp: dict) -> None
 
 
 # --------------------------------------------------------------------------- the command line
-
-
-def clipsift(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "250"}
-    return subprocess.run([sys.executable, "-m", "clipsift", *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_cli_from_datacomp_and_download_errors(datacomp: dict, tmp_path: Path) -> None:

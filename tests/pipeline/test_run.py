@@ -19,11 +19,11 @@ import yaml
 from clipsift import ClipsiftError
 from clipsift.pipeline.run import STAGES_FILE, Runner, run_pipeline, stage_names
 from clipsift.pipeline.run_config import RunConfigError, load_run_config, shipped_runs
+from clipsift.eval.stage import EvalOutput
+from clipsift.stage import Outputs
+from clipsift.train.stages import TrainOutput
+from conftest import REPO, clipsift_started as clipsift
 
-def clipsift(*args: str, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "COLUMNS": "250", "RAY_AUTH_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, "-m", "clipsift", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True, **kwargs)
 
 
 def sha256(path: str | Path) -> str:
@@ -31,7 +31,7 @@ def sha256(path: str | Path) -> str:
 
 
 def write_config(path: Path, change: dict | None = None, base: str = "xs") -> Path:
-    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "runs" / f"{base}.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs" / "runs" / f"{base}.yaml").read_text())
     for dotted, value in (change or {}).items():
         *parents, last = dotted.split(".")
         node = config
@@ -290,10 +290,11 @@ def test_submit_stage_takes_the_submission_an_earlier_attempt_posted(tmp_path: P
 
     config, where = load_run_config(str(write_config(tmp_path / "run.yaml", {"submit.method_name": "resumed"})))
     runner = Runner(config, tmp_path / "RUN", where)
-    runner.outputs = {"train": {"run": str(write_run(tmp_path / "train", seed=11))}, "eval": {"suite": "tiny"}}
-    first = runner._run_submit()
-    again = runner._run_submit()
-    assert (first["found_existing"], again["found_existing"]) == (False, True)
-    assert again["id"] == first["id"] and again["leaderboard"] == first["leaderboard"] == str(tmp_path / "RUN" / "leaderboard.db")
-    runner.outputs["submit"] = again
-    assert runner.detail("submit").endswith("(there already: same subset, scale and results)")
+    done = Outputs()
+    done.put("train", TrainOutput(str(write_run(tmp_path / "train", seed=11)), "", "xs", "", "", 0, None, None))
+    done.put("eval", EvalOutput("tiny", None, "", "", "", "", 0.0, True, 0, None))
+    stage = runner.stage("submit")
+    first, again = stage.run(done), stage.run(done)
+    assert (first.found_existing, again.found_existing) == (False, True)
+    assert again.id == first.id and again.leaderboard == first.leaderboard == str(tmp_path / "RUN" / "leaderboard.db")
+    assert stage.detail(again, done).endswith("(there already: same subset, scale and results)")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from clipsift import ClipsiftError
-from clipsift.eval.registry import load_suite, suite_names
+from clipsift.eval import task_types
+from clipsift.eval.registry import load_suite, parse_suite, suite_names
 
 # The reference table: key -> (metric, test size, classes); None marks unscored / no classes.
 REFERENCE = {
@@ -108,3 +111,124 @@ def test_suite_hash_ignores_formatting_but_not_content(tmp_path):
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(data), encoding="utf-8")
     assert load_suite(str(changed)).sha256 != shipped.sha256
+
+
+# --------------------------------------------------------------------------- task types are registered classes
+
+
+UNKNOWN_TYPE = ("s: task a: type: 'regression' is not one of classification, retrieval, winogavil, multiobjective "
+                "(a worst-group classification is `classification` with a group column, see docs/evaluation.md)")
+
+
+def test_an_unknown_task_type_is_refused_with_the_known_ones() -> None:
+    with pytest.raises(ClipsiftError) as err:
+        parse_suite({"suite": "s", "tasks": [{"key": "a", "type": "regression", "metric": "m"}]})
+    assert str(err.value) == UNKNOWN_TYPE
+    with pytest.raises(ClipsiftError, match="type: 'regression' is not one of classification, retrieval"):
+        task_types.get("regression")
+
+
+def test_the_built_in_types_declare_what_the_suites_rely_on() -> None:
+    assert task_types.names() == ("classification", "retrieval", "winogavil", "multiobjective")
+    cls, ret, wino, multi = (task_types.get(name) for name in task_types.names())
+    assert cls.main_metrics("wg") == ("acc1", "acc5", "mean_per_class_recall", "F1-macro_all", "acc_wg", "acc_top5_wg")
+    assert ret.main_metrics() == ("image_retrieval_recall@1", "image_retrieval_recall@5", "image_retrieval_recall@10",
+                                  "text_retrieval_recall@1", "text_retrieval_recall@5", "text_retrieval_recall@10",
+                                  "mean_recall@1")
+    assert wino.main_metrics()[-1] == "jaccard_score_10-12"
+    assert multi.main_metrics(None, ("age", "race")) == ("acc_age", "acc_age_wg", "acc_race", "acc_race_wg")
+    assert [t.layouts for t in (cls, ret, wino, multi)] == [("wds", "folder", "table"), ("wds", "table"),
+                                                            ("wds",), ("wds",)]
+    assert [t.type_file for t in (cls, ret, wino, multi)] == [None, "retrieval", "winogavil", None]
+    assert [t.hub_parquet for t in (cls, ret, wino, multi)] == [False, True, True, False]
+    assert load_suite("tiny").task("tiny/retrieval").kind is ret
+
+
+class _StubModel:
+    """Just enough of EvalModel for `embed_images`: an image's embedding is its mean colour."""
+
+    weights_sha256 = "0" * 64
+
+    def __init__(self) -> None:
+        import torch
+
+        self.device = torch.device("cpu")
+
+    def pixels(self, image):
+        import numpy as np
+
+        return np.asarray(image.convert("RGB").resize((4, 4)), dtype=np.uint8)
+
+    def encode_images(self, images):
+        return images.float().mean(dim=(1, 2)).numpy()
+
+    def describe(self) -> dict:
+        return {"arch": "stub", "weights_sha256": self.weights_sha256}
+
+
+@pytest.fixture
+def redness():
+    """A task type registered by a test: is an image red (cls 1) or blue (cls 0); its metric is the accuracy."""
+    from clipsift.eval.task_types.base import Record, TaskType, image_member, register
+
+    @register
+    class Redness(TaskType):
+        name = "redness"
+        type_file = "redness"
+        parsed: ClassVar[list[int]] = []  # indices of the samples parse_sample saw
+
+        def main_metrics(self, group_name=None, objectives=()):
+            return ("red_acc",)
+
+        def parse_sample(self, entry, index, source, with_meta):
+            self.parsed.append(index)
+            return Record(index, label=int(entry.members["cls"].decode())), [image_member(entry, source)]
+
+        def evaluate(self, model, task, data, batch_size, workers, cache_dir):
+            import numpy as np
+
+            from clipsift.eval.run import check_size, embed_images
+
+            emb, records = embed_images(model, task, data, batch_size, workers)
+            check_size(task, data, len(records))
+            red = emb[:, 0] > emb[:, 2]
+            labels = np.array([r.label for r in records])
+            return {"red_acc": float(np.mean(red == labels)), "num_red": int(red.sum())}, len(records)
+
+    try:
+        yield Redness
+    finally:
+        task_types.REGISTRY.pop("redness")
+
+
+def test_a_registered_task_type_validates_and_is_evaluated_through_its_class(redness, tmp_path: Path) -> None:
+    from conftest import image_bytes
+
+    from clipsift.eval.data import write_task
+    from clipsift.eval.run import RESULTS, evaluate_model
+
+    entry = {"key": "custom/redness", "type": "redness", "metric": "red_acc", "size": 4}
+    with pytest.raises(ClipsiftError, match="'acc1' is not a metric of this redness task; choose one of red_acc"):
+        parse_suite({"suite": "custom", "tasks": [{**entry, "metric": "acc1"}]})
+    with pytest.raises(ClipsiftError, match="layout: redness data is read only in the webdataset layout"):
+        parse_suite({"suite": "custom", "tasks": [{**entry, "data": "t.csv", "layout": "table"}]})
+    with pytest.raises(ClipsiftError, match="only classification tasks have class names"):
+        parse_suite({"suite": "custom", "tasks": [{**entry, "classnames": ["a", "b"]}]})
+    suite = parse_suite({"suite": "custom", "tasks": [entry]})
+    assert suite.tasks[0].kind.name == "redness" and isinstance(suite.tasks[0].kind, redness)
+
+    red, blue = image_bytes((220, 20, 20)), image_bytes((20, 20, 220))
+    labelled = [(red, 1), (blue, 0), (red, 1), (blue, 1)]  # the last is mislabelled: accuracy 3/4
+    samples = ({"jpg": img, "cls": str(label).encode()} for img, label in labelled)
+    write_task(str(tmp_path / "data" / "custom" / "redness"), samples, dataset_type="redness")
+    result = evaluate_model(_StubModel(), suite, list(suite.tasks), str(tmp_path / "data"), str(tmp_path / "out"))
+    assert [(o.status, o.error) for o in result.outcomes] == [("done", None)]
+    assert result.outcomes[0].value == pytest.approx(0.75)
+    assert sorted(redness.parsed) == [0, 1, 2, 3]
+    line = json.loads((tmp_path / "out" / RESULTS).read_text(encoding="utf-8"))
+    assert line["metrics"] == {"red_acc": 0.75, "num_red": 2} and line["n"] == 4
+    assert result.summary["suites"]["custom"]["average"] == pytest.approx(0.75)
+
+    (tmp_path / "data" / "custom" / "redness" / "dataset_type.txt").write_text("retrieval\n")
+    again = evaluate_model(_StubModel(), suite, list(suite.tasks), str(tmp_path / "data"), str(tmp_path / "again"))
+    assert "holds retrieval data (dataset_type.txt), the task is redness" in again.outcomes[0].error

@@ -1,0 +1,68 @@
+"""Several classifications of one image (FairFace, UTKFace: age, gender, race), each with its worst group.
+
+A sample is an image and `npy`, its metadata vector (`metadata.fields`), which holds the class of
+each objective; classnames.txt and the templates file are "objective:text" lines. Read only in the
+webdataset layout; the built-in suites report these tasks but do not score them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from clipsift import ClipsiftError
+from clipsift.eval import metrics
+from clipsift.eval.task_types.base import Record, TaskType, image_member, npy_member, register
+
+if TYPE_CHECKING:
+    from clipsift.eval.data import TaskData
+    from clipsift.eval.model import EvalModel
+    from clipsift.eval.registry import Task
+    from clipsift.pipeline.pool import TarEntry
+
+
+def split_objectives(lines: list[str]) -> dict[str, list[str]]:
+    """'objective:text' lines -> {objective: [text, ...]} in order."""
+    split: dict[str, list[str]] = {}
+    for line in lines:
+        objective, sep, text = line.partition(":")
+        if not sep:
+            raise ClipsiftError(f"multiobjective line {line!r} is not 'objective:text'")
+        split.setdefault(objective.strip(), []).append(text.strip())
+    return split
+
+
+@register
+class MultiObjective(TaskType):
+    name = "multiobjective"
+    class_files = True
+
+    def main_metrics(self, group_name: str | None = None, objectives: Sequence[str] = ()) -> tuple[str, ...]:
+        return tuple(name for o in objectives for name in (f"acc_{o}", f"acc_{o}_wg"))
+
+    def parse_sample(self, entry: TarEntry, index: int, source: str, with_meta: bool) -> tuple[Record, list[bytes]]:
+        return Record(index, meta=npy_member(entry, source)), [image_member(entry, source)]
+
+    def evaluate(self, model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int,
+                 cache_dir: str) -> tuple[dict[str, Any], int]:
+        """Accuracy per objective and its worst group (by the metadata's `group_by`, race)."""
+        from clipsift.eval.model import zero_shot_classifier
+        from clipsift.eval.run import check_size, embed_images
+
+        spec = data.metadata
+        emb, records = embed_images(model, task, data, batch_size, workers)
+        check_size(task, data, len(records))
+        classes, templates = split_objectives(data.classnames), split_objectives(data.templates)
+        meta = np.stack([r.meta for r in records])
+        groups = meta[:, spec.column] if spec and spec.group_by else None
+        values: dict[str, Any] = {}
+        for objective, names in classes.items():
+            if spec is None or objective not in spec.fields or objective not in templates:
+                continue
+            weights = zero_shot_classifier(model, names, templates[objective], cache_dir)
+            correct = metrics.predictions(emb @ weights) == meta[:, spec.fields.index(objective)]
+            values[f"acc_{objective}"] = float(correct.mean())
+            if groups is not None:
+                values[f"acc_{objective}_wg"] = metrics.worst_group(correct, groups)
+        return values, len(records)

@@ -1,0 +1,62 @@
+"""Image-text retrieval: an image and `txt`, its captions one per line (Flickr, MSCOCO); recall@k both ways.
+
+Read from the webdataset layout or a table with a caption column; `eval download` converts the
+Hub's parquet files (`download._retrieval_samples`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+
+from clipsift import ClipsiftError
+from clipsift.eval import metrics
+from clipsift.eval.task_types.base import Record, TaskType, image_member, register
+
+if TYPE_CHECKING:
+    from clipsift.eval.data import TaskData
+    from clipsift.eval.model import EvalModel
+    from clipsift.eval.registry import Task
+    from clipsift.pipeline.pool import TarEntry
+
+
+@register
+class Retrieval(TaskType):
+    name = "retrieval"
+    layouts = ("wds", "table")
+    captioned = True
+    type_file = "retrieval"
+    hub_parquet = True
+
+    def main_metrics(self, group_name: str | None = None, objectives: Sequence[str] = ()) -> tuple[str, ...]:
+        recalls = tuple(f"{way}_retrieval_recall@{k}" for way in ("image", "text") for k in metrics.RETRIEVAL_KS)
+        return recalls + ("mean_recall@1",)
+
+    def default_metric(self, grouped: bool) -> str:
+        return "mean_recall@1"
+
+    def parse_sample(self, entry: TarEntry, index: int, source: str, with_meta: bool) -> tuple[Record, list[bytes]]:
+        if "txt" not in entry.members:
+            raise ClipsiftError(f"{source}: sample {entry.key} has no `txt` member (its captions, one per line)")
+        texts = [t.strip() for t in entry.members["txt"].decode("utf-8").splitlines() if t.strip()]
+        if not texts:
+            raise ClipsiftError(f"{source}: sample {entry.key} has no caption")
+        return Record(index, texts=texts), [image_member(entry, source)]
+
+    def evaluate(self, model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int,
+                 cache_dir: str) -> tuple[dict[str, Any], int]:
+        from clipsift.eval.run import check_size, embed_images
+
+        emb, records = embed_images(model, task, data, batch_size, workers)
+        check_size(task, data, len(records))
+        texts = [t for r in records for t in r.texts]
+        text_image = np.repeat(np.arange(len(records)), [len(r.texts) for r in records])
+        values = metrics.retrieval_metrics(emb, model.encode_texts(texts), text_image)
+        values["num_captions"] = len(texts)
+        return values, len(records)
+
+    def hub_samples(self, rows: Iterator[dict[str, Any]], where: str) -> Iterator[dict[str, bytes]]:
+        from clipsift.eval.download import _retrieval_samples
+
+        return _retrieval_samples(rows, where)
