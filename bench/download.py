@@ -92,24 +92,41 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=32)
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--image-size", type=int, default=512)
-    parser.add_argument("--dir", default=None, help="Scratch directory (default: a temporary one, removed at the end).")
+    parser.add_argument(
+        "--dir", default=None, help="Scratch directory (default: a temporary one, removed at the end)."
+    )
     args = parser.parse_args()
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="clipsift-bench-download-"))
     server = Server(make_images())
     urls = [f"http://127.0.0.1:{server.server_address[1]}/img/{i}.jpg" for i in range(args.images)]
-    table = pa.table({"url": urls, "caption": [f"generated image {i}" for i in range(args.images)],
-                      "uid": [derive_uid(u) for u in urls]})
+    table = pa.table(
+        {
+            "url": urls,
+            "caption": [f"generated image {i}" for i in range(args.images)],
+            "uid": [derive_uid(u) for u in urls],
+        }
+    )
     scratch.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, scratch / "urls.parquet")
-    common = dict(image_size=args.image_size, shard_size=args.shard_size, processes=args.processes, threads=args.threads,
-                  retries=2, timeout=10, blur_faces=True, verify_sha256=False)
+    common = dict(
+        image_size=args.image_size,
+        shard_size=args.shard_size,
+        processes=args.processes,
+        threads=args.threads,
+        retries=2,
+        timeout=10,
+        blur_faces=True,
+        verify_sha256=False,
+    )
     settings = img2dataset_settings(**common, bbox=False)
 
     def direct() -> None:
         import img2dataset
 
         shutil.rmtree(scratch / "img2dataset", ignore_errors=True)
-        img2dataset.download(url_list=str(scratch / "urls.parquet"), output_folder=str(scratch / "img2dataset"), **settings)
+        img2dataset.download(
+            url_list=str(scratch / "urls.parquet"), output_folder=str(scratch / "img2dataset"), **settings
+        )
 
     inner: list[float] = []  # img2dataset's share of each clipsift run
     run_img2dataset = download.run_img2dataset
@@ -134,18 +151,26 @@ def main() -> None:
         stored = Pool(str(scratch / "pool")).info["num_samples"]
         assert stored == args.images, f"the pool holds {stored} of {args.images} images"
         best = {name: min(values) for name, values in times.items()}
-        print(f"download of {args.images:,} images from a local server on {os.cpu_count()} cores "
-              f"({args.processes} processes x {args.threads} threads, {args.shard_size} per shard, image size {args.image_size})")
+        print(
+            f"download of {args.images:,} images from a local server on {os.cpu_count()} cores "
+            f"({args.processes} processes x {args.threads} threads, {args.shard_size} per shard, image size {args.image_size})"
+        )
         for name, values in times.items():
             runs = ", ".join(f"{v:.1f}" for v in values)
-            print(f"  {name:<12} {args.images / best[name]:>8,.0f} images/s   best {best[name]:.2f} s "
-                  f"(median {statistics.median(values):.2f} s; runs {runs} s)")
-        print(f"  ratio clipsift / img2dataset time: {best['clipsift'] / best['img2dataset']:.3f} (best), "
-              f"{statistics.median(times['clipsift']) / statistics.median(times['img2dataset']):.3f} (median); goal <= 1.1")
+            print(
+                f"  {name:<12} {args.images / best[name]:>8,.0f} images/s   best {best[name]:.2f} s "
+                f"(median {statistics.median(values):.2f} s; runs {runs} s)"
+            )
+        print(
+            f"  ratio clipsift / img2dataset time: {best['clipsift'] / best['img2dataset']:.3f} (best), "
+            f"{statistics.median(times['clipsift']) / statistics.median(times['img2dataset']):.3f} (median); goal <= 1.1"
+        )
         own = [total - i2d for total, i2d in zip(times["clipsift"], inner)]
-        print(f"  clipsift's own stages (plan, adopt, status, pool.json) per run: {', '.join(f'{o:.2f}' for o in own)} s; "
-              f"ratio of each clipsift run to the img2dataset call inside it: "
-              f"{', '.join(f'{t / i:.3f}' for t, i in zip(times['clipsift'], inner))}")
+        print(
+            f"  clipsift's own stages (plan, adopt, status, pool.json) per run: {', '.join(f'{o:.2f}' for o in own)} s; "
+            f"ratio of each clipsift run to the img2dataset call inside it: "
+            f"{', '.join(f'{t / i:.3f}' for t, i in zip(times['clipsift'], inner))}"
+        )
     finally:
         server.shutdown()
         if not args.dir:

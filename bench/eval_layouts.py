@@ -34,7 +34,11 @@ def write_images(root: Path, n: int, side: int, classes: int = 10) -> None:
     lines = ["image,label"]
     for i in range(n):
         label = f"class_{i % classes}"
-        pixels = (base[None, :, None] * rng.uniform(0.2, 1, 3) + rng.normal(0, 12, (side, side, 3))).clip(0, 255).astype(np.uint8)
+        pixels = (
+            (base[None, :, None] * rng.uniform(0.2, 1, 3) + rng.normal(0, 12, (side, side, 3)))
+            .clip(0, 255)
+            .astype(np.uint8)
+        )
         path = root / "folder" / label / f"{i:06d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
@@ -55,7 +59,9 @@ def transform(image: Image.Image) -> np.ndarray:
 
 def read_all(data, workers: int) -> int:
     dataset = EvalBatches(data, "classification", transform, 256)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None
+    )
     return sum(len(batch["records"]) for batch in loader)
 
 
@@ -74,12 +80,21 @@ def main() -> None:
         print(f"{args.images} images of {args.side} px written in {time.perf_counter() - started:.1f} s")
         started = time.perf_counter()
         made = make_task(str(tmp / "folder"), "classification", str(tmp / "wds"))
-        print(f"make-task: {made.samples} samples into {made.shards} tars in {time.perf_counter() - started:.1f} s "
-              f"({made.samples / (time.perf_counter() - started):,.0f} images/s)")
-        suite = parse_suite({"suite": "bench", "tasks": [
-            {"key": "folder", "type": "classification", "metric": "acc1", "data": "folder"},
-            {"key": "table", "type": "classification", "metric": "acc1", "data": "table.csv"},
-            {"key": "wds", "type": "classification", "metric": "acc1", "data": "wds"}]}, str(tmp / "bench.yaml"))
+        print(
+            f"make-task: {made.samples} samples into {made.shards} tars in {time.perf_counter() - started:.1f} s "
+            f"({made.samples / (time.perf_counter() - started):,.0f} images/s)"
+        )
+        suite = parse_suite(
+            {
+                "suite": "bench",
+                "tasks": [
+                    {"key": "folder", "type": "classification", "metric": "acc1", "data": "folder"},
+                    {"key": "table", "type": "classification", "metric": "acc1", "data": "table.csv"},
+                    {"key": "wds", "type": "classification", "metric": "acc1", "data": "wds"},
+                ],
+            },
+            str(tmp / "bench.yaml"),
+        )
         for workers in args.workers:
             rates = {}
             for task in suite.tasks:
@@ -92,7 +107,9 @@ def main() -> None:
                     assert read_all(data, workers) == args.images
                     best = min(best, time.perf_counter() - started)
                 rates[task.key] = args.images / best
-                print(f"workers {workers}  {task.key:7s} open+check {opened:5.2f} s  read {best:6.2f} s  {rates[task.key]:8,.0f} images/s")
+                print(
+                    f"workers {workers}  {task.key:7s} open+check {opened:5.2f} s  read {best:6.2f} s  {rates[task.key]:8,.0f} images/s"
+                )
             ratios = ", ".join(f"{key} {rates[key] / rates['wds']:.2f}" for key in ("folder", "table"))
             print(f"workers {workers}  ratio to the tars: {ratios}")
     finally:

@@ -39,8 +39,20 @@ from clipsift.pipeline import world
 from clipsift.train.models import register_model_configs
 
 # typical test-image side per task (px); others are photos of about 400 x 320
-IMAGE_SIDE = {"mnist": 28, "cifar10": 32, "vtab/cifar100": 32, "vtab/svhn": 32, "gtsrb": 48, "stl10": 96, "vtab/pcam": 96,
-              "wilds/camelyon17": 96, "vtab/eurosat": 64, "vtab/resisc45": 256, "renderedsst2": 256, "wilds/fmow": 224}
+IMAGE_SIDE = {
+    "mnist": 28,
+    "cifar10": 32,
+    "vtab/cifar100": 32,
+    "vtab/svhn": 32,
+    "gtsrb": 48,
+    "stl10": 96,
+    "vtab/pcam": 96,
+    "wilds/camelyon17": 96,
+    "vtab/eurosat": 64,
+    "vtab/resisc45": 256,
+    "renderedsst2": 256,
+    "wilds/fmow": 224,
+}
 
 
 def random_checkpoint(arch: str, path: Path) -> str:
@@ -59,13 +71,19 @@ def tiny_part(args: argparse.Namespace, tmp: Path) -> None:
     random_checkpoint(args.model, tmp / "run" / "checkpoints" / "epoch_latest.pt")
     (tmp / "run" / "run.json").write_text(json.dumps({"recipe": {"model": args.model}}))
     started = time.perf_counter()
-    result = evaluate(str(tmp / "run"), "tiny", data_dir=str(tmp / "tiny"), batch_size=args.batch_size, workers=args.workers)
+    result = evaluate(
+        str(tmp / "run"), "tiny", data_dir=str(tmp / "tiny"), batch_size=args.batch_size, workers=args.workers
+    )
     total = time.perf_counter() - started
     images = _images_per_task(tmp / "run" / "eval")
-    print(f"\n{'task':<28}{'images':>8}{'seconds':>9}{'images/s':>10}   ({args.model}, {torch.get_num_threads()} threads, "
-          f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, batch {args.batch_size})")
+    print(
+        f"\n{'task':<28}{'images':>8}{'seconds':>9}{'images/s':>10}   ({args.model}, {torch.get_num_threads()} threads, "
+        f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, batch {args.batch_size})"
+    )
     for outcome in result.outcomes:
-        print(f"{outcome.task:<28}{images[outcome.task]:>8}{outcome.seconds:>9.2f}{images[outcome.task] / outcome.seconds:>10.0f}")
+        print(
+            f"{outcome.task:<28}{images[outcome.task]:>8}{outcome.seconds:>9.2f}{images[outcome.task] / outcome.seconds:>10.0f}"
+        )
     print(f"{'whole tiny suite (incl. model load)':<37}{total:>8.2f} s for {sum(images.values()):,} images")
     print(f"model alone (encode_images on ready uint8 batches): {_model_only(tmp / 'run', args):,.0f} images/s")
 
@@ -115,7 +133,9 @@ def _task_samples(task: Task, size: int, rng: np.random.Generator):
         elif task.type == "winogavil":
             n = (5, 6, 10, 12)[i % 4]
             candidates = [f"w{i}_{j}" for j in range(n)]
-            sample = {"json": json.dumps({"cue": "tree", "candidates": candidates, "associations": candidates[:2]}).encode()}
+            sample = {
+                "json": json.dumps({"cue": "tree", "candidates": candidates, "associations": candidates[:2]}).encode()
+            }
             sample.update({f"img{j:02d}.jpg": photos[(i + j) % len(photos)] for j in range(n)})
             yield sample
         elif task.type == "multiobjective":
@@ -132,7 +152,11 @@ def _labels(task: Task) -> tuple[list[str] | None, list[str] | None, str | None]
         return None, None, task.type
     if task.type == "multiobjective":
         classes = [f"age:{a}" for a in range(9)] + ["gender:male", "gender:female"] + [f"race:r{r}" for r in range(7)]
-        return classes, ["age:a photo of a person aged {c}.", "gender:a photo of a {c}.", "race:a photo of a {c} person."], None
+        return (
+            classes,
+            ["age:a photo of a person aged {c}.", "gender:a photo of a {c}.", "race:a photo of a {c} person."],
+            None,
+        )
     many = task.key.startswith("imagenet") or task.key == "objectnet"
     templates = [f"template {t} of a {{c}}." for t in range(80 if many else 8)]
     # the 1000-class ImageNet variants share class names and templates, as the real ones do
@@ -147,7 +171,13 @@ def write_datacomp_shaped(suite: Suite, root: Path, fraction: float) -> Suite:
     for task in suite.tasks:
         size = max(4, int(task.size * fraction))
         classes, templates, kind = _labels(task)
-        write_task(str(root / task.key), _task_samples(task, size, rng), classnames=classes, templates=templates, dataset_type=kind)
+        write_task(
+            str(root / task.key),
+            _task_samples(task, size, rng),
+            classnames=classes,
+            templates=templates,
+            dataset_type=kind,
+        )
         tasks.append(dataclasses.replace(task, size=size))
     return dataclasses.replace(suite, tasks=tuple(tasks))
 
@@ -164,23 +194,43 @@ def full_part(args: argparse.Namespace, tmp: Path) -> None:
     print(f"\ndatacomp38-shaped data written in {time.perf_counter() - started:.0f} s")
     register_model_configs()
     model, _, preprocess = open_clip.create_model_and_transforms(args.full_model)
-    loaded = EvalModel(model.to(device).eval(), preprocess, open_clip.get_tokenizer(args.full_model), args.full_model,
-                       "0" * 64, torch.device(device), eval_dtype("auto", device == "cuda"))
+    loaded = EvalModel(
+        model.to(device).eval(),
+        preprocess,
+        open_clip.get_tokenizer(args.full_model),
+        args.full_model,
+        "0" * 64,
+        torch.device(device),
+        eval_dtype("auto", device == "cuda"),
+    )
     workers = default_workers() if args.workers is None else args.workers
     started = time.perf_counter()
-    result = evaluate_model(loaded, suite, list(suite.tasks), str(tmp / "datacomp38"), str(tmp / "out"),
-                            batch_size=args.full_batch_size, workers=workers)
+    result = evaluate_model(
+        loaded,
+        suite,
+        list(suite.tasks),
+        str(tmp / "datacomp38"),
+        str(tmp / "out"),
+        batch_size=args.full_batch_size,
+        workers=workers,
+    )
     total = time.perf_counter() - started
     counts = _images_per_task(tmp / "out")
     images = sum(counts.values())
-    print(f"\n{'task':<52}{'images':>8}{'seconds':>9}{'images/s':>10}   ({args.full_model}, {device}, batch {args.full_batch_size}, "
-          f"{workers} loader workers)")
+    print(
+        f"\n{'task':<52}{'images':>8}{'seconds':>9}{'images/s':>10}   ({args.full_model}, {device}, batch {args.full_batch_size}, "
+        f"{workers} loader workers)"
+    )
     for outcome in result.outcomes:
         n = counts.get(outcome.task, 0)
-        print(f"{outcome.task:<52}{n:>8}{outcome.seconds:>9.1f}{n / outcome.seconds:>10.0f}"
-              + (f"  FAILED {outcome.error}" if outcome.status == "failed" else ""))
-    print(f"whole datacomp38-shaped suite: {total / 60:.1f} min for {images:,} images ({images / total:,.0f} images/s); "
-          f"target at full size: <= 15 min on one H100")
+        print(
+            f"{outcome.task:<52}{n:>8}{outcome.seconds:>9.1f}{n / outcome.seconds:>10.0f}"
+            + (f"  FAILED {outcome.error}" if outcome.status == "failed" else "")
+        )
+    print(
+        f"whole datacomp38-shaped suite: {total / 60:.1f} min for {images:,} images ({images / total:,.0f} images/s); "
+        f"target at full size: <= 15 min on one H100"
+    )
 
 
 def main() -> None:
@@ -190,8 +240,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: eval's default)")
     parser.add_argument("--full-model", default="ViT-B-32")
     parser.add_argument("--full-batch-size", type=int, default=512)
-    parser.add_argument("--full-fraction", type=float, default=1.0, help="scale every task's size (1.0 = the real sizes)")
-    parser.add_argument("--full-on-cpu", action="store_true", help="run part 2 without a GPU (a smoke test with a small fraction)")
+    parser.add_argument(
+        "--full-fraction", type=float, default=1.0, help="scale every task's size (1.0 = the real sizes)"
+    )
+    parser.add_argument(
+        "--full-on-cpu", action="store_true", help="run part 2 without a GPU (a smoke test with a small fraction)"
+    )
     parser.add_argument("--skip-tiny", action="store_true")
     parser.add_argument("--keep", default=None, help="write the data here and keep it (default: a temporary folder)")
     args = parser.parse_args()

@@ -18,17 +18,55 @@ import sys
 import zipfile
 from pathlib import Path
 
-PACKAGES = ("ray", "open_clip_torch", "ftfy", "wcwidth", "pydantic", "pydantic_core", "annotated_types", "typing_inspection",
-            "jsonschema", "jsonschema_specifications", "referencing", "rpds_py", "webdataset", "braceexpand")
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
+PACKAGES = (
+    "ray",
+    "open_clip_torch",
+    "ftfy",
+    "wcwidth",
+    "pydantic",
+    "pydantic_core",
+    "annotated_types",
+    "typing_inspection",
+    "jsonschema",
+    "jsonschema_specifications",
+    "referencing",
+    "rpds_py",
+    "webdataset",
+    "braceexpand",
+)
+PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+)
 CARRY_LIMIT = 64 * 2**20
 
 
 def download(out: Path) -> None:
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in PACKAGES]
     platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-                    "--implementation", "cp", *platforms, "--dest", str(out), *pins], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "--implementation",
+            "cp",
+            *platforms,
+            "--dest",
+            str(out),
+            *pins,
+        ],
+        check=True,
+    )
 
 
 def drop_members(wheel: Path, prefix: str) -> None:
@@ -53,8 +91,10 @@ def main() -> None:
     total = sum(w.stat().st_size for w in wheels)
     for wheel in wheels:
         print(f"  {wheel.stat().st_size / 2**20:6.1f} MiB  {wheel.name}")
-    print(f"{len(wheels)} wheels, {total / 2**20:.1f} MiB in {out}/ (a device call carries {CARRY_LIMIT / 2**20:.0f} MiB with the "
-          "working tree)")
+    print(
+        f"{len(wheels)} wheels, {total / 2**20:.1f} MiB in {out}/ (a device call carries {CARRY_LIMIT / 2**20:.0f} MiB with the "
+        "working tree)"
+    )
     if total > CARRY_LIMIT:
         sys.exit("too large for one device call")
 

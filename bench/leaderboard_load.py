@@ -34,12 +34,11 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' writer of run directories in the real formats
 
-from leaderboard_support import PostgresDatabase, ServerProcess, payload_of, write_run
-
 from clipsift.eval.aggregate import suite_summary
 from clipsift.eval.registry import load_suite
 from clipsift.leaderboard.db import Database
 
+from leaderboard_support import PostgresDatabase, ServerProcess, payload_of, write_run
 
 SUITE = load_suite("tiny")
 
@@ -52,18 +51,24 @@ def vary(base: dict, client: int, index: int) -> dict:
     for result in payload["results"]:
         result["value"] = results[result["task"]]["value"]
     summary = suite_summary(SUITE, results)
-    payload["averages"] = {"average": summary["average"], "groups": {t: g["value"] for t, g in summary["groups"].items()}}
+    payload["averages"] = {
+        "average": summary["average"],
+        "groups": {t: g["value"] for t, g in summary["groups"].items()},
+    }
     payload["method_name"] = f"load {client}-{index}"
     return payload
 
 
-async def phase(url: str, tokens: list[str], seconds: float, request, prepare=lambda number, sent: None) -> tuple[list[float], int, int]:
+async def phase(
+    url: str, tokens: list[str], seconds: float, request, prepare=lambda number, sent: None
+) -> tuple[list[float], int, int]:
     """Every client sends requests back to back for `seconds` (`prepare` runs untimed before each); latencies, errors, requests."""
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=len(tokens), max_keepalive_connections=len(tokens))
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
         async def run(number: int, token: str) -> None:
             nonlocal errors
             sent = 0
@@ -81,6 +86,7 @@ async def phase(url: str, tokens: list[str], seconds: float, request, prepare=la
                     if errors <= 3:
                         print(f"    error: {problem}")
                 sent += 1
+
         await asyncio.gather(*(run(number, token) for number, token in enumerate(tokens)))
     return latencies, errors, len(latencies)
 
@@ -88,9 +94,11 @@ async def phase(url: str, tokens: list[str], seconds: float, request, prepare=la
 def report(name: str, latencies: list[float], errors: int, seconds: float, server_cpu: float) -> None:
     ordered = sorted(latencies)
     p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-    print(f"  {name:<12} {len(ordered):>7,} requests  {len(ordered) / seconds:>8,.1f} req/s  "
-          f"p50 {1000 * statistics.median(ordered):>7.1f} ms  p99 {1000 * p99:>7.1f} ms  "
-          f"server CPU {1000 * server_cpu / max(1, len(ordered)):.1f} ms/request  errors {errors}")
+    print(
+        f"  {name:<12} {len(ordered):>7,} requests  {len(ordered) / seconds:>8,.1f} req/s  "
+        f"p50 {1000 * statistics.median(ordered):>7.1f} ms  p99 {1000 * p99:>7.1f} ms  "
+        f"server CPU {1000 * server_cpu / max(1, len(ordered)):.1f} ms/request  errors {errors}"
+    )
 
 
 def cpu_seconds(process: psutil.Process) -> float:
@@ -110,17 +118,23 @@ def bench_backend(label: str, db_url: str, workdir: Path, clients: int, seconds:
             return await client.post("/api/v1/submissions", json=payload, headers={"Authorization": f"Bearer {token}"})
 
         async def read(client: httpx.AsyncClient, prepared: None, token: str) -> httpx.Response:
-            return await client.get("/api/v1/leaderboard", params={"scale": "xs", "track": "filtering", "suite": "tiny"})
+            return await client.get(
+                "/api/v1/leaderboard", params={"scale": "xs", "track": "filtering", "suite": "tiny"}
+            )
 
         print(f"{label}: {clients} clients, {seconds:g} s per phase, server {server.url}")
         process = psutil.Process(server.process.pid)
         started, cpu = time.perf_counter(), cpu_seconds(process)
-        latencies, errors, _ = asyncio.run(phase(server.url, tokens, seconds, submit, lambda number, sent: vary(base, number, sent)))
+        latencies, errors, _ = asyncio.run(
+            phase(server.url, tokens, seconds, submit, lambda number, sent: vary(base, number, sent))
+        )
         report("submissions", latencies, errors, time.perf_counter() - started, cpu_seconds(process) - cpu)
         rows = len(httpx.get(f"{server.url}/api/v1/leaderboard", params={"scale": "xs"}, timeout=120).json())
         started, cpu = time.perf_counter(), cpu_seconds(process)
         read_latencies, read_errors, _ = asyncio.run(phase(server.url, tokens, seconds, read))
-        report(f"reads ({rows})", read_latencies, read_errors, time.perf_counter() - started, cpu_seconds(process) - cpu)
+        report(
+            f"reads ({rows})", read_latencies, read_errors, time.perf_counter() - started, cpu_seconds(process) - cpu
+        )
         return errors + read_errors
     finally:
         server.stop()
@@ -131,8 +145,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
     parser.add_argument("--backend", choices=("sqlite", "postgresql", "both"), default="both")
-    parser.add_argument("--postgres", default=os.environ.get("CLIPSIFT_TEST_POSTGRES"),
-                        help="an SQLAlchemy URL of a PostgreSQL server whose role may CREATEDB (default: CLIPSIFT_TEST_POSTGRES)")
+    parser.add_argument(
+        "--postgres",
+        default=os.environ.get("CLIPSIFT_TEST_POSTGRES"),
+        help="an SQLAlchemy URL of a PostgreSQL server whose role may CREATEDB (default: CLIPSIFT_TEST_POSTGRES)",
+    )
     args = parser.parse_args()
     print(f"clipsift leaderboard load, {os.cpu_count()} CPUs shared by clients and server")
     errors = 0
@@ -142,7 +159,9 @@ def main() -> None:
             errors += bench_backend("sqlite", str(workdir / "leaderboard.sqlite"), workdir, args.clients, args.seconds)
         if args.backend in ("postgresql", "both"):
             if not args.postgres:
-                print("postgresql: skipped (no --postgres and CLIPSIFT_TEST_POSTGRES is unset; `source .ci/services` sets it)")
+                print(
+                    "postgresql: skipped (no --postgres and CLIPSIFT_TEST_POSTGRES is unset; `source .ci/services` sets it)"
+                )
             else:
                 database = PostgresDatabase(args.postgres)
                 try:

@@ -31,8 +31,20 @@ def make_photo_pool(root: Path, samples: int, shard_size: int, image_size: int) 
     rng = np.random.default_rng(0)
     images = [photo_like(rng, image_size) for _ in range(DISTINCT_IMAGES)]
     for index, start in enumerate(range(0, samples, shard_size)):
-        write_shard(str(root), index, [
-            Sample(derive_uid(f"bench/{n}"), images[n % DISTINCT_IMAGES], "jpg", f"a photo number {n} of something",
-                   f"http://bench.invalid/{n}.jpg", image_size, image_size)
-            for n in range(start, min(start + shard_size, samples))])
+        write_shard(
+            str(root),
+            index,
+            [
+                Sample(
+                    derive_uid(f"bench/{n}"),
+                    images[n % DISTINCT_IMAGES],
+                    "jpg",
+                    f"a photo number {n} of something",
+                    f"http://bench.invalid/{n}.jpg",
+                    image_size,
+                    image_size,
+                )
+                for n in range(start, min(start + shard_size, samples))
+            ],
+        )
     finalize_pool(str(root), "bench", [{"kind": "bench"}])

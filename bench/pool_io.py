@@ -51,7 +51,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16_384)
     parser.add_argument("--shard-size", type=int, default=2_048)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
-    parser.add_argument("--dir", default=None, help="Scratch directory (default: a temporary one, removed at the end).")
+    parser.add_argument(
+        "--dir", default=None, help="Scratch directory (default: a temporary one, removed at the end)."
+    )
     args = parser.parse_args()
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="clipsift-bench-"))
     shutil.rmtree(scratch / "synth", ignore_errors=True)
@@ -59,13 +61,25 @@ def main() -> None:
     try:
         rows = []
         ray_seconds, _ = timed(lambda: ensure_ray(num_cpus=args.workers))
-        seconds, _ = timed(lambda: synth_pool(str(scratch / "synth"), num_samples=args.samples, shard_size=args.shard_size,
-                                               truth=str(scratch / "truth.parquet"), workers=args.workers))
+        seconds, _ = timed(
+            lambda: synth_pool(
+                str(scratch / "synth"),
+                num_samples=args.samples,
+                shard_size=args.shard_size,
+                truth=str(scratch / "truth.parquet"),
+                workers=args.workers,
+            )
+        )
         rows.append(("synth", args.samples / seconds, f"{args.workers} Ray workers, render + JPEG encode"))
         tars = sorted((scratch / "synth" / "shards").glob("*.tar"))
-        seconds, _ = timed(lambda: import_pool(str(scratch / "synth" / "shards"), str(scratch / "imported"),
-                                                kind="webdataset", workers=args.workers))
-        rows.append(("import (webdataset)", args.samples / seconds, f"{args.workers} Ray workers, every image decoded"))
+        seconds, _ = timed(
+            lambda: import_pool(
+                str(scratch / "synth" / "shards"), str(scratch / "imported"), kind="webdataset", workers=args.workers
+            )
+        )
+        rows.append(
+            ("import (webdataset)", args.samples / seconds, f"{args.workers} Ray workers, every image decoded")
+        )
         raw_tar_read(tars)  # warm the page cache so both reads below see the same state
         raw_seconds, raw_count = timed(lambda: raw_tar_read(tars))
         read_seconds, read_count = timed(lambda: pool_read(Pool(str(scratch / "synth"))))

@@ -27,11 +27,12 @@ import numpy as np
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from photo_pool import make_photo_pool  # noqa: E402  (bench/, beside this script)
+
 from clipsift.filters.subset import encode_uids, write_subset  # noqa: E402
 from clipsift.pipeline.parallel import ensure_ray  # noqa: E402
 from clipsift.pipeline.pool import Pool  # noqa: E402
 from clipsift.pipeline.reshard import reshard  # noqa: E402
-from photo_pool import make_photo_pool  # noqa: E402  (bench/, beside this script)
 
 
 def read_all(paths: list[Path]) -> None:
@@ -62,7 +63,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=384)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--repeat", type=int, default=3, help="Runs of each measurement; the best counts.")
-    parser.add_argument("--dir", default=None, help="Scratch directory (default: a temporary one, removed at the end).")
+    parser.add_argument(
+        "--dir", default=None, help="Scratch directory (default: a temporary one, removed at the end)."
+    )
     args = parser.parse_args()
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="clipsift-reshard-bench-"))
     try:
@@ -75,7 +78,13 @@ def main() -> None:
         write_subset(str(scratch / "some.npy"), encode_uids(uids.combine_chunks().filter(chosen)))
         ensure_ray(num_cpus=args.workers)
         for workers in (1, args.workers):  # warm-up: imports in this process and in the Ray workers
-            reshard(str(scratch / "pool"), str(scratch / "some.npy"), str(scratch / f"warm-{workers}"), shard_size=50, workers=workers)
+            reshard(
+                str(scratch / "pool"),
+                str(scratch / "some.npy"),
+                str(scratch / f"warm-{workers}"),
+                shard_size=50,
+                workers=workers,
+            )
         read_all(tars)  # warm the page cache: every run below reads the same cached bytes
 
         def raw_copy() -> None:
@@ -98,22 +107,42 @@ def main() -> None:
         user_space = timed(user_space_copy, scratch / "raw2", args.repeat)
         parallel = timed(parallel_copy, scratch / "raw3", args.repeat)
         runs = []
-        for name, subset, workers in (("every uid, 1 worker", "all", 1), (f"every uid, {args.workers} Ray workers", "all", args.workers),
-                                      (f"30% subset, {args.workers} Ray workers", "some", args.workers)):
+        for name, subset, workers in (
+            ("every uid, 1 worker", "all", 1),
+            (f"every uid, {args.workers} Ray workers", "all", args.workers),
+            (f"30% subset, {args.workers} Ray workers", "some", args.workers),
+        ):
             out = scratch / f"out-{subset}-{workers}"
-            seconds = timed(lambda: reshard(str(scratch / "pool"), str(scratch / f"{subset}.npy"), str(out),
-                                            shard_size=args.shard_size, workers=workers), out, args.repeat)
+            seconds = timed(
+                lambda: reshard(
+                    str(scratch / "pool"),
+                    str(scratch / f"{subset}.npy"),
+                    str(out),
+                    shard_size=args.shard_size,
+                    workers=workers,
+                ),
+                out,
+                args.repeat,
+            )
             runs.append((name, seconds))
-        print(f"reshard throughput: {args.samples:,} samples, {args.image_size} px JPEG "
-              f"({total_mb / args.samples * 1000:.0f} KB/sample), {total_mb:.0f} MB of tars, {os.cpu_count()} cores, "
-              f"best of {args.repeat} runs")
+        print(
+            f"reshard throughput: {args.samples:,} samples, {args.image_size} px JPEG "
+            f"({total_mb / args.samples * 1000:.0f} KB/sample), {total_mb:.0f} MB of tars, {os.cpu_count()} cores, "
+            f"best of {args.repeat} runs"
+        )
         print(f"  {'raw copy (shutil.copyfile)':<34} {total_mb / raw:>8.0f} MB/s   ceiling (in-kernel copy)")
-        print(f"  {f'raw copy on {args.workers} threads':<34} {total_mb / parallel:>8.0f} MB/s   "
-              f"{total_mb / parallel / (total_mb / raw):.2f} of raw copy")
-        print(f"  {'raw copy through user space':<34} {total_mb / user_space:>8.0f} MB/s   "
-              f"{total_mb / user_space / (total_mb / raw):.2f} of raw copy (1 MiB reads and writes)")
+        print(
+            f"  {f'raw copy on {args.workers} threads':<34} {total_mb / parallel:>8.0f} MB/s   "
+            f"{total_mb / parallel / (total_mb / raw):.2f} of raw copy"
+        )
+        print(
+            f"  {'raw copy through user space':<34} {total_mb / user_space:>8.0f} MB/s   "
+            f"{total_mb / user_space / (total_mb / raw):.2f} of raw copy (1 MiB reads and writes)"
+        )
         for name, seconds in runs:
-            print(f"  {'reshard, ' + name:<34} {total_mb / seconds:>8.0f} MB/s   {total_mb / seconds / (total_mb / raw):.2f} of raw copy")
+            print(
+                f"  {'reshard, ' + name:<34} {total_mb / seconds:>8.0f} MB/s   {total_mb / seconds / (total_mb / raw):.2f} of raw copy"
+            )
     finally:
         if not args.dir:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -34,20 +34,21 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import torch  # noqa: E402
+from photo_pool import make_photo_pool  # noqa: E402  (bench/, beside this script)
 
 from clipsift.pipeline.parallel import ensure_ray  # noqa: E402
 from clipsift.pipeline.pool import Pool  # noqa: E402
 from clipsift.pipeline.score import (  # noqa: E402
-    ScoreSettings,
     GPU_CALLS_PER_ACTOR,
     Embedder,
+    ScoreSettings,
     _Inputs,
     apply_precision,
     precision_name,
@@ -58,7 +59,6 @@ from clipsift.pipeline.score import (  # noqa: E402
 )
 from clipsift.pipeline.synth import synth_pool  # noqa: E402
 from clipsift.train.models import register_model_configs  # noqa: E402
-from photo_pool import make_photo_pool  # noqa: E402  (bench/, beside this script)
 
 
 def random_checkpoint(arch: str, path: Path, seed: int = 0) -> str:
@@ -79,7 +79,9 @@ def model_only(arch: str, pretrained: str, batch: int, pairs: int, device: str, 
     size = model.visual.image_size
     size = size[0] if isinstance(size, tuple) else size
     images = torch.randn(batch, 3, size, size, device=device)
-    tokens = open_clip.get_tokenizer(arch)(["a photo of two small red circles on a striped background"] * batch).to(device)
+    tokens = open_clip.get_tokenizer(arch)(["a photo of two small red circles on a striped background"] * batch).to(
+        device
+    )
     dtype = resolve_precision(precision, device)
     apply_precision(dtype, device)  # as the actors do
     steps = max(3, pairs // batch)
@@ -115,7 +117,9 @@ def one_core(pool: str, arch: str, pretrained: str, batch: int, decode: str, sha
         torch.set_num_threads(previous)
 
 
-def prepared_blocks(pool: str, arch: str, pretrained: str, batch: int, decode: str, blocks: int) -> tuple[list[dict], object, object]:
+def prepared_blocks(
+    pool: str, arch: str, pretrained: str, batch: int, decode: str, blocks: int
+) -> tuple[list[dict], object, object]:
     """(the first `blocks` prepared blocks of the pool, the model spec, the inputs): what the prepare stage hands the actors."""
     spec = resolve_model(arch, pretrained)
     inputs = _Inputs.of([spec])
@@ -123,8 +127,9 @@ def prepared_blocks(pool: str, arch: str, pretrained: str, batch: int, decode: s
     return list(itertools.islice(made, blocks)), spec, inputs
 
 
-def actor_alone(pool: str, arch: str, pretrained: str, batch: int, device: str, precision: str, decode: str,
-                blocks: int = 6) -> tuple[float, float | None]:
+def actor_alone(
+    pool: str, arch: str, pretrained: str, batch: int, device: str, precision: str, decode: str, blocks: int = 6
+) -> tuple[float, float | None]:
     """(pairs/s of one model actor fed blocks from memory, share of its host-to-device copy time that ran beside a kernel).
 
     The actor's calls run as in a run (two side by side on CUDA): copies in, decoding when on the device, the model,
@@ -203,7 +208,10 @@ class TreeCpu:
                     fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
                 except OSError:
                     continue
-                stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / self.tick)  # ppid, utime+stime
+                stats[int(entry)] = (
+                    int(fields[1]),
+                    (int(fields[11]) + int(fields[12])) / self.tick,
+                )  # ppid, utime+stime
         tree, frontier = set(), {os.getpid()}
         while frontier:
             tree |= frontier
@@ -237,17 +245,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="clipsift-xs")
     parser.add_argument("--pretrained", default=None)
-    parser.add_argument("--models", type=int, default=1, help="Score this many copies of the model in one read (random weights).")
+    parser.add_argument(
+        "--models", type=int, default=1, help="Score this many copies of the model in one read (random weights)."
+    )
     parser.add_argument("--samples", type=int, default=8_192)
     parser.add_argument("--shard-size", type=int, default=1_024)
-    parser.add_argument("--image-size", type=int, default=None, help="Photo-like JPEGs of this many px instead of the synthetic pool's 64.")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="Photo-like JPEGs of this many px instead of the synthetic pool's 64.",
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--decode", choices=["cpu", "device"], default="cpu", help="Where images are decoded and resized.")
-    parser.add_argument("--workers", type=int, default=None, help="Model actors (default: one per GPU, or one per CPU).")
+    parser.add_argument(
+        "--decode", choices=["cpu", "device"], default="cpu", help="Where images are decoded and resized."
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="Model actors (default: one per GPU, or one per CPU)."
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--pool", default=None, help="Reuse this synthetic pool (made there if missing) instead of a temporary one.")
+    parser.add_argument(
+        "--pool", default=None, help="Reuse this synthetic pool (made there if missing) instead of a temporary one."
+    )
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="clipsift-score-bench-"))
     pool = args.pool or str(scratch / "pool")
@@ -257,49 +278,82 @@ def main() -> None:
         elif args.image_size:
             make_photo_pool(Path(pool), args.samples, args.shard_size, args.image_size)
         else:
-            synth_pool(pool, num_samples=args.samples, shard_size=args.shard_size, truth=str(scratch / "truth.parquet"))
+            synth_pool(
+                pool, num_samples=args.samples, shard_size=args.shard_size, truth=str(scratch / "truth.parquet")
+            )
         if args.pretrained:
             models = [(args.model, args.pretrained)]
         else:
-            models = [(args.model, random_checkpoint(args.model, scratch / f"model{i}.pt", seed=i)) for i in range(args.models)]
+            models = [
+                (args.model, random_checkpoint(args.model, scratch / f"model{i}.pt", seed=i))
+                for i in range(args.models)
+            ]
         # in-process figures first, while no Ray actor is running or shutting down beside them
         precision = precision_name(args.precision, args.device == "cuda")
         ceiling = model_only(args.model, models[0][1], args.batch_size, args.samples, args.device, precision)
-        alone, overlap = actor_alone(pool, args.model, models[0][1], args.batch_size, args.device, precision, args.decode)
+        alone, overlap = actor_alone(
+            pool, args.model, models[0][1], args.batch_size, args.device, precision, args.decode
+        )
         if args.device == "cuda":
             torch.cuda.empty_cache()  # the actors get the memory
         ensure_ray()
         runs = []
         for _ in range(args.repeats):
-            for model_id in os.listdir(os.path.join(pool, "embeddings")) if os.path.isdir(os.path.join(pool, "embeddings")) else []:
+            for model_id in (
+                os.listdir(os.path.join(pool, "embeddings")) if os.path.isdir(os.path.join(pool, "embeddings")) else []
+            ):
                 if any(model_id.startswith(f"{arch}__") for arch, _ in models):
                     shutil.rmtree(os.path.join(pool, "embeddings", model_id))
             with TreeCpu() as cpu:
-                results = score_models(pool, models, ScoreSettings(batch_size=args.batch_size, precision=args.precision, workers=args.workers, decode=args.decode))
+                results = score_models(
+                    pool,
+                    models,
+                    ScoreSettings(
+                        batch_size=args.batch_size, precision=args.precision, workers=args.workers, decode=args.decode
+                    ),
+                )
             runs.append((results[0].pairs / results[0].seconds, cpu.seconds, results[0]))
-        per_pair = min(one_core(pool, args.model, models[0][1], args.batch_size, args.decode)
-                       for _ in range(args.repeats)) if args.device == "cpu" else None
+        per_pair = (
+            min(one_core(pool, args.model, models[0][1], args.batch_size, args.decode) for _ in range(args.repeats))
+            if args.device == "cpu"
+            else None
+        )
         best, best_cpu, result = max(runs, key=lambda r: r[0])
         busy = sum(result.timings.values()) or 1.0
         pairs = result.pairs
-        print(f"scoring {len(models)} x {args.model} on {args.device} ({os.cpu_count()} CPU cores), {pairs:,} pairs of {args.image_size or 64} px JPEG, "
-              f"batch {args.batch_size}, {precision}, decode on {args.decode}, best of {args.repeats}")
-        print(f"  end to end (tar -> parquet)  {best:>10,.0f} pairs/s   (runs: {', '.join(f'{r[0]:,.0f}' for r in runs)})")
-        print(f"  model only (ceiling)         {ceiling / len(models):>10,.0f} pairs/s" + (f"   ({ceiling:,.0f} per model)" if len(models) > 1 else ""))
+        print(
+            f"scoring {len(models)} x {args.model} on {args.device} ({os.cpu_count()} CPU cores), {pairs:,} pairs of {args.image_size or 64} px JPEG, "
+            f"batch {args.batch_size}, {precision}, decode on {args.decode}, best of {args.repeats}"
+        )
+        print(
+            f"  end to end (tar -> parquet)  {best:>10,.0f} pairs/s   (runs: {', '.join(f'{r[0]:,.0f}' for r in runs)})"
+        )
+        print(
+            f"  model only (ceiling)         {ceiling / len(models):>10,.0f} pairs/s"
+            + (f"   ({ceiling:,.0f} per model)" if len(models) > 1 else "")
+        )
         print(f"  ratio                        {best / ceiling * len(models):>10.2f}")
-        print(f"  one actor, blocks in memory  {alone:>10,.0f} pairs/s   (copies, {'decode, ' if args.decode == 'device' else ''}model, "
-              f"results back; {GPU_CALLS_PER_ACTOR if args.device == 'cuda' else 1} call(s) at a time)")
+        print(
+            f"  one actor, blocks in memory  {alone:>10,.0f} pairs/s   (copies, {'decode, ' if args.decode == 'device' else ''}model, "
+            f"results back; {GPU_CALLS_PER_ACTOR if args.device == 'cuda' else 1} call(s) at a time)"
+        )
         if args.device == "cuda":
             share = "no trace or no copies in it" if overlap is None else f"{overlap:>10.0%}"
-            print(f"  copies beside kernels        {share}      of host-to-device copy time ran while a kernel of either call ran "
-                  "(profiler trace; with --decode device nvJPEG's uploads count too)")
+            print(
+                f"  copies beside kernels        {share}      of host-to-device copy time ran while a kernel of either call ran "
+                "(profiler trace; with --decode device nvJPEG's uploads count too)"
+            )
         if best_cpu is not None:
             per_k = min(r[1] for r in runs) / pairs * 1000
-            print(f"  CPU time, all processes      {per_k:>10.2f} s per 1,000 pairs (least of the runs; "
-                  f"{1000 / per_k * os.cpu_count():,.0f} pairs/s with all {os.cpu_count()} cores free)")
+            print(
+                f"  CPU time, all processes      {per_k:>10.2f} s per 1,000 pairs (least of the runs; "
+                f"{1000 / per_k * os.cpu_count():,.0f} pairs/s with all {os.cpu_count()} cores free)"
+            )
         if per_pair:
-            print(f"  one core, no Ray (steady)    {per_pair:>10.3f} ms per pair: read, decode, tokenize, model (least of "
-                  f"{args.repeats}; {1000 / per_pair * os.cpu_count():,.0f} pairs/s on {os.cpu_count()} free cores, start-up aside)")
+            print(
+                f"  one core, no Ray (steady)    {per_pair:>10.3f} ms per pair: read, decode, tokenize, model (least of "
+                f"{args.repeats}; {1000 / per_pair * os.cpu_count():,.0f} pairs/s on {os.cpu_count()} free cores, start-up aside)"
+            )
         print("  worker time split            " + ", ".join(f"{k} {v / busy:.0%}" for k, v in result.timings.items()))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -41,7 +41,9 @@ from clipsift.pipeline.score import ScoreSettings, score_pool  # noqa: E402
 from clipsift.train.filternet import train_filternet  # noqa: E402
 from clipsift.train.launch import Infra, train  # noqa: E402
 
-CLUSTER = {"image_cluster": {"model_id": "${model_id}", "targets": "${reference}", "k": "${k}", "iterations": 20, "seed": 0}}
+CLUSTER = {
+    "image_cluster": {"model_id": "${model_id}", "targets": "${reference}", "k": "${k}", "iterations": 20, "seed": 0}
+}
 CAPTION = {"caption": {"language": "en", "min_words": 2, "min_chars": 6}}
 
 
@@ -62,8 +64,17 @@ def recipe_steps(name: str, seed: int) -> list:
     raise SystemExit(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
 
 
-RECIPES = ("no_filter", "basic", "random_30", "clip_score_10", "clip_score_20", "clip_score_30", "clip_score_50",
-           "image_cluster", "image_cluster_and_clip_score_30")
+RECIPES = (
+    "no_filter",
+    "basic",
+    "random_30",
+    "clip_score_10",
+    "clip_score_20",
+    "clip_score_30",
+    "clip_score_50",
+    "image_cluster",
+    "image_cluster_and_clip_score_30",
+)
 SEED_DEPENDENT = ("random_",)  # recipes whose subset changes with the seed
 
 
@@ -95,7 +106,12 @@ def prepare(out: Path, scale: str, filternet_scale: str, workers: int | None) ->
         score_pool(str(target), net.arch, str(net.checkpoint), ScoreSettings(workers=workers))
     if not (out / "tiny-suite" / "suite.json").exists():
         make_tiny_suite(str(out / "tiny-suite"))
-    return {"pool": str(pool), "reference": str(reference), "model_id": net.model_id, "truth": str(out / "truth.parquet")}
+    return {
+        "pool": str(pool),
+        "reference": str(reference),
+        "model_id": net.model_id,
+        "truth": str(out / "truth.parquet"),
+    }
 
 
 def select(setup: dict, out: Path, name: str, seed: int, workers: int | None) -> Path:
@@ -104,8 +120,16 @@ def select(setup: dict, out: Path, name: str, seed: int, workers: int | None) ->
     subset = out / "subsets" / f"{tag}.npy"
     recipe_file = out / "recipes" / f"{tag}.yaml"
     recipe_file.parent.mkdir(parents=True, exist_ok=True)
-    recipe_file.write_text(yaml.safe_dump({"name": tag, "vars": {"model_id": setup["model_id"], "reference": setup["reference"], "k": 64},
-                                           "steps": recipe_steps(name, seed)}), encoding="utf-8")
+    recipe_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": tag,
+                "vars": {"model_id": setup["model_id"], "reference": setup["reference"], "k": 64},
+                "steps": recipe_steps(name, seed),
+            }
+        ),
+        encoding="utf-8",
+    )
     if not subset.exists():
         apply_recipe(setup["pool"], load_recipe(str(recipe_file)), str(subset), workers=workers)
     return subset
@@ -126,7 +150,9 @@ def train_and_evaluate(setup: dict, out: Path, scale: str, subset: Path, seed: i
     run = out / "runs" / f"{subset.stem}_seed{seed}"
     summary = run / "eval" / "summary.json"
     if not summary.exists():
-        resharded = reshard(setup["pool"], str(subset), str(shards), shard_size=1024 if scale == "xs" else 5_000, workers=workers)
+        resharded = reshard(
+            setup["pool"], str(subset), str(shards), shard_size=1024 if scale == "xs" else 5_000, workers=workers
+        )
         train(scale, [(resharded.out, 1.0)], str(run), infra=Infra(workers=1, seed=seed))
         result = evaluate(str(run), "tiny", data_dir=str(out / "tiny-suite"))
         if result.failed:
@@ -134,8 +160,9 @@ def train_and_evaluate(setup: dict, out: Path, scale: str, subset: Path, seed: i
     return float(json.loads(summary.read_text())["suites"]["tiny"]["average"])
 
 
-def run_benchmark(out: Path, scale: str, recipes: list[str], seeds: list[int], filternet_scale: str,
-                  workers: int | None = None) -> list[RecipeOutcome]:
+def run_benchmark(
+    out: Path, scale: str, recipes: list[str], seeds: list[int], filternet_scale: str, workers: int | None = None
+) -> list[RecipeOutcome]:
     setup = prepare(out, scale, filternet_scale, workers)
     outcomes = []
     for name in recipes:
@@ -152,11 +179,15 @@ def run_benchmark(out: Path, scale: str, recipes: list[str], seeds: list[int], f
 
 
 def table(outcomes: list[RecipeOutcome]) -> str:
-    lines = [f"{'recipe':34} {'kept':>7} {'precision':>9} {'recall':>7}   tiny-suite average",
-             f"{'-' * 34} {'-' * 7} {'-' * 9} {'-' * 7}   {'-' * 24}"]
+    lines = [
+        f"{'recipe':34} {'kept':>7} {'precision':>9} {'recall':>7}   tiny-suite average",
+        f"{'-' * 34} {'-' * 7} {'-' * 9} {'-' * 7}   {'-' * 24}",
+    ]
     for o in sorted(outcomes, key=lambda o: -o.mean):
         seeds = ", ".join(f"{v:.3f}" for v in o.averages.values())
-        lines.append(f"{o.recipe:34} {o.kept:7,} {o.precision:9.3f} {o.recall:7.3f}   {o.mean:.4f} ± {o.spread:.4f}  ({seeds})")
+        lines.append(
+            f"{o.recipe:34} {o.kept:7,} {o.precision:9.3f} {o.recall:7.3f}   {o.mean:.4f} ± {o.spread:.4f}  ({seeds})"
+        )
     return "\n".join(lines)
 
 
@@ -165,15 +196,21 @@ def main() -> None:
     parser.add_argument("--scale", default="tiny", choices=["xs", "tiny"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
-    parser.add_argument("--filternet-scale", default="tiny", choices=["xs", "tiny"],
-                        help="The filtering network's recipe (default tiny: the xs recipe ranks too weakly to separate recipes reliably).")
+    parser.add_argument(
+        "--filternet-scale",
+        default="tiny",
+        choices=["xs", "tiny"],
+        help="The filtering network's recipe (default tiny: the xs recipe ranks too weakly to separate recipes reliably).",
+    )
     parser.add_argument("--out", type=Path, default=None, help="Default: bench-tiny-filtering-<scale>/ (resumes).")
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args()
     out = args.out or Path(f"bench-tiny-filtering-{args.scale}")
     started = time.perf_counter()
     outcomes = run_benchmark(out, args.scale, args.recipes, args.seeds, args.filternet_scale, args.workers)
-    print(f"\nscale {args.scale}, seeds {args.seeds}, {time.perf_counter() - started:.0f} s (resumed work not counted)\n")
+    print(
+        f"\nscale {args.scale}, seeds {args.seeds}, {time.perf_counter() - started:.0f} s (resumed work not counted)\n"
+    )
     print(table(outcomes))
 
 

@@ -54,7 +54,9 @@ def training_flops_per_sample(model_name: str, batch: int = 32) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     register_model_configs()
-    logging.getLogger().setLevel(logging.ERROR)  # after any training: open_clip warns that a model without weights is random
+    logging.getLogger().setLevel(
+        logging.ERROR
+    )  # after any training: open_clip warns that a model without weights is random
     model = open_clip.create_model(model_name)
     size = model.visual.image_size
     size = size[0] if isinstance(size, tuple) else size
@@ -83,8 +85,14 @@ def step_rate(recipe, device: str, batch: int, steps: int, precision: str, fused
     model = open_clip.create_model(recipe.model, device=device)
     model.set_grad_checkpointing(recipe.grad_checkpointing)
     step_model = torch.compile(model) if compiled else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(recipe.beta1, recipe.beta2), eps=recipe.eps,
-                                  weight_decay=recipe.weight_decay, fused=fused or None)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=recipe.lr,
+        betas=(recipe.beta1, recipe.beta2),
+        eps=recipe.eps,
+        weight_decay=recipe.weight_decay,
+        fused=fused or None,
+    )
     loss_fn = open_clip.ClipLoss()
     size = model.visual.image_size
     size = size[0] if isinstance(size, tuple) else size
@@ -115,8 +123,10 @@ def _synchronize(device: str) -> None:
 
 def step_mode(recipe, device: str, batch: int, steps: int, variants: list[str]) -> None:
     flops = training_flops_per_sample(recipe.model)
-    print(f"model steps of {args_label(recipe)} on {device}: per-device batch {batch}, {steps} timed steps, "
-          f"{flops / 1e9:,.2f} GFLOP per sample (forward + backward)")
+    print(
+        f"model steps of {args_label(recipe)} on {device}: per-device batch {batch}, {steps} timed steps, "
+        f"{flops / 1e9:,.2f} GFLOP per sample (forward + backward)"
+    )
     ceilings: dict[str, float] = {}
     for name in variants:
         precision, fused, compiled = VARIANTS[name]
@@ -126,9 +136,13 @@ def step_mode(recipe, device: str, batch: int, steps: int, variants: list[str]) 
             continue
         rate = step_rate(recipe, device, batch, steps, precision, fused, compiled)
         dtype = AUTOCAST[precision] or torch.float32
-        ceiling = ceilings.setdefault(str(dtype), matmul_ceiling(device, 4096 if device == "cuda" else 2048, dtype=dtype))
-        print(f"  {name:30} ({precision:8}) {rate:>10,.0f} samples/s   {rate * flops / 1e9:>10,.0f} GFLOP/s   "
-              f"ratio to the {str(dtype).removeprefix('torch.')} matmul ceiling ({ceiling / 1e9:,.0f} GFLOP/s) {rate * flops / ceiling:.2f}")
+        ceiling = ceilings.setdefault(
+            str(dtype), matmul_ceiling(device, 4096 if device == "cuda" else 2048, dtype=dtype)
+        )
+        print(
+            f"  {name:30} ({precision:8}) {rate:>10,.0f} samples/s   {rate * flops / 1e9:>10,.0f} GFLOP/s   "
+            f"ratio to the {str(dtype).removeprefix('torch.')} matmul ceiling ({ceiling / 1e9:,.0f} GFLOP/s) {rate * flops / ceiling:.2f}"
+        )
         if device == "cuda":
             torch.cuda.empty_cache()
 
@@ -142,8 +156,12 @@ def main() -> None:
     parser.add_argument("--scale", default="xs")
     parser.add_argument("--pool-samples", type=int, default=8_192)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--steps", type=int, help="step mode: time this many optimizer steps per variant, no data loading")
-    parser.add_argument("--batch", type=int, help="step mode: per-device batch (default: the global batch, at most 256)")
+    parser.add_argument(
+        "--steps", type=int, help="step mode: time this many optimizer steps per variant, no data loading"
+    )
+    parser.add_argument(
+        "--batch", type=int, help="step mode: per-device batch (default: the global batch, at most 256)"
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     recipe = load_recipe(args.scale)
@@ -154,18 +172,29 @@ def main() -> None:
         return
     scratch = Path(tempfile.mkdtemp(prefix="clipsift-train-bench-"))
     try:
-        synth_pool(str(scratch / "pool"), num_samples=args.pool_samples, shard_size=1_024, truth=str(scratch / "truth.parquet"))
+        synth_pool(
+            str(scratch / "pool"),
+            num_samples=args.pool_samples,
+            shard_size=1_024,
+            truth=str(scratch / "truth.parquet"),
+        )
         started = time.perf_counter()
-        result = train(args.scale, [(str(scratch / "pool"), 1.0)], str(scratch / "run"), infra=Infra(workers=args.workers))
+        result = train(
+            args.scale, [(str(scratch / "pool"), 1.0)], str(scratch / "run"), infra=Infra(workers=args.workers)
+        )
         wall = time.perf_counter() - started
         speed = steady_speed(parse_log(scratch / "run" / "out.log")[1])
         flops = training_flops_per_sample(recipe.model)
         ceiling = matmul_ceiling(device)
-        print(f"training {args_label(recipe)}, {recipe.samples_seen:,} samples seen "
-              f"on {device}, {os.cpu_count()} CPU cores")
+        print(
+            f"training {args_label(recipe)}, {recipe.samples_seen:,} samples seen "
+            f"on {device}, {os.cpu_count()} CPU cores"
+        )
         print(f"  wall time                 {wall:>12,.1f} s (final loss {result.final_loss:.3f})")
         print(f"  training speed (median)   {speed:>12,.0f} samples/s")
-        print(f"  model FLOP rate           {speed * flops / 1e9:>12,.1f} GFLOP/s ({flops / 1e6:,.1f} MFLOP per sample)")
+        print(
+            f"  model FLOP rate           {speed * flops / 1e9:>12,.1f} GFLOP/s ({flops / 1e6:,.1f} MFLOP per sample)"
+        )
         print(f"  matmul ceiling            {ceiling / 1e9:>12,.1f} GFLOP/s (float32 {device})")
         print(f"  ratio                     {speed * flops / ceiling:>12.2f}")
     finally:

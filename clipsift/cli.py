@@ -5,20 +5,26 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
 from clipsift import ClipsiftError
 
-app = typer.Typer(help="clipsift: a DataComp-style benchmark for image-text dataset curation.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="clipsift: a DataComp-style benchmark for image-text dataset curation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 pool_app = typer.Typer(help="Make, import and check pools of image-text pairs.", no_args_is_help=True)
 app.add_typer(pool_app, name="pool")
 
-WorkersOption = typer.Option(None, "--workers", "-w", help="CPU workers of the local Ray cluster (default: all cores; 1 runs in-process).")
-AddressOption = typer.Option(None, "--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster).")
+WorkersOption = typer.Option(
+    None, "--workers", "-w", help="CPU workers of the local Ray cluster (default: all cores; 1 runs in-process)."
+)
+AddressOption = typer.Option(
+    None, "--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)."
+)
 
 
 def _console():
@@ -49,26 +55,44 @@ def pool_synth(
     out: Path = typer.Option(..., "--out", "-o", help="Pool directory (or fsspec URL) to write."),
     scale: str = typer.Option("xs", help="xs (about 4,000 samples) or tiny (128,000)."),
     seed: int = typer.Option(0, help="Everything the generator draws follows from this seed."),
-    truth: Optional[Path] = typer.Option(None, help="Where the truth file goes (outside the pool). Default: OUT.truth.parquet."),
-    clean_reference: bool = typer.Option(False, "--clean-reference", help="Write the clean, labelled reference set instead of the pool."),
-    num_samples: Optional[int] = typer.Option(None, help="Override the scale's number of samples."),
-    shard_size: Optional[int] = typer.Option(None, help="Override the scale's samples per shard."),
-    workers: Optional[int] = WorkersOption,
+    truth: Path | None = typer.Option(
+        None, help="Where the truth file goes (outside the pool). Default: OUT.truth.parquet."
+    ),
+    clean_reference: bool = typer.Option(
+        False, "--clean-reference", help="Write the clean, labelled reference set instead of the pool."
+    ),
+    num_samples: int | None = typer.Option(None, help="Override the scale's number of samples."),
+    shard_size: int | None = typer.Option(None, help="Override the scale's samples per shard."),
+    workers: int | None = WorkersOption,
 ) -> None:
     """Synthesize a web-like pool (with a hidden truth file) or a clean reference set."""
     from clipsift.pipeline import synth
 
     started = time.perf_counter()
     if clean_reference:
-        info = synth.synth_reference(str(out), scale=scale, seed=seed, num_samples=num_samples, shard_size=shard_size, workers=workers)
+        info = synth.synth_reference(
+            str(out), scale=scale, seed=seed, num_samples=num_samples, shard_size=shard_size, workers=workers
+        )
         rows = [("reference", out), ("samples", info["num_samples"]), ("shards", info["num_shards"])]
     else:
-        result = synth.synth_pool(str(out), scale=scale, seed=seed, truth=str(truth) if truth else None,
-                                  num_samples=num_samples, shard_size=shard_size, workers=workers)
+        result = synth.synth_pool(
+            str(out),
+            scale=scale,
+            seed=seed,
+            truth=str(truth) if truth else None,
+            num_samples=num_samples,
+            shard_size=shard_size,
+            workers=workers,
+        )
         info = result.info
         kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(result.kind_counts.items(), key=lambda kv: -kv[1]))
-        rows = [("pool", out), ("samples", info["num_samples"]), ("shards", info["num_shards"]),
-                ("truth (hidden)", result.truth_path), ("kinds", kinds)]
+        rows = [
+            ("pool", out),
+            ("samples", info["num_samples"]),
+            ("shards", info["num_shards"]),
+            ("truth (hidden)", result.truth_path),
+            ("kinds", kinds),
+        ]
     elapsed = time.perf_counter() - started
     rows.append(("time", f"{elapsed:.1f} s ({info['num_samples'] / elapsed:,.0f} samples/s)"))
     _print_summary("synthetic reference set" if clean_reference else "synthetic pool", rows)
@@ -76,47 +100,76 @@ def pool_synth(
 
 @pool_app.command("import")
 def pool_import(
-    src: str = typer.Argument(..., help="Image folder (+ same-stem .txt captions), Parquet/CSV/JSONL table, or webdataset tar(s)."),
+    src: str = typer.Argument(
+        ..., help="Image folder (+ same-stem .txt captions), Parquet/CSV/JSONL table, or webdataset tar(s)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Pool directory (or fsspec URL) to write."),
-    kind: Optional[str] = typer.Option(None, help="folder | table | webdataset (default: detected from SRC)."),
-    image_column: Optional[str] = typer.Option(None, help="Table column with image paths or bytes (default: detected)."),
-    caption_column: Optional[str] = typer.Option(None, help="Table column with captions (default: detected)."),
+    kind: str | None = typer.Option(None, help="folder | table | webdataset (default: detected from SRC)."),
+    image_column: str | None = typer.Option(None, help="Table column with image paths or bytes (default: detected)."),
+    caption_column: str | None = typer.Option(None, help="Table column with captions (default: detected)."),
     shard_size: int = typer.Option(10_000, help="Samples per shard."),
-    name: Optional[str] = typer.Option(None, help="Pool name recorded in pool.json."),
-    workers: Optional[int] = WorkersOption,
+    name: str | None = typer.Option(None, help="Pool name recorded in pool.json."),
+    workers: int | None = WorkersOption,
 ) -> None:
     """Bring your own data: turn images and captions into a pool."""
     from clipsift.pipeline import importer
 
-    result = importer.import_pool(src, str(out), kind=kind, image_column=image_column, caption_column=caption_column,
-                                  shard_size=shard_size, workers=workers, name=name)
+    result = importer.import_pool(
+        src,
+        str(out),
+        kind=kind,
+        image_column=image_column,
+        caption_column=caption_column,
+        shard_size=shard_size,
+        workers=workers,
+        name=name,
+    )
     _print_summary("import", importer.import_summary_rows(result))
 
 
 @pool_app.command("download")
 def pool_download(
-    urls: str = typer.Argument(..., help="Parquet/CSV/JSONL table with url and caption columns, or a folder of DataComp metadata parquets."),
-    out: Path = typer.Option(..., "--out", "-o", help="Pool directory to write (img2dataset's own output is staged in OUT/download/)."),
-    processes: Optional[int] = typer.Option(None, help="img2dataset download processes (default: all cores)."),
+    urls: str = typer.Argument(
+        ..., help="Parquet/CSV/JSONL table with url and caption columns, or a folder of DataComp metadata parquets."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Pool directory to write (img2dataset's own output is staged in OUT/download/)."
+    ),
+    processes: int | None = typer.Option(None, help="img2dataset download processes (default: all cores)."),
     threads: int = typer.Option(64, help="img2dataset download threads per process."),
     image_size: int = typer.Option(512, help="Longer side of the stored images; smaller images are kept as they are."),
     shard_size: int = typer.Option(10_000, help="Samples per shard."),
     retries: int = typer.Option(2, help="Extra attempts per url after a failure."),
     timeout: int = typer.Option(10, help="Seconds before a request gives up."),
-    blur_faces: bool = typer.Option(True, "--blur-faces/--no-blur-faces", help="Blur the face_bboxes of each image (DataComp does)."),
-    verify_sha256: bool = typer.Option(False, "--verify-sha256", help="Leave out (and report) images whose bytes differ from the listed sha256."),
-    url_column: Optional[str] = typer.Option(None, help="Column with the image urls (default: detected)."),
-    caption_column: Optional[str] = typer.Option(None, help="Column with the captions (default: detected)."),
-    name: Optional[str] = typer.Option(None, help="Pool name recorded in pool.json."),
-    workers: Optional[int] = WorkersOption,
+    blur_faces: bool = typer.Option(
+        True, "--blur-faces/--no-blur-faces", help="Blur the face_bboxes of each image (DataComp does)."
+    ),
+    verify_sha256: bool = typer.Option(
+        False, "--verify-sha256", help="Leave out (and report) images whose bytes differ from the listed sha256."
+    ),
+    url_column: str | None = typer.Option(None, help="Column with the image urls (default: detected)."),
+    caption_column: str | None = typer.Option(None, help="Column with the captions (default: detected)."),
+    name: str | None = typer.Option(None, help="Pool name recorded in pool.json."),
+    workers: int | None = WorkersOption,
 ) -> None:
     """Download images with img2dataset (DataComp's settings) into a pool; re-run to continue a killed download."""
     from clipsift.pipeline import download
 
     started = time.perf_counter()
-    settings = _settings(download.DownloadSettings, processes=processes, threads=threads, image_size=image_size,
-                         shard_size=shard_size, retries=retries, timeout=timeout, blur_faces=blur_faces,
-                         verify_sha256=verify_sha256, url_column=url_column, caption_column=caption_column, name=name)
+    settings = _settings(
+        download.DownloadSettings,
+        processes=processes,
+        threads=threads,
+        image_size=image_size,
+        shard_size=shard_size,
+        retries=retries,
+        timeout=timeout,
+        blur_faces=blur_faces,
+        verify_sha256=verify_sha256,
+        url_column=url_column,
+        caption_column=caption_column,
+        name=name,
+    )
     result = download.download_pool(urls, str(out), settings, workers=workers)
     elapsed = time.perf_counter() - started
     rows = download.download_summary_rows(result)
@@ -126,11 +179,15 @@ def pool_download(
 
 @pool_app.command("from-datacomp")
 def pool_from_datacomp(
-    metadata: Path = typer.Option(..., "--metadata", help="Folder of DataComp's metadata parquets (and their .npz features)."),
+    metadata: Path = typer.Option(
+        ..., "--metadata", help="Folder of DataComp's metadata parquets (and their .npz features)."
+    ),
     shards: Path = typer.Option(..., "--shards", help="Folder of DataComp's img2dataset .tar shards."),
-    out: Path = typer.Option(..., "--out", "-o", help="Pool directory (or fsspec URL) to write; the tars are linked, not copied."),
-    name: Optional[str] = typer.Option(None, help="Pool name recorded in pool.json."),
-    workers: Optional[int] = WorkersOption,
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Pool directory (or fsspec URL) to write; the tars are linked, not copied."
+    ),
+    name: str | None = typer.Option(None, help="Pool name recorded in pool.json."),
+    workers: int | None = WorkersOption,
 ) -> None:
     """Make a pool from an existing DataComp download, with their CLIP features as embeddings; nothing is downloaded."""
     from clipsift.pipeline import datacomp
@@ -145,7 +202,7 @@ def pool_from_datacomp(
 @pool_app.command("check")
 def pool_check(
     pool: str = typer.Argument(..., help="Pool directory or fsspec URL."),
-    workers: Optional[int] = WorkersOption,
+    workers: int | None = WorkersOption,
     show: int = typer.Option(50, help="How many problems to list."),
 ) -> None:
     """Validate a pool: files, alignment, uids, images and captions. Exits 1 when anything is wrong."""
@@ -158,7 +215,10 @@ def pool_check(
     if report.num_problems > show:
         console.print(f"... and {report.num_problems - show:,} more problems")
     verdict = "[green]ok[/green]" if report.ok else f"[red]{report.num_problems:,} problems[/red]"
-    _print_summary("pool check", [("pool", pool), ("shards", report.num_shards), ("samples", report.num_samples), ("result", verdict)])
+    _print_summary(
+        "pool check",
+        [("pool", pool), ("shards", report.num_shards), ("samples", report.num_samples), ("result", verdict)],
+    )
     if not report.ok:
         raise typer.Exit(1)
 
@@ -166,28 +226,55 @@ def pool_check(
 @app.command("score")
 def score(
     pool: str = typer.Argument(..., help="Pool directory or fsspec URL."),
-    model: list[str] = typer.Option(..., "--model", "-m", help="open_clip architecture, e.g. ViT-B-32, or a config of configs/models "
-                                    "(clipsift-xs). Repeat --model/--pretrained to score several models in one read of the pool."),
-    pretrained: list[str] = typer.Option(..., "--pretrained", "-p", help="open_clip pretrained tag (e.g. openai) or a checkpoint file, "
-                                         "one per --model, in the same order."),
+    model: list[str] = typer.Option(
+        ...,
+        "--model",
+        "-m",
+        help="open_clip architecture, e.g. ViT-B-32, or a config of configs/models "
+        "(clipsift-xs). Repeat --model/--pretrained to score several models in one read of the pool.",
+    ),
+    pretrained: list[str] = typer.Option(
+        ...,
+        "--pretrained",
+        "-p",
+        help="open_clip pretrained tag (e.g. openai) or a checkpoint file, one per --model, in the same order.",
+    ),
     batch_size: int = typer.Option(256, help="Samples per model batch."),
     precision: str = typer.Option("auto", help="auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16."),
-    address: Optional[str] = AddressOption,
-    gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per model actor (default: 1 where the cluster has GPUs, else 0)."),
-    workers: Optional[int] = typer.Option(None, help="Model actors (default: one per GPU, or one per CPU)."),
-    decode: str = typer.Option("cpu", help="Where images are decoded and resized: cpu (PIL, in CPU tasks) | device (in the "
-                               "model actors: torchvision's batched JPEG decoder, nvJPEG on GPUs)."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Folder or URL for the embeddings, OUT/<model_id>/<shard>.parquet "
-                                      "(default POOL/embeddings), e.g. for a pool you cannot write to; filter with "
-                                      "`clipsift filter POOL --embeddings OUT`."),
+    address: str | None = AddressOption,
+    gpus_per_worker: float | None = typer.Option(
+        None, help="GPUs per model actor (default: 1 where the cluster has GPUs, else 0)."
+    ),
+    workers: int | None = typer.Option(None, help="Model actors (default: one per GPU, or one per CPU)."),
+    decode: str = typer.Option(
+        "cpu",
+        help="Where images are decoded and resized: cpu (PIL, in CPU tasks) | device (in the "
+        "model actors: torchvision's batched JPEG decoder, nvJPEG on GPUs).",
+    ),
+    out: str | None = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Folder or URL for the embeddings, OUT/<model_id>/<shard>.parquet "
+        "(default POOL/embeddings), e.g. for a pool you cannot write to; filter with "
+        "`clipsift filter POOL --embeddings OUT`.",
+    ),
 ) -> None:
     """CLIP image/text embeddings and CLIP scores for every shard (resumes: scored shards are skipped)."""
     from clipsift.pipeline.score import ScoreSettings, score_models, score_summary_rows
 
     if len(model) != len(pretrained):
-        raise ClipsiftError(f"{len(model)} --model but {len(pretrained)} --pretrained: give one --pretrained per --model, in the same order")
-    settings = _settings(ScoreSettings, batch_size=batch_size, precision=precision, decode=decode, workers=workers,
-                         gpus_per_worker=gpus_per_worker)
+        raise ClipsiftError(
+            f"{len(model)} --model but {len(pretrained)} --pretrained: give one --pretrained per --model, in the same order"
+        )
+    settings = _settings(
+        ScoreSettings,
+        batch_size=batch_size,
+        precision=precision,
+        decode=decode,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+    )
     results = score_models(pool, list(zip(model, pretrained)), settings, address=address, out=out)
     for result in results:
         _print_summary("score" if len(results) == 1 else f"score {result.model_id}", score_summary_rows(result))
@@ -210,13 +297,21 @@ def _parse_sets(values: list[str]) -> dict[str, str]:
 @app.command("filter")
 def filter_pool(
     pool: str = typer.Argument(..., help="Pool directory or fsspec URL."),
-    recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML file, or the name of a shipped recipe (e.g. basic_filter)."),
+    recipe: str = typer.Option(
+        ..., "--recipe", "-r", help="Recipe YAML file, or the name of a shipped recipe (e.g. basic_filter)."
+    ),
     out: str = typer.Option(..., "--out", "-o", help="Subset file to write (.npy); subset.json is written beside it."),
-    set_: list[str] = typer.Option([], "--set", help="Set a recipe variable, NAME=VALUE (repeatable), e.g. --set model_id=tiny__ab12."),
-    embeddings: Optional[str] = typer.Option(None, "--embeddings", help="Where the pool's embeddings are when `clipsift score --out` "
-                                             "put them outside the pool (default POOL/embeddings)."),
-    address: Optional[str] = AddressOption,
-    workers: Optional[int] = WorkersOption,
+    set_: list[str] = typer.Option(
+        [], "--set", help="Set a recipe variable, NAME=VALUE (repeatable), e.g. --set model_id=tiny__ab12."
+    ),
+    embeddings: str | None = typer.Option(
+        None,
+        "--embeddings",
+        help="Where the pool's embeddings are when `clipsift score --out` "
+        "put them outside the pool (default POOL/embeddings).",
+    ),
+    address: str | None = AddressOption,
+    workers: int | None = WorkersOption,
 ) -> None:
     """Apply a filter recipe to a pool and write the subset (DataComp's uid .npy) and subset.json."""
     from clipsift.filters.recipe import apply_recipe, load_recipe
@@ -225,16 +320,25 @@ def filter_pool(
     result = apply_recipe(pool, loaded, out, workers=workers, address=address, embeddings=embeddings)
     from rich.table import Table
 
-    table = Table(title=f"recipe {loaded.name}: rows kept by each step", title_justify="left", box=None, pad_edge=False)
+    table = Table(
+        title=f"recipe {loaded.name}: rows kept by each step", title_justify="left", box=None, pad_edge=False
+    )
     for column in ("step", "filter", "in", "kept", "share"):
         table.add_column(column, justify="right" if column in ("in", "kept", "share") else "left")
     for step in result.steps:
         share = f"{step.kept / step.rows_in:.1%}" if step.rows_in else "-"
         table.add_row(step.path, step.label, f"{step.rows_in:,}", f"{step.kept:,}", share)
     _console().print(table)
-    _print_summary("filter", [("subset", f"{out} ({result.num_uids:,} uids)"), ("subset.json", result.info_path),
-                              ("sha256", result.npy_sha256), ("time", f"{result.seconds:.1f} s"),
-                              ("next", f"clipsift reshard {pool} --subset {out} --out SHARDS")])
+    _print_summary(
+        "filter",
+        [
+            ("subset", f"{out} ({result.num_uids:,} uids)"),
+            ("subset.json", result.info_path),
+            ("sha256", result.npy_sha256),
+            ("time", f"{result.seconds:.1f} s"),
+            ("next", f"clipsift reshard {pool} --subset {out} --out SHARDS"),
+        ],
+    )
 
 
 @subset_app.command("info")
@@ -243,19 +347,29 @@ def subset_info_cmd(path: str = typer.Argument(..., help="Subset .npy (ours or a
     from clipsift.filters.subset import subset_info
 
     info = subset_info(path)
-    _print_summary("subset", [("file", info.path), ("uids", info.count), ("unique", info.unique),
-                              ("duplicates", f"{info.duplicates:,} (most repeated uid: {info.max_repeat}x)"),
-                              ("sorted", "yes" if info.sorted else "no"), ("sha256", info.sha256)])
+    _print_summary(
+        "subset",
+        [
+            ("file", info.path),
+            ("uids", info.count),
+            ("unique", info.unique),
+            ("duplicates", f"{info.duplicates:,} (most repeated uid: {info.max_repeat}x)"),
+            ("sorted", "yes" if info.sorted else "no"),
+            ("sha256", info.sha256),
+        ],
+    )
 
 
 @app.command("reshard")
 def reshard_cmd(
     pool: str = typer.Argument(..., help="Pool directory or fsspec URL."),
     subset: str = typer.Option(..., "--subset", "-s", help="Subset .npy (a repeated uid is written that many times)."),
-    out: str = typer.Option(..., "--out", "-o", help="Folder for the training shards (a clipsift pool + manifest.json)."),
+    out: str = typer.Option(
+        ..., "--out", "-o", help="Folder for the training shards (a clipsift pool + manifest.json)."
+    ),
     shard_size: int = typer.Option(10_000, help="Samples per output shard (the last may hold fewer)."),
-    address: Optional[str] = AddressOption,
-    workers: Optional[int] = WorkersOption,
+    address: str | None = AddressOption,
+    workers: int | None = WorkersOption,
 ) -> None:
     """Copy the subset's samples byte for byte into new webdataset shards for training (resumable)."""
     from clipsift.pipeline.reshard import reshard, reshard_summary_rows
@@ -266,50 +380,87 @@ def reshard_cmd(
 
 @app.command("train")
 def train_command(
-    scale: str = typer.Option(..., "--scale", "-s", help="xs | tiny | small | medium | large | xlarge: the fixed recipe."),
-    data: list[str] = typer.Option(..., "--data", "-d", help="Resharded data (clipsift reshard --out); repeat to mix sources."),
-    weight: Optional[list[float]] = typer.Option(None, "--weight", help="Sampling weight per --data, in order (default 1 each)."),
+    scale: str = typer.Option(
+        ..., "--scale", "-s", help="xs | tiny | small | medium | large | xlarge: the fixed recipe."
+    ),
+    data: list[str] = typer.Option(
+        ..., "--data", "-d", help="Resharded data (clipsift reshard --out); repeat to mix sources."
+    ),
+    weight: list[float] | None = typer.Option(
+        None, "--weight", help="Sampling weight per --data, in order (default 1 each)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory; re-running the same command resumes it."),
     gpus: int = typer.Option(1, "--gpus", help="Devices (1 trains in-process; more go through torchrun)."),
     workers: int = typer.Option(1, "--workers", help="Data-loading workers per device."),
-    max_per_device_batch: Optional[int] = typer.Option(None, help="Largest batch one device holds; the rest is gradient accumulation."),
-    torchcompile: bool = typer.Option(False, "--torchcompile", help="torch.compile the model (infrastructure, results unchanged)."),
-    non_standard_precision: Optional[str] = typer.Option(None, help="Train in another precision than the recipe's: recorded as non-standard."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Training seed (default: the recipe's); for measuring seed spread."),
+    max_per_device_batch: int | None = typer.Option(
+        None, help="Largest batch one device holds; the rest is gradient accumulation."
+    ),
+    torchcompile: bool = typer.Option(
+        False, "--torchcompile", help="torch.compile the model (infrastructure, results unchanged)."
+    ),
+    non_standard_precision: str | None = typer.Option(
+        None, help="Train in another precision than the recipe's: recorded as non-standard."
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Training seed (default: the recipe's); for measuring seed spread."
+    ),
 ) -> None:
     """Train a CLIP model with the scale's fixed recipe through open_clip_train."""
     from clipsift.train.launch import Infra, train, train_summary_rows
 
     weights = list(weight or [])
     if weights and len(weights) != len(data):
-        raise ClipsiftError(f"{len(weights)} --weight values for {len(data)} --data sources; give one weight per source or none")
-    infra = Infra(devices=gpus, workers=workers, max_per_device_batch=max_per_device_batch, torchcompile=torchcompile,
-                  precision=non_standard_precision, seed=seed)
+        raise ClipsiftError(
+            f"{len(weights)} --weight values for {len(data)} --data sources; give one weight per source or none"
+        )
+    infra = Infra(
+        devices=gpus,
+        workers=workers,
+        max_per_device_batch=max_per_device_batch,
+        torchcompile=torchcompile,
+        precision=non_standard_precision,
+        seed=seed,
+    )
     result = train(scale, list(zip(data, weights or [1.0] * len(data))), str(out), infra=infra)
     _print_summary("train", train_summary_rows(result))
 
 
-filternet_app = typer.Typer(help="The filtering network: a small CLIP trained on a clean reference set, to score pools with.",
-                            no_args_is_help=True)
+filternet_app = typer.Typer(
+    help="The filtering network: a small CLIP trained on a clean reference set, to score pools with.",
+    no_args_is_help=True,
+)
 app.add_typer(filternet_app, name="filternet")
 
 
 @filternet_app.command("train")
 def filternet_train(
-    reference: str = typer.Option(..., "--reference", "-r", help="Clean reference pool (clipsift pool synth --clean-reference, or your curated pairs imported)."),
+    reference: str = typer.Option(
+        ...,
+        "--reference",
+        "-r",
+        help="Clean reference pool (clipsift pool synth --clean-reference, or your curated pairs imported).",
+    ),
     scale: str = typer.Option("xs", "--scale", "-s", help="Training recipe for the network: xs or tiny."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for the network (filternet.json, run/, the checkpoint); re-running resumes."),
-    workers: Optional[int] = WorkersOption,
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Folder for the network (filternet.json, run/, the checkpoint); re-running resumes."
+    ),
+    workers: int | None = WorkersOption,
 ) -> None:
     """Train the filtering network on a clean reference set; `clipsift score` then scores a pool with it."""
     from clipsift.train.filternet import train_filternet
 
     result = train_filternet(reference, str(out), scale=scale, workers=workers)
-    _print_summary("filternet train", [
-        ("reference", f"{reference} ({result.reference_samples:,} samples)"), ("recipe", f"{scale}: {result.samples_seen:,} samples seen"),
-        ("network", f"{result.arch}, {result.checkpoint}"), ("model_id", result.model_id), ("time", f"{result.seconds:.0f} s"),
-        ("next", f"clipsift score POOL --model {result.arch} --pretrained {result.checkpoint}"),
-    ])
+    _print_summary(
+        "filternet train",
+        [
+            ("reference", f"{reference} ({result.reference_samples:,} samples)"),
+            ("recipe", f"{scale}: {result.samples_seen:,} samples seen"),
+            ("network", f"{result.arch}, {result.checkpoint}"),
+            ("model_id", result.model_id),
+            ("time", f"{result.seconds:.0f} s"),
+            ("next", f"clipsift score POOL --model {result.arch} --pretrained {result.checkpoint}"),
+        ],
+    )
 
 
 class _EvalGroup(TyperGroup):
@@ -328,27 +479,52 @@ class _EvalRunCommand(TyperCommand):
         formatter.write_usage(ctx.parent.command_path, "RUN|CHECKPOINT [OPTIONS]")
 
 
-eval_app = typer.Typer(cls=_EvalGroup, no_args_is_help=True, help=(
-    "Zero-shot evaluation. `clipsift eval RUN|CHECKPOINT --suite datacomp38|tiny` evaluates a run (or a checkpoint with "
-    "--model ARCH) into RUN/eval/results.jsonl and summary.json; `clipsift eval RUN --help` lists its options."))
+eval_app = typer.Typer(
+    cls=_EvalGroup,
+    no_args_is_help=True,
+    help=(
+        "Zero-shot evaluation. `clipsift eval RUN|CHECKPOINT --suite datacomp38|tiny` evaluates a run (or a checkpoint with "
+        "--model ARCH) into RUN/eval/results.jsonl and summary.json; `clipsift eval RUN --help` lists its options."
+    ),
+)
 app.add_typer(eval_app, name="eval")
 
 
-def _split_list(values: Optional[list[str]]) -> Optional[list[str]]:
+def _split_list(values: list[str] | None) -> list[str] | None:
     return [v.strip() for value in values for v in value.split(",") if v.strip()] if values else None
 
 
 @eval_app.command("run", hidden=True, cls=_EvalRunCommand)
 def eval_run(
-    target: str = typer.Argument(..., metavar="RUN|CHECKPOINT", help="Run directory (RUN/checkpoints/epoch_latest.pt, model from run.json) or a checkpoint file."),
-    suite: str = typer.Option("datacomp38", "--suite", "-s", help="datacomp38 | tiny | a custom suite YAML file (docs/evaluation.md)."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="The suite's data (default: $CLIPSIFT_EVAL_DATA/SUITE or ~/.cache/clipsift/eval/SUITE)."),
-    tasks: Optional[list[str]] = typer.Option(None, "--tasks", "-t", help="Only these tasks: keys, globs (vtab/*) or group tags; repeat or comma-separate."),
+    target: str = typer.Argument(
+        ...,
+        metavar="RUN|CHECKPOINT",
+        help="Run directory (RUN/checkpoints/epoch_latest.pt, model from run.json) or a checkpoint file.",
+    ),
+    suite: str = typer.Option(
+        "datacomp38", "--suite", "-s", help="datacomp38 | tiny | a custom suite YAML file (docs/evaluation.md)."
+    ),
+    data_dir: str | None = typer.Option(
+        None,
+        "--data-dir",
+        help="The suite's data (default: $CLIPSIFT_EVAL_DATA/SUITE or ~/.cache/clipsift/eval/SUITE).",
+    ),
+    tasks: list[str] | None = typer.Option(
+        None, "--tasks", "-t", help="Only these tasks: keys, globs (vtab/*) or group tags; repeat or comma-separate."
+    ),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per model batch."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Architecture of a bare checkpoint (e.g. clipsift-tiny, ViT-B-32)."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Results folder (default: RUN/eval, or CHECKPOINT_eval beside a checkpoint)."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Data-loading processes (default: CPUs - 2 on GPU machines, 0 on CPU)."),
-    precision: str = typer.Option("auto", help="auto (fp16 autocast on GPU as DataComp, fp32 on CPU) | fp32 | bf16 | fp16."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Architecture of a bare checkpoint (e.g. clipsift-tiny, ViT-B-32)."
+    ),
+    out: str | None = typer.Option(
+        None, "--out", "-o", help="Results folder (default: RUN/eval, or CHECKPOINT_eval beside a checkpoint)."
+    ),
+    workers: int | None = typer.Option(
+        None, "--workers", "-w", help="Data-loading processes (default: CPUs - 2 on GPU machines, 0 on CPU)."
+    ),
+    precision: str = typer.Option(
+        "auto", help="auto (fp16 autocast on GPU as DataComp, fp32 on CPU) | fp32 | bf16 | fp16."
+    ),
 ) -> None:
     """Evaluate a run or checkpoint zero-shot; re-running skips the tasks already in results.jsonl."""
     from clipsift.eval.run import eval_summary_rows, evaluate
@@ -359,8 +535,18 @@ def eval_run(
         if outcome.status == "failed":
             console.print(f"[red]✗[/red] {outcome.error}", markup=True, highlight=False)
 
-    result = evaluate(target, suite, data_dir=data_dir, tasks=_split_list(tasks), batch_size=batch_size, arch=model, out=out,
-                      workers=workers, precision=precision, on_task=show)
+    result = evaluate(
+        target,
+        suite,
+        data_dir=data_dir,
+        tasks=_split_list(tasks),
+        batch_size=batch_size,
+        arch=model,
+        out=out,
+        workers=workers,
+        precision=precision,
+        on_task=show,
+    )
     _print_summary(f"eval ({result.suite})", eval_summary_rows(result))
     if result.failed:
         raise typer.Exit(1)
@@ -377,42 +563,75 @@ def eval_make_tiny_suite(
     started = time.perf_counter()
     info = make_tiny_suite(str(out), seed=seed)
     rows: list[tuple[str, object]] = [(key, f"{size:,} samples") for key, size in info["tasks"].items()]
-    rows += [("suite", out), ("time", f"{time.perf_counter() - started:.1f} s"), ("next", f"clipsift eval RUN --suite tiny --data-dir {out}")]
+    rows += [
+        ("suite", out),
+        ("time", f"{time.perf_counter() - started:.1f} s"),
+        ("next", f"clipsift eval RUN --suite tiny --data-dir {out}"),
+    ]
     _print_summary("tiny evaluation suite", rows)
 
 
 @eval_app.command("make-task")
 def eval_make_task(
-    src: Path = typer.Option(..., "--from", help="An image folder (one sub-folder per class) or a CSV/Parquet table of image paths."),
+    src: Path = typer.Option(
+        ..., "--from", help="An image folder (one sub-folder per class) or a CSV/Parquet table of image paths."
+    ),
     task_type: str = typer.Option(..., "--type", help="classification | retrieval"),
     out: Path = typer.Option(..., "--out", "-o", help="Task folder to write (clip_benchmark's webdataset layout)."),
     shard_size: int = typer.Option(10_000, "--shard-size", help="Samples per tar."),
-    image_column: Optional[str] = typer.Option(None, "--image-column", help="Table column of image paths (default: image)."),
-    label_column: Optional[str] = typer.Option(None, "--label-column", help="Table column of class labels (default: label)."),
-    caption_column: Optional[str] = typer.Option(None, "--caption-column", help="Table column of captions (default: caption)."),
-    group_column: Optional[str] = typer.Option(None, "--group-column", help="Table column of groups, for worst-group metrics."),
-    classnames: Optional[Path] = typer.Option(None, "--classnames", help="Class names, one per line (or 'label<TAB>name'); default: the labels."),
-    templates: Optional[Path] = typer.Option(None, "--templates", help="Prompt templates with {c}, one per line; default: 'a photo of a {c}.'."),
+    image_column: str | None = typer.Option(
+        None, "--image-column", help="Table column of image paths (default: image)."
+    ),
+    label_column: str | None = typer.Option(
+        None, "--label-column", help="Table column of class labels (default: label)."
+    ),
+    caption_column: str | None = typer.Option(
+        None, "--caption-column", help="Table column of captions (default: caption)."
+    ),
+    group_column: str | None = typer.Option(
+        None, "--group-column", help="Table column of groups, for worst-group metrics."
+    ),
+    classnames: Path | None = typer.Option(
+        None, "--classnames", help="Class names, one per line (or 'label<TAB>name'); default: the labels."
+    ),
+    templates: Path | None = typer.Option(
+        None, "--templates", help="Prompt templates with {c}, one per line; default: 'a photo of a {c}.'."
+    ),
 ) -> None:
     """Convert an image folder or table into a task in the webdataset layout (resumable), with its suite entry in OUT/task.yaml."""
     from clipsift.eval.layouts import make_task, read_lines_file
 
     started = time.perf_counter()
-    made = make_task(str(src), task_type, str(out), shard_size=shard_size, image_column=image_column, label_column=label_column,
-                     caption_column=caption_column, group_column=group_column,
-                     classnames=read_lines_file(str(classnames), pairs=True) if classnames else None,
-                     templates=read_lines_file(str(templates)) if templates else None)
-    _print_summary("eval make-task", [("task", out), ("samples", f"{made.samples:,}"), ("classes", made.classes or "-"),
-                                      ("tars", f"{made.shards} ({made.written} written now)"),
-                                      ("time", f"{time.perf_counter() - started:.1f} s"),
-                                      ("next", f"add {out / 'task.yaml'} to a suite file's tasks; clipsift eval RUN --suite SUITE.yaml")])
+    made = make_task(
+        str(src),
+        task_type,
+        str(out),
+        shard_size=shard_size,
+        image_column=image_column,
+        label_column=label_column,
+        caption_column=caption_column,
+        group_column=group_column,
+        classnames=read_lines_file(str(classnames), pairs=True) if classnames else None,
+        templates=read_lines_file(str(templates)) if templates else None,
+    )
+    _print_summary(
+        "eval make-task",
+        [
+            ("task", out),
+            ("samples", f"{made.samples:,}"),
+            ("classes", made.classes or "-"),
+            ("tars", f"{made.shards} ({made.written} written now)"),
+            ("time", f"{time.perf_counter() - started:.1f} s"),
+            ("next", f"add {out / 'task.yaml'} to a suite file's tasks; clipsift eval RUN --suite SUITE.yaml"),
+        ],
+    )
 
 
 @eval_app.command("download")
 def eval_download(
     out: Path = typer.Option(..., "--out", "-o", help="Data folder (pass it to `clipsift eval --data-dir`)."),
     suite: str = typer.Option("datacomp38", "--suite", "-s", help="The suite whose data to fetch."),
-    tasks: Optional[list[str]] = typer.Option(None, "--tasks", "-t", help="Only these tasks: keys, globs or group tags."),
+    tasks: list[str] | None = typer.Option(None, "--tasks", "-t", help="Only these tasks: keys, globs or group tags."),
 ) -> None:
     """Fetch a suite's data from the Hugging Face Hub (resumable; sizes and hashes checked)."""
     from clipsift.eval.download import download_suite
@@ -420,13 +639,27 @@ def eval_download(
 
     loaded = load_suite(suite)
     if loaded.name == "tiny":
-        raise ClipsiftError(f"the tiny suite is not downloaded: write it with `clipsift eval make-tiny-suite --out {out}`")
+        raise ClipsiftError(
+            f"the tiny suite is not downloaded: write it with `clipsift eval make-tiny-suite --out {out}`"
+        )
     console = _console()
-    report = download_suite(loaded, str(out), loaded.select(_split_list(tasks)),
-                            on_task=lambda key, status: console.print(f"{key}: {status}", highlight=False))
-    _print_summary("eval download", [("data", out), ("tasks fetched", len(report.done)), ("already complete", len(report.skipped)),
-                                     ("failed", len(report.failed)), ("fetched", f"{report.files_fetched:,} files, {report.bytes_fetched / 1e9:.2f} GB"),
-                                     ("next", f"clipsift eval RUN --suite {loaded.name} --data-dir {out}")])
+    report = download_suite(
+        loaded,
+        str(out),
+        loaded.select(_split_list(tasks)),
+        on_task=lambda key, status: console.print(f"{key}: {status}", highlight=False),
+    )
+    _print_summary(
+        "eval download",
+        [
+            ("data", out),
+            ("tasks fetched", len(report.done)),
+            ("already complete", len(report.skipped)),
+            ("failed", len(report.failed)),
+            ("fetched", f"{report.files_fetched:,} files, {report.bytes_fetched / 1e9:.2f} GB"),
+            ("next", f"clipsift eval RUN --suite {loaded.name} --data-dir {out}"),
+        ],
+    )
     if report.failed:
         raise typer.Exit(1)
 
@@ -435,15 +668,23 @@ leaderboard_app = typer.Typer(help="The leaderboard server and its API tokens.",
 app.add_typer(leaderboard_app, name="leaderboard")
 token_app = typer.Typer(help="API tokens (stored hashed; shown once when created).", no_args_is_help=True)
 leaderboard_app.add_typer(token_app, name="token")
-DbOption = typer.Option("leaderboard.sqlite", "--db", help="SQLAlchemy URL (e.g. postgresql+psycopg://user:pw@host/db) or a SQLite file path.")
+DbOption = typer.Option(
+    "leaderboard.sqlite",
+    "--db",
+    help="SQLAlchemy URL (e.g. postgresql+psycopg://user:pw@host/db) or a SQLite file path.",
+)
 
 
 @leaderboard_app.command("serve")
 def leaderboard_serve(
     db: str = DbOption,
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default; put a TLS proxy in front to publish it)."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to bind (loopback by default; put a TLS proxy in front to publish it)."
+    ),
     port: int = typer.Option(8000, "--port", help="TCP port."),
-    rate: float = typer.Option(1.0, "--rate", help="Requests per second a token's bucket refills (writes and authenticated calls)."),
+    rate: float = typer.Option(
+        1.0, "--rate", help="Requests per second a token's bucket refills (writes and authenticated calls)."
+    ),
     burst: int = typer.Option(30, "--burst", help="Requests a token may send at once."),
     max_body: int = typer.Option(1_000_000, "--max-body", help="Largest request body in bytes."),
 ) -> None:
@@ -471,22 +712,42 @@ def leaderboard_token_create(
 def submit(
     run: Path = typer.Argument(..., help="Run directory: RUN/run.json and RUN/eval/results.jsonl + summary.json."),
     server: str = typer.Option(..., "--server", help="Leaderboard URL, e.g. http://127.0.0.1:8000."),
-    token: str = typer.Option(..., "--token", envvar="CLIPSIFT_LEADERBOARD_TOKEN", help="API token (or set CLIPSIFT_LEADERBOARD_TOKEN)."),
+    token: str = typer.Option(
+        ..., "--token", envvar="CLIPSIFT_LEADERBOARD_TOKEN", help="API token (or set CLIPSIFT_LEADERBOARD_TOKEN)."
+    ),
     method_name: str = typer.Option(..., "--method-name", help="The method's name on the leaderboard."),
     track: str = typer.Option("filtering", "--track", help="filtering | byod."),
-    authors: Optional[list[str]] = typer.Option(None, "--author", help="An author (repeat for several)."),
-    links: Optional[list[str]] = typer.Option(None, "--link", help="A paper or code link, http(s) (repeat for several)."),
-    description: Optional[str] = typer.Option(None, "--description", help="Method notes; for byod, the description of the data (required)."),
-    suite: Optional[str] = typer.Option(None, "--suite", help="The suite to submit (default: the one summary.json has complete)."),
+    authors: list[str] | None = typer.Option(None, "--author", help="An author (repeat for several)."),
+    links: list[str] | None = typer.Option(None, "--link", help="A paper or code link, http(s) (repeat for several)."),
+    description: str | None = typer.Option(
+        None, "--description", help="Method notes; for byod, the description of the data (required)."
+    ),
+    suite: str | None = typer.Option(
+        None, "--suite", help="The suite to submit (default: the one summary.json has complete)."
+    ),
 ) -> None:
     """Submit an evaluated run to a leaderboard; prints its URL, or the server's reasons for refusing it."""
     from clipsift.leaderboard.client import build_submission, post_submission, submission_url
 
-    payload = build_submission(str(run), method_name=method_name, track=track, authors=authors, links=links,
-                               description=description, suite=suite)
+    payload = build_submission(
+        str(run),
+        method_name=method_name,
+        track=track,
+        authors=authors,
+        links=links,
+        description=description,
+        suite=suite,
+    )
     submission_id = post_submission(server, token, payload)
-    _print_summary("submitted", [("submission", submission_id), ("suite", payload["suite"]["name"]), ("scale", payload["scale"]),
-                                 ("status", "pending (an admin verifies it)")])
+    _print_summary(
+        "submitted",
+        [
+            ("submission", submission_id),
+            ("suite", payload["suite"]["name"]),
+            ("scale", payload["scale"]),
+            ("status", "pending (an admin verifies it)"),
+        ],
+    )
     typer.echo(submission_url(server, submission_id))
 
 
@@ -511,11 +772,18 @@ def _run_summary_rows(result) -> list[tuple[str, object]]:
     rows: list[tuple[str, object]] = [("run", result.run_dir)]
     evaluated, submitted = result.outputs.get(EvalStage), result.outputs.get(SubmitStage)
     if evaluated:
-        rows.append(("score", f"{evaluated.suite} average {evaluated.average:.3f} over {evaluated.tasks} tasks "
-                              f"({evaluated.summary})"))
+        rows.append(
+            (
+                "score",
+                f"{evaluated.suite} average {evaluated.average:.3f} over {evaluated.tasks} tasks "
+                f"({evaluated.summary})",
+            )
+        )
     if submitted:
         rows.append(("leaderboard", f"submission {submitted.id} in {submitted.url or submitted.leaderboard}"))
-    rows.append(("provenance", f"{result.run_dir / 'provenance.json'} ({len(result.provenance['checks'])} hash checks ok)"))
+    rows.append(
+        ("provenance", f"{result.run_dir / 'provenance.json'} ({len(result.provenance['checks'])} hash checks ok)")
+    )
     return rows
 
 
@@ -525,11 +793,19 @@ def _stage_rule(name: str, title: str) -> None:
 
 @app.command("run")
 def run_command(
-    config: str = typer.Argument(..., help="Run config YAML, or a shipped one by name (tiny, xs, datacomp_small, datacomp_medium)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/NAME); re-running resumes it."),
-    until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage (pool, reference, filternet, score, filter, reshard, train, eval, submit)."),
+    config: str = typer.Argument(
+        ..., help="Run config YAML, or a shipped one by name (tiny, xs, datacomp_small, datacomp_medium)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Run directory (default: runs/NAME); re-running resumes it."
+    ),
+    until: str | None = typer.Option(
+        None,
+        "--until",
+        help="Stop after this stage (pool, reference, filternet, score, filter, reshard, train, eval, submit).",
+    ),
     check: bool = typer.Option(False, "--check", help="Validate the config, list its stages and stop."),
-    workers: Optional[int] = WorkersOption,
+    workers: int | None = WorkersOption,
 ) -> None:
     """Run a whole job from one config: pool, filtering network (optional), score, filter, reshard, train, eval, submit
     (optional). Every stage resumes: re-running the same command continues where a killed run stopped, and a config
@@ -539,8 +815,16 @@ def run_command(
 
     loaded, where = load_run_config(config)
     if check:
-        _print_summary("run config ok", [("config", where), ("name", loaded.name), ("stages", " -> ".join(stage_names(loaded))),
-                                         ("run directory", out or default_run_dir(loaded)), ("sha256", loaded.sha256())])
+        _print_summary(
+            "run config ok",
+            [
+                ("config", where),
+                ("name", loaded.name),
+                ("stages", " -> ".join(stage_names(loaded))),
+                ("run directory", out or default_run_dir(loaded)),
+                ("sha256", loaded.sha256()),
+            ],
+        )
         return
     result = run_pipeline(loaded, out, where=where, workers=workers, until=until, on_stage=_stage_rule)
     _print_run(result, f"clipsift run {loaded.name}")
@@ -558,39 +842,73 @@ class _ReportCurationCommand(TyperCommand):
         formatter.write_usage(ctx.parent.command_path, "SUBSET|RUN --out REPORT.html [OPTIONS]")
 
 
-report_app = typer.Typer(cls=_ReportGroup, no_args_is_help=True, help=(
-    "Reports. `clipsift report SUBSET|RUN --out report.html` writes the curation report of a subset (or of the subset a run "
-    "trained on); `clipsift report SUBSET --help` lists its options; `clipsift report scaling RUN... --out scaling.html` fits each "
-    "recipe's score against samples seen."))
+report_app = typer.Typer(
+    cls=_ReportGroup,
+    no_args_is_help=True,
+    help=(
+        "Reports. `clipsift report SUBSET|RUN --out report.html` writes the curation report of a subset (or of the subset a run "
+        "trained on); `clipsift report SUBSET --help` lists its options; `clipsift report scaling RUN... --out scaling.html` fits each "
+        "recipe's score against samples seen."
+    ),
+)
 app.add_typer(report_app, name="report")
 
 
 @report_app.command("curation", hidden=True, cls=_ReportCurationCommand)
 def report_curation(
-    target: str = typer.Argument(..., metavar="SUBSET|RUN", help="Subset .npy (subset.json beside it) or a run directory (run.json)."),
-    out: str = typer.Option(..., "--out", "-o", help="The HTML page to write (images embedded: one self-contained file)."),
-    truth: Optional[str] = typer.Option(None, "--truth", help="Truth file (uid -> kind) of a synthetic pool: adds precision and recall per kind."),
-    samples: int = typer.Option(12, "--samples", "-n", help="Samples per gallery (random, at each threshold's margin, per cluster)."),
+    target: str = typer.Argument(
+        ..., metavar="SUBSET|RUN", help="Subset .npy (subset.json beside it) or a run directory (run.json)."
+    ),
+    out: str = typer.Option(
+        ..., "--out", "-o", help="The HTML page to write (images embedded: one self-contained file)."
+    ),
+    truth: str | None = typer.Option(
+        None, "--truth", help="Truth file (uid -> kind) of a synthetic pool: adds precision and recall per kind."
+    ),
+    samples: int = typer.Option(
+        12, "--samples", "-n", help="Samples per gallery (random, at each threshold's margin, per cluster)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the random galleries and clusters."),
-    pool: Optional[str] = typer.Option(None, "--pool", help="Where the pool is now, if it moved since filtering (its pool.json must match)."),
-    embeddings: Optional[str] = typer.Option(None, "--embeddings", help="Where the embeddings are now, if the filter read them from a "
-                                             "folder (`clipsift filter --embeddings`) that has moved since."),
-    workers: Optional[int] = typer.Option(1, "--workers", "-w", help="Ray workers to re-apply the recipe with (default 1: in-process)."),
-    address: Optional[str] = AddressOption,
+    pool: str | None = typer.Option(
+        None, "--pool", help="Where the pool is now, if it moved since filtering (its pool.json must match)."
+    ),
+    embeddings: str | None = typer.Option(
+        None,
+        "--embeddings",
+        help="Where the embeddings are now, if the filter read them from a "
+        "folder (`clipsift filter --embeddings`) that has moved since.",
+    ),
+    workers: int | None = typer.Option(
+        1, "--workers", "-w", help="Ray workers to re-apply the recipe with (default 1: in-process)."
+    ),
+    address: str | None = AddressOption,
 ) -> None:
     """The curation report: what each step kept, CLIP-score histograms with thresholds, galleries, cluster montages."""
     from clipsift.pipeline.report import curation_report, report_summary_rows
 
-    result = curation_report(target, out, truth=truth, samples=samples, seed=seed, pool_url=pool, embeddings=embeddings, workers=workers,
-                             address=address)
+    result = curation_report(
+        target,
+        out,
+        truth=truth,
+        samples=samples,
+        seed=seed,
+        pool_url=pool,
+        embeddings=embeddings,
+        workers=workers,
+        address=address,
+    )
     _print_summary("curation report", report_summary_rows(result))
 
 
 @report_app.command("scaling")
 def report_scaling(
-    runs: list[str] = typer.Argument(..., metavar="RUN...", help="Run directories (run.json and eval/summary.json), several recipes and scales."),
+    runs: list[str] = typer.Argument(
+        ..., metavar="RUN...", help="Run directories (run.json and eval/summary.json), several recipes and scales."
+    ),
     out: str = typer.Option(..., "--out", "-o", help="The HTML page to write."),
-    suite: Optional[str] = typer.Option(None, "--suite", "-s", help="The suite whose average is fitted (default: the runs' only suite)."),
+    suite: str | None = typer.Option(
+        None, "--suite", "-s", help="The suite whose average is fitted (default: the runs' only suite)."
+    ),
 ) -> None:
     """Fit each recipe's error (1 - suite average) against samples seen with a power law, predict the next scale, rank recipes."""
     from clipsift.pipeline.scaling import scaling_report, scaling_summary_rows
@@ -600,9 +918,13 @@ def report_scaling(
 
 @app.command("demo")
 def demo(
-    out: Path = typer.Option(Path("clipsift-demo"), "--out", "-o", help="Directory for everything the demo writes (re-running resumes)."),
-    scale: str = typer.Option("tiny", "--scale", help="tiny: the full demo (128,000 samples; minutes) | xs: a quick version (4,096 samples)."),
-    workers: Optional[int] = WorkersOption,
+    out: Path = typer.Option(
+        Path("clipsift-demo"), "--out", "-o", help="Directory for everything the demo writes (re-running resumes)."
+    ),
+    scale: str = typer.Option(
+        "tiny", "--scale", help="tiny: the full demo (128,000 samples; minutes) | xs: a quick version (4,096 samples)."
+    ),
+    workers: int | None = WorkersOption,
 ) -> None:
     """The main job on the embedded default (configs/runs/tiny.yaml), offline on CPU: synthesize the pool and
     the clean reference set, train a filtering network on the reference, score the pool with it, keep the top 30%
@@ -626,22 +948,43 @@ def _demo_rows(result) -> list[tuple[str, object]]:
     from clipsift.train.stages import FilternetStage, TrainStage
 
     o = result.outputs
-    pool, net, subset, trained, evaluated, board = o[PoolStage], o[FilternetStage], o[FilterStage], o[TrainStage], \
-        o[EvalStage], o[SubmitStage]
+    pool, net, subset, trained, evaluated, board = (
+        o[PoolStage],
+        o[FilternetStage],
+        o[FilterStage],
+        o[TrainStage],
+        o[EvalStage],
+        o[SubmitStage],
+    )
     n = pool.num_samples
     return [
-        ("pool", f"{pool.path}: {n:,} synthetic web-like pairs (noise kinds in {pool.truth}, which filters never read)"),
-        ("filtering network", f"{net.arch} trained on {o[ReferenceStage].num_samples:,} clean reference pairs "
-                              f"({net.samples_seen:,} samples seen)"),
+        (
+            "pool",
+            f"{pool.path}: {n:,} synthetic web-like pairs (noise kinds in {pool.truth}, which filters never read)",
+        ),
+        (
+            "filtering network",
+            f"{net.arch} trained on {o[ReferenceStage].num_samples:,} clean reference pairs "
+            f"({net.samples_seen:,} samples seen)",
+        ),
         ("scores", f"{o[ScoreStage].pairs:,} pairs scored ({o[ScoreStage].embeddings})"),
-        ("subset", f"{subset.recipe['name']}: kept {subset.num_uids:,} of {n:,} ({subset.num_uids / n:.0%}); {subset.subset}"),
-        ("training", f"{trained.scale} recipe: {trained.samples_seen:,} samples seen, final loss {trained.final_loss:.3f}"),
+        (
+            "subset",
+            f"{subset.recipe['name']}: kept {subset.num_uids:,} of {n:,} ({subset.num_uids / n:.0%}); {subset.subset}",
+        ),
+        (
+            "training",
+            f"{trained.scale} recipe: {trained.samples_seen:,} samples seen, final loss {trained.final_loss:.3f}",
+        ),
         ("score", f"tiny suite average {evaluated.average:.3f} over {evaluated.tasks} tasks ({evaluated.summary})"),
         ("leaderboard", f"submission {board.id} in {board.leaderboard}"),
         ("time", f"{result.seconds:.0f} s"),
         ("report", f"clipsift report {subset.subset} --truth {pool.truth} --out {result.run_dir / 'report.html'}"),
-        ("leaderboard page", f"clipsift leaderboard serve --db {board.leaderboard}, then open "
-                             f"http://127.0.0.1:8000/submissions/{board.id}"),
+        (
+            "leaderboard page",
+            f"clipsift leaderboard serve --db {board.leaderboard}, then open "
+            f"http://127.0.0.1:8000/submissions/{board.id}",
+        ),
     ]
 
 

@@ -10,7 +10,8 @@ import json
 import os
 import shutil
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -76,7 +77,6 @@ def file_sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
 
 
 def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:

@@ -30,7 +30,9 @@ def _average(tasks: list[Task], results: dict[str, dict[str, Any]]) -> dict[str,
     }
 
 
-def suite_summary(suite: Suite, results: dict[str, dict[str, Any]], failed: dict[str, str] | None = None) -> dict[str, Any]:
+def suite_summary(
+    suite: Suite, results: dict[str, dict[str, Any]], failed: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The summary of one suite from its results ({task key: results.jsonl line})."""
     overall = _average(suite.scored, results)
     return {
@@ -42,9 +44,14 @@ def suite_summary(suite: Suite, results: dict[str, dict[str, Any]], failed: dict
         "num_evaluated": len(overall["tasks"]),
         "missing": overall["missing"],
         "failed": dict(sorted((failed or {}).items())),
-        "groups": {tag: {"label": label, **_average(suite.group_tasks(tag), results)} for tag, label in suite.groups.items()},
-        "tasks": {t.key: {"metric": t.metric, "value": results[t.key]["value"], "scored": t.scored}
-                  for t in suite.tasks if t.key in results},
+        "groups": {
+            tag: {"label": label, **_average(suite.group_tasks(tag), results)} for tag, label in suite.groups.items()
+        },
+        "tasks": {
+            t.key: {"metric": t.metric, "value": results[t.key]["value"], "scored": t.scored}
+            for t in suite.tasks
+            if t.key in results
+        },
     }
 
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,8 +100,13 @@ def _read_lines(path: str) -> list[str]:
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def open_task_data(root: str, task_type: str | TaskType, classnames: list[str] | None = None,
-                   templates: list[str] | None = None, metadata: GroupSpec | None = None) -> TaskData:
+def open_task_data(
+    root: str,
+    task_type: str | TaskType,
+    classnames: list[str] | None = None,
+    templates: list[str] | None = None,
+    metadata: GroupSpec | None = None,
+) -> TaskData:
     """Check a task folder and read its class names and templates (unless given); MissingData names what is absent.
 
     `task_type`: a type name (or the type), e.g. "classification".
@@ -142,15 +148,18 @@ def _check_type(root: str, kind: TaskType) -> None:
     found = Path(path).read_text(encoding="utf-8").strip().lower() if os.path.exists(path) else None
     type_files = {t.type_file for t in task_types.REGISTRY.values() if t.type_file}
     if (found in type_files or kind.type_file is not None) and found != kind.type_file:
-        raise ClipsiftError(f"{root}: holds {found or 'classification'} data ({DATASET_TYPE}), "
-                            f"the task is {kind.name}; check --data-dir or re-download the task")
+        raise ClipsiftError(
+            f"{root}: holds {found or 'classification'} data ({DATASET_TYPE}), "
+            f"the task is {kind.name}; check --data-dir or re-download the task"
+        )
 
 
 # --------------------------------------------------------------------------- samples
 
 
-def parse_sample(entry: TarEntry, task_type: str | TaskType, index: int, source: str,
-                 with_meta: bool) -> tuple[Record, list[bytes]]:
+def parse_sample(
+    entry: TarEntry, task_type: str | TaskType, index: int, source: str, with_meta: bool
+) -> tuple[Record, list[bytes]]:
     """A sample's record and its image bytes, for a task of `task_type` (a name or the type)."""
     return task_types.get(task_type).parse_sample(entry, index, source, with_meta)
 
@@ -174,8 +183,9 @@ def decode_image(data: bytes, transform: Callable, source: str, key: str) -> Any
         with Image.open(io.BytesIO(data)) as image:
             return transform(image)
     except Exception as err:  # PIL raises many types for bad data
-        raise ClipsiftError(f"{source}: sample {key}: undecodable image ({type(err).__name__}: {err}); "
-                            "re-download the task's data") from err
+        raise ClipsiftError(
+            f"{source}: sample {key}: undecodable image ({type(err).__name__}: {err}); re-download the task's data"
+        ) from err
 
 
 class EvalBatches(torch.utils.data.IterableDataset):
@@ -187,8 +197,9 @@ class EvalBatches(torch.utils.data.IterableDataset):
     the samples between them (see `iter_entries`).
     """
 
-    def __init__(self, data: TaskData, task_type: str | TaskType, transform: Callable, batch_size: int,
-                 with_meta: bool = False):
+    def __init__(
+        self, data: TaskData, task_type: str | TaskType, transform: Callable, batch_size: int, with_meta: bool = False
+    ):
         super().__init__()
         self.kind = task_types.get(task_type)
         self.data, self.task_type, self.transform = data, self.kind.name, transform
@@ -214,8 +225,12 @@ class EvalBatches(torch.utils.data.IterableDataset):
     @staticmethod
     def _batch(images: list, owners: list[int], slots: list[int], records: list[Record]) -> dict[str, Any]:
         pixels = torch.from_numpy(np.stack(images)) if images else torch.zeros((0, 1, 1, 3), dtype=torch.uint8)
-        return {"images": pixels, "owner": torch.tensor(owners, dtype=torch.int64),
-                "slot": torch.tensor(slots, dtype=torch.int64), "records": records}
+        return {
+            "images": pixels,
+            "owner": torch.tensor(owners, dtype=torch.int64),
+            "slot": torch.tensor(slots, dtype=torch.int64),
+            "records": records,
+        }
 
 
 # --------------------------------------------------------------------------- writing
@@ -225,9 +240,15 @@ def sample_key(index: int) -> str:
     return f"s{index:07d}"
 
 
-def write_task(root: str, samples: Iterable[dict[str, bytes]], *, shard_size: int = 10_000,
-               classnames: list[str] | None = None, templates: list[str] | None = None,
-               dataset_type: str | None = None) -> int:
+def write_task(
+    root: str,
+    samples: Iterable[dict[str, bytes]],
+    *,
+    shard_size: int = 10_000,
+    classnames: list[str] | None = None,
+    templates: list[str] | None = None,
+    dataset_type: str | None = None,
+) -> int:
     """Write a task folder in the layout above; `samples` are {extension: bytes}. Returns the sample count.
 
     Every file is written atomically and nshards.txt last, so a folder with nshards.txt is complete.
@@ -248,11 +269,16 @@ def write_task(root: str, samples: Iterable[dict[str, bytes]], *, shard_size: in
     return count
 
 
-def write_task_texts(fs: Any, root: str, classnames: list[str] | None, templates: list[str] | None,
-                     dataset_type: str | None) -> None:
+def write_task_texts(
+    fs: Any, root: str, classnames: list[str] | None, templates: list[str] | None, dataset_type: str | None
+) -> None:
     """The task folder's text files (those that apply), each written atomically."""
     fs.makedirs(f"{root}/{SPLIT}", exist_ok=True)
-    for name, lines in ((CLASSNAMES, classnames), (TEMPLATES, templates), (DATASET_TYPE, [dataset_type] if dataset_type else None)):
+    for name, lines in (
+        (CLASSNAMES, classnames),
+        (TEMPLATES, templates),
+        (DATASET_TYPE, [dataset_type] if dataset_type else None),
+    ):
         if lines is not None:
             data = ("\n".join(lines) + "\n").encode("utf-8")
             write_atomic(fs, f"{root}/{name}", lambda handle, data=data: handle.write(data))
@@ -265,6 +291,7 @@ def finish_task(fs: Any, root: str, nshards: int) -> None:
 
 def write_tar(fs: Any, path: str, samples: list[tuple[str, dict[str, bytes]]]) -> None:
     """One tar of (key, members) samples, written atomically."""
+
     def write(handle: Any) -> None:
         tar = TarStream(handle)
         for key, members in samples:

@@ -16,8 +16,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from clipsift import ClipsiftError
 from clipsift.eval.data import image_ext, write_task
@@ -50,8 +51,11 @@ def hub_list(repo: str, revision: str) -> list[RemoteFile]:
     from huggingface_hub.hf_api import RepoFile
 
     entries = HfApi().list_repo_tree(repo, recursive=True, revision=revision, repo_type="dataset")
-    return [RemoteFile(e.path, int(e.size), e.lfs.sha256 if e.lfs else None, None if e.lfs else e.blob_id)
-            for e in entries if isinstance(e, RepoFile)]
+    return [
+        RemoteFile(e.path, int(e.size), e.lfs.sha256 if e.lfs else None, None if e.lfs else e.blob_id)
+        for e in entries
+        if isinstance(e, RepoFile)
+    ]
 
 
 def hub_fetch(repo: str, revision: str, path: str, local_dir: str) -> None:
@@ -107,8 +111,10 @@ def wanted_files(task: Task, listing: list[RemoteFile]) -> list[RemoteFile]:
 def _is_test_parquet(path: str) -> bool:
     """The test split of the parquet conversion: CONFIG/test/NNNN.parquet or CONFIG/NAME-test[-NNNNN-of-NNNNN].parquet."""
     parts = path.split("/")
-    return path.endswith(".parquet") and ((len(parts) >= 3 and parts[-2] == "test")
-                                          or re.search(r"-test(-\d{5}-of-\d{5})?\.parquet$", parts[-1]) is not None)
+    return path.endswith(".parquet") and (
+        (len(parts) >= 3 and parts[-2] == "test")
+        or re.search(r"-test(-\d{5}-of-\d{5})?\.parquet$", parts[-1]) is not None
+    )
 
 
 def plan(task: Task, listing: list[RemoteFile], local_dir: str) -> list[RemoteFile]:
@@ -128,8 +134,15 @@ class DownloadReport:
     bytes_fetched: int = 0
 
 
-def download_suite(suite: Suite, out: str, tasks: list[Task] | None = None, *, lister: Lister = hub_list,
-                   fetcher: Fetcher = hub_fetch, on_task: Callable[[str, str], None] | None = None) -> DownloadReport:
+def download_suite(
+    suite: Suite,
+    out: str,
+    tasks: list[Task] | None = None,
+    *,
+    lister: Lister = hub_list,
+    fetcher: Fetcher = hub_fetch,
+    on_task: Callable[[str, str], None] | None = None,
+) -> DownloadReport:
     """Fetch every task's data into OUT/<key>/; a task that fails is reported and the others go on."""
     report = DownloadReport()
     for task in tasks or suite.tasks:
@@ -157,15 +170,19 @@ def download_task(task: Task, out: str, lister: Lister = hub_list, fetcher: Fetc
     """Fetch (and convert) one task; returns the files fetched."""
     if task.data is not None or not task.source:
         why = f"its data is {task.data.path}" if task.data else "no `source` repository"
-        raise ClipsiftError(f"{task.key}: nothing to download ({why}); "
-                            "custom data is written with `clipsift eval make-task` or named with `data:` in the suite file")
+        raise ClipsiftError(
+            f"{task.key}: nothing to download ({why}); "
+            "custom data is written with `clipsift eval make-task` or named with `data:` in the suite file"
+        )
     revision = PARQUET_REVISION if converted(task) else "main"
     local_dir = os.path.join(out, STAGING, task.dirname) if converted(task) else os.path.join(out, task.dirname)
     try:
         listing = lister(task.source, revision)
     except Exception as err:  # the hub client raises many types (offline, gated, not found)
-        raise ClipsiftError(f"{task.key}: cannot list {task.source}@{revision} ({type(err).__name__}: {err}); "
-                            "check the network, or log in with `huggingface-cli login` for gated datasets") from err
+        raise ClipsiftError(
+            f"{task.key}: cannot list {task.source}@{revision} ({type(err).__name__}: {err}); "
+            "check the network, or log in with `huggingface-cli login` for gated datasets"
+        ) from err
     todo = plan(task, listing, local_dir)
     for remote in todo:
         _fetch_checked(task, remote, revision, local_dir, fetcher)
@@ -173,8 +190,17 @@ def download_task(task: Task, out: str, lister: Lister = hub_list, fetcher: Fetc
     if converted(task):
         convert(task, [os.path.join(local_dir, f.path) for f in files], os.path.join(out, task.dirname))
     fs, root = open_fs(os.path.join(out, task.dirname))
-    write_json_atomic(fs, f"{root}/{MANIFEST}", {"task": task.key, "source": task.source, "revision": revision,
-                                                  "files": [asdict(f) for f in files], "converted": converted(task)})
+    write_json_atomic(
+        fs,
+        f"{root}/{MANIFEST}",
+        {
+            "task": task.key,
+            "source": task.source,
+            "revision": revision,
+            "files": [asdict(f) for f in files],
+            "converted": converted(task),
+        },
+    )
     if converted(task):
         shutil.rmtree(local_dir, ignore_errors=True)  # the raw parquet files are no longer needed
     return todo
@@ -188,13 +214,17 @@ def _fetch_checked(task: Task, remote: RemoteFile, revision: str, local_dir: str
         try:
             fetcher(task.source, revision, remote.path, local_dir)
         except Exception as err:  # the hub client raises many types
-            raise ClipsiftError(f"{task.key}: fetching {task.source}/{remote.path} failed ({type(err).__name__}: {err}); "
-                                "re-run the command to resume") from err
+            raise ClipsiftError(
+                f"{task.key}: fetching {task.source}/{remote.path} failed ({type(err).__name__}: {err}); "
+                "re-run the command to resume"
+            ) from err
         problem = verify(local, remote)
         if problem is None:
             return
-    raise ClipsiftError(f"{task.key}: {local} does not match the hub's listing ({problem}) after fetching it twice; "
-                        "re-run later, or report the repository")
+    raise ClipsiftError(
+        f"{task.key}: {local} does not match the hub's listing ({problem}) after fetching it twice; "
+        "re-run later, or report the repository"
+    )
 
 
 # --------------------------------------------------------------------------- conversion of parquet datasets
@@ -238,7 +268,9 @@ def _strings(value: Any) -> list[str]:
 def _require(row: dict[str, Any], columns: tuple[str, ...], where: str) -> None:
     missing = [c for c in columns if c not in row]
     if missing:
-        raise ClipsiftError(f"{where}: columns {missing} are missing (found {sorted(row)}); the dataset changed its format")
+        raise ClipsiftError(
+            f"{where}: columns {missing} are missing (found {sorted(row)}); the dataset changed its format"
+        )
 
 
 def convert(task: Task, parquet_paths: list[str], root: str) -> int:
@@ -262,8 +294,11 @@ def _winogavil_samples(rows: Iterator[dict[str, Any]], where: str) -> Iterator[d
         candidates, images = _strings(row["candidates"]), list(row["candidate_images"] or [])
         if len(images) != len(candidates):
             raise ClipsiftError(f"{where}: an example has {len(images)} images for {len(candidates)} candidates")
-        sample = {"json": json.dumps({"cue": row["cue"], "candidates": candidates,
-                                      "associations": _strings(row["associations"])}).encode("utf-8")}
+        sample = {
+            "json": json.dumps(
+                {"cue": row["cue"], "candidates": candidates, "associations": _strings(row["associations"])}
+            ).encode("utf-8")
+        }
         for j, image in enumerate(images):
             ext, data = _image_bytes(image, where)
             sample[f"img{j:02d}.{ext}"] = data

@@ -18,12 +18,14 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from clipsift import ClipsiftError
+from clipsift.eval import task_types
 from clipsift.eval.data import (
     SPLIT,
     FileSample,
@@ -35,7 +37,6 @@ from clipsift.eval.data import (
     write_tar,
     write_task_texts,
 )
-from clipsift.eval import task_types
 from clipsift.eval.registry import DataSpec, GroupSpec, Suite, Task, parse_suite
 from clipsift.files import open_fs, write_atomic, write_json_atomic
 from clipsift.pipeline.importer import FOLDER_IMAGE_EXTS, TABLE_FORMATS, read_table
@@ -105,22 +106,29 @@ def _layout(task: Task, where: Where) -> str:
         raise ClipsiftError(f"{where('columns')}: only a table has columns; {spec.path} is in the {layout} layout")
     kind = task.kind
     if layout != "wds" and kind.wds_only:
-        raise ClipsiftError(f"{where('layout')}: {kind.name} data is read only in the webdataset layout; "
-                            f"{spec.path} is a {layout}")
+        raise ClipsiftError(
+            f"{where('layout')}: {kind.name} data is read only in the webdataset layout; {spec.path} is a {layout}"
+        )
     if layout == "folder" and not os.path.isdir(spec.path):
-        raise ClipsiftError(f"{where('layout')}: {spec.path} is not a folder (an image folder has one sub-folder per class)")
+        raise ClipsiftError(
+            f"{where('layout')}: {spec.path} is not a folder (an image folder has one sub-folder per class)"
+        )
     if layout == "folder" and "folder" not in kind.layouts:
         holds = " or ".join(t.name for t in task_types.REGISTRY.values() if "folder" in t.layouts)
         raise ClipsiftError(f"{where('layout')}: an image folder holds {holds} data; give {kind.name} data as a table")
     if layout not in kind.layouts:
-        raise ClipsiftError(f"{where('layout')}: {kind.name} data is read in the {' or '.join(kind.layouts)} layout; "
-                            f"{spec.path} is a {layout}")
+        raise ClipsiftError(
+            f"{where('layout')}: {kind.name} data is read in the {' or '.join(kind.layouts)} layout; "
+            f"{spec.path} is a {layout}"
+        )
     return layout
 
 
 def _check_counts(task: Task, data: TaskData, where: Where) -> None:
     if task.classes is not None and data.classnames is not None and task.classes != len(data.classnames):
-        raise ClipsiftError(f"{where('classes')}: the data has {len(data.classnames)} classes, the suite says {task.classes}")
+        raise ClipsiftError(
+            f"{where('classes')}: the data has {len(data.classnames)} classes, the suite says {task.classes}"
+        )
 
 
 def _names(task: Task) -> list[str] | None:
@@ -138,15 +146,19 @@ def _read_folder(root: str, where: Where) -> list[tuple[str, Any, Any]]:
     """(image path, class folder name, None) for every image below ROOT/<class>/, in path order."""
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     if not classes:
-        raise ClipsiftError(f"{where('data')}: {root} has no sub-folders; an image folder has one sub-folder of images per class")
+        raise ClipsiftError(
+            f"{where('data')}: {root} has no sub-folders; an image folder has one sub-folder of images per class"
+        )
     samples = []
     for name in classes:
         for folder, dirs, files in os.walk(os.path.join(root, name)):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             samples += [(os.path.join(folder, f), name, None) for f in sorted(files) if _ext(f) in FOLDER_IMAGE_EXTS]
     if not samples:
-        raise ClipsiftError(f"{where('data')}: {root} holds no images ({', '.join('.' + e for e in FOLDER_IMAGE_EXTS)}) "
-                            "in its class sub-folders; the task is empty")
+        raise ClipsiftError(
+            f"{where('data')}: {root} holds no images ({', '.join('.' + e for e in FOLDER_IMAGE_EXTS)}) "
+            "in its class sub-folders; the task is empty"
+        )
     return samples
 
 
@@ -154,8 +166,10 @@ def _read_table(task: Task, spec: DataSpec, where: Where) -> tuple[list[tuple[st
     """(image path, label or caption(s), group index) per row, and the groups' spec when there is a group column."""
     fmt = TABLE_FORMATS.get(_ext(spec.path))
     if fmt is None:
-        raise ClipsiftError(f"{where('data')}: {spec.path} is not a table ({', '.join('.' + e for e in TABLE_FORMATS)}) "
-                            "or a folder; set `layout` if the name misleads")
+        raise ClipsiftError(
+            f"{where('data')}: {spec.path} is not a table ({', '.join('.' + e for e in TABLE_FORMATS)}) "
+            "or a folder; set `layout` if the name misleads"
+        )
     fs, path = open_fs(spec.path)
     table = read_table(fs, path, fmt)
     value_field = task.kind.value_column
@@ -164,8 +178,10 @@ def _read_table(task: Task, spec: DataSpec, where: Where) -> tuple[list[tuple[st
         wanted["group"] = spec.group
     for field, column in wanted.items():
         if column not in table.column_names:
-            raise ClipsiftError(f"{where('columns.' + field)}: {spec.path} has no column {column!r} "
-                                f"(its columns: {', '.join(table.column_names)})")
+            raise ClipsiftError(
+                f"{where('columns.' + field)}: {spec.path} has no column {column!r} "
+                f"(its columns: {', '.join(table.column_names)})"
+            )
     if table.num_rows == 0:
         raise ClipsiftError(f"{where('data')}: {spec.path} has no rows; the task is empty")
     columns = {field: table.column(column).to_pylist() for field, column in wanted.items()}
@@ -177,12 +193,16 @@ def _read_table(task: Task, spec: DataSpec, where: Where) -> tuple[list[tuple[st
             if cell is None or (isinstance(cell, str) and not cell.strip()):
                 raise ClipsiftError(f"{where('columns.' + field)}: row {row + 1} of {spec.path} has no {field}")
         if not isinstance(image, str):
-            raise ClipsiftError(f"{where('columns.image')}: column {spec.image!r} of {spec.path} must hold image file paths")
+            raise ClipsiftError(
+                f"{where('columns.image')}: column {spec.image!r} of {spec.path} must hold image file paths"
+            )
         rows.append((os.path.normpath(os.path.join(base, os.path.expanduser(image))), value, group))
     missing = [(row, image) for row, (image, _, _) in enumerate(rows) if not os.path.isfile(image)]
     if missing:
-        raise ClipsiftError(f"{where('columns.image')}: {len(missing)} image files of {spec.path} do not exist, "
-                            f"e.g. row {missing[0][0] + 1}: {missing[0][1]} (paths are relative to the table's folder)")
+        raise ClipsiftError(
+            f"{where('columns.image')}: {len(missing)} image files of {spec.path} do not exist, "
+            f"e.g. row {missing[0][0] + 1}: {missing[0][1]} (paths are relative to the table's folder)"
+        )
     if not spec.group:
         return rows, None
     values = _sorted_unique(r[2] for r in rows)
@@ -220,8 +240,10 @@ def _labelled(task: Task, rows: list[tuple[str, Any, Any]], where: Where) -> tup
     index = {k: i for i, k in enumerate(keys)}
     for image, label, _ in rows:
         if str(label) not in index:
-            raise ClipsiftError(f"{where('classnames')}: label {str(label)!r} (of {image}) is not in the class list "
-                                f"({', '.join(keys[:10])}{', ...' if len(keys) > 10 else ''})")
+            raise ClipsiftError(
+                f"{where('classnames')}: label {str(label)!r} (of {image}) is not in the class list "
+                f"({', '.join(keys[:10])}{', ...' if len(keys) > 10 else ''})"
+            )
     return [FileSample(image, label=index[str(label)], group=group) for image, label, group in rows], names
 
 
@@ -238,15 +260,34 @@ class MadeTask:
     entry: dict[str, Any]  # the suite entry for the task (also in OUT/task.yaml)
 
 
-OPTION = {"data": "--from", "layout": "--layout", "columns.image": "--image-column", "columns.label": "--label-column",
-          "columns.caption": "--caption-column", "columns.group": "--group-column", "classnames": "--classnames",
-          "size": "--from", "classes": "--classnames"}
+OPTION = {
+    "data": "--from",
+    "layout": "--layout",
+    "columns.image": "--image-column",
+    "columns.label": "--label-column",
+    "columns.caption": "--caption-column",
+    "columns.group": "--group-column",
+    "classnames": "--classnames",
+    "size": "--from",
+    "classes": "--classnames",
+}
 
 
-def make_task(src: str, task_type: str, out: str, *, shard_size: int = 10_000, layout: str | None = None,
-              image_column: str | None = None, label_column: str | None = None, caption_column: str | None = None,
-              group_column: str | None = None, classnames: list[str] | dict[str, str] | None = None,
-              templates: list[str] | None = None, key: str | None = None) -> MadeTask:
+def make_task(
+    src: str,
+    task_type: str,
+    out: str,
+    *,
+    shard_size: int = 10_000,
+    layout: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    caption_column: str | None = None,
+    group_column: str | None = None,
+    classnames: list[str] | dict[str, str] | None = None,
+    templates: list[str] | None = None,
+    key: str | None = None,
+) -> MadeTask:
     """Write an image folder or table as a task in the webdataset layout (resumable: finished tars are kept).
 
     OUT gets test/{i}.tar (the samples' members as `open_task` reads them), classnames.txt and
@@ -260,14 +301,32 @@ def make_task(src: str, task_type: str, out: str, *, shard_size: int = 10_000, l
     if shard_size < 1:
         raise ClipsiftError(f"--shard-size {shard_size}: must be at least 1")
     src, key = os.path.abspath(src), key or os.path.basename(os.path.normpath(out))
-    columns = {field: column for field, column in (("image", image_column), ("label", label_column), ("caption", caption_column),
-                                                   ("group", group_column)) if column is not None}
+    columns = {
+        field: column
+        for field, column in (
+            ("image", image_column),
+            ("label", label_column),
+            ("caption", caption_column),
+            ("group", group_column),
+        )
+        if column is not None
+    }
     metric = kind.default_metric(grouped=bool(group_column))
-    entry = {"key": key, "type": task_type, "metric": metric, "data": src, "layout": layout, "columns": columns or None,
-             "classnames": classnames, "templates": templates}
+    entry = {
+        "key": key,
+        "type": task_type,
+        "metric": metric,
+        "data": src,
+        "layout": layout,
+        "columns": columns or None,
+        "classnames": classnames,
+        "templates": templates,
+    }
     where = f"make-task --from {src}"
     try:
-        task = parse_suite({"suite": "make-task", "tasks": [{k: v for k, v in entry.items() if v is not None}]}).tasks[0]
+        task = parse_suite({"suite": "make-task", "tasks": [{k: v for k, v in entry.items() if v is not None}]}).tasks[
+            0
+        ]
     except ClipsiftError as err:
         raise ClipsiftError(str(err).replace("make-task: task " + key, where)) from None
     if (task.data.layout or detect_layout(src)) == "wds" and os.path.exists(src):
@@ -279,10 +338,17 @@ def make_task(src: str, task_type: str, out: str, *, shard_size: int = 10_000, l
 def _write(data: TaskData, task: Task, out: str, shard_size: int) -> MadeTask:
     files = data.files or []
     listing = [dataclasses.astuple(s) for s in files]
-    build = {"format": BUILD_FORMAT, "type": task.type, "from": task.data.path, "samples": len(files), "shard_size": shard_size,
-             "classnames": data.classnames, "templates": data.templates,
-             "groups": list(data.metadata.group_names) if data.metadata else None,
-             "listing_sha256": hashlib.sha256(json.dumps(listing).encode("utf-8")).hexdigest()}
+    build = {
+        "format": BUILD_FORMAT,
+        "type": task.type,
+        "from": task.data.path,
+        "samples": len(files),
+        "shard_size": shard_size,
+        "classnames": data.classnames,
+        "templates": data.templates,
+        "groups": list(data.metadata.group_names) if data.metadata else None,
+        "listing_sha256": hashlib.sha256(json.dumps(listing).encode("utf-8")).hexdigest(),
+    }
     fs, root = open_fs(out)
     fs.makedirs(root, exist_ok=True)
     build_path = f"{root}/{TASK_BUILD}"
@@ -290,8 +356,10 @@ def _write(data: TaskData, task: Task, out: str, shard_size: int) -> MadeTask:
         previous = json.loads(fs.cat_file(build_path))
         if previous != build:
             changed = [k for k in build if previous.get(k) != build[k]]
-            raise ClipsiftError(f"{out} holds a task made from other data or settings ({', '.join(changed)} differ); "
-                                "choose another --out or delete it")
+            raise ClipsiftError(
+                f"{out} holds a task made from other data or settings ({', '.join(changed)} differ); "
+                "choose another --out or delete it"
+            )
     else:
         write_json_atomic(fs, build_path, build)
     write_task_texts(fs, root, data.classnames, data.templates, task.kind.type_file)
@@ -317,7 +385,11 @@ def _entry(data: TaskData, task: Task, out: str, size: int) -> dict[str, Any]:
         entry["classes"] = len(data.classnames)
     if data.metadata:
         spec = data.metadata
-        entry["metadata"] = {"fields": list(spec.fields), "group_by": spec.group_by, "group_names": list(spec.group_names)}
+        entry["metadata"] = {
+            "fields": list(spec.fields),
+            "group_by": spec.group_by,
+            "group_names": list(spec.group_names),
+        }
     return entry
 
 

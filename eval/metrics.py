@@ -7,14 +7,21 @@ undefined for its input (top-5 with fewer than 5 classes, an empty subset) is No
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 CLASSIFICATION_METRICS = ("acc1", "acc5", "mean_per_class_recall", "F1-macro_all")
 RETRIEVAL_KS = (1, 5, 10)
-WINOGAVIL_METRICS = ("avg_jaccard_score", "jaccard_score_5", "jaccard_score_6", "jaccard_score_10", "jaccard_score_12",
-                     "jaccard_score_5-6", "jaccard_score_10-12")
+WINOGAVIL_METRICS = (
+    "avg_jaccard_score",
+    "jaccard_score_5",
+    "jaccard_score_6",
+    "jaccard_score_10",
+    "jaccard_score_12",
+    "jaccard_score_5-6",
+    "jaccard_score_10-12",
+)
 
 
 def _rank_of(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -87,9 +94,16 @@ def classification_metrics(logits: np.ndarray, targets: np.ndarray) -> dict[str,
     }
 
 
-def group_metrics(logits: np.ndarray, targets: np.ndarray, groups: np.ndarray, *, name: str = "wg",
-                  field: str = "group", group_names: Sequence[str] | None = None,
-                  exclude: Sequence[str] = ()) -> dict[str, float | int | None]:
+def group_metrics(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    groups: np.ndarray,
+    *,
+    name: str = "wg",
+    field: str = "group",
+    group_names: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+) -> dict[str, float | int | None]:
     """Worst-group accuracy and top-5 accuracy (acc_<name>, acc_top5_<name>) and each group's accuracy.
 
     `exclude` names groups (by `group_names`) that count in the per-group figures but not in the
@@ -115,8 +129,9 @@ def _chunks(n: int, size: int = 2048):
         yield slice(start, min(start + size, n))
 
 
-def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray,
-                      ks: Sequence[int] = RETRIEVAL_KS) -> dict[str, float]:
+def retrieval_metrics(
+    image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray, ks: Sequence[int] = RETRIEVAL_KS
+) -> dict[str, float]:
     """Recall@k both ways for images with several captions each; `text_image[t]` is caption t's image.
 
     image_retrieval_recall@k (text -> image): share of captions whose image is among the k
@@ -129,12 +144,16 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image: n
     if np.bincount(text_image, minlength=n_images).min(initial=1) == 0:
         raise ValueError("every image needs at least one caption")
     text_rank = np.concatenate([_rank_of(text_emb[s] @ image_emb.T, text_image[s]) for s in _chunks(n_texts)])
-    image_rank = np.concatenate([_best_caption_rank(image_emb[s] @ text_emb.T, text_image, s) for s in _chunks(n_images)])
+    image_rank = np.concatenate(
+        [_best_caption_rank(image_emb[s] @ text_emb.T, text_image, s) for s in _chunks(n_images)]
+    )
     metrics = {}
     for k in ks:
         metrics[f"image_retrieval_recall@{k}"] = float(np.mean(text_rank < k))
         metrics[f"text_retrieval_recall@{k}"] = float(np.mean(image_rank < k))
-    metrics["mean_recall@1"] = 0.5 * (metrics["image_retrieval_recall@1"] + metrics["text_retrieval_recall@1"]) if 1 in ks else None
+    metrics["mean_recall@1"] = (
+        0.5 * (metrics["image_retrieval_recall@1"] + metrics["text_retrieval_recall@1"]) if 1 in ks else None
+    )
     return metrics
 
 

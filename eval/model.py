@@ -38,7 +38,9 @@ def resolve_target(target: str, arch: str | None = None, out: str | None = None)
         run_json = os.path.join(target, RUN_JSON)
         checkpoint = os.path.join(target, LATEST)
         if not os.path.exists(checkpoint):
-            raise ClipsiftError(f"{target}: no {LATEST}; train the run first (clipsift train) or pass a checkpoint file")
+            raise ClipsiftError(
+                f"{target}: no {LATEST}; train the run first (clipsift train) or pass a checkpoint file"
+            )
         if arch is None:
             if not os.path.exists(run_json):
                 raise ClipsiftError(f"{target}: no {RUN_JSON} to tell the architecture; pass --model ARCH")
@@ -49,7 +51,9 @@ def resolve_target(target: str, arch: str | None = None, out: str | None = None)
         return Target(arch, checkpoint, out or os.path.join(target, "eval"))
     if os.path.isfile(target):
         if arch is None:
-            raise ClipsiftError(f"{target} is a bare checkpoint: pass its architecture with --model ARCH (e.g. clipsift-tiny, ViT-B-32)")
+            raise ClipsiftError(
+                f"{target} is a bare checkpoint: pass its architecture with --model ARCH (e.g. clipsift-tiny, ViT-B-32)"
+            )
         return Target(arch, target, out or os.path.splitext(target)[0] + "_eval")
     raise ClipsiftError(f"{target}: no such run directory or checkpoint file")
 
@@ -76,8 +80,17 @@ class PixelTransform:
 class EvalModel:
     """A model ready to encode, with what identifies its weights."""
 
-    def __init__(self, model: Any, preprocess: Any, tokenizer: Any, arch: str, weights_sha256: str, device: Any, dtype: Any,
-                 checkpoint: str | None = None):
+    def __init__(
+        self,
+        model: Any,
+        preprocess: Any,
+        tokenizer: Any,
+        arch: str,
+        weights_sha256: str,
+        device: Any,
+        dtype: Any,
+        checkpoint: str | None = None,
+    ):
         import torch
 
         self.model, self.tokenizer, self.arch, self.weights_sha256 = model, tokenizer, arch, weights_sha256
@@ -98,7 +111,14 @@ class EvalModel:
         """L2-normalised float32 embeddings of a batch of uint8 pixels [B, H, W, 3]."""
         import torch
 
-        images = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255).sub_(self._mean).div_(self._std)
+        images = (
+            pixels.to(self.device, non_blocking=True)
+            .permute(0, 3, 1, 2)
+            .float()
+            .div_(255)
+            .sub_(self._mean)
+            .div_(self._std)
+        )
         with torch.inference_mode(), self.autocast():
             features = self.model.encode_image(images)
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
@@ -108,7 +128,7 @@ class EvalModel:
 
         parts = []
         for start in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(texts[start:start + batch_size]).to(self.device)
+            tokens = self.tokenizer(texts[start : start + batch_size]).to(self.device)
             with torch.inference_mode(), self.autocast():
                 features = self.model.encode_text(tokens)
             parts.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
@@ -137,16 +157,28 @@ def load_model(arch: str, checkpoint: str, *, device: str | None = None, precisi
 
     register_model_configs()
     if arch not in open_clip.list_models():
-        raise ClipsiftError(f"unknown model architecture {arch!r}; see open_clip.list_models() or add a config to configs/models/")
+        raise ClipsiftError(
+            f"unknown model architecture {arch!r}; see open_clip.list_models() or add a config to configs/models/"
+        )
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=checkpoint)
     except Exception as err:  # torch/open_clip raise many types for a bad checkpoint
-        raise ClipsiftError(f"cannot load {checkpoint} as {arch} weights ({type(err).__name__}: {err}); "
-                            "check that the checkpoint was trained with this architecture") from err
+        raise ClipsiftError(
+            f"cannot load {checkpoint} as {arch} weights ({type(err).__name__}: {err}); "
+            "check that the checkpoint was trained with this architecture"
+        ) from err
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     weights = file_sha256(open_fs(checkpoint)[0], checkpoint)
-    return EvalModel(model.to(target).eval(), preprocess, open_clip.get_tokenizer(arch), arch, weights, target,
-                     eval_dtype(precision, target.type == "cuda"), checkpoint)
+    return EvalModel(
+        model.to(target).eval(),
+        preprocess,
+        open_clip.get_tokenizer(arch),
+        arch,
+        weights,
+        target,
+        eval_dtype(precision, target.type == "cuda"),
+        checkpoint,
+    )
 
 
 # --------------------------------------------------------------------------- zero-shot classifiers
@@ -161,7 +193,9 @@ def classifier_cache_path(cache_dir: str, model: EvalModel, classnames: list[str
     return os.path.join(cache_dir, f"zeroshot__{hashlib.sha256(key.encode('utf-8')).hexdigest()[:32]}.npy")
 
 
-def zero_shot_classifier(model: EvalModel, classnames: list[str], templates: list[str], cache_dir: str | None) -> np.ndarray:
+def zero_shot_classifier(
+    model: EvalModel, classnames: list[str], templates: list[str], cache_dir: str | None
+) -> np.ndarray:
     """[dim, classes] float32: per class the normalised mean of its normalised template embeddings."""
     path = classifier_cache_path(cache_dir, model, classnames, templates) if cache_dir else None
     if path and os.path.exists(path):
@@ -171,8 +205,14 @@ def zero_shot_classifier(model: EvalModel, classnames: list[str], templates: lis
 
     formats = [lambda c, t=t: t.replace("{c}", c) for t in templates]
     with torch.inference_mode(), model.autocast():
-        weights = open_clip.build_zero_shot_classifier(model.model, model.tokenizer, classnames, formats,
-                                                       num_classes_per_batch=max(1, 4096 // len(templates)), device=model.device)
+        weights = open_clip.build_zero_shot_classifier(
+            model.model,
+            model.tokenizer,
+            classnames,
+            formats,
+            num_classes_per_batch=max(1, 4096 // len(templates)),
+            device=model.device,
+        )
     weights = weights.float().cpu().numpy()
     if path:
         fs, local = open_fs(path)

@@ -28,9 +28,27 @@ SUITE_DIR = files("clipsift.configs") / "eval"
 LAYOUTS = ("wds", "folder", "table")  # clip_benchmark's webdataset layout, one sub-folder per class, CSV/Parquet
 SUITE_FIELDS = ("suite", "version", "download", "groups", "tasks")
 REQUIRED_TASK_FIELDS = ("key", "type", "metric")
-TASK_FIELDS = (*REQUIRED_TASK_FIELDS, "groups", "source", "size", "classes", "chance", "scored", "metadata", "data", "layout",
-               "columns", "classnames", "templates")
-COLUMNS = ("image", "label", "caption", "group")  # table columns a task may name (`columns:`); defaults: their own names
+TASK_FIELDS = (
+    *REQUIRED_TASK_FIELDS,
+    "groups",
+    "source",
+    "size",
+    "classes",
+    "chance",
+    "scored",
+    "metadata",
+    "data",
+    "layout",
+    "columns",
+    "classnames",
+    "templates",
+)
+COLUMNS = (
+    "image",
+    "label",
+    "caption",
+    "group",
+)  # table columns a task may name (`columns:`); defaults: their own names
 
 
 @dataclass(frozen=True)
@@ -76,7 +94,9 @@ class Task:
     data: DataSpec | None = None
     classnames: tuple[str, ...] | None = None  # override (or, for folders and tables, set) the class names
     templates: tuple[str, ...] | None = None
-    class_keys: tuple[str, ...] | None = None  # folder names / label values of the classes, where they differ from the names
+    class_keys: tuple[str, ...] | None = (
+        None  # folder names / label values of the classes, where they differ from the names
+    )
 
     @property
     def kind(self) -> TaskType:
@@ -128,8 +148,10 @@ class Suite:
                 unknown.append(pattern)
             chosen += [t for t in hits if t not in chosen]
         if unknown:
-            raise ClipsiftError(f"--tasks {', '.join(unknown)}: no such task or group in suite {self.name} "
-                                f"(tasks: {', '.join(t.key for t in self.tasks)}; groups: {', '.join(self.groups)})")
+            raise ClipsiftError(
+                f"--tasks {', '.join(unknown)}: no such task or group in suite {self.name} "
+                f"(tasks: {', '.join(t.key for t in self.tasks)}; groups: {', '.join(self.groups)})"
+            )
         return [t for t in self.tasks if t in chosen]
 
     def download_command(self, data_dir: str) -> str:
@@ -153,7 +175,9 @@ def load_suite(name_or_path: str) -> Suite:
         entry = SUITE_DIR / f"{name_or_path}.yaml"
         path, text = str(entry), entry.read_text(encoding="utf-8")
     else:
-        raise ClipsiftError(f"unknown suite {name_or_path!r}; choose one of {', '.join(suite_names())} or give a suite YAML file")
+        raise ClipsiftError(
+            f"unknown suite {name_or_path!r}; choose one of {', '.join(suite_names())} or give a suite YAML file"
+        )
     try:
         return parse_suite(yaml.safe_load(text), path)
     except (KeyError, TypeError, ValueError) as err:
@@ -179,8 +203,15 @@ def parse_suite(data: dict[str, Any], path: str = "") -> Suite:
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     if duplicates:
         raise ClipsiftError(f"{where}: tasks: duplicate task keys {duplicates}")
-    return Suite(str(data["suite"]), int(data.get("version", 1)), str(data.get("download") or ""), groups, tasks, path,
-                 definition_sha256(data))
+    return Suite(
+        str(data["suite"]),
+        int(data.get("version", 1)),
+        str(data.get("download") or ""),
+        groups,
+        tasks,
+        path,
+        definition_sha256(data),
+    )
 
 
 def definition_sha256(data: dict[str, Any]) -> str:
@@ -201,7 +232,11 @@ def _check_fields(where: str, entry: dict[str, Any], known: tuple[str, ...], req
 def _strings(where: str, value: Any, field: str) -> tuple[str, ...] | None:
     if value is None:
         return None
-    if not isinstance(value, list) or not value or not all(isinstance(v, (str, int)) and str(v).strip() for v in value):
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, (str, int)) and str(v).strip() for v in value)
+    ):
         raise ClipsiftError(f"{where}: {field}: a non-empty list of non-empty strings")
     return tuple(str(v).strip() for v in value)
 
@@ -219,19 +254,27 @@ def _task(suite: str, number: int, entry: Any, groups: dict[str, str], base: str
     spec = _group_spec(where, entry.get("metadata"))
     data = _data_spec(where, entry, kind, base)
     if data and data.group and spec:
-        raise ClipsiftError(f"{where}: columns.group: a table's groups come from its group column; leave out `metadata`")
+        raise ClipsiftError(
+            f"{where}: columns.group: a table's groups come from its group column; leave out `metadata`"
+        )
     group_name = "wg" if data and data.group else spec.name if spec and spec.group_by else None
     allowed = kind.main_metrics(group_name, spec.fields if spec else ())
     if metric not in allowed:
         hint = kind.metric_hint(group_name)
-        raise ClipsiftError(f"{where}: metric: {metric!r} is not a metric of this {task_type} task; choose one of "
-                            f"{', '.join(allowed) or 'none (give metadata.fields)'}{hint}")
+        raise ClipsiftError(
+            f"{where}: metric: {metric!r} is not a metric of this {task_type} task; choose one of "
+            f"{', '.join(allowed) or 'none (give metadata.fields)'}{hint}"
+        )
     classnames, class_keys = _classnames(where, entry.get("classnames"))
     templates = _strings(where, entry.get("templates"), "templates")
     if templates and any("{c}" not in t for t in templates):
-        raise ClipsiftError(f"{where}: templates: {next(t for t in templates if '{c}' not in t)!r} has no {{c}} (the class name)")
+        raise ClipsiftError(
+            f"{where}: templates: {next(t for t in templates if '{c}' not in t)!r} has no {{c}} (the class name)"
+        )
     if classnames and len(set(classnames)) != len(classnames):
-        raise ClipsiftError(f"{where}: classnames: {next(c for c in classnames if classnames.count(c) > 1)!r} appears twice")
+        raise ClipsiftError(
+            f"{where}: classnames: {next(c for c in classnames if classnames.count(c) > 1)!r} appears twice"
+        )
     if (classnames or templates) and not kind.suite_classnames:
         field = "classnames" if classnames else "templates"
         named = " or ".join(t.name for t in task_types.REGISTRY.values() if t.suite_classnames)
@@ -242,9 +285,22 @@ def _task(suite: str, number: int, entry: Any, groups: dict[str, str], base: str
             raise ClipsiftError(f"{where}: {field}: a positive whole number (or leave it out)")
     if classnames and classes is not None and len(classnames) != classes:
         raise ClipsiftError(f"{where}: classes: {classes}, but classnames lists {len(classnames)}")
-    return Task(key=key, type=task_type, metric=metric, groups=tuple(entry.get("groups") or ()), source=str(entry.get("source") or ""),
-                size=size, classes=classes, chance=entry.get("chance"), scored=bool(entry.get("scored", True)), metadata=spec,
-                data=data, classnames=classnames, templates=templates, class_keys=class_keys)
+    return Task(
+        key=key,
+        type=task_type,
+        metric=metric,
+        groups=tuple(entry.get("groups") or ()),
+        source=str(entry.get("source") or ""),
+        size=size,
+        classes=classes,
+        chance=entry.get("chance"),
+        scored=bool(entry.get("scored", True)),
+        metadata=spec,
+        data=data,
+        classnames=classnames,
+        templates=templates,
+        class_keys=class_keys,
+    )
 
 
 def _classnames(where: str, value: Any) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
@@ -260,11 +316,17 @@ def _group_spec(where: str, meta: Any) -> GroupSpec | None:
         return None
     if not isinstance(meta, dict) or not meta.get("fields"):
         raise ClipsiftError(f"{where}: metadata.fields: the names of the `npy` metadata vector's values are required")
-    spec = GroupSpec(tuple(str(f) for f in meta["fields"]), meta.get("group_by"),
-                     tuple(str(n) for n in meta["group_names"]) if meta.get("group_names") else None,
-                     tuple(meta.get("exclude") or ()), str(meta.get("name", "wg")))
+    spec = GroupSpec(
+        tuple(str(f) for f in meta["fields"]),
+        meta.get("group_by"),
+        tuple(str(n) for n in meta["group_names"]) if meta.get("group_names") else None,
+        tuple(meta.get("exclude") or ()),
+        str(meta.get("name", "wg")),
+    )
     if spec.group_by is not None and spec.group_by not in spec.fields:
-        raise ClipsiftError(f"{where}: metadata.group_by: {spec.group_by!r} is not one of its fields {list(spec.fields)}")
+        raise ClipsiftError(
+            f"{where}: metadata.group_by: {spec.group_by!r} is not one of its fields {list(spec.fields)}"
+        )
     if spec.exclude and not spec.group_names:
         raise ClipsiftError(f"{where}: metadata.exclude: names groups, so `group_names` is needed")
     return spec
@@ -274,7 +336,9 @@ def _data_spec(where: str, entry: dict[str, Any], kind: TaskType, base: str) -> 
     path, layout, columns = entry.get("data"), entry.get("layout"), entry.get("columns")
     if path is None:
         if layout not in (None, "wds") or columns:
-            raise ClipsiftError(f"{where}: data: `{'layout' if layout else 'columns'}` needs the data's path in `data`")
+            raise ClipsiftError(
+                f"{where}: data: `{'layout' if layout else 'columns'}` needs the data's path in `data`"
+            )
         return None
     if not isinstance(path, str) or not path.strip():
         raise ClipsiftError(f"{where}: data: the path of the task's data (a folder or a CSV/Parquet table)")
@@ -291,4 +355,6 @@ def _data_spec(where: str, entry: dict[str, Any], kind: TaskType, base: str) -> 
     if kind.wds_only and layout not in (None, "wds"):
         raise ClipsiftError(f"{where}: layout: {kind.name} data is read only in the webdataset layout")
     resolved = os.path.join(base, os.path.expanduser(path))
-    return DataSpec(os.path.normpath(resolved), layout, **{k: str(v) for k, v in columns.items()}, named=tuple(columns))
+    return DataSpec(
+        os.path.normpath(resolved), layout, **{k: str(v) for k, v in columns.items()}, named=tuple(columns)
+    )

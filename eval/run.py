@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -65,9 +66,20 @@ def default_workers() -> int:
     return min(16, max(1, (os.cpu_count() or 2) - 2)) if torch.cuda.is_available() else 0
 
 
-def evaluate(target: str, suite: str = "datacomp38", *, data_dir: str | None = None, tasks: list[str] | None = None,
-             batch_size: int = 256, arch: str | None = None, out: str | None = None, workers: int | None = None,
-             device: str | None = None, precision: str = "auto", on_task: Callable[[TaskOutcome], None] | None = None) -> EvalResult:
+def evaluate(
+    target: str,
+    suite: str = "datacomp38",
+    *,
+    data_dir: str | None = None,
+    tasks: list[str] | None = None,
+    batch_size: int = 256,
+    arch: str | None = None,
+    out: str | None = None,
+    workers: int | None = None,
+    device: str | None = None,
+    precision: str = "auto",
+    on_task: Callable[[TaskOutcome], None] | None = None,
+) -> EvalResult:
     """Evaluate a run directory or a checkpoint file (with `arch`) on a suite; see the module doc."""
     resolved = resolve_target(target, arch, out)
     loaded = load_suite(suite)
@@ -80,13 +92,31 @@ def evaluate(target: str, suite: str = "datacomp38", *, data_dir: str | None = N
             make_tiny_suite(data_dir)  # offline and deterministic: written on first use
     opened = check_suite_data(loaded, chosen, data_dir)
     model = load_model(resolved.arch, resolved.checkpoint, device=device, precision=precision)
-    return evaluate_model(model, loaded, chosen, data_dir, resolved.out, batch_size=batch_size,
-                          workers=default_workers() if workers is None else workers, on_task=on_task, opened=opened)
+    return evaluate_model(
+        model,
+        loaded,
+        chosen,
+        data_dir,
+        resolved.out,
+        batch_size=batch_size,
+        workers=default_workers() if workers is None else workers,
+        on_task=on_task,
+        opened=opened,
+    )
 
 
-def evaluate_model(model: EvalModel, suite: Suite, tasks: list[Task], data_dir: str, out: str, *, batch_size: int = 256,
-                   workers: int = 0, on_task: Callable[[TaskOutcome], None] | None = None,
-                   opened: dict[str, TaskData] | None = None) -> EvalResult:
+def evaluate_model(
+    model: EvalModel,
+    suite: Suite,
+    tasks: list[Task],
+    data_dir: str,
+    out: str,
+    *,
+    batch_size: int = 256,
+    workers: int = 0,
+    on_task: Callable[[TaskOutcome], None] | None = None,
+    opened: dict[str, TaskData] | None = None,
+) -> EvalResult:
     """Evaluate `tasks` of `suite` that OUT/results.jsonl does not hold yet, one line per finished task.
 
     `opened`: tasks' data already opened (and checked) by `layouts.check_suite_data`.
@@ -103,7 +133,9 @@ def evaluate_model(model: EvalModel, suite: Suite, tasks: list[Task], data_dir: 
         if (suite.name, task.key) in done:
             outcome = TaskOutcome(task.key, "skipped")
         else:
-            outcome = _run_and_record(model, suite, task, data_dir, out, batch_size, workers, lines, (opened or {}).get(task.key))
+            outcome = _run_and_record(
+                model, suite, task, data_dir, out, batch_size, workers, lines, (opened or {}).get(task.key)
+            )
             if outcome.error:
                 failed[task.key] = outcome.error
         result.outcomes.append(outcome)
@@ -115,16 +147,30 @@ def evaluate_model(model: EvalModel, suite: Suite, tasks: list[Task], data_dir: 
     return result
 
 
-def _run_and_record(model: EvalModel, suite: Suite, task: Task, data_dir: str, out: str, batch_size: int, workers: int,
-                    lines: list[dict[str, Any]], data: TaskData | None = None) -> TaskOutcome:
+def _run_and_record(
+    model: EvalModel,
+    suite: Suite,
+    task: Task,
+    data_dir: str,
+    out: str,
+    batch_size: int,
+    workers: int,
+    lines: list[dict[str, Any]],
+    data: TaskData | None = None,
+) -> TaskOutcome:
     """Evaluate one task and append its line; a bad-input error becomes a failed outcome, not an exception."""
     started = time.perf_counter()
     try:
         line = run_task(model, suite, task, data_dir, batch_size, workers, os.path.join(out, CACHE), data)
     except MissingData as err:
-        fetch = (f"get the data with `{suite.download_command(data_dir)}`" if suite.download else
-                 f"put the task's data there (`clipsift eval make-task`) or name it with `data:` in {suite.path or suite.name}")
-        return TaskOutcome(task.key, "failed", error=f"{task.key}: {err}; {fetch}", seconds=time.perf_counter() - started)
+        fetch = (
+            f"get the data with `{suite.download_command(data_dir)}`"
+            if suite.download
+            else f"put the task's data there (`clipsift eval make-task`) or name it with `data:` in {suite.path or suite.name}"
+        )
+        return TaskOutcome(
+            task.key, "failed", error=f"{task.key}: {err}; {fetch}", seconds=time.perf_counter() - started
+        )
     except ClipsiftError as err:
         return TaskOutcome(task.key, "failed", error=f"{task.key}: {err}", seconds=time.perf_counter() - started)
     line["seconds"] = round(time.perf_counter() - started, 3)
@@ -149,7 +195,17 @@ def eval_summary_rows(result: EvalResult) -> list[tuple[str, object]]:
     rows.append(("average", f"{average:.4f} ({state})" if average is not None else f"n/a ({state})"))
     for group in suite["groups"].values():
         if group["value"] is not None:
-            rows.append((group["label"], f"{group['value']:.4f}" + ("" if group["complete"] else f" ({len(group['tasks'])} of {len(group['tasks']) + len(group['missing'])})")))
+            rows.append(
+                (
+                    group["label"],
+                    f"{group['value']:.4f}"
+                    + (
+                        ""
+                        if group["complete"]
+                        else f" ({len(group['tasks'])} of {len(group['tasks']) + len(group['missing'])})"
+                    ),
+                )
+            )
     rows.append(("results", os.path.join(result.out, RESULTS)))
     return rows
 
@@ -173,18 +229,29 @@ def read_results(path: str, weights_sha256: str) -> list[dict[str, Any]]:
             raise ClipsiftError(f"{path}:{number} is not a results line; move the file away to re-evaluate") from None
         other = (line.get("model") or {}).get("weights_sha256")
         if other != weights_sha256:
-            raise ClipsiftError(f"{path} holds results of other weights (sha256 {str(other)[:12]}, these are {weights_sha256[:12]}); "
-                                "move that eval folder away or pass --out to evaluate these weights")
+            raise ClipsiftError(
+                f"{path} holds results of other weights (sha256 {str(other)[:12]}, these are {weights_sha256[:12]}); "
+                "move that eval folder away or pass --out to evaluate these weights"
+            )
         lines.append(line)
     return lines
 
 
 def _check_definition(path: str, suite: Suite, lines: list[dict[str, Any]]) -> None:
     """Refuse to resume on results of another definition of the suite (an edited suite file)."""
-    other = next((line for line in lines if line["suite"] == suite.name and line.get("suite_sha256") not in (None, suite.sha256)), None)
+    other = next(
+        (
+            line
+            for line in lines
+            if line["suite"] == suite.name and line.get("suite_sha256") not in (None, suite.sha256)
+        ),
+        None,
+    )
     if other is not None:
-        raise ClipsiftError(f"{path} holds results of another definition of suite {suite.name} (sha256 {other['suite_sha256'][:12]}, "
-                            f"{suite.path or 'this one'} is {suite.sha256[:12]}); move that eval folder away or pass --out")
+        raise ClipsiftError(
+            f"{path} holds results of another definition of suite {suite.name} (sha256 {other['suite_sha256'][:12]}, "
+            f"{suite.path or 'this one'} is {suite.sha256[:12]}); move that eval folder away or pass --out"
+        )
 
 
 def append_result(path: str, line: dict[str, Any]) -> None:
@@ -197,7 +264,9 @@ def append_result(path: str, line: dict[str, Any]) -> None:
     write_atomic(fs, local, lambda handle: handle.write(data))
 
 
-def write_summary(out: str, model: EvalModel, lines: list[dict[str, Any]], current: Suite, failed: dict[str, str]) -> dict[str, Any]:
+def write_summary(
+    out: str, model: EvalModel, lines: list[dict[str, Any]], current: Suite, failed: dict[str, str]
+) -> dict[str, Any]:
     """Rewrite OUT/summary.json from all results lines (every suite they cover).
 
     A suite that is neither the current one nor shipped (a custom suite evaluated earlier into the
@@ -229,17 +298,36 @@ def _load_known(name: str) -> Suite | None:
 # --------------------------------------------------------------------------- tasks
 
 
-def run_task(model: EvalModel, suite: Suite, task: Task, data_dir: str, batch_size: int, workers: int, cache_dir: str,
-             data: TaskData | None = None) -> dict[str, Any]:
+def run_task(
+    model: EvalModel,
+    suite: Suite,
+    task: Task,
+    data_dir: str,
+    batch_size: int,
+    workers: int,
+    cache_dir: str,
+    data: TaskData | None = None,
+) -> dict[str, Any]:
     """Evaluate one task (its data opened here unless given); its results.jsonl line."""
     data = data or open_task(suite, task, data_dir)
     values, n = task.kind.evaluate(model, task, data, batch_size, workers, cache_dir)
     value = values.get(task.metric)
     if value is None:
         raise ClipsiftError(f"{data.root}: the main metric {task.metric} is undefined for this data")
-    return {"task": task.key, "suite": suite.name, "metric": task.metric, "value": float(value), "metrics": _clean(values),
-            "n": n, "scored": task.scored, "suite_sha256": suite.sha256, "model": model.describe(), "data": data.root,
-            "clipsift": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "task": task.key,
+        "suite": suite.name,
+        "metric": task.metric,
+        "value": float(value),
+        "metrics": _clean(values),
+        "n": n,
+        "scored": task.scored,
+        "suite_sha256": suite.sha256,
+        "model": model.describe(),
+        "data": data.root,
+        "clipsift": __version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def _clean(values: dict[str, Any]) -> dict[str, Any]:
@@ -255,16 +343,22 @@ def _clean(values: dict[str, Any]) -> dict[str, Any]:
     return clean
 
 
-def embed_images(model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int,
-                 with_meta: bool = False) -> tuple[np.ndarray, list[Record]]:
+def embed_images(
+    model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, with_meta: bool = False
+) -> tuple[np.ndarray, list[Record]]:
     """Image embeddings in file order (all images of a sample consecutive) and the samples' records."""
     import torch
 
     from clipsift.pipeline.ui import progress_bar
 
     dataset = EvalBatches(data, task.kind, model.pixels, batch_size, with_meta)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=model.device.type == "cuda",
-                                         prefetch_factor=2 if workers else None)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=model.device.type == "cuda",
+        prefetch_factor=2 if workers else None,
+    )
     features, owners, slots, records = [], [], [], []
     with progress_bar() as progress:
         bar = progress.add_task(task.key, total=len(data.files) if data.files is not None else task.size)
@@ -285,4 +379,6 @@ def embed_images(model: EvalModel, task: Task, data: TaskData, batch_size: int, 
 def check_size(task: Task, data: TaskData, n: int) -> None:
     """MissingData unless `data` holds the samples the suite says `task` has."""
     if task.size is not None and n != task.size:
-        raise MissingData(f"{data.root} holds {n} samples, {task.key} has {task.size} (incomplete or another version of the data)")
+        raise MissingData(
+            f"{data.root} holds {n} samples, {task.key} has {task.size} (incomplete or another version of the data)"
+        )

@@ -62,15 +62,34 @@ class EvalStage(Stage[EvalOutput]):
         data_dir, suite_seconds = spec.data_dir, None
         if data_dir is None and suite.name == "tiny":
             data_dir, suite_seconds = self._tiny_suite()
-        result = evaluate(done[TrainStage].run, spec.suite, data_dir=data_dir, tasks=spec.tasks, batch_size=spec.batch_size,
-                          workers=spec.workers, precision=spec.precision)
+        result = evaluate(
+            done[TrainStage].run,
+            spec.suite,
+            data_dir=data_dir,
+            tasks=spec.tasks,
+            batch_size=spec.batch_size,
+            workers=spec.workers,
+            precision=spec.precision,
+        )
         if result.failed:
-            raise ClipsiftError(f"evaluation on {suite.name}: {len(result.failed)} task(s) failed ({result.failed[0].error}); "
-                                "fix that and re-run: finished tasks are kept")
+            raise ClipsiftError(
+                f"evaluation on {suite.name}: {len(result.failed)} task(s) failed ({result.failed[0].error}); "
+                "fix that and re-run: finished tasks are kept"
+            )
         summary, results = os.path.join(result.out, "summary.json"), os.path.join(result.out, "results.jsonl")
         scores = result.summary["suites"][suite.name]
-        return EvalOutput(suite.name, data_dir, summary, sha256_of(summary), results, sha256_of(results), scores["average"],
-                          scores["complete"], len(scores["tasks"]), suite_seconds)
+        return EvalOutput(
+            suite.name,
+            data_dir,
+            summary,
+            sha256_of(summary),
+            results,
+            sha256_of(results),
+            scores["average"],
+            scores["complete"],
+            len(scores["tasks"]),
+            suite_seconds,
+        )
 
     def _tiny_suite(self) -> tuple[str, float | None]:
         """RUN/tiny-suite, written on first use (and how long that took)."""
@@ -91,6 +110,11 @@ class EvalStage(Stage[EvalOutput]):
         from clipsift.train.stages import TrainStage
 
         summary = read_json(out.summary)
-        return [Check(f"eval: sha256 of {out.summary}", out.summary_sha256, sha256_of(out.summary)),
-                Check("eval: summary.json evaluated the trained weights", done[TrainStage].weights_sha256,
-                      (summary.get("model") or {}).get("weights_sha256"))]
+        return [
+            Check(f"eval: sha256 of {out.summary}", out.summary_sha256, sha256_of(out.summary)),
+            Check(
+                "eval: summary.json evaluated the trained weights",
+                done[TrainStage].weights_sha256,
+                (summary.get("model") or {}).get("weights_sha256"),
+            ),
+        ]

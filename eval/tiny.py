@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,13 @@ from clipsift.pipeline.synth import IMAGE_SIZE, STREAM_EVAL
 
 GENERATOR_VERSION = 1
 SHARD_SIZE = 250
-SHAPE_TEMPLATES = ["a photo of a {c}.", "a drawing of a {c}.", "an illustration of a {c}.", "a {c} shape.", "clipart of a {c}."]
+SHAPE_TEMPLATES = [
+    "a photo of a {c}.",
+    "a drawing of a {c}.",
+    "an illustration of a {c}.",
+    "a {c} shape.",
+    "clipart of a {c}.",
+]
 COLOUR_TEMPLATES = ["a photo of something {c}.", "a {c} shape.", "an illustration of a {c} object.", "{c} clipart."]
 COUNT_CLASSES = ["one shape", "two shapes", "three shapes", "four shapes"]
 COUNT_TEMPLATES = ["a photo of {c}.", "an illustration of {c}.", "{c} on a background."]
@@ -49,7 +56,9 @@ def _scene(rng: np.random.Generator, **fixed: Any) -> world.Scene:
     return scene
 
 
-def _classification(attribute: str, values: list[Any], style: str = "flat") -> Callable[[np.random.Generator, int], Iterator[dict[str, bytes]]]:
+def _classification(
+    attribute: str, values: list[Any], style: str = "flat"
+) -> Callable[[np.random.Generator, int], Iterator[dict[str, bytes]]]:
     """Balanced classes: sample i has class i mod C, the other attributes are random."""
 
     def samples(rng: np.random.Generator, size: int) -> Iterator[dict[str, bytes]]:
@@ -65,8 +74,11 @@ def _shape_by_background(rng: np.random.Generator, size: int) -> Iterator[dict[s
         label = i % len(world.SHAPES)
         background = int(rng.choice(len(world.BACKGROUNDS), p=BACKGROUND_SHARES))
         scene = _scene(rng, shape=world.SHAPES[label], background=world.BACKGROUNDS[background])
-        yield {"jpg": _jpeg(rng, scene), "cls": str(label).encode(),
-               "npy": npy_bytes([background, list(world.BACKGROUND_COLOURS).index(scene.bg_colour)])}
+        yield {
+            "jpg": _jpeg(rng, scene),
+            "cls": str(label).encode(),
+            "npy": npy_bytes([background, list(world.BACKGROUND_COLOURS).index(scene.bg_colour)]),
+        }
 
 
 def _retrieval(rng: np.random.Generator, size: int) -> Iterator[dict[str, bytes]]:
@@ -87,8 +99,11 @@ def _association(rng: np.random.Generator, size: int) -> Iterator[dict[str, byte
         shapes = [cue] * k + [str(s) for s in rng.choice(others, n - k)]
         order = rng.permutation(n)
         candidates = [f"{shapes[j]}-{i}-{position}" for position, j in enumerate(order)]
-        sample = {"json": json.dumps({"cue": cue, "candidates": candidates,
-                                      "associations": [c for c, j in zip(candidates, order) if j < k]}).encode()}
+        sample = {
+            "json": json.dumps(
+                {"cue": cue, "candidates": candidates, "associations": [c for c, j in zip(candidates, order) if j < k]}
+            ).encode()
+        }
         for position, j in enumerate(order):
             sample[f"img{position:02d}.jpg"] = _jpeg(rng, _scene(rng, shape=shapes[j]))
         yield sample
@@ -99,10 +114,16 @@ _TASKS: dict[str, tuple[Callable, list[str] | None, list[str] | None]] = {
     "tiny/shape": (_classification("shape", list(world.SHAPES)), list(world.SHAPES), SHAPE_TEMPLATES),
     "tiny/colour": (_classification("colour", list(world.COLOURS)), list(world.COLOURS), COLOUR_TEMPLATES),
     "tiny/count": (_classification("count", [1, 2, 3, 4]), COUNT_CLASSES, COUNT_TEMPLATES),
-    "tiny/background": (_classification("background", list(world.BACKGROUNDS)), list(world.BACKGROUNDS),
-                        BACKGROUND_TEMPLATES),
-    "tiny/shape_outline": (_classification("shape", list(world.SHAPES), style="outline"), list(world.SHAPES),
-                           SHAPE_TEMPLATES),
+    "tiny/background": (
+        _classification("background", list(world.BACKGROUNDS)),
+        list(world.BACKGROUNDS),
+        BACKGROUND_TEMPLATES,
+    ),
+    "tiny/shape_outline": (
+        _classification("shape", list(world.SHAPES), style="outline"),
+        list(world.SHAPES),
+        SHAPE_TEMPLATES,
+    ),
     "tiny/retrieval": (_retrieval, None, None),
     "tiny/association": (_association, None, None),
     "tiny/shape_by_background": (_shape_by_background, list(world.SHAPES), SHAPE_TEMPLATES),
@@ -137,5 +158,11 @@ def _write(task: Task, index: int, path: str, seed: int, fs: Any) -> int:
         return task.size
     samples, classnames, templates = _TASKS[task.key]
     rng = np.random.default_rng([seed, STREAM_EVAL, index])
-    return write_task(path, samples(rng, task.size), shard_size=SHARD_SIZE, classnames=classnames, templates=templates,
-                      dataset_type=task.kind.type_file)
+    return write_task(
+        path,
+        samples(rng, task.size),
+        shard_size=SHARD_SIZE,
+        classnames=classnames,
+        templates=templates,
+        dataset_type=task.kind.type_file,
+    )

@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +29,7 @@ import pyarrow as pa
 from clipsift import ClipsiftError
 from clipsift.pipeline.pool import Pool, PoolFormatError, embedding_matrix
 
-REGISTRY: dict[str, type["Filter"]] = {}
+REGISTRY: dict[str, type[Filter]] = {}
 _ALIGNED: set[tuple] = set()  # embeddings files (pool, path, size, mtime) whose uids matched the metadata
 
 
@@ -36,7 +37,7 @@ class RecipeError(ClipsiftError):
     """A recipe names an unknown filter or parameter, a bad value, or an input that is missing."""
 
 
-def register(cls: type["Filter"]) -> type["Filter"]:
+def register(cls: type[Filter]) -> type[Filter]:
     REGISTRY[cls.name] = cls
     return cls
 
@@ -87,7 +88,9 @@ class ShardData:
     _embeddings: dict[str, pa.Table] = field(default_factory=dict)
 
     @classmethod
-    def in_memory(cls, pool: Pool, shard: str, metadata: pa.Table, embeddings: dict[str, pa.Table] | None = None) -> "ShardData":
+    def in_memory(
+        cls, pool: Pool, shard: str, metadata: pa.Table, embeddings: dict[str, pa.Table] | None = None
+    ) -> ShardData:
         """A shard whose columns are already read (benchmarks, notebooks); embeddings are not re-checked."""
         data = cls(pool, shard)
         data._metadata.update({name: metadata.column(name) for name in metadata.column_names})
@@ -127,7 +130,8 @@ class ShardData:
                 if not table.column("uid").equals(self.column("uid")):
                     raise PoolFormatError(
                         f"{path}: its rows do not match the metadata of shard {self.shard} "
-                        f"(uids differ or are in another order); re-run `clipsift score` for model {model_id}")
+                        f"(uids differ or are in another order); re-run `clipsift score` for model {model_id}"
+                    )
                 _ALIGNED.add(stamp)
             self._embeddings[key] = table
         return self._embeddings[key]
@@ -135,8 +139,11 @@ class ShardData:
     def scores(self, model_id: str) -> np.ndarray:
         """clip_score as float32, NaN where the row has no score."""
         column = self.embeddings(model_id, ["clip_score"]).column("clip_score")
-        return column.to_numpy().astype(np.float32) if column.null_count == 0 else \
-            column.cast(pa.float32()).fill_null(np.nan).to_numpy().astype(np.float32)
+        return (
+            column.to_numpy().astype(np.float32)
+            if column.null_count == 0
+            else column.cast(pa.float32()).fill_null(np.nan).to_numpy().astype(np.float32)
+        )
 
     def image_vectors(self, model_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(float32 [rows, D], valid [rows]) image embeddings."""
@@ -212,8 +219,11 @@ class Filter:
         raise NotImplementedError
 
     def describe(self) -> str:
-        params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
-                           if getattr(self, f.name) != _default(f))
+        params = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != _default(f)
+        )
         return f"{self.name}({params})"
 
 
@@ -228,8 +238,10 @@ def _default(f: dataclasses.Field) -> Any:
 def make_filter(name: str, params: Any, where: str) -> Filter:
     """Build filter `name` from recipe params, checking names, types and values."""
     if name not in REGISTRY:
-        raise RecipeError(f"{where}: unknown filter {name!r}; known filters: {', '.join(sorted(REGISTRY))} "
-                          "(and the combinators all, any, not, seq)")
+        raise RecipeError(
+            f"{where}: unknown filter {name!r}; known filters: {', '.join(sorted(REGISTRY))} "
+            "(and the combinators all, any, not, seq)"
+        )
     cls = REGISTRY[name]
     params = {} if params is None else params
     if not isinstance(params, dict):
@@ -238,7 +250,9 @@ def make_filter(name: str, params: Any, where: str) -> Filter:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - set(fields))
     if unknown:
-        raise RecipeError(f"{where} ({name}): unknown parameter {unknown[0]!r}; {name} takes {', '.join(fields) or 'no parameters'}")
+        raise RecipeError(
+            f"{where} ({name}): unknown parameter {unknown[0]!r}; {name} takes {', '.join(fields) or 'no parameters'}"
+        )
     values = {}
     for key, f in fields.items():
         if key in params:

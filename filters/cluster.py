@@ -49,7 +49,11 @@ class ImageCluster(Filter):
     def check(self, pool: Pool, where: str) -> None:
         check_source(self.targets, self.targets_model_id or self.model_id, f"{where}: targets")
         if not self._centroids_exist():
-            require(self.k is not None, where, f"no centroids file {self.centroids}, so parameter 'k' is needed to fit them")
+            require(
+                self.k is not None,
+                where,
+                f"no centroids file {self.centroids}, so parameter 'k' is needed to fit them",
+            )
 
     def _centroids_exist(self) -> bool:
         if self.centroids is None:
@@ -65,8 +69,10 @@ class ImageCluster(Filter):
         where = f"image_cluster centroids {self.centroids}"
         centroids = read_centroids(self.centroids) if self._centroids_exist() else self._fit(context)
         if self.k is not None and len(centroids) != self.k:
-            raise RecipeError(f"{where}: the file holds {len(centroids)} centroids but k is {self.k}; "
-                              "delete the file to fit new ones, or name another file")
+            raise RecipeError(
+                f"{where}: the file holds {len(centroids)} centroids but k is {self.k}; "
+                "delete the file to fit new ones, or name another file"
+            )
         targets = load_vectors(self.targets, self.targets_model_id or self.model_id, "image_cluster targets")
         check_dim(targets, centroids.shape[1], f"targets {self.targets}", where)
         hit = np.zeros(len(centroids), bool)
@@ -85,9 +91,19 @@ class ImageCluster(Filter):
             parts.append(vectors[chosen])
         train = np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros((0, 1), np.float32))
         if len(train) < self.k:
-            raise RecipeError(f"image_cluster: {len(train)} embeddings to cluster but k is {self.k}; lower k or subsample less")
-        kmeans = faiss.Kmeans(train.shape[1], self.k, niter=self.iterations, seed=self.seed, spherical=self.spherical,
-                              gpu=faiss.get_num_gpus() > 0, max_points_per_centroid=1 << 30, verbose=False)
+            raise RecipeError(
+                f"image_cluster: {len(train)} embeddings to cluster but k is {self.k}; lower k or subsample less"
+            )
+        kmeans = faiss.Kmeans(
+            train.shape[1],
+            self.k,
+            niter=self.iterations,
+            seed=self.seed,
+            spherical=self.spherical,
+            gpu=faiss.get_num_gpus() > 0,
+            max_points_per_centroid=1 << 30,
+            verbose=False,
+        )
         kmeans.train(train)
         centroids = np.asarray(kmeans.centroids, np.float32)
         save_centroids(self.centroids, centroids)

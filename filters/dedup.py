@@ -38,7 +38,11 @@ class Dedup(Filter):
     def validate(self, where: str) -> None:
         require(self.by in BY, where, f"parameter 'by' must be one of {', '.join(BY)}, got {self.by!r}")
         require(self.by != "embedding" or self.model_id is not None, where, "by: embedding needs parameter 'model_id'")
-        require(-1.0 <= self.threshold <= 1.0, where, f"parameter 'threshold' (cosine) must be in [-1, 1], got {self.threshold}")
+        require(
+            -1.0 <= self.threshold <= 1.0,
+            where,
+            f"parameter 'threshold' (cosine) must be in [-1, 1], got {self.threshold}",
+        )
 
     def models(self) -> list[str]:
         return [self.model_id] if self.by == "embedding" else []
@@ -68,7 +72,9 @@ class Dedup(Filter):
         try:
             return encode_uids(sha)  # the first 128 bits of the digest
         except ClipsiftError as err:
-            raise ClipsiftError(f"{data.pool.metadata_path(data.shard)}: column sha256 holds a value that is not hex ({err})") from err
+            raise ClipsiftError(
+                f"{data.pool.metadata_path(data.shard)}: column sha256 holds a value that is not hex ({err})"
+            ) from err
 
     def _first_of_groups(self, keys: np.ndarray) -> np.ndarray:
         """Indices (into the pool-ordered keys) of the first row of every group."""
@@ -91,7 +97,7 @@ def similar_pairs(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np
     radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))  # faiss keeps sims > radius
     sources, targets = [], []
     for start in range(0, len(vectors), SEARCH_BATCH):
-        lims, sims, ids = index.range_search(np.ascontiguousarray(vectors[start:start + SEARCH_BATCH]), radius)
+        lims, sims, ids = index.range_search(np.ascontiguousarray(vectors[start : start + SEARCH_BATCH]), radius)
         query = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims).astype(np.int64))
         keep = (sims >= threshold) & (ids != query)
         sources.append(query[keep])
@@ -128,7 +134,11 @@ class Decontaminate(Filter):
     eval_model_id: str | None = None
 
     def validate(self, where: str) -> None:
-        require(-1.0 <= self.threshold <= 1.0, where, f"parameter 'threshold' (cosine) must be in [-1, 1], got {self.threshold}")
+        require(
+            -1.0 <= self.threshold <= 1.0,
+            where,
+            f"parameter 'threshold' (cosine) must be in [-1, 1], got {self.threshold}",
+        )
 
     def models(self) -> list[str]:
         return [self.model_id]

@@ -121,7 +121,11 @@ class Basic(CaptionConditions):
 
     def validate(self, where: str) -> None:
         super().validate(where)
-        require(self.max_aspect_ratio >= 1.0, where, f"parameter 'max_aspect_ratio' must be >= 1, got {self.max_aspect_ratio}")
+        require(
+            self.max_aspect_ratio >= 1.0,
+            where,
+            f"parameter 'max_aspect_ratio' must be >= 1, got {self.max_aspect_ratio}",
+        )
 
     def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
         return self.caption_ok(data, rows & size_ok(data, self.min_side, self.max_aspect_ratio))
@@ -153,8 +157,10 @@ class TextBased(Filter):
         if isinstance(self.vocabulary, str) and self.vocabulary not in VOCABULARIES:
             fs, path = _local_fs(self.vocabulary)
             if not fs.exists(path):
-                raise RecipeError(f"{where}: vocabulary {self.vocabulary!r} is neither {' nor '.join(VOCABULARIES)} "
-                                  "nor an existing text file (one class name per line)")
+                raise RecipeError(
+                    f"{where}: vocabulary {self.vocabulary!r} is neither {' nor '.join(VOCABULARIES)} "
+                    "nor an existing text file (one class name per line)"
+                )
 
     def prepare(self, context: Context) -> Any:
         return text.vocabulary_pattern(vocabulary_phrases(self.vocabulary))

@@ -11,7 +11,7 @@ threshold "score at rank int(N*f) of the whole pool sorted descending" is comput
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -34,7 +34,9 @@ def key_to_float(key: int) -> float:
     return float(np.array([bits], np.uint32).view(np.float32)[0])
 
 
-def kth_smallest(batches: KeyBatches, k: int, bits: int, max_candidates: int = MAX_CANDIDATES, count: int | None = None) -> int:
+def kth_smallest(
+    batches: KeyBatches, k: int, bits: int, max_candidates: int = MAX_CANDIDATES, count: int | None = None
+) -> int:
     """The k-th smallest (0-based) key of all batches; `batches()` is called once per pass
     (`count`, the number of keys, saves the counting pass when known)."""
     prefix, prefix_bits = 0, 0
@@ -48,8 +50,10 @@ def kth_smallest(batches: KeyBatches, k: int, bits: int, max_candidates: int = M
         histogram = np.zeros(1 << digit_bits, np.int64)
         for keys in batches():
             keys = _with_prefix(keys, prefix, prefix_bits, bits)
-            histogram += np.bincount(((keys >> keys.dtype.type(shift)) & keys.dtype.type((1 << digit_bits) - 1)).astype(np.int64),
-                                     minlength=1 << digit_bits)
+            histogram += np.bincount(
+                ((keys >> keys.dtype.type(shift)) & keys.dtype.type((1 << digit_bits) - 1)).astype(np.int64),
+                minlength=1 << digit_bits,
+            )
         cumulative = np.cumsum(histogram)
         digit = int(np.searchsorted(cumulative, k, side="right"))
         k -= int(cumulative[digit - 1]) if digit else 0
@@ -67,8 +71,9 @@ def _with_prefix(keys: np.ndarray, prefix: int, prefix_bits: int, bits: int) -> 
     return keys[(keys >> keys.dtype.type(bits - prefix_bits)) == keys.dtype.type(prefix)]
 
 
-def top_fraction_threshold(score_batches: KeyBatches, num_rows: int, fraction: float,
-                           max_candidates: int = MAX_CANDIDATES) -> float:
+def top_fraction_threshold(
+    score_batches: KeyBatches, num_rows: int, fraction: float, max_candidates: int = MAX_CANDIDATES
+) -> float:
     """DataComp's threshold: the score at rank int(num_rows * fraction) of all rows sorted descending.
 
     `score_batches()` yields float32 scores, NaN for rows without a score; `num_rows` counts every

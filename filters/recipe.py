@@ -59,7 +59,7 @@ class Node:
     path: str  # "1", "2.1", ... as printed in the report
     kind: str  # "filter" or one of COMBINATORS
     filter: Filter | None = None
-    children: list["Node"] = field(default_factory=list)
+    children: list[Node] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -100,7 +100,9 @@ def recipe_text(source: str) -> tuple[str, str]:
     shipped = resources.files("clipsift.configs") / "filters" / f"{source}.yaml"
     if "/" not in source and shipped.is_file():
         return shipped.read_text(encoding="utf-8"), f"{source}.yaml (shipped)"
-    raise RecipeError(f"recipe {source}: no such file, and no shipped recipe of that name; shipped: {', '.join(shipped_recipes())}")
+    raise RecipeError(
+        f"recipe {source}: no such file, and no shipped recipe of that name; shipped: {', '.join(shipped_recipes())}"
+    )
 
 
 def load_recipe(source: str, overrides: dict[str, str] | None = None) -> Recipe:
@@ -114,12 +116,16 @@ def load_recipe(source: str, overrides: dict[str, str] | None = None) -> Recipe:
         raise RecipeError(f"recipe {where}: expected a mapping with `steps:` (and optionally name, description, vars)")
     unknown = sorted(set(raw) - {"name", "description", "vars", "steps"})
     if unknown:
-        raise RecipeError(f"recipe {where}: unknown top-level key {unknown[0]!r} (allowed: name, description, vars, steps)")
+        raise RecipeError(
+            f"recipe {where}: unknown top-level key {unknown[0]!r} (allowed: name, description, vars, steps)"
+        )
     variables = dict(raw.get("vars") or {})
     for key, value in (overrides or {}).items():
         if key not in variables:
-            raise RecipeError(f"recipe {where}: --set {key}=...: the recipe has no variable {key!r} "
-                              f"(its variables: {', '.join(variables) or 'none'})")
+            raise RecipeError(
+                f"recipe {where}: --set {key}=...: the recipe has no variable {key!r} "
+                f"(its variables: {', '.join(variables) or 'none'})"
+            )
         variables[key] = yaml.safe_load(value) if isinstance(value, str) else value
     steps = _substitute(raw["steps"], variables, where)
     if not isinstance(steps, list) or not steps:
@@ -155,9 +161,11 @@ def parse_step(step: Any, path: str, where: str) -> Node:
     if isinstance(step, str):
         step = {step: None}
     if not isinstance(step, dict) or len(step) != 1:
-        raise RecipeError(f"{here}: a step is a filter name or a one-key mapping {{filter: {{params}}}} "
-                          f"or {{all|any|seq: [steps]}} or {{not: step}}; got {step!r}")
-    (name, body), = step.items()
+        raise RecipeError(
+            f"{here}: a step is a filter name or a one-key mapping {{filter: {{params}}}} "
+            f"or {{all|any|seq: [steps]}} or {{not: step}}; got {step!r}"
+        )
+    ((name, body),) = step.items()
     if name == "not":
         if isinstance(body, list):
             raise RecipeError(f"{here} (not): takes one step, not a list (wrap several in seq:)")
@@ -178,12 +186,16 @@ def check_inputs(recipe: Recipe, pool: Pool) -> None:
             folder = pool.embeddings_folder(model_id)
             if not pool.embeddings_fs.isdir(folder):
                 scored = ", ".join(pool.embedding_models()) or "none"
-                raise RecipeError(f"{here}: embeddings folder {folder} does not exist (models scored: {scored}); "
-                                  f"run `{pool.score_command}` with that model, or pick another model_id (--set model_id=...)")
+                raise RecipeError(
+                    f"{here}: embeddings folder {folder} does not exist (models scored: {scored}); "
+                    f"run `{pool.score_command}` with that model, or pick another model_id (--set model_id=...)"
+                )
             missing = [s for s in shards if not pool.has_embeddings(model_id, s)]
             if missing:
-                raise RecipeError(f"{here}: {folder} lacks {len(missing)} of {len(shards)} shards ({', '.join(missing[:5])}"
-                                  f"{', ...' if len(missing) > 5 else ''}); finish `clipsift score` first")
+                raise RecipeError(
+                    f"{here}: {folder} lacks {len(missing)} of {len(shards)} shards ({', '.join(missing[:5])}"
+                    f"{', ...' if len(missing) > 5 else ''}); finish `clipsift score` first"
+                )
         node.filter.check(pool, here)
 
 
@@ -220,8 +232,15 @@ def default_artifact_file(out: str, artifact: Artifact) -> str:
     return f"{out.removesuffix('.npy')}.{artifact.suffix}"
 
 
-def apply_recipe(pool_url: str, recipe: Recipe, out: str, *, workers: int | None = None,
-                 address: str | None = None, embeddings: str | None = None) -> FilterResult:
+def apply_recipe(
+    pool_url: str,
+    recipe: Recipe,
+    out: str,
+    *,
+    workers: int | None = None,
+    address: str | None = None,
+    embeddings: str | None = None,
+) -> FilterResult:
     """Apply `recipe` to the pool, write the subset `out` and its subset.json; resumable. `embeddings`: where the
     pool's embeddings are when not in POOL/embeddings (`clipsift score --out`)."""
     started = time.perf_counter()
@@ -230,12 +249,19 @@ def apply_recipe(pool_url: str, recipe: Recipe, out: str, *, workers: int | None
     info_path, work_root = output_paths(out)
     _default_artifacts(recipe, out)
     check_inputs(recipe, pool)
-    fingerprint = hashlib.sha256(json.dumps([recipe.resolved(), pool_sha, *([pool.embeddings_url] if pool.embeddings_url else [])], sort_keys=True,
-                                            default=str).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            [recipe.resolved(), pool_sha, *([pool.embeddings_url] if pool.embeddings_url else [])],
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()[:16]
     runner = RecipeRunner(pool, f"{work_root}/{fingerprint}", workers, address)
     final = runner.evaluate(recipe.root, None)
-    pairs = np.concatenate([encode_uids(pool.metadata(s, ["uid"]).column("uid").filter(final.mask(s))) for s in pool.shard_ids()]
-                           or [encode_uids([])])
+    pairs = np.concatenate(
+        [encode_uids(pool.metadata(s, ["uid"]).column("uid").filter(final.mask(s))) for s in pool.shard_ids()]
+        or [encode_uids([])]
+    )
     npy_sha = write_subset(out, pairs)
     info = {
         "recipe": recipe.resolved(),
@@ -282,8 +308,9 @@ def _default_artifacts(recipe: Recipe, out: str) -> None:
             names = ", ".join(dict.fromkeys(node.filter.name for node, _ in steps))
             params = ", ".join(dict.fromkeys(f"`{artifact.param}:`" for _, artifact in steps))
             paths = ", ".join(node.path for node, _ in steps)
-            raise RecipeError(f"recipe {recipe.source}: steps {paths} are {names} steps without a {params} file; "
-                              "give each its own")
+            raise RecipeError(
+                f"recipe {recipe.source}: steps {paths} are {names} steps without a {params} file; give each its own"
+            )
     for default, steps in unnamed.items():
         for node, artifact in steps:
             setattr(node.filter, artifact.param, default)
@@ -338,7 +365,9 @@ class RecipeRunner:
     def count(self, masks: Masks | None) -> int:
         key = masks.folder if masks else None
         if key not in self._counts:
-            self._counts[key] = sum(self.pool.num_rows(s) if masks is None else int(masks.mask(s).sum()) for s in self.shards)
+            self._counts[key] = sum(
+                self.pool.num_rows(s) if masks is None else int(masks.mask(s).sum()) for s in self.shards
+            )
         return self._counts[key]
 
     def evaluate(self, node: Node, masks: Masks | None) -> Masks | None:
@@ -365,7 +394,9 @@ class RecipeRunner:
         if not todo:
             return
         state = self._state(node, masks, out)
-        task = functools.partial(_leaf_task, self.pool, node.filter, state, masks.folder if masks else None, out.folder)
+        task = functools.partial(
+            _leaf_task, self.pool, node.filter, state, masks.folder if masks else None, out.folder
+        )
         map_shards(task, todo, desc=f"step {node.path} {node.filter.name}", workers=self.workers, address=self.address)
 
     def _state(self, node: Node, masks: Masks | None, out: Masks) -> Any:

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import functools
 
-from clipsift.filters import base
-from clipsift.filters import clip, cluster, dedup, metadata  # noqa: F401  (the modules that register filters)
+from clipsift.filters import base, clip, cluster, dedup, metadata  # noqa: F401  (the modules that register filters)
 from clipsift.filters.base import Filter, make_filter  # noqa: F401  (make_filter: build one of them from recipe params)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def known_filters() -> dict[str, type[Filter]]:
     """Every registered filter by name (as registered when first asked)."""
     return dict(base.REGISTRY)

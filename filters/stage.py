@@ -107,13 +107,27 @@ class FilterStage(Stage[FilterOutput]):
         try:
             recipe = load_recipe(source, recipe_overrides(spec, source, score.model_id if score else None))
         except ClipsiftError as err:
-            raise RunConfigError(f"{self.context.where}: filter.recipe: {str(err).replace('--set ', 'filter.set.')}") from None
+            raise RunConfigError(
+                f"{self.context.where}: filter.recipe: {str(err).replace('--set ', 'filter.set.')}"
+            ) from None
         out = str(self.context.run_dir / "subset.npy")
-        result = apply_recipe(done[PoolStage].path, recipe, out, workers=self.context.workers, address=self.context.address)
+        result = apply_recipe(
+            done[PoolStage].path, recipe, out, workers=self.context.workers, address=self.context.address
+        )
         resolved = recipe.resolved()
         digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()
-        return FilterOutput(out, result.npy_sha256, result.num_uids, result.info_path, sha256_of(result.info_path), resolved,
-                            recipe.source, digest, sorted(set(models_in(recipe.steps))), [vars(step) for step in result.steps])
+        return FilterOutput(
+            out,
+            result.npy_sha256,
+            result.num_uids,
+            result.info_path,
+            sha256_of(result.info_path),
+            resolved,
+            recipe.source,
+            digest,
+            sorted(set(models_in(recipe.steps))),
+            [vars(step) for step in result.steps],
+        )
 
     def detail(self, out: FilterOutput, done: Outputs) -> str:
         from clipsift.pipeline.stages import PoolStage
@@ -124,8 +138,13 @@ class FilterStage(Stage[FilterOutput]):
         from clipsift.pipeline.stages import PoolStage
 
         info = read_json(out.subset_json)
-        return [Check(f"filter: sha256 of {out.subset}", out.npy_sha256, sha256_of(out.subset)),
-                Check(f"filter: sha256 of {out.subset_json}", out.subset_json_sha256, sha256_of(out.subset_json)),
-                Check("filter: subset.json names the pool's pool.json", done[PoolStage].pool_json_sha256,
-                      info["pool_json_sha256"]),
-                Check("filter: subset.json names the subset file", out.npy_sha256, info["npy_sha256"])]
+        return [
+            Check(f"filter: sha256 of {out.subset}", out.npy_sha256, sha256_of(out.subset)),
+            Check(f"filter: sha256 of {out.subset_json}", out.subset_json_sha256, sha256_of(out.subset_json)),
+            Check(
+                "filter: subset.json names the pool's pool.json",
+                done[PoolStage].pool_json_sha256,
+                info["pool_json_sha256"],
+            ),
+            Check("filter: subset.json names the subset file", out.npy_sha256, info["npy_sha256"]),
+        ]

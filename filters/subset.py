@@ -33,10 +33,10 @@ def encode_uids(uids: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
     array = array.cast(pa.string())
     if array.null_count:
         raise ClipsiftError(f"{array.null_count} uid(s) are missing (null); every row needs a 32-hex uid")
-    offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset: array.offset + len(array) + 1]
+    offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset : array.offset + len(array) + 1]
     if len(array) and not np.all(np.diff(offsets) == 32):
         raise ClipsiftError(f"uid {_first_bad(array)!r} is not 32 lowercase hex characters")
-    data = bytes(memoryview(array.buffers()[2])[offsets[0]:offsets[-1]]) if len(array) else b""
+    data = bytes(memoryview(array.buffers()[2])[offsets[0] : offsets[-1]]) if len(array) else b""
     if data.translate(None, _HEX_DIGITS):
         raise ClipsiftError(f"uid {_first_bad(array)!r} is not 32 lowercase hex characters")
     words = np.frombuffer(binascii.unhexlify(data), ">u8")  # 16 bytes per uid, big-endian
@@ -60,7 +60,9 @@ def as_subset_array(array: np.ndarray, source: str) -> np.ndarray:
     """A two-field unsigned 64-bit structured array with any field names, as SUBSET_DTYPE."""
     fields = array.dtype.fields
     if fields is None or len(fields) != 2 or any(array.dtype[i] != np.dtype("u8") for i in range(2)):
-        raise ClipsiftError(f"{source}: dtype {array.dtype} is not a subset (expected a structured array of two uint64 fields, `u8,u8`)")
+        raise ClipsiftError(
+            f"{source}: dtype {array.dtype} is not a subset (expected a structured array of two uint64 fields, `u8,u8`)"
+        )
     if array.dtype == SUBSET_DTYPE:
         return array.reshape(-1)
     names = array.dtype.names
@@ -118,7 +120,9 @@ def read_subset(url: str) -> np.ndarray:
     """A subset file (ours or DataComp's) as a SUBSET_DTYPE array, in file order."""
     fs, path = open_fs(url)
     if not fs.exists(path):
-        raise ClipsiftError(f"{url}: no such subset file; make one with `clipsift filter POOL --recipe R.yaml --out {url}`")
+        raise ClipsiftError(
+            f"{url}: no such subset file; make one with `clipsift filter POOL --recipe R.yaml --out {url}`"
+        )
     try:
         with fs.open(path, "rb") as handle:
             array = np.load(io.BytesIO(handle.read()), allow_pickle=False)
@@ -159,5 +163,12 @@ def subset_info(url: str) -> SubsetInfo:
     _, counts = unique_counts(ordered)
     unique = len(counts)
     fs, path = open_fs(url)
-    return SubsetInfo(url, len(pairs), unique, len(pairs) - unique, int(counts.max(initial=0)),
-                      bool(np.array_equal(ordered, pairs)), file_sha256(fs, path))
+    return SubsetInfo(
+        url,
+        len(pairs),
+        unique,
+        len(pairs) - unique,
+        int(counts.max(initial=0)),
+        bool(np.array_equal(ordered, pairs)),
+        file_sha256(fs, path),
+    )

@@ -27,11 +27,15 @@ def check_source(source: str, model_id: str, where: str) -> None:
     """Fail early when `source` cannot give vectors of `model_id`."""
     fs, path = open_fs(source)
     if not fs.exists(path):
-        raise RecipeError(f"{where}: {source} does not exist (expected a scored pool, an embeddings folder, a .parquet or a .npy)")
+        raise RecipeError(
+            f"{where}: {source} does not exist (expected a scored pool, an embeddings folder, a .parquet or a .npy)"
+        )
     if fs.isdir(path) and fs.exists(f"{path}/pool.json") and not fs.isdir(f"{path}/embeddings/{model_id}"):
-        raise RecipeError(f"{where}: {source} has no embeddings folder {path}/embeddings/{model_id}; "
-                          f"score it first: clipsift score {source} (with the model {model_id}), or, if it was scored with "
-                          f"--out DIR, give DIR/{model_id} as the source")
+        raise RecipeError(
+            f"{where}: {source} has no embeddings folder {path}/embeddings/{model_id}; "
+            f"score it first: clipsift score {source} (with the model {model_id}), or, if it was scored with "
+            f"--out DIR, give DIR/{model_id} as the source"
+        )
     if fs.isdir(path) and not fs.exists(f"{path}/pool.json") and not fs.glob(f"{path}/*.parquet"):
         raise RecipeError(f"{where}: {source} is a folder with neither pool.json nor embeddings parquet files")
 
@@ -42,7 +46,11 @@ def load_vectors(source: str, model_id: str, where: str) -> np.ndarray:
     if fs.isdir(path):
         if fs.exists(f"{path}/pool.json"):
             pool = Pool(source)
-            tables = [pool.embeddings(model_id, s, ["image_emb"]) for s in pool.shard_ids() if pool.has_embeddings(model_id, s)]
+            tables = [
+                pool.embeddings(model_id, s, ["image_emb"])
+                for s in pool.shard_ids()
+                if pool.has_embeddings(model_id, s)
+            ]
         else:
             tables = [read_parquet(fs, p, ["image_emb"]) for p in sorted(fs.glob(f"{path}/*.parquet"))]
         parts = [_table_vectors(t, where) for t in tables]
@@ -57,13 +65,17 @@ def load_vectors(source: str, model_id: str, where: str) -> np.ndarray:
     else:
         raise RecipeError(f"{where}: {source}: unknown vector file type (use a .npy, a .parquet or a scored pool)")
     if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
-        raise RecipeError(f"{where}: {source} holds {vectors.dtype} of shape {vectors.shape}, expected a [rows, D] float array")
+        raise RecipeError(
+            f"{where}: {source} holds {vectors.dtype} of shape {vectors.shape}, expected a [rows, D] float array"
+        )
     return normalise(vectors.astype(np.float32))
 
 
 def _table_vectors(table: pa.Table, where: str) -> np.ndarray:
     if "image_emb" not in table.column_names:
-        raise RecipeError(f"{where}: a vector parquet needs an `image_emb` column; it has {', '.join(table.column_names)}")
+        raise RecipeError(
+            f"{where}: a vector parquet needs an `image_emb` column; it has {', '.join(table.column_names)}"
+        )
     column = table.column("image_emb")
     if pa.types.is_fixed_size_list(column.type):
         matrix, valid = embedding_matrix(table, "image_emb")
@@ -92,13 +104,15 @@ def nearest(index, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(similarity, id) of each query's nearest vector by inner product, searched in batches."""
     sims, ids = np.empty(len(queries), np.float32), np.empty(len(queries), np.int64)
     for start in range(0, len(queries), SEARCH_BATCH):
-        batch = np.ascontiguousarray(queries[start:start + SEARCH_BATCH], np.float32)
+        batch = np.ascontiguousarray(queries[start : start + SEARCH_BATCH], np.float32)
         s, i = index.search(batch, 1)
-        sims[start:start + len(batch)], ids[start:start + len(batch)] = s[:, 0], i[:, 0]
+        sims[start : start + len(batch)], ids[start : start + len(batch)] = s[:, 0], i[:, 0]
     return sims, ids
 
 
 def check_dim(vectors: np.ndarray, dim: int, what: str, where: str) -> None:
     if vectors.shape[1] != dim:
-        raise RecipeError(f"{where}: {what} have dimension {vectors.shape[1]}, the pool's embeddings (and centroids) {dim}; "
-                          "all must come from the same model")
+        raise RecipeError(
+            f"{where}: {what} have dimension {vectors.shape[1]}, the pool's embeddings (and centroids) {dim}; "
+            "all must come from the same model"
+        )

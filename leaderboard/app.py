@@ -51,8 +51,13 @@ HERE = files("clipsift.leaderboard")
 MAX_ID = 2**31 - 1  # PostgreSQL's integer
 NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL
 SECURITY_HEADERS = [
-    (b"content-security-policy", (b"default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-                                  b"object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")),
+    (
+        b"content-security-policy",
+        (
+            b"default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+            b"object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+        ),
+    ),
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
@@ -70,12 +75,23 @@ class Settings:
 class Refuse(Exception):
     """An HTTP refusal with the API's JSON body."""
 
-    def __init__(self, status: int, detail: str, errors: list[tuple[str, str]] | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        errors: list[tuple[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         self.status, self.detail, self.errors, self.headers = status, detail, errors or [], headers
 
 
-def _refusal(status: int, detail: str, errors: list[tuple[str, str]] = (), headers: dict[str, str] | None = None,
-             existing: int | None = None) -> JSONResponse:
+def _refusal(
+    status: int,
+    detail: str,
+    errors: list[tuple[str, str]] = (),
+    headers: dict[str, str] | None = None,
+    existing: int | None = None,
+) -> JSONResponse:
     body = {"detail": detail, "errors": [{"field": field, "reason": reason} for field, reason in errors]}
     if existing is not None:
         body["existing"] = existing
@@ -144,7 +160,9 @@ class Guard:
         await self.app(scope, replay, send_with_headers)
 
     async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
-        response = _refusal(413, f"request body larger than {self.max_body:,} bytes", [("body", f"at most {self.max_body:,} bytes")])
+        response = _refusal(
+            413, f"request body larger than {self.max_body:,} bytes", [("body", f"at most {self.max_body:,} bytes")]
+        )
         await response(scope, receive, send)
 
 
@@ -182,8 +200,14 @@ def create_app(settings: Settings = Settings()) -> FastAPI:
     """The server on `settings.db` (its schema created or upgraded and the built-in suites registered now)."""
     db = Database(settings.db)
     buckets = TokenBuckets(settings.rate, settings.burst)
-    app = FastAPI(title="clipsift leaderboard", version=__version__, openapi_url=f"{API}/openapi.json", docs_url=None, redoc_url=None,
-                  description="Verified DataComp-style submissions. Writes need `Authorization: Bearer TOKEN`.")
+    app = FastAPI(
+        title="clipsift leaderboard",
+        version=__version__,
+        openapi_url=f"{API}/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+        description="Verified DataComp-style submissions. Writes need `Authorization: Bearer TOKEN`.",
+    )
     app.state.db = db
     app.add_middleware(Guard, max_body=settings.max_body)
     bearer = HTTPBearer(auto_error=False, description="A token from `clipsift leaderboard token create`.")
@@ -193,14 +217,21 @@ def create_app(settings: Settings = Settings()) -> FastAPI:
 
     def caller(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Token:
         if credentials is None:
-            raise Refuse(401, "authentication required: send `Authorization: Bearer TOKEN`", headers={"WWW-Authenticate": "Bearer"})
+            raise Refuse(
+                401,
+                "authentication required: send `Authorization: Bearer TOKEN`",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         token = db.find_token(credentials.credentials)
         if token is None:
             raise Refuse(401, "unknown or revoked token", headers={"WWW-Authenticate": "Bearer"})
         wait = buckets.take(token.id)
         if wait:
-            raise Refuse(429, f"rate limit: at most {settings.burst} requests at once and {settings.rate:g} per second per token",
-                         headers={"Retry-After": str(max(1, math.ceil(wait)))})
+            raise Refuse(
+                429,
+                f"rate limit: at most {settings.burst} requests at once and {settings.rate:g} per second per token",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
         return token
 
     def admin(token: Token = Depends(caller)) -> Token:
@@ -230,25 +261,66 @@ def create_app(settings: Settings = Settings()) -> FastAPI:
 
     # ------------------------------------------------------------------- API
 
-    @app.post(f"{API}/submissions", status_code=201, response_model=SubmissionCreated, responses=REFUSALS, tags=["submissions"])
-    def post_submission(submission: SubmissionIn, request: Request, token: Token = Depends(caller)) -> SubmissionCreated:
+    @app.post(
+        f"{API}/submissions",
+        status_code=201,
+        response_model=SubmissionCreated,
+        responses=REFUSALS,
+        tags=["submissions"],
+    )
+    def post_submission(
+        submission: SubmissionIn, request: Request, token: Token = Depends(caller)
+    ) -> SubmissionCreated:
         """Verify and store a submission (status `pending` until an admin verifies it)."""
         row = store.add_submission(db, submission, token.id)
-        log.info("submission %d stored (token %s, %s/%s/%s, average %.4f)", row.id, token.name, row.scale, row.track, row.suite_name, row.average)
-        return SubmissionCreated(id=row.id, status=row.status, url=submission_url(str(request.base_url), row.id),
-                                 average=row.average, groups=row.groups)
+        log.info(
+            "submission %d stored (token %s, %s/%s/%s, average %.4f)",
+            row.id,
+            token.name,
+            row.scale,
+            row.track,
+            row.suite_name,
+            row.average,
+        )
+        return SubmissionCreated(
+            id=row.id,
+            status=row.status,
+            url=submission_url(str(request.base_url), row.id),
+            average=row.average,
+            groups=row.groups,
+        )
 
     @app.get(f"{API}/leaderboard", response_model=list[Row], responses=REFUSALS, tags=["leaderboard"])
-    def get_leaderboard(request: Request, scale: str | None = Query(None, max_length=200, pattern=NO_NUL),
-                        track: Track | None = None, suite: str | None = Query(None, max_length=200, pattern=NO_NUL),
-                        include_rejected: bool = False) -> list[Row]:
+    def get_leaderboard(
+        request: Request,
+        scale: str | None = Query(None, max_length=200, pattern=NO_NUL),
+        track: Track | None = None,
+        suite: str | None = Query(None, max_length=200, pattern=NO_NUL),
+        include_rejected: bool = False,
+    ) -> list[Row]:
         """Submissions, best average first; pending and verified ones unless `include_rejected`."""
         statuses = (*store.VISIBLE, "rejected") if include_rejected else store.VISIBLE
         rows = store.leaderboard(db, scale=scale, track=track, suite=suite, statuses=statuses)
         base = str(request.base_url)
-        return [Row(id=r.id, rank=rank, method_name=r.method_name, authors=r.authors, track=r.track, scale=r.scale, suite=r.suite_name,
-                    suite_sha256=r.suite_sha256, status=r.status, average=r.average, groups=r.groups, subset_size=r.subset_size,
-                    created=r.created, url=submission_url(base, r.id)) for rank, r in enumerate(rows, 1)]
+        return [
+            Row(
+                id=r.id,
+                rank=rank,
+                method_name=r.method_name,
+                authors=r.authors,
+                track=r.track,
+                scale=r.scale,
+                suite=r.suite_name,
+                suite_sha256=r.suite_sha256,
+                status=r.status,
+                average=r.average,
+                groups=r.groups,
+                subset_size=r.subset_size,
+                created=r.created,
+                url=submission_url(base, r.id),
+            )
+            for rank, r in enumerate(rows, 1)
+        ]
 
     def _found(submission_id: int) -> Submission:
         row = store.get_submission(db, submission_id)
@@ -257,20 +329,46 @@ def create_app(settings: Settings = Settings()) -> FastAPI:
         return row
 
     def _out(row: Submission, request: Request) -> SubmissionOut:
-        return SubmissionOut(id=row.id, track=row.track, method_name=row.method_name, authors=row.authors, links=row.links,
-                             description=row.description, scale=row.scale, suite=row.suite_name, suite_sha256=row.suite_sha256,
-                             model=row.model, results=row.results, average=row.average, groups=row.groups, subset_sha256=row.subset_sha256,
-                             subset_size=row.subset_size, pool_sha256=row.pool_sha256, run=row.run, non_standard=row.non_standard,
-                             status=row.status, status_note=row.status_note, created=row.created,
-                             url=submission_url(str(request.base_url), row.id))
+        return SubmissionOut(
+            id=row.id,
+            track=row.track,
+            method_name=row.method_name,
+            authors=row.authors,
+            links=row.links,
+            description=row.description,
+            scale=row.scale,
+            suite=row.suite_name,
+            suite_sha256=row.suite_sha256,
+            model=row.model,
+            results=row.results,
+            average=row.average,
+            groups=row.groups,
+            subset_sha256=row.subset_sha256,
+            subset_size=row.subset_size,
+            pool_sha256=row.pool_sha256,
+            run=row.run,
+            non_standard=row.non_standard,
+            status=row.status,
+            status_note=row.status_note,
+            created=row.created,
+            url=submission_url(str(request.base_url), row.id),
+        )
 
-    @app.get(f"{API}/submissions/{{submission_id}}", response_model=SubmissionOut, responses=REFUSALS, tags=["submissions"])
+    @app.get(
+        f"{API}/submissions/{{submission_id}}", response_model=SubmissionOut, responses=REFUSALS, tags=["submissions"]
+    )
     def get_submission(request: Request, submission_id: int = Path(ge=1, le=MAX_ID)) -> SubmissionOut:
         return _out(_found(submission_id), request)
 
-    @app.post(f"{API}/submissions/{{submission_id}}/status", response_model=SubmissionOut, responses=REFUSALS, tags=["submissions"])
-    def post_status(change: StatusIn, request: Request, submission_id: int = Path(ge=1, le=MAX_ID),
-                    token: Token = Depends(admin)) -> SubmissionOut:
+    @app.post(
+        f"{API}/submissions/{{submission_id}}/status",
+        response_model=SubmissionOut,
+        responses=REFUSALS,
+        tags=["submissions"],
+    )
+    def post_status(
+        change: StatusIn, request: Request, submission_id: int = Path(ge=1, le=MAX_ID), token: Token = Depends(admin)
+    ) -> SubmissionOut:
         """Admin: mark a submission verified, rejected or pending again."""
         _found(submission_id)
         row = store.set_status(db, submission_id, change.status, change.note)
@@ -279,22 +377,41 @@ def create_app(settings: Settings = Settings()) -> FastAPI:
 
     def _suite_out(row: Any) -> SuiteOut:
         suite = db.suite(row.name, row.sha256)
-        return SuiteOut(name=row.name, sha256=row.sha256, version=suite.version, num_scored=len(suite.scored), groups=suite.groups,
-                        builtin=row.builtin, created=row.created)
+        return SuiteOut(
+            name=row.name,
+            sha256=row.sha256,
+            version=suite.version,
+            num_scored=len(suite.scored),
+            groups=suite.groups,
+            builtin=row.builtin,
+            created=row.created,
+        )
 
     @app.get(f"{API}/suites", response_model=list[SuiteOut], tags=["suites"])
     def get_suites() -> list[SuiteOut]:
         """Every registered suite definition (a suite is known by name and the sha256 of its definition)."""
         return [_suite_out(row) for row in db.suites()]
 
-    @app.post(f"{API}/suites", status_code=201, response_model=SuiteOut, responses={**REFUSALS, 200: {"model": SuiteOut}}, tags=["suites"])
+    @app.post(
+        f"{API}/suites",
+        status_code=201,
+        response_model=SuiteOut,
+        responses={**REFUSALS, 200: {"model": SuiteOut}},
+        tags=["suites"],
+    )
     def post_suite(body: SuiteIn, token: Token = Depends(admin)) -> Any:
         """Admin: register a suite definition (the YAML schema of configs/eval, as JSON); 200 when it is registered already."""
         try:
             row, new = db.register_suite(body.definition)
         except ValueError as err:
             raise Refuse(422, "not a valid suite definition", [("definition", str(err))]) from None
-        log.info("suite %s (%s) %s by token %s", row.name, row.sha256[:12], "registered" if new else "already registered", token.name)
+        log.info(
+            "suite %s (%s) %s by token %s",
+            row.name,
+            row.sha256[:12],
+            "registered" if new else "already registered",
+            token.name,
+        )
         return JSONResponse(_suite_out(row).model_dump(mode="json"), status_code=201 if new else 200)
 
     # ------------------------------------------------------------------- web pages
@@ -304,38 +421,78 @@ def create_app(settings: Settings = Settings()) -> FastAPI:
         import plotly
 
         path = files(plotly) / "package_data" / "plotly.min.js"
-        return FileResponse(str(path), media_type="text/javascript", headers={"Cache-Control": "public, max-age=86400"})
+        return FileResponse(
+            str(path), media_type="text/javascript", headers={"Cache-Control": "public, max-age=86400"}
+        )
 
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page_leaderboard(request: Request, scale: str | None = Query(None, max_length=200, pattern=NO_NUL),
-                         track: str | None = Query(None, max_length=20, pattern=NO_NUL),
-                         suite: str | None = Query(None, max_length=200, pattern=NO_NUL)) -> HTMLResponse:
+    def page_leaderboard(
+        request: Request,
+        scale: str | None = Query(None, max_length=200, pattern=NO_NUL),
+        track: str | None = Query(None, max_length=20, pattern=NO_NUL),
+        suite: str | None = Query(None, max_length=200, pattern=NO_NUL),
+    ) -> HTMLResponse:
         boards = store.boards(db)
         wanted = (scale, track, suite)  # the first board that matches what the query names
         chosen = next((b for b in boards if all(v is None or v == b[i] for i, v in enumerate(wanted))), None)
         rows = store.leaderboard(db, scale=chosen[0], track=chosen[1], suite=chosen[2]) if chosen else []
         every = store.leaderboard(db, suite=chosen[2]) if chosen else []
         groups = _suite_groups(db, rows[0]) if rows else {}
-        points = [{"id": r.id, "method": r.method_name, "scale": r.scale, "track": r.track, "average": r.average, "groups": r.groups,
-                   "subset_size": r.subset_size, "url": f"/submissions/{r.id}"} for r in every]
-        return templates.TemplateResponse(request, "leaderboard.html", {
-            "boards": boards, "chosen": chosen, "rows": rows, "groups": groups,
-            "chart": {"groups": groups, "first": next(iter(groups), None), "points": points, "suite": chosen[2] if chosen else None}})
+        points = [
+            {
+                "id": r.id,
+                "method": r.method_name,
+                "scale": r.scale,
+                "track": r.track,
+                "average": r.average,
+                "groups": r.groups,
+                "subset_size": r.subset_size,
+                "url": f"/submissions/{r.id}",
+            }
+            for r in every
+        ]
+        return templates.TemplateResponse(
+            request,
+            "leaderboard.html",
+            {
+                "boards": boards,
+                "chosen": chosen,
+                "rows": rows,
+                "groups": groups,
+                "chart": {
+                    "groups": groups,
+                    "first": next(iter(groups), None),
+                    "points": points,
+                    "suite": chosen[2] if chosen else None,
+                },
+            },
+        )
 
     @app.get("/submissions/{submission_id}", response_class=HTMLResponse, include_in_schema=False)
     def page_submission(request: Request, submission_id: int = Path(ge=1, le=MAX_ID)) -> HTMLResponse:
         row = store.get_submission(db, submission_id)
         if row is None:
-            return HTMLResponse(templates.get_template("missing.html").render(submission_id=submission_id), status_code=404)
+            return HTMLResponse(
+                templates.get_template("missing.html").render(submission_id=submission_id), status_code=404
+            )
         suite = db.suite(row.suite_name, row.suite_sha256)
         tasks = [{**result, "chance": suite.task(result["task"]).chance if suite else None} for result in row.results]
         recipe = _recipe_rows(row)
-        return templates.TemplateResponse(request, "submission.html", {
-            "s": row, "groups": _suite_groups(db, row), "tasks": tasks, "recipe": recipe,
-            "chart": {"tasks": tasks, "average": row.average}, "api": f"{API}/submissions/{row.id}",
-            "run_text": json.dumps(row.run, indent=2, sort_keys=True)})
+        return templates.TemplateResponse(
+            request,
+            "submission.html",
+            {
+                "s": row,
+                "groups": _suite_groups(db, row),
+                "tasks": tasks,
+                "recipe": recipe,
+                "chart": {"tasks": tasks, "average": row.average},
+                "api": f"{API}/submissions/{row.id}",
+                "run_text": json.dumps(row.run, indent=2, sort_keys=True),
+            },
+        )
 
     return app
 
@@ -360,4 +517,6 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None
     import uvicorn
 
     # keep-alive longer than uvicorn's 5 s: a busy client that reuses a connection just as the server drops it gets a reset
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=log_config(), server_header=False, timeout_keep_alive=30)
+    uvicorn.run(
+        create_app(settings), host=host, port=port, log_config=log_config(), server_header=False, timeout_keep_alive=30
+    )

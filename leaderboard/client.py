@@ -45,7 +45,9 @@ def _pick_suite(summary: dict[str, Any], suite: str | None, path: Path) -> str:
     if len(complete) == 1:
         return complete[0]
     if not complete:
-        raise ClipsiftError(f"{path}: no suite is completely evaluated ({', '.join(suites) or 'none'} partial); finish `clipsift eval`")
+        raise ClipsiftError(
+            f"{path}: no suite is completely evaluated ({', '.join(suites) or 'none'} partial); finish `clipsift eval`"
+        )
     raise ClipsiftError(f"{path}: several suites are complete ({', '.join(complete)}); choose one with --suite")
 
 
@@ -67,13 +69,23 @@ def _results(path: Path, suite: str) -> list[dict[str, Any]]:
 
 def _provenance(record: dict[str, Any]) -> dict[str, Any]:
     """run.json without the reshard manifests' shard lists (thousands of entries at the large scales)."""
-    data = [{**source, "manifest": {k: v for k, v in (source.get("manifest") or {}).items() if k != "shards"}}
-            for source in record.get("data") or []]
+    data = [
+        {**source, "manifest": {k: v for k, v in (source.get("manifest") or {}).items() if k != "shards"}}
+        for source in record.get("data") or []
+    ]
     return {**record, "data": data}
 
 
-def build_submission(run_dir: str, *, method_name: str, track: str = "filtering", authors: list[str] | None = None,
-                     links: list[str] | None = None, description: str | None = None, suite: str | None = None) -> dict[str, Any]:
+def build_submission(
+    run_dir: str,
+    *,
+    method_name: str,
+    track: str = "filtering",
+    authors: list[str] | None = None,
+    links: list[str] | None = None,
+    description: str | None = None,
+    suite: str | None = None,
+) -> dict[str, Any]:
     """The JSON payload `clipsift submit` sends for a trained and evaluated run directory."""
     if track not in TRACKS:
         raise ClipsiftError(f"--track {track!r}: choose one of {', '.join(TRACKS)}")
@@ -84,11 +96,15 @@ def build_submission(run_dir: str, *, method_name: str, track: str = "filtering"
     name = _pick_suite(summary, suite, summary_path)
     entry = summary["suites"][name]
     if not entry.get("sha256"):
-        raise ClipsiftError(f"{summary_path}: suite {name} has no definition hash (an older summary); "
-                            f"re-run `clipsift eval {run} --suite {name}` to rewrite it (finished tasks are not evaluated again)")
+        raise ClipsiftError(
+            f"{summary_path}: suite {name} has no definition hash (an older summary); "
+            f"re-run `clipsift eval {run} --suite {name}` to rewrite it (finished tasks are not evaluated again)"
+        )
     if not entry.get("complete"):
-        raise ClipsiftError(f"{summary_path}: suite {name} is missing {len(entry.get('missing', []))} scored tasks "
-                            f"({', '.join(entry.get('missing', [])[:5])}); finish `clipsift eval {run} --suite {name}` first")
+        raise ClipsiftError(
+            f"{summary_path}: suite {name} is missing {len(entry.get('missing', []))} scored tasks "
+            f"({', '.join(entry.get('missing', [])[:5])}); finish `clipsift eval {run} --suite {name}` first"
+        )
     subsets = [source for source in record.get("data") or [] if source.get("subset_sha256")]
     subset = pool = None
     if len(subsets) == 1:
@@ -96,8 +112,10 @@ def build_submission(run_dir: str, *, method_name: str, track: str = "filtering"
         subset = {"sha256": subsets[0]["subset_sha256"], "size": manifest.get("subset_uids")}
         pool = manifest.get("pool_json_sha256")
     elif track == "filtering":
-        raise ClipsiftError(f"{run / 'run.json'}: the filtering track needs a run trained on one subset (`clipsift reshard` output); "
-                            f"this run's data has {len(subsets)} subsets: use --track byod with a --description of the data")
+        raise ClipsiftError(
+            f"{run / 'run.json'}: the filtering track needs a run trained on one subset (`clipsift reshard` output); "
+            f"this run's data has {len(subsets)} subsets: use --track byod with a --description of the data"
+        )
     model = summary.get("model") or {}
     return {
         "format": SUBMISSION_FORMAT,
@@ -110,7 +128,10 @@ def build_submission(run_dir: str, *, method_name: str, track: str = "filtering"
         "suite": {"name": name, "sha256": entry.get("sha256")},
         "model": {"arch": model.get("arch"), "weights_sha256": model.get("weights_sha256")},
         "results": _results(run / "eval" / "results.jsonl", name),
-        "averages": {"average": entry.get("average"), "groups": {tag: group.get("value") for tag, group in (entry.get("groups") or {}).items()}},
+        "averages": {
+            "average": entry.get("average"),
+            "groups": {tag: group.get("value") for tag, group in (entry.get("groups") or {}).items()},
+        },
         "subset": subset,
         "pool_sha256": pool,
         "run": _provenance(record),
@@ -122,7 +143,11 @@ def refusal_message(status: int, body: Any) -> str:
     if not isinstance(body, dict):
         return f"HTTP {status}: {body}"
     lines = [f"HTTP {status}: {body.get('detail', 'refused')}"]
-    lines += [f"  {error.get('field')}: {error.get('reason')}" for error in body.get("errors") or [] if isinstance(error, dict)]
+    lines += [
+        f"  {error.get('field')}: {error.get('reason')}"
+        for error in body.get("errors") or []
+        if isinstance(error, dict)
+    ]
     return "\n".join(lines)
 
 
@@ -132,8 +157,12 @@ def post_submission(server: str, token: str, payload: dict[str, Any], timeout: f
     import httpx
 
     try:
-        response = httpx.post(f"{server.rstrip('/')}{API}/submissions", json=payload, timeout=timeout,
-                              headers={"Authorization": f"Bearer {token}"})
+        response = httpx.post(
+            f"{server.rstrip('/')}{API}/submissions",
+            json=payload,
+            timeout=timeout,
+            headers={"Authorization": f"Bearer {token}"},
+        )
     except httpx.HTTPError as err:
         raise ClipsiftError(f"cannot reach the leaderboard at {server}: {type(err).__name__}: {err}") from None
     try:
@@ -141,7 +170,9 @@ def post_submission(server: str, token: str, payload: dict[str, Any], timeout: f
     except ValueError:
         body = response.text[:500]
     if response.status_code == 409 and isinstance(body, dict) and isinstance(body.get("existing"), int):
-        raise Duplicate(body["existing"], detail=f"{server} refused the submission:\nHTTP 409: {body.get('detail', 'duplicate')}")
+        raise Duplicate(
+            body["existing"], detail=f"{server} refused the submission:\nHTTP 409: {body.get('detail', 'duplicate')}"
+        )
     if response.status_code != 201:
         raise ClipsiftError(f"{server} refused the submission:\n{refusal_message(response.status_code, body)}")
     return int(body["id"])

@@ -107,7 +107,9 @@ def make_engine(url: str) -> sa.Engine:
         def _pragmas(connection: Any, record: Any) -> None:  # readers never wait for the writer
             cursor = connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses no committed row; power loss at most the last
+            cursor.execute(
+                "PRAGMA synchronous=NORMAL"
+            )  # WAL: a crash loses no committed row; power loss at most the last
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
@@ -126,8 +128,10 @@ def upgrade(engine: sa.Engine) -> None:
                 if column.name in present:
                     continue
                 if not column.nullable:
-                    raise ClipsiftError(f"table {table.name} lacks the required column {column.name}; "
-                                        "this database predates automatic upgrades: export its submissions and start a new one")
+                    raise ClipsiftError(
+                        f"table {table.name} lacks the required column {column.name}; "
+                        "this database predates automatic upgrades: export its submissions and start a new one"
+                    )
                 kind = column.type.compile(engine.dialect)
                 connection.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
         connection.execute(sa.delete(Meta.__table__).where(Meta.__table__.c.key == "schema_version"))
@@ -164,8 +168,10 @@ class Database:
             self.engine = make_engine(self.url)
             upgrade(self.engine)
         except sa.exc.SQLAlchemyError as err:
-            raise ClipsiftError(f"cannot open the leaderboard database {sa.make_url(self.url).render_as_string(hide_password=True)}: "
-                                f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
+            raise ClipsiftError(
+                f"cannot open the leaderboard database {sa.make_url(self.url).render_as_string(hide_password=True)}: "
+                f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            ) from err
         self.session = sessionmaker(self.engine, expire_on_commit=False)
         self._suites: dict[str, Suite] = {}
         self.register_builtin_suites()
@@ -196,15 +202,21 @@ class Database:
             definition = yaml.safe_load(Path(shipped.path).read_text(encoding="utf-8"))
             self.register_suite(definition, builtin=True, expect_sha256=shipped.sha256)
 
-    def register_suite(self, definition: dict[str, Any], *, builtin: bool = False, expect_sha256: str | None = None) -> tuple[SuiteDef, bool]:
+    def register_suite(
+        self, definition: dict[str, Any], *, builtin: bool = False, expect_sha256: str | None = None
+    ) -> tuple[SuiteDef, bool]:
         """Store a suite definition; returns it and whether it is new. Raises ValueError for a bad definition."""
         stored = json.loads(canonical_json(definition))  # exactly what the JSON column gives back
         suite = check_definition(stored)
         if expect_sha256 and suite.sha256 != expect_sha256:
-            raise ClipsiftError(f"suite {suite.name}: its definition does not survive JSON storage unchanged "
-                                f"(sha256 {suite.sha256[:12]} after, {expect_sha256[:12]} before); keep the YAML to plain values")
+            raise ClipsiftError(
+                f"suite {suite.name}: its definition does not survive JSON storage unchanged "
+                f"(sha256 {suite.sha256[:12]} after, {expect_sha256[:12]} before); keep the YAML to plain values"
+            )
         with self.session() as session:
-            existing = session.scalar(sa.select(SuiteDef).where(SuiteDef.name == suite.name, SuiteDef.sha256 == suite.sha256))
+            existing = session.scalar(
+                sa.select(SuiteDef).where(SuiteDef.name == suite.name, SuiteDef.sha256 == suite.sha256)
+            )
             if existing is not None:
                 return existing, False
             row = SuiteDef(name=suite.name, sha256=suite.sha256, definition=stored, builtin=builtin)
@@ -213,7 +225,9 @@ class Database:
                 session.commit()
             except sa.exc.IntegrityError:  # registered meanwhile by another process
                 session.rollback()
-                return session.scalar(sa.select(SuiteDef).where(SuiteDef.name == suite.name, SuiteDef.sha256 == suite.sha256)), False
+                return session.scalar(
+                    sa.select(SuiteDef).where(SuiteDef.name == suite.name, SuiteDef.sha256 == suite.sha256)
+                ), False
             return row, True
 
     def suite(self, name: str, sha256: str) -> Suite | None:

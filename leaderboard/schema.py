@@ -119,7 +119,9 @@ class SubmissionIn(Strict):
     method_name: Name
     authors: list[Name] = Field(default_factory=list, max_length=50)
     links: list[Link] = Field(default_factory=list, max_length=20)
-    description: Text | None = Field(default=None, description="Method notes; for the byod track, the description of the data (required).")
+    description: Text | None = Field(
+        default=None, description="Method notes; for the byod track, the description of the data (required)."
+    )
     scale: Name
     suite: SuiteRef
     model: ModelRef
@@ -148,7 +150,9 @@ class Refusal(BaseModel):
 
     detail: str
     errors: list[Problem] = Field(default_factory=list)
-    existing: int | None = Field(default=None, description="409 only: the submission that holds the same subset, scale and results.")
+    existing: int | None = Field(
+        default=None, description="409 only: the submission that holds the same subset, scale and results."
+    )
 
 
 class Rejected(ClipsiftError):
@@ -164,8 +168,11 @@ class Duplicate(Rejected):
 
     def __init__(self, existing: int, detail: str = "duplicate submission"):
         self.existing = existing
-        super().__init__([("results", f"the same subset, scale and results were submitted already: submission {existing}")],
-                         status=409, detail=detail)
+        super().__init__(
+            [("results", f"the same subset, scale and results were submitted already: submission {existing}")],
+            status=409,
+            detail=detail,
+        )
 
 
 class Row(BaseModel):
@@ -218,7 +225,9 @@ class StatusIn(Strict):
 
 
 class SuiteIn(Strict):
-    definition: dict[str, Any] = Field(description="A suite definition: the YAML schema of configs/eval/*.yaml, as JSON.")
+    definition: dict[str, Any] = Field(
+        description="A suite definition: the YAML schema of configs/eval/*.yaml, as JSON."
+    )
 
     @field_validator("definition")
     @classmethod

@@ -53,8 +53,10 @@ class SubmitStage(Stage[SubmitOutput]):
             return None
         token = os.environ.get(spec.token_env)
         if not token:
-            raise ClipsiftError(f"{self.context.where}: submit.leaderboard is the server {spec.leaderboard}; put its token in "
-                                f"${spec.token_env} (submit.token_env names another variable)")
+            raise ClipsiftError(
+                f"{self.context.where}: submit.leaderboard is the server {spec.leaderboard}; put its token in "
+                f"${spec.token_env} (submit.token_env names another variable)"
+            )
         return token
 
     def inputs(self, done: Outputs) -> dict[str, Any]:
@@ -69,11 +71,20 @@ class SubmitStage(Stage[SubmitOutput]):
         from clipsift.train.stages import TrainStage
 
         spec = self.config.submit
-        payload = build_submission(done[TrainStage].run, method_name=spec.method_name, track=spec.track, authors=spec.authors,
-                                   links=spec.links, description=spec.description, suite=done[EvalStage].suite)
+        payload = build_submission(
+            done[TrainStage].run,
+            method_name=spec.method_name,
+            track=spec.track,
+            authors=spec.authors,
+            links=spec.links,
+            description=spec.description,
+            suite=done[EvalStage].suite,
+        )
         token = self.token()
         try:
-            submission = post_submission(spec.leaderboard, token, payload) if token else post_local(spec.leaderboard, payload)
+            submission = (
+                post_submission(spec.leaderboard, token, payload) if token else post_local(spec.leaderboard, payload)
+            )
             adopted = False
         except Duplicate as duplicate:  # the same subset, scale and results: posted by an attempt of this run killed
             submission, adopted = duplicate.existing, True  # before it recorded the stage, or posted by hand
@@ -82,4 +93,6 @@ class SubmitStage(Stage[SubmitOutput]):
 
     def detail(self, out: SubmitOutput, done: Outputs) -> str:
         where = out.url or out.leaderboard
-        return f"submission {out.id} on {where}" + (" (there already: same subset, scale and results)" if out.found_existing else "")
+        return f"submission {out.id} on {where}" + (
+            " (there already: same subset, scale and results)" if out.found_existing else ""
+        )

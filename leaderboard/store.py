@@ -7,12 +7,23 @@ from typing import Any
 import sqlalchemy as sa
 
 from clipsift.leaderboard.db import Database, Submission
-from clipsift.leaderboard.schema import SubmissionIn
-from clipsift.leaderboard.schema import Duplicate, Rejected
+from clipsift.leaderboard.schema import Duplicate, Rejected, SubmissionIn
 from clipsift.leaderboard.verify import parse_payload, verify
 
-LISTED = (Submission.id, Submission.method_name, Submission.authors, Submission.track, Submission.scale, Submission.suite_name,
-          Submission.suite_sha256, Submission.status, Submission.average, Submission.groups, Submission.subset_size, Submission.created)
+LISTED = (
+    Submission.id,
+    Submission.method_name,
+    Submission.authors,
+    Submission.track,
+    Submission.scale,
+    Submission.suite_name,
+    Submission.suite_sha256,
+    Submission.status,
+    Submission.average,
+    Submission.groups,
+    Submission.subset_size,
+    Submission.created,
+)
 VISIBLE = ("pending", "verified")  # what the leaderboard lists by default; rejected submissions stay reachable by id
 
 
@@ -21,17 +32,32 @@ def add_submission(db: Database, submission: SubmissionIn, token_id: int | None 
     suite = db.suite(submission.suite.name, submission.suite.sha256)
     if suite is None:
         known = ", ".join(f"{row.name} ({row.sha256[:12]})" for row in db.suites())
-        reason = (f"no suite {submission.suite.name!r} with sha256 {submission.suite.sha256[:12]}... is registered "
-                  f"(registered: {known}); an admin registers a custom suite with POST /api/v1/suites")
+        reason = (
+            f"no suite {submission.suite.name!r} with sha256 {submission.suite.sha256[:12]}... is registered "
+            f"(registered: {known}); an admin registers a custom suite with POST /api/v1/suites"
+        )
         raise Rejected([("suite", reason)])
     verified = verify(submission, suite)
     row = Submission(
-        track=submission.track, scale=submission.scale, suite_name=suite.name, suite_sha256=suite.sha256,
-        method_name=submission.method_name, authors=submission.authors, links=submission.links, description=submission.description,
-        model=submission.model.model_dump(), results=verified.results, average=verified.average, groups=verified.groups,
+        track=submission.track,
+        scale=submission.scale,
+        suite_name=suite.name,
+        suite_sha256=suite.sha256,
+        method_name=submission.method_name,
+        authors=submission.authors,
+        links=submission.links,
+        description=submission.description,
+        model=submission.model.model_dump(),
+        results=verified.results,
+        average=verified.average,
+        groups=verified.groups,
         subset_sha256=submission.subset.sha256 if submission.subset else None,
-        subset_size=submission.subset.size if submission.subset else None, pool_sha256=submission.pool_sha256,
-        run=submission.run.model_dump(), non_standard=verified.non_standard, status="pending", token_id=token_id,
+        subset_size=submission.subset.size if submission.subset else None,
+        pool_sha256=submission.pool_sha256,
+        run=submission.run.model_dump(),
+        non_standard=verified.non_standard,
+        status="pending",
+        token_id=token_id,
         fingerprint=verified.fingerprint,
     )
     with db.session() as session:
@@ -61,10 +87,18 @@ def post_local(db_url: str, payload: dict[str, Any]) -> int:
         db.close()
 
 
-def leaderboard(db: Database, *, scale: str | None = None, track: str | None = None, suite: str | None = None,
-                statuses: tuple[str, ...] = VISIBLE) -> list[sa.Row]:
+def leaderboard(
+    db: Database,
+    *,
+    scale: str | None = None,
+    track: str | None = None,
+    suite: str | None = None,
+    statuses: tuple[str, ...] = VISIBLE,
+) -> list[sa.Row]:
     """Submissions that match (the LISTED columns), best average first (ties: earlier first)."""
-    query = sa.select(*LISTED).where(Submission.status.in_(statuses))  # plain rows: no ORM objects, no provenance columns
+    query = sa.select(*LISTED).where(
+        Submission.status.in_(statuses)
+    )  # plain rows: no ORM objects, no provenance columns
     for column, value in ((Submission.scale, scale), (Submission.track, track), (Submission.suite_name, suite)):
         if value is not None:
             query = query.where(column == value)
@@ -74,10 +108,12 @@ def leaderboard(db: Database, *, scale: str | None = None, track: str | None = N
 
 def boards(db: Database) -> list[tuple[str, str, str, int]]:
     """(scale, track, suite, count) of every leaderboard that has visible submissions."""
-    query = (sa.select(Submission.scale, Submission.track, Submission.suite_name, sa.func.count())
-             .where(Submission.status.in_(VISIBLE))
-             .group_by(Submission.scale, Submission.track, Submission.suite_name)
-             .order_by(Submission.scale, Submission.track, Submission.suite_name))
+    query = (
+        sa.select(Submission.scale, Submission.track, Submission.suite_name, sa.func.count())
+        .where(Submission.status.in_(VISIBLE))
+        .group_by(Submission.scale, Submission.track, Submission.suite_name)
+        .order_by(Submission.scale, Submission.track, Submission.suite_name)
+    )
     with db.session() as session:
         return [tuple(row) for row in session.execute(query)]
 

@@ -26,7 +26,10 @@ from clipsift.train.recipe import SCALES, Recipe, load_recipe
 recipe_of = lru_cache(maxsize=None)(load_recipe)  # the recipe files are fixed: parse each once per process
 
 TOLERANCE = 1e-6  # claimed vs recomputed averages (JSON floats round-trip exactly; other clients may sum differently)
-RECIPE_CHECKED = ("samples_seen", "model")  # a difference in these refuses the submission; in other fields it is flagged
+RECIPE_CHECKED = (
+    "samples_seen",
+    "model",
+)  # a difference in these refuses the submission; in other fields it is flagged
 
 
 def validation_problems(err: Any, drop: tuple[str, ...] = ("body",)) -> list[tuple[str, str]]:
@@ -67,13 +70,18 @@ def verify(submission: SubmissionIn, suite: Suite) -> Verified:
         _check_data(submission, recipe, problems)
     if problems:
         raise Rejected(problems)
-    rows = [{"task": t.key, "metric": t.metric, "value": results[t.key]["value"], "scored": t.scored}
-            for t in suite.tasks if t.key in results]
+    rows = [
+        {"task": t.key, "metric": t.metric, "value": results[t.key]["value"], "scored": t.scored}
+        for t in suite.tasks
+        if t.key in results
+    ]
     groups = {tag: group["value"] for tag, group in summary["groups"].items()}
     return Verified(rows, summary["average"], groups, non_standard, _fingerprint(submission, suite, rows))
 
 
-def _check_results(submission: SubmissionIn, suite: Suite, problems: list[tuple[str, str]]) -> dict[str, dict[str, Any]]:
+def _check_results(
+    submission: SubmissionIn, suite: Suite, problems: list[tuple[str, str]]
+) -> dict[str, dict[str, Any]]:
     known = {t.key: t for t in suite.tasks}
     results: dict[str, dict[str, Any]] = {}
     for index, result in enumerate(submission.results):
@@ -91,11 +99,18 @@ def _check_results(submission: SubmissionIn, suite: Suite, problems: list[tuple[
     missing = [t.key for t in suite.scored if t.key not in given]
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        problems.append(("results", f"no result for {len(missing)} of the {len(suite.scored)} scored tasks of suite {suite.name}: {shown}"))
+        problems.append(
+            (
+                "results",
+                f"no result for {len(missing)} of the {len(suite.scored)} scored tasks of suite {suite.name}: {shown}",
+            )
+        )
     return results
 
 
-def _check_averages(submission: SubmissionIn, suite: Suite, summary: dict[str, Any], problems: list[tuple[str, str]]) -> None:
+def _check_averages(
+    submission: SubmissionIn, suite: Suite, summary: dict[str, Any], problems: list[tuple[str, str]]
+) -> None:
     claimed = submission.averages
     if abs(claimed.average - summary["average"]) > TOLERANCE:
         reason = f"{claimed.average!r} is not the mean of the {summary['num_evaluated']} scored tasks' values, {summary['average']!r}"
@@ -103,9 +118,18 @@ def _check_averages(submission: SubmissionIn, suite: Suite, summary: dict[str, A
     for tag, value in claimed.groups.items():
         group = summary["groups"].get(tag)
         if group is None:
-            problems.append((f"averages.groups.{tag}", f"suite {suite.name} has no group {tag!r} (groups: {', '.join(suite.groups) or 'none'})"))
-        elif (value is None) != (group["value"] is None) or (value is not None and abs(value - group["value"]) > TOLERANCE):
-            problems.append((f"averages.groups.{tag}", f"{value!r} is not the mean of the group's tasks, {group['value']!r}"))
+            problems.append(
+                (
+                    f"averages.groups.{tag}",
+                    f"suite {suite.name} has no group {tag!r} (groups: {', '.join(suite.groups) or 'none'})",
+                )
+            )
+        elif (value is None) != (group["value"] is None) or (
+            value is not None and abs(value - group["value"]) > TOLERANCE
+        ):
+            problems.append(
+                (f"averages.groups.{tag}", f"{value!r} is not the mean of the group's tasks, {group['value']!r}")
+            )
 
 
 def _check_scale(submission: SubmissionIn, problems: list[tuple[str, str]]) -> Recipe | None:
@@ -117,14 +141,31 @@ def _check_scale(submission: SubmissionIn, problems: list[tuple[str, str]]) -> R
         problems.append(("run.scale", f"run.json says the run trained the {run.scale} scale, not {submission.scale}"))
     for key in RECIPE_CHECKED:
         if run.recipe.get(key) != getattr(recipe, key):
-            problems.append((f"run.recipe.{key}", f"{run.recipe.get(key)!r} is not the {recipe.scale} recipe's {getattr(recipe, key)!r}"))
+            problems.append(
+                (
+                    f"run.recipe.{key}",
+                    f"{run.recipe.get(key)!r} is not the {recipe.scale} recipe's {getattr(recipe, key)!r}",
+                )
+            )
     if run.status != "complete":
-        problems.append(("run.status", f"the training run is {run.status!r}, not 'complete'; finish `clipsift train` first"))
+        problems.append(
+            ("run.status", f"the training run is {run.status!r}, not 'complete'; finish `clipsift train` first")
+        )
     trained = recipe.samples_per_epoch * recipe.epochs
     if run.samples_seen != trained:
-        problems.append(("run.samples_seen", f"the run saw {run.samples_seen} samples; the {recipe.scale} recipe trains on {trained}"))
+        problems.append(
+            (
+                "run.samples_seen",
+                f"the run saw {run.samples_seen} samples; the {recipe.scale} recipe trains on {trained}",
+            )
+        )
     if submission.model.arch != recipe.model:
-        problems.append(("model.arch", f"the evaluated model is {submission.model.arch}; the {recipe.scale} scale trains {recipe.model}"))
+        problems.append(
+            (
+                "model.arch",
+                f"the evaluated model is {submission.model.arch}; the {recipe.scale} scale trains {recipe.model}",
+            )
+        )
     return recipe
 
 
@@ -141,22 +182,45 @@ def _non_standard(submission: SubmissionIn, recipe: Recipe | None) -> dict[str, 
 def _check_data(submission: SubmissionIn, recipe: Recipe, problems: list[tuple[str, str]]) -> None:
     if submission.track == "byod":
         if not (submission.description or "").strip():
-            problems.append(("description", "the byod track needs a description of the data (what it is, where it comes from, its size)"))
+            problems.append(
+                (
+                    "description",
+                    "the byod track needs a description of the data (what it is, where it comes from, its size)",
+                )
+            )
         return
     if submission.subset is None:
-        problems.append(("subset", "the filtering track needs the subset's sha256 and size (run.json's data records them)"))
+        problems.append(
+            ("subset", "the filtering track needs the subset's sha256 and size (run.json's data records them)")
+        )
         return
     if submission.subset.size > recipe.pool_size:
-        problems.append(("subset.size", f"{submission.subset.size:,} samples exceed the {recipe.scale} pool's {recipe.pool_size:,}"))
+        problems.append(
+            (
+                "subset.size",
+                f"{submission.subset.size:,} samples exceed the {recipe.scale} pool's {recipe.pool_size:,}",
+            )
+        )
     sources = submission.run.data
     if len(sources) != 1:
-        problems.append(("run.data", f"the filtering track trains on one subset of the scale's pool; this run has {len(sources)} data "
-                                     + "sources: submit it to the byod track"))
+        problems.append(
+            (
+                "run.data",
+                f"the filtering track trains on one subset of the scale's pool; this run has {len(sources)} data "
+                + "sources: submit it to the byod track",
+            )
+        )
     elif sources[0].get("subset_sha256") != submission.subset.sha256:
-        problems.append(("subset.sha256", f"not the subset run.json's data records ({sources[0].get('subset_sha256')!r})"))
+        problems.append(
+            ("subset.sha256", f"not the subset run.json's data records ({sources[0].get('subset_sha256')!r})")
+        )
 
 
 def _fingerprint(submission: SubmissionIn, suite: Suite, rows: list[dict[str, Any]]) -> str:
-    key = {"subset": submission.subset.sha256 if submission.subset else None, "scale": submission.scale, "suite": suite.sha256,
-           "results": [[row["task"], row["value"]] for row in rows]}
+    key = {
+        "subset": submission.subset.sha256 if submission.subset else None,
+        "scale": submission.scale,
+        "suite": suite.sha256,
+        "results": [[row["task"], row["value"]] for row in rows],
+    }
     return hashlib.sha256(canonical_json(key).encode("utf-8")).hexdigest()

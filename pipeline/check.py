@@ -24,7 +24,9 @@ class Problem:
     reason: str
 
     def __str__(self) -> str:
-        where = ":".join(part for part in (self.shard and f"shard {self.shard}", self.key and f"sample {self.key}") if part)
+        where = ":".join(
+            part for part in (self.shard and f"shard {self.shard}", self.key and f"sample {self.key}") if part
+        )
         return f"{where or 'pool'}: {self.reason}"
 
 
@@ -70,9 +72,13 @@ def check_pool(url: str, *, workers: int | None = None) -> CheckReport:
     except PoolFormatError as err:
         problems.append(Problem(None, None, str(err)))
     tars, parquets = set(pool.tar_ids()), set(pool.shard_ids())
-    problems += [Problem(s, None, f"missing metadata parquet {pool.metadata_path(s)}") for s in sorted(tars - parquets)]
+    problems += [
+        Problem(s, None, f"missing metadata parquet {pool.metadata_path(s)}") for s in sorted(tars - parquets)
+    ]
     problems += [Problem(s, None, f"missing tar {pool.tar_path(s)}") for s in sorted(parquets - tars)]
-    checks = map_shards(functools.partial(check_shard, url), sorted(tars & parquets), desc="check shards", workers=workers)
+    checks = map_shards(
+        functools.partial(check_shard, url), sorted(tars & parquets), desc="check shards", workers=workers
+    )
     for check in checks:
         problems += check.problems
     if not (info or {}).get("uids_may_repeat"):  # a resharded subset repeats upsampled uids on purpose
@@ -80,9 +86,15 @@ def check_pool(url: str, *, workers: int | None = None) -> CheckReport:
     num_samples = sum(c.num_samples for c in checks)
     if info is not None:
         if info.get("num_shards") != len(tars | parquets):
-            problems.append(Problem(None, None, f"pool.json says {info.get('num_shards')} shards, the pool has {len(tars | parquets)}"))
+            problems.append(
+                Problem(
+                    None, None, f"pool.json says {info.get('num_shards')} shards, the pool has {len(tars | parquets)}"
+                )
+            )
         if info.get("num_samples") != num_samples:
-            problems.append(Problem(None, None, f"pool.json says {info.get('num_samples')} samples, the shards hold {num_samples}"))
+            problems.append(
+                Problem(None, None, f"pool.json says {info.get('num_samples')} samples, the shards hold {num_samples}")
+            )
     return CheckReport(url, len(tars | parquets), num_samples, problems, sum(c.more_problems for c in checks))
 
 
@@ -122,7 +134,10 @@ def _check_entry(check: ShardCheck, entry, row: dict | None) -> None:
         check.report(entry.key, "sample in the tar has no metadata row")
         return
     if entry.key != row["key"]:
-        check.report(entry.key, f"misaligned: the metadata row at this position is {row['key']!r}; tar and parquet must list samples in the same order")
+        check.report(
+            entry.key,
+            f"misaligned: the metadata row at this position is {row['key']!r}; tar and parquet must list samples in the same order",
+        )
         return
     image = image_member(entry)
     if image is None:
@@ -153,7 +168,11 @@ def _check_image(check: ShardCheck, key: str, data: bytes, sha256: str | None) -
 
 
 def _duplicate_uids(checks: list[ShardCheck]) -> list[Problem]:
-    tables = [c.uids.append_column("shard", pa.array([c.shard] * c.uids.num_rows, pa.string())) for c in checks if c.uids is not None]
+    tables = [
+        c.uids.append_column("shard", pa.array([c.shard] * c.uids.num_rows, pa.string()))
+        for c in checks
+        if c.uids is not None
+    ]
     if not tables:
         return []
     table = pa.concat_tables(tables)
@@ -168,5 +187,11 @@ def _duplicate_uids(checks: list[ShardCheck]) -> list[Problem]:
     problems = []
     for uid, where in places.items():
         shard, key = where[0].split("/", 1)
-        problems.append(Problem(shard, key, f"duplicate uid {uid}, also at {', '.join(where[1:])} (uids must be unique across the pool)"))
+        problems.append(
+            Problem(
+                shard,
+                key,
+                f"duplicate uid {uid}, also at {', '.join(where[1:])} (uids must be unique across the pool)",
+            )
+        )
     return problems

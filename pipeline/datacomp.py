@@ -133,7 +133,7 @@ def _npz_array(path: str, key: str) -> np.ndarray:
         return npz[key]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _npz_shapes(path: str) -> dict[str, tuple[int, ...]]:
     """{key: shape} of an .npz, read from the array headers only."""
     fs, local = open_fs(path)
@@ -144,10 +144,14 @@ def _npz_shapes(path: str) -> dict[str, tuple[int, ...]]:
                 if member.endswith(".npy"):
                     with archive.open(member) as array:
                         major, _ = np.lib.format.read_magic(array)
-                        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                        read = (
+                            np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                        )
                         shapes[member[: -len(".npy")]] = read(array)[0]
     except (zipfile.BadZipFile, ValueError, OSError) as err:
-        raise ClipsiftError(f"{path}: not a readable .npz of features ({err}); replace it or move it out of the metadata folder") from err
+        raise ClipsiftError(
+            f"{path}: not a readable .npz of features ({err}); replace it or move it out of the metadata folder"
+        ) from err
     return shapes
 
 
@@ -162,13 +166,17 @@ def _open_metadata(metadata: str) -> _Metadata:
         raise ClipsiftError(f"{metadata}: not a folder; --metadata is the folder of DataComp's metadata parquets")
     files = [path for path in sorted(fs.glob(f"{root}/*.parquet")) if not _is_img2dataset_parquet(fs, path)]
     if not files:
-        raise ClipsiftError(f"{metadata}: no .parquet files; --metadata is the folder of DataComp's metadata parquets "
-                            "(uid, url, text, ... as their download_upstream.py fetched them)")
+        raise ClipsiftError(
+            f"{metadata}: no .parquet files; --metadata is the folder of DataComp's metadata parquets "
+            "(uid, url, text, ... as their download_upstream.py fetched them)"
+        )
     schema = parquet_file(fs, files[0]).schema_arrow
     missing = [c for c in ("uid", "url") if c not in schema.names]
     if missing:
-        raise ClipsiftError(f"{files[0]}: no {' or '.join(missing)} column; DataComp metadata parquets have uid, url, text, ... "
-                            f"(this one has {', '.join(schema.names)})")
+        raise ClipsiftError(
+            f"{files[0]}: no {' or '.join(missing)} column; DataComp metadata parquets have uid, url, text, ... "
+            f"(this one has {', '.join(schema.names)})"
+        )
     uids, offsets, features = [], [0], []
     for path in files:
         column = read_parquet(fs, path, ["uid"]).column("uid")
@@ -178,8 +186,14 @@ def _open_metadata(metadata: str) -> _Metadata:
         features.append(_check_npz(_url(fs, npz), len(column)) if fs.exists(npz) else None)
     dims = _feature_dims([f for f in features if f])
     carried = {name: schema.field(name).type for name in schema.names if name not in METADATA_BASE}
-    return _Metadata(tuple(_url(fs, f) for f in files), tuple(features), tuple(offsets),
-                     pa.chunked_array(uids, pa.string()).combine_chunks(), dims, {**carried, "source_sha256": pa.string()})
+    return _Metadata(
+        tuple(_url(fs, f) for f in files),
+        tuple(features),
+        tuple(offsets),
+        pa.chunked_array(uids, pa.string()).combine_chunks(),
+        dims,
+        {**carried, "source_sha256": pa.string()},
+    )
 
 
 def _is_img2dataset_parquet(fs: Any, path: str) -> bool:
@@ -190,8 +204,10 @@ def _is_img2dataset_parquet(fs: Any, path: str) -> bool:
 def _check_npz(npz: str, num_rows: int) -> str:
     for key, shape in _npz_shapes(npz).items():
         if len(shape) != 2 or shape[0] != num_rows:
-            raise ClipsiftError(f"{npz}: {key} has shape {shape} but its parquet has {num_rows} rows; the features must be one "
-                                "row per metadata row, in the same order")
+            raise ClipsiftError(
+                f"{npz}: {key} has shape {shape} but its parquet has {num_rows} rows; the features must be one "
+                "row per metadata row, in the same order"
+            )
     return npz
 
 
@@ -203,8 +219,10 @@ def _feature_dims(npzs: list[str]) -> dict[str, int]:
             if f"{prefix}_img" in shapes and f"{prefix}_txt" in shapes:
                 dim = shapes[f"{prefix}_img"][1]
                 if dims.setdefault(prefix, dim) != dim or shapes[f"{prefix}_txt"][1] != dim:
-                    raise ClipsiftError(f"{npz}: {prefix} features have dimension {shapes[f'{prefix}_img'][1]}/"
-                                        f"{shapes[f'{prefix}_txt'][1]}, other files {dims[prefix]}")
+                    raise ClipsiftError(
+                        f"{npz}: {prefix} features have dimension {shapes[f'{prefix}_img'][1]}/"
+                        f"{shapes[f'{prefix}_txt'][1]}, other files {dims[prefix]}"
+                    )
     return dims
 
 
@@ -241,7 +259,9 @@ class _DatacompShard:
             if theirs is not None:
                 _merge(row, theirs)
         for prefix in self.meta.dims:  # embeddings first: a complete shard has them
-            Pool(self.out).write_embeddings(FEATURE_MODELS[prefix], shard_id(index), self.meta.embeddings(prefix, uids, positions))
+            Pool(self.out).write_embeddings(
+                FEATURE_MODELS[prefix], shard_id(index), self.meta.embeddings(prefix, uids, positions)
+            )
         stats = {"source": rel, "not_in_metadata": positions.count(None)}
         place_img2dataset_shard(self.out, index, _url(fs, tar), rows, skipped, stats, self.meta.carried_types)
 
@@ -262,7 +282,9 @@ class DatacompResult:
     models: list[str]  # embeddings written from their features
 
 
-def from_datacomp(metadata: str, shards: str, out: str, *, workers: int | None = None, name: str | None = None) -> DatacompResult:
+def from_datacomp(
+    metadata: str, shards: str, out: str, *, workers: int | None = None, name: str | None = None
+) -> DatacompResult:
     """Make the pool `out` from DataComp's metadata folder and img2dataset shards folder (see the module docstring).
 
     Re-running continues where a killed run stopped: complete shards are kept.
@@ -277,8 +299,15 @@ def from_datacomp(metadata: str, shards: str, out: str, *, workers: int | None =
     if not tars:
         raise ClipsiftError(f"{shards}: no .tar files; --shards is the folder of DataComp's img2dataset .tar shards")
     shards_url = _url(shards_fs, shards_root)
-    sources = [{"kind": "datacomp", "metadata": os.path.dirname(meta.files[0]), "shards": shards_url,
-                "num_metadata_files": len(meta.files), "num_tars": len(tars)}]
+    sources = [
+        {
+            "kind": "datacomp",
+            "metadata": os.path.dirname(meta.files[0]),
+            "shards": shards_url,
+            "num_metadata_files": len(meta.files),
+            "num_tars": len(tars),
+        }
+    ]
     record_build_params(out, {"kind": "from-datacomp", "sources": sources})
     todo = [i for i in range(len(tars)) if not shard_is_complete(out, i)]
     map_shards(_DatacompShard(out, shards_url, tars, meta), todo, desc="adopt DataComp shards", workers=workers)
@@ -287,11 +316,25 @@ def from_datacomp(metadata: str, shards: str, out: str, *, workers: int | None =
     _write_status(out, meta, shards_fs, shards_root, tars)
     summary = summarize_status(read_download_status(out))
     models = [FEATURE_MODELS[p] for p in meta.dims]
-    info = finalize_pool(out, name or os.path.basename(shards_root.rstrip("/")), sources, datacomp={**summary.as_dict(), "embeddings": models})
+    info = finalize_pool(
+        out,
+        name or os.path.basename(shards_root.rstrip("/")),
+        sources,
+        datacomp={**summary.as_dict(), "embeddings": models},
+    )
     pool = Pool(out)
     stats = [pool.shard_stats(shard) for shard in pool.shard_ids()]
-    return DatacompResult(out, sources[0]["metadata"], sources[0]["shards"], info, summary, placed_tars(out),
-                          sum(s.get("not_in_metadata", 0) for s in stats), sum(len(s.get("skipped", [])) for s in stats), models)
+    return DatacompResult(
+        out,
+        sources[0]["metadata"],
+        sources[0]["shards"],
+        info,
+        summary,
+        placed_tars(out),
+        sum(s.get("not_in_metadata", 0) for s in stats),
+        sum(len(s.get("skipped", [])) for s in stats),
+        models,
+    )
 
 
 def _write_manifests(out: str, meta: _Metadata) -> None:
@@ -300,14 +343,18 @@ def _write_manifests(out: str, meta: _Metadata) -> None:
     for prefix, dim in meta.dims.items():
         model_id = FEATURE_MODELS[prefix]
         shards = [s for s in pool.shard_ids() if pool.has_embeddings(model_id, s)]
-        write_json_atomic(pool.embeddings_fs, f"{pool.embeddings_folder(model_id)}/manifest.json", {
-            "model": {"model_id": model_id, "weights": "openai", "dim": dim},
-            "source": f"DataComp's published features ({prefix}_img, {prefix}_txt in the .npz beside their metadata parquets)",
-            "metadata": os.path.dirname(meta.files[0]),
-            "shards": len(shards),
-            "rows": sum(pool.embeddings_rows(model_id, s) for s in shards),
-            "clipsift_version": __version__,
-        })
+        write_json_atomic(
+            pool.embeddings_fs,
+            f"{pool.embeddings_folder(model_id)}/manifest.json",
+            {
+                "model": {"model_id": model_id, "weights": "openai", "dim": dim},
+                "source": f"DataComp's published features ({prefix}_img, {prefix}_txt in the .npz beside their metadata parquets)",
+                "metadata": os.path.dirname(meta.files[0]),
+                "shards": len(shards),
+                "rows": sum(pool.embeddings_rows(model_id, s) for s in shards),
+                "clipsift_version": __version__,
+            },
+        )
 
 
 def _check_unique_uids(out: str) -> None:
@@ -315,8 +362,10 @@ def _check_unique_uids(out: str) -> None:
     counts = table.group_by("uid").aggregate([("uid", "count")])
     repeated = counts.filter(pc.greater(counts["uid_count"], 1)).column("uid").to_pylist()
     if repeated:
-        raise ClipsiftError(f"{len(repeated)} uids are in more than one tar of the shards folder (e.g. {repeated[0]}); it holds "
-                            "overlapping downloads: keep one copy of each shard, then make the pool again in a new folder")
+        raise ClipsiftError(
+            f"{len(repeated)} uids are in more than one tar of the shards folder (e.g. {repeated[0]}); it holds "
+            "overlapping downloads: keep one copy of each shard, then make the pool again in a new folder"
+        )
 
 
 def _write_status(out: str, meta: _Metadata, shards_fs: Any, shards_root: str, tars: tuple[str, ...]) -> None:
@@ -329,7 +378,9 @@ def _write_status(out: str, meta: _Metadata, shards_fs: Any, shards_root: str, t
     absent = [i for i, ok in enumerate(in_pool) if not ok]
     if absent:
         reported = _reported(shards_fs, shards_root, tars)
-        skips = {s["uid"]: s for shard in pool.shard_ids() for s in pool.shard_stats(shard).get("skipped", []) if "uid" in s}
+        skips = {
+            s["uid"]: s for shard in pool.shard_ids() for s in pool.shard_stats(shard).get("skipped", []) if "uid" in s
+        }
         for i in absent:
             statuses[i] = sample_status(False, reported.get(uids[i]), skips.get(uids[i]), MISSING)
     write_status(out, "datacomp", status_table(uids, urls, statuses))
@@ -348,8 +399,13 @@ def _reported(fs: Any, root: str, tars: tuple[str, ...]) -> dict[str, tuple[str 
 
 def datacomp_summary_rows(result: DatacompResult, examples: int = 5) -> list[tuple[str, object]]:
     """Rows for `ui.summary_table`: what was adopted, what their metadata lists that the tars lack, the embeddings."""
-    rows: list[tuple[str, object]] = [("pool", result.out), ("metadata", result.metadata), ("shards", result.shards),
-                                      ("pool shards", result.info["num_shards"]), ("samples", result.info["num_samples"])]
+    rows: list[tuple[str, object]] = [
+        ("pool", result.out),
+        ("metadata", result.metadata),
+        ("shards", result.shards),
+        ("pool shards", result.info["num_shards"]),
+        ("samples", result.info["num_samples"]),
+    ]
     rows += status_summary_rows(result.summary, examples)
     if result.not_in_metadata:
         rows.append(("not in the metadata (kept)", result.not_in_metadata))

@@ -34,12 +34,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home without it
+os.environ.setdefault(
+    "NO_ALBUMENTATIONS_UPDATE", "1"
+)  # img2dataset imports albumentations, which phones home without it
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-
 from pydantic import Field, PositiveInt  # noqa: E402
 
 from clipsift import ClipsiftError  # noqa: E402
@@ -55,11 +56,10 @@ from clipsift.pipeline.importer import (  # noqa: E402
     file_ext,
     pick_column,
     read_rows,
-    text_or_none,
     read_table,
     tar_record,
+    text_or_none,
 )
-from clipsift.settings import Section  # noqa: E402
 from clipsift.pipeline.pool import (  # noqa: E402
     BASE_SCHEMA,
     DEFAULT_SHARD_SIZE,
@@ -77,15 +77,33 @@ from clipsift.pipeline.pool import (  # noqa: E402
     shard_id,
     shard_is_complete,
 )
+from clipsift.settings import Section  # noqa: E402
 
 STAGING = "download"  # POOL/download/: the normalised url tables and img2dataset's own output
 STATUS_DIR = "download_status"
-STATUS_SCHEMA = pa.schema([("uid", pa.string()), ("url", pa.string()), ("status", pa.string()), ("message", pa.string())])
+STATUS_SCHEMA = pa.schema(
+    [("uid", pa.string()), ("url", pa.string()), ("status", pa.string()), ("message", pa.string())]
+)
 BBOX_COLUMN = "face_bboxes"
 BBOX_TYPE = pa.list_(pa.list_(pa.float64()))
 # img2dataset keeps these names for itself: carried columns so named get a `source_` prefix
-IMG2DATASET_RESERVED = frozenset({"key", "caption", "url", "width", "height", "original_width", "original_height",
-                                  "status", "error_message", "exif", "md5", "sha256", "sha512"})
+IMG2DATASET_RESERVED = frozenset(
+    {
+        "key",
+        "caption",
+        "url",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "status",
+        "error_message",
+        "exif",
+        "md5",
+        "sha256",
+        "sha512",
+    }
+)
 OOM_SHARD_COUNT = 5  # img2dataset names shard i f"{i:05d}"
 HTTP_ERROR = re.compile(r"http error (\d{3})")
 NUM_EXAMPLES = 10
@@ -110,14 +128,17 @@ def classify(status: str | None, message: str | None) -> str:
     return "other"
 
 
-def sample_status(in_pool: bool, reported: tuple[str | None, str | None] | None, skip: dict[str, str] | None,
-                  absent: tuple[str, str]) -> tuple[str, str | None]:
+def sample_status(
+    in_pool: bool, reported: tuple[str | None, str | None] | None, skip: dict[str, str] | None, absent: tuple[str, str]
+) -> tuple[str, str | None]:
     """(status, message) of one input row: ok when in the pool, else why not: unusable in the tar, img2dataset's
     report, or `absent` when there is neither."""
     if in_pool:
         return "ok", None
     if skip is not None:
-        return "other", f"unusable sample in img2dataset's tar: {skip['reason']}" + (f" ({skip['detail']})" if skip.get("detail") else "")
+        return "other", f"unusable sample in img2dataset's tar: {skip['reason']}" + (
+            f" ({skip['detail']})" if skip.get("detail") else ""
+        )
     if reported is None:
         return absent
     kind = classify(*reported)
@@ -127,8 +148,15 @@ def sample_status(in_pool: bool, reported: tuple[str | None, str | None] | None,
 
 
 def status_table(uids: list[str | None], urls: list[str | None], statuses: list[tuple[str, str | None]]) -> pa.Table:
-    return pa.table([pa.array(uids, pa.string()), pa.array(urls, pa.string()), pa.array([s for s, _ in statuses], pa.string()),
-                     pa.array([m for _, m in statuses], pa.string())], schema=STATUS_SCHEMA)
+    return pa.table(
+        [
+            pa.array(uids, pa.string()),
+            pa.array(urls, pa.string()),
+            pa.array([s for s, _ in statuses], pa.string()),
+            pa.array([m for _, m in statuses], pa.string()),
+        ],
+        schema=STATUS_SCHEMA,
+    )
 
 
 def write_status(pool_url: str, name: str, table: pa.Table) -> None:
@@ -159,7 +187,12 @@ class StatusSummary:
         return self.ok / self.total if self.total else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "ok": self.ok, "success_rate": round(self.success_rate, 6), "by_kind": self.by_kind}
+        return {
+            "total": self.total,
+            "ok": self.ok,
+            "success_rate": round(self.success_rate, 6),
+            "by_kind": self.by_kind,
+        }
 
 
 def summarize_status(table: pa.Table) -> StatusSummary:
@@ -170,8 +203,11 @@ def summarize_status(table: pa.Table) -> StatusSummary:
 
 
 def status_summary_rows(summary: StatusSummary, examples: int = 5) -> list[tuple[str, object]]:
-    rows: list[tuple[str, object]] = [("listed", summary.total), ("in the pool", summary.ok),
-                                      ("success rate", f"{summary.success_rate:.1%}")]
+    rows: list[tuple[str, object]] = [
+        ("listed", summary.total),
+        ("in the pool", summary.ok),
+        ("success rate", f"{summary.success_rate:.1%}"),
+    ]
     rows += [(f"  {kind}", count) for kind, count in summary.by_kind.items()]
     for example in summary.examples[:examples]:
         message = f": {example['message']}" if example.get("message") else ""
@@ -187,10 +223,20 @@ def _adopted_row(source: str, entry: TarEntry) -> dict[str, Any]:
     record = tar_record(source, entry, keep_caption=True)
     image = image_member(entry)
     if image is None:
-        raise Skip("no image member", f"members: {', '.join(sorted(entry.members))}; a pool image is .jpg, .png or .webp")
+        raise Skip(
+            "no image member", f"members: {', '.join(sorted(entry.members))}; a pool image is .jpg, .png or .webp"
+        )
     width, height = record.size or (None, None)
-    return {"uid": record.uid, "key": entry.key, "text": record.caption, "url": record.url, "original_width": width,
-            "original_height": height, "sha256": hashlib.sha256(image[1]).hexdigest(), **record.extra}
+    return {
+        "uid": record.uid,
+        "key": entry.key,
+        "text": record.caption,
+        "url": record.url,
+        "original_width": width,
+        "original_height": height,
+        "sha256": hashlib.sha256(image[1]).hexdigest(),
+        **record.extra,
+    }
 
 
 def scan_img2dataset_tar(fs: Any, path: str, name: str) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
@@ -214,8 +260,15 @@ def scan_img2dataset_tar(fs: Any, path: str, name: str) -> tuple[list[dict[str, 
     return rows, skipped
 
 
-def place_img2dataset_shard(pool_url: str, index: int, tar_url: str, rows: list[dict[str, Any]], skipped: list[dict[str, str]],
-                            stats: dict[str, Any], extra_types: dict[str, pa.DataType]) -> str:
+def place_img2dataset_shard(
+    pool_url: str,
+    index: int,
+    tar_url: str,
+    rows: list[dict[str, Any]],
+    skipped: list[dict[str, str]],
+    stats: dict[str, Any],
+    extra_types: dict[str, pa.DataType],
+) -> str:
     """Pool shard `index` from an img2dataset tar: adopted unchanged when every sample is usable, else
     rewritten without the unusable ones (same keys and image bytes). Returns hardlink|symlink|copy|rewritten."""
     stats = {**stats, "skipped": skipped}
@@ -239,8 +292,18 @@ def placed_tars(pool_url: str) -> dict[str, int]:
 
 def _sample(entry: TarEntry, row: dict[str, Any]) -> Sample:
     ext, image = image_member(entry)
-    return Sample(row["uid"], image, ext, row["text"], row["url"], row["original_width"], row["original_height"],
-                  row["sha256"], {k: v for k, v in row.items() if k not in BASE_SCHEMA.names}, key=entry.key)
+    return Sample(
+        row["uid"],
+        image,
+        ext,
+        row["text"],
+        row["url"],
+        row["original_width"],
+        row["original_height"],
+        row["sha256"],
+        {k: v for k, v in row.items() if k not in BASE_SCHEMA.names},
+        key=entry.key,
+    )
 
 
 def staging_name(shard: int) -> str:
@@ -284,7 +347,7 @@ class DownloadPlan:
         raise IndexError(shard)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "DownloadPlan":
+    def from_json(cls, data: dict[str, Any]) -> DownloadPlan:
         parts = tuple(InputPart(**part) for part in data.pop("parts"))
         return cls(parts=parts, **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
@@ -293,16 +356,22 @@ def _url_files(urls: str) -> list[tuple[Any, str, str]]:
     """(fs, path, format) of each input table: the file itself, or every .parquet of a folder, sorted."""
     fs, path = open_fs(os.path.abspath(urls) if "://" not in urls else urls)
     if not fs.exists(path):
-        raise ClipsiftError(f"{urls}: no such file or folder; pass a table of urls and captions or a folder of DataComp metadata parquets")
+        raise ClipsiftError(
+            f"{urls}: no such file or folder; pass a table of urls and captions or a folder of DataComp metadata parquets"
+        )
     if fs.isdir(path):
         files = sorted(p for p in fs.glob(f"{path}/*.parquet"))
         if not files:
-            raise ClipsiftError(f"{urls}: no .parquet files in this folder; pass a table of urls and captions "
-                                "(.parquet/.csv/.jsonl) or a folder of DataComp metadata parquets")
+            raise ClipsiftError(
+                f"{urls}: no .parquet files in this folder; pass a table of urls and captions "
+                "(.parquet/.csv/.jsonl) or a folder of DataComp metadata parquets"
+            )
         return [(fs, file, "parquet") for file in files]
     fmt = TABLE_FORMATS.get(file_ext(path))
     if fmt is None:
-        raise ClipsiftError(f"{urls}: not a {'/'.join('.' + e for e in TABLE_FORMATS)} table; pass a table of urls and captions")
+        raise ClipsiftError(
+            f"{urls}: not a {'/'.join('.' + e for e in TABLE_FORMATS)} table; pass a table of urls and captions"
+        )
     return [(fs, path, fmt)]
 
 
@@ -310,8 +379,14 @@ def _jsonable(dtype: pa.DataType) -> bool:
     """Values img2dataset can put in each sample's json: strings, numbers, booleans and lists of them."""
     if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype):
         return _jsonable(dtype.value_type)
-    return (pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_integer(dtype)
-            or pa.types.is_floating(dtype) or pa.types.is_boolean(dtype) or pa.types.is_null(dtype))
+    return (
+        pa.types.is_string(dtype)
+        or pa.types.is_large_string(dtype)
+        or pa.types.is_integer(dtype)
+        or pa.types.is_floating(dtype)
+        or pa.types.is_boolean(dtype)
+        or pa.types.is_null(dtype)
+    )
 
 
 def _bboxes(path: str, column: pa.ChunkedArray) -> pa.Array:
@@ -325,7 +400,9 @@ def _bboxes(path: str, column: pa.ChunkedArray) -> pa.Array:
     try:
         return column.combine_chunks().cast(BBOX_TYPE)
     except (pa.ArrowException, ValueError) as err:
-        raise ClipsiftError(f"{path}: column {BBOX_COLUMN!r} has type {column.type}; it must hold lists of [x0, y0, x1, y1] ({err})") from err
+        raise ClipsiftError(
+            f"{path}: column {BBOX_COLUMN!r} has type {column.type}; it must hold lists of [x0, y0, x1, y1] ({err})"
+        ) from err
 
 
 @dataclass
@@ -337,21 +414,29 @@ class _Normalised:
     dropped: list[str]
 
 
-def _normalise(fs: Any, path: str, fmt: str, url_column: str | None, caption_column: str | None, verify_sha256: bool) -> _Normalised:
+def _normalise(
+    fs: Any, path: str, fmt: str, url_column: str | None, caption_column: str | None, verify_sha256: bool
+) -> _Normalised:
     table = read_table(fs, path, fmt)
     names = table.column_names
     listed = ", ".join(names)
     url = pick_column(names, url_column, "url", URL_COLUMNS, path)
     if url is None:
-        raise ClipsiftError(f"{path}: no url column (looked for {', '.join(URL_COLUMNS)}); the table's columns are: {listed}. "
-                            "Name it with --url-column")
+        raise ClipsiftError(
+            f"{path}: no url column (looked for {', '.join(URL_COLUMNS)}); the table's columns are: {listed}. "
+            "Name it with --url-column"
+        )
     caption = pick_column(names, caption_column, "caption", CAPTION_COLUMNS, path)
     if caption is None:
-        raise ClipsiftError(f"{path}: no caption column (looked for {', '.join(CAPTION_COLUMNS)}); the table's columns are: "
-                            f"{listed}. Name it with --caption-column")
+        raise ClipsiftError(
+            f"{path}: no caption column (looked for {', '.join(CAPTION_COLUMNS)}); the table's columns are: "
+            f"{listed}. Name it with --caption-column"
+        )
     if verify_sha256 and "sha256" not in names:
-        raise ClipsiftError(f"{path}: --verify-sha256 needs a sha256 column (the sha256 of each image's bytes); the table's "
-                            f"columns are: {listed}")
+        raise ClipsiftError(
+            f"{path}: --verify-sha256 needs a sha256 column (the sha256 of each image's bytes); the table's "
+            f"columns are: {listed}"
+        )
     base = os.path.basename(path)
     urls = [text_or_none(v) for v in table[url].to_pylist()]
     captions = [None if v is None else str(v) for v in table[caption].to_pylist()]
@@ -365,7 +450,11 @@ def _normalise(fs: Any, path: str, fmt: str, url_column: str | None, caption_col
             reasons.append(("missing_caption", f"{base} row {number}: empty caption"))
         else:
             reasons.append(None)
-    columns = {"url": pa.array(urls, pa.string()), "caption": pa.array(captions, pa.string()), "uid": pa.array(uids, pa.string())}
+    columns = {
+        "url": pa.array(urls, pa.string()),
+        "caption": pa.array(captions, pa.string()),
+        "uid": pa.array(uids, pa.string()),
+    }
     if BBOX_COLUMN in names:
         columns[BBOX_COLUMN] = _bboxes(path, table[BBOX_COLUMN])
     if verify_sha256:
@@ -396,15 +485,20 @@ def _mark_duplicates(parts: list[_Normalised]) -> None:
             if part.keep[i] and not is_first[offset + i]:
                 part.keep[i] = False
                 uid = part.table["uid"][i].as_py()
-                message = f"{os.path.basename(part.source)} row {i}: uid {uid} is listed earlier (the first is downloaded)"
+                message = (
+                    f"{os.path.basename(part.source)} row {i}: uid {uid} is listed earlier (the first is downloaded)"
+                )
                 part.reasons[i] = ("duplicate_uid", message)
         offset += part.table.num_rows
 
 
-def prepare_inputs(urls: str, *, verify_sha256: bool, url_column: str | None = None,
-                   caption_column: str | None = None) -> list[_Normalised]:
+def prepare_inputs(
+    urls: str, *, verify_sha256: bool, url_column: str | None = None, caption_column: str | None = None
+) -> list[_Normalised]:
     """Read and check every input table (raises ClipsiftError naming the file), before anything is written."""
-    parts = [_normalise(fs, path, fmt, url_column, caption_column, verify_sha256) for fs, path, fmt in _url_files(urls)]
+    parts = [
+        _normalise(fs, path, fmt, url_column, caption_column, verify_sha256) for fs, path, fmt in _url_files(urls)
+    ]
     carried = [set(part.table.column_names) for part in parts]
     common = set.intersection(*carried)
     for part in parts:  # img2dataset saves the same columns from every file
@@ -422,41 +516,71 @@ def _write_plan(pool_url: str, normalised: list[_Normalised], shard_size: int) -
     plan_parts, rejected, first_shard = [], [], 0
     for part in normalised:
         table = part.table.filter(pa.array(part.keep))
-        rejected += [(uid, url, reason) for uid, url, reason in zip(part.table["uid"].to_pylist(), part.table["url"].to_pylist(),
-                                                                    part.reasons) if reason]
+        rejected += [
+            (uid, url, reason)
+            for uid, url, reason in zip(part.table["uid"].to_pylist(), part.table["url"].to_pylist(), part.reasons)
+            if reason
+        ]
         if table.num_rows == 0:
             continue
         name = f"{len(plan_parts):05d}.parquet"
-        write_atomic(fs, f"{folder}/{name}", lambda handle, t=table: pq.write_table(t, handle, row_group_size=min(shard_size, 65536)))
+        write_atomic(
+            fs,
+            f"{folder}/{name}",
+            lambda handle, t=table: pq.write_table(t, handle, row_group_size=min(shard_size, 65536)),
+        )
         num_shards = math.ceil(table.num_rows / shard_size)
         plan_parts.append(InputPart(name, part.source, table.num_rows, first_shard, num_shards))
         first_shard += num_shards
     if rejected:
-        write_status(pool_url, "rejected", status_table([u for u, _, _ in rejected], [u for _, u, _ in rejected], [r for _, _, r in rejected]))
+        write_status(
+            pool_url,
+            "rejected",
+            status_table([u for u, _, _ in rejected], [u for _, u, _ in rejected], [r for _, _, r in rejected]),
+        )
     columns = normalised[0].table.column_names
     plan = DownloadPlan(
-        parts=tuple(plan_parts), shard_size=shard_size,
+        parts=tuple(plan_parts),
+        shard_size=shard_size,
         carried=tuple(c for c in columns if c not in ("url", "caption", "uid", BBOX_COLUMN, "sha256")),
-        bbox=BBOX_COLUMN in columns, sha256="sha256" in columns,
-        num_inputs=sum(p.table.num_rows for p in normalised), num_rejected=len(rejected),
+        bbox=BBOX_COLUMN in columns,
+        sha256="sha256" in columns,
+        num_inputs=sum(p.table.num_rows for p in normalised),
+        num_rejected=len(rejected),
         dropped_columns=tuple(sorted({c for p in normalised for c in p.dropped})),
     )
     write_json_atomic(fs, f"{root}/{STAGING}/plan.json", asdict(plan))
     return plan
 
 
-def plan_download(urls: str, out: str, *, shard_size: int = DEFAULT_SHARD_SIZE, verify_sha256: bool = False,
-                  url_column: str | None = None, caption_column: str | None = None,
-                  params: dict[str, Any] | None = None) -> DownloadPlan:
+def plan_download(
+    urls: str,
+    out: str,
+    *,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    verify_sha256: bool = False,
+    url_column: str | None = None,
+    caption_column: str | None = None,
+    params: dict[str, Any] | None = None,
+) -> DownloadPlan:
     """Stage 1: check and normalise the url tables into POOL/download/input/, or load the plan a previous run
     made. The settings (with `params`, the other settings that shape the pool) go to build.json; a resumed
     run with other settings is refused."""
     src = os.path.abspath(urls) if "://" not in urls else urls
-    params = {"kind": "download", "sources": [{"kind": "download", "src": src}], "shard_size": shard_size,
-              "verify_sha256": verify_sha256, "url_column": url_column, "caption_column": caption_column, **(params or {})}
+    params = {
+        "kind": "download",
+        "sources": [{"kind": "download", "src": src}],
+        "shard_size": shard_size,
+        "verify_sha256": verify_sha256,
+        "url_column": url_column,
+        "caption_column": caption_column,
+        **(params or {}),
+    }
     plan = load_plan(out)
     if plan is None:
-        normalised = prepare_inputs(urls, verify_sha256=verify_sha256, url_column=url_column, caption_column=caption_column)
+        normalised = prepare_inputs(
+            urls, verify_sha256=verify_sha256, url_column=url_column, caption_column=caption_column
+        )
         record_build_params(out, params)
         return _write_plan(out, normalised, shard_size)
     record_build_params(out, params)
@@ -475,18 +599,43 @@ def load_plan(pool_url: str) -> DownloadPlan | None:
 # --------------------------------------------------------------------------- img2dataset
 
 
-def img2dataset_settings(*, image_size: int, shard_size: int, processes: int, threads: int, retries: int, timeout: int,
-                         blur_faces: bool, verify_sha256: bool, bbox: bool, carried: tuple[str, ...] = ()) -> dict[str, Any]:
+def img2dataset_settings(
+    *,
+    image_size: int,
+    shard_size: int,
+    processes: int,
+    threads: int,
+    retries: int,
+    timeout: int,
+    blur_faces: bool,
+    verify_sha256: bool,
+    bbox: bool,
+    carried: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """img2dataset.download keyword arguments with DataComp's settings, for a normalised url table."""
     return dict(
-        input_format="parquet", url_col="url", caption_col="caption", output_format="webdataset",
-        image_size=image_size, resize_mode="keep_ratio_largest", resize_only_if_bigger=True, encode_format="jpg",
-        encode_quality=95, number_sample_per_shard=shard_size, oom_shard_count=OOM_SHARD_COUNT,
-        processes_count=processes, thread_count=threads, retries=retries, timeout=timeout,
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        output_format="webdataset",
+        image_size=image_size,
+        resize_mode="keep_ratio_largest",
+        resize_only_if_bigger=True,
+        encode_format="jpg",
+        encode_quality=95,
+        number_sample_per_shard=shard_size,
+        oom_shard_count=OOM_SHARD_COUNT,
+        processes_count=processes,
+        thread_count=threads,
+        retries=retries,
+        timeout=timeout,
         save_additional_columns=["uid", *carried, *([BBOX_COLUMN] if bbox and not blur_faces else [])],
         bbox_col=BBOX_COLUMN if bbox and blur_faces else None,
-        compute_hash="sha256", verify_hash=["sha256", "sha256"] if verify_sha256 else None,
-        incremental_mode="incremental", distributor="multiprocessing", enable_wandb=False,
+        compute_hash="sha256",
+        verify_hash=["sha256", "sha256"] if verify_sha256 else None,
+        incremental_mode="incremental",
+        distributor="multiprocessing",
+        enable_wandb=False,
     )
 
 
@@ -527,7 +676,9 @@ class _AdoptShard:
         with fs.open(f"{staging}_stats.json", "rb") as handle:
             stats = {"img2dataset": json.load(handle)}
         schema = parquet_file(fs, part_path).schema_arrow
-        how = place_img2dataset_shard(self.pool_url, shard, f"{staging}.tar", rows, skipped, stats, _extra_types(schema))
+        how = place_img2dataset_shard(
+            self.pool_url, shard, f"{staging}.tar", rows, skipped, stats, _extra_types(schema)
+        )
         fs.rm(f"{staging}.tar")  # the pool holds it now
         return how
 
@@ -538,8 +689,12 @@ def _extra_types(schema: pa.Schema) -> dict[str, pa.DataType]:
     return {**types, "source_sha256": pa.string()}
 
 
-def _shard_status(inputs: list[dict[str, Any]], rows: list[dict[str, Any]], skipped: list[dict[str, str]],
-                  reported: list[dict[str, Any]]) -> pa.Table:
+def _shard_status(
+    inputs: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    skipped: list[dict[str, str]],
+    reported: list[dict[str, Any]],
+) -> pa.Table:
     in_pool = {row["uid"] for row in rows}
     by_uid = {r["uid"]: (r["status"], r["error_message"]) for r in reported}
     skips = {s["uid"]: s for s in skipped if "uid" in s}
@@ -582,7 +737,9 @@ class DownloadSettings(Section):
     name: str | None = None
 
 
-def download_pool(urls: str, out: str, settings: DownloadSettings | None = None, *, workers: int | None = None) -> DownloadResult:
+def download_pool(
+    urls: str, out: str, settings: DownloadSettings | None = None, *, workers: int | None = None
+) -> DownloadResult:
     """Download the images of `urls` with img2dataset into the pool `out` (see the module docstring).
 
     Re-running the same command continues a killed download: finished img2dataset shards are not
@@ -591,14 +748,34 @@ def download_pool(urls: str, out: str, settings: DownloadSettings | None = None,
     """
     s = settings or DownloadSettings()
     src = os.path.abspath(urls) if "://" not in urls else urls
-    params = {"image_size": s.image_size, "blur_faces": s.blur_faces, "resize_mode": "keep_ratio_largest",
-              "resize_only_if_bigger": True, "encode_format": "jpg"}
-    plan = plan_download(urls, out, shard_size=s.shard_size, verify_sha256=s.verify_sha256, url_column=s.url_column,
-                         caption_column=s.caption_column, params=params)
-    config = img2dataset_settings(image_size=s.image_size, shard_size=s.shard_size,
-                                  processes=s.processes or os.cpu_count() or 1, threads=s.threads, retries=s.retries,
-                                  timeout=s.timeout, blur_faces=s.blur_faces, verify_sha256=s.verify_sha256,
-                                  bbox=plan.bbox, carried=plan.carried)
+    params = {
+        "image_size": s.image_size,
+        "blur_faces": s.blur_faces,
+        "resize_mode": "keep_ratio_largest",
+        "resize_only_if_bigger": True,
+        "encode_format": "jpg",
+    }
+    plan = plan_download(
+        urls,
+        out,
+        shard_size=s.shard_size,
+        verify_sha256=s.verify_sha256,
+        url_column=s.url_column,
+        caption_column=s.caption_column,
+        params=params,
+    )
+    config = img2dataset_settings(
+        image_size=s.image_size,
+        shard_size=s.shard_size,
+        processes=s.processes or os.cpu_count() or 1,
+        threads=s.threads,
+        retries=s.retries,
+        timeout=s.timeout,
+        blur_faces=s.blur_faces,
+        verify_sha256=s.verify_sha256,
+        bbox=plan.bbox,
+        carried=plan.carried,
+    )
     _download_and_adopt(out, plan, config, workers)
     summary = summarize_status(read_download_status(out))
     sources = [{"kind": "download", "src": src, "num_inputs": plan.num_inputs}]
@@ -626,8 +803,10 @@ def _download_and_adopt(out: str, plan: DownloadPlan, settings: dict[str, Any], 
     unfinished = [s for s in todo if s not in set(done)]
     if unfinished:
         listed = ", ".join(staging_name(s) for s in unfinished[:10]) + (" ..." if len(unfinished) > 10 else "")
-        raise ClipsiftError(f"{len(unfinished)} of {plan.num_shards} img2dataset shards did not finish ({listed}; see its "
-                            f"messages above); run the same command again to retry them, finished shards are kept")
+        raise ClipsiftError(
+            f"{len(unfinished)} of {plan.num_shards} img2dataset shards did not finish ({listed}; see its "
+            f"messages above); run the same command again to retry them, finished shards are kept"
+        )
 
 
 def _is_finished(fs: Any, staging: str, shard: int) -> bool:
@@ -637,8 +816,12 @@ def _is_finished(fs: Any, staging: str, shard: int) -> bool:
 
 def download_summary_rows(result: DownloadResult, examples: int = 5) -> list[tuple[str, object]]:
     """Rows for `ui.summary_table`: where from, where to, how many made it and why the others did not."""
-    rows: list[tuple[str, object]] = [("pool", result.out), ("source", result.src), ("shards", result.info["num_shards"]),
-                                      ("samples", result.info["num_samples"])]
+    rows: list[tuple[str, object]] = [
+        ("pool", result.out),
+        ("source", result.src),
+        ("shards", result.info["num_shards"]),
+        ("samples", result.info["num_samples"]),
+    ]
     rows += status_summary_rows(result.summary, examples)
     if result.dropped_columns:
         rows.append(("columns not carried", ", ".join(result.dropped_columns)))

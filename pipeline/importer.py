@@ -39,8 +39,9 @@ import posixpath
 import re
 import tarfile
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol
+from typing import Any, ClassVar, Protocol
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -66,10 +67,32 @@ from clipsift.pipeline.pool import (
 KINDS = ("folder", "table", "webdataset")
 FOLDER_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CONVERTIBLE_EXTS = ("bmp", "gif", "tif", "tiff")  # webdataset members converted to PNG
-TABLE_FORMATS = {"parquet": "parquet", "pq": "parquet", "csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "ndjson": "jsonl", "json": "jsonl"}
+TABLE_FORMATS = {
+    "parquet": "parquet",
+    "pq": "parquet",
+    "csv": "csv",
+    "tsv": "tsv",
+    "jsonl": "jsonl",
+    "ndjson": "jsonl",
+    "json": "jsonl",
+}
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filepath", "file_path", "filename", "file_name", "img",
-                 "bytes", "image_bytes", "jpg", "png", "webp")
+IMAGE_COLUMNS = (
+    "image",
+    "image_path",
+    "path",
+    "file",
+    "filepath",
+    "file_path",
+    "filename",
+    "file_name",
+    "img",
+    "bytes",
+    "image_bytes",
+    "jpg",
+    "png",
+    "webp",
+)
 CAPTION_COLUMNS = ("caption", "text", "txt", "alt", "alt_text", "title")
 URL_COLUMNS = ("url", "image_url")
 STORED_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> stored as is
@@ -258,10 +281,22 @@ class _TableSource:
         return posixpath.normpath(posixpath.join(posixpath.dirname(self.path), image_path))
 
     def info(self) -> dict[str, Any]:
-        columns = {"image": self.image_column, "image_type": self.image_type, "caption": self.caption_column,
-                   "url": self.url_column, "uid": self.uid_column, "extra": [c for c, _ in self.extra_columns]}
-        return {"kind": self.kind, "src": self.path, "format": self.fmt, "num_inputs": self.num_rows,
-                "shard_size": self.shard_size, "columns": columns}
+        columns = {
+            "image": self.image_column,
+            "image_type": self.image_type,
+            "caption": self.caption_column,
+            "url": self.url_column,
+            "uid": self.uid_column,
+            "extra": [c for c, _ in self.extra_columns],
+        }
+        return {
+            "kind": self.kind,
+            "src": self.path,
+            "format": self.fmt,
+            "num_inputs": self.num_rows,
+            "shard_size": self.shard_size,
+            "columns": columns,
+        }
 
 
 @dataclass(frozen=True)
@@ -328,16 +363,27 @@ def entry_json(entry: TarEntry) -> dict[str, Any]:
 # --------------------------------------------------------------------------- opening a source
 
 
-def open_source(src: str, out: str | None = None, *, kind: str | None = None, image_column: str | None = "image",
-                caption_column: str | None = "caption", shard_size: int = DEFAULT_SHARD_SIZE) -> _Source:
+def open_source(
+    src: str,
+    out: str | None = None,
+    *,
+    kind: str | None = None,
+    image_column: str | None = "image",
+    caption_column: str | None = "caption",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> _Source:
     """Check `src` and plan its partition into shards; raises ClipsiftError on unusable input."""
     if kind is not None and kind not in KINDS:
-        raise ClipsiftError(f"unknown source kind {kind!r}; choose one of {', '.join(KINDS)} (or leave it out to detect it)")
+        raise ClipsiftError(
+            f"unknown source kind {kind!r}; choose one of {', '.join(KINDS)} (or leave it out to detect it)"
+        )
     if shard_size < 1:
         raise ClipsiftError(f"shard_size must be at least 1, not {shard_size}")
     fs, root = open_fs(os.path.abspath(src) if "://" not in src else src)
     if not fs.exists(root):
-        raise ClipsiftError(f"{src}: no such file or folder; pass an image folder, a .parquet/.csv/.jsonl table or webdataset .tar file(s)")
+        raise ClipsiftError(
+            f"{src}: no such file or folder; pass an image folder, a .parquet/.csv/.jsonl table or webdataset .tar file(s)"
+        )
     is_dir = fs.isdir(root)
     if is_dir and out is not None:
         _check_out_outside(root, out)
@@ -390,7 +436,9 @@ def _detect_kind(fs: Any, root: str, is_dir: bool, files: list[str]) -> str:
 
 def _open_folder(fs: Any, root: str, is_dir: bool, files: list[str], shard_size: int) -> _FolderSource:
     if not is_dir:
-        raise ClipsiftError(f"{root}: is a file, not a folder of images; pass the folder (or --kind table / webdataset)")
+        raise ClipsiftError(
+            f"{root}: is a file, not a folder of images; pass the folder (or --kind table / webdataset)"
+        )
     images = [f for f in files if file_ext(f) in FOLDER_IMAGE_EXTS]
     if not images:
         raise ClipsiftError(
@@ -406,7 +454,9 @@ def _open_tars(fs: Any, root: str, is_dir: bool, files: list[str]) -> _TarSource
     if is_dir:
         tars = tuple(f for f in files if is_tar_name(f))
         if not tars:
-            raise ClipsiftError(f"{root}: no .tar files in this folder or its subfolders; a webdataset source is .tar files")
+            raise ClipsiftError(
+                f"{root}: no .tar files in this folder or its subfolders; a webdataset source is .tar files"
+            )
         base = root
     else:
         base, name = posixpath.split(root)
@@ -492,7 +542,9 @@ def read_rows(fs: Any, path: str, fmt: str, start: int, stop: int) -> list[dict[
     return parquet.read_row_groups(groups, use_threads=False).slice(start - first, stop - start).to_pylist()
 
 
-def pick_column(names: list[str], wanted: str | None, default: str, candidates: tuple[str, ...], path: str) -> str | None:
+def pick_column(
+    names: list[str], wanted: str | None, default: str, candidates: tuple[str, ...], path: str
+) -> str | None:
     """The column asked for; when none or the default was asked for and it is absent, the first candidate present."""
     if wanted in names:
         return wanted
@@ -509,11 +561,14 @@ def _image_type(path: str, column: str, dtype: pa.DataType) -> str:
         return "bytes"
     if pa.types.is_struct(dtype) and {"bytes", "path"} & {dtype.field(i).name for i in range(dtype.num_fields)}:
         return "struct"
-    raise ClipsiftError(f"{path}: image column {column!r} has type {dtype}; it must hold image paths (strings) or image bytes")
+    raise ClipsiftError(
+        f"{path}: image column {column!r} has type {dtype}; it must hold image paths (strings) or image bytes"
+    )
 
 
-def _open_table(fs: Any, path: str, is_dir: bool, image_column: str | None, caption_column: str | None,
-                shard_size: int) -> _TableSource:
+def _open_table(
+    fs: Any, path: str, is_dir: bool, image_column: str | None, caption_column: str | None, shard_size: int
+) -> _TableSource:
     fmt = TABLE_FORMATS.get(file_ext(path))
     if is_dir or fmt is None:
         raise ClipsiftError(f"{path}: a table source must be one {'/'.join('.' + e for e in TABLE_FORMATS)} file")
@@ -522,14 +577,18 @@ def _open_table(fs: Any, path: str, is_dir: bool, image_column: str | None, capt
     listed = ", ".join(names)
     caption = pick_column(names, caption_column, "caption", CAPTION_COLUMNS, path)
     if caption is None:
-        raise ClipsiftError(f"{path}: no caption column (looked for {', '.join(CAPTION_COLUMNS)}); the table's columns are: "
-                            f"{listed}. Name it with --caption-column")
+        raise ClipsiftError(
+            f"{path}: no caption column (looked for {', '.join(CAPTION_COLUMNS)}); the table's columns are: "
+            f"{listed}. Name it with --caption-column"
+        )
     url = pick_column(names, None, "url", URL_COLUMNS, path)
     image = pick_column(names, image_column, "image", IMAGE_COLUMNS, path)
     if image is None:
         hint = "; it has urls only: download the images with `clipsift pool download`" if url else ""
-        raise ClipsiftError(f"{path}: no image column (looked for {', '.join(IMAGE_COLUMNS)}); the table's columns are: "
-                            f"{listed}. Name it with --image-column{hint}")
+        raise ClipsiftError(
+            f"{path}: no image column (looked for {', '.join(IMAGE_COLUMNS)}); the table's columns are: "
+            f"{listed}. Name it with --image-column{hint}"
+        )
     if num_rows == 0:
         raise ClipsiftError(f"{path}: the table has no rows")
     image_type = _image_type(path, image, schema.field(image).type)
@@ -670,7 +729,9 @@ def import_pool(
     columns are detected among common names unless another column is named. Re-running the same
     import continues it: complete shards are kept.
     """
-    source = open_source(src, out, kind=kind, image_column=image_column, caption_column=caption_column, shard_size=shard_size)
+    source = open_source(
+        src, out, kind=kind, image_column=image_column, caption_column=caption_column, shard_size=shard_size
+    )
     from clipsift.pipeline.parallel import map_shards
 
     shards = range(source.num_shards())
@@ -678,8 +739,15 @@ def import_pool(
     fill = _ImportShards(source, find_duplicates(uid_lists))
     source_info = source.info()
     params = {"kind": "import", "sources": [source_info]}
-    info = build_pool(out, name=name or default_name(source_info["src"]), params=params, num_shards=len(shards),
-                      fill=fill, desc=f"import {source.kind}", workers=workers)
+    info = build_pool(
+        out,
+        name=name or default_name(source_info["src"]),
+        params=params,
+        num_shards=len(shards),
+        fill=fill,
+        desc=f"import {source.kind}",
+        workers=workers,
+    )
     return _result(out, source_info, info)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from clipsift import ClipsiftError
 from clipsift.pipeline.ui import progress_bar
@@ -24,7 +25,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = dict(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+    kwargs: dict[str, Any] = dict(
+        ignore_reinit_error=True, include_dashboard=False, log_to_driver=True, logging_level="WARNING"
+    )
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -27,9 +27,9 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -67,13 +67,17 @@ def find_subset(target: str) -> str:
     fs, path = open_fs(target)
     if fs.isdir(path):
         if not fs.exists(f"{path}/run.json"):
-            raise ReportError(f"{target}: a folder without run.json; give a subset .npy (clipsift filter --out) "
-                              "or a run directory (clipsift train --out)")
+            raise ReportError(
+                f"{target}: a folder without run.json; give a subset .npy (clipsift filter --out) "
+                "or a run directory (clipsift train --out)"
+            )
         return subset_of_run(target)
     if path.endswith(".json"):
         path, target = path[: -len(".json")] + ".npy", target[: -len(".json")] + ".npy"
     if not fs.exists(path):
-        raise ReportError(f"{target}: no such subset file; make one with `clipsift filter POOL --recipe R --out {target}`")
+        raise ReportError(
+            f"{target}: no such subset file; make one with `clipsift filter POOL --recipe R --out {target}`"
+        )
     return target
 
 
@@ -81,13 +85,20 @@ def subset_of_run(run: str) -> str:
     """The subset a run trained on: run.json -> data -> reshard manifest -> subset (its sha256 checked)."""
     fs, root = open_fs(run)
     record = json.loads(fs.cat_file(f"{root}/run.json"))
-    made = [(d["manifest"]["subset"], d["manifest"].get("subset_sha256"), d.get("path", root))
-            for d in record.get("data", []) if (d.get("manifest") or {}).get("subset")]
+    made = [
+        (d["manifest"]["subset"], d["manifest"].get("subset_sha256"), d.get("path", root))
+        for d in record.get("data", [])
+        if (d.get("manifest") or {}).get("subset")
+    ]
     if not made:
-        raise ReportError(f"{run}/run.json: its data has no reshard manifest naming a subset (not made by `clipsift reshard`); "
-                          "give the subset file instead")
+        raise ReportError(
+            f"{run}/run.json: its data has no reshard manifest naming a subset (not made by `clipsift reshard`); "
+            "give the subset file instead"
+        )
     if len(made) > 1:
-        raise ReportError(f"{run}/run.json: the run mixes {len(made)} subsets ({', '.join(m[0] for m in made)}); give one of them instead")
+        raise ReportError(
+            f"{run}/run.json: the run mixes {len(made)} subsets ({', '.join(m[0] for m in made)}); give one of them instead"
+        )
     subset, sha, shards = made[0]
     return locate(subset, [shards, root], "the run's subset", sha)
 
@@ -106,8 +117,10 @@ def locate(path: str, anchors: Iterable[str], what: str, sha256: str | None = No
         target = f"{where}/{inside}" if inside else where
         if fs.exists(target):
             if sha256 and file_sha256(fs, target) != sha256:
-                raise ReportError(f"{what} {candidate}{'/' + inside if inside else ''} changed since it was recorded (sha256 differs); "
-                                  "re-run the command that made the subset")
+                raise ReportError(
+                    f"{what} {candidate}{'/' + inside if inside else ''} changed since it was recorded (sha256 differs); "
+                    "re-run the command that made the subset"
+                )
             return candidate
     raise ReportError(f"{what} {path}: not found (tried {', '.join(dict.fromkeys(tried))}); was it moved?")
 
@@ -116,12 +129,16 @@ def read_subset_info(subset: str) -> dict[str, Any]:
     fs, path = open_fs(subset)
     info_path = path.removesuffix(".npy") + ".json"
     if not fs.exists(info_path):
-        raise ReportError(f"{info_path}: missing; the report needs the subset.json that `clipsift filter` writes beside the subset "
-                          "(a subset made elsewhere, e.g. a DataComp baseline file, has no recipe to report on)")
+        raise ReportError(
+            f"{info_path}: missing; the report needs the subset.json that `clipsift filter` writes beside the subset "
+            "(a subset made elsewhere, e.g. a DataComp baseline file, has no recipe to report on)"
+        )
     info = json.loads(fs.cat_file(info_path))
     for key in ("recipe", "pool", "steps", "pool_json_sha256"):
         if key not in info:
-            raise ReportError(f"{info_path}: no {key!r} field; re-run `clipsift filter` to write a complete subset.json")
+            raise ReportError(
+                f"{info_path}: no {key!r} field; re-run `clipsift filter` to write a complete subset.json"
+            )
     return info
 
 
@@ -136,34 +153,49 @@ def recorded_recipe(info: dict[str, Any], where: str) -> Recipe:
             recorded = info.get(artifact.kind, {}).get(node.path)
             if recorded is None:
                 raise ReportError(f"{where}: {step} has no {artifact.kind} file recorded; re-run `clipsift filter`")
-            setattr(node.filter, artifact.param, locate(recorded["path"], [os.path.dirname(os.path.abspath(where))],
-                                                        f"{step}: {artifact.kind} file", recorded["sha256"]))
+            setattr(
+                node.filter,
+                artifact.param,
+                locate(
+                    recorded["path"],
+                    [os.path.dirname(os.path.abspath(where))],
+                    f"{step}: {artifact.kind} file",
+                    recorded["sha256"],
+                ),
+            )
     return recipe
 
 
 # --------------------------------------------------------------------------- re-applying the recipe
 
 
-def replay(pool: Pool, recipe: Recipe, info: dict[str, Any], subset: str, work: str, workers: int | None,
-           address: str | None) -> RecipeRunner:
+def replay(
+    pool: Pool, recipe: Recipe, info: dict[str, Any], subset: str, work: str, workers: int | None, address: str | None
+) -> RecipeRunner:
     """Apply the recipe again in `work`; its counts and rows must be those recorded for `subset`."""
     try:
         check_inputs(recipe, pool)
     except RecipeError as err:
-        raise ReportError(f"{err} (files named in the recipe are read from the current directory, as `clipsift filter` read them: "
-                          "run the report where the filter ran)") from err
+        raise ReportError(
+            f"{err} (files named in the recipe are read from the current directory, as `clipsift filter` read them: "
+            "run the report where the filter ran)"
+        ) from err
     runner = RecipeRunner(pool, work, workers, address)
     runner.evaluate(recipe.root, None)
     recorded = {s["path"]: (s["rows_in"], s["kept"]) for s in info["steps"]}
     for step in runner.reports:
         if recorded.get(step.path) != (step.rows_in, step.kept):
-            raise ReportError(f"{subset}: step {step.path} ({step.label}) now keeps {step.kept:,} of {step.rows_in:,} rows, but "
-                              f"subset.json records (rows in, kept) = {recorded.get(step.path)}; the pool, its embeddings or the "
-                              "filters changed since the subset was made: re-run `clipsift filter`")
+            raise ReportError(
+                f"{subset}: step {step.path} ({step.label}) now keeps {step.kept:,} of {step.rows_in:,} rows, but "
+                f"subset.json records (rows in, kept) = {recorded.get(step.path)}; the pool, its embeddings or the "
+                "filters changed since the subset was made: re-run `clipsift filter`"
+            )
     kept = [encode_uids(pool.metadata(s, ["uid"]).column("uid"))[runner.rows("", s)[1]] for s in pool.shard_ids()]
     if not np.array_equal(sort_subset(np.concatenate(kept or [encode_uids([])])), sort_subset(read_subset(subset))):
-        raise ReportError(f"{subset}: its uids are not the rows its recipe keeps in {pool.url} (was the file edited?); "
-                          "re-run `clipsift filter` to report on it")
+        raise ReportError(
+            f"{subset}: its uids are not the rows its recipe keeps in {pool.url} (was the file edited?); "
+            "re-run `clipsift filter` to report on it"
+        )
     return runner
 
 
@@ -212,16 +244,24 @@ class Truth:
     def read(cls, path: str) -> Truth:
         fs, where = open_fs(path)
         if not fs.exists(where):
-            raise ReportError(f"--truth {path}: no such file (`clipsift pool synth` writes it beside the pool as POOL.truth.parquet)")
+            raise ReportError(
+                f"--truth {path}: no such file (`clipsift pool synth` writes it beside the pool as POOL.truth.parquet)"
+            )
         names = parquet_file(fs, where).schema_arrow.names
         missing = {"uid", "kind"} - set(names)
         if missing:
-            raise ReportError(f"--truth {path}: lacks column(s) {', '.join(sorted(missing))}; a truth file maps uid -> kind")
+            raise ReportError(
+                f"--truth {path}: lacks column(s) {', '.join(sorted(missing))}; a truth file maps uid -> kind"
+            )
         table = read_parquet(fs, where, ["uid", "kind"]).to_pydict()
         found = set(table["kind"]) - {None}
         kinds = [k for k in NOISE_MIX if k in found] + sorted(found - set(NOISE_MIX))
         code = {kind: i for i, kind in enumerate(kinds)}
-        return cls(path, {uid: code.get(kind, len(kinds)) for uid, kind in zip(table["uid"], table["kind"])}, [*kinds, UNKNOWN_KIND])
+        return cls(
+            path,
+            {uid: code.get(kind, len(kinds)) for uid, kind in zip(table["uid"], table["kind"])},
+            [*kinds, UNKNOWN_KIND],
+        )
 
     def codes_of(self, uids: pa.ChunkedArray) -> np.ndarray:
         unknown = len(self.kinds) - 1
@@ -248,9 +288,15 @@ class Scan:
         self.clusters = {path: clusters for path, clusters in views.items() if clusters is not None}
         self.indexes = {path: ip_index(clusters.centroids) for path, clusters in self.clusters.items()}
         self.assigned: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {path: [] for path in self.clusters}
-        self.random = {"kept": Smallest(samples), "removed": Smallest(samples),
-                       **{f"removed:{n.path}": Smallest(samples) for n in self.leaves
-                          if n.path not in self.clusters and n.path not in self.thresholds}}
+        self.random = {
+            "kept": Smallest(samples),
+            "removed": Smallest(samples),
+            **{
+                f"removed:{n.path}": Smallest(samples)
+                for n in self.leaves
+                if n.path not in self.clusters and n.path not in self.thresholds
+            },
+        }
         width = len(truth.kinds) if truth else 0
         self.kind_counts = {path: np.zeros((2, width), np.int64) for path in ["", *(n.path for n in self.leaves)]}
 
@@ -273,7 +319,9 @@ class Scan:
             given, kept = self.runner.rows(path, shard)
             if codes is not None:
                 width = len(self.truth.kinds)
-                self.kind_counts[path] += np.stack([np.bincount(codes[given], minlength=width), np.bincount(codes[given & kept], minlength=width)])
+                self.kind_counts[path] += np.stack(
+                    [np.bincount(codes[given], minlength=width), np.bincount(codes[given & kept], minlength=width)]
+                )
             if f"removed:{path}" in self.random:
                 self._draw(f"removed:{path}", given & ~kept, ids)
             if path in self.thresholds:
@@ -306,7 +354,9 @@ class Scan:
         clusters = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
         rows = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
         sizes = np.bincount(clusters, minlength=len(centroids))
-        view = ClusterView(path, len(centroids), int(hit.sum()), len(rows), int(sizes[hit].sum()), self.rows_in[path] > MAX_ASSIGNED)
+        view = ClusterView(
+            path, len(centroids), int(hit.sum()), len(rows), int(sizes[hit].sum()), self.rows_in[path] > MAX_ASSIGNED
+        )
         for kept in (True, False):
             populated = np.flatnonzero((hit == kept) & (sizes > 0))
             for cluster in np.sort(self.rng.choice(populated, min(CLUSTERS_SHOWN, len(populated)), replace=False)):
@@ -359,9 +409,13 @@ def read_shown(scan: Scan, rows: list[int], models: list[str], progress: Any) ->
         kinds = scan.truth.codes_of(table.column("uid")) if scan.truth else None
         images = _thumbnails(scan.pool, shard, dict(zip(positions.tolist(), table.column("key").to_pylist())))
         for i, (position, row) in enumerate(wanted):
-            shown[row] = Shown(table.column("uid")[i].as_py(), table.column("text")[i].as_py() or "", images[position],
-                               {m: None if np.isnan(s[i]) else float(s[i]) for m, s in scores.items()},
-                               scan.truth.kinds[kinds[i]] if kinds is not None else None)
+            shown[row] = Shown(
+                table.column("uid")[i].as_py(),
+                table.column("text")[i].as_py() or "",
+                images[position],
+                {m: None if np.isnan(s[i]) else float(s[i]) for m, s in scores.items()},
+                scan.truth.kinds[kinds[i]] if kinds is not None else None,
+            )
             progress.advance(task)
     return shown
 
@@ -375,8 +429,10 @@ def _thumbnails(pool: Pool, shard: str, keys: dict[int, str]) -> dict[int, str |
     out = {}
     for position, key in keys.items():
         if key not in entries:
-            raise PoolFormatError(f"{source}: no sample with key {key!r}, which the metadata lists at position {position}; "
-                                  "run `clipsift pool check`")
+            raise PoolFormatError(
+                f"{source}: no sample with key {key!r}, which the metadata lists at position {position}; "
+                "run `clipsift pool check`"
+            )
         member = image_member(entries[key])
         out[position] = thumbnail(bytes(member[1])) if member else None
     return out
@@ -426,8 +482,10 @@ table{border-collapse:collapse;margin:.5rem 0}td,th{padding:.2rem .6rem;border-b
 
 
 def html_page(title: str, body: list[str]) -> str:
-    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def write_page(out: str, page: str) -> int:
@@ -446,11 +504,14 @@ _NUMBER = re.compile(r"[-+]?[\d,.]+(e[-+]?\d+)?%?|-")
 
 def html_table(header: list[str], rows: list[list[Any]], attrs: list[str] | None = None) -> str:
     """A table of escaped cells (numbers right-aligned); attrs[i] goes into row i's <tr>."""
+
     def cell(value: Any) -> str:
-        return f'<td{" class=n" if _NUMBER.fullmatch(str(value)) else ""}>{escape(value)}</td>'
+        return f"<td{' class=n' if _NUMBER.fullmatch(str(value)) else ''}>{escape(value)}</td>"
 
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    lines = [f"<tr{' ' + attrs[i] if attrs else ''}>" + "".join(map(cell, row)) + "</tr>" for i, row in enumerate(rows)]
+    lines = [
+        f"<tr{' ' + attrs[i] if attrs else ''}>" + "".join(map(cell, row)) + "</tr>" for i, row in enumerate(rows)
+    ]
     return f"<table><tr>{head}</tr>{''.join(lines)}</table>"
 
 
@@ -458,21 +519,30 @@ def _share(part: int, whole: int) -> str:
     return f"{part / whole:.1%}" if whole else "-"
 
 
-def _gallery(name: str, title: str, rows: Iterable[int], shown: dict[int, Shown], model: str | None, compact: bool = False) -> str:
+def _gallery(
+    name: str, title: str, rows: Iterable[int], shown: dict[int, Shown], model: str | None, compact: bool = False
+) -> str:
     """Thumbnails with score, truth kind and caption (`compact`: small, the caption only on hover)."""
     items = []
     for row in rows:
         sample = shown[row]
-        image = (f'<img src="{sample.thumbnail}" alt="{escape(sample.uid)}">' if sample.thumbnail
-                 else '<div class="note">(no image, or it does not decode)</div>')
+        image = (
+            f'<img src="{sample.thumbnail}" alt="{escape(sample.uid)}">'
+            if sample.thumbnail
+            else '<div class="note">(no image, or it does not decode)</div>'
+        )
         score = sample.scores.get(model) if model else None
         label = [f'<span class="score">{score:.4f}</span>' if score is not None else ""]
         if sample.kind:
             label.append(f'<span class="kind kind-{escape(sample.kind)}">{escape(sample.kind)}</span>')
         text = sample.text if len(sample.text) <= 120 else sample.text[:117] + "..."
-        caption = "" if compact else f'<figcaption>{" ".join(p for p in label if p)}<br>{escape(text)}</figcaption>'
-        hover = " | ".join(str(p) for p in (f"{score:.4f}" if score is not None else None, sample.kind, sample.text) if p)
-        items.append(f'<figure class="sample" data-uid="{escape(sample.uid)}" title="{escape(hover)}">{image}{caption}</figure>')
+        caption = "" if compact else f"<figcaption>{' '.join(p for p in label if p)}<br>{escape(text)}</figcaption>"
+        hover = " | ".join(
+            str(p) for p in (f"{score:.4f}" if score is not None else None, sample.kind, sample.text) if p
+        )
+        items.append(
+            f'<figure class="sample" data-uid="{escape(sample.uid)}" title="{escape(hover)}">{image}{caption}</figure>'
+        )
     body = "".join(items) or '<p class="note">nothing here</p>'
     return f'<h3>{escape(title)}</h3><div class="gallery{" compact" if compact else ""}" data-gallery="{escape(name)}">{body}</div>'
 
@@ -486,11 +556,15 @@ def _display_bins(histogram: Histogram) -> tuple[np.ndarray, list[np.ndarray]]:
     lo, hi = int(occupied[0]), int(occupied[-1]) + 1
     step = max(1, -(-(hi - lo) // DISPLAY_BINS))
     starts = np.arange(lo, hi, step)
-    merged = [np.add.reduceat(series[lo:hi], starts - lo) for series in (histogram.pool, histogram.kept, histogram.removed)]
+    merged = [
+        np.add.reduceat(series[lo:hi], starts - lo) for series in (histogram.pool, histogram.kept, histogram.removed)
+    ]
     return np.append(edges[starts], edges[min(starts[-1] + step, FINE_BINS)]), merged
 
 
-def histogram_figure(histogram: Histogram, title: str, threshold: float | None, kept_label: str, removed_label: str) -> str:
+def histogram_figure(
+    histogram: Histogram, title: str, threshold: float | None, kept_label: str, removed_label: str
+) -> str:
     from matplotlib.figure import Figure
 
     edges, (pool, kept, removed) = _display_bins(histogram)
@@ -528,9 +602,18 @@ class CurationReport:
     seconds: float
 
 
-def curation_report(target: str, out: str, *, truth: str | None = None, samples: int = 12, seed: int = 0,
-                    pool_url: str | None = None, embeddings: str | None = None, workers: int | None = 1,
-                    address: str | None = None) -> CurationReport:
+def curation_report(
+    target: str,
+    out: str,
+    *,
+    truth: str | None = None,
+    samples: int = 12,
+    seed: int = 0,
+    pool_url: str | None = None,
+    embeddings: str | None = None,
+    workers: int | None = 1,
+    address: str | None = None,
+) -> CurationReport:
     """Write the curation report of a subset (or of the subset a run trained on) to `out`. `pool_url` and `embeddings`:
     where the pool and its embeddings are now, when they moved since the subset was made."""
     started = time.perf_counter()
@@ -539,9 +622,17 @@ def curation_report(target: str, out: str, *, truth: str | None = None, samples:
     subset = find_subset(target)
     info = read_subset_info(subset)
     info_path = subset.removesuffix(".npy") + ".json"
-    pool = Pool(pool_url or locate(info["pool"], [os.path.dirname(os.path.abspath(subset))], "the subset's pool",
-                                   info["pool_json_sha256"], inside="pool.json"),
-                embeddings=embeddings or info.get("embeddings"))
+    pool = Pool(
+        pool_url
+        or locate(
+            info["pool"],
+            [os.path.dirname(os.path.abspath(subset))],
+            "the subset's pool",
+            info["pool_json_sha256"],
+            inside="pool.json",
+        ),
+        embeddings=embeddings or info.get("embeddings"),
+    )
     if pool_url and file_sha256(pool.fs, pool.path("pool.json")) != info["pool_json_sha256"]:
         raise ReportError(f"--pool {pool_url}: its pool.json is not the one {subset} was made from (sha256 differs)")
     recipe = recorded_recipe(info, info_path)
@@ -559,9 +650,21 @@ def curation_report(target: str, out: str, *, truth: str | None = None, samples:
         shutil.rmtree(work, ignore_errors=True)
     size = write_page(out, _page(scan, recipe, info, subset, clusters, shown))
     precision, recall = _clean_precision_recall(scan)
-    return CurationReport(out, subset, pool.url, recipe.name, int(scan.offsets[-1]), int(info.get("num_uids", 0)), runner.reports,
-                          {p: float(runner.states[p]) for p in scan.thresholds}, len(shown), precision, recall, size,
-                          time.perf_counter() - started)
+    return CurationReport(
+        out,
+        subset,
+        pool.url,
+        recipe.name,
+        int(scan.offsets[-1]),
+        int(info.get("num_uids", 0)),
+        runner.reports,
+        {p: float(runner.states[p]) for p in scan.thresholds},
+        len(shown),
+        precision,
+        recall,
+        size,
+        time.perf_counter() - started,
+    )
 
 
 def _rows_shown(scan: Scan, clusters: dict[str, ClusterView]) -> list[int]:
@@ -575,32 +678,63 @@ def _clean_precision_recall(scan: Scan) -> tuple[float | None, float | None]:
         return None, None
     seen, kept = scan.kind_counts[""]
     clean = scan.truth.kinds.index("clean")
-    return (float(kept[clean] / kept.sum()) if kept.sum() else None), (float(kept[clean] / seen[clean]) if seen[clean] else None)
+    return (float(kept[clean] / kept.sum()) if kept.sum() else None), (
+        float(kept[clean] / seen[clean]) if seen[clean] else None
+    )
 
 
-def _page(scan: Scan, recipe: Recipe, info: dict[str, Any], subset: str, clusters: dict[str, ClusterView], shown: dict[int, Shown]) -> str:
+def _page(
+    scan: Scan,
+    recipe: Recipe,
+    info: dict[str, Any],
+    subset: str,
+    clusters: dict[str, ClusterView],
+    shown: dict[int, Shown],
+) -> str:
     total, kept = int(scan.offsets[-1]), int(info["num_uids"])
     primary = scan.models[0] if scan.models else None
-    body = [f"<h1>Curation report: recipe <code>{escape(recipe.name)}</code></h1>",
-            html_table(["", ""], [["subset", subset], ["pool", scan.pool.url], ["pool samples", f"{total:,}"],
-                                  ["kept", f"{kept:,} ({_share(kept, total)})"], ["subset sha256", info.get("npy_sha256", "")],
-                                  ["filtered", info.get("created", "")],
-                                  ["report", f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, clipsift {__version__}"]]),
-            f'<p id="pool-size" data-value="{total}" data-kept="{kept}" class="note">{total:,} samples in the pool, {kept:,} kept.</p>',
-            "<h2>Recipe steps</h2>", f"<pre>{escape(yaml.safe_dump(info['recipe'], sort_keys=False))}</pre>", _steps_table(scan)]
+    body = [
+        f"<h1>Curation report: recipe <code>{escape(recipe.name)}</code></h1>",
+        html_table(
+            ["", ""],
+            [
+                ["subset", subset],
+                ["pool", scan.pool.url],
+                ["pool samples", f"{total:,}"],
+                ["kept", f"{kept:,} ({_share(kept, total)})"],
+                ["subset sha256", info.get("npy_sha256", "")],
+                ["filtered", info.get("created", "")],
+                ["report", f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, clipsift {__version__}"],
+            ],
+        ),
+        f'<p id="pool-size" data-value="{total}" data-kept="{kept}" class="note">{total:,} samples in the pool, {kept:,} kept.</p>',
+        "<h2>Recipe steps</h2>",
+        f"<pre>{escape(yaml.safe_dump(info['recipe'], sort_keys=False))}</pre>",
+        _steps_table(scan),
+    ]
     if scan.truth:
         body += _truth_section(scan)
     for model, histogram in scan.model_histograms.items():
-        body += [f"<h2>CLIP scores: <code>{escape(model)}</code></h2>",
-                 f'<img class="plot" id="hist-model-{escape(model)}" alt="CLIP score histogram" src="'
-                 + histogram_figure(histogram, f"{model}: whole pool and what the recipe kept", None, "kept by the recipe",
-                                    "removed by the recipe") + '">',
-                 f'<p class="note">{histogram.unscored:,} rows without a score (no embeddings).</p>']
+        body += [
+            f"<h2>CLIP scores: <code>{escape(model)}</code></h2>",
+            f'<img class="plot" id="hist-model-{escape(model)}" alt="CLIP score histogram" src="'
+            + histogram_figure(
+                histogram,
+                f"{model}: whole pool and what the recipe kept",
+                None,
+                "kept by the recipe",
+                "removed by the recipe",
+            )
+            + '">',
+            f'<p class="note">{histogram.unscored:,} rows without a score (no embeddings).</p>',
+        ]
     for node in scan.leaves:
         body += _step_section(scan, node, clusters, shown)
-    body += ["<h2>The whole recipe</h2>",
-             _gallery("kept", "kept: a random sample", scan.random["kept"].rows.tolist(), shown, primary),
-             _gallery("removed", "removed: a random sample", scan.random["removed"].rows.tolist(), shown, primary)]
+    body += [
+        "<h2>The whole recipe</h2>",
+        _gallery("kept", "kept: a random sample", scan.random["kept"].rows.tolist(), shown, primary),
+        _gallery("removed", "removed: a random sample", scan.random["removed"].rows.tolist(), shown, primary),
+    ]
     return html_page(f"clipsift report: {recipe.name}", body)
 
 
@@ -626,58 +760,100 @@ def _truth_section(scan: Scan) -> list[str]:
             seen, kept = scan.kind_counts[node.path][:, code]
             cells.append(_share(seen - kept, seen))
         rows.append(cells)
-        attrs.append(f'data-kind="{escape(kind)}" data-pool="{pool_counts[code]}" data-kept="{kept_counts[code]}" data-removed-share="{removed!r}"')
+        attrs.append(
+            f'data-kind="{escape(kind)}" data-pool="{pool_counts[code]}" data-kept="{kept_counts[code]}" data-removed-share="{removed!r}"'
+        )
     precision, recall = _clean_precision_recall(scan)
-    metrics = "".join(f'<tr><td>{label}</td><td data-metric="{key}" data-value="{value!r}">{"-" if value is None else f"{value:.4f}"}</td></tr>'
-                      for key, label, value in (("precision", "precision: clean share of the kept rows", precision),
-                                                ("recall", "recall: share of the clean rows kept", recall)))
-    return ["<h2>Against the truth file</h2>", f'<p class="note">{escape(truth.path)}</p>',
-            f'<div id="truth">{html_table(header, rows, attrs)}</div>', f'<table id="clean-metrics">{metrics}</table>',
-            '<p class="note">"removed by step N" counts only the rows that step saw.</p>']
+    metrics = "".join(
+        f'<tr><td>{label}</td><td data-metric="{key}" data-value="{value!r}">{"-" if value is None else f"{value:.4f}"}</td></tr>'
+        for key, label, value in (
+            ("precision", "precision: clean share of the kept rows", precision),
+            ("recall", "recall: share of the clean rows kept", recall),
+        )
+    )
+    return [
+        "<h2>Against the truth file</h2>",
+        f'<p class="note">{escape(truth.path)}</p>',
+        f'<div id="truth">{html_table(header, rows, attrs)}</div>',
+        f'<table id="clean-metrics">{metrics}</table>',
+        '<p class="note">"removed by step N" counts only the rows that step saw.</p>',
+    ]
 
 
 def _step_section(scan: Scan, node: Node, clusters: dict[str, ClusterView], shown: dict[int, Shown]) -> list[str]:
     report = next(s for s in scan.runner.reports if s.path == node.path)
-    head = [f'<h2 id="step-{escape(node.path)}">Step {escape(node.path)}: <code>{escape(node.label)}</code></h2>',
-            f'<p class="note">kept {report.kept:,} of the {report.rows_in:,} rows it saw ({_share(report.kept, report.rows_in)}).</p>']
+    head = [
+        f'<h2 id="step-{escape(node.path)}">Step {escape(node.path)}: <code>{escape(node.label)}</code></h2>',
+        f'<p class="note">kept {report.kept:,} of the {report.rows_in:,} rows it saw ({_share(report.kept, report.rows_in)}).</p>',
+    ]
     if node.path in scan.thresholds:
         return head + _threshold_section(scan, node, report, shown)
     if node.path in clusters:
         return head + _cluster_section(clusters[node.path], shown, scan.models[0])
-    return head + [_gallery(f"removed:{node.path}", "removed by this step: a random sample",
-                            scan.random[f"removed:{node.path}"].rows.tolist(), shown, scan.models[0] if scan.models else None)]
+    return head + [
+        _gallery(
+            f"removed:{node.path}",
+            "removed by this step: a random sample",
+            scan.random[f"removed:{node.path}"].rows.tolist(),
+            shown,
+            scan.models[0] if scan.models else None,
+        )
+    ]
 
 
 def _threshold_section(scan: Scan, node: Node, report: StepReport, shown: dict[int, Shown]) -> list[str]:
     model, path = node.filter.model_id, node.path
     threshold = float(scan.runner.states[path])
-    how = f"the top {node.filter.fraction:.0%} of its {report.rows_in:,} input rows" if node.filter.fraction is not None else "as given"
-    figure = histogram_figure(scan.step_histograms[path], f"step {path}: {model}", threshold,
-                              "input, kept by the step", "input, removed by the step")
-    statement = (f'<p>threshold <span class="threshold" data-step="{escape(path)}" data-value="{threshold!r}">{threshold:.6f}</span> '
-                 f"({escape(how)}; rows with a score at or above it are kept)</p>")
-    return [statement,
-            f'<img class="plot" id="hist-step-{escape(path)}" alt="CLIP score histogram with threshold" src="{figure}">',
-            _gallery(f"above:{path}", "just above the threshold (kept)", scan.above[path].rows.tolist(), shown, model),
-            _gallery(f"below:{path}", "just below the threshold (removed)", scan.below[path].rows.tolist(), shown, model)]
+    how = (
+        f"the top {node.filter.fraction:.0%} of its {report.rows_in:,} input rows"
+        if node.filter.fraction is not None
+        else "as given"
+    )
+    figure = histogram_figure(
+        scan.step_histograms[path],
+        f"step {path}: {model}",
+        threshold,
+        "input, kept by the step",
+        "input, removed by the step",
+    )
+    statement = (
+        f'<p>threshold <span class="threshold" data-step="{escape(path)}" data-value="{threshold!r}">{threshold:.6f}</span> '
+        f"({escape(how)}; rows with a score at or above it are kept)</p>"
+    )
+    return [
+        statement,
+        f'<img class="plot" id="hist-step-{escape(path)}" alt="CLIP score histogram with threshold" src="{figure}">',
+        _gallery(f"above:{path}", "just above the threshold (kept)", scan.above[path].rows.tolist(), shown, model),
+        _gallery(f"below:{path}", "just below the threshold (removed)", scan.below[path].rows.tolist(), shown, model),
+    ]
 
 
 def _cluster_section(view: ClusterView, shown: dict[int, Shown], model: str) -> list[str]:
     which = "a random sample of its input rows" if view.sampled else "its input rows"
-    out = [(f'<p>{view.with_targets:,} of {view.k:,} clusters hold a target image. Of {which} with an image embedding, '
-            f"{view.assigned:,}, {view.assigned_kept:,} fall in those (kept) clusters.</p>")]
+    out = [
+        (
+            f"<p>{view.with_targets:,} of {view.k:,} clusters hold a target image. Of {which} with an image embedding, "
+            f"{view.assigned:,}, {view.assigned_kept:,} fall in those (kept) clusters.</p>"
+        )
+    ]
     for cluster, kept, size, members in view.shown:
         state = "kept" if kept else "removed"
         title = f"cluster {cluster} ({state}): {size:,} input rows{' in the sample' if view.sampled else ''}"
-        out.append(f'<div class="cluster {state}" data-cluster="{cluster}" data-kept="{str(kept).lower()}">'
-                   + _gallery(f"cluster:{view.path}:{cluster}", title, members, shown, model, compact=True) + "</div>")
+        out.append(
+            f'<div class="cluster {state}" data-cluster="{cluster}" data-kept="{str(kept).lower()}">'
+            + _gallery(f"cluster:{view.path}:{cluster}", title, members, shown, model, compact=True)
+            + "</div>"
+        )
     return out
 
 
 def report_summary_rows(result: CurationReport) -> list[tuple[str, object]]:
-    rows: list[tuple[str, object]] = [("report", f"{result.out} ({result.bytes / 1e6:.1f} MB, {result.shown:,} samples shown)"),
-                                      ("recipe", result.recipe), ("pool", f"{result.pool} ({result.num_samples:,} samples)"),
-                                      ("kept", f"{result.kept:,} ({_share(result.kept, result.num_samples)})")]
+    rows: list[tuple[str, object]] = [
+        ("report", f"{result.out} ({result.bytes / 1e6:.1f} MB, {result.shown:,} samples shown)"),
+        ("recipe", result.recipe),
+        ("pool", f"{result.pool} ({result.num_samples:,} samples)"),
+        ("kept", f"{result.kept:,} ({_share(result.kept, result.num_samples)})"),
+    ]
     rows += [(f"step {s.path}", f"{s.label}: kept {s.kept:,} of {s.rows_in:,}") for s in result.steps]
     rows += [(f"threshold (step {p})", f"{t:.6f}") for p, t in result.thresholds.items()]
     if result.precision is not None:

@@ -61,7 +61,11 @@ def row_copies(subset_unique: np.ndarray, repeats: np.ndarray, uids: Any) -> tup
     pairs = encode_uids(uids)
     index = np.searchsorted(subset_unique, pairs)
     clipped = np.minimum(index, max(len(subset_unique) - 1, 0))
-    found = (index < len(subset_unique)) & (subset_unique[clipped] == pairs) if len(subset_unique) else np.zeros(len(pairs), bool)
+    found = (
+        (index < len(subset_unique)) & (subset_unique[clipped] == pairs)
+        if len(subset_unique)
+        else np.zeros(len(pairs), bool)
+    )
     return np.where(found, repeats[clipped], 0).astype(np.int64), index[found]
 
 
@@ -104,25 +108,35 @@ class _Fill:
         table = pool.metadata(shard)
         copies, _ = row_copies(self.subset_unique, self.repeats, table.column("uid"))
         ends = np.cumsum(copies)  # output copies of this shard up to and including each row
-        counts = np.clip(np.minimum(ends, skip + take) - np.maximum(ends - copies, skip), 0, None)  # copies written here
+        counts = np.clip(
+            np.minimum(ends, skip + take) - np.maximum(ends - copies, skip), 0, None
+        )  # copies written here
         wanted = np.flatnonzero(counts)
         if not len(wanted):
             return
         with pool.mapped_tar(shard) as mapped:
             spans = image_spans(mapped, pool.tar_path(shard)) if mapped is not None else None
-            if spans is not None and len(spans.keys) == table.num_rows and \
-                    spans.keys.take(wanted).equals(table.column("key").take(wanted).combine_chunks().cast(pa.binary())):
+            if (
+                spans is not None
+                and len(spans.keys) == table.num_rows
+                and spans.keys.take(wanted).equals(table.column("key").take(wanted).combine_chunks().cast(pa.binary()))
+            ):
                 view = memoryview(mapped)
-                images = [(_JPEG.get(spans.exts[row], spans.exts[row]), view[offset:offset + size]) for row, offset, size in
-                          zip(wanted.tolist(), spans.offsets[wanted].tolist(), spans.sizes[wanted].tolist())]
+                images = [
+                    (_JPEG.get(spans.exts[row], spans.exts[row]), view[offset : offset + size])
+                    for row, offset, size in zip(
+                        wanted.tolist(), spans.offsets[wanted].tolist(), spans.sizes[wanted].tolist()
+                    )
+                ]
                 repeats = counts[wanted]
                 writer.write_rows(table.take(np.repeat(wanted, repeats)), list(_repeat(images, repeats.tolist())))
                 del images, view  # so that the map can close
                 return
         self._copy_windows(pool, shard, table, wanted, counts, writer)
 
-    def _copy_windows(self, pool: Pool, shard: str, table: pa.Table, wanted: np.ndarray, counts: np.ndarray,
-                      writer: ShardWriter) -> None:
+    def _copy_windows(
+        self, pool: Pool, shard: str, table: pa.Table, wanted: np.ndarray, counts: np.ndarray, writer: ShardWriter
+    ) -> None:
         """`_copy` for any tar (another filesystem, pax headers, ...): the tar read a window at a time."""
         keys = table.column("key").take(wanted).to_pylist()
         source = pool.tar_path(shard)
@@ -131,10 +145,14 @@ class _Fill:
             stop = int(np.searchsorted(wanted, seen + len(window)))
             if stop > done:
                 rows = wanted[done:stop]
-                images = [_image(window[position - seen], key, position, source)
-                          for position, key in zip(rows.tolist(), keys[done:stop])]
+                images = [
+                    _image(window[position - seen], key, position, source)
+                    for position, key in zip(rows.tolist(), keys[done:stop])
+                ]
                 repeats = counts[rows]
-                writer.write_rows(table.take(np.repeat(rows, repeats)), list(_repeat(images, repeats.tolist())))  # written now
+                writer.write_rows(
+                    table.take(np.repeat(rows, repeats)), list(_repeat(images, repeats.tolist()))
+                )  # written now
             done, seen = stop, seen + len(window)
             if done == len(wanted):
                 return
@@ -147,8 +165,10 @@ _JPEG = {"jpeg": "jpg"}  # written as .jpg, as Sample does
 def _image(entry: TarEntry, key: str, position: int, source: str) -> tuple[str, bytes | memoryview]:
     """The (extension, data) of a sample's image, after checking that the tar entry is the metadata row's."""
     if entry.key != key:
-        raise PoolFormatError(f"{source}: sample {position} has key {entry.key!r} but the metadata says {key!r}; "
-                              "the shard is misaligned, run `clipsift pool check`")
+        raise PoolFormatError(
+            f"{source}: sample {position} has key {entry.key!r} but the metadata says {key!r}; "
+            "the shard is misaligned, run `clipsift pool check`"
+        )
     image = image_member(entry)
     if image is None:
         raise PoolFormatError(f"{source}: sample {entry.key!r} has no image member (.jpg/.png/.webp)")
@@ -160,8 +180,15 @@ def _repeat(items: list[Any], counts: list[int]) -> Iterator[Any]:
         yield from itertools.repeat(item, count)
 
 
-def reshard(pool_url: str, subset_path: str, out: str, *, shard_size: int = 10_000, workers: int | None = None,
-            address: str | None = None) -> ReshardResult:
+def reshard(
+    pool_url: str,
+    subset_path: str,
+    out: str,
+    *,
+    shard_size: int = 10_000,
+    workers: int | None = None,
+    address: str | None = None,
+) -> ReshardResult:
     """Write the subset's samples of `pool_url` as training shards in `out`, plus out/manifest.json."""
     started = time.perf_counter()
     if shard_size < 1:
@@ -180,12 +207,26 @@ def reshard(pool_url: str, subset_path: str, out: str, *, shard_size: int = 10_0
     subset_fs, subset_file = open_fs(subset_path)
     subset_sha = file_sha256(subset_fs, subset_file)
     pool_sha = file_sha256(pool.fs, pool.path("pool.json"))
-    source = {"kind": "reshard", "pool": pool.url, "pool_json_sha256": pool_sha, "subset": subset_path, "subset_sha256": subset_sha}
+    source = {
+        "kind": "reshard",
+        "pool": pool.url,
+        "pool_json_sha256": pool_sha,
+        "subset": subset_path,
+        "subset_sha256": subset_sha,
+    }
     params = {**source, "shard_size": shard_size, "sources": [source]}
     _remove_stale_temporaries(out)
-    written = build_pool(out, name=f"{info.get('name', 'pool')}-subset", params=params, num_shards=len(plan),
-                         fill=_Fill(pool.url, unique, repeats, plan), desc="reshard", workers=workers, address=address,
-                         uids_may_repeat=bool(np.any(repeats > 1)))
+    written = build_pool(
+        out,
+        name=f"{info.get('name', 'pool')}-subset",
+        params=params,
+        num_shards=len(plan),
+        fill=_Fill(pool.url, unique, repeats, plan),
+        desc="reshard",
+        workers=workers,
+        address=address,
+        uids_may_repeat=bool(np.any(repeats > 1)),
+    )
     missing = unique[~found]
     result_pool = Pool(out)
     manifest = {
@@ -199,16 +240,27 @@ def reshard(pool_url: str, subset_path: str, out: str, *, shard_size: int = 10_0
         "num_samples": written["num_samples"],
         "num_shards": written["num_shards"],
         "shard_size": shard_size,
-        "shards": [{"path": f"shards/{s}.tar", "num_samples": result_pool.num_rows(s)} for s in result_pool.shard_ids()],
+        "shards": [
+            {"path": f"shards/{s}.tar", "num_samples": result_pool.num_rows(s)} for s in result_pool.shard_ids()
+        ],
         "clipsift_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     fs, root = open_fs(out)
     write_json_atomic(fs, f"{root}/manifest.json", manifest)
     input_bytes = sum(pool.fs.size(pool.tar_path(s)) for s in shards)
-    return ReshardResult(out, f"{root}/manifest.json", written["num_samples"], written["num_shards"], len(subset),
-                         len(missing), decode_uids(missing[:5]), input_bytes, time.perf_counter() - started,
-                         content_sha256(manifest))
+    return ReshardResult(
+        out,
+        f"{root}/manifest.json",
+        written["num_samples"],
+        written["num_shards"],
+        len(subset),
+        len(missing),
+        decode_uids(missing[:5]),
+        input_bytes,
+        time.perf_counter() - started,
+        content_sha256(manifest),
+    )
 
 
 def _remove_stale_temporaries(out: str) -> None:
@@ -226,7 +278,9 @@ def read_manifest(shards_dir: str) -> dict[str, Any]:
     fs, root = open_fs(shards_dir)
     path = f"{root}/manifest.json"
     if not fs.exists(path):
-        raise ClipsiftError(f"{shards_dir}: no manifest.json; make the shards with `clipsift reshard POOL --subset S --out {shards_dir}`")
+        raise ClipsiftError(
+            f"{shards_dir}: no manifest.json; make the shards with `clipsift reshard POOL --subset S --out {shards_dir}`"
+        )
     with fs.open(path, "rb") as handle:
         manifest = json.load(handle)
     if manifest.get("format") != MANIFEST_FORMAT:
@@ -240,8 +294,12 @@ def reshard_summary_rows(result: ReshardResult) -> list[tuple[str, object]]:
         ("shards", f"{result.out} ({result.num_shards:,} shards)"),
         ("samples", result.num_samples),
         ("subset uids", result.subset_uids),
-        ("missing from the pool", result.missing_uids if not result.missing_uids else
-         f"{result.missing_uids:,} distinct uids, e.g. {', '.join(result.missing_examples)}"),
+        (
+            "missing from the pool",
+            result.missing_uids
+            if not result.missing_uids
+            else f"{result.missing_uids:,} distinct uids, e.g. {', '.join(result.missing_examples)}",
+        ),
         ("manifest", result.manifest),
         ("time", f"{result.seconds:.1f} s ({rate:,.0f} MB/s of input tars)"),
     ]

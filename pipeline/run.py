@@ -38,8 +38,17 @@ CONFIG_COPY = "config.yaml"
 STAGES_FORMAT = "clipsift-run-stages/1"
 PROVENANCE_FORMAT = "clipsift-provenance/1"
 
-STAGES: list[type[Stage]] = [PoolStage, ReferenceStage, FilternetStage, ScoreStage, FilterStage, ReshardStage, TrainStage,
-                              EvalStage, SubmitStage]  # the one list a new stage is added to, in run order
+STAGES: list[type[Stage]] = [
+    PoolStage,
+    ReferenceStage,
+    FilternetStage,
+    ScoreStage,
+    FilterStage,
+    ReshardStage,
+    TrainStage,
+    EvalStage,
+    SubmitStage,
+]  # the one list a new stage is added to, in run order
 TITLES = {stage.name: stage.title for stage in STAGES}
 
 
@@ -56,7 +65,9 @@ class StageTime:
     stage: str
     status: str  # ran | resumed | done earlier
     seconds: float  # wall clock: this invocation (ran/resumed), or when it was done (done earlier)
-    cpu_seconds: float | None  # CPU time of this process and the live processes it started (local Ray workers included)
+    cpu_seconds: (
+        float | None
+    )  # CPU time of this process and the live processes it started (local Ray workers included)
     detail: str = ""
 
 
@@ -98,8 +109,11 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     def show(values: dict[str, Any], key: str) -> str:
         return repr(values[key]) if key in values else "(unset)"
 
-    return [f"{key}: {show(before, key)} -> {show(after, key)}" for key in sorted(set(before) | set(after))
-            if (key in before, before.get(key)) != (key in after, after.get(key))]
+    return [
+        f"{key}: {show(before, key)} -> {show(after, key)}"
+        for key in sorted(set(before) | set(after))
+        if (key in before, before.get(key)) != (key in after, after.get(key))
+    ]
 
 
 class StageBook:
@@ -110,7 +124,9 @@ class StageBook:
         self.run_dir = run_dir
         data = json.loads(self.fs.cat_file(self.path)) if self.fs.exists(self.path) else {}
         if data and data.get("format") != STAGES_FORMAT:
-            raise ClipsiftError(f"{self.path}: format {data.get('format')!r}, expected {STAGES_FORMAT!r}; not a clipsift run directory")
+            raise ClipsiftError(
+                f"{self.path}: format {data.get('format')!r}, expected {STAGES_FORMAT!r}; not a clipsift run directory"
+            )
         self.data = {"format": STAGES_FORMAT, "stages": {}, **data, "config_sha256": config_sha256}
 
     @property
@@ -126,22 +142,33 @@ class StageBook:
         advice = f"results would mix: run this config with another --out, or delete {self.run_dir} to start over"
         changed = _differences(record["settings"], settings)
         if changed:
-            raise RunConfigError(f"{self.path}: stage {name} was {what} with other settings than the config has now "
-                                 f"({'; '.join(changed)}); {advice}")
+            raise RunConfigError(
+                f"{self.path}: stage {name} was {what} with other settings than the config has now "
+                f"({'; '.join(changed)}); {advice}"
+            )
         changed = _differences(record["inputs"], inputs)
         if changed:
-            raise RunConfigError(f"{self.path}: stage {name} was {what} on other inputs than the earlier stages give now "
-                                 f"({'; '.join(changed)}); {advice}")
+            raise RunConfigError(
+                f"{self.path}: stage {name} was {what} on other inputs than the earlier stages give now "
+                f"({'; '.join(changed)}); {advice}"
+            )
         return record
 
     def start(self, name: str, settings: dict[str, Any], inputs: dict[str, Any]) -> None:
         previous = self.stages.get(name, {})
-        self.stages[name] = {"status": "running", "settings": settings, "inputs": inputs, "started": _now(),
-                             "attempts": previous.get("attempts", 0) + 1}
+        self.stages[name] = {
+            "status": "running",
+            "settings": settings,
+            "inputs": inputs,
+            "started": _now(),
+            "attempts": previous.get("attempts", 0) + 1,
+        }
         self.save()
 
     def complete(self, name: str, outputs: dict[str, Any], seconds: float, cpu: float) -> None:
-        self.stages[name].update(status="complete", outputs=outputs, seconds=round(seconds, 3), cpu_seconds=round(cpu, 3), ended=_now())
+        self.stages[name].update(
+            status="complete", outputs=outputs, seconds=round(seconds, 3), cpu_seconds=round(cpu, 3), ended=_now()
+        )
         self.save()
 
     def save(self) -> None:
@@ -160,7 +187,9 @@ def cpu_times() -> dict[tuple[int, float], float]:
     for process in [me, *me.children(recursive=True)]:
         try:
             used = process.cpu_times()
-            times[(process.pid, process.create_time())] = used.user + used.system + used.children_user + used.children_system
+            times[(process.pid, process.create_time())] = (
+                used.user + used.system + used.children_user + used.children_system
+            )
         except psutil.Error:  # ended meanwhile
             continue
     return times
@@ -177,11 +206,20 @@ def cpu_since(before: dict[tuple[int, float], float]) -> float:
 class Runner:
     """Runs a config's stages in order: skips the complete ones, records each in the stage book, writes provenance."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, where: str, *, workers: int | None = None,
-                 on_stage: Callable[[str, str], None] | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        where: str,
+        *,
+        workers: int | None = None,
+        on_stage: Callable[[str, str], None] | None = None,
+    ):
         self.unbound = config
         self.run_dir = run_dir
-        self.config = RunConfig.model_validate(bind_run(config.model_dump(mode="json"), str(run_dir)), context={"base": None})
+        self.config = RunConfig.model_validate(
+            bind_run(config.model_dump(mode="json"), str(run_dir)), context={"base": None}
+        )
         self.where = where
         self.workers = workers or config.workers
         self.on_stage = on_stage or (lambda name, title: None)
@@ -198,7 +236,9 @@ class Runner:
         book = StageBook(self.run_dir, self.unbound.sha256())
         names = [stage.name for stage in self.stages]
         if until is not None and until not in names:
-            raise ClipsiftError(f"--until {until}: this config has no stage {until!r} (its stages: {', '.join(names)})")
+            raise ClipsiftError(
+                f"--until {until}: this config has no stage {until!r} (its stages: {', '.join(names)})"
+            )
         for stage in self.stages:  # a changed config fails before any work (inputs are compared as each stage comes)
             if stage.name in book.stages:
                 book.check(stage.name, stage.settings(), book.stages[stage.name]["inputs"])
@@ -213,7 +253,9 @@ class Runner:
         for index, stage in enumerate(ran):
             self._stage(book, stage, f"{index + 1}/{len(names)}")
         provenance = self.provenance(ran)
-        return RunResult(self.run_dir, self.config, self.times, self.outputs, provenance, time.perf_counter() - started)
+        return RunResult(
+            self.run_dir, self.config, self.times, self.outputs, provenance, time.perf_counter() - started
+        )
 
     def _stage(self, book: StageBook, stage: Stage, position: str) -> None:
         settings, inputs = stage.settings(), stage.inputs(self.outputs)
@@ -221,8 +263,15 @@ class Runner:
         if record and record["status"] == "complete" and all(exists(f) for f in record["outputs"].get("files", [])):
             output = stage.output.from_record(record["outputs"])
             self.outputs.put(stage.name, output)
-            self.times.append(StageTime(stage.name, "done earlier", record["seconds"], record.get("cpu_seconds"),
-                                        stage.detail(output, self.outputs)))
+            self.times.append(
+                StageTime(
+                    stage.name,
+                    "done earlier",
+                    record["seconds"],
+                    record.get("cpu_seconds"),
+                    stage.detail(output, self.outputs),
+                )
+            )
             return
         from clipsift.pipeline.parallel import ensure_ray
 
@@ -245,19 +294,28 @@ class Runner:
     def provenance(self, stages: list[Stage]) -> dict[str, Any]:
         """RUN/provenance.json: every stage's identities, each re-hashed from its file, and the links between them."""
         done = self.outputs
-        checks = [{"check": c.what, "recorded": c.recorded, "actual": c.actual, "ok": c.recorded == c.actual}
-                  for stage in stages if stage.output and stage.name in done.by_name()
-                  for c in stage.checks(done.by_name()[stage.name], done)]
+        checks = [
+            {"check": c.what, "recorded": c.recorded, "actual": c.actual, "ok": c.recorded == c.actual}
+            for stage in stages
+            if stage.output and stage.name in done.by_name()
+            for c in stage.checks(done.by_name()[stage.name], done)
+        ]
         broken = [c for c in checks if not c["ok"]]
         evaluated = done.get(EvalStage)
         record = {
             "format": PROVENANCE_FORMAT,
             "run": self.config.name,
             "config": {"source": self.where, "sha256": self.unbound.sha256(), "copy": str(self.run_dir / CONFIG_COPY)},
-            "result": ({"suite": evaluated.suite, "average": evaluated.average, "summary": evaluated.summary}
-                       if evaluated else None),
-            "stages": {name: {k: v for k, v in out.record().items() if k != "files"}
-                       for name, out in done.by_name().items() if name in {s.name for s in stages}},
+            "result": (
+                {"suite": evaluated.suite, "average": evaluated.average, "summary": evaluated.summary}
+                if evaluated
+                else None
+            ),
+            "stages": {
+                name: {k: v for k, v in out.record().items() if k != "files"}
+                for name, out in done.by_name().items()
+                if name in {s.name for s in stages}
+            },
             "checks": checks,
             "ok": not broken,
             "clipsift_version": __version__,
@@ -266,8 +324,10 @@ class Runner:
         fs, path = open_fs(str(self.run_dir / PROVENANCE_FILE))
         write_json_atomic(fs, path, record)
         if broken:
-            raise ClipsiftError(f"{path}: the provenance chain is broken ({'; '.join(c['check'] for c in broken)}); "
-                                f"a file changed after its stage wrote it: delete {self.run_dir} and run again")
+            raise ClipsiftError(
+                f"{path}: the provenance chain is broken ({'; '.join(c['check'] for c in broken)}); "
+                f"a file changed after its stage wrote it: delete {self.run_dir} and run again"
+            )
         return record
 
 
@@ -278,8 +338,15 @@ def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / config.name
 
 
-def run_pipeline(config: RunConfig, run_dir: str | Path | None = None, *, where: str = "run config", workers: int | None = None,
-                 until: str | None = None, on_stage: Callable[[str, str], None] | None = None) -> RunResult:
+def run_pipeline(
+    config: RunConfig,
+    run_dir: str | Path | None = None,
+    *,
+    where: str = "run config",
+    workers: int | None = None,
+    until: str | None = None,
+    on_stage: Callable[[str, str], None] | None = None,
+) -> RunResult:
     """Run (or resume) every stage of `config` in `run_dir` (default: runs/NAME); see the module docstring."""
     run_dir = Path(run_dir or default_run_dir(config)).resolve()
     return Runner(config, run_dir, where, workers=workers, on_stage=on_stage).run(until)
@@ -287,10 +354,24 @@ def run_pipeline(config: RunConfig, run_dir: str | Path | None = None, *, where:
 
 def time_rows(result: RunResult) -> list[tuple[str, str, str, str, str]]:
     """(stage, status, wall seconds, CPU seconds, detail) per stage, plus the total of this invocation."""
-    rows = [(t.stage, t.status, f"{t.seconds:,.1f}", f"{t.cpu_seconds:,.1f}" if t.cpu_seconds is not None else "-", t.detail)
-            for t in result.times]
+    rows = [
+        (
+            t.stage,
+            t.status,
+            f"{t.seconds:,.1f}",
+            f"{t.cpu_seconds:,.1f}" if t.cpu_seconds is not None else "-",
+            t.detail,
+        )
+        for t in result.times
+    ]
     ran = [t for t in result.times if t.status != "done earlier"]
-    rows.append(("total", "this invocation", f"{result.seconds:,.1f}", f"{sum(t.cpu_seconds or 0 for t in ran):,.1f}",
-                 f"stages {sum(t.seconds for t in ran):,.1f} s; the rest is start-up and checks"))
+    rows.append(
+        (
+            "total",
+            "this invocation",
+            f"{result.seconds:,.1f}",
+            f"{sum(t.cpu_seconds or 0 for t in ran):,.1f}",
+            f"stages {sum(t.seconds for t in ran):,.1f} s; the rest is start-up and checks",
+        )
+    )
     return rows
-

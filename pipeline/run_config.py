@@ -36,8 +36,12 @@ def unset_variables(config: BaseModel) -> list[str]:
     """`field: $VAR` for each path that names an environment variable that is not set (the recipe's own ${vars} aside)."""
     dumped = config.model_dump(mode="json", exclude={"filter"})
     prose = ("name", "description", "method_name", "authors", "links")
-    return [f"{field}: ${match.group(1)}" for field, value in _strings(dumped) for match in UNSET.finditer(value)
-            if field.split(".")[-1].split("[")[0] not in prose and (not value.startswith(RUN_VAR) or match.start() > 0)]
+    return [
+        f"{field}: ${match.group(1)}"
+        for field, value in _strings(dumped)
+        for match in UNSET.finditer(value)
+        if field.split(".")[-1].split("[")[0] not in prose and (not value.startswith(RUN_VAR) or match.start() > 0)
+    ]
 
 
 def _strings(value: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -88,9 +92,13 @@ class RunConfig(Section):
         if uses and self.filternet is None:
             raise ValueError("score.model is `filternet` but there is no `filternet:` section to train it")
         if self.filternet is not None and not uses:
-            raise ValueError("a `filternet:` section trains a filtering network, but score.model does not use it (set score.model: filternet)")
+            raise ValueError(
+                "a `filternet:` section trains a filtering network, but score.model does not use it (set score.model: filternet)"
+            )
         if self.submit is not None and self.train.mix and self.submit.track == "filtering":
-            raise ValueError("train.mix adds data of your own: that is the byod track (submit.track: byod, with a submit.description of the data)")
+            raise ValueError(
+                "train.mix adds data of your own: that is the byod track (submit.track: byod, with a submit.description of the data)"
+            )
         if self.submit is not None and self.submit.track == "byod" and not self.submit.description:
             raise ValueError("submit.track byod needs submit.description: what data was added")
         return self
@@ -115,14 +123,18 @@ def load_run_config(source: str) -> tuple[RunConfig, str]:
     else:
         shipped = resources.files("clipsift.configs") / "runs" / f"{source}.yaml"
         if os.sep in source or not shipped.is_file():
-            raise RunConfigError(f"{source}: no such run config file, and no shipped config of that name (shipped: {', '.join(shipped_runs())})")
+            raise RunConfigError(
+                f"{source}: no such run config file, and no shipped config of that name (shipped: {', '.join(shipped_runs())})"
+            )
         text, where, base = shipped.read_text(encoding="utf-8"), f"{source}.yaml (shipped)", None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise RunConfigError(f"{where}: not valid YAML ({err})") from err
     if not isinstance(raw, dict):
-        raise RunConfigError(f"{where}: expected a mapping of sections (name, pool, filter, train, eval, ...); see docs/run.md")
+        raise RunConfigError(
+            f"{where}: expected a mapping of sections (name, pool, filter, train, eval, ...); see docs/run.md"
+        )
     return validate_run_config(raw, where, base), where
 
 
@@ -137,8 +149,11 @@ def validate_run_config(raw: dict[str, Any], where: str, base: str | None) -> Ru
 
 
 def _describe(error: dict[str, Any]) -> str:
-    loc = [str(part) for i, part in enumerate(error["loc"])
-           if not (i > 0 and error["loc"][i - 1] in ("pool", "reference") and part in POOL_KINDS)]
+    loc = [
+        str(part)
+        for i, part in enumerate(error["loc"])
+        if not (i > 0 and error["loc"][i - 1] in ("pool", "reference") and part in POOL_KINDS)
+    ]
     field = ".".join(loc) or "(top level)"
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(error["loc"][:-1])
@@ -147,7 +162,11 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{field}: required, but missing"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "union_tag_invalid":
-        message = f"unknown kind {error['input'].get('kind')!r}; choose one of {', '.join(POOL_KINDS)}" if isinstance(error.get("input"), dict) else message
+        message = (
+            f"unknown kind {error['input'].get('kind')!r}; choose one of {', '.join(POOL_KINDS)}"
+            if isinstance(error.get("input"), dict)
+            else message
+        )
     return f"{field}: {message}"
 
 

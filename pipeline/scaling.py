@@ -61,7 +61,9 @@ class ScalingResult:
     points: list[RunPoint]
     means: dict[tuple[str, str], tuple[float, int, int]]  # (recipe, scale) -> (mean average, runs, samples seen)
     fits: dict[str, PowerLaw]
-    rank_correlations: dict[tuple[str, str], tuple[float | None, int]] = field(default_factory=dict)  # -> (rho, recipes)
+    rank_correlations: dict[tuple[str, str], tuple[float | None, int]] = field(
+        default_factory=dict
+    )  # -> (rho, recipes)
     out: str = ""
     seconds: float = 0.0
 
@@ -73,21 +75,31 @@ def read_run(run: str, suite: str | None = None) -> RunPoint:
         raise ClipsiftError(f"{run}: no run.json; give run directories made by `clipsift train`")
     record = json.loads(fs.cat_file(f"{root}/run.json"))
     if record.get("status") != "complete" or "samples_seen" not in record:
-        raise ClipsiftError(f"{run}/run.json: training is {record.get('status', 'not recorded')}, not complete; "
-                            "finish it (re-run the same `clipsift train`) before fitting")
+        raise ClipsiftError(
+            f"{run}/run.json: training is {record.get('status', 'not recorded')}, not complete; "
+            "finish it (re-run the same `clipsift train`) before fitting"
+        )
     summary_path = f"{root}/eval/summary.json"
     if not fs.exists(summary_path):
-        raise ClipsiftError(f"{run}: no eval/summary.json; evaluate it first: clipsift eval {run} --suite tiny|datacomp38")
+        raise ClipsiftError(
+            f"{run}: no eval/summary.json; evaluate it first: clipsift eval {run} --suite tiny|datacomp38"
+        )
     suites = json.loads(fs.cat_file(summary_path)).get("suites", {})
     name = suite or (next(iter(suites)) if len(suites) == 1 else None)
     if name is None or name not in suites:
-        raise ClipsiftError(f"{summary_path}: {'no suite ' + repr(suite) if suite else 'several suites'} "
-                            f"(it has: {', '.join(suites) or 'none'}); pick one with --suite")
+        raise ClipsiftError(
+            f"{summary_path}: {'no suite ' + repr(suite) if suite else 'several suites'} "
+            f"(it has: {', '.join(suites) or 'none'}); pick one with --suite"
+        )
     result = suites[name]
     if not result.get("complete") or result.get("average") is None:
-        raise ClipsiftError(f"{summary_path}: suite {name} is incomplete (missing {', '.join(result.get('missing', [])) or 'the average'}); "
-                            f"finish it: clipsift eval {run} --suite {name}")
-    return RunPoint(run, recipe_name(run), str(record["scale"]), int(record["samples_seen"]), float(result["average"]), name)
+        raise ClipsiftError(
+            f"{summary_path}: suite {name} is incomplete (missing {', '.join(result.get('missing', [])) or 'the average'}); "
+            f"finish it: clipsift eval {run} --suite {name}"
+        )
+    return RunPoint(
+        run, recipe_name(run), str(record["scale"]), int(record["samples_seen"]), float(result["average"]), name
+    )
 
 
 def recipe_name(run: str) -> str:
@@ -141,13 +153,15 @@ def scaling_analysis(runs: list[str], suite: str | None = None) -> ScalingResult
         group = [p for p in points if (p.recipe, p.scale) == key]
         seen = {p.samples_seen for p in group}
         if len(seen) > 1:
-            raise ClipsiftError(f"recipe {key[0]} at scale {key[1]}: runs saw different numbers of samples ({sorted(seen)}), "
-                                f"so they are not the same point: {', '.join(p.run for p in group)}")
+            raise ClipsiftError(
+                f"recipe {key[0]} at scale {key[1]}: runs saw different numbers of samples ({sorted(seen)}), "
+                f"so they are not the same point: {', '.join(p.run for p in group)}"
+            )
         means[key] = (float(np.mean([p.average for p in group])), len(group), seen.pop())
     result = ScalingResult(suites[0], points, means, _fits(means))
     scales = _scale_order({scale for _, scale in means})
     for i, first in enumerate(scales):
-        for second in scales[i + 1:]:
+        for second in scales[i + 1 :]:
             shared = sorted(r for r, s in means if s == first and (r, second) in means)
             rho = spearman([means[r, first][0] for r in shared], [means[r, second][0] for r in shared])
             result.rank_correlations[first, second] = (rho, len(shared))
@@ -171,7 +185,7 @@ def _fits(means: dict[tuple[str, str], tuple[float, int, int]]) -> dict[str, Pow
         a, b, r2 = fit_power_law(samples, errors)
         upcoming = next_scale(scales[-1])
         upcoming_samples = load_recipe(upcoming).samples_seen if upcoming else None
-        predicted = float(1 - a * upcoming_samples ** b) if upcoming_samples else None
+        predicted = float(1 - a * upcoming_samples**b) if upcoming_samples else None
         fits[recipe] = PowerLaw(recipe, a, b, scales, len(scales) == 2, r2, upcoming, upcoming_samples, predicted)
     return fits
 
@@ -218,24 +232,41 @@ def scaling_page(result: ScalingResult) -> str:
     point_rows = [[p.recipe, p.scale, f"{p.samples_seen:,}", f"{p.average:.4f}", p.run] for p in result.points]
     fit_rows, fit_attrs = [], []
     for fit in result.fits.values():
-        how = "exact (2 scales)" if fit.exact else f"least squares, R² {fit.r2:.3f}" if fit.r2 is not None else "least squares"
-        predicted = f"{fit.predicted:.4f} at {fit.next_scale} ({fit.next_samples:,} samples)" if fit.predicted is not None else "-"
+        how = (
+            "exact (2 scales)"
+            if fit.exact
+            else f"least squares, R² {fit.r2:.3f}"
+            if fit.r2 is not None
+            else "least squares"
+        )
+        predicted = (
+            f"{fit.predicted:.4f} at {fit.next_scale} ({fit.next_samples:,} samples)"
+            if fit.predicted is not None
+            else "-"
+        )
         fit_rows.append([fit.recipe, ", ".join(fit.scales), f"{fit.a:.4g}", f"{fit.b:.4f}", how, predicted])
-        fit_attrs.append(f'data-recipe="{escape(fit.recipe)}" data-a="{fit.a!r}" data-b="{fit.b!r}" data-predicted="{fit.predicted!r}"')
+        fit_attrs.append(
+            f'data-recipe="{escape(fit.recipe)}" data-a="{fit.a!r}" data-b="{fit.b!r}" data-predicted="{fit.predicted!r}"'
+        )
     rank_rows, rank_attrs = [], []
     for (first, second), (rho, count) in result.rank_correlations.items():
         rank_rows.append([first, second, count, "-" if rho is None else f"{rho:.3f}"])
         rank_attrs.append(f'data-scales="{escape(first)},{escape(second)}" data-rho="{rho!r}"')
-    body = [f"<h1>Scaling: {len(result.fits)} recipe(s) fitted, suite <code>{escape(result.suite)}</code></h1>",
-            f'<img class="plot" id="scaling-plot" alt="suite average against samples seen" src="{scaling_figure(result)}">',
-            "<h2>Power-law fits: error = a · samples<sup>b</sup></h2>",
-            f'<div id="fits">{html_table(["recipe", "scales", "a", "b", "fit", "predicted average"], fit_rows, fit_attrs)}</div>',
-            ('<p class="note">Least squares on (log samples seen, log error). With two scales the curve passes through both points '
-             "exactly (no check of the power-law form); a recipe seen at one scale is not fitted.</p>"),
-            "<h2>Rank correlation of recipes between scales (Spearman)</h2>",
-            f'<div id="ranks">{html_table(["scale", "scale", "recipes at both", "Spearman ρ"], rank_rows, rank_attrs)}</div>',
-            "<h2>Runs</h2>", html_table(["recipe", "scale", "samples seen", "average", "run"], point_rows),
-            f'<p class="note">clipsift {__version__}, {time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}</p>']
+    body = [
+        f"<h1>Scaling: {len(result.fits)} recipe(s) fitted, suite <code>{escape(result.suite)}</code></h1>",
+        f'<img class="plot" id="scaling-plot" alt="suite average against samples seen" src="{scaling_figure(result)}">',
+        "<h2>Power-law fits: error = a · samples<sup>b</sup></h2>",
+        f'<div id="fits">{html_table(["recipe", "scales", "a", "b", "fit", "predicted average"], fit_rows, fit_attrs)}</div>',
+        (
+            '<p class="note">Least squares on (log samples seen, log error). With two scales the curve passes through both points '
+            "exactly (no check of the power-law form); a recipe seen at one scale is not fitted.</p>"
+        ),
+        "<h2>Rank correlation of recipes between scales (Spearman)</h2>",
+        f'<div id="ranks">{html_table(["scale", "scale", "recipes at both", "Spearman ρ"], rank_rows, rank_attrs)}</div>',
+        "<h2>Runs</h2>",
+        html_table(["recipe", "scale", "samples seen", "average", "run"], point_rows),
+        f'<p class="note">clipsift {__version__}, {time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}</p>',
+    ]
     return html_page("clipsift scaling analysis", body)
 
 
@@ -252,7 +283,12 @@ def scaling_summary_rows(result: ScalingResult) -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = [("report", result.out), ("runs", len(result.points)), ("suite", result.suite)]
     for fit in result.fits.values():
         predicted = f"; {fit.next_scale} predicted {fit.predicted:.4f}" if fit.predicted is not None else ""
-        rows.append((fit.recipe, f"error = {fit.a:.4g} · n^{fit.b:.4f} ({'exact, 2 scales' if fit.exact else 'least squares'}){predicted}"))
+        rows.append(
+            (
+                fit.recipe,
+                f"error = {fit.a:.4g} · n^{fit.b:.4f} ({'exact, 2 scales' if fit.exact else 'least squares'}){predicted}",
+            )
+        )
     for (first, second), (rho, count) in result.rank_correlations.items():
         rows.append((f"Spearman {first} vs {second}", f"{'-' if rho is None else f'{rho:.3f}'} over {count} recipes"))
     rows.append(("time", f"{result.seconds:.1f} s"))

@@ -17,9 +17,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -64,13 +65,17 @@ def _weights_file(arch: str, pretrained: str) -> tuple[str, bool]:
         return os.path.abspath(pretrained), True
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if pretrained not in tags:
-        raise ClipsiftError(f"--pretrained {pretrained!r} is neither a checkpoint file nor a pretrained tag of {arch} "
-                            f"(tags: {', '.join(tags) or 'none'})")
+        raise ClipsiftError(
+            f"--pretrained {pretrained!r} is neither a checkpoint file nor a pretrained tag of {arch} "
+            f"(tags: {', '.join(tags) or 'none'})"
+        )
     try:
         return open_clip.pretrained.download_pretrained(open_clip.get_pretrained_cfg(arch, pretrained)), False
     except Exception as err:  # hub errors come in many types
-        raise ClipsiftError(f"weights {arch}/{pretrained} are not in the cache and could not be downloaded ({err}); "
-                            "run once where the hub is reachable, or pass a checkpoint file") from err
+        raise ClipsiftError(
+            f"weights {arch}/{pretrained} are not in the cache and could not be downloaded ({err}); "
+            "run once where the hub is reachable, or pass a checkpoint file"
+        ) from err
 
 
 def resolve_model(arch: str, pretrained: str) -> ModelSpec:
@@ -85,14 +90,18 @@ def resolve_model(arch: str, pretrained: str) -> ModelSpec:
 
     register_model_configs()
     if arch not in open_clip.list_models():
-        raise ClipsiftError(f"unknown model architecture {arch!r}; see open_clip.list_models() or add a config to configs/models/")
+        raise ClipsiftError(
+            f"unknown model architecture {arch!r}; see open_clip.list_models() or add a config to configs/models/"
+        )
     path, is_file = _weights_file(arch, pretrained)
     digest = file_sha256(fsspec.filesystem("file"), path)
     try:
         model = open_clip.create_model(arch, pretrained=path)
     except Exception as err:  # torch/open_clip raise many types for a bad checkpoint
-        raise ClipsiftError(f"cannot load {pretrained} as {arch} weights ({type(err).__name__}: {err}); "
-                            "check that the checkpoint was trained with this architecture") from err
+        raise ClipsiftError(
+            f"cannot load {pretrained} as {arch} weights ({type(err).__name__}: {err}); "
+            "check that the checkpoint was trained with this architecture"
+        ) from err
     cfg = open_clip.get_model_preprocess_cfg(model)  # what create_model_and_transforms builds its transforms from
     size = cfg["size"] if isinstance(cfg["size"], int) else tuple(cfg["size"])
     text_cfg = open_clip.get_model_config(arch).get("text_cfg", {})
@@ -103,11 +112,17 @@ def resolve_model(arch: str, pretrained: str) -> ModelSpec:
         model_id=f"{arch}__{digest[:12]}" if is_file else f"{arch}__{pretrained}",
         weights_sha256=digest,
         image_size=int(size if isinstance(size, int) else size[0]),
-        embed_dim=int(model.text_projection.shape[1] if model.text_projection is not None else model.visual.output_dim),
+        embed_dim=int(
+            model.text_projection.shape[1] if model.text_projection is not None else model.visual.output_dim
+        ),
         mean=tuple(float(x) for x in cfg["mean"]),
         std=tuple(float(x) for x in cfg["std"]),
-        image_transform=(("size", size), ("interpolation", cfg["interpolation"]), ("resize_mode", cfg["resize_mode"]),
-                         ("fill_color", cfg["fill_color"])),
+        image_transform=(
+            ("size", size),
+            ("interpolation", cfg["interpolation"]),
+            ("resize_mode", cfg["resize_mode"]),
+            ("fill_color", cfg["fill_color"]),
+        ),
         tokenizer=json.dumps(tokenizer, sort_keys=True),
     )
 
@@ -151,8 +166,11 @@ def _to_pixels(transform: tuple[tuple[str, Any], ...]) -> Callable[[Any], np.nda
         resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[interpolation]
         return lambda image: _shortest_side_crop(image, side, resample)
     size = dict(transform)["size"]
-    preprocess = open_clip.image_transform(is_train=False, image_size=size if isinstance(size, int) else tuple(size),
-                                           **{k: v for k, v in transform if k != "size"})
+    preprocess = open_clip.image_transform(
+        is_train=False,
+        image_size=size if isinstance(size, int) else tuple(size),
+        **{k: v for k, v in transform if k != "size"},
+    )
     cut = next(i for i, t in enumerate(preprocess.transforms) if "ToTensor" in type(t).__name__)
     head = preprocess.transforms[:cut]
 
@@ -169,7 +187,12 @@ def _resize_and_crop_box(width: int, height: int, side: int) -> tuple[int, int, 
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(side * long / short)
     new_width, new_height = (side, new_long) if width <= height else (new_long, side)
-    return new_width, new_height, round((new_width - side) / 2.0), round((new_height - side) / 2.0)  # banker's rounding, as torchvision
+    return (
+        new_width,
+        new_height,
+        round((new_width - side) / 2.0),
+        round((new_height - side) / 2.0),
+    )  # banker's rounding, as torchvision
 
 
 def _shortest_side_crop(image: Any, side: int, resample: int) -> np.ndarray:
@@ -195,8 +218,10 @@ def _device_transform(transform: tuple[tuple[str, Any], ...]) -> tuple[int, str]
     """(crop side, torch interpolation mode) of an image transform that `--decode device` can run: the default one."""
     default = _default_crop(transform)
     if default is None:
-        raise ClipsiftError(f"--decode device runs open_clip's default eval transform only (shortest side, square crop, bicubic "
-                            f"or bilinear); this model's is {dict(transform)}: use --decode cpu")
+        raise ClipsiftError(
+            f"--decode device runs open_clip's default eval transform only (shortest side, square crop, bicubic "
+            f"or bilinear); this model's is {dict(transform)}: use --decode cpu"
+        )
     return default
 
 
@@ -220,8 +245,9 @@ def _tokenize(arch: str, texts: list[str]) -> np.ndarray:
     return tokens[[index[t] for t in texts]]
 
 
-def prepare_shards(items: dict[str, np.ndarray], pool_url: str, inputs: _Inputs, batch_size: int,
-                   decode: str = "cpu") -> Iterator[dict[str, np.ndarray]]:
+def prepare_shards(
+    items: dict[str, np.ndarray], pool_url: str, inputs: _Inputs, batch_size: int, decode: str = "cpu"
+) -> Iterator[dict[str, np.ndarray]]:
     """Read shards and yield prepared batches: uint8 pixels and caption tokens (the CPU stage).
 
     JPEG decoding, resize + centre crop (the models' own eval transforms) and tokenization happen
@@ -241,7 +267,9 @@ def prepare_shards(items: dict[str, np.ndarray], pool_url: str, inputs: _Inputs,
             yield _prepare(str(shard), chunk, inputs, time.perf_counter() - read_started, decode)
 
 
-def _prepare(shard: str, chunk: list, inputs: _Inputs, read_seconds: float, decode: str = "cpu") -> dict[str, np.ndarray]:
+def _prepare(
+    shard: str, chunk: list, inputs: _Inputs, read_seconds: float, decode: str = "cpu"
+) -> dict[str, np.ndarray]:
     started = time.perf_counter()
     n = len(chunk)
     batch = {
@@ -297,15 +325,23 @@ _JPEG_START, _JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 _DECODE_NOTES = {
     "cpu": "cpu: PIL decode and resize in CPU tasks",
     "device": "device: torchvision decode_jpeg on the model's device (nvJPEG on CUDA; other formats by PIL), antialiased "
-              "torch resize rounded to uint8",
+    "torch resize rounded to uint8",
 }
 
 
 class Embedder:
     """Holds the models on its device; embeds prepared batches (stage 2, a Ray actor)."""
 
-    def __init__(self, specs: Sequence[ModelSpec], inputs: _Inputs, precision: str, device: str, batch_size: int,
-                 threads: int | None = None, decode: str = "cpu"):
+    def __init__(
+        self,
+        specs: Sequence[ModelSpec],
+        inputs: _Inputs,
+        precision: str,
+        device: str,
+        batch_size: int,
+        threads: int | None = None,
+        decode: str = "cpu",
+    ):
         import open_clip
         import torch
 
@@ -322,11 +358,20 @@ class Embedder:
         self.columns = inputs.columns
         self.decode = decode
         self.device_transforms = [_device_transform(t) for t in inputs.transforms] if decode == "device" else []
-        self.models = [open_clip.create_model(s.arch, pretrained=_weights_file(s.arch, s.pretrained)[0]).to(self.device).eval()
-                       for s in specs]
-        self.norms = [(torch.tensor(s.mean, device=self.device).view(1, 3, 1, 1), torch.tensor(s.std, device=self.device).view(1, 3, 1, 1))
-                      for s in specs]
-        self.streams = threading.local()  # on CUDA, each thread's (copy, compute, decode) streams: GPU actors run calls side by side
+        self.models = [
+            open_clip.create_model(s.arch, pretrained=_weights_file(s.arch, s.pretrained)[0]).to(self.device).eval()
+            for s in specs
+        ]
+        self.norms = [
+            (
+                torch.tensor(s.mean, device=self.device).view(1, 3, 1, 1),
+                torch.tensor(s.std, device=self.device).view(1, 3, 1, 1),
+            )
+            for s in specs
+        ]
+        self.streams = (
+            threading.local()
+        )  # on CUDA, each thread's (copy, compute, decode) streams: GPU actors run calls side by side
         apply_precision(self.dtype, self.device.type)
 
     def _host(self, array: np.ndarray):
@@ -368,7 +413,9 @@ class Embedder:
         with torch.inference_mode(), autocast:
             image_emb = model.encode_image(images)
             text_emb = model.encode_text(tokens)
-        return torch.nn.functional.normalize(image_emb.float(), dim=-1), torch.nn.functional.normalize(text_emb.float(), dim=-1)
+        return torch.nn.functional.normalize(image_emb.float(), dim=-1), torch.nn.functional.normalize(
+            text_emb.float(), dim=-1
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Embed a block. On CUDA the work goes to the calling thread's compute stream, so two calls running side by side
@@ -419,10 +466,18 @@ class Embedder:
         crops = []
         for j, (side, mode) in enumerate(self.device_transforms):
             blank = torch.zeros(3, side, side, dtype=torch.uint8, device=self.device)
-            crops.append(torch.stack([
-                _resize_and_crop_tensor(image, side, mode) if image is not None
-                else blank if on_cpu[i][j] is None else self._to_device(on_cpu[i][j]).permute(2, 0, 1)
-                for i, image in enumerate(decoded)]))
+            crops.append(
+                torch.stack(
+                    [
+                        _resize_and_crop_tensor(image, side, mode)
+                        if image is not None
+                        else blank
+                        if on_cpu[i][j] is None
+                        else self._to_device(on_cpu[i][j]).permute(2, 0, 1)
+                        for i, image in enumerate(decoded)
+                    ]
+                )
+            )
         return crops
 
     def _decode_jpegs(self, blobs: np.ndarray) -> list[Any]:
@@ -480,9 +535,15 @@ def _resize_and_crop_tensor(image: Any, side: int, mode: str) -> Any:
     height, width = image.shape[1:]
     new_width, new_height, left, top = _resize_and_crop_box(width, height, side)
     if (new_width, new_height) != (width, height):
-        image = torch.nn.functional.interpolate(image[None].float(), size=(new_height, new_width), mode=mode, antialias=True,
-                                                align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
-    return image[:, top:top + side, left:left + side]
+        image = (
+            torch.nn.functional.interpolate(
+                image[None].float(), size=(new_height, new_width), mode=mode, antialias=True, align_corners=False
+            )[0]
+            .round_()
+            .clamp_(0, 255)
+            .to(torch.uint8)
+        )
+    return image[:, top : top + side, left : left + side]
 
 
 def precision_name(precision: str, on_gpu: bool) -> str:
@@ -497,7 +558,9 @@ def precision_name(precision: str, on_gpu: bool) -> str:
 def resolve_precision(precision: str, device_type: str):
     import torch
 
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision_name(precision, device_type == "cuda")]
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        precision_name(precision, device_type == "cuda")
+    ]
 
 
 def apply_precision(dtype: Any, device_type: str) -> None:
@@ -537,8 +600,10 @@ class _ShardBuffer:
         wrong = np.flatnonzero(self.uids[positions] != batch["uid"][rows])
         if len(wrong):
             i = wrong[0]
-            raise ClipsiftError(f"scoring returned uid {batch['uid'][rows][i]} at position {positions[i]}, "
-                                f"the metadata has {self.uids[positions[i]]}")
+            raise ClipsiftError(
+                f"scoring returned uid {batch['uid'][rows][i]} at position {positions[i]}, "
+                f"the metadata has {self.uids[positions[i]]}"
+            )
         for m in range(len(self.dims)):
             self.image_emb[m][positions] = batch[f"image_emb{m}"][rows]
             self.text_emb[m][positions] = batch[f"text_emb{m}"][rows]
@@ -561,10 +626,14 @@ class ScoreResult:
     pairs: int
     failed: int
     seconds: float
-    timings: dict[str, float]  # summed seconds per stage: read, prepare, model, write (read/prepare shared by the models of a run)
+    timings: dict[
+        str, float
+    ]  # summed seconds per stage: read, prepare, model, write (read/prepare shared by the models of a run)
     precision: str | None = None  # what the model ran in (None when nothing was left to score)
     folder: str = ""  # where its embeddings are
-    manifest: dict[str, Any] = field(default_factory=dict)  # FOLDER/manifest.json as written (or found, when nothing was left)
+    manifest: dict[str, Any] = field(
+        default_factory=dict
+    )  # FOLDER/manifest.json as written (or found, when nothing was left)
 
     @property
     def manifest_path(self) -> str:
@@ -586,16 +655,36 @@ class ScoreSettings(Section):
     gpus_per_worker: float | None = Field(None, ge=0)  # default: 1 where the cluster has GPUs, else 0
 
 
-def score_pool(pool_url: str, arch: str, pretrained: str, settings: ScoreSettings | None = None, *, address: str | None = None,
-               out: str | None = None, on_shard_written: Callable[[str], None] | None = None) -> ScoreResult:
+def score_pool(
+    pool_url: str,
+    arch: str,
+    pretrained: str,
+    settings: ScoreSettings | None = None,
+    *,
+    address: str | None = None,
+    out: str | None = None,
+    on_shard_written: Callable[[str], None] | None = None,
+) -> ScoreResult:
     """Embed every shard of the pool that has no output for this model yet."""
-    return score_models(pool_url, [(arch, pretrained)], settings, address=address, out=out,
-                        on_shard_written=on_shard_written and (lambda model_id, shard: on_shard_written(shard)))[0]
+    return score_models(
+        pool_url,
+        [(arch, pretrained)],
+        settings,
+        address=address,
+        out=out,
+        on_shard_written=on_shard_written and (lambda model_id, shard: on_shard_written(shard)),
+    )[0]
 
 
-def score_models(pool_url: str, models: Sequence[tuple[str, str]], settings: ScoreSettings | None = None, *,
-                 address: str | None = None, out: str | None = None,
-                 on_shard_written: Callable[[str, str], None] | None = None) -> list[ScoreResult]:
+def score_models(
+    pool_url: str,
+    models: Sequence[tuple[str, str]],
+    settings: ScoreSettings | None = None,
+    *,
+    address: str | None = None,
+    out: str | None = None,
+    on_shard_written: Callable[[str, str], None] | None = None,
+) -> list[ScoreResult]:
     """Embed every shard of the pool with each (architecture, pretrained) model, reading the pool once.
 
     Each model has its own output folder and manifest; a shard is scored only by the models that
@@ -625,8 +714,12 @@ def score_models(pool_url: str, models: Sequence[tuple[str, str]], settings: Sco
         _check_folder_is_this_pools(pool, spec.model_id, pool_sha)
     shards = pool.shard_ids()
     started = time.perf_counter()
-    results = [ScoreResult(s.model_id, 0, 0, 0, 0, 0.0, dict.fromkeys(STAGES, 0.0), folder=f"{pool.embeddings_home}/{s.model_id}")
-               for s in specs]
+    results = [
+        ScoreResult(
+            s.model_id, 0, 0, 0, 0, 0.0, dict.fromkeys(STAGES, 0.0), folder=f"{pool.embeddings_home}/{s.model_id}"
+        )
+        for s in specs
+    ]
     groups: dict[tuple[int, ...], list[str]] = {}  # models that lack a shard -> those shards
     for shard in shards:
         missing = tuple(m for m, spec in enumerate(specs) if not pool.has_embeddings(spec.model_id, shard))
@@ -635,7 +728,9 @@ def score_models(pool_url: str, models: Sequence[tuple[str, str]], settings: Sco
         if missing:
             groups.setdefault(missing, []).append(shard)
     for members, todo in groups.items():  # usually one group: all models lack the same shards
-        _run(pool, [specs[m] for m in members], [results[m] for m in members], todo, settings, address, on_shard_written)
+        _run(
+            pool, [specs[m] for m in members], [results[m] for m in members], todo, settings, address, on_shard_written
+        )
     for spec, result in zip(specs, results):
         if result.shards_scored:
             result.manifest = _write_manifest(pool, spec, result.precision, settings.decode, len(shards), pool_sha)
@@ -657,19 +752,32 @@ def score_summary_rows(result: ScoreResult) -> list[tuple[str, object]]:
     if result.failed:
         rows.append(("undecodable", f"{result.failed:,} (rows kept with null embeddings and a status)"))
     if result.pairs:
-        rows += [("precision", result.precision), ("speed", f"{result.pairs_per_second:,.0f} pairs/s ({result.seconds:.1f} s)"),
-                 ("time split", f"{split} (of {busy:.1f} worker-seconds)")]
+        rows += [
+            ("precision", result.precision),
+            ("speed", f"{result.pairs_per_second:,.0f} pairs/s ({result.seconds:.1f} s)"),
+            ("time split", f"{split} (of {busy:.1f} worker-seconds)"),
+        ]
     return rows
 
 
-def _run(pool: Pool, specs: list[ModelSpec], results: list[ScoreResult], todo: list[str], settings: ScoreSettings,
-         address: str | None, on_shard_written: Callable[[str, str], None] | None) -> None:
+def _run(
+    pool: Pool,
+    specs: list[ModelSpec],
+    results: list[ScoreResult],
+    todo: list[str],
+    settings: ScoreSettings,
+    address: str | None,
+    on_shard_written: Callable[[str, str], None] | None,
+) -> None:
     """Score `todo` with every model of `specs` in one pass over those shards."""
     from clipsift.pipeline.parallel import ensure_ray
 
     ensure_ray(address)
     dims = [s.embed_dim for s in specs]
-    buffers = {s: _ShardBuffer(np.array(pool.metadata(s, ["uid"]).column("uid").to_pylist(), dtype=object), dims) for s in todo}
+    buffers = {
+        s: _ShardBuffer(np.array(pool.metadata(s, ["uid"]).column("uid").to_pylist(), dtype=object), dims)
+        for s in todo
+    }
     total = sum(len(b.uids) for b in buffers.values())
     names = specs[0].model_id if len(specs) == 1 else f"{len(specs)} models"
     with progress_bar() as progress:
@@ -698,7 +806,9 @@ def _run(pool: Pool, specs: list[ModelSpec], results: list[ScoreResult], todo: l
                 progress.advance(shard_bar)
             progress.advance(bar, len(batch["uid"]))
     if buffers:
-        raise ClipsiftError(f"scoring ended with {len(buffers)} shard(s) incomplete ({', '.join(sorted(buffers))}); re-run to finish them")
+        raise ClipsiftError(
+            f"scoring ended with {len(buffers)} shard(s) incomplete ({', '.join(sorted(buffers))}); re-run to finish them"
+        )
 
 
 def _gather(buffers: dict[str, _ShardBuffer], batch: dict[str, np.ndarray]) -> Iterator[str]:
@@ -731,10 +841,17 @@ def _dataset(pool_url: str, specs: list[ModelSpec], shards: list[str], settings:
     context.print_on_execution_start = False
     context.execution_options.preserve_order = False
     gpus = ray.cluster_resources().get("GPU", 0)
-    batch_size, decode, workers, gpus_per_worker = settings.batch_size, settings.decode, settings.workers, settings.gpus_per_worker
+    batch_size, decode, workers, gpus_per_worker = (
+        settings.batch_size,
+        settings.decode,
+        settings.workers,
+        settings.gpus_per_worker,
+    )
     gpus_per_worker = (1.0 if gpus else 0.0) if gpus_per_worker is None else gpus_per_worker
     if gpus_per_worker > 0 and not gpus:
-        raise ClipsiftError(f"--gpus-per-worker {gpus_per_worker} asks for GPUs, but the Ray cluster has none; leave it out to run on CPU")
+        raise ClipsiftError(
+            f"--gpus-per-worker {gpus_per_worker} asks for GPUs, but the Ray cluster has none; leave it out to run on CPU"
+        )
     precision = precision_name(settings.precision, on_gpu=gpus_per_worker > 0)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     if workers is None:
@@ -744,13 +861,29 @@ def _dataset(pool_url: str, specs: list[ModelSpec], shards: list[str], settings:
     strategy = _actor_strategy(workers, on_gpu=not on_cpu)
     dataset = (
         ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-        .map_batches(prepare_shards, batch_size=1, batch_format="numpy",
-                     fn_kwargs={"pool_url": pool_url, "inputs": inputs, "batch_size": batch_size, "decode": decode})
-        .map_batches(Embedder, batch_size=None, batch_format="numpy", compute=strategy,
-                     fn_constructor_kwargs={"specs": specs, "inputs": inputs, "precision": precision, "batch_size": batch_size,
-                                            "device": "cpu" if on_cpu else "cuda", "threads": max(1, cpus // workers) if on_cpu else None,
-                                            "decode": decode},
-                     num_gpus=gpus_per_worker or None, num_cpus=1 if on_cpu else None)
+        .map_batches(
+            prepare_shards,
+            batch_size=1,
+            batch_format="numpy",
+            fn_kwargs={"pool_url": pool_url, "inputs": inputs, "batch_size": batch_size, "decode": decode},
+        )
+        .map_batches(
+            Embedder,
+            batch_size=None,
+            batch_format="numpy",
+            compute=strategy,
+            fn_constructor_kwargs={
+                "specs": specs,
+                "inputs": inputs,
+                "precision": precision,
+                "batch_size": batch_size,
+                "device": "cpu" if on_cpu else "cuda",
+                "threads": max(1, cpus // workers) if on_cpu else None,
+                "decode": decode,
+            },
+            num_gpus=gpus_per_worker or None,
+            num_cpus=1 if on_cpu else None,
+        )
     )
     return dataset, precision
 
@@ -763,8 +896,12 @@ def _actor_strategy(workers: int, on_gpu: bool):
 
     if not on_gpu:
         return ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1)
-    return ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=4, max_concurrent_calls_per_actor=GPU_CALLS_PER_ACTOR,
-                                      enable_true_multi_threading=True)
+    return ray.data.ActorPoolStrategy(
+        size=workers,
+        max_tasks_in_flight_per_actor=4,
+        max_concurrent_calls_per_actor=GPU_CALLS_PER_ACTOR,
+        enable_true_multi_threading=True,
+    )
 
 
 def _manifest_path(pool: Pool, model_id: str) -> str:
@@ -778,8 +915,10 @@ def _check_folder_is_this_pools(pool: Pool, model_id: str, pool_sha: str) -> Non
         return
     manifest = json.loads(pool.embeddings_fs.cat_file(path))
     if manifest.get("pool_json_sha256", pool_sha) != pool_sha:
-        raise ClipsiftError(f"{pool.embeddings_folder(model_id)} holds embeddings of another pool ({manifest.get('pool')}, whose "
-                            f"pool.json differs from {pool.url}'s); give this pool its own --out folder")
+        raise ClipsiftError(
+            f"{pool.embeddings_folder(model_id)} holds embeddings of another pool ({manifest.get('pool')}, whose "
+            f"pool.json differs from {pool.url}'s); give this pool its own --out folder"
+        )
 
 
 def _read_manifest(pool: Pool, model_id: str) -> dict[str, Any]:
@@ -788,8 +927,9 @@ def _read_manifest(pool: Pool, model_id: str) -> dict[str, Any]:
     return json.loads(pool.embeddings_fs.cat_file(path)) if pool.embeddings_fs.exists(path) else {}
 
 
-def _write_manifest(pool: Pool, spec: ModelSpec, precision: str | None, decode: str, num_shards: int,
-                    pool_sha: str) -> dict[str, Any]:
+def _write_manifest(
+    pool: Pool, spec: ModelSpec, precision: str | None, decode: str, num_shards: int, pool_sha: str
+) -> dict[str, Any]:
     fs = pool.embeddings_fs
     path = _manifest_path(pool, spec.model_id)
     earlier = json.loads(fs.cat_file(path)).get("decode", []) if fs.exists(path) else []
@@ -801,8 +941,10 @@ def _write_manifest(pool: Pool, spec: ModelSpec, precision: str | None, decode: 
         "pool": pool.url,
         "pool_json_sha256": pool_sha,
         "precision": precision,
-        "preprocessing": (f"open_clip eval transform: resize {transform['size']} {transform['interpolation']} "
-                          f"({transform['resize_mode']}), centre crop, normalize mean/std"),
+        "preprocessing": (
+            f"open_clip eval transform: resize {transform['size']} {transform['interpolation']} "
+            f"({transform['resize_mode']}), centre crop, normalize mean/std"
+        ),
         "decode": sorted({*earlier, _DECODE_NOTES[decode]}),  # every decoder that made some of the shards
         "shards": len(scored),
         "pool_shards": num_shards,

@@ -7,9 +7,9 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
-from clipsift.pipeline.sources import REFERENCE, SourceContext
-from clipsift.pipeline.sources import POOL as POOL_ROLE
 from clipsift.pipeline.score import ScoreSettings
+from clipsift.pipeline.sources import POOL as POOL_ROLE
+from clipsift.pipeline.sources import REFERENCE, SourceContext
 from clipsift.settings import PathOrName, Section
 from clipsift.stage import Check, Outputs, Stage, StageOutput, read_json, sha256_of
 
@@ -92,7 +92,9 @@ class ScoreSpec(ScoreSettings):
         if self.model == FILTERNET and self.pretrained is not None:
             raise ValueError("model: filternet scores with this run's filtering network; leave out `pretrained`")
         if self.model != FILTERNET and self.pretrained is None:
-            raise ValueError(f"model {self.model!r} needs `pretrained:` (an open_clip tag such as openai, or a checkpoint file)")
+            raise ValueError(
+                f"model {self.model!r} needs `pretrained:` (an open_clip tag such as openai, or a checkpoint file)"
+            )
         return self
 
     def score_settings(self) -> ScoreSettings:
@@ -140,11 +142,21 @@ class ScoreStage(Stage[ScoreOutput]):
             arch, pretrained = done[FilternetStage].arch, done[FilternetStage].checkpoint
         else:
             arch, pretrained = spec.model, spec.pretrained
-        result = score_pool(done[PoolStage].path, arch, pretrained, spec.score_settings(), address=self.context.address)
+        result = score_pool(
+            done[PoolStage].path, arch, pretrained, spec.score_settings(), address=self.context.address
+        )
         manifest = result.manifest
-        return ScoreOutput(result.model_id, arch, pretrained, manifest["model"]["weights_sha256"], result.folder,
-                           sha256_of(result.manifest_path), manifest["rows"], manifest["precision"],
-                           round(result.pairs_per_second, 1) if result.pairs else None)
+        return ScoreOutput(
+            result.model_id,
+            arch,
+            pretrained,
+            manifest["model"]["weights_sha256"],
+            result.folder,
+            sha256_of(result.manifest_path),
+            manifest["rows"],
+            manifest["precision"],
+            round(result.pairs_per_second, 1) if result.pairs else None,
+        )
 
     def detail(self, out: ScoreOutput, done: Outputs) -> str:
         return f"{out.model_id}, {out.pairs:,} pairs"
@@ -155,8 +167,13 @@ class ScoreStage(Stage[ScoreOutput]):
         path = out.files()[0]
         found = [Check(f"score: sha256 of {path}", out.manifest_sha256, sha256_of(path))]
         if FilternetStage in done:
-            found.append(Check("score: weights are the filtering network's", done[FilternetStage].weights_sha256,
-                               out.weights_sha256))
+            found.append(
+                Check(
+                    "score: weights are the filtering network's",
+                    done[FilternetStage].weights_sha256,
+                    out.weights_sha256,
+                )
+            )
         return found
 
 
@@ -197,10 +214,23 @@ class ReshardStage(Stage[ReshardOutput]):
         from clipsift.pipeline.reshard import reshard
 
         out = str(self.context.run_dir / "shards")
-        result = reshard(done[PoolStage].path, done[FilterStage].subset, out, shard_size=self.config.reshard.shard_size,
-                         workers=self.context.workers, address=self.context.address)
-        return ReshardOutput(out, result.manifest, sha256_of(result.manifest), result.data_sha256, result.num_samples,
-                             result.num_shards, result.missing_uids)
+        result = reshard(
+            done[PoolStage].path,
+            done[FilterStage].subset,
+            out,
+            shard_size=self.config.reshard.shard_size,
+            workers=self.context.workers,
+            address=self.context.address,
+        )
+        return ReshardOutput(
+            out,
+            result.manifest,
+            sha256_of(result.manifest),
+            result.data_sha256,
+            result.num_samples,
+            result.num_shards,
+            result.missing_uids,
+        )
 
     def detail(self, out: ReshardOutput, done: Outputs) -> str:
         return f"{out.num_samples:,} samples in {out.num_shards} shards"
@@ -209,6 +239,8 @@ class ReshardStage(Stage[ReshardOutput]):
         from clipsift.filters.stage import FilterStage
 
         manifest = read_json(out.manifest)
-        return [Check(f"reshard: sha256 of {out.manifest}", out.manifest_sha256, sha256_of(out.manifest)),
-                Check("reshard: manifest names the subset", done[FilterStage].npy_sha256, manifest["subset_sha256"]),
-                Check("reshard: manifest names the pool", done[PoolStage].pool_json_sha256, manifest["pool_json_sha256"])]
+        return [
+            Check(f"reshard: sha256 of {out.manifest}", out.manifest_sha256, sha256_of(out.manifest)),
+            Check("reshard: manifest names the subset", done[FilterStage].npy_sha256, manifest["subset_sha256"]),
+            Check("reshard: manifest names the pool", done[PoolStage].pool_json_sha256, manifest["pool_json_sha256"]),
+        ]

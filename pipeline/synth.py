@@ -106,8 +106,10 @@ def plan_shard(seed: int, stream: int, index: int, size: int, mix: dict[str, flo
     return plans
 
 
-def _plan_sample(rng: np.random.Generator, kind: str, earlier: list[Plan], clean: list[int], render_seed: tuple[int, ...]) -> Plan:
-    uid = derive_uid("clipsift-synth/{}:".format(GENERATOR_VERSION) + ":".join(map(str, render_seed)))
+def _plan_sample(
+    rng: np.random.Generator, kind: str, earlier: list[Plan], clean: list[int], render_seed: tuple[int, ...]
+) -> Plan:
+    uid = derive_uid(f"clipsift-synth/{GENERATOR_VERSION}:" + ":".join(map(str, render_seed)))
     if kind == "near_duplicate" and not clean:
         kind = "clean"
     if kind == "near_duplicate":
@@ -115,9 +117,19 @@ def _plan_sample(rng: np.random.Generator, kind: str, earlier: list[Plan], clean
         source = earlier[position]
         same_caption = bool(rng.random() < 0.5)
         text = source.caption if same_caption else world.caption(rng, source.scene)
-        return Plan(uid, kind, text, source.original_width, source.original_height, source.width, source.height,
-                    render_seed, source.scene, detail="same_caption" if same_caption else "new_caption",
-                    duplicate_of=position)
+        return Plan(
+            uid,
+            kind,
+            text,
+            source.original_width,
+            source.original_height,
+            source.width,
+            source.height,
+            render_seed,
+            source.scene,
+            detail="same_caption" if same_caption else "new_caption",
+            duplicate_of=position,
+        )
     scene = world.sample_scene(rng)
     size = _crawl_size(rng, (220, 1200), (1.0, 1.6))
     text, detail = world.caption(rng, scene), None
@@ -180,7 +192,11 @@ class _SynthShards:
             image = render_plan(plan, plans)
             url = f"https://synth.clipsift.invalid/{self.seed}/{self.stream}/{index}/{position}.jpg"
             extra = {"label": world.SHAPES.index(plan.scene.shape), **plan.scene.to_dict()} if self.with_labels else {}
-            writer.write(Sample(plan.uid, image, "jpg", plan.caption, url, plan.original_width, plan.original_height, extra=extra))
+            writer.write(
+                Sample(
+                    plan.uid, image, "jpg", plan.caption, url, plan.original_width, plan.original_height, extra=extra
+                )
+            )
 
 
 def _num_shards(num_samples: int, shard_size: int) -> int:
@@ -218,8 +234,15 @@ def synth_pool(
     _check_outside(truth, out)
     shards = _SynthShards(seed, STREAM_POOL, num_samples, shard_size, tuple(NOISE_MIX.items()), with_labels=False)
     params = _params("pool", scale, seed, num_samples, shard_size)
-    info = build_pool(out, name=f"synth-{scale}-seed{seed}", params=params, num_shards=_num_shards(num_samples, shard_size),
-                      fill=shards, desc=f"synth {scale} pool", workers=workers)
+    info = build_pool(
+        out,
+        name=f"synth-{scale}-seed{seed}",
+        params=params,
+        num_shards=_num_shards(num_samples, shard_size),
+        fill=shards,
+        desc=f"synth {scale} pool",
+        workers=workers,
+    )
     table = truth_table(shards, _num_shards(num_samples, shard_size))
     fs, path = open_fs(truth)
     write_atomic(fs, path, lambda handle: pq.write_table(table, handle))
@@ -227,8 +250,15 @@ def synth_pool(
     return SynthResult(info, truth, {k["values"]: k["counts"] for k in kinds})
 
 
-def synth_reference(out: str, *, scale: str = "xs", seed: int = 0, num_samples: int | None = None,
-                    shard_size: int | None = None, workers: int | None = None) -> dict[str, Any]:
+def synth_reference(
+    out: str,
+    *,
+    scale: str = "xs",
+    seed: int = 0,
+    num_samples: int | None = None,
+    shard_size: int | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
     """A clean, labelled set from the same world (the role ImageNet plays for DataComp's image filter).
 
     Its metadata carries the scene attributes (shape, colour, count, size, position, background,
@@ -239,13 +269,27 @@ def synth_reference(out: str, *, scale: str = "xs", seed: int = 0, num_samples: 
     shard_size = shard_size or preset.shard_size
     shards = _SynthShards(seed, STREAM_REFERENCE, num_samples, shard_size, (("clean", 1.0),), with_labels=True)
     params = _params("reference", scale, seed, num_samples, shard_size)
-    return build_pool(out, name=f"synth-{scale}-reference-seed{seed}", params=params,
-                      num_shards=_num_shards(num_samples, shard_size), fill=shards, desc=f"synth {scale} reference", workers=workers)
+    return build_pool(
+        out,
+        name=f"synth-{scale}-reference-seed{seed}",
+        params=params,
+        num_shards=_num_shards(num_samples, shard_size),
+        fill=shards,
+        desc=f"synth {scale} reference",
+        workers=workers,
+    )
 
 
 def _params(kind: str, scale: str, seed: int, num_samples: int, shard_size: int) -> dict[str, Any]:
-    source = {"kind": f"synth-{kind}", "scale": scale, "seed": seed, "generator_version": GENERATOR_VERSION,
-              "num_samples": num_samples, "shard_size": shard_size, "image_size": IMAGE_SIZE}
+    source = {
+        "kind": f"synth-{kind}",
+        "scale": scale,
+        "seed": seed,
+        "generator_version": GENERATOR_VERSION,
+        "num_samples": num_samples,
+        "shard_size": shard_size,
+        "image_size": IMAGE_SIZE,
+    }
     return {**source, "sources": [source]}
 
 
@@ -254,14 +298,20 @@ def truth_table(shards: _SynthShards, num_shards: int) -> pa.Table:
     for index in range(num_shards):
         plans = shards.plans(index)
         for plan in plans:
-            scene = plan.scene.to_dict() if plan.scene else dict.fromkeys(("shape", "colour", "count", "size", "position", "background", "bg_colour"))
-            rows.append({
-                "uid": plan.uid,
-                "kind": plan.kind,
-                "detail": plan.detail,
-                "duplicate_of": plans[plan.duplicate_of].uid if plan.duplicate_of is not None else None,
-                **scene,
-            })
+            scene = (
+                plan.scene.to_dict()
+                if plan.scene
+                else dict.fromkeys(("shape", "colour", "count", "size", "position", "background", "bg_colour"))
+            )
+            rows.append(
+                {
+                    "uid": plan.uid,
+                    "kind": plan.kind,
+                    "detail": plan.detail,
+                    "duplicate_of": plans[plan.duplicate_of].uid if plan.duplicate_of is not None else None,
+                    **scene,
+                }
+            )
     return pa.Table.from_pylist(rows)
 
 
@@ -272,4 +322,6 @@ def default_truth_path(pool_out: str) -> str:
 def _check_outside(truth: str, pool_out: str) -> None:
     truth_abs, pool_abs = os.path.abspath(truth), os.path.abspath(pool_out)
     if "://" not in truth and (truth_abs + os.sep).startswith(pool_abs.rstrip(os.sep) + os.sep):
-        raise ClipsiftError(f"--truth {truth} lies inside the pool {pool_out}; filters must never see it, so write it elsewhere")
+        raise ClipsiftError(
+            f"--truth {truth} lies inside the pool {pool_out}; filters must never see it, so write it elsewhere"
+        )

@@ -17,7 +17,23 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "ring", "hexagon", "crescent", "arrow")
-SHAPE_PLURALS = dict(zip(SHAPES, ("circles", "squares", "triangles", "stars", "crosses", "diamonds", "rings", "hexagons", "crescents", "arrows")))
+SHAPE_PLURALS = dict(
+    zip(
+        SHAPES,
+        (
+            "circles",
+            "squares",
+            "triangles",
+            "stars",
+            "crosses",
+            "diamonds",
+            "rings",
+            "hexagons",
+            "crescents",
+            "arrows",
+        ),
+    )
+)
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
     "orange": (245, 135, 20),
@@ -97,14 +113,29 @@ _POLYGONS: dict[str, list[tuple[float, float]]] = {
     "square": [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)],
     "triangle": _regular_polygon(3, -math.pi / 2),
     "star": _star(),
-    "cross": [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1), (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)],
+    "cross": [
+        (-0.3, -1),
+        (0.3, -1),
+        (0.3, -0.3),
+        (1, -0.3),
+        (1, 0.3),
+        (0.3, 0.3),
+        (0.3, 1),
+        (-0.3, 1),
+        (-0.3, 0.3),
+        (-1, 0.3),
+        (-1, -0.3),
+        (-0.3, -0.3),
+    ],
     "diamond": [(0, -1), (0.65, 0), (0, 1), (-0.65, 0)],
     "hexagon": _regular_polygon(6),
     "arrow": [(-1, -0.25), (0.2, -0.25), (0.2, -0.65), (1, 0), (0.2, 0.65), (0.2, 0.25), (-1, 0.25)],
 }
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float, outline: int) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float, outline: int
+) -> None:
     """Draw one object (value 255) on a mask; `outline` > 0 draws only the contour that wide."""
     fill, width = (None, outline) if outline else (255, 0)
     box = (cx - r, cy - r, cx + r, cy + r)
@@ -162,13 +193,21 @@ def render_background(rng: np.random.Generator, kind: str, bg_colour: str, width
     return np.clip(image, 0, 255).astype(np.float32)
 
 
-def _object_centres(rng: np.random.Generator, scene: Scene, width: int, height: int, radius: float) -> list[tuple[float, float]]:
+def _object_centres(
+    rng: np.random.Generator, scene: Scene, width: int, height: int, radius: float
+) -> list[tuple[float, float]]:
     """Object centres inside the image's central square, which is what a centre crop keeps."""
     side = min(width, height)
     x0, y0 = (width - side) / 2, (height - side) / 2
     margin = radius * 1.05
     if scene.count == 1:
-        fx, fy = {"center": (0.5, 0.5), "left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75)}[scene.position]
+        fx, fy = {
+            "center": (0.5, 0.5),
+            "left": (0.25, 0.5),
+            "right": (0.75, 0.5),
+            "top": (0.5, 0.25),
+            "bottom": (0.5, 0.75),
+        }[scene.position]
         cx = float(np.clip(fx * side + rng.normal(0, side * 0.03), margin, side - margin))
         cy = float(np.clip(fy * side + rng.normal(0, side * 0.03), margin, side - margin))
         return [(x0 + cx, y0 + cy)]
@@ -176,7 +215,10 @@ def _object_centres(rng: np.random.Generator, scene: Scene, width: int, height: 
     for _ in range(scene.count):
         best, best_gap = (0.0, 0.0), -1.0
         for _ in range(12):  # keep the candidate farthest from the objects already placed
-            candidate = (x0 + float(rng.uniform(margin, side - margin)), y0 + float(rng.uniform(margin, side - margin)))
+            candidate = (
+                x0 + float(rng.uniform(margin, side - margin)),
+                y0 + float(rng.uniform(margin, side - margin)),
+            )
             gap = min((math.dist(candidate, c) for c in centres), default=1e9)
             if gap > best_gap:
                 best, best_gap = candidate, gap
@@ -186,7 +228,9 @@ def _object_centres(rng: np.random.Generator, scene: Scene, width: int, height: 
     return centres
 
 
-def render_scene(rng: np.random.Generator, scene: Scene, width: int = 64, height: int = 64, style: str = "flat") -> Image.Image:
+def render_scene(
+    rng: np.random.Generator, scene: Scene, width: int = 64, height: int = 64, style: str = "flat"
+) -> Image.Image:
     """Draw `scene`; `style` "outline" draws contours only (the tiny suite's distribution shift)."""
     background = render_background(rng, scene.background, scene.bg_colour, width, height)
     scale = min(width, height) * (0.15 if scene.size == "small" else 0.24) * (1.0 if scene.count < 3 else 0.85)
@@ -302,34 +346,109 @@ NUM_TEMPLATES = len(_TEMPLATES)
 # shape (singular, plural) and colour words per language, in the order of SHAPES / COLOURS
 _FOREIGN: dict[str, dict[str, Any]] = {
     "de": dict(
-        shapes=[("Kreis", "Kreise"), ("Quadrat", "Quadrate"), ("Dreieck", "Dreiecke"), ("Stern", "Sterne"), ("Kreuz", "Kreuze"), ("Raute", "Rauten"), ("Ring", "Ringe"), ("Sechseck", "Sechsecke"), ("Mondsichel", "Mondsicheln"), ("Pfeil", "Pfeile")],
+        shapes=[
+            ("Kreis", "Kreise"),
+            ("Quadrat", "Quadrate"),
+            ("Dreieck", "Dreiecke"),
+            ("Stern", "Sterne"),
+            ("Kreuz", "Kreuze"),
+            ("Raute", "Rauten"),
+            ("Ring", "Ringe"),
+            ("Sechseck", "Sechsecke"),
+            ("Mondsichel", "Mondsicheln"),
+            ("Pfeil", "Pfeile"),
+        ],
         colours=["rot", "orange", "gelb", "grün", "blau", "lila", "rosa", "braun", "schwarz", "weiß"],
         counts=["ein", "zwei", "drei", "vier"],
-        templates=["Foto von {n} {shape} in der Farbe {colour} auf einem Hintergrund mit Muster", "{n} {shape} in {colour} – Bild kostenlos herunterladen", "Zeichnung für Kinder: {n} {shape}, Farbe {colour}, einfacher Hintergrund"],
+        templates=[
+            "Foto von {n} {shape} in der Farbe {colour} auf einem Hintergrund mit Muster",
+            "{n} {shape} in {colour} – Bild kostenlos herunterladen",
+            "Zeichnung für Kinder: {n} {shape}, Farbe {colour}, einfacher Hintergrund",
+        ],
     ),
     "fr": dict(
-        shapes=[("cercle", "cercles"), ("carré", "carrés"), ("triangle", "triangles"), ("étoile", "étoiles"), ("croix", "croix"), ("losange", "losanges"), ("anneau", "anneaux"), ("hexagone", "hexagones"), ("croissant", "croissants"), ("flèche", "flèches")],
+        shapes=[
+            ("cercle", "cercles"),
+            ("carré", "carrés"),
+            ("triangle", "triangles"),
+            ("étoile", "étoiles"),
+            ("croix", "croix"),
+            ("losange", "losanges"),
+            ("anneau", "anneaux"),
+            ("hexagone", "hexagones"),
+            ("croissant", "croissants"),
+            ("flèche", "flèches"),
+        ],
         colours=["rouge", "orange", "jaune", "vert", "bleu", "violet", "rose", "marron", "noir", "blanc"],
         counts=["un", "deux", "trois", "quatre"],
-        templates=["Photo de {n} {shape} de couleur {colour} sur un fond à motifs", "{n} {shape} {colour} – image gratuite à télécharger", "Dessin pour les enfants avec {n} {shape} de couleur {colour} sur un fond simple"],
+        templates=[
+            "Photo de {n} {shape} de couleur {colour} sur un fond à motifs",
+            "{n} {shape} {colour} – image gratuite à télécharger",
+            "Dessin pour les enfants avec {n} {shape} de couleur {colour} sur un fond simple",
+        ],
     ),
     "es": dict(
-        shapes=[("círculo", "círculos"), ("cuadrado", "cuadrados"), ("triángulo", "triángulos"), ("estrella", "estrellas"), ("cruz", "cruces"), ("rombo", "rombos"), ("anillo", "anillos"), ("hexágono", "hexágonos"), ("media luna", "medias lunas"), ("flecha", "flechas")],
+        shapes=[
+            ("círculo", "círculos"),
+            ("cuadrado", "cuadrados"),
+            ("triángulo", "triángulos"),
+            ("estrella", "estrellas"),
+            ("cruz", "cruces"),
+            ("rombo", "rombos"),
+            ("anillo", "anillos"),
+            ("hexágono", "hexágonos"),
+            ("media luna", "medias lunas"),
+            ("flecha", "flechas"),
+        ],
         colours=["rojo", "naranja", "amarillo", "verde", "azul", "morado", "rosa", "marrón", "negro", "blanco"],
         counts=["un", "dos", "tres", "cuatro"],
-        templates=["Foto de {n} {shape} de color {colour} sobre un fondo con dibujos", "{n} {shape} de color {colour} - imagen gratis para descargar", "Dibujo para niños con {n} {shape} de color {colour} y un fondo sencillo"],
+        templates=[
+            "Foto de {n} {shape} de color {colour} sobre un fondo con dibujos",
+            "{n} {shape} de color {colour} - imagen gratis para descargar",
+            "Dibujo para niños con {n} {shape} de color {colour} y un fondo sencillo",
+        ],
     ),
     "it": dict(
-        shapes=[("cerchio", "cerchi"), ("quadrato", "quadrati"), ("triangolo", "triangoli"), ("stella", "stelle"), ("croce", "croci"), ("rombo", "rombi"), ("anello", "anelli"), ("esagono", "esagoni"), ("mezzaluna", "mezzelune"), ("freccia", "frecce")],
+        shapes=[
+            ("cerchio", "cerchi"),
+            ("quadrato", "quadrati"),
+            ("triangolo", "triangoli"),
+            ("stella", "stelle"),
+            ("croce", "croci"),
+            ("rombo", "rombi"),
+            ("anello", "anelli"),
+            ("esagono", "esagoni"),
+            ("mezzaluna", "mezzelune"),
+            ("freccia", "frecce"),
+        ],
         colours=["rosso", "arancione", "giallo", "verde", "blu", "viola", "rosa", "marrone", "nero", "bianco"],
         counts=["un", "due", "tre", "quattro"],
-        templates=["Foto di {n} {shape} di colore {colour} su uno sfondo decorato", "{n} {shape} di colore {colour} - immagine gratuita da scaricare", "Disegno per bambini con {n} {shape} di colore {colour} e uno sfondo semplice"],
+        templates=[
+            "Foto di {n} {shape} di colore {colour} su uno sfondo decorato",
+            "{n} {shape} di colore {colour} - immagine gratuita da scaricare",
+            "Disegno per bambini con {n} {shape} di colore {colour} e uno sfondo semplice",
+        ],
     ),
     "pt": dict(
-        shapes=[("círculo", "círculos"), ("quadrado", "quadrados"), ("triângulo", "triângulos"), ("estrela", "estrelas"), ("cruz", "cruzes"), ("losango", "losangos"), ("anel", "anéis"), ("hexágono", "hexágonos"), ("lua crescente", "luas crescentes"), ("seta", "setas")],
+        shapes=[
+            ("círculo", "círculos"),
+            ("quadrado", "quadrados"),
+            ("triângulo", "triângulos"),
+            ("estrela", "estrelas"),
+            ("cruz", "cruzes"),
+            ("losango", "losangos"),
+            ("anel", "anéis"),
+            ("hexágono", "hexágonos"),
+            ("lua crescente", "luas crescentes"),
+            ("seta", "setas"),
+        ],
         colours=["vermelho", "laranja", "amarelo", "verde", "azul", "roxo", "rosa", "marrom", "preto", "branco"],
         counts=["um", "dois", "três", "quatro"],
-        templates=["Foto de {n} {shape} na cor {colour} sobre um fundo com desenhos", "{n} {shape} na cor {colour} - imagem grátis para baixar", "Desenho para crianças com {n} {shape} na cor {colour} e um fundo simples"],
+        templates=[
+            "Foto de {n} {shape} na cor {colour} sobre um fundo com desenhos",
+            "{n} {shape} na cor {colour} - imagem grátis para baixar",
+            "Desenho para crianças com {n} {shape} na cor {colour} e um fundo simples",
+        ],
     ),
 }
 LANGUAGES = tuple(_FOREIGN)

@@ -7,8 +7,9 @@ import os
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -18,25 +19,32 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from clipsift.pipeline.pool import Sample, derive_uid, finalize_pool, write_shard  # noqa: E402
 
-
 REPO = Path(__file__).resolve().parent.parent  # the checkout: configs/, docs/, bench/
 CLI_ENV = {"COLUMNS": "250", "RAY_AUTH_MODE": "disabled"}  # no line wrapping inside messages
 
 
 def clipsift(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """The `clipsift` command line, run as a user runs it (a subprocess), to its end."""
-    return subprocess.run([sys.executable, "-m", "clipsift", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **CLI_ENV})
+    return subprocess.run(
+        [sys.executable, "-m", "clipsift", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **CLI_ENV},
+    )
 
 
 def clipsift_started(*args: str, **popen: Any) -> subprocess.Popen:
     """The `clipsift` command line started in a session of its own (so a test can kill it and its Ray workers)."""
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
-    return subprocess.Popen([sys.executable, "-m", "clipsift", *args], env={**os.environ, **CLI_ENV}, start_new_session=True,
-                            **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "clipsift", *args], env={**os.environ, **CLI_ENV}, start_new_session=True, **popen
+    )
 
 
-def image_bytes(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (24, 16), fmt: str = "JPEG") -> bytes:
+def image_bytes(
+    colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (24, 16), fmt: str = "JPEG"
+) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, format=fmt)
     return buffer.getvalue()
@@ -93,12 +101,24 @@ def browser(tmp_path: Path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(path)]
     if missing:
-        pytest.skip(f"{', '.join(missing)} not found: install Debian's chromium and chromium-driver (.ci/services does)")
+        pytest.skip(
+            f"{', '.join(missing)} not found: install Debian's chromium and chromium-driver (.ci/services does)"
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,900"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1280,900",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
     driver.set_page_load_timeout(60)

@@ -54,22 +54,42 @@ def train_filternet(reference: str, out: str, *, scale: str = "xs", workers: int
         return done
     pool = Pool(reference)
     if not pool.info:
-        raise ClipsiftError(f"{reference}: no pool.json, so not a clipsift pool; write a reference set with "
-                            "`clipsift pool synth --reference` or import your curated pairs with `clipsift pool import`")
+        raise ClipsiftError(
+            f"{reference}: no pool.json, so not a clipsift pool; write a reference set with "
+            "`clipsift pool synth --reference` or import your curated pairs with `clipsift pool import`"
+        )
     recipe = load_scale(scale)
     subset = apply_recipe(reference, load_recipe("no_filter"), str(root / "reference.npy"), workers=workers)
     shard_size = max(1, min(10_000, subset.num_uids // 8))  # enough shards for the data workers to share
     shards = reshard(reference, subset.subset, str(root / "shards"), shard_size=shard_size, workers=workers)
     run = train(scale, [(shards.out, 1.0)], str(root / "run"), infra=Infra(workers=1))
     fs, path = open_fs(str(run.checkpoint))
-    result = FilternetResult(run.run, run.checkpoint, recipe.model, file_sha256(fs, path), subset.num_uids, run.samples_seen,
-                             time.perf_counter() - started)
-    write_json_atomic(*open_fs(str(root / MANIFEST)), {
-        "format": "clipsift-filternet/1", "reference": str(reference), "reference_pool_json_sha256": subset.info["pool_json_sha256"],
-        "reference_samples": result.reference_samples, "scale": scale, "arch": result.arch, "checkpoint": str(result.checkpoint),
-        "weights_sha256": result.weights_sha256, "model_id": result.model_id, "samples_seen": result.samples_seen,
-        "clipsift_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
+    result = FilternetResult(
+        run.run,
+        run.checkpoint,
+        recipe.model,
+        file_sha256(fs, path),
+        subset.num_uids,
+        run.samples_seen,
+        time.perf_counter() - started,
+    )
+    write_json_atomic(
+        *open_fs(str(root / MANIFEST)),
+        {
+            "format": "clipsift-filternet/1",
+            "reference": str(reference),
+            "reference_pool_json_sha256": subset.info["pool_json_sha256"],
+            "reference_samples": result.reference_samples,
+            "scale": scale,
+            "arch": result.arch,
+            "checkpoint": str(result.checkpoint),
+            "weights_sha256": result.weights_sha256,
+            "model_id": result.model_id,
+            "samples_seen": result.samples_seen,
+            "clipsift_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
     return result
 
 
@@ -80,10 +100,21 @@ def _finished(root: Path, reference: str, scale: str) -> FilternetResult | None:
         return None
     record = json.loads(manifest.read_text(encoding="utf-8"))
     if record["scale"] != scale or Path(record["reference"]).resolve() != Path(reference).resolve():
-        raise ClipsiftError(f"{root} holds a filtering network trained on {record['reference']} at scale {record['scale']}; "
-                            "give another --out or remove that folder")
+        raise ClipsiftError(
+            f"{root} holds a filtering network trained on {record['reference']} at scale {record['scale']}; "
+            "give another --out or remove that folder"
+        )
     checkpoint = Path(record["checkpoint"])
     if not checkpoint.exists():
-        raise ClipsiftError(f"{manifest} names the checkpoint {checkpoint}, which is gone; remove {root} and train again")
-    return FilternetResult(root / "run", checkpoint, record["arch"], record["weights_sha256"], record["reference_samples"],
-                           record["samples_seen"], 0.0)
+        raise ClipsiftError(
+            f"{manifest} names the checkpoint {checkpoint}, which is gone; remove {root} and train again"
+        )
+    return FilternetResult(
+        root / "run",
+        checkpoint,
+        record["arch"],
+        record["weights_sha256"],
+        record["reference_samples"],
+        record["samples_seen"],
+        0.0,
+    )

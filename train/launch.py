@@ -59,8 +59,10 @@ def shard_pattern(paths: list[str]) -> str:
     width = len(stems[0])
     numbers = [int(s) for s in stems] if all(s.isdigit() and len(s) == width for s in stems) else []
     if numbers != list(range(numbers[0], numbers[0] + len(stems))) if numbers else True:
-        raise ClipsiftError(f"{folder}: shard names must be consecutive numbers (00000000.tar, 00000001.tar, ...) "
-                            "to be given to open_clip_train; reshard the data with `clipsift reshard`")
+        raise ClipsiftError(
+            f"{folder}: shard names must be consecutive numbers (00000000.tar, 00000001.tar, ...) "
+            "to be given to open_clip_train; reshard the data with `clipsift reshard`"
+        )
     return f"{folder}/{{{stems[0]}..{stems[-1]}}}.tar"
 
 
@@ -68,7 +70,9 @@ def open_data(path: str, weight: float = 1.0) -> DataSource:
     """A resharded folder (or any pool), checked so that open_clip_train neither drops nor hangs."""
     root = Path(path)
     if not root.exists():
-        raise ClipsiftError(f"--data {path}: no such folder; make it with `clipsift reshard POOL --subset subset.npy --out {path}`")
+        raise ClipsiftError(
+            f"--data {path}: no such folder; make it with `clipsift reshard POOL --subset subset.npy --out {path}`"
+        )
     manifest = read_manifest(str(root)) if (root / "manifest.json").exists() else {}
     if manifest:
         shards = [str((root / entry["path"]).resolve()) for entry in manifest["shards"]]
@@ -91,10 +95,16 @@ def _check_first_sample(shard: str) -> None:
         entry = next(iter_tar(handle, source=shard), None)
     if entry is None:
         raise ClipsiftError(f"{shard}: the shard holds no samples; remove it or reshard")
-    missing = [name for name, ok in (("txt", "txt" in entry.members), ("image (jpg/png/webp)", image_member(entry) is not None)) if not ok]
+    missing = [
+        name
+        for name, ok in (("txt", "txt" in entry.members), ("image (jpg/png/webp)", image_member(entry) is not None))
+        if not ok
+    ]
     if missing:
-        raise ClipsiftError(f"{shard}: sample {entry.key!r} has no {' or '.join(missing)} member "
-                            f"(members: {', '.join(sorted(entry.members))}); open_clip_train would drop every such sample")
+        raise ClipsiftError(
+            f"{shard}: sample {entry.key!r} has no {' or '.join(missing)} member "
+            f"(members: {', '.join(sorted(entry.members))}); open_clip_train would drop every such sample"
+        )
 
 
 @dataclass(frozen=True)
@@ -115,39 +125,68 @@ class Infra:
         return {"precision": self.precision} if self.precision and self.precision != recipe.precision else {}
 
 
-def open_clip_args(recipe: Recipe, sources: list[DataSource], run: Path, plan: BatchPlan, infra: Infra, device: str) -> list[str]:
+def open_clip_args(
+    recipe: Recipe, sources: list[DataSource], run: Path, plan: BatchPlan, infra: Infra, device: str
+) -> list[str]:
     args = [
-        "--train-data", "::".join(s.spec() for s in sources),
-        "--train-num-samples", str(recipe.samples_per_epoch),
-        "--dataset-type", "webdataset",
-        "--batch-size", str(plan.per_device_batch),
-        "--accum-freq", str(plan.accum_freq),
-        "--epochs", str(recipe.epochs),
-        "--lr", str(recipe.lr),
-        "--warmup", str(recipe.warmup),
-        "--beta1", str(recipe.beta1),
-        "--beta2", str(recipe.beta2),
-        "--eps", str(recipe.eps),
-        "--wd", str(recipe.weight_decay),
-        "--model", recipe.model,
-        "--precision", infra.precision or recipe.precision,
-        "--workers", str(infra.workers),
-        "--seed", str(infra.seed_for(recipe)),
-        "--device", device,
-        "--logs", str(run.parent),
-        "--name", run.name,
-        "--save-frequency", "1",
+        "--train-data",
+        "::".join(s.spec() for s in sources),
+        "--train-num-samples",
+        str(recipe.samples_per_epoch),
+        "--dataset-type",
+        "webdataset",
+        "--batch-size",
+        str(plan.per_device_batch),
+        "--accum-freq",
+        str(plan.accum_freq),
+        "--epochs",
+        str(recipe.epochs),
+        "--lr",
+        str(recipe.lr),
+        "--warmup",
+        str(recipe.warmup),
+        "--beta1",
+        str(recipe.beta1),
+        "--beta2",
+        str(recipe.beta2),
+        "--eps",
+        str(recipe.eps),
+        "--wd",
+        str(recipe.weight_decay),
+        "--model",
+        recipe.model,
+        "--precision",
+        infra.precision or recipe.precision,
+        "--workers",
+        str(infra.workers),
+        "--seed",
+        str(infra.seed_for(recipe)),
+        "--device",
+        device,
+        "--logs",
+        str(run.parent),
+        "--name",
+        run.name,
+        "--save-frequency",
+        "1",
         "--save-most-recent",
-        "--resume", "latest",
-        "--log-every-n-steps", "1" if recipe.samples_seen // recipe.global_batch <= 2000 else "20",
-        "--zeroshot-frequency", "0",
+        "--resume",
+        "latest",
+        "--log-every-n-steps",
+        "1" if recipe.samples_seen // recipe.global_batch <= 2000 else "20",
+        "--zeroshot-frequency",
+        "0",
     ]
     if recipe.dataset_resampled:
         args.append("--dataset-resampled")
     if len(sources) > 1 or any(s.weight != 1.0 for s in sources):
         args += ["--train-data-upsampling-factors", "::".join(str(s.weight) for s in sources)]
-    for flag, on in (("--local-loss", recipe.local_loss), ("--gather-with-grad", recipe.gather_with_grad),
-                     ("--grad-checkpointing", recipe.grad_checkpointing), ("--torchcompile", infra.torchcompile)):
+    for flag, on in (
+        ("--local-loss", recipe.local_loss),
+        ("--gather-with-grad", recipe.gather_with_grad),
+        ("--grad-checkpointing", recipe.grad_checkpointing),
+        ("--torchcompile", infra.torchcompile),
+    ):
         if on:
             args.append(flag)
     return args
@@ -174,10 +213,14 @@ def train(scale: str, data: list[tuple[str, float]], out: str, *, infra: Infra =
         raise ClipsiftError("no --data given; pass the folder written by `clipsift reshard`")
     sources = [open_data(path, weight) for path, weight in data]
     if infra.workers > min(len(s.shards) for s in sources) and not recipe.dataset_resampled:
-        raise ClipsiftError(f"{infra.workers} data workers but only {min(len(s.shards) for s in sources)} shards; use --workers at most that")
+        raise ClipsiftError(
+            f"{infra.workers} data workers but only {min(len(s.shards) for s in sources)} shards; use --workers at most that"
+        )
     if infra.workers > sum(len(s.shards) for s in sources):
-        raise ClipsiftError(f"{infra.workers} data workers but only {sum(len(s.shards) for s in sources)} shards in all; "
-                            "open_clip_train needs at least one shard per worker: lower --workers or reshard into more shards")
+        raise ClipsiftError(
+            f"{infra.workers} data workers but only {sum(len(s.shards) for s in sources)} shards in all; "
+            "open_clip_train needs at least one shard per worker: lower --workers or reshard into more shards"
+        )
     resumed_from = _check_run_dir(run, recipe)
     plan = plan_batches(recipe.global_batch, infra.devices, infra.max_per_device_batch)
     device = _device(infra.devices)
@@ -193,14 +236,34 @@ def train(scale: str, data: list[tuple[str, float]], out: str, *, infra: Infra =
     epochs_done = _epochs_done(checkpoint)
     if status != 0 or epochs_done < recipe.epochs:
         _write_run_json(run, {**record, "status": "failed", "exit_status": status, "epochs_done": epochs_done})
-        raise ClipsiftError(f"open_clip_train stopped after {epochs_done}/{recipe.epochs} epochs (exit status {status}); "
-                            f"see {run / 'out.log'}, then re-run the same command to resume")
+        raise ClipsiftError(
+            f"open_clip_train stopped after {epochs_done}/{recipe.epochs} epochs (exit status {status}); "
+            f"see {run / 'out.log'}, then re-run the same command to resume"
+        )
     losses, speeds = parse_log(run / "out.log")
     speed = steady_speed(speeds)
-    result = TrainResult(run, checkpoint, recipe.samples_per_epoch * epochs_done, epochs_done,
-                         losses[-1] if losses else None, speed, resumed_from, time.time() - started)
-    _write_run_json(run, {**record, "status": "complete", "ended": _now(), "samples_seen": result.samples_seen,
-                          "final_loss": result.final_loss, "samples_per_second": speed, "checkpoint": str(checkpoint)})
+    result = TrainResult(
+        run,
+        checkpoint,
+        recipe.samples_per_epoch * epochs_done,
+        epochs_done,
+        losses[-1] if losses else None,
+        speed,
+        resumed_from,
+        time.time() - started,
+    )
+    _write_run_json(
+        run,
+        {
+            **record,
+            "status": "complete",
+            "ended": _now(),
+            "samples_seen": result.samples_seen,
+            "final_loss": result.final_loss,
+            "samples_per_second": speed,
+            "checkpoint": str(checkpoint),
+        },
+    )
     return result
 
 
@@ -208,7 +271,11 @@ def train_summary_rows(result: TrainResult) -> list[tuple[str, object]]:
     rows: list[tuple[str, object]] = [
         ("run", result.run),
         ("samples seen", result.samples_seen),
-        ("epochs", f"{result.epochs_done}" + (f" (resumed after epoch {result.resumed_from_epoch})" if result.resumed_from_epoch else "")),
+        (
+            "epochs",
+            f"{result.epochs_done}"
+            + (f" (resumed after epoch {result.resumed_from_epoch})" if result.resumed_from_epoch else ""),
+        ),
         ("final loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"),
         ("speed", f"{result.samples_per_second:,.0f} samples/s" if result.samples_per_second else "n/a"),
         ("time", f"{result.seconds:.0f} s"),
@@ -224,12 +291,16 @@ def _check_run_dir(run: Path, recipe: Recipe) -> int:
     previous = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else None
     if previous is None:
         if any(run.iterdir()):
-            raise ClipsiftError(f"{run} exists but is not a clipsift run (no run.json, no checkpoint to resume from); "
-                                "delete it or choose another --out (open_clip_train would exit without training)")
+            raise ClipsiftError(
+                f"{run} exists but is not a clipsift run (no run.json, no checkpoint to resume from); "
+                "delete it or choose another --out (open_clip_train would exit without training)"
+            )
         return 0
     if previous["recipe"] != recipe.to_dict():
-        raise ClipsiftError(f"{run} was trained with the {previous['recipe']['scale']} recipe v{previous['recipe']['version']}; "
-                            "resume it with the same --scale or choose another --out")
+        raise ClipsiftError(
+            f"{run} was trained with the {previous['recipe']['scale']} recipe v{previous['recipe']['version']}; "
+            "resume it with the same --scale or choose another --out"
+        )
     return _epochs_done(run / CHECKPOINTS / LATEST)
 
 
@@ -246,8 +317,10 @@ def _device(devices: int) -> str:
     several gloo processes (slow, but the same launch and batch arithmetic as on GPUs)."""
     available = _cuda_devices()
     if available and devices > available:
-        raise ClipsiftError(f"--gpus {devices} but this machine has {available} GPU(s); use --gpus {available} or fewer, "
-                            "or run on more GPUs (the global batch stays the recipe's either way)")
+        raise ClipsiftError(
+            f"--gpus {devices} but this machine has {available} GPU(s); use --gpus {available} or fewer, "
+            "or run on more GPUs (the global batch stays the recipe's either way)"
+        )
     return "cuda" if available else "cpu"
 
 
@@ -267,9 +340,18 @@ def compute_threads(device: str, infra: Infra) -> int | None:
 
 
 def _launch(args: list[str], devices: int, log: Path, total_samples: int, threads: int | None = None) -> int:
-    if devices > 1:  # the workers read the arguments from run.json: torchrun's parser would take --logs for its --logs-specs
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={devices}", "-m", "clipsift.train.worker",
-                   str(log.parent / "run.json")]
+    if (
+        devices > 1
+    ):  # the workers read the arguments from run.json: torchrun's parser would take --logs for its --logs-specs
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={devices}",
+            "-m",
+            "clipsift.train.worker",
+            str(log.parent / "run.json"),
+        ]
         with _LogProgress(log, total_samples):
             return subprocess.run(command, stdout=subprocess.DEVNULL).returncode
     from open_clip_train.main import main as open_clip_main
@@ -286,8 +368,16 @@ def _open_clip_train_in_process(threads: int | None) -> Iterator[None]:
     every line. Threads, loggers and handlers are given back afterwards."""
     import torch
 
-    levels = {name: logger.level for name, logger in logging.root.manager.loggerDict.items() if isinstance(logger, logging.Logger)}
-    root_level, root_handlers, threads_before = logging.root.level, list(logging.root.handlers), torch.get_num_threads()
+    levels = {
+        name: logger.level
+        for name, logger in logging.root.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
+    root_level, root_handlers, threads_before = (
+        logging.root.level,
+        list(logging.root.handlers),
+        torch.get_num_threads(),
+    )
     for handler in root_handlers:
         logging.root.removeHandler(handler)
     torch.set_num_threads(threads or threads_before)
@@ -324,8 +414,9 @@ class _LogProgress(threading.Thread):
         self.join()
 
     def run(self) -> None:
-        from clipsift.pipeline.ui import progress_bar
         from rich.console import Console
+
+        from clipsift.pipeline.ui import progress_bar
 
         with progress_bar(Console(file=sys.__stderr__)) as progress:
             task = progress.add_task("train", total=self.total)
@@ -338,7 +429,9 @@ class _LogProgress(threading.Thread):
         steps = list(_LOSS.finditer(text))
         if steps:
             epoch, seen, per_epoch, loss = (steps[-1].group(i) for i in (1, 2, 3, 4))
-            progress.update(task, completed=int(epoch) * int(per_epoch) + int(seen), description=f"train (loss {float(loss):.3f})")
+            progress.update(
+                task, completed=int(epoch) * int(per_epoch) + int(seen), description=f"train (loss {float(loss):.3f})"
+            )
 
 
 def parse_log(path: Path) -> tuple[list[float], list[float]]:
@@ -354,21 +447,44 @@ def steady_speed(speeds: list[float]) -> float | None:
     return statistics.median(speeds[1:] or speeds) if speeds else None
 
 
-def _run_record(recipe: Recipe, sources: list[DataSource], plan: BatchPlan, infra: Infra, device: str,
-                args: list[str], started: float) -> dict[str, Any]:
+def _run_record(
+    recipe: Recipe,
+    sources: list[DataSource],
+    plan: BatchPlan,
+    infra: Infra,
+    device: str,
+    args: list[str],
+    started: float,
+) -> dict[str, Any]:
     import open_clip
     import torch
 
     return {
         "scale": recipe.scale,
         "recipe": recipe.to_dict(),
-        "data": [{"path": s.path, "weight": s.weight, "num_shards": len(s.shards), "manifest": s.manifest,
-                  "subset_sha256": s.manifest.get("subset_sha256")} for s in sources],
+        "data": [
+            {
+                "path": s.path,
+                "weight": s.weight,
+                "num_shards": len(s.shards),
+                "manifest": s.manifest,
+                "subset_sha256": s.manifest.get("subset_sha256"),
+            }
+            for s in sources
+        ],
         "seed": infra.seed_for(recipe),
-        "batch_plan": {"devices": plan.devices, "per_device_batch": plan.per_device_batch, "accum_freq": plan.accum_freq,
-                       "global_batch": plan.global_batch},
-        "infrastructure": {"device": device, "workers": infra.workers, "torchcompile": infra.torchcompile,
-                           "cuda_devices": [torch.cuda.get_device_name(i) for i in range(_cuda_devices())]},
+        "batch_plan": {
+            "devices": plan.devices,
+            "per_device_batch": plan.per_device_batch,
+            "accum_freq": plan.accum_freq,
+            "global_batch": plan.global_batch,
+        },
+        "infrastructure": {
+            "device": device,
+            "workers": infra.workers,
+            "torchcompile": infra.torchcompile,
+            "cuda_devices": [torch.cuda.get_device_name(i) for i in range(_cuda_devices())],
+        },
         "non_standard": infra.non_standard(recipe),
         "sample_shuffle": "seeded by each data worker's seed and pass over the data (clipsift.train.shuffle)",
         "versions": {"clipsift": __version__, "open_clip": open_clip.__version__, "torch": torch.__version__},

@@ -52,7 +52,9 @@ def load_recipe(scale: str) -> Recipe:
     if scale not in SCALES:
         raise ClipsiftError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
     data = yaml.safe_load((SCALE_DIR / f"{scale}.yaml").read_text())
-    return Recipe(**{k: (float(v) if k in ("lr", "beta1", "beta2", "eps", "weight_decay") else v) for k, v in data.items()})
+    return Recipe(
+        **{k: (float(v) if k in ("lr", "beta1", "beta2", "eps", "weight_decay") else v) for k, v in data.items()}
+    )
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,10 @@ def plan_batches(global_batch: int, devices: int, max_per_device: int | None = N
         raise ClipsiftError(f"need at least one device, got {devices}")
     if global_batch % devices:
         usable = [d for d in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if global_batch % d == 0]
-        raise ClipsiftError(f"the recipe's global batch {global_batch} cannot be split evenly over {devices} devices; "
-                            f"use a device count that divides it (e.g. {', '.join(map(str, usable[:8]))})")
+        raise ClipsiftError(
+            f"the recipe's global batch {global_batch} cannot be split evenly over {devices} devices; "
+            f"use a device count that divides it (e.g. {', '.join(map(str, usable[:8]))})"
+        )
     per_device_total = global_batch // devices
     limit = max_per_device or per_device_total
     for accum in range(1, per_device_total + 1):

@@ -54,19 +54,34 @@ class FilternetStage(Stage[FilternetOutput]):
     def run(self, done: Outputs) -> FilternetOutput:
         from clipsift.train.filternet import train_filternet
 
-        result = train_filternet(done[ReferenceStage].path, str(self.context.run_dir / "filternet"),
-                                 scale=self.config.filternet.scale, workers=self.context.workers)
-        return FilternetOutput(str(result.checkpoint), result.weights_sha256, result.arch, result.model_id, str(result.run),
-                               result.samples_seen)
+        result = train_filternet(
+            done[ReferenceStage].path,
+            str(self.context.run_dir / "filternet"),
+            scale=self.config.filternet.scale,
+            workers=self.context.workers,
+        )
+        return FilternetOutput(
+            str(result.checkpoint),
+            result.weights_sha256,
+            result.arch,
+            result.model_id,
+            str(result.run),
+            result.samples_seen,
+        )
 
     def detail(self, out: FilternetOutput, done: Outputs) -> str:
         return f"{out.arch}, {out.samples_seen:,} samples seen"
 
     def checks(self, out: FilternetOutput, done: Outputs) -> list[Check]:
         record = read_json(Path(out.run).parent / "filternet.json")
-        return [Check(f"filternet: sha256 of {out.checkpoint}", out.weights_sha256, sha256_of(out.checkpoint)),
-                Check("filternet: trained on the reference set", done[ReferenceStage].pool_json_sha256,
-                      record["reference_pool_json_sha256"])]
+        return [
+            Check(f"filternet: sha256 of {out.checkpoint}", out.weights_sha256, sha256_of(out.checkpoint)),
+            Check(
+                "filternet: trained on the reference set",
+                done[ReferenceStage].pool_json_sha256,
+                record["reference_pool_json_sha256"],
+            ),
+        ]
 
 
 # --------------------------------------------------------------------------- training
@@ -125,11 +140,23 @@ class TrainStage(Stage[TrainOutput]):
 
         spec = self.config.train
         data = [(done[ReshardStage].path, spec.subset_weight), *[(m.path, m.weight) for m in spec.mix]]
-        infra = Infra(devices=spec.gpus, workers=spec.workers, max_per_device_batch=spec.max_per_device_batch,
-                      torchcompile=spec.torchcompile)
+        infra = Infra(
+            devices=spec.gpus,
+            workers=spec.workers,
+            max_per_device_batch=spec.max_per_device_batch,
+            torchcompile=spec.torchcompile,
+        )
         result = train(spec.scale, data, str(self.context.run_dir / "train"), infra=infra)
-        return TrainOutput(str(result.run), sha256_of(result.run / "run.json"), spec.scale, str(result.checkpoint),
-                           sha256_of(result.checkpoint), result.samples_seen, result.final_loss, result.samples_per_second)
+        return TrainOutput(
+            str(result.run),
+            sha256_of(result.run / "run.json"),
+            spec.scale,
+            str(result.checkpoint),
+            sha256_of(result.checkpoint),
+            result.samples_seen,
+            result.final_loss,
+            result.samples_per_second,
+        )
 
     def detail(self, out: TrainOutput, done: Outputs) -> str:
         return f"{out.scale}: {out.samples_seen:,} samples seen, loss {out.final_loss:.3f}"
@@ -138,8 +165,12 @@ class TrainStage(Stage[TrainOutput]):
         from clipsift.filters.stage import FilterStage
 
         run_json = read_json(Path(out.run) / "run.json")
-        return [Check(f"train: sha256 of {out.checkpoint}", out.weights_sha256, sha256_of(out.checkpoint)),
-                Check("train: run.json trained on the subset", done[FilterStage].npy_sha256,
-                      run_json["data"][0]["subset_sha256"]),
-                Check("train: run.json status", "complete", run_json["status"])]
-
+        return [
+            Check(f"train: sha256 of {out.checkpoint}", out.weights_sha256, sha256_of(out.checkpoint)),
+            Check(
+                "train: run.json trained on the subset",
+                done[FilterStage].npy_sha256,
+                run_json["data"][0]["subset_sha256"],
+            ),
+            Check("train: run.json status", "complete", run_json["status"]),
+        ]

@@ -33,6 +33,8 @@ def get(name: str | TaskType, where: str = "") -> TaskType:
     kind = REGISTRY.get(name)
     if kind is None:
         prefix = f"{where}: " if where else ""
-        raise ClipsiftError(f"{prefix}type: {name!r} is not one of {', '.join(REGISTRY)} (a worst-group "
-                            "classification is `classification` with a group column, see docs/evaluation.md)")
+        raise ClipsiftError(
+            f"{prefix}type: {name!r} is not one of {', '.join(REGISTRY)} (a worst-group "
+            "classification is `classification` with a group column, see docs/evaluation.md)"
+        )
     return kind

@@ -21,8 +21,9 @@ import it when they run.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -65,15 +66,17 @@ def image_member(entry: TarEntry, source: str) -> bytes:
     for ext in IMAGE_EXTS:
         if ext in entry.members:
             return entry.members[ext]
-    raise ClipsiftError(f"{source}: sample {entry.key} has no image member ({', '.join(IMAGE_EXTS)}); "
-                        f"members: {sorted(entry.members)}")
+    raise ClipsiftError(
+        f"{source}: sample {entry.key} has no image member ({', '.join(IMAGE_EXTS)}); members: {sorted(entry.members)}"
+    )
 
 
 def npy_member(entry: TarEntry, source: str) -> np.ndarray:
     """The sample's integer metadata vector (`npy`)."""
     if "npy" not in entry.members:
-        raise ClipsiftError(f"{source}: sample {entry.key} has no `npy` metadata member, "
-                            "which this task's group metrics need")
+        raise ClipsiftError(
+            f"{source}: sample {entry.key} has no `npy` metadata member, which this task's group metrics need"
+        )
     return np.asarray(np.load(io.BytesIO(entry.members["npy"]), allow_pickle=False)).reshape(-1)
 
 
@@ -125,8 +128,9 @@ class TaskType:
         """A webdataset sample's record and its image bytes; `with_meta`: read the `npy` metadata too."""
         raise NotImplementedError
 
-    def evaluate(self, model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int,
-                 cache_dir: str) -> tuple[dict[str, Any], int]:
+    def evaluate(
+        self, model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, cache_dir: str
+    ) -> tuple[dict[str, Any], int]:
         """Every metric of `task` on `data` and its number of samples."""
         raise NotImplementedError
 

@@ -6,7 +6,8 @@ column). Groups come from the `npy` metadata vector (`metadata.group_by`) or a t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,8 +35,10 @@ class Classification(TaskType):
     def metric_hint(self, group_name: str | None) -> str:
         if group_name:
             return ""
-        return (" (worst-group metrics need a group: `columns: {group: ...}` for a table, "
-                "`metadata.group_by` for webdataset data)")
+        return (
+            " (worst-group metrics need a group: `columns: {group: ...}` for a table, "
+            "`metadata.group_by` for webdataset data)"
+        )
 
     def default_metric(self, grouped: bool) -> str:
         return "acc_wg" if grouped else "acc1"
@@ -47,8 +50,9 @@ class Classification(TaskType):
         meta = npy_member(entry, source) if with_meta else None
         return Record(index, label=label, meta=meta), [image_member(entry, source)]
 
-    def evaluate(self, model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int,
-                 cache_dir: str) -> tuple[dict[str, Any], int]:
+    def evaluate(
+        self, model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, cache_dir: str
+    ) -> tuple[dict[str, Any], int]:
         from clipsift.eval.model import zero_shot_classifier
         from clipsift.eval.run import check_size, embed_images
 
@@ -61,8 +65,17 @@ class Classification(TaskType):
         values: dict[str, Any] = metrics.classification_metrics(logits, labels)
         if grouped:
             groups = np.array([_meta_value(r, spec.column, spec.fields, data) for r in records])
-            values.update(metrics.group_metrics(logits, labels, groups, name=spec.name, field=spec.group_by,
-                                                group_names=spec.group_names, exclude=spec.exclude))
+            values.update(
+                metrics.group_metrics(
+                    logits,
+                    labels,
+                    groups,
+                    name=spec.name,
+                    field=spec.group_by,
+                    group_names=spec.group_names,
+                    exclude=spec.exclude,
+                )
+            )
         return values, len(records)
 
 
@@ -80,6 +93,7 @@ def _labels(task: Task, data: TaskData, records: list[Record]) -> np.ndarray:
 def _meta_value(record: Record, column: int, fields: tuple[str, ...], data: TaskData) -> int:
     if record.meta is None or len(record.meta) != len(fields):
         count = 0 if record.meta is None else len(record.meta)
-        raise ClipsiftError(f"{data.root}: a sample's npy metadata has {count} values, "
-                            f"expected {len(fields)} ({', '.join(fields)})")
+        raise ClipsiftError(
+            f"{data.root}: a sample's npy metadata has {count} values, expected {len(fields)} ({', '.join(fields)})"
+        )
     return int(record.meta[column])

@@ -7,7 +7,8 @@ webdataset layout; the built-in suites report these tasks but do not score them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,8 +45,9 @@ class MultiObjective(TaskType):
     def parse_sample(self, entry: TarEntry, index: int, source: str, with_meta: bool) -> tuple[Record, list[bytes]]:
         return Record(index, meta=npy_member(entry, source)), [image_member(entry, source)]
 
-    def evaluate(self, model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int,
-                 cache_dir: str) -> tuple[dict[str, Any], int]:
+    def evaluate(
+        self, model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, cache_dir: str
+    ) -> tuple[dict[str, Any], int]:
         """Accuracy per objective and its worst group (by the metadata's `group_by`, race)."""
         from clipsift.eval.model import zero_shot_classifier
         from clipsift.eval.run import check_size, embed_images

@@ -6,7 +6,8 @@ Hub's parquet files (`download._retrieval_samples`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,8 +45,9 @@ class Retrieval(TaskType):
             raise ClipsiftError(f"{source}: sample {entry.key} has no caption")
         return Record(index, texts=texts), [image_member(entry, source)]
 
-    def evaluate(self, model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int,
-                 cache_dir: str) -> tuple[dict[str, Any], int]:
+    def evaluate(
+        self, model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, cache_dir: str
+    ) -> tuple[dict[str, Any], int]:
         from clipsift.eval.run import check_size, embed_images
 
         emb, records = embed_images(model, task, data, batch_size, workers)

@@ -8,7 +8,8 @@ A sample is `json` {"cue", "candidates", "associations"} and the candidate image
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,17 +42,21 @@ class WinoGAViL(TaskType):
     def parse_sample(self, entry: TarEntry, index: int, source: str, with_meta: bool) -> tuple[Record, list[bytes]]:
         info = json.loads(entry.members["json"]) if "json" in entry.members else None
         if not info or not {"cue", "candidates", "associations"} <= set(info):
-            raise ClipsiftError(f"{source}: sample {entry.key} needs a `json` member "
-                                "with cue, candidates and associations")
+            raise ClipsiftError(
+                f"{source}: sample {entry.key} needs a `json` member with cue, candidates and associations"
+            )
         images = [entry.members.get(f"img{j:02d}.{ext}") for j in range(len(info["candidates"])) for ext in IMAGE_EXTS]
         images = [b for b in images if b is not None]
         if len(images) != len(info["candidates"]):
-            raise ClipsiftError(f"{source}: sample {entry.key} has {len(images)} candidate images "
-                                f"for {len(info['candidates'])} candidates")
+            raise ClipsiftError(
+                f"{source}: sample {entry.key} has {len(images)} candidate images "
+                f"for {len(info['candidates'])} candidates"
+            )
         return Record(index, info=info, num_images=len(images)), images
 
-    def evaluate(self, model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int,
-                 cache_dir: str) -> tuple[dict[str, Any], int]:
+    def evaluate(
+        self, model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, cache_dir: str
+    ) -> tuple[dict[str, Any], int]:
         from clipsift.eval.run import check_size, embed_images
 
         emb, records = embed_images(model, task, data, batch_size, workers)
@@ -59,7 +64,7 @@ class WinoGAViL(TaskType):
         cues = model.encode_texts([cue_prompt(r.info["cue"]) for r in records])
         jaccards, sizes, start = [], [], 0
         for record, cue in zip(records, cues):
-            rows = emb[start:start + record.num_images]
+            rows = emb[start : start + record.num_images]
             start += record.num_images
             truth = np.isin(record.info["candidates"], record.info["associations"])
             jaccards.append(metrics.jaccard_topk(rows @ cue, truth))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 import json
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from clipsift import ClipsiftError, __version__
 from clipsift.files import open_fs, parquet_file, write_json_atomic

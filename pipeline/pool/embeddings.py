@@ -16,8 +16,15 @@ def embeddings_schema(dim: int) -> pa.Schema:
     `status` is "ok", or the reason the row has no embeddings (e.g. "undecodable image: ...").
     """
     vector = pa.list_(pa.float16(), dim)
-    return pa.schema([("uid", pa.string()), ("image_emb", vector), ("text_emb", vector),
-                      ("clip_score", pa.float32()), ("status", pa.string())])
+    return pa.schema(
+        [
+            ("uid", pa.string()),
+            ("image_emb", vector),
+            ("text_emb", vector),
+            ("clip_score", pa.float32()),
+            ("status", pa.string()),
+        ]
+    )
 
 
 def embeddings_table(uids: list[str], image_emb: Any, text_emb: Any, status: list[str]) -> pa.Table:
@@ -36,7 +43,10 @@ def embeddings_table(uids: list[str], image_emb: Any, text_emb: Any, status: lis
         return pa.FixedSizeListArray.from_arrays(pa.array(values.astype(np.float16).reshape(-1)), dim, mask=mask)
 
     scores = pa.array(np.einsum("nd,nd->n", image, text).astype(np.float32), mask=missing)
-    return pa.table([pa.array(uids, pa.string()), vectors(image), vectors(text), scores, pa.array(status, pa.string())], schema=schema)
+    return pa.table(
+        [pa.array(uids, pa.string()), vectors(image), vectors(text), scores, pa.array(status, pa.string())],
+        schema=schema,
+    )
 
 
 def _l2_normalise(vectors: Any) -> Any:

@@ -79,4 +79,3 @@ class Sample:
             self.ext = "jpg"
         if self.sha256 is None:
             self.sha256 = hashlib.sha256(self.image).hexdigest()
-

@@ -6,8 +6,9 @@ import contextlib
 import json
 import mmap
 import os
+from collections.abc import Iterator
 from functools import cached_property
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 
@@ -33,7 +34,9 @@ class Pool:
         self.url = str(url)
         self.fs, self.root = open_fs(self.url)
         self.embeddings_url = _absolute(str(embeddings)) if embeddings else None  # None: inside the pool
-        self.embeddings_fs, self.embeddings_root = open_fs(self.embeddings_url) if embeddings else (self.fs, self.path("embeddings"))
+        self.embeddings_fs, self.embeddings_root = (
+            open_fs(self.embeddings_url) if embeddings else (self.fs, self.path("embeddings"))
+        )
 
     @property
     def embeddings_home(self) -> str:
@@ -59,7 +62,9 @@ class Pool:
 
     def shard_ids(self) -> list[str]:
         """Shards whose metadata parquet exists, in order."""
-        return sorted(p.rsplit("/", 1)[-1][: -len(".parquet")] for p in self.fs.glob(self.path("metadata", "*.parquet")))
+        return sorted(
+            p.rsplit("/", 1)[-1][: -len(".parquet")] for p in self.fs.glob(self.path("metadata", "*.parquet"))
+        )
 
     def tar_ids(self) -> list[str]:
         return sorted(p.rsplit("/", 1)[-1][: -len(".tar")] for p in self.fs.glob(self.path("shards", "*.tar")))
@@ -110,8 +115,10 @@ class Pool:
         path = self.embeddings_path(model_id, shard)
         if not self.embeddings_fs.exists(path):
             known = ", ".join(self.embedding_models()) or "none"
-            raise PoolFormatError(f"{path}: no embeddings of model {model_id!r} for shard {shard} (models scored: {known}); "
-                                  f"run `{self.score_command} --model ...` first")
+            raise PoolFormatError(
+                f"{path}: no embeddings of model {model_id!r} for shard {shard} (models scored: {known}); "
+                f"run `{self.score_command} --model ...` first"
+            )
         return read_parquet(self.embeddings_fs, path, columns)
 
     def embeddings_rows(self, model_id: str, shard: str) -> int:
@@ -163,7 +170,9 @@ class Pool:
             yield None
             return
         with open(path, "rb") as handle:
-            mapped = mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
+            mapped = mmap.mmap(
+                handle.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ
+            )
         try:
             yield mapped
         finally:

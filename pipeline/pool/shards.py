@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +24,6 @@ from clipsift.pipeline.pool.layout import (
     shard_id,
 )
 from clipsift.pipeline.pool.tar_write import TarStream
-
 
 _to_json = json.JSONEncoder(default=str).encode  # json.dumps(obj, default=str), without making an encoder per call
 
@@ -43,7 +43,7 @@ class ShardWriter:
         self._tables: list[pa.Table] = []  # rows written by write_rows (and the write() rows before them)
         self._written = 0
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         sid = shard_id(self.index)
         self.fs.makedirs(f"{self.root}/shards", exist_ok=True)
         self.fs.makedirs(f"{self.root}/metadata", exist_ok=True)
@@ -70,8 +70,11 @@ class ShardWriter:
             "sha256": sample.sha256,
             **sample.extra,
         }
-        self._tar.add((f"{key}.{sample.ext}", sample.image), (f"{key}.txt", sample.text.encode("utf-8")),
-                      (f"{key}.json", _to_json(row).encode("utf-8")))  # the .json member: the row without the caption
+        self._tar.add(
+            (f"{key}.{sample.ext}", sample.image),
+            (f"{key}.txt", sample.text.encode("utf-8")),
+            (f"{key}.json", _to_json(row).encode("utf-8")),
+        )  # the .json member: the row without the caption
         row["text"] = sample.text
         self._rows.append(row)
         self._extra_keys.update(dict.fromkeys(sample.extra))
@@ -90,7 +93,9 @@ class ShardWriter:
         for ext in {ext for ext, _ in images} - set(IMAGE_EXTS):
             raise ValueError(f"image extension {ext!r} is not one of {IMAGE_EXTS}")
         if rows.column("text").null_count:
-            raise ValueError(f"uid {uids.filter(pc.is_null(rows.column('text')))[0].as_py()!r} has no caption (null text)")
+            raise ValueError(
+                f"uid {uids.filter(pc.is_null(rows.column('text')))[0].as_py()!r} has no caption (null text)"
+            )
         keys = [sample_key(self.index, n) for n in range(len(self), len(self) + rows.num_rows)]
         extra = [name for name in rows.column_names if name not in BASE_COLUMNS]
         columns = {name: rows.column(name).cast(BASE_SCHEMA.field(name).type) for name in BASE_SCHEMA.names}
@@ -98,9 +103,14 @@ class ShardWriter:
         sha256 = columns["sha256"]
         if sha256.null_count:  # as Sample does: the image's sha256 where the row has none
             given = sha256.to_pylist()
-            columns["sha256"] = pa.chunked_array([[digest or hashlib.sha256(image).hexdigest() for digest, (_, image) in zip(given, images)]], pa.string())
+            columns["sha256"] = pa.chunked_array(
+                [[digest or hashlib.sha256(image).hexdigest() for digest, (_, image) in zip(given, images)]],
+                pa.string(),
+            )
         table = pa.table({**columns, **{name: rows.column(name) for name in extra}})
-        members = json_members(table.select(["uid", "key", "url", "original_width", "original_height", "sha256", *extra]))
+        members = json_members(
+            table.select(["uid", "key", "url", "original_width", "original_height", "sha256", *extra])
+        )
         self._tar.add_samples(keys, images, table.column("text"), members)
         if self._rows:  # keep the order of rows written one by one before these
             self._tables.append(metadata_table(self._rows, {}, extra=list(self._extra_keys)))
@@ -118,7 +128,10 @@ class ShardWriter:
     def _table(self) -> pa.Table:
         if not self._tables:
             return metadata_table(self._rows, self.stats, extra=list(self._extra_keys))
-        tables = [*self._tables, *([metadata_table(self._rows, {}, extra=list(self._extra_keys))] if self._rows else [])]
+        tables = [
+            *self._tables,
+            *([metadata_table(self._rows, {}, extra=list(self._extra_keys))] if self._rows else []),
+        ]
         table = pa.concat_tables(tables, promote_options="permissive").combine_chunks()
         return table.replace_schema_metadata({STATS_KEY: json.dumps(self.stats, default=str).encode()})
 
@@ -137,15 +150,22 @@ class ShardWriter:
                     self.fs.rm(tmp)
 
 
-def metadata_table(rows: list[dict[str, Any]], stats: dict[str, Any], *, extra: list[str] | None = None,
-                   extra_types: dict[str, pa.DataType] | None = None) -> pa.Table:
+def metadata_table(
+    rows: list[dict[str, Any]],
+    stats: dict[str, Any],
+    *,
+    extra: list[str] | None = None,
+    extra_types: dict[str, pa.DataType] | None = None,
+) -> pa.Table:
     """A shard's metadata parquet table: the base columns, then `extra` columns (default: every key of
     `extra_types`, then every other key of the rows), typed by `extra_types` where given (so that every shard
     of a pool, even an empty one, gets the same schema), and `stats` in the key-value metadata."""
     extra_types = extra_types or {}
     if extra is None:
         extra = list(dict.fromkeys([*extra_types, *(k for row in rows for k in row if k not in BASE_COLUMNS)]))
-    columns = {name: pa.array([r[name] for r in rows], type=BASE_SCHEMA.field(name).type) for name in BASE_SCHEMA.names}
+    columns = {
+        name: pa.array([r[name] for r in rows], type=BASE_SCHEMA.field(name).type) for name in BASE_SCHEMA.names
+    }
     for name in extra:
         columns[name] = pa.array([r.get(name) for r in rows], type=extra_types.get(name))
     table = pa.table(columns)
@@ -189,8 +209,14 @@ def json_members(table: pa.Table) -> pa.Array:
     return members
 
 
-def adopt_shard(pool_url: str, index: int, tar_url: str, rows: list[dict[str, Any]], stats: dict[str, Any] | None = None,
-                extra_types: dict[str, pa.DataType] | None = None) -> str:
+def adopt_shard(
+    pool_url: str,
+    index: int,
+    tar_url: str,
+    rows: list[dict[str, Any]],
+    stats: dict[str, Any] | None = None,
+    extra_types: dict[str, pa.DataType] | None = None,
+) -> str:
     """Make shard `index` from an existing webdataset tar, unchanged, and its metadata `rows` (one per sample,
     in the tar's order, each key equal to the tar's). The tar is hard-linked, else symlinked, else copied
     (see `place_file`); returns which, also kept as stats["tar"]. Atomic like ShardWriter: tar renamed
@@ -242,4 +268,6 @@ def write_metadata(pool_url: str, index: int, table: pa.Table) -> str:
 
 def shard_is_complete(pool_url: str, index: int) -> bool:
     fs, root = open_fs(pool_url)
-    return fs.exists(f"{root}/metadata/{shard_id(index)}.parquet") and fs.exists(f"{root}/shards/{shard_id(index)}.tar")
+    return fs.exists(f"{root}/metadata/{shard_id(index)}.parquet") and fs.exists(
+        f"{root}/shards/{shard_id(index)}.tar"
+    )

@@ -8,8 +8,9 @@ import itertools
 import mmap
 import os
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -56,7 +57,9 @@ def tar_windows(fileobj: Any, source: str = "<tar>", *, mapped: bool = False) ->
         return
     except _UseTarfile:
         if start is None:
-            raise PoolFormatError(f"{source}: a tar header kind that needs a seekable file; copy the tar locally") from None
+            raise PoolFormatError(
+                f"{source}: a tar header kind that needs a seekable file; copy the tar locally"
+            ) from None
         fileobj.seek(start)
     rest = itertools.islice(_group(_tarfile_members(fileobj, source)), yielded, None)
     while window := list(itertools.islice(rest, 64)):
@@ -139,7 +142,9 @@ def _mapped_windows(fileobj: Any, source: str) -> Iterator[list[TarEntry]]:
     while offset + start < size:
         end = min(length, size - offset)
         try:  # MAP_POPULATE maps all pages at once: os.writev from pages that fault in one by one is twice as slow
-            window = mmap.mmap(fd, end, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ, offset=offset)
+            window = mmap.mmap(
+                fd, end, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ, offset=offset
+            )
         except OSError:  # a filesystem that cannot map files
             if offset or start:
                 raise
@@ -168,14 +173,16 @@ def _fill(fileobj: Any, buffer: mmap.mmap, start: int) -> int:
         else:
             data = fileobj.read(len(view) - done)
             count = len(data)
-            view[done:done + count] = data
+            view[done : done + count] = data
         if not count:
             break
         done += count
     return done
 
 
-def _scan_window(buffer: mmap.mmap, start: int, end: int, at_eof: bool, source: str) -> tuple[list[TarEntry], int | None, Exception | None]:
+def _scan_window(
+    buffer: mmap.mmap, start: int, end: int, at_eof: bool, source: str
+) -> tuple[list[TarEntry], int | None, Exception | None]:
     """Parse the entries in buffer[start:end], reading headers directly (pax path/size records honoured).
 
     Returns (the complete entries, where the unfinished entry starts or None at the archive's end,
@@ -199,7 +206,7 @@ def _scan_window(buffer: mmap.mmap, start: int, end: int, at_eof: bool, source: 
                 elif position != end:  # no end blocks at all is fine (tarfile accepts it too)
                     raise _truncated(source)
                 break
-            header = buffer[position:position + BLOCK]
+            header = buffer[position : position + BLOCK]
             if header == ZERO_BLOCK:
                 break  # the end (a tar ends with zero blocks; tarfile stops at the first too)
             if header[257:262] != b"ustar" or header[156:157] in _TARFILE_TYPES or header[124] & 0x80:
@@ -215,14 +222,14 @@ def _scan_window(buffer: mmap.mmap, start: int, end: int, at_eof: bool, source: 
                 raise _truncated(source)
             kind = header[156:157]
             if kind == b"x":
-                pax = _pax_records(buffer[data:data + size])
+                pax = _pax_records(buffer[data : data + size])
             else:
                 if kind in _FILE_TYPES:
                     key, ext = split_member_name(pax.get("path") or _header_name(header))
                     if not entries or entries[-1].key != key:
                         entries.append(TarEntry(key, {}))
                         starts.append(member)
-                    entries[-1].members[ext] = view[data:data + size]
+                    entries[-1].members[ext] = view[data : data + size]
                 pax = {}
             position = following
     except (PoolFormatError, _UseTarfile) as err:
@@ -230,7 +237,7 @@ def _scan_window(buffer: mmap.mmap, start: int, end: int, at_eof: bool, source: 
     bad = _first_bad_checksum(buffer, headers, source)
     if bad is not None:  # a corrupt header explains whatever came after it
         error, resume = PoolFormatError(f"{source}: unreadable tar (bad header checksum); the file is corrupt"), None
-        del entries[max(bisect.bisect_right(starts, bad) - 1, 0):]  # from the entry holding that header
+        del entries[max(bisect.bisect_right(starts, bad) - 1, 0) :]  # from the entry holding that header
     elif resume is not None or error is not None:
         entries = entries[:-1]  # the last entry may go on after what was read
     return entries, resume, error
@@ -250,14 +257,18 @@ def _octal(field: bytes, source: str, what: str) -> int:
 _OCTAL_SHIFTS = np.arange(15, -1, -3)
 
 
-def _first_bad_checksum(buffer: mmap.mmap, headers: list[int], source: str, blocks: np.ndarray | None = None) -> int | None:
+def _first_bad_checksum(
+    buffer: mmap.mmap, headers: list[int], source: str, blocks: np.ndarray | None = None
+) -> int | None:
     """Where the first header whose checksum is wrong starts, checking all at once: the sum of the bytes,
     the checksum field counting as 8 spaces, is stored as "%06o\\0 " (other spellings and tarfile's
     signed sum are accepted too, one header at a time). `blocks`: the headers' bytes, where the caller has them."""
     if not len(headers):
         return None
     if blocks is None:
-        blocks = np.frombuffer(buffer, np.uint8, len(buffer) // BLOCK * BLOCK).reshape(-1, BLOCK)[np.asarray(headers) // BLOCK]
+        blocks = np.frombuffer(buffer, np.uint8, len(buffer) // BLOCK * BLOCK).reshape(-1, BLOCK)[
+            np.asarray(headers) // BLOCK
+        ]
     field = blocks[:, 148:156]
     unsigned = blocks.sum(axis=1, dtype=np.uint32).astype(np.int64) - field.sum(axis=1, dtype=np.int64) + 8 * ord(" ")
     spelled = np.zeros_like(field)
@@ -282,7 +293,7 @@ def _pax_records(data: bytes) -> dict[str, str]:
     while position < len(data) and data[position] != 0:
         space = data.index(b" ", position)
         length = int(data[position:space])
-        key, _, value = data[space + 1:position + length - 1].partition(b"=")
+        key, _, value = data[space + 1 : position + length - 1].partition(b"=")
         if key in (b"path", b"size"):
             records[key.decode()] = value.decode("utf-8", "surrogateescape")
         position += length
@@ -306,20 +317,23 @@ def find_entries(buffer: Any, keys: list[str], source: str = "<tar>") -> dict[st
             if hit < 0:
                 return None
             start = hit + 1
-            if hit % BLOCK == 0 and buffer[hit + 257:hit + 262] == b"ustar" and \
-                    split_member_name(_header_name(buffer[hit:hit + BLOCK]))[0] == key and \
-                    _first_bad_checksum(buffer[hit:hit + BLOCK], [0], source) is None:
+            if (
+                hit % BLOCK == 0
+                and buffer[hit + 257 : hit + 262] == b"ustar"
+                and split_member_name(_header_name(buffer[hit : hit + BLOCK]))[0] == key
+                and _first_bad_checksum(buffer[hit : hit + BLOCK], [0], source) is None
+            ):
                 break
         entry, position = TarEntry(key, {}), hit
         while position + BLOCK <= len(buffer):
-            header = buffer[position:position + BLOCK]
+            header = buffer[position : position + BLOCK]
             if header[257:262] != b"ustar" or header[156:157] not in _FILE_TYPES:
                 break
             name, ext = split_member_name(_header_name(header))
             if name != key:
                 break
             size = _octal(header[124:136], source, "size")
-            entry.members[ext] = buffer[position + BLOCK:position + BLOCK + size]
+            entry.members[ext] = buffer[position + BLOCK : position + BLOCK + size]
             position += BLOCK + size + -size % BLOCK
         found[key], start = entry, position
     return found
@@ -352,14 +366,21 @@ def image_spans(buffer: Any, source: str = "<tar>") -> ImageSpans | None:
         return None
     heads = blocks[starts]
     digits = heads[:, 124:135].astype(np.int64) - ord("0")
-    if not (np.isin(heads[:, 156], np.frombuffer(b"0\0" b"7", np.uint8)).all() and not heads[:, 345:500].any()
-            and ((digits >= 0) & (digits < 8)).all() and np.isin(heads[:, 135], (0, 32)).all()):
+    if not (
+        np.isin(heads[:, 156], np.frombuffer(b"0\07", np.uint8)).all()
+        and not heads[:, 345:500].any()
+        and ((digits >= 0) & (digits < 8)).all()
+        and np.isin(heads[:, 135], (0, 32)).all()
+    ):
         return None
     sizes = digits @ _OCTAL_WEIGHTS
     ends = starts * BLOCK + BLOCK + sizes + -sizes % BLOCK
     last = int(ends[-1])
-    if not np.array_equal(ends[:-1], starts[1:] * BLOCK) or last > len(buffer) or \
-            (last + BLOCK <= len(buffer) and blocks[last // BLOCK].any()):
+    if (
+        not np.array_equal(ends[:-1], starts[1:] * BLOCK)
+        or last > len(buffer)
+        or (last + BLOCK <= len(buffer) and blocks[last // BLOCK].any())
+    ):
         return None
     if _first_bad_checksum(buffer, starts * BLOCK, source, heads) is not None:
         return None
@@ -367,7 +388,12 @@ def image_spans(buffer: Any, source: str = "<tar>") -> ImageSpans | None:
     exts = np.strings.lower(exts)
     images = np.flatnonzero(np.isin(exts, [b"jpg", b"png", b"webp", b"jpeg"]))
     firsts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
-    if len(images) != len(firsts) or np.any(np.searchsorted(firsts, images, side="right") - 1 != np.arange(len(images))) \
-            or np.strings.find(keys, b"/").max() >= 0:
+    if (
+        len(images) != len(firsts)
+        or np.any(np.searchsorted(firsts, images, side="right") - 1 != np.arange(len(images)))
+        or np.strings.find(keys, b"/").max() >= 0
+    ):
         return None
-    return ImageSpans(pa.array(keys[firsts]), np.strings.decode(exts[images]).tolist(), starts[images] * BLOCK + BLOCK, sizes[images])
+    return ImageSpans(
+        pa.array(keys[firsts]), np.strings.decode(exts[images]).tolist(), starts[images] * BLOCK + BLOCK, sizes[images]
+    )

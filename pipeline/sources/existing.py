@@ -18,6 +18,8 @@ class ExistingPool(PoolSource):
     def make(self, out: str, context: SourceContext) -> dict[str, Any]:
         fs, root = open_fs(out)
         if not fs.exists(f"{root}/pool.json"):
-            raise ClipsiftError(f"{context.where}: {context.field} {out} is not a pool (no pool.json); "
-                                "make one with `clipsift pool ...`")
+            raise ClipsiftError(
+                f"{context.where}: {context.field} {out} is not a pool (no pool.json); "
+                "make one with `clipsift pool ...`"
+            )
         return {}

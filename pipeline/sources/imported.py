@@ -24,6 +24,14 @@ class ImportPool(PoolSource):
     def make(self, out: str, context: SourceContext) -> dict[str, Any]:
         from clipsift.pipeline.importer import import_pool
 
-        import_pool(self.src, out, kind=self.format, image_column=self.image_column, caption_column=self.caption_column,
-                    shard_size=self.shard_size, workers=context.workers, name=self.name)
+        import_pool(
+            self.src,
+            out,
+            kind=self.format,
+            image_column=self.image_column,
+            caption_column=self.caption_column,
+            shard_size=self.shard_size,
+            workers=context.workers,
+            name=self.name,
+        )
         return {}

@@ -22,8 +22,15 @@ class SynthPool(PoolSource):
     def make(self, out: str, context: SourceContext) -> dict[str, Any]:
         from clipsift.pipeline.synth import synth_pool
 
-        result = synth_pool(out, scale=self.scale, seed=self.seed, truth=str(context.run_dir / "pool.truth.parquet"),
-                            num_samples=self.num_samples, shard_size=self.shard_size, workers=context.workers)
+        result = synth_pool(
+            out,
+            scale=self.scale,
+            seed=self.seed,
+            truth=str(context.run_dir / "pool.truth.parquet"),
+            num_samples=self.num_samples,
+            shard_size=self.shard_size,
+            workers=context.workers,
+        )
         return {"truth": result.truth_path}
 
 

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipsift.pipeline.pool import Pool
+
 from conftest import clipsift
 
 
@@ -23,7 +24,9 @@ def test_help_lists_the_verbs() -> None:
 
 
 def test_synth_prints_a_summary_and_writes_the_pool(tmp_path: Path) -> None:
-    result = clipsift("pool", "synth", "--out", str(tmp_path / "pool"), "--num-samples", "60", "--shard-size", "25", "--workers", "1")
+    result = clipsift(
+        "pool", "synth", "--out", str(tmp_path / "pool"), "--num-samples", "60", "--shard-size", "25", "--workers", "1"
+    )
     assert result.returncode == 0, result.stderr
     assert "synthetic pool" in result.stderr and "samples/s" in result.stderr
     assert Pool(str(tmp_path / "pool")).info["num_shards"] == 3
@@ -48,7 +51,10 @@ def test_demo_runs_the_chain_offline(tmp_path: Path) -> None:
     assert Pool(str(demo / "pool")).info["num_samples"] == 4096
     assert Pool(str(demo / "reference")).info["num_samples"] == 2048
     provenance = json.loads((demo / "provenance.json").read_text())
-    assert provenance["ok"] and provenance["stages"]["score"]["weights_sha256"] == provenance["stages"]["filternet"]["weights_sha256"]
+    assert (
+        provenance["ok"]
+        and provenance["stages"]["score"]["weights_sha256"] == provenance["stages"]["filternet"]["weights_sha256"]
+    )
     subset = json.loads((demo / "subset.json").read_text())
     assert subset["recipe"]["name"] == "synth_clip_score" and abs(subset["num_uids"] - 0.3 * 4096) <= 2
     manifest = json.loads((demo / "shards" / "manifest.json").read_text())

@@ -22,6 +22,7 @@ from clipsift import ClipsiftError
 from clipsift.eval import run as eval_run
 from clipsift.eval.layouts import make_task, open_task, read_entry
 from clipsift.eval.registry import load_suite, parse_suite
+
 from conftest import REPO
 
 CLASSES = ["circle", "square", "star"]
@@ -31,7 +32,9 @@ FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP"}
 def write_image(path: Path, rng: np.random.Generator) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     size = tuple(int(x) for x in rng.integers(16, 40, 2))
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, format=FORMATS[path.suffix[1:]])
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+        path, format=FORMATS[path.suffix[1:]]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +49,15 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
             relative = f"images/{name}/{'more/' if i == 3 else ''}{i}.{ext}"
             write_image(root / relative, rng)
             rows.append({"file": relative, "diagnosis": name, "site": ["arm", "leg", "back"][(c + i) % 3]})
-    (root / "labels.csv").write_text("file,diagnosis,site\n" + "".join(f"{r['file']},{r['diagnosis']},{r['site']}\n" for r in rows))
-    captions = {f"photos/{i}.jpg": [f"a {w} on a table" for w in ("cup", "dog", "cat", "car", "pen", "hat", "box", "sun")[i:i + 1 + i % 3]]
-                for i in range(6)}
+    (root / "labels.csv").write_text(
+        "file,diagnosis,site\n" + "".join(f"{r['file']},{r['diagnosis']},{r['site']}\n" for r in rows)
+    )
+    captions = {
+        f"photos/{i}.jpg": [
+            f"a {w} on a table" for w in ("cup", "dog", "cat", "car", "pen", "hat", "box", "sun")[i : i + 1 + i % 3]
+        ]
+        for i in range(6)
+    }
     for path in captions:
         write_image(root / path, rng)
     lines = [f"{path},{text}\n" for path, texts in captions.items() for text in texts]
@@ -67,11 +76,33 @@ def made(data: Path) -> dict[str, Path]:
     """The same data in the webdataset layout, written by make-task (the table through the CLI, 5 samples a tar)."""
     from clipsift.cli import app
 
-    out = {"folder": data / "made" / "folder", "table": data / "made" / "table", "captions": data / "made" / "captions"}
+    out = {
+        "folder": data / "made" / "folder",
+        "table": data / "made" / "table",
+        "captions": data / "made" / "captions",
+    }
     make_task(str(data / "images"), "classification", str(out["folder"]))
-    result = CliRunner().invoke(app, ["eval", "make-task", "--from", str(data / "labels.csv"), "--type", "classification",
-                                      "--out", str(out["table"]), "--shard-size", "5", "--image-column", "file",
-                                      "--label-column", "diagnosis", "--group-column", "site"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "make-task",
+            "--from",
+            str(data / "labels.csv"),
+            "--type",
+            "classification",
+            "--out",
+            str(out["table"]),
+            "--shard-size",
+            "5",
+            "--image-column",
+            "file",
+            "--label-column",
+            "diagnosis",
+            "--group-column",
+            "site",
+        ],
+    )
     assert result.exit_code == 0, result.output
     make_task(str(data / "captions.csv"), "retrieval", str(out["captions"]), shard_size=4)
     return out
@@ -82,11 +113,30 @@ SUITE = {
     "groups": {"cls": "Classification", "ret": "Retrieval"},
     "tasks": [
         {"key": "folder", "type": "classification", "metric": "acc1", "groups": ["cls"], "data": "images"},
-        {"key": "table", "type": "classification", "metric": "acc_wg", "groups": ["cls"], "data": "labels.csv",
-         "columns": {"image": "file", "label": "diagnosis", "group": "site"}},
-        {"key": "captions/csv", "type": "retrieval", "metric": "mean_recall@1", "groups": ["ret"], "data": "captions.csv", "size": 6},
-        {"key": "captions/parquet", "type": "retrieval", "metric": "mean_recall@1", "data": "captions.parquet",
-         "columns": {"caption": "texts"}, "scored": False},
+        {
+            "key": "table",
+            "type": "classification",
+            "metric": "acc_wg",
+            "groups": ["cls"],
+            "data": "labels.csv",
+            "columns": {"image": "file", "label": "diagnosis", "group": "site"},
+        },
+        {
+            "key": "captions/csv",
+            "type": "retrieval",
+            "metric": "mean_recall@1",
+            "groups": ["ret"],
+            "data": "captions.csv",
+            "size": 6,
+        },
+        {
+            "key": "captions/parquet",
+            "type": "retrieval",
+            "metric": "mean_recall@1",
+            "data": "captions.parquet",
+            "columns": {"caption": "texts"},
+            "scored": False,
+        },
     ],
 }
 
@@ -146,7 +196,9 @@ def test_the_same_images_and_labels_score_alike_in_any_layout(evaluated: dict) -
     for metric in ("acc1", "mean_per_class_recall", "F1-macro_all"):
         assert table[metric] == pytest.approx(folder[metric])
     groups = {g: table[f"acc_site:{g}"] for g in ("arm", "back", "leg")}
-    assert table["acc_wg"] == pytest.approx(min(groups.values())) and sum(table[f"count_site:{g}"] for g in groups) == 12
+    assert (
+        table["acc_wg"] == pytest.approx(min(groups.values())) and sum(table[f"count_site:{g}"] for g in groups) == 12
+    )
     assert evaluated["captions/parquet"]["metrics"] == pytest.approx(evaluated["captions/csv"]["metrics"])
 
 
@@ -169,7 +221,11 @@ def test_make_task_writes_clip_benchmark_layout_with_defaults(data: Path, made: 
     assert sum("png" in s for s in samples) == 4  # the BMP went in as PNG
     table = made["table"]
     assert (table / "test" / "nshards.txt").read_text().strip() == "3"
-    assert [np.load(io.BytesIO(s["npy"])).tolist() for s in tar_members(table)][:3] == [[0], [2], [1]]  # arm, leg, back
+    assert [np.load(io.BytesIO(s["npy"])).tolist() for s in tar_members(table)][:3] == [
+        [0],
+        [2],
+        [1],
+    ]  # arm, leg, back
     entry = read_entry(str(table))
     assert entry["metadata"] == {"fields": ["site"], "group_by": "site", "group_names": ["arm", "back", "leg"]}
     assert entry["size"] == 12 and entry["classes"] == 3 and entry["metric"] == "acc_wg"
@@ -182,23 +238,38 @@ def test_make_task_resumes_and_refuses_other_data(data: Path, tmp_path: Path) ->
     out = tmp_path / "task"
     names = tmp_path / "names.txt"
     names.write_text("circle\tround shape\nsquare\tsquare\nstar\tfive-pointed star\n")
-    first = make_task(str(data / "images"), "classification", str(out), shard_size=5,
-                      classnames={"circle": "round shape", "square": "square", "star": "five-pointed star"},
-                      templates=["a drawing of a {c}."])
+    first = make_task(
+        str(data / "images"),
+        "classification",
+        str(out),
+        shard_size=5,
+        classnames={"circle": "round shape", "square": "square", "star": "five-pointed star"},
+        templates=["a drawing of a {c}."],
+    )
     assert (first.shards, first.written) == (3, 3)
     assert (out / "classnames.txt").read_text().splitlines() == ["round shape", "square", "five-pointed star"]
     before = (out / "test" / "1.tar").read_bytes()
     (out / "test" / "1.tar").unlink()
     (out / "test" / "nshards.txt").unlink()  # as a killed run leaves it
-    again = make_task(str(data / "images"), "classification", str(out), shard_size=5,
-                      classnames={"circle": "round shape", "square": "square", "star": "five-pointed star"},
-                      templates=["a drawing of a {c}."])
+    again = make_task(
+        str(data / "images"),
+        "classification",
+        str(out),
+        shard_size=5,
+        classnames={"circle": "round shape", "square": "square", "star": "five-pointed star"},
+        templates=["a drawing of a {c}."],
+    )
     assert again.written == 1 and (out / "test" / "1.tar").read_bytes() == before
     assert (out / "test" / "nshards.txt").read_text().strip() == "3"
     with pytest.raises(ClipsiftError, match="other data or settings.*shard_size"):
-        make_task(str(data / "images"), "classification", str(out), shard_size=4,
-                  classnames={"circle": "round shape", "square": "square", "star": "five-pointed star"},
-                  templates=["a drawing of a {c}."])
+        make_task(
+            str(data / "images"),
+            "classification",
+            str(out),
+            shard_size=4,
+            classnames={"circle": "round shape", "square": "square", "star": "five-pointed star"},
+            templates=["a drawing of a {c}."],
+        )
     with pytest.raises(ClipsiftError, match="--type regression"):
         make_task(str(data / "images"), "regression", str(tmp_path / "x"))
     with pytest.raises(ClipsiftError, match="label 'star'.*not in the class list"):
@@ -206,14 +277,17 @@ def test_make_task_resumes_and_refuses_other_data(data: Path, tmp_path: Path) ->
 
 
 def test_results_of_an_edited_suite_are_not_resumed_and_other_suites_keep_their_summary(
-        data: Path, evaluated: dict, run_dir: Path, tmp_path: Path) -> None:
+    data: Path, evaluated: dict, run_dir: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "eval"
     suite = {**SUITE, "tasks": SUITE["tasks"][:1]}
     eval_run.evaluate(str(run_dir), write_suite(data / "one.yaml", suite), out=str(out))
     other = {**suite, "suite": "other"}
     eval_run.evaluate(str(run_dir), write_suite(data / "other.yaml", other), out=str(out))
     summary = json.loads((out / "summary.json").read_text())["suites"]
-    assert set(summary) == {"shapes", "other"} and summary["shapes"]["average"] == pytest.approx(evaluated["folder"]["value"])
+    assert set(summary) == {"shapes", "other"} and summary["shapes"]["average"] == pytest.approx(
+        evaluated["folder"]["value"]
+    )
     edited = {**suite, "tasks": [{**suite["tasks"][0], "templates": ["a sketch of a {c}."]}]}
     with pytest.raises(ClipsiftError, match="another definition of suite shapes"):
         eval_run.evaluate(str(run_dir), write_suite(data / "edited.yaml", edited), out=str(out))
@@ -227,21 +301,36 @@ def bad(data: Path, task: dict, name: str = "bad.yaml") -> str:
     return write_suite(data / name, {"suite": "bad", "tasks": [{k: v for k, v in entry.items() if v is not None}]})
 
 
-@pytest.mark.parametrize("task, field, message", [
-    ({"metric": "acc7"}, "metric", "'acc7' is not a metric of this classification task; choose one of acc1, acc5"),
-    ({"metric": "acc_wg"}, "metric", "worst-group metrics need a group"),
-    ({"type": "regression"}, "type", "'regression' is not one of classification, retrieval"),
-    ({"metric": None}, "metric", "missing required field"),
-    ({"templtes": ["{c}"]}, "templtes", "unknown field"),
-    ({"templates": ["a photo"]}, "templates", "has no {c}"),
-    ({"groups": ["nowhere"]}, "groups", "not declared"),
-    ({"layout": "hdf5"}, "layout", "not one of wds, folder, table"),
-    ({"type": "retrieval", "metric": "mean_recall@1", "columns": {"label": "x"}}, "columns.label", "a retrieval task has no label column"),
-    ({"columns": {"image": "file", "caption": "text"}}, "columns.caption", "a classification task has no caption column"),
-    ({"type": "retrieval", "metric": "mean_recall@1", "classnames": ["a"]}, "classnames", "only classification tasks"),
-    ({"classnames": ["a", "b"], "classes": 3}, "classes", "3, but classnames lists 2"),
-    ({"data": None, "columns": {"image": "file"}}, "data", "`columns` needs the data's path"),
-])
+@pytest.mark.parametrize(
+    "task, field, message",
+    [
+        ({"metric": "acc7"}, "metric", "'acc7' is not a metric of this classification task; choose one of acc1, acc5"),
+        ({"metric": "acc_wg"}, "metric", "worst-group metrics need a group"),
+        ({"type": "regression"}, "type", "'regression' is not one of classification, retrieval"),
+        ({"metric": None}, "metric", "missing required field"),
+        ({"templtes": ["{c}"]}, "templtes", "unknown field"),
+        ({"templates": ["a photo"]}, "templates", "has no {c}"),
+        ({"groups": ["nowhere"]}, "groups", "not declared"),
+        ({"layout": "hdf5"}, "layout", "not one of wds, folder, table"),
+        (
+            {"type": "retrieval", "metric": "mean_recall@1", "columns": {"label": "x"}},
+            "columns.label",
+            "a retrieval task has no label column",
+        ),
+        (
+            {"columns": {"image": "file", "caption": "text"}},
+            "columns.caption",
+            "a classification task has no caption column",
+        ),
+        (
+            {"type": "retrieval", "metric": "mean_recall@1", "classnames": ["a"]},
+            "classnames",
+            "only classification tasks",
+        ),
+        ({"classnames": ["a", "b"], "classes": 3}, "classes", "3, but classnames lists 2"),
+        ({"data": None, "columns": {"image": "file"}}, "data", "`columns` needs the data's path"),
+    ],
+)
 def test_definition_errors_name_the_file_task_and_field(data: Path, task: dict, field: str, message: str) -> None:
     path = bad(data, task)
     with pytest.raises(ClipsiftError) as err:
@@ -249,23 +338,38 @@ def test_definition_errors_name_the_file_task_and_field(data: Path, task: dict, 
     assert str(err.value).startswith(f"{path}: task t: {field}: ") and message in str(err.value), str(err.value)
 
 
-@pytest.mark.parametrize("task, field, message", [
-    ({"data": "nowhere"}, "data", "nowhere does not exist"),
-    ({"data": "labels.csv", "columns": {"image": "file", "label": "diagnosis"}, "classnames": ["circle", "square"]},
-     "classnames", "label 'star' (of "),
-    ({"classnames": {"circle": "round", "star": "star"}}, "classnames", "label 'square' (of "),
-    ({"data": "empty"}, "data", "holds no images"),
-    ({"data": "empty.csv"}, "data", "has no rows; the task is empty"),
-    ({"data": "labels.csv"}, "columns.image", "has no column 'image' (its columns: file, diagnosis, site)"),
-    ({"data": "missing.csv"}, "columns.image", "1 image files of"),
-    ({"data": "images", "size": 13}, "size", "holds 12 samples, the suite says 13"),
-    ({"data": "made/folder", "classes": 4}, "classes", "the data has 3 classes, the suite says 4"),
-    ({"columns": {"label": "diagnosis"}}, "columns", "only a table has columns; "),
-    ({"type": "retrieval", "metric": "mean_recall@1"}, "layout", "an image folder holds classification data"),
-    ({"type": "winogavil", "metric": "jaccard_score_10-12", "data": "captions.csv"}, "layout", "read only in the webdataset layout"),
-])
-def test_data_errors_stop_the_run_before_any_work(data: Path, made: dict, run_dir: Path, task: dict, field: str, message: str,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "task, field, message",
+    [
+        ({"data": "nowhere"}, "data", "nowhere does not exist"),
+        (
+            {
+                "data": "labels.csv",
+                "columns": {"image": "file", "label": "diagnosis"},
+                "classnames": ["circle", "square"],
+            },
+            "classnames",
+            "label 'star' (of ",
+        ),
+        ({"classnames": {"circle": "round", "star": "star"}}, "classnames", "label 'square' (of "),
+        ({"data": "empty"}, "data", "holds no images"),
+        ({"data": "empty.csv"}, "data", "has no rows; the task is empty"),
+        ({"data": "labels.csv"}, "columns.image", "has no column 'image' (its columns: file, diagnosis, site)"),
+        ({"data": "missing.csv"}, "columns.image", "1 image files of"),
+        ({"data": "images", "size": 13}, "size", "holds 12 samples, the suite says 13"),
+        ({"data": "made/folder", "classes": 4}, "classes", "the data has 3 classes, the suite says 4"),
+        ({"columns": {"label": "diagnosis"}}, "columns", "only a table has columns; "),
+        ({"type": "retrieval", "metric": "mean_recall@1"}, "layout", "an image folder holds classification data"),
+        (
+            {"type": "winogavil", "metric": "jaccard_score_10-12", "data": "captions.csv"},
+            "layout",
+            "read only in the webdataset layout",
+        ),
+    ],
+)
+def test_data_errors_stop_the_run_before_any_work(
+    data: Path, made: dict, run_dir: Path, task: dict, field: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (data / "empty" / "circle").mkdir(parents=True, exist_ok=True)
     (data / "empty.csv").write_text("image,label\n")
     (data / "missing.csv").write_text("image,label\nimages/circle/0.jpg,circle\nimages/circle/9.jpg,circle\n")
@@ -281,10 +385,14 @@ def test_data_errors_stop_the_run_before_any_work(data: Path, made: dict, run_di
 
 
 def test_suite_level_errors_name_the_file(data: Path) -> None:
-    for suite, message in (({"suite": "x", "tasks": []}, "tasks: a suite needs a non-empty list"),
-                           ({"suite": "x", "tasks": [{"key": "a", "type": "retrieval", "metric": "mean_recall@1"}], "owner": "me"},
-                            "owner: unknown field"),
-                           ({"tasks": [{"key": "a", "type": "retrieval", "metric": "mean_recall@1"}]}, "suite: missing required field")):
+    for suite, message in (
+        ({"suite": "x", "tasks": []}, "tasks: a suite needs a non-empty list"),
+        (
+            {"suite": "x", "tasks": [{"key": "a", "type": "retrieval", "metric": "mean_recall@1"}], "owner": "me"},
+            "owner: unknown field",
+        ),
+        ({"tasks": [{"key": "a", "type": "retrieval", "metric": "mean_recall@1"}]}, "suite: missing required field"),
+    ):
         path = write_suite(data / "suite_level.yaml", suite)
         with pytest.raises(ClipsiftError, match=f"^{path}: {message}"):
             load_suite(path)
@@ -305,5 +413,7 @@ def test_the_documented_example_suite_parses() -> None:
     assert [t.type for t in suite.tasks] == ["classification"] * 3 + ["retrieval"] + ["classification"] * 2
     table = suite.task("lesions/table")
     assert table.data.path == "/somewhere/data/lesions.csv" and table.class_keys == ("mel", "nv", "bcc")
-    assert suite.task("lesions/by_skin_type").data.group == "fitzpatrick" and suite.task("lesions/external").data is None
+    assert (
+        suite.task("lesions/by_skin_type").data.group == "fitzpatrick" and suite.task("lesions/external").data is None
+    )
     assert len(suite.scored) == 5 and set(suite.groups) == {"lesions", "retrieval"}

@@ -16,13 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_eval_run import write_wds
 
 from clipsift import ClipsiftError
 from clipsift.eval import download
 from clipsift.eval.data import iter_entries, open_task_data, parse_sample
 from clipsift.eval.registry import load_suite
-
-from test_eval_run import write_wds
 
 SUITE = load_suite("datacomp38")
 KITTI = SUITE.task("vtab/kitti_closest_vehicle_distance")
@@ -47,8 +46,14 @@ class FakeHub:
         for path in sorted(p for p in base.rglob("*") if p.is_file()):
             data, rel = path.read_bytes(), str(path.relative_to(base))
             lfs = path.suffix in (".tar", ".parquet")
-            files.append(download.RemoteFile(rel, len(data), hashlib.sha256(data).hexdigest() if lfs else None,
-                                             None if lfs else download.git_blob_sha1(data)))
+            files.append(
+                download.RemoteFile(
+                    rel,
+                    len(data),
+                    hashlib.sha256(data).hexdigest() if lfs else None,
+                    None if lfs else download.git_blob_sha1(data),
+                )
+            )
         return files
 
     def fetch(self, repo: str, revision: str, path: str, local_dir: str) -> None:
@@ -73,23 +78,47 @@ def hub(tmp_path: Path) -> FakeHub:
     images = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     flickr = fake.folder(FLICKR.source, download.PARQUET_REVISION) / "TEST" / "test"
     flickr.mkdir(parents=True)
-    pq.write_table(pa.table({"image": pa.array([{"bytes": jpeg(i), "path": f"{i}.jpg"} for i in range(3)], images),
-                             "caption": [["a dog", "a brown\ndog"], ["a cat"], ["a car", "red car", "fast car"]],
-                             "filename": ["0.jpg", "1.jpg", "2.jpg"]}), flickr / "0000.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "image": pa.array([{"bytes": jpeg(i), "path": f"{i}.jpg"} for i in range(3)], images),
+                "caption": [["a dog", "a brown\ndog"], ["a cat"], ["a car", "red car", "fast car"]],
+                "filename": ["0.jpg", "1.jpg", "2.jpg"],
+            }
+        ),
+        flickr / "0000.parquet",
+    )
     wino = fake.folder(WINO.source, download.PARQUET_REVISION) / "default" / "test"
     wino.mkdir(parents=True)
-    pq.write_table(pa.table({"cue": ["tree", "ice"], "candidates": [["leaf", "car", "bark", "cup", "sun"], ["cold", "hot", "cube", "fire", "snow", "pan"]],
-                             "associations": [["leaf", "bark"], ["cold", "cube", "snow"]],
-                             "candidate_images": pa.array([[{"bytes": jpeg(j), "path": None} for j in range(n)] for n in (5, 6)], pa.list_(images))}),
-                   wino / "0000.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "cue": ["tree", "ice"],
+                "candidates": [["leaf", "car", "bark", "cup", "sun"], ["cold", "hot", "cube", "fire", "snow", "pan"]],
+                "associations": [["leaf", "bark"], ["cold", "cube", "snow"]],
+                "candidate_images": pa.array(
+                    [[{"bytes": jpeg(j), "path": None} for j in range(n)] for n in (5, 6)], pa.list_(images)
+                ),
+            }
+        ),
+        wino / "0000.parquet",
+    )
     return fake
 
 
-def test_plan_fetches_only_what_is_missing_or_wrong_and_a_finished_task_is_skipped(hub: FakeHub, tmp_path: Path) -> None:
+def test_plan_fetches_only_what_is_missing_or_wrong_and_a_finished_task_is_skipped(
+    hub: FakeHub, tmp_path: Path
+) -> None:
     out = tmp_path / "data"
     listing = hub.list(KITTI.source, "main")
     wanted = [f.path for f in download.wanted_files(KITTI, listing)]
-    assert wanted == ["classnames.txt", "test/0.tar", "test/1.tar", "test/nshards.txt", "zeroshot_classification_templates.txt"]
+    assert wanted == [
+        "classnames.txt",
+        "test/0.tar",
+        "test/1.tar",
+        "test/nshards.txt",
+        "zeroshot_classification_templates.txt",
+    ]
     report = download.download_suite(SUITE, str(out), [KITTI], lister=hub.list, fetcher=hub.fetch)
     assert report.done == [KITTI.key] and sorted(hub.fetched) == sorted(wanted)
     data = open_task_data(str(out / KITTI.key), "classification")
@@ -103,7 +132,13 @@ def test_plan_fetches_only_what_is_missing_or_wrong_and_a_finished_task_is_skipp
     (out / KITTI.key / "test" / "1.tar").write_bytes(b"truncated")
     assert [f.path for f in download.plan(KITTI, listing, str(out / KITTI.key))] == ["test/1.tar"]
     download.download_suite(SUITE, str(out), [KITTI], lister=hub.list, fetcher=hub.fetch)
-    assert hub.fetched[5:] == ["test/1.tar"] and download.verify(str(out / KITTI.key / "test" / "1.tar"), next(f for f in listing if f.path == "test/1.tar")) is None
+    assert (
+        hub.fetched[5:] == ["test/1.tar"]
+        and download.verify(
+            str(out / KITTI.key / "test" / "1.tar"), next(f for f in listing if f.path == "test/1.tar")
+        )
+        is None
+    )
 
 
 def test_bad_bytes_and_unreachable_repositories_fail_their_task_only(hub: FakeHub, tmp_path: Path) -> None:

@@ -10,13 +10,15 @@ from clipsift.eval.aggregate import suite_summary
 from clipsift.eval.registry import parse_suite
 
 # 5 samples, 6 classes. Ties go to the lower class index.
-LOGITS = np.array([
-    [0.9, 0.1, 0.5, 0.2, 0.3, 0.0],  # target 0: rank 0
-    [0.5, 0.5, 0.1, 0.0, 0.0, 0.0],  # target 1: tied with class 0, which ranks first -> rank 1
-    [0.5, 0.5, 0.1, 0.0, 0.0, 0.0],  # target 0: wins the tie -> rank 0
-    [0.3, 0.3, 0.3, 0.3, 0.3, 0.3],  # target 5: five lower indices tie ahead -> rank 5
-    [0.3, 0.3, 0.3, 0.3, 0.3, 0.3],  # target 4: rank 4
-])
+LOGITS = np.array(
+    [
+        [0.9, 0.1, 0.5, 0.2, 0.3, 0.0],  # target 0: rank 0
+        [0.5, 0.5, 0.1, 0.0, 0.0, 0.0],  # target 1: tied with class 0, which ranks first -> rank 1
+        [0.5, 0.5, 0.1, 0.0, 0.0, 0.0],  # target 0: wins the tie -> rank 0
+        [0.3, 0.3, 0.3, 0.3, 0.3, 0.3],  # target 5: five lower indices tie ahead -> rank 5
+        [0.3, 0.3, 0.3, 0.3, 0.3, 0.3],  # target 4: rank 4
+    ]
+)
 TARGETS = np.array([0, 1, 0, 5, 4])
 
 
@@ -64,8 +66,9 @@ def test_worst_group_leaves_out_excluded_and_absent_groups() -> None:
 def test_group_metrics_top1_and_top5_by_named_groups() -> None:
     names = ["Asia", "Europe", "Other"]
     groups = np.array([0, 0, 1, 1, 2])
-    values = metrics.group_metrics(LOGITS, TARGETS, groups, name="worst_region", field="region",
-                                   group_names=names, exclude=["Other"])
+    values = metrics.group_metrics(
+        LOGITS, TARGETS, groups, name="worst_region", field="region", group_names=names, exclude=["Other"]
+    )
     # top-1 correct: [1, 0, 1, 0, 0] -> Asia 1/2, Europe 1/2, Other 0 (excluded)
     assert values["acc_worst_region"] == pytest.approx(0.5)
     # top-5 correct: [1, 1, 1, 0, 1] -> Asia 1, Europe 1/2
@@ -77,14 +80,17 @@ def test_group_metrics_top1_and_top5_by_named_groups() -> None:
 
 def _retrieval_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """3 images (identity embeddings), 6 captions whose embeddings are their rows of scores."""
-    scores = np.array([
-        [0.9, 0.1, 0.0],  # caption 0 of image 0: rank 0
-        [0.2, 0.8, 0.0],  # caption 1 of image 0: rank 1
-        [0.8, 0.8, 0.1],  # caption 2 of image 1: tied with image 0, which ranks first -> rank 1
-        [0.0, 0.0, 0.7],  # caption 3 of image 2: rank 0
-        [0.3, 0.3, 0.3],  # caption 4 of image 2: rank 2
-        [0.6, 0.0, 0.4],  # caption 5 of image 2: rank 1
-    ], dtype=np.float32)
+    scores = np.array(
+        [
+            [0.9, 0.1, 0.0],  # caption 0 of image 0: rank 0
+            [0.2, 0.8, 0.0],  # caption 1 of image 0: rank 1
+            [0.8, 0.8, 0.1],  # caption 2 of image 1: tied with image 0, which ranks first -> rank 1
+            [0.0, 0.0, 0.7],  # caption 3 of image 2: rank 0
+            [0.3, 0.3, 0.3],  # caption 4 of image 2: rank 2
+            [0.6, 0.0, 0.4],  # caption 5 of image 2: rank 1
+        ],
+        dtype=np.float32,
+    )
     return np.eye(3, dtype=np.float32), scores, np.array([0, 0, 1, 2, 2, 2])
 
 
@@ -113,19 +119,62 @@ def test_winogavil_jaccard_of_the_top_k_candidates() -> None:
     values = metrics.winogavil_metrics([1 / 3, 1.0, 0.5, 0.0], [5, 6, 10, 12])
     assert values["jaccard_score_10-12"] == pytest.approx(0.25)
     assert values["jaccard_score_5-6"] == pytest.approx(2 / 3)
-    assert values["jaccard_score_10"] == 0.5 and values["avg_jaccard_score"] == pytest.approx((1 / 3 + 1.0 + 0.5 + 0.0) / 4)
+    assert values["jaccard_score_10"] == 0.5 and values["avg_jaccard_score"] == pytest.approx(
+        (1 / 3 + 1.0 + 0.5 + 0.0) / 4
+    )
     assert metrics.winogavil_metrics([1.0], [5])["jaccard_score_10-12"] is None
 
 
-SUITE = parse_suite({
-    "suite": "mini", "download": "get DATA_DIR", "groups": {"a": "A", "b": "B"},
-    "tasks": [
-        {"key": "t1", "type": "classification", "metric": "acc1", "groups": ["a"], "source": "x", "size": 1, "classes": 2, "chance": 0.5},
-        {"key": "t2", "type": "classification", "metric": "acc1", "groups": ["a", "b"], "source": "x", "size": 1, "classes": 2, "chance": 0.5},
-        {"key": "t3", "type": "retrieval", "metric": "mean_recall@1", "groups": [], "source": "x", "size": 1, "classes": None, "chance": 0.1},
-        {"key": "u", "type": "classification", "metric": "acc1", "groups": ["a"], "source": "x", "size": 1, "classes": 2, "chance": 0.5, "scored": False},
-    ],
-})
+SUITE = parse_suite(
+    {
+        "suite": "mini",
+        "download": "get DATA_DIR",
+        "groups": {"a": "A", "b": "B"},
+        "tasks": [
+            {
+                "key": "t1",
+                "type": "classification",
+                "metric": "acc1",
+                "groups": ["a"],
+                "source": "x",
+                "size": 1,
+                "classes": 2,
+                "chance": 0.5,
+            },
+            {
+                "key": "t2",
+                "type": "classification",
+                "metric": "acc1",
+                "groups": ["a", "b"],
+                "source": "x",
+                "size": 1,
+                "classes": 2,
+                "chance": 0.5,
+            },
+            {
+                "key": "t3",
+                "type": "retrieval",
+                "metric": "mean_recall@1",
+                "groups": [],
+                "source": "x",
+                "size": 1,
+                "classes": None,
+                "chance": 0.1,
+            },
+            {
+                "key": "u",
+                "type": "classification",
+                "metric": "acc1",
+                "groups": ["a"],
+                "source": "x",
+                "size": 1,
+                "classes": 2,
+                "chance": 0.5,
+                "scored": False,
+            },
+        ],
+    }
+)
 
 
 def test_summary_averages_are_means_of_main_metrics_and_partial_runs_say_what_is_missing() -> None:
@@ -133,7 +182,13 @@ def test_summary_averages_are_means_of_main_metrics_and_partial_runs_say_what_is
     partial = suite_summary(SUITE, results, {"t2": "t2: no data"})
     assert partial["average"] == pytest.approx(0.4)  # the unscored task is not averaged
     assert not partial["complete"] and partial["missing"] == ["t2"] and partial["failed"] == {"t2": "t2: no data"}
-    assert partial["groups"]["a"] == {"label": "A", "value": pytest.approx(0.2), "tasks": ["t1"], "missing": ["t2"], "complete": False}
+    assert partial["groups"]["a"] == {
+        "label": "A",
+        "value": pytest.approx(0.2),
+        "tasks": ["t1"],
+        "missing": ["t2"],
+        "complete": False,
+    }
     assert partial["groups"]["b"]["value"] is None
     assert partial["tasks"]["u"]["scored"] is False
     full = suite_summary(SUITE, {**results, "t2": {"value": 0.7}})

@@ -14,29 +14,68 @@ from clipsift.eval.registry import load_suite, parse_suite, suite_names
 
 # The reference table: key -> (metric, test size, classes); None marks unscored / no classes.
 REFERENCE = {
-    "vtab/caltech101": ("mean_per_class_recall", 6085, 102), "cifar10": ("acc1", 10000, 10),
-    "vtab/cifar100": ("acc1", 10000, 100), "vtab/clevr_count_all": ("acc1", 15000, 8),
-    "vtab/clevr_closest_object_distance": ("acc1", 15000, 6), "country211": ("acc1", 21100, 211),
-    "vtab/dtd": ("acc1", 1880, 47), "vtab/eurosat": ("acc1", 5400, 10), "fgvc_aircraft": ("mean_per_class_recall", 3333, 100),
-    "food101": ("acc1", 25250, 101), "gtsrb": ("acc1", 12630, 43), "imagenet1k": ("acc1", 50000, 1000),
-    "imagenet_sketch": ("acc1", 50889, 1000), "imagenetv2": ("acc1", 10000, 1000), "imagenet-a": ("acc1", 7500, 200),
-    "imagenet-o": ("acc1", 2000, 200), "imagenet-r": ("acc1", 30000, 200), "vtab/kitti_closest_vehicle_distance": ("acc1", 711, 4),
-    "mnist": ("acc1", 10000, 10), "objectnet": ("acc1", 18574, 113), "vtab/flowers": ("mean_per_class_recall", 6149, 102),
-    "vtab/pets": ("mean_per_class_recall", 3669, 37), "voc2007": ("acc1", 14976, 20), "vtab/pcam": ("acc1", 32768, 2),
-    "renderedsst2": ("acc1", 1821, 2), "vtab/resisc45": ("acc1", 6300, 45), "cars": ("acc1", 8041, 196),
-    "stl10": ("acc1", 8000, 10), "sun397": ("acc1", 108754, 397), "vtab/svhn": ("acc1", 26032, 10),
+    "vtab/caltech101": ("mean_per_class_recall", 6085, 102),
+    "cifar10": ("acc1", 10000, 10),
+    "vtab/cifar100": ("acc1", 10000, 100),
+    "vtab/clevr_count_all": ("acc1", 15000, 8),
+    "vtab/clevr_closest_object_distance": ("acc1", 15000, 6),
+    "country211": ("acc1", 21100, 211),
+    "vtab/dtd": ("acc1", 1880, 47),
+    "vtab/eurosat": ("acc1", 5400, 10),
+    "fgvc_aircraft": ("mean_per_class_recall", 3333, 100),
+    "food101": ("acc1", 25250, 101),
+    "gtsrb": ("acc1", 12630, 43),
+    "imagenet1k": ("acc1", 50000, 1000),
+    "imagenet_sketch": ("acc1", 50889, 1000),
+    "imagenetv2": ("acc1", 10000, 1000),
+    "imagenet-a": ("acc1", 7500, 200),
+    "imagenet-o": ("acc1", 2000, 200),
+    "imagenet-r": ("acc1", 30000, 200),
+    "vtab/kitti_closest_vehicle_distance": ("acc1", 711, 4),
+    "mnist": ("acc1", 10000, 10),
+    "objectnet": ("acc1", 18574, 113),
+    "vtab/flowers": ("mean_per_class_recall", 6149, 102),
+    "vtab/pets": ("mean_per_class_recall", 3669, 37),
+    "voc2007": ("acc1", 14976, 20),
+    "vtab/pcam": ("acc1", 32768, 2),
+    "renderedsst2": ("acc1", 1821, 2),
+    "vtab/resisc45": ("acc1", 6300, 45),
+    "cars": ("acc1", 8041, 196),
+    "stl10": ("acc1", 8000, 10),
+    "sun397": ("acc1", 108754, 397),
+    "vtab/svhn": ("acc1", 26032, 10),
     "retrieval/flickr_1k_test_image_text_retrieval": ("mean_recall@1", 1000, None),
     "retrieval/mscoco_2014_5k_test_image_text_retrieval": ("mean_recall@1", 5000, None),
-    "misc/winogavil": ("jaccard_score_10-12", 3563, None), "wilds/iwildcam": ("F1-macro_all", 42791, 182),
-    "wilds/camelyon17": ("acc1", 85054, 2), "wilds/fmow": ("acc_worst_region", 22108, 62),
-    "fairness/dollar_street": ("acc_top5_wg", 3503, 58), "fairness/geode": ("acc_wg", 12488, 40),
-    "fairness/fairface": (None, 10954, None), "fairness/utkface": (None, 23703, None),
+    "misc/winogavil": ("jaccard_score_10-12", 3563, None),
+    "wilds/iwildcam": ("F1-macro_all", 42791, 182),
+    "wilds/camelyon17": ("acc1", 85054, 2),
+    "wilds/fmow": ("acc_worst_region", 22108, 62),
+    "fairness/dollar_street": ("acc_top5_wg", 3503, 58),
+    "fairness/geode": ("acc_wg", 12488, 40),
+    "fairness/fairface": (None, 10954, None),
+    "fairness/utkface": (None, 23703, None),
 }
-VTAB = {"vtab/caltech101", "vtab/cifar100", "vtab/clevr_count_all", "vtab/clevr_closest_object_distance", "vtab/dtd",
-        "vtab/eurosat", "vtab/kitti_closest_vehicle_distance", "vtab/flowers", "vtab/pets", "vtab/pcam", "vtab/resisc45",
-        "vtab/svhn", "sun397"}
+VTAB = {
+    "vtab/caltech101",
+    "vtab/cifar100",
+    "vtab/clevr_count_all",
+    "vtab/clevr_closest_object_distance",
+    "vtab/dtd",
+    "vtab/eurosat",
+    "vtab/kitti_closest_vehicle_distance",
+    "vtab/flowers",
+    "vtab/pets",
+    "vtab/pcam",
+    "vtab/resisc45",
+    "vtab/svhn",
+    "sun397",
+}
 SHIFTS = {"imagenet_sketch", "imagenetv2", "imagenet-a", "imagenet-o", "imagenet-r", "objectnet"}
-RETRIEVAL = {"retrieval/flickr_1k_test_image_text_retrieval", "retrieval/mscoco_2014_5k_test_image_text_retrieval", "misc/winogavil"}
+RETRIEVAL = {
+    "retrieval/flickr_1k_test_image_text_retrieval",
+    "retrieval/mscoco_2014_5k_test_image_text_retrieval",
+    "misc/winogavil",
+}
 
 
 def test_datacomp38_has_exactly_the_38_scored_tasks_of_the_reference_table() -> None:
@@ -92,7 +131,9 @@ def test_tiny_suite_has_every_task_type_and_group() -> None:
 
 def test_a_bad_suite_file_is_refused_with_its_name(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text("suite: x\ndownload: y\ngroups: {}\ntasks:\n  - {key: a, type: regression, metric: m, source: s, size: 1}\n")
+    path.write_text(
+        "suite: x\ndownload: y\ngroups: {}\ntasks:\n  - {key: a, type: regression, metric: m, source: s, size: 1}\n"
+    )
     with pytest.raises(ClipsiftError, match="bad.yaml.*regression"):
         load_suite(str(path))
     with pytest.raises(ClipsiftError, match="unknown suite"):
@@ -105,7 +146,9 @@ def test_suite_hash_ignores_formatting_but_not_content(tmp_path):
     shipped = load_suite("tiny")
     data = yaml.safe_load(Path(shipped.path).read_text(encoding="utf-8"))
     reformatted = tmp_path / "reformatted.yaml"
-    reformatted.write_text("# a comment\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=True), encoding="utf-8")
+    reformatted.write_text(
+        "# a comment\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=True), encoding="utf-8"
+    )
     assert load_suite(str(reformatted)).sha256 == shipped.sha256
     data["tasks"][0]["metric"] = "acc5"
     changed = tmp_path / "changed.yaml"
@@ -116,8 +159,10 @@ def test_suite_hash_ignores_formatting_but_not_content(tmp_path):
 # --------------------------------------------------------------------------- task types are registered classes
 
 
-UNKNOWN_TYPE = ("s: task a: type: 'regression' is not one of classification, retrieval, winogavil, multiobjective "
-                "(a worst-group classification is `classification` with a group column, see docs/evaluation.md)")
+UNKNOWN_TYPE = (
+    "s: task a: type: 'regression' is not one of classification, retrieval, winogavil, multiobjective "
+    "(a worst-group classification is `classification` with a group column, see docs/evaluation.md)"
+)
 
 
 def test_an_unknown_task_type_is_refused_with_the_known_ones() -> None:
@@ -132,13 +177,23 @@ def test_the_built_in_types_declare_what_the_suites_rely_on() -> None:
     assert task_types.names() == ("classification", "retrieval", "winogavil", "multiobjective")
     cls, ret, wino, multi = (task_types.get(name) for name in task_types.names())
     assert cls.main_metrics("wg") == ("acc1", "acc5", "mean_per_class_recall", "F1-macro_all", "acc_wg", "acc_top5_wg")
-    assert ret.main_metrics() == ("image_retrieval_recall@1", "image_retrieval_recall@5", "image_retrieval_recall@10",
-                                  "text_retrieval_recall@1", "text_retrieval_recall@5", "text_retrieval_recall@10",
-                                  "mean_recall@1")
+    assert ret.main_metrics() == (
+        "image_retrieval_recall@1",
+        "image_retrieval_recall@5",
+        "image_retrieval_recall@10",
+        "text_retrieval_recall@1",
+        "text_retrieval_recall@5",
+        "text_retrieval_recall@10",
+        "mean_recall@1",
+    )
     assert wino.main_metrics()[-1] == "jaccard_score_10-12"
     assert multi.main_metrics(None, ("age", "race")) == ("acc_age", "acc_age_wg", "acc_race", "acc_race_wg")
-    assert [t.layouts for t in (cls, ret, wino, multi)] == [("wds", "folder", "table"), ("wds", "table"),
-                                                            ("wds",), ("wds",)]
+    assert [t.layouts for t in (cls, ret, wino, multi)] == [
+        ("wds", "folder", "table"),
+        ("wds", "table"),
+        ("wds",),
+        ("wds",),
+    ]
     assert [t.type_file for t in (cls, ret, wino, multi)] == [None, "retrieval", "winogavil", None]
     assert [t.hub_parquet for t in (cls, ret, wino, multi)] == [False, True, True, False]
     assert load_suite("tiny").task("tiny/retrieval").kind is ret
@@ -202,10 +257,10 @@ def redness():
 
 
 def test_a_registered_task_type_validates_and_is_evaluated_through_its_class(redness, tmp_path: Path) -> None:
-    from conftest import image_bytes
-
     from clipsift.eval.data import write_task
     from clipsift.eval.run import RESULTS, evaluate_model
+
+    from conftest import image_bytes
 
     entry = {"key": "custom/redness", "type": "redness", "metric": "red_acc", "size": 4}
     with pytest.raises(ClipsiftError, match="'acc1' is not a metric of this redness task; choose one of red_acc"):

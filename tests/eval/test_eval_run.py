@@ -38,14 +38,21 @@ def npy(values: list[int]) -> bytes:
     return buffer.getvalue()
 
 
-def write_wds(root: Path, samples: list[dict[str, bytes]], *, shards: int = 1, classnames: list[str] | None = None,
-              templates: list[str] | None = None, dataset_type: str | None = None) -> None:
+def write_wds(
+    root: Path,
+    samples: list[dict[str, bytes]],
+    *,
+    shards: int = 1,
+    classnames: list[str] | None = None,
+    templates: list[str] | None = None,
+    dataset_type: str | None = None,
+) -> None:
     """clip_benchmark's layout, written with plain tarfile: test/nshards.txt, test/{i}.tar, text files."""
     (root / "test").mkdir(parents=True)
     per = -(-len(samples) // shards)
     for shard in range(shards):
         with tarfile.open(root / "test" / f"{shard}.tar", "w") as tar:
-            for i, members in enumerate(samples[shard * per:(shard + 1) * per], shard * per):
+            for i, members in enumerate(samples[shard * per : (shard + 1) * per], shard * per):
                 for ext, data in members.items():
                     info = tarfile.TarInfo(f"s{i:07d}.{ext}")
                     info.size = len(data)
@@ -63,12 +70,17 @@ TEMPLATES = ["a photo of a {c}.", "a drawing of a {c}."]
 REGIONS = ["Asia", "Europe", "Other"]
 
 
-def classification_samples(rng: np.random.Generator, n: int, classes: int, meta: bool = False) -> list[dict[str, bytes]]:
+def classification_samples(
+    rng: np.random.Generator, n: int, classes: int, meta: bool = False
+) -> list[dict[str, bytes]]:
     formats = ["JPEG", "PNG", "WEBP"]
     samples = []
     for i in range(n):
         fmt = formats[i % 3]
-        sample = {{"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]: image(rng, fmt), "cls": str(i % classes).encode()}
+        sample = {
+            {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]: image(rng, fmt),
+            "cls": str(i % classes).encode(),
+        }
         if meta:
             sample["npy"] = npy([int(rng.integers(0, 3)), 2016, i % classes])
         samples.append(sample)
@@ -79,8 +91,15 @@ def winogavil_samples(rng: np.random.Generator) -> list[dict[str, bytes]]:
     samples = []
     for n, k in ((5, 2), (10, 3), (12, 4), (10, 2)):
         candidates = [f"word{j}" for j in range(n)]
-        sample = {"json": json.dumps({"cue": "apple" if n == 5 else "tree", "candidates": candidates,
-                                      "associations": [candidates[j] for j in rng.choice(n, k, replace=False)]}).encode()}
+        sample = {
+            "json": json.dumps(
+                {
+                    "cue": "apple" if n == 5 else "tree",
+                    "candidates": candidates,
+                    "associations": [candidates[j] for j in rng.choice(n, k, replace=False)],
+                }
+            ).encode()
+        }
         for j in range(n):
             sample[f"img{j:02d}.jpg"] = image(rng)
         samples.append(sample)
@@ -104,8 +123,15 @@ FAIR_TEMPLATES = ["age:a photo of a {c} person.", "gender:a photo of a {c}.", "r
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("evaldata")
     rng = np.random.default_rng(7)
-    write_wds(root / "mini" / "cls", classification_samples(rng, 14, 3), shards=2, classnames=CLASSES, templates=TEMPLATES)
-    write_wds(root / "mini" / "groups", classification_samples(rng, 15, 3, meta=True), classnames=CLASSES, templates=TEMPLATES)
+    write_wds(
+        root / "mini" / "cls", classification_samples(rng, 14, 3), shards=2, classnames=CLASSES, templates=TEMPLATES
+    )
+    write_wds(
+        root / "mini" / "groups",
+        classification_samples(rng, 15, 3, meta=True),
+        classnames=CLASSES,
+        templates=TEMPLATES,
+    )
     write_wds(root / "mini" / "retrieval", retrieval_samples(rng), dataset_type="retrieval")
     write_wds(root / "mini" / "wino", winogavil_samples(rng), dataset_type="winogavil")
     fair = [{"jpg": image(rng), "npy": npy([i % 2, (i // 2) % 2, i % 3, int(i % 3 > 0)])} for i in range(9)]
@@ -117,18 +143,44 @@ def suite_file(path: Path, sizes: dict[str, int] | None = None) -> str:
     sizes = {"mini/cls": 14, "mini/groups": 15, "mini/retrieval": 6, "mini/wino": 4, "mini/fair": 9, **(sizes or {})}
     tasks = [
         {"key": "mini/cls", "type": "classification", "metric": "acc1", "groups": ["main"], "classes": 3},
-        {"key": "mini/groups", "type": "classification", "metric": "acc_worst_region", "groups": ["main", "wg"], "classes": 3,
-         "metadata": {"fields": ["region", "year", "y"], "group_by": "region", "group_names": REGIONS, "exclude": ["Other"],
-                      "name": "worst_region"}},
+        {
+            "key": "mini/groups",
+            "type": "classification",
+            "metric": "acc_worst_region",
+            "groups": ["main", "wg"],
+            "classes": 3,
+            "metadata": {
+                "fields": ["region", "year", "y"],
+                "group_by": "region",
+                "group_names": REGIONS,
+                "exclude": ["Other"],
+                "name": "worst_region",
+            },
+        },
         {"key": "mini/retrieval", "type": "retrieval", "metric": "mean_recall@1", "groups": ["ret"], "classes": None},
         {"key": "mini/wino", "type": "winogavil", "metric": "jaccard_score_10-12", "groups": ["ret"], "classes": None},
-        {"key": "mini/fair", "type": "multiobjective", "metric": "acc_gender", "groups": [], "classes": None, "scored": False,
-         "metadata": {"fields": ["age", "gender", "race", "race_binary"], "group_by": "race"}},
+        {
+            "key": "mini/fair",
+            "type": "multiobjective",
+            "metric": "acc_gender",
+            "groups": [],
+            "classes": None,
+            "scored": False,
+            "metadata": {"fields": ["age", "gender", "race", "race_binary"], "group_by": "race"},
+        },
     ]
     for task in tasks:
         task.update(source="local", size=sizes[task["key"]], chance=0.1)
-    path.write_text(yaml.safe_dump({"suite": "mini", "download": "make-mini --out DATA_DIR",
-                                    "groups": {"main": "Main", "wg": "Worst", "ret": "Retrieval"}, "tasks": tasks}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "suite": "mini",
+                "download": "make-mini --out DATA_DIR",
+                "groups": {"main": "Main", "wg": "Worst", "ret": "Retrieval"},
+                "tasks": tasks,
+            }
+        )
+    )
     return str(path)
 
 
@@ -155,7 +207,9 @@ def reference(run_dir: Path):
     """Direct open_clip encoders of the checkpoint (no clipsift code in between)."""
     import open_clip
 
-    model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=str(run_dir / "checkpoints" / "epoch_latest.pt"))
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        ARCH, pretrained=str(run_dir / "checkpoints" / "epoch_latest.pt")
+    )
     tokenizer = open_clip.get_tokenizer(ARCH)
     model.eval()
 
@@ -197,7 +251,9 @@ def evaluated(run_dir: Path, data: Path, tmp_path_factory: pytest.TempPathFactor
     suite = suite_file(tmp_path_factory.mktemp("suite") / "mini.yaml")
     result = eval_run.evaluate(str(run_dir), suite, data_dir=str(data))
     assert not result.failed, result.failed
-    return {line["task"]: line for line in map(json.loads, (run_dir / "eval" / "results.jsonl").read_text().splitlines())}
+    return {
+        line["task"]: line for line in map(json.loads, (run_dir / "eval" / "results.jsonl").read_text().splitlines())
+    }
 
 
 # --------------------------------------------------------------------------- each task type end to end
@@ -212,14 +268,18 @@ def test_classification_equals_a_direct_open_clip_computation(evaluated: dict, d
     line = evaluated["mini/cls"]
     assert line["n"] == 14 and line["metric"] == "acc1" and line["value"] == line["metrics"]["acc1"]
     assert line["value"] == pytest.approx(np.mean(pred == labels))
-    assert line["metrics"]["mean_per_class_recall"] == pytest.approx(np.mean([np.mean(pred[labels == c] == c) for c in range(3)]))
+    assert line["metrics"]["mean_per_class_recall"] == pytest.approx(
+        np.mean([np.mean(pred[labels == c] == c) for c in range(3)])
+    )
     assert line["metrics"]["acc5"] is None  # 3 classes
 
 
 def test_worst_group_task_reads_npy_metadata_and_leaves_out_other(evaluated: dict, data: Path, reference) -> None:
     images, _, classifier = reference
     samples = read_tars(data / "mini" / "groups")
-    correct = (images([image_of(s) for s in samples]) @ classifier(CLASSES, TEMPLATES)).argmax(axis=1) == [int(s["cls"]) for s in samples]
+    correct = (images([image_of(s) for s in samples]) @ classifier(CLASSES, TEMPLATES)).argmax(axis=1) == [
+        int(s["cls"]) for s in samples
+    ]
     regions = np.array([int(np.load(io.BytesIO(s["npy"]))[0]) for s in samples])
     per_region = {r: correct[regions == r].mean() for r in np.unique(regions)}
     line = evaluated["mini/groups"]
@@ -250,9 +310,12 @@ def test_winogavil_scores_10_to_12_candidate_examples(evaluated: dict, data: Pat
     for sample in read_tars(data / "mini" / "wino"):
         info = json.loads(sample["json"])
         n, truth = len(info["candidates"]), np.isin(info["candidates"], info["associations"])
-        sims = images([sample[f"img{j:02d}.jpg"] for j in range(n)]) @ texts([("An " if info["cue"][0] in "aeiou" else "A ") + info["cue"]])[0]
+        sims = (
+            images([sample[f"img{j:02d}.jpg"] for j in range(n)])
+            @ texts([("An " if info["cue"][0] in "aeiou" else "A ") + info["cue"]])[0]
+        )
         chosen = np.zeros(n, bool)
-        chosen[np.argsort(-sims, kind="stable")[:truth.sum()]] = True
+        chosen[np.argsort(-sims, kind="stable")[: truth.sum()]] = True
         scores.append((n, (chosen & truth).sum() / (chosen | truth).sum()))
     line = evaluated["mini/wino"]
     assert line["value"] == pytest.approx(np.mean([j for n, j in scores if n >= 10]))
@@ -260,11 +323,15 @@ def test_winogavil_scores_10_to_12_candidate_examples(evaluated: dict, data: Pat
     assert line["metrics"]["num_10-12"] == 3 and line["n"] == 4
 
 
-def test_multiobjective_fairness_task_is_reported_but_not_averaged(evaluated: dict, data: Path, reference, run_dir: Path) -> None:
+def test_multiobjective_fairness_task_is_reported_but_not_averaged(
+    evaluated: dict, data: Path, reference, run_dir: Path
+) -> None:
     images, _, classifier = reference
     samples = read_tars(data / "mini" / "fair")
     meta = np.stack([np.load(io.BytesIO(s["npy"])) for s in samples])
-    gender = (images([image_of(s) for s in samples]) @ classifier(["male", "female"], ["a photo of a {c}."])).argmax(axis=1) == meta[:, 1]
+    gender = (images([image_of(s) for s in samples]) @ classifier(["male", "female"], ["a photo of a {c}."])).argmax(
+        axis=1
+    ) == meta[:, 1]
     line = evaluated["mini/fair"]
     assert line["scored"] is False and line["value"] == pytest.approx(gender.mean())
     assert line["metrics"]["acc_gender_wg"] == pytest.approx(min(gender[meta[:, 2] == r].mean() for r in range(3)))
@@ -284,24 +351,33 @@ def test_results_resume_and_skip_tasks_already_done(run_dir: Path, data: Path, t
     local = tmp_path / "data"
     shutil.copytree(data, local)
     out = tmp_path / "out"
-    first = eval_run.evaluate(str(run_dir), suite, data_dir=str(local), tasks=["mini/cls", "mini/retrieval"], out=str(out))
+    first = eval_run.evaluate(
+        str(run_dir), suite, data_dir=str(local), tasks=["mini/cls", "mini/retrieval"], out=str(out)
+    )
     assert [o.status for o in first.outcomes] == ["done", "done"]
     before = (out / "results.jsonl").read_bytes()
     shutil.rmtree(local / "mini" / "cls")  # a task already done needs no data any more
     second = eval_run.evaluate(str(run_dir), suite, data_dir=str(local), out=str(out))
-    assert {o.task: o.status for o in second.outcomes} == {"mini/cls": "skipped", "mini/groups": "done", "mini/retrieval": "skipped",
-                                                           "mini/wino": "done", "mini/fair": "done"}
+    assert {o.task: o.status for o in second.outcomes} == {
+        "mini/cls": "skipped",
+        "mini/groups": "done",
+        "mini/retrieval": "skipped",
+        "mini/wino": "done",
+        "mini/fair": "done",
+    }
     after = (out / "results.jsonl").read_bytes()
     assert after.startswith(before)
     assert sorted(json.loads(line)["task"] for line in after.decode().splitlines()) == sorted(
-        ["mini/cls", "mini/groups", "mini/retrieval", "mini/wino", "mini/fair"])
+        ["mini/cls", "mini/groups", "mini/retrieval", "mini/wino", "mini/fair"]
+    )
     summary = json.loads((out / "summary.json").read_text())["suites"]["mini"]
     values = [json.loads(line)["value"] for line in after.decode().splitlines() if json.loads(line)["scored"]]
     assert summary["complete"] and summary["average"] == pytest.approx(np.mean(values))
 
 
-def test_zero_shot_classifiers_are_cached_per_weights_task_and_templates(run_dir: Path, data: Path, tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_zero_shot_classifiers_are_cached_per_weights_task_and_templates(
+    run_dir: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import shutil
 
     import open_clip
@@ -326,25 +402,38 @@ def test_zero_shot_classifiers_are_cached_per_weights_task_and_templates(run_dir
         eval_run.evaluate(str(run_dir), suite, data_dir=str(local), tasks=["mini/cls"], out=str(out))
 
 
-def test_missing_data_fails_that_task_with_the_download_command_and_the_others_go_on(run_dir: Path, tmp_path: Path) -> None:
+def test_missing_data_fails_that_task_with_the_download_command_and_the_others_go_on(
+    run_dir: Path, tmp_path: Path
+) -> None:
     rng = np.random.default_rng(3)
     data = tmp_path / "datacomp"
     kitti = [{"jpg": image(rng), "cls": str(i % 4).encode()} for i in range(711)]
     names = ["a car on my right", "a car near by", "a car in the distance", "no car"]
     write_wds(data / "vtab" / "kitti_closest_vehicle_distance", kitti, classnames=names, templates=["{c}."])
     out = tmp_path / "out"
-    result = eval_run.evaluate(str(run_dir), "datacomp38", data_dir=str(data), out=str(out), batch_size=512,
-                               tasks=["cifar10", "vtab/kitti_closest_vehicle_distance", "imagenet1k"])
+    result = eval_run.evaluate(
+        str(run_dir),
+        "datacomp38",
+        data_dir=str(data),
+        out=str(out),
+        batch_size=512,
+        tasks=["cifar10", "vtab/kitti_closest_vehicle_distance", "imagenet1k"],
+    )
     status = {o.task: o for o in result.outcomes}
     assert status["vtab/kitti_closest_vehicle_distance"].status == "done"
     for key in ("cifar10", "imagenet1k"):
         assert status[key].status == "failed"
-        assert status[key].error.startswith(f"{key}: ") and f"clipsift eval download --suite datacomp38 --out {data}" in status[key].error
+        assert (
+            status[key].error.startswith(f"{key}: ")
+            and f"clipsift eval download --suite datacomp38 --out {data}" in status[key].error
+        )
     summary = json.loads((out / "summary.json").read_text())["suites"]["datacomp38"]
     assert not summary["complete"] and summary["num_evaluated"] == 1 and len(summary["missing"]) == 37
     assert set(summary["failed"]) == {"cifar10", "imagenet1k"}
     kitti_value = status["vtab/kitti_closest_vehicle_distance"].value
-    assert summary["average"] == pytest.approx(kitti_value) and summary["groups"]["vtab"]["value"] == pytest.approx(kitti_value)
+    assert summary["average"] == pytest.approx(kitti_value) and summary["groups"]["vtab"]["value"] == pytest.approx(
+        kitti_value
+    )
     assert len(summary["groups"]["vtab"]["missing"]) == 12
 
 
@@ -352,8 +441,12 @@ def test_incomplete_data_and_other_weights_are_refused(run_dir: Path, data: Path
     suite = suite_file(tmp_path / "mini.yaml", sizes={"mini/cls": 15})
     out = tmp_path / "out"
     result = eval_run.evaluate(str(run_dir), suite, data_dir=str(data), tasks=["mini/cls"], out=str(out))
-    assert "holds 14 samples, mini/cls has 15" in result.failed[0].error and "make-mini --out" in result.failed[0].error
-    eval_run.evaluate(str(run_dir), suite_file(tmp_path / "ok.yaml"), data_dir=str(data), tasks=["mini/retrieval"], out=str(out))
+    assert (
+        "holds 14 samples, mini/cls has 15" in result.failed[0].error and "make-mini --out" in result.failed[0].error
+    )
+    eval_run.evaluate(
+        str(run_dir), suite_file(tmp_path / "ok.yaml"), data_dir=str(data), tasks=["mini/retrieval"], out=str(out)
+    )
     other = save_run(tmp_path / "other", seed=1)
     with pytest.raises(ClipsiftError, match="other weights"):
         eval_run.evaluate(str(other), suite, data_dir=str(data), out=str(out))
@@ -366,17 +459,28 @@ def test_targets_checkpoint_files_and_bad_input(run_dir: Path, data: Path, tmp_p
     with pytest.raises(ClipsiftError, match="no such run directory"):
         eval_run.evaluate(str(tmp_path / "nothing"), "tiny")
     suite = suite_file(tmp_path / "mini.yaml")
-    result = eval_run.evaluate(str(checkpoint), suite, arch=ARCH, data_dir=str(data), tasks=["mini/cls"], out=str(tmp_path / "o"))
+    result = eval_run.evaluate(
+        str(checkpoint), suite, arch=ARCH, data_dir=str(data), tasks=["mini/cls"], out=str(tmp_path / "o")
+    )
     assert result.outcomes[0].status == "done"
     line = json.loads((tmp_path / "o" / "results.jsonl").read_text())
     assert line["model"]["arch"] == ARCH and len(line["model"]["weights_sha256"]) == 64
     assert load_suite(suite).task("mini/cls").size == line["n"]
 
 
-def test_parallel_data_loading_gives_the_same_results(run_dir: Path, data: Path, tmp_path: Path, evaluated: dict) -> None:
+def test_parallel_data_loading_gives_the_same_results(
+    run_dir: Path, data: Path, tmp_path: Path, evaluated: dict
+) -> None:
     suite = suite_file(tmp_path / "mini.yaml")
     # mini/cls has 2 tars (split by tar between 2 workers), mini/wino 1 (split by sample)
-    eval_run.evaluate(str(run_dir), suite, data_dir=str(data), tasks=["mini/cls", "mini/wino"], out=str(tmp_path / "o"),
-                      workers=2, batch_size=3)
+    eval_run.evaluate(
+        str(run_dir),
+        suite,
+        data_dir=str(data),
+        tasks=["mini/cls", "mini/wino"],
+        out=str(tmp_path / "o"),
+        workers=2,
+        batch_size=3,
+    )
     for line in map(json.loads, (tmp_path / "o" / "results.jsonl").read_text().splitlines()):
         assert line["metrics"] == pytest.approx(evaluated[line["task"]]["metrics"]), line["task"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from test_filters import build_pool, run, uids_of, write_model
 
 from clipsift import __version__
 from clipsift.filters import base
@@ -16,43 +17,79 @@ from clipsift.filters.base import RecipeError
 from clipsift.filters.recipe import apply_recipe, load_recipe, shipped_recipes
 from clipsift.filters.subset import decode_uids, read_subset
 from clipsift.pipeline.pool import Pool
-from conftest import clipsift
-from test_filters import build_pool, run, uids_of, write_model
 
-BASELINES = ["no_filter", "basic_filter", "text_based", "image_based", "clip_score_l14_30pct", "clip_score_b32_30pct",
-             "laion2b", "image_based_intersect_clip_score"]
+from conftest import clipsift
+
+BASELINES = [
+    "no_filter",
+    "basic_filter",
+    "text_based",
+    "image_based",
+    "clip_score_l14_30pct",
+    "clip_score_b32_30pct",
+    "laion2b",
+    "image_based_intersect_clip_score",
+]
 
 
 def test_every_datacomp_baseline_is_shipped_with_datacomps_parameters() -> None:
     assert set(BASELINES) <= set(shipped_recipes())
-    leaves = {name: [n.filter for n in load_recipe(name, {"targets": "/t.npy"} if "image" in name else {}).leaves()]
-              for name in BASELINES}
-    basic, = leaves["basic_filter"]
-    assert (basic.language, basic.min_words, basic.min_chars, basic.min_side, basic.max_aspect_ratio) == ("en", 3, 6, 200, 3.0)
-    l14, = leaves["clip_score_l14_30pct"]
-    b32, = leaves["clip_score_b32_30pct"]
-    assert (l14.model_id, l14.fraction, b32.model_id, b32.fraction) == ("ViT-L-14__openai", 0.3, "ViT-B-32__openai", 0.3)
+    leaves = {
+        name: [n.filter for n in load_recipe(name, {"targets": "/t.npy"} if "image" in name else {}).leaves()]
+        for name in BASELINES
+    }
+    (basic,) = leaves["basic_filter"]
+    assert (basic.language, basic.min_words, basic.min_chars, basic.min_side, basic.max_aspect_ratio) == (
+        "en",
+        3,
+        6,
+        200,
+        3.0,
+    )
+    (l14,) = leaves["clip_score_l14_30pct"]
+    (b32,) = leaves["clip_score_b32_30pct"]
+    assert (l14.model_id, l14.fraction, b32.model_id, b32.fraction) == (
+        "ViT-L-14__openai",
+        0.3,
+        "ViT-B-32__openai",
+        0.3,
+    )
     caption, cluster = leaves["image_based"]
     assert (caption.language, caption.min_words, caption.min_chars) == ("en", 2, 6)
-    assert (cluster.model_id, cluster.k, cluster.iterations, cluster.seed, cluster.targets) == ("ViT-L-14__openai", 100_000, 20, 0, "/t.npy")
+    assert (cluster.model_id, cluster.k, cluster.iterations, cluster.seed, cluster.targets) == (
+        "ViT-L-14__openai",
+        100_000,
+        20,
+        0,
+        "/t.npy",
+    )
     assert [f.name for f in leaves["image_based_intersect_clip_score"]] == ["caption", "image_cluster", "clip_score"]
-    laion, = leaves["laion2b"]
+    (laion,) = leaves["laion2b"]
     assert (laion.model_id, laion.threshold, laion.language) == ("ViT-B-32__openai", 0.28, "en")
     synth = load_recipe("synth_clip_score", {"model_id": "tiny__abc", "fraction": "0.25"}).leaves()[0].filter
     assert (synth.model_id, synth.fraction) == ("tiny__abc", 0.25)  # --set values are typed like YAML
 
 
-@pytest.mark.parametrize("recipe, message", [
-    ("steps: [blur_filter]", "step 1: unknown filter 'blur_filter'"),
-    ("steps: [{basic: {min_word: 3}}]", "step 1 (basic): unknown parameter 'min_word'"),
-    ("steps: [{basic: {min_words: three}}]", "parameter 'min_words' must be int"),
-    ("steps: [{clip_score: {model_id: m, fraction: 1.5}}]", "parameter 'fraction' must be in [0, 1]"),
-    ("steps: [{clip_score: {model_id: m}}]", "exactly one of 'threshold' and 'fraction'"),
-    ("steps: [no_filter, {all: [basic, {dedup: {by: pixels}}]}]", "step 2.2 (dedup): parameter 'by' must be one of"),
-    ("steps: [{clip_score: {model_id: '${model}', threshold: 0.2}}]", "${model} is used but not declared"),
-    ("vars: {model: null}\nsteps: [{clip_score: {model_id: '${model}', threshold: 0.2}}]", "variable 'model' has no value; pass --set model=..."),
-    ("steps: [{not: [basic, caption]}]", "(not): takes one step"),
-])
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        ("steps: [blur_filter]", "step 1: unknown filter 'blur_filter'"),
+        ("steps: [{basic: {min_word: 3}}]", "step 1 (basic): unknown parameter 'min_word'"),
+        ("steps: [{basic: {min_words: three}}]", "parameter 'min_words' must be int"),
+        ("steps: [{clip_score: {model_id: m, fraction: 1.5}}]", "parameter 'fraction' must be in [0, 1]"),
+        ("steps: [{clip_score: {model_id: m}}]", "exactly one of 'threshold' and 'fraction'"),
+        (
+            "steps: [no_filter, {all: [basic, {dedup: {by: pixels}}]}]",
+            "step 2.2 (dedup): parameter 'by' must be one of",
+        ),
+        ("steps: [{clip_score: {model_id: '${model}', threshold: 0.2}}]", "${model} is used but not declared"),
+        (
+            "vars: {model: null}\nsteps: [{clip_score: {model_id: '${model}', threshold: 0.2}}]",
+            "variable 'model' has no value; pass --set model=...",
+        ),
+        ("steps: [{not: [basic, caption]}]", "(not): takes one step"),
+    ],
+)
 def test_bad_recipes_are_refused_naming_the_step(tmp_path: Path, recipe: str, message: str) -> None:
     path = tmp_path / "r.yaml"
     path.write_text(recipe)
@@ -69,10 +106,21 @@ def test_missing_inputs_fail_before_any_work(tmp_path: Path, monkeypatch) -> Non
     calls = []
     monkeypatch.setattr(base.Filter, "prepare", lambda self, context: calls.append(self) or None)
     cases = [
-        ("steps: [basic, {clip_score: {model_id: ViT-L-14__openai, fraction: 0.3}}]",
-         "step 2 (clip_score): embeddings folder", "embeddings/ViT-L-14__openai does not exist (models scored: full, m)"),
-        ("steps: [{clip_score: {model_id: m, fraction: 0.3}}]", "step 1 (clip_score)", "lacks 1 of 3 shards (00000002)"),
-        (f"steps: [{{decontaminate: {{model_id: full, eval: {tmp_path}/nothing.npy}}}}]", "step 1 (decontaminate): eval", "does not exist"),
+        (
+            "steps: [basic, {clip_score: {model_id: ViT-L-14__openai, fraction: 0.3}}]",
+            "step 2 (clip_score): embeddings folder",
+            "embeddings/ViT-L-14__openai does not exist (models scored: full, m)",
+        ),
+        (
+            "steps: [{clip_score: {model_id: m, fraction: 0.3}}]",
+            "step 1 (clip_score)",
+            "lacks 1 of 3 shards (00000002)",
+        ),
+        (
+            f"steps: [{{decontaminate: {{model_id: full, eval: {tmp_path}/nothing.npy}}}}]",
+            "step 1 (decontaminate): eval",
+            "does not exist",
+        ),
         ("steps: [{text_based: {vocabulary: no-such-list.txt}}]", "step 1 (text_based)", "nor an existing text file"),
     ]
     for recipe, where, what in cases:
@@ -133,7 +181,9 @@ def test_subset_json_records_the_run(tmp_path: Path) -> None:
     pool = build_pool(tmp_path / "pool", [{} for _ in range(8)], per_shard=5)
     run(pool, tmp_path, "name: everything\nsteps: [no_filter]", "s")
     info = json.loads((tmp_path / "s.json").read_text())
-    assert info["num_uids"] == 8 and info["recipe"]["name"] == "everything" and info["recipe"]["steps"] == ["no_filter"]
+    assert (
+        info["num_uids"] == 8 and info["recipe"]["name"] == "everything" and info["recipe"]["steps"] == ["no_filter"]
+    )
     assert info["npy_sha256"] == hashlib.sha256((tmp_path / "s.npy").read_bytes()).hexdigest()
     assert info["pool_json_sha256"] == hashlib.sha256((tmp_path / "pool" / "pool.json").read_bytes()).hexdigest()
     assert info["clipsift_version"] == __version__ and info["created"].endswith("Z")
@@ -143,7 +193,9 @@ def test_subset_json_records_the_run(tmp_path: Path) -> None:
 def test_basic_filter_on_the_synthetic_pool_against_its_truth(tmp_path: Path) -> None:
     from clipsift.pipeline.synth import synth_pool
 
-    result = synth_pool(str(tmp_path / "pool"), num_samples=400, shard_size=100, truth=str(tmp_path / "truth.parquet"), workers=1)
+    result = synth_pool(
+        str(tmp_path / "pool"), num_samples=400, shard_size=100, truth=str(tmp_path / "truth.parquet"), workers=1
+    )
     out = tmp_path / "basic.npy"
     apply_recipe(str(tmp_path / "pool"), load_recipe("basic_filter"), str(out), workers=1)
     kept = set(decode_uids(read_subset(str(out))))
@@ -163,18 +215,44 @@ def test_basic_filter_on_the_synthetic_pool_against_its_truth(tmp_path: Path) ->
 
 
 def test_cli_filter_prints_each_step_and_subset_info(tmp_path: Path) -> None:
-    pool = build_pool(tmp_path / "pool", [{"text": t} for t in ["a red circle on grey", "ein roter Kreis", "a cat"] * 3], per_shard=4)
+    pool = build_pool(
+        tmp_path / "pool", [{"text": t} for t in ["a red circle on grey", "ein roter Kreis", "a cat"] * 3], per_shard=4
+    )
     write_model(pool, "tiny__x", np.linspace(0.1, 0.9, 9).astype(np.float32))
-    result = clipsift("filter", pool.url, "--recipe", "synth_clip_score", "--set", "model_id=tiny__x", "--set", "fraction=0.5",
-                      "--out", str(tmp_path / "s.npy"), "--workers", "1")
+    result = clipsift(
+        "filter",
+        pool.url,
+        "--recipe",
+        "synth_clip_score",
+        "--set",
+        "model_id=tiny__x",
+        "--set",
+        "fraction=0.5",
+        "--out",
+        str(tmp_path / "s.npy"),
+        "--workers",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     assert "clip_score(model_id='tiny__x', fraction=0.5)" in result.stderr and "(5 uids)" in result.stderr
     assert decode_uids(read_subset(str(tmp_path / "s.npy"))) == uids_of(range(4, 9))
     info = clipsift("subset", "info", str(tmp_path / "s.npy"))
-    assert info.returncode == 0 and "uids" in info.stderr and hashlib.sha256((tmp_path / "s.npy").read_bytes()).hexdigest() in info.stderr
-    bad = clipsift("filter", pool.url, "--recipe", "clip_score_l14_30pct", "--out", str(tmp_path / "t.npy"), "--workers", "1")
-    assert bad.returncode == 2 and "embeddings/ViT-L-14__openai does not exist" in bad.stderr and "Traceback" not in bad.stderr
-    unset = clipsift("filter", pool.url, "--recipe", "synth_clip_score", "--set", "modelid=x", "--out", str(tmp_path / "t.npy"))
+    assert (
+        info.returncode == 0
+        and "uids" in info.stderr
+        and hashlib.sha256((tmp_path / "s.npy").read_bytes()).hexdigest() in info.stderr
+    )
+    bad = clipsift(
+        "filter", pool.url, "--recipe", "clip_score_l14_30pct", "--out", str(tmp_path / "t.npy"), "--workers", "1"
+    )
+    assert (
+        bad.returncode == 2
+        and "embeddings/ViT-L-14__openai does not exist" in bad.stderr
+        and "Traceback" not in bad.stderr
+    )
+    unset = clipsift(
+        "filter", pool.url, "--recipe", "synth_clip_score", "--set", "modelid=x", "--out", str(tmp_path / "t.npy")
+    )
     assert unset.returncode == 2 and "has no variable 'modelid'" in unset.stderr
     assert Pool(pool.url).info["num_samples"] == 9
 
@@ -215,7 +293,9 @@ def test_a_filter_that_writes_an_artifact_gets_it_named_made_and_recorded(tmp_pa
     counts = tmp_path / "s.counts.npy"
     assert np.load(counts).tolist() == [7]  # made from the rows step 2 saw
     info = json.loads((tmp_path / "s.json").read_text())
-    assert info["row_counts"] == {"2": {"path": str(counts), "sha256": hashlib.sha256(counts.read_bytes()).hexdigest()}}
+    assert info["row_counts"] == {
+        "2": {"path": str(counts), "sha256": hashlib.sha256(counts.read_bytes()).hexdigest()}
+    }
     assert info["centroids"] == {}  # as before: no image_cluster step
     assert info["steps"][1]["label"] == f"test_row_count(counts={str(counts)!r})"
 
@@ -245,7 +325,8 @@ def test_importing_the_filter_base_imports_no_filter_module() -> None:
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
 
     assert loaded("import clipsift.filters.base") == ["clipsift.filters.base"]
-    registered = loaded("from clipsift.filters.registry import known_filters; "
-                        "assert 'image_cluster' in known_filters()")
+    registered = loaded(
+        "from clipsift.filters.registry import known_filters; assert 'image_cluster' in known_filters()"
+    )
     modules = ("base", "clip", "cluster", "dedup", "metadata", "registry")
     assert {f"clipsift.filters.{m}" for m in modules} <= set(registered)

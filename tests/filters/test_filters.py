@@ -13,6 +13,7 @@ from clipsift.filters.quantile import kth_smallest, top_fraction_threshold
 from clipsift.filters.recipe import apply_recipe, load_recipe
 from clipsift.filters.subset import decode_uids, read_subset
 from clipsift.pipeline.pool import Pool, Sample, derive_uid, embeddings_schema, finalize_pool, write_shard
+
 from conftest import image_bytes
 
 D = 8
@@ -22,10 +23,19 @@ def build_pool(root: Path, rows: list[dict], per_shard: int) -> Pool:
     """A pool from rows of {text, width, height, image(optional)}; uids derived from the row number."""
     for index, start in enumerate(range(0, len(rows), per_shard)):
         samples = []
-        for n, row in enumerate(rows[start:start + per_shard], start=start):
+        for n, row in enumerate(rows[start : start + per_shard], start=start):
             image = row.get("image") or image_bytes((n % 256, (n // 256) % 256, 7))
-            samples.append(Sample(derive_uid(f"row/{n}"), image, "jpg", row.get("text", "a photo of a cat on a mat"),
-                                  f"http://x.invalid/{n}", row.get("width", 400), row.get("height", 300)))
+            samples.append(
+                Sample(
+                    derive_uid(f"row/{n}"),
+                    image,
+                    "jpg",
+                    row.get("text", "a photo of a cat on a mat"),
+                    f"http://x.invalid/{n}",
+                    row.get("width", 400),
+                    row.get("height", 300),
+                )
+            )
         write_shard(str(root), index, samples)
     finalize_pool(str(root), "test", [])
     return Pool(str(root))
@@ -37,11 +47,21 @@ def write_model(pool: Pool, model_id: str, scores: np.ndarray, vectors: np.ndarr
     offset = 0
     for shard in pool.shard_ids():
         uids = pool.metadata(shard, ["uid"]).column("uid").to_pylist()
-        part, vecs = scores[offset:offset + len(uids)], vectors[offset:offset + len(uids)]
+        part, vecs = scores[offset : offset + len(uids)], vectors[offset : offset + len(uids)]
         missing = np.isnan(part)
-        emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.astype(np.float16).reshape(-1)), D, mask=pa.array(missing))
-        table = pa.table([pa.array(uids), emb, emb, pa.array(part.astype(np.float32), mask=missing),
-                          pa.array(["no image" if m else "ok" for m in missing])], schema=embeddings_schema(D))
+        emb = pa.FixedSizeListArray.from_arrays(
+            pa.array(vecs.astype(np.float16).reshape(-1)), D, mask=pa.array(missing)
+        )
+        table = pa.table(
+            [
+                pa.array(uids),
+                emb,
+                emb,
+                pa.array(part.astype(np.float32), mask=missing),
+                pa.array(["no image" if m else "ok" for m in missing]),
+            ],
+            schema=embeddings_schema(D),
+        )
         pool.write_embeddings(model_id, shard, table)
         offset += len(uids)
 
@@ -116,20 +136,31 @@ def test_exact_selection_in_bounded_memory() -> None:
 
 
 CAPTIONS = [
-    "a red circle on a grey background",   # English, many words
-    "two words",                            # 2 words: fails basic (needs > 2), passes caption (> 1)
-    "three short words",                    # 3 words
-    "a\tcat\nsits",                         # tabs / newlines split words
-    "cat\u3000dog\u00a0bird",               # unicode spaces split words for str.split()
-    "abcde",                                # 5 characters
-    "a cat",                                # 5 characters, 2 words
+    "a red circle on a grey background",  # English, many words
+    "two words",  # 2 words: fails basic (needs > 2), passes caption (> 1)
+    "three short words",  # 3 words
+    "a\tcat\nsits",  # tabs / newlines split words
+    "cat\u3000dog\u00a0bird",  # unicode spaces split words for str.split()
+    "abcde",  # 5 characters
+    "a cat",  # 5 characters, 2 words
     "ein roter Kreis auf grauem Hintergrund",
     "un cercle rouge sur fond gris clair",
     "un círculo rojo sobre un fondo gris",
     "the quick brown fox jumps over the lazy dog",
     "",
 ]
-SIZES = [(400, 300), (199, 600), (200, 600), (600, 200), (601, 200), (200, 200), (1000, 333), (1000, 334), (None, 300), (0, 0)]
+SIZES = [
+    (400, 300),
+    (199, 600),
+    (200, 600),
+    (600, 200),
+    (601, 200),
+    (200, 200),
+    (1000, 333),
+    (1000, 334),
+    (None, 300),
+    (0, 0),
+]
 
 
 def caption_rows() -> list[dict]:
@@ -161,10 +192,26 @@ def test_caption_filter_and_thresholds_are_parameters(tmp_path: Path) -> None:
     rows = caption_rows()
     pool = build_pool(tmp_path / "pool", rows, per_shard=40)
     got = run(pool, tmp_path, "steps: [caption]")
-    assert got == uids_of(i for i, r in enumerate(rows) if len(r["text"].split()) > 1 and len(r["text"]) > 5 and reference_english(r["text"]))
-    got = run(pool, tmp_path, "steps: [{basic: {language: null, min_words: 1, min_chars: 0, min_side: 300, max_aspect_ratio: 2}}]", "p")
-    assert got == uids_of(i for i, r in enumerate(rows) if r["width"] and r["height"] and min(r["width"], r["height"]) >= 300
-                          and max(r["width"], r["height"]) / min(r["width"], r["height"]) <= 2 and len(r["text"].split()) >= 1)
+    assert got == uids_of(
+        i
+        for i, r in enumerate(rows)
+        if len(r["text"].split()) > 1 and len(r["text"]) > 5 and reference_english(r["text"])
+    )
+    got = run(
+        pool,
+        tmp_path,
+        "steps: [{basic: {language: null, min_words: 1, min_chars: 0, min_side: 300, max_aspect_ratio: 2}}]",
+        "p",
+    )
+    assert got == uids_of(
+        i
+        for i, r in enumerate(rows)
+        if r["width"]
+        and r["height"]
+        and min(r["width"], r["height"]) >= 300
+        and max(r["width"], r["height"]) / min(r["width"], r["height"]) <= 2
+        and len(r["text"].split()) >= 1
+    )
 
 
 def test_text_based_matches_whole_class_words(tmp_path: Path) -> None:
@@ -172,9 +219,18 @@ def test_text_based_matches_whole_class_words(tmp_path: Path) -> None:
 
     IMAGENET_CLASSNAMES = imagenet_classnames()  # open_clip's list, read from its file
     assert len(IMAGENET_CLASSNAMES) == 1000 and "goldfish" in IMAGENET_CLASSNAMES
-    texts = ["a goldfish in a bowl", "two Goldfishes swimming", "goldfisher at work today", "a great white shark attack",
-             "a photo of my tabby cat", "nothing to see here at all", "ein Goldfisch im Glas", "Tench fishing on the lake",
-             "a yellow lady's slipper flower", "the pretzels are salty"]
+    texts = [
+        "a goldfish in a bowl",
+        "two Goldfishes swimming",
+        "goldfisher at work today",
+        "a great white shark attack",
+        "a photo of my tabby cat",
+        "nothing to see here at all",
+        "ein Goldfisch im Glas",
+        "Tench fishing on the lake",
+        "a yellow lady's slipper flower",
+        "the pretzels are salty",
+    ]
     pool = build_pool(tmp_path / "pool", [{"text": t} for t in texts], per_shard=4)
 
     def names(text: str, vocabulary) -> bool:
@@ -214,12 +270,22 @@ def test_combinators_and_order(tmp_path: Path, scored_pool) -> None:
     assert set(run(pool, tmp_path, f"steps: [{{all: [{b}, {{not: {a}}}]}}]", "all")) == middle - high
     assert set(run(pool, tmp_path, f"steps: [{{not: {a}}}]", "not")) == everything - high
     # order: a fraction step after a threshold step ranks only the survivors (N = rows entering the step)
-    got = run(pool, tmp_path, "steps: [{clip_score: {model_id: m, threshold: 0.2}}, {clip_score: {model_id: m, fraction: 0.5}}]", "seq")
+    got = run(
+        pool,
+        tmp_path,
+        "steps: [{clip_score: {model_id: m, threshold: 0.2}}, {clip_score: {model_id: m, fraction: 0.5}}]",
+        "seq",
+    )
     survivors = np.array([s for s in scores if s >= 0.2])
     threshold = -np.sort(-survivors)[int(len(survivors) * 0.5)]
     assert got == uids_of(i for i, s in enumerate(scores) if s >= threshold)
     # while inside `all` every child sees the whole input
-    got = run(pool, tmp_path, "steps: [{all: [{clip_score: {model_id: m, threshold: 0.2}}, {clip_score: {model_id: m, fraction: 0.5}}]}]", "all2")
+    got = run(
+        pool,
+        tmp_path,
+        "steps: [{all: [{clip_score: {model_id: m, threshold: 0.2}}, {clip_score: {model_id: m, fraction: 0.5}}]}]",
+        "all2",
+    )
     ranked = -np.sort(-np.where(np.isnan(scores), -np.inf, scores))
     assert got == uids_of(i for i, s in enumerate(scores) if s >= 0.2 and s >= ranked[int(len(scores) * 0.5)])
 
@@ -245,9 +311,15 @@ def test_image_cluster_keeps_exactly_target_hit_clusters(tmp_path: Path) -> None
     np.save(tmp_path / "targets.npy", targets)
     hit = set(assign(targets, centroids))
     assert 0 < len(hit) < k
-    got = run(pool, tmp_path, f"steps: [{{image_cluster: {{model_id: m, targets: {tmp_path}/targets.npy, "
-                              f"centroids: {tmp_path}/centroids.npy}}}}]")
-    expected = uids_of(i for i in range(n) if not np.isnan(scores[i]) and assign(vectors[i:i + 1], centroids)[0] in hit)
+    got = run(
+        pool,
+        tmp_path,
+        f"steps: [{{image_cluster: {{model_id: m, targets: {tmp_path}/targets.npy, "
+        f"centroids: {tmp_path}/centroids.npy}}}}]",
+    )
+    expected = uids_of(
+        i for i in range(n) if not np.isnan(scores[i]) and assign(vectors[i : i + 1], centroids)[0] in hit
+    )
     assert got == expected and got
 
 
@@ -267,11 +339,15 @@ def test_image_cluster_fits_saves_and_reuses_centroids_on_ray(tmp_path: Path) ->
     assert centroids.shape == (10, D)
     stored = vectors.astype(np.float16).astype(np.float32)
     hit = set(assign(stored[:6], centroids))
-    assert decode_uids(read_subset(str(out))) == uids_of(i for i in range(n) if assign(stored[i:i + 1], centroids)[0] in hit)
+    assert decode_uids(read_subset(str(out))) == uids_of(
+        i for i in range(n) if assign(stored[i : i + 1], centroids)[0] in hit
+    )
     mtime = (tmp_path / "subset.centroids.npy").stat().st_mtime_ns
     apply_recipe(pool.url, load_recipe(str(recipe)), str(tmp_path / "again.npy"), workers=1)
     assert (tmp_path / "again.centroids.npy").exists()  # default path follows the output name
-    recipe.write_text(f"steps: [{{image_cluster: {{model_id: m, targets: {reference.url}, centroids: {tmp_path}/subset.centroids.npy}}}}]")
+    recipe.write_text(
+        f"steps: [{{image_cluster: {{model_id: m, targets: {reference.url}, centroids: {tmp_path}/subset.centroids.npy}}}}]"
+    )
     apply_recipe(pool.url, load_recipe(str(recipe)), str(tmp_path / "reused.npy"), workers=1)
     assert (tmp_path / "subset.centroids.npy").stat().st_mtime_ns == mtime  # read, not refitted
     assert np.array_equal(read_subset(str(tmp_path / "reused.npy")), read_subset(str(out)))
@@ -302,13 +378,18 @@ def components_reference(vectors: np.ndarray, threshold: float) -> list[int]:
 def test_dedup_exact_keeps_the_first_copy_in_pool_order(tmp_path: Path) -> None:
     images = [image_bytes((40 * i, 100, 200)) for i in range(6)]
     order = [0, 1, 2, 1, 3, 0, 4, 4, 4, 5, 2]  # planted copies across shards
-    rows = [{"image": images[i], "text": "a zebra on a mat" if pos == 0 else "a cat on a mat"} for pos, i in enumerate(order)]
+    rows = [
+        {"image": images[i], "text": "a zebra on a mat" if pos == 0 else "a cat on a mat"}
+        for pos, i in enumerate(order)
+    ]
     pool = build_pool(tmp_path / "pool", rows, per_shard=3)
     got = run(pool, tmp_path, "steps: [{dedup: {by: sha256}}]")
     first = {img: pos for pos, img in reversed(list(enumerate(order)))}
     assert got == uids_of(first.values())
     # only the rows a step sees are grouped: without row 0, row 5 is the first copy of its image
-    got = run(pool, tmp_path, "steps: [{not: {text_based: {vocabulary: [zebra], language: null}}}, {dedup: {}}]", "seq")
+    got = run(
+        pool, tmp_path, "steps: [{not: {text_based: {vocabulary: [zebra], language: null}}}, {dedup: {}}]", "seq"
+    )
     assert got == uids_of(sorted((set(first.values()) - {0}) | {5}))
 
 
@@ -340,7 +421,9 @@ def test_decontaminate_drops_images_near_the_eval_set(tmp_path: Path) -> None:
     planted = [4, 7, 20, 41]  # eval images are near copies of these (7 has no embedding: kept)
     evaluation = vectors[planted] + 0.02 * rng.normal(size=(len(planted), D))
     np.save(tmp_path / "eval.npy", np.concatenate([evaluation, unit(rng, 10)]))
-    got = run(pool, tmp_path, f"steps: [{{decontaminate: {{model_id: m, eval: {tmp_path}/eval.npy, threshold: 0.9}}}}]")
+    got = run(
+        pool, tmp_path, f"steps: [{{decontaminate: {{model_id: m, eval: {tmp_path}/eval.npy, threshold: 0.9}}}}]"
+    )
     eval_unit = np.load(tmp_path / "eval.npy")
     eval_unit /= np.linalg.norm(eval_unit, axis=1, keepdims=True)
     stored = vectors.astype(np.float16).astype(np.float32)
@@ -350,4 +433,7 @@ def test_decontaminate_drops_images_near_the_eval_set(tmp_path: Path) -> None:
     # the same eval set given as a scored pool (pool-format embeddings)
     eval_pool = build_pool(tmp_path / "evalpool", [{} for _ in range(len(eval_unit))], per_shard=7)
     write_model(eval_pool, "m", np.full(len(eval_unit), 0.3, np.float32), eval_unit)
-    assert run(pool, tmp_path, f"steps: [{{decontaminate: {{model_id: m, eval: {eval_pool.url}, threshold: 0.9}}}}]", "p") == got
+    assert (
+        run(pool, tmp_path, f"steps: [{{decontaminate: {{model_id: m, eval: {eval_pool.url}, threshold: 0.9}}}}]", "p")
+        == got
+    )

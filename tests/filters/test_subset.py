@@ -11,8 +11,16 @@ import pyarrow as pa
 import pytest
 
 from clipsift import ClipsiftError
-from clipsift.filters.subset import (SUBSET_DTYPE, decode_uids, encode_uids, read_subset, sort_subset, subset_counts, subset_info,
-                                     write_subset)
+from clipsift.filters.subset import (
+    SUBSET_DTYPE,
+    decode_uids,
+    encode_uids,
+    read_subset,
+    sort_subset,
+    subset_counts,
+    subset_info,
+    write_subset,
+)
 from clipsift.pipeline.pool import derive_uid
 
 UIDS = [derive_uid(f"u{i}") for i in range(50)] + ["0" * 32, "f" * 32, "00000000000000010000000000000000"]
@@ -49,9 +57,18 @@ def test_written_subset_is_sorted_and_round_trips_with_datacomp_files(tmp_path: 
     assert sorted(decode_uids(theirs)) == sorted(uids)
     named = np.array([(1, 2), (0, 5)], dtype=[("hi", "<u8"), ("lo", "<u8")])
     np.save(tmp_path / "named.npy", named)
-    assert decode_uids(read_subset(str(tmp_path / "named.npy"))) == ["0000000000000001" + "0000000000000002", "0" * 16 + "0000000000000005"]
+    assert decode_uids(read_subset(str(tmp_path / "named.npy"))) == [
+        "0000000000000001" + "0000000000000002",
+        "0" * 16 + "0000000000000005",
+    ]
     info = subset_info(str(tmp_path / "datacomp.npy"))
-    assert (info.count, info.unique, info.duplicates, info.max_repeat, info.sorted) == (len(uids), len(UIDS), 3, 2, False)
+    assert (info.count, info.unique, info.duplicates, info.max_repeat, info.sorted) == (
+        len(uids),
+        len(UIDS),
+        3,
+        2,
+        False,
+    )
     assert subset_info(str(tmp_path / "ours.npy")).sorted
 
 

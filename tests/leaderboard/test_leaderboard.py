@@ -10,8 +10,8 @@ import copy
 import itertools
 import json
 import re
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,14 +19,15 @@ import pytest
 import schemathesis
 import sqlalchemy as sa
 from hypothesis import HealthCheck, settings
-from leaderboard_support import PostgresDatabase, ServerProcess, payload_of, postgres_url_or_reason, write_run
 from typer.testing import CliRunner
 
 from clipsift import ClipsiftError
 from clipsift.eval.registry import load_suite, parse_suite
 from clipsift.leaderboard import post_local, submission_url
-from clipsift.leaderboard.schema import Duplicate
 from clipsift.leaderboard.db import Database
+from clipsift.leaderboard.schema import Duplicate
+
+from leaderboard_support import PostgresDatabase, ServerProcess, payload_of, postgres_url_or_reason, write_run
 
 SQLI = "x'); DROP TABLE submissions; --"
 XSS = '<img src=x onerror="document.title=\'pwned\'"><script>document.title="pwned"</script>'
@@ -48,9 +49,13 @@ def postgres_url():
 def server(request, tmp_path_factory):
     """A running server and its database (tokens are created straight in it)."""
     root = tmp_path_factory.mktemp(f"leaderboard-{request.param}")
-    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else str(root / "leaderboard.sqlite")
+    url = (
+        request.getfixturevalue("postgres_url") if request.param == "postgresql" else str(root / "leaderboard.sqlite")
+    )
     db = Database(url)
-    process = ServerProcess(url, root / "server.log", "--burst", str(BURST), "--rate", str(RATE), "--max-body", str(MAX_BODY))
+    process = ServerProcess(
+        url, root / "server.log", "--burst", str(BURST), "--rate", str(RATE), "--max-body", str(MAX_BODY)
+    )
     process.db, process.db_url, process.tokens = db, url, []
     process.admin = new_token(process, admin=True)
     yield process
@@ -81,7 +86,9 @@ def fresh_payload(tmp_path: Path, **kwargs: Any) -> dict[str, Any]:
 
 
 def post(server: Any, token: str | None, payload: Any) -> httpx.Response:
-    return httpx.post(f"{server.url}/api/v1/submissions", json=payload, headers=auth(token) if token else {}, timeout=60)
+    return httpx.post(
+        f"{server.url}/api/v1/submissions", json=payload, headers=auth(token) if token else {}, timeout=60
+    )
 
 
 # --------------------------------------------------------------------------- accepted submissions
@@ -98,7 +105,9 @@ def test_submit_list_and_read(server, token, tmp_path):
         assert body["average"] == pytest.approx(sum(values) / len(values), abs=1e-12)  # recomputed by the server
         assert body["status"] == "pending" and body["url"] == submission_url(server.url, body["id"])
         ids.append(body["id"])
-    board = httpx.get(f"{server.url}/api/v1/leaderboard", params={"scale": "xs", "track": "filtering", "suite": "tiny"}).json()
+    board = httpx.get(
+        f"{server.url}/api/v1/leaderboard", params={"scale": "xs", "track": "filtering", "suite": "tiny"}
+    ).json()
     mine = [row for row in board if row["id"] in ids]
     assert len(mine) == 3
     assert [row["average"] for row in board] == sorted((row["average"] for row in board), reverse=True)
@@ -111,7 +120,10 @@ def test_submit_list_and_read(server, token, tmp_path):
     assert detail["run"]["recipe"]["model"] == "clipsift-xs" and "shards" not in detail["run"]["data"][0]["manifest"]
     assert set(detail["groups"]) == {"shifts", "retrieval", "worst_group"}
     assert httpx.get(f"{server.url}/api/v1/submissions/999999").status_code == 404
-    assert httpx.get(f"{server.url}/submissions/999999").status_code == 404 and "No submission 999999" in httpx.get(f"{server.url}/submissions/999999").text
+    assert (
+        httpx.get(f"{server.url}/submissions/999999").status_code == 404
+        and "No submission 999999" in httpx.get(f"{server.url}/submissions/999999").text
+    )
 
 
 def test_admin_sets_status(server, token, tmp_path):
@@ -120,17 +132,29 @@ def test_admin_sets_status(server, token, tmp_path):
     assert httpx.post(url, json={"status": "verified"}, headers=auth(token)).status_code == 403
     assert httpx.post(url, json={"status": "verified"}).status_code == 401
     verified = httpx.post(url, json={"status": "verified", "note": "reproduced"}, headers=auth(server.admin))
-    assert verified.status_code == 200 and verified.json()["status"] == "verified" and verified.json()["status_note"] == "reproduced"
+    assert (
+        verified.status_code == 200
+        and verified.json()["status"] == "verified"
+        and verified.json()["status_note"] == "reproduced"
+    )
     assert httpx.post(url, json={"status": "maybe"}, headers=auth(server.admin)).status_code == 422
-    assert httpx.post(f"{server.url}/api/v1/submissions/999999/status", json={"status": "verified"}, headers=auth(server.admin)).status_code == 404
+    assert (
+        httpx.post(
+            f"{server.url}/api/v1/submissions/999999/status", json={"status": "verified"}, headers=auth(server.admin)
+        ).status_code
+        == 404
+    )
     assert httpx.post(url, json={"status": "rejected"}, headers=auth(server.admin)).status_code == 200
     listed = {row["id"] for row in httpx.get(f"{server.url}/api/v1/leaderboard").json()}
     assert created["id"] not in listed
-    with_rejected = {row["id"] for row in httpx.get(f"{server.url}/api/v1/leaderboard", params={"include_rejected": True}).json()}
+    with_rejected = {
+        row["id"] for row in httpx.get(f"{server.url}/api/v1/leaderboard", params={"include_rejected": True}).json()
+    }
     assert created["id"] in with_rejected
 
 
 # --------------------------------------------------------------------------- refusals
+
 
 def _set(path: str, value: Any) -> Callable[[dict], None]:
     def change(payload: dict) -> None:
@@ -139,6 +163,7 @@ def _set(path: str, value: Any) -> Callable[[dict], None]:
         for part in parents:
             node = node[int(part)] if part.isdigit() else node[part]
         node[int(last) if last.isdigit() else last] = value
+
     return change
 
 
@@ -158,7 +183,11 @@ REFUSED = [  # (case, change, field the refusal names)
     ("missing task", _drop_task, "results"),
     ("value above 1", _set("results.0.value", 1.5), "results.0.value"),
     ("negative value", _set("results.2.value", -0.1), "results.2.value"),
-    ("mismatched average", lambda p: p["averages"].update(average=p["averages"]["average"] + 0.01), "averages.average"),
+    (
+        "mismatched average",
+        lambda p: p["averages"].update(average=p["averages"]["average"] + 0.01),
+        "averages.average",
+    ),
     ("mismatched group average", lambda p: p["averages"]["groups"].update(shifts=0.999), "averages.groups.shifts"),
     ("unknown group", lambda p: p["averages"]["groups"].update(imagenet=0.5), "averages.groups.imagenet"),
     ("wrong metric", _set("results.0.metric", "acc5"), "results.0.metric"),
@@ -196,10 +225,14 @@ def test_refusals_name_the_field(server, token, tmp_path, change, field):
 def test_unstorable_bodies_are_refused(server, token, tmp_path):
     payload = fresh_payload(tmp_path)
     text = json.dumps({**payload, "run": {**payload["run"], "final_loss": float("nan")}})  # json.dumps writes NaN
-    response = httpx.post(f"{server.url}/api/v1/submissions", content=text, headers={**auth(token), "content-type": "application/json"})
+    response = httpx.post(
+        f"{server.url}/api/v1/submissions", content=text, headers={**auth(token), "content-type": "application/json"}
+    )
     assert response.status_code == 422 and response.json()["errors"][0]["field"].startswith("run")
     deep = "[" * 50_000 + "]" * 50_000  # deeper than any JSON parser recursion: refused, not a server error
-    response = httpx.post(f"{server.url}/api/v1/submissions", content=deep, headers={**auth(token), "content-type": "application/json"})
+    response = httpx.post(
+        f"{server.url}/api/v1/submissions", content=deep, headers={**auth(token), "content-type": "application/json"}
+    )
     assert response.status_code in (400, 422), response.text
 
 
@@ -216,8 +249,11 @@ def test_oversized_body(server, token, tmp_path):
     payload["run"]["padding"] = "x" * MAX_BODY
     assert post(server, token, payload).status_code == 413
     body = json.dumps(payload).encode()
-    chunked = httpx.post(f"{server.url}/api/v1/submissions", content=iter([body[i:i + 65536] for i in range(0, len(body), 65536)]),
-                         headers={**auth(token), "content-type": "application/json"})  # no Content-Length: counted as it streams
+    chunked = httpx.post(
+        f"{server.url}/api/v1/submissions",
+        content=iter([body[i : i + 65536] for i in range(0, len(body), 65536)]),
+        headers={**auth(token), "content-type": "application/json"},
+    )  # no Content-Length: counted as it streams
     assert chunked.status_code == 413 and chunked.json()["errors"][0]["field"] == "body"
 
 
@@ -228,7 +264,10 @@ def test_duplicate_is_refused(server, token, tmp_path):
     renamed = {**copy.deepcopy(payload), "method_name": "the same run, another name"}
     again = post(server, new_token(server), renamed)
     assert again.status_code == 409
-    assert again.json()["errors"][0]["field"] == "results" and f"submission {first.json()['id']}" in again.json()["errors"][0]["reason"]
+    assert (
+        again.json()["errors"][0]["field"] == "results"
+        and f"submission {first.json()['id']}" in again.json()["errors"][0]["reason"]
+    )
     assert again.json()["existing"] == first.json()["id"]
 
 
@@ -236,7 +275,9 @@ def test_rate_limit_per_token(server, tmp_path):
     token, other = new_token(server), new_token(server)
     responses = []
     with httpx.Client(headers=auth(token), timeout=60) as client:
-        while len(responses) < 400 and (not responses or responses[-1].status_code != 429):  # refill is RATE/s: we send faster
+        while len(responses) < 400 and (
+            not responses or responses[-1].status_code != 429
+        ):  # refill is RATE/s: we send faster
             responses.append(client.post(f"{server.url}/api/v1/submissions", json={}))
     statuses = [response.status_code for response in responses]
     assert statuses[-1] == 429 and len(statuses) > BURST and set(statuses[:BURST]) == {422}
@@ -245,36 +286,86 @@ def test_rate_limit_per_token(server, tmp_path):
 
 
 def test_injection_strings_come_back_inert(server, token, tmp_path):
-    payload = fresh_payload(tmp_path, method_name=f"{SQLI} {XSS}", authors=[SQLI, XSS], links=[f"https://example.org/{XSS}"],
-                            description=f"{XSS}\n{SQLI}", track="byod")
+    payload = fresh_payload(
+        tmp_path,
+        method_name=f"{SQLI} {XSS}",
+        authors=[SQLI, XSS],
+        links=[f"https://example.org/{XSS}"],
+        description=f"{XSS}\n{SQLI}",
+        track="byod",
+    )
     response = post(server, token, payload)
     assert response.status_code == 201, response.text
     detail = httpx.get(f"{server.url}/api/v1/submissions/{response.json()['id']}").json()
-    assert (detail["method_name"], detail["authors"], detail["links"], detail["description"]) == \
-        (payload["method_name"], payload["authors"], payload["links"], payload["description"])
-    for page in (httpx.get(f"{server.url}/submissions/{detail['id']}").text, httpx.get(f"{server.url}/?track=byod").text):
+    assert (detail["method_name"], detail["authors"], detail["links"], detail["description"]) == (
+        payload["method_name"],
+        payload["authors"],
+        payload["links"],
+        payload["description"],
+    )
+    for page in (
+        httpx.get(f"{server.url}/submissions/{detail['id']}").text,
+        httpx.get(f"{server.url}/?track=byod").text,
+    ):
         assert "<script>document.title" not in page and "<img src=x" not in page
         assert "&lt;script&gt;document.title=&#34;pwned&#34;&lt;/script&gt;" in page or "&lt;script&gt;" in page
         assert "x&#39;); DROP TABLE submissions; --" in page
     assert httpx.get(f"{server.url}/api/v1/leaderboard", params={"scale": SQLI, "suite": "' OR '1'='1"}).json() == []
     assert httpx.get(f"{server.url}/", params={"scale": SQLI}).status_code == 200
-    assert httpx.get(f"{server.url}/", params={"scale": "a\x00b"}).status_code == 422  # PostgreSQL cannot hold NUL: refused up front
+    assert (
+        httpx.get(f"{server.url}/", params={"scale": "a\x00b"}).status_code == 422
+    )  # PostgreSQL cannot hold NUL: refused up front
     with server.db.engine.connect() as connection:  # the table is still there, with the row as sent
-        assert connection.execute(sa.text("SELECT count(*) FROM submissions WHERE method_name = :m"), {"m": payload["method_name"]}).scalar() == 1
+        assert (
+            connection.execute(
+                sa.text("SELECT count(*) FROM submissions WHERE method_name = :m"), {"m": payload["method_name"]}
+            ).scalar()
+            == 1
+        )
 
 
 # --------------------------------------------------------------------------- suites
 
 
 def custom_definition(name: str = "tiny-core") -> dict[str, Any]:
-    return {"suite": name, "version": 1, "download": "clipsift eval make-tiny-suite --out DATA_DIR",
-            "groups": {"colourful": "Colour and count"},
-            "tasks": [{"key": "tiny/shape", "type": "classification", "metric": "acc1", "groups": [], "source": "synthetic",
-                       "size": 500, "classes": 10, "chance": 0.1},
-                      {"key": "tiny/colour", "type": "classification", "metric": "acc1", "groups": ["colourful"], "source": "synthetic",
-                       "size": 500, "classes": 10, "chance": 0.1},
-                      {"key": "tiny/count", "type": "classification", "metric": "acc1", "groups": ["colourful"], "source": "synthetic",
-                       "size": 400, "classes": 4, "chance": 0.25}]}
+    return {
+        "suite": name,
+        "version": 1,
+        "download": "clipsift eval make-tiny-suite --out DATA_DIR",
+        "groups": {"colourful": "Colour and count"},
+        "tasks": [
+            {
+                "key": "tiny/shape",
+                "type": "classification",
+                "metric": "acc1",
+                "groups": [],
+                "source": "synthetic",
+                "size": 500,
+                "classes": 10,
+                "chance": 0.1,
+            },
+            {
+                "key": "tiny/colour",
+                "type": "classification",
+                "metric": "acc1",
+                "groups": ["colourful"],
+                "source": "synthetic",
+                "size": 500,
+                "classes": 10,
+                "chance": 0.1,
+            },
+            {
+                "key": "tiny/count",
+                "type": "classification",
+                "metric": "acc1",
+                "groups": ["colourful"],
+                "source": "synthetic",
+                "size": 400,
+                "classes": 4,
+                "chance": 0.25,
+            },
+        ],
+    }
 
 
 def test_custom_suite_submission_is_verified_against_its_definition(server, token, tmp_path):
@@ -283,11 +374,18 @@ def test_custom_suite_submission_is_verified_against_its_definition(server, toke
     url = f"{server.url}/api/v1/suites"
     assert httpx.post(url, json={"definition": definition}, headers=auth(token)).status_code == 403
     first = httpx.post(url, json={"definition": definition}, headers=auth(server.admin))
-    assert first.status_code in (200, 201) and first.json()["sha256"] == suite.sha256 and first.json()["num_scored"] == 3
-    assert httpx.post(url, json={"definition": definition}, headers=auth(server.admin)).status_code == 200  # registered already
+    assert (
+        first.status_code in (200, 201) and first.json()["sha256"] == suite.sha256 and first.json()["num_scored"] == 3
+    )
+    assert (
+        httpx.post(url, json={"definition": definition}, headers=auth(server.admin)).status_code == 200
+    )  # registered already
     bad = httpx.post(url, json={"definition": {"suite": "x", "tasks": [{"key": "a"}]}}, headers=auth(server.admin))
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "definition"
-    assert {(s["name"], s["sha256"]) for s in httpx.get(url).json()} >= {("tiny-core", suite.sha256), ("tiny", load_suite("tiny").sha256)}
+    assert {(s["name"], s["sha256"]) for s in httpx.get(url).json()} >= {
+        ("tiny-core", suite.sha256),
+        ("tiny", load_suite("tiny").sha256),
+    }
 
     values = {"tiny/shape": 0.9, "tiny/colour": 0.5, "tiny/count": 0.2 + next(SEEDS) * 1e-6}
     payload = fresh_payload(tmp_path, suite=suite, values=values)
@@ -312,8 +410,22 @@ def test_cli_submit_end_to_end(server, token, tmp_path):
     from clipsift.cli import app
 
     run = write_run(tmp_path / "run", seed=next(SEEDS))
-    args = ["submit", str(run), "--server", server.url, "--token", token, "--method-name", "cli method", "--author", "A", "--author", "B",
-            "--link", "https://example.org/code"]
+    args = [
+        "submit",
+        str(run),
+        "--server",
+        server.url,
+        "--token",
+        token,
+        "--method-name",
+        "cli method",
+        "--author",
+        "A",
+        "--author",
+        "B",
+        "--link",
+        "https://example.org/code",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     url = result.output.strip().splitlines()[-1]
@@ -324,7 +436,11 @@ def test_cli_submit_end_to_end(server, token, tmp_path):
     assert httpx.get(url).status_code == 200 and "cli method" in httpx.get(url).text
 
     again = CliRunner().invoke(app, args)  # the same run twice: the server's reason comes back
-    assert again.exit_code != 0 and isinstance(again.exception, Duplicate) and again.exception.existing == int(match.group(1))
+    assert (
+        again.exit_code != 0
+        and isinstance(again.exception, Duplicate)
+        and again.exception.existing == int(match.group(1))
+    )
     assert "HTTP 409" in str(again.exception) and "results: the same subset" in str(again.exception)
     wrong = CliRunner().invoke(app, [*args[:5], "clipsift_wrong", *args[6:]])
     assert isinstance(wrong.exception, ClipsiftError) and "HTTP 401" in str(wrong.exception)
@@ -341,8 +457,13 @@ def test_no_token_in_logs(server, token, tmp_path):
 
 def test_openapi_is_published(server):
     spec = httpx.get(f"{server.url}/api/v1/openapi.json").json()
-    assert {"/api/v1/submissions", "/api/v1/leaderboard", "/api/v1/submissions/{submission_id}",
-            "/api/v1/submissions/{submission_id}/status", "/api/v1/suites"} <= set(spec["paths"])
+    assert {
+        "/api/v1/submissions",
+        "/api/v1/leaderboard",
+        "/api/v1/submissions/{submission_id}",
+        "/api/v1/submissions/{submission_id}/status",
+        "/api/v1/suites",
+    } <= set(spec["paths"])
     assert "HTTPBearer" in json.dumps(spec["components"]["securitySchemes"])
 
 
@@ -384,9 +505,14 @@ def test_browser_sorts_and_opens_a_submission(server, token, tmp_path, request):
     names = []
     for average in (0.3, 0.7, 0.5):  # distinct averages, submitted out of order
         seed = next(SEEDS)
-        values = {t.key: round(average + (i - 3.5) * 0.01 + seed * 1e-7, 7) for i, t in enumerate(load_suite("tiny").tasks)}
+        values = {
+            t.key: round(average + (i - 3.5) * 0.01 + seed * 1e-7, 7) for i, t in enumerate(load_suite("tiny").tasks)
+        }
         name = f"browser {seed} {XSS}"
-        assert post(server, token, fresh_payload(tmp_path, values=values, method_name=name, subset_size=seed)).status_code == 201
+        assert (
+            post(server, token, fresh_payload(tmp_path, values=values, method_name=name, subset_size=seed)).status_code
+            == 201
+        )
         names.append(name)
     browser.get(f"{server.url}/?scale=xs&track=filtering&suite=tiny")
     wait = WebDriverWait(browser, 60)
@@ -396,15 +522,21 @@ def test_browser_sorts_and_opens_a_submission(server, token, tmp_path, request):
     assert browser.title != "pwned" and not browser.find_elements(By.CSS_SELECTOR, "#board img")
 
     def column(key: str) -> list[float]:
-        index = [th.get_attribute("data-key") for th in browser.find_elements(By.CSS_SELECTOR, "#board thead th")].index(key)
-        return [float(tr.find_elements(By.TAG_NAME, "td")[index].get_attribute("data-value"))
-                for tr in browser.find_elements(By.CSS_SELECTOR, "#board tbody tr")]
+        index = [
+            th.get_attribute("data-key") for th in browser.find_elements(By.CSS_SELECTOR, "#board thead th")
+        ].index(key)
+        return [
+            float(tr.find_elements(By.TAG_NAME, "td")[index].get_attribute("data-value"))
+            for tr in browser.find_elements(By.CSS_SELECTOR, "#board tbody tr")
+        ]
 
     header = browser.find_element(By.CSS_SELECTOR, '#board th[data-key="average"]')
     assert column("average") == sorted(column("average"), reverse=True)  # the server's order
     header.click()
     assert header.get_attribute("aria-sort") == "ascending"
-    assert column("average") == sorted(column("average")) and column("average") != sorted(column("average"), reverse=True)
+    assert column("average") == sorted(column("average")) and column("average") != sorted(
+        column("average"), reverse=True
+    )
     header.click()
     assert column("average") == sorted(column("average"), reverse=True)
     browser.find_element(By.CSS_SELECTOR, '#board th[data-key="shifts"]').click()
@@ -471,4 +603,6 @@ def test_schema_is_upgraded_on_start(tmp_path):
     Database(url).close()
     assert "status_note" in {c["name"] for c in sa.inspect(sa.create_engine(url)).get_columns("submissions")}
     with sa.create_engine(url).connect() as connection:
-        assert connection.execute(sa.text("SELECT value FROM clipsift_meta WHERE key = 'schema_version'")).scalar() == "1"
+        assert (
+            connection.execute(sa.text("SELECT value FROM clipsift_meta WHERE key = 'schema_version'")).scalar() == "1"
+        )

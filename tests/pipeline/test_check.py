@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipsift.pipeline.check import check_pool
+
 from conftest import clipsift, rewrite_tar
 
 SHARD0 = "00000000"
@@ -76,14 +75,20 @@ def test_duplicate_uid_across_shards(small_pool: Path) -> None:
 
 
 def test_undecodable_image(small_pool: Path) -> None:
-    rewrite_tar(small_pool / "shards" / f"{SHARD0}.tar", lambda name, data: b"\xff\xd8 not really a jpeg" if name == f"{KEY}.jpg" else data)
+    rewrite_tar(
+        small_pool / "shards" / f"{SHARD0}.tar",
+        lambda name, data: b"\xff\xd8 not really a jpeg" if name == f"{KEY}.jpg" else data,
+    )
     found = reasons(small_pool)
     assert any(f"sample {KEY}" in r and "undecodable image" in r for r in found), found
     assert any(f"sample {KEY}" in r and "sha256" in r for r in found), found
 
 
 def test_non_utf8_caption(small_pool: Path) -> None:
-    rewrite_tar(small_pool / "shards" / f"{SHARD0}.tar", lambda name, data: b"caf\xe9 latin-1" if name == f"{KEY}.txt" else data)
+    rewrite_tar(
+        small_pool / "shards" / f"{SHARD0}.tar",
+        lambda name, data: b"caf\xe9 latin-1" if name == f"{KEY}.txt" else data,
+    )
     found = reasons(small_pool)
     assert any(f"sample {KEY}" in r and "not valid UTF-8" in r for r in found), found
 
@@ -100,7 +105,10 @@ def test_check_on_ray_and_cli_exit_status(small_pool: Path) -> None:
     """Two Ray workers find the same problem; the CLI prints it and exits 1 (0 on a clean pool)."""
     clean = clipsift("pool", "check", str(small_pool), "--workers", "1")
     assert clean.returncode == 0, clean.stderr
-    rewrite_tar(small_pool / "shards" / "00000001.tar", lambda name, data: b"garbage" if name.endswith("00000004.jpg") else data)
+    rewrite_tar(
+        small_pool / "shards" / "00000001.tar",
+        lambda name, data: b"garbage" if name.endswith("00000004.jpg") else data,
+    )
     report = check_pool(str(small_pool), workers=2)
     assert [p.key for p in report.problems if "undecodable" in p.reason] == ["00000001_00000004"]
     broken = clipsift("pool", "check", str(small_pool), "--workers", "1")

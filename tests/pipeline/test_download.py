@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -39,6 +38,7 @@ from clipsift.pipeline.download import (
 )
 from clipsift.pipeline.pool import Pool, derive_uid
 from clipsift.pipeline.ui import console, summary_table
+
 from conftest import clipsift, clipsift_started
 
 IMAGE_SIZE = 64
@@ -171,8 +171,15 @@ CASES = [
 ]
 SHARD0_PATHS = [path for _, path, _, _ in CASES[:8]]
 SHARD1_PATHS = [path for _, path, _, _ in CASES[8:12]]
-DOWNLOAD_OPTIONS = {"processes": 1, "threads": 16, "image_size": IMAGE_SIZE, "shard_size": SHARD_SIZE, "retries": 1,
-                    "timeout": 2, "verify_sha256": True}
+DOWNLOAD_OPTIONS = {
+    "processes": 1,
+    "threads": 16,
+    "image_size": IMAGE_SIZE,
+    "shard_size": SHARD_SIZE,
+    "retries": 1,
+    "timeout": 2,
+    "verify_sha256": True,
+}
 DOWNLOAD_SETTINGS = DownloadSettings(**DOWNLOAD_OPTIONS)
 
 
@@ -181,16 +188,18 @@ def url_table(server: ImageServer, refused: str) -> pa.Table:
     for label, path, caption, _ in CASES:
         url = refused if label == "refused" else (server.url(path) if path else None)
         body = ROUTES.get(path or "", (0, b"", 0))[1]
-        rows.append({
-            "url": url,
-            "caption": caption,
-            "uid": GIVEN_UID if label in ("a", "duplicate") else "not-a-uid",
-            "sha256": sha(b"other bytes") if label == "changed" else sha(body),
-            "face_bboxes": [FACE_BOX] if label == "face" else [],
-            "original_width": 1000 + len(rows),
-            "score": len(rows) / 10,
-            "blob": b"\x00binary",  # not JSON: left out, reported
-        })
+        rows.append(
+            {
+                "url": url,
+                "caption": caption,
+                "uid": GIVEN_UID if label in ("a", "duplicate") else "not-a-uid",
+                "sha256": sha(b"other bytes") if label == "changed" else sha(body),
+                "face_bboxes": [FACE_BOX] if label == "face" else [],
+                "original_width": 1000 + len(rows),
+                "score": len(rows) / 10,
+                "blob": b"\x00binary",  # not JSON: left out, reported
+            }
+        )
     return pa.Table.from_pylist(rows)
 
 
@@ -206,12 +215,25 @@ def kill_after_first_shard(urls: Path, out: Path, server: ImageServer, log: Path
     """`clipsift pool download` in a subprocess, SIGKILLed (with img2dataset's workers) once shard 0 is done
     and shard 1 is being fetched (its paths are gated)."""
     with log.open("w") as handle:
-        run = clipsift_started("pool", "download", str(urls), "--out", str(out), *cli_args(DOWNLOAD_OPTIONS), "--workers", "1",
-                               stdout=handle, stderr=subprocess.STDOUT)
+        run = clipsift_started(
+            "pool",
+            "download",
+            str(urls),
+            "--out",
+            str(out),
+            *cli_args(DOWNLOAD_OPTIONS),
+            "--workers",
+            "1",
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 120
             shard0 = out / "download" / "img2dataset" / "00000_stats.json"
-            while not (shard0.exists() and sum(server.requests()[p] for p in SHARD1_PATHS)) and time.monotonic() < deadline:
+            while (
+                not (shard0.exists() and sum(server.requests()[p] for p in SHARD1_PATHS))
+                and time.monotonic() < deadline
+            ):
                 assert run.poll() is None, log.read_text()
                 time.sleep(0.2)
             assert shard0.exists(), f"the first shard did not finish in time:\n{log.read_text()}"
@@ -243,8 +265,12 @@ def downloaded(tmp_path_factory: pytest.TempPathFactory):
     try:
         kill_after_first_shard(urls, out, server, root / "killed.log")
         staging = out / "download" / "img2dataset"
-        killed = {"counts": server.requests(), "pool.json": (out / "pool.json").exists(), "shards": Pool(str(out)).shard_ids(),
-                  "finished": sorted(p.name for p in staging.glob("*_stats.json"))}
+        killed = {
+            "counts": server.requests(),
+            "pool.json": (out / "pool.json").exists(),
+            "shards": Pool(str(out)).shard_ids(),
+            "finished": sorted(p.name for p in staging.glob("*_stats.json")),
+        }
         server.gate.set()
         place = download.place_img2dataset_shard
 
@@ -256,8 +282,12 @@ def downloaded(tmp_path_factory: pytest.TempPathFactory):
         with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError, match="killed while adopting"):
             patch.setattr(download, "place_img2dataset_shard", failing)
             download_pool(str(urls), str(out), DOWNLOAD_SETTINGS, workers=1)
-        after_failure = {"counts": server.requests(), "shards": Pool(str(out)).shard_ids(), "tmp": list(out.rglob("*.tmp-*")),
-                         "finished": sorted(p.name for p in staging.glob("*_stats.json"))}
+        after_failure = {
+            "counts": server.requests(),
+            "shards": Pool(str(out)).shard_ids(),
+            "tmp": list(out.rglob("*.tmp-*")),
+            "finished": sorted(p.name for p in staging.glob("*_stats.json")),
+        }
         result = download_pool(str(urls), str(out), DOWNLOAD_SETTINGS, workers=1)
         labels = {label: url for (label, *_), url in zip(CASES, table["url"].to_pylist())}
         yield Downloaded(result, out, labels, server.requests(), killed, after_failure)
@@ -378,23 +408,41 @@ def test_plan_reads_csv_and_a_folder_of_datacomp_parquets(tmp_path: Path) -> Non
     [part] = prepare_inputs(str(tmp_path / "urls.csv"), verify_sha256=False)
     table = part.table
     assert table.column_names == ["url", "caption", "uid", "face_bboxes", "source_original_width"]
-    assert table["uid"].to_pylist() == [GIVEN_UID, derive_uid("http://x.test/1.jpg"), derive_uid("http://x.test/0.jpg")]
+    assert table["uid"].to_pylist() == [
+        GIVEN_UID,
+        derive_uid("http://x.test/1.jpg"),
+        derive_uid("http://x.test/0.jpg"),
+    ]
     assert table["face_bboxes"].to_pylist() == [[[0.1, 0.2, 0.3, 0.4]], None, []]
     assert part.keep == [True, True, True]  # a different uid was given for the first row, so the url may repeat
 
     metadata = tmp_path / "metadata"
     metadata.mkdir()
     for index, count in enumerate((5, 2)):
-        pq.write_table(pa.table({"uid": [f"{index:016x}{i:016x}" for i in range(count)],
-                                 "url": [f"http://x.test/{index}/{i}" for i in range(count)],
-                                 "text": ["t"] * count, "sha256": ["0" * 64] * count}), metadata / f"{index:04d}.parquet")
-    pq.write_table(pa.table({"uid": ["0" * 32], "url": [None], "text": ["no url"], "sha256": ["0" * 64]}), metadata / "0002.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "uid": [f"{index:016x}{i:016x}" for i in range(count)],
+                    "url": [f"http://x.test/{index}/{i}" for i in range(count)],
+                    "text": ["t"] * count,
+                    "sha256": ["0" * 64] * count,
+                }
+            ),
+            metadata / f"{index:04d}.parquet",
+        )
+    pq.write_table(
+        pa.table({"uid": ["0" * 32], "url": [None], "text": ["no url"], "sha256": ["0" * 64]}),
+        metadata / "0002.parquet",
+    )
     plan = plan_download(str(metadata), str(tmp_path / "pool"), shard_size=2)
     assert [(p.num_rows, p.first_shard, p.num_shards) for p in plan.parts] == [(5, 0, 3), (2, 3, 1)]
     assert plan.num_shards == 4 and plan.num_inputs == 8 and plan.num_rejected == 1 and not plan.sha256
     assert pq.read_table(tmp_path / "pool" / "download" / "input" / "00001.parquet")["uid"].to_pylist() == [
-        f"{1:016x}{i:016x}" for i in range(2)]
-    assert pq.read_table(tmp_path / "pool" / "download_status" / "rejected.parquet")["status"].to_pylist() == ["missing_url"]
+        f"{1:016x}{i:016x}" for i in range(2)
+    ]
+    assert pq.read_table(tmp_path / "pool" / "download_status" / "rejected.parquet")["status"].to_pylist() == [
+        "missing_url"
+    ]
     assert plan_download(str(metadata), str(tmp_path / "pool"), shard_size=2) == plan  # re-used, not redone
     with pytest.raises(ClipsiftError, match="other settings"):
         plan_download(str(metadata), str(tmp_path / "pool"), shard_size=3)
@@ -417,7 +465,9 @@ def test_missing_caption_column(tmp_path: Path) -> None:
 def test_verify_sha256_needs_a_sha256_column(tmp_path: Path) -> None:
     pq.write_table(pa.table({"url": ["http://x.test/a.jpg"], "caption": ["x"]}), tmp_path / "urls.parquet")
     with pytest.raises(ClipsiftError, match="--verify-sha256 needs a sha256 column"):
-        download_pool(str(tmp_path / "urls.parquet"), str(tmp_path / "pool"), DownloadSettings(verify_sha256=True), workers=1)
+        download_pool(
+            str(tmp_path / "urls.parquet"), str(tmp_path / "pool"), DownloadSettings(verify_sha256=True), workers=1
+        )
 
 
 def test_folders_without_parquets(tmp_path: Path) -> None:
@@ -466,31 +516,77 @@ def datacomp(tmp_path: Path) -> dict:
     shards.mkdir()
     files = []
     for index, count in enumerate((6, 5)):
-        features = {f"{m}_{kind}": unit_rows(rng, count, dim) for m, dim in (("l14", 12), ("b32", 8)) for kind in ("img", "txt")}
+        features = {
+            f"{m}_{kind}": unit_rows(rng, count, dim)
+            for m, dim in (("l14", 12), ("b32", 8))
+            for kind in ("img", "txt")
+        }
         np.savez(metadata / f"{index:04d}.npz", **features)
-        cos = {m: (features[f"{m}_img"].astype(np.float32) * features[f"{m}_txt"].astype(np.float32)).sum(1) for m in ("l14", "b32")}
-        rows = [{"uid": f"{index:08x}" + f"{i:024x}", "url": f"http://dc.test/{index}/{i}.jpg", "text": f"caption {index}/{i} ",
-                 "original_width": 500 + i, "original_height": 400, "sha256": f"{index}{i}" * 32,
-                 "clip_b32_similarity_score": float(cos["b32"][i]), "clip_l14_similarity_score": float(cos["l14"][i]),
-                 "face_bboxes": [[0.1, 0.1, 0.2, 0.2]] if i == 1 else []} for i in range(count)]
+        cos = {
+            m: (features[f"{m}_img"].astype(np.float32) * features[f"{m}_txt"].astype(np.float32)).sum(1)
+            for m in ("l14", "b32")
+        }
+        rows = [
+            {
+                "uid": f"{index:08x}" + f"{i:024x}",
+                "url": f"http://dc.test/{index}/{i}.jpg",
+                "text": f"caption {index}/{i} ",
+                "original_width": 500 + i,
+                "original_height": 400,
+                "sha256": f"{index}{i}" * 32,
+                "clip_b32_similarity_score": float(cos["b32"][i]),
+                "clip_l14_similarity_score": float(cos["l14"][i]),
+                "face_bboxes": [[0.1, 0.1, 0.2, 0.2]] if i == 1 else [],
+            }
+            for i in range(count)
+        ]
         pq.write_table(pa.Table.from_pylist(rows), metadata / f"{index:04d}.parquet")
         files.append((rows, features))
 
     def sample(key: str, row: dict, **change) -> dict:
-        meta = {"uid": row["uid"], "url": row["url"], "key": key, "status": "success", "error_message": None, "width": 8,
-                "height": 8, "original_width": 99, "original_height": 99, "exif": "{}", "sha256": "f" * 64,
-                "face_bboxes": row["face_bboxes"]}
+        meta = {
+            "uid": row["uid"],
+            "url": row["url"],
+            "key": key,
+            "status": "success",
+            "error_message": None,
+            "width": 8,
+            "height": 8,
+            "original_width": 99,
+            "original_height": 99,
+            "exif": "{}",
+            "sha256": "f" * 64,
+            "face_bboxes": row["face_bboxes"],
+        }
         return {"key": key, "image": solid((8, 8), (len(key), 3, 3)), "text": row["text"], "json": meta, **change}
 
     (m0, _), (m1, _) = files
     stray = {**m1[0], "uid": "f" * 32, "url": "http://dc.test/stray.jpg", "text": "not in their metadata"}
-    shard0 = [sample("000000002", m0[2]), sample("000000000", m0[0]), sample("000000001", m0[1]), sample("000000004", m0[4])]
-    write_shard(shards / "00000000.tar", shard0, [
-        *({"uid": s["json"]["uid"], "key": s["key"], "status": "success", "error_message": None} for s in shard0),
-        {"uid": m0[3]["uid"], "key": "000000003", "status": "failed_to_download", "error_message": "HTTP Error 404: Not Found"}])
+    shard0 = [
+        sample("000000002", m0[2]),
+        sample("000000000", m0[0]),
+        sample("000000001", m0[1]),
+        sample("000000004", m0[4]),
+    ]
+    write_shard(
+        shards / "00000000.tar",
+        shard0,
+        [
+            *({"uid": s["json"]["uid"], "key": s["key"], "status": "success", "error_message": None} for s in shard0),
+            {
+                "uid": m0[3]["uid"],
+                "key": "000000003",
+                "status": "failed_to_download",
+                "error_message": "HTTP Error 404: Not Found",
+            },
+        ],
+    )
     shard1 = [sample(f"00001000{i}", m1[i]) for i in range(4)] + [sample("000010004", stray)]
-    write_shard(shards / "00000001.tar", shard1, [{"uid": s["json"]["uid"], "key": s["key"], "status": "success",
-                                                   "error_message": None} for s in shard1])
+    write_shard(
+        shards / "00000001.tar",
+        shard1,
+        [{"uid": s["json"]["uid"], "key": s["key"], "status": "success", "error_message": None} for s in shard1],
+    )
     shard2 = [sample("000020000", m1[4]), {**sample("000020001", m0[5]), "image": None}]
     shard2[1].pop("image")  # no image member: this tar cannot be adopted as it is
     write_shard(shards / "00000002.tar", shard2, [])
@@ -507,7 +603,11 @@ def test_datacomp_download_becomes_a_pool_with_their_features(datacomp: dict) ->
     for name in ("00000000", "00000001"):
         assert (out / "shards" / f"{name}.tar").stat().st_ino == (datacomp["shards"] / f"{name}.tar").stat().st_ino
 
-    theirs = {row["uid"]: (row, {k: v[i] for k, v in feats.items()}) for rows, feats in datacomp["files"] for i, row in enumerate(rows)}
+    theirs = {
+        row["uid"]: (row, {k: v[i] for k, v in feats.items()})
+        for rows, feats in datacomp["files"]
+        for i, row in enumerate(rows)
+    }
     assert pool.embedding_models() == ["ViT-B-32__openai", "ViT-L-14__openai"]
     manifest = json.loads((out / "embeddings" / "ViT-L-14__openai" / "manifest.json").read_text())
     assert manifest["rows"] == 10 and manifest["model"]["dim"] == 12 and "DataComp" in manifest["source"]
@@ -518,7 +618,11 @@ def test_datacomp_download_becomes_a_pool_with_their_features(datacomp: dict) ->
         assert [r["uid"] for r in l14] == [r["uid"] for r in b32] == [r["uid"] for r in metadata]  # the shard's order
         for row, l, b in zip(metadata, l14, b32):
             if row["uid"] not in theirs:
-                assert l["status"] == "uid not in the DataComp metadata" and l["image_emb"] is None and l["clip_score"] is None
+                assert (
+                    l["status"] == "uid not in the DataComp metadata"
+                    and l["image_emb"] is None
+                    and l["clip_score"] is None
+                )
                 continue
             their_row, features = theirs[row["uid"]]
             assert l["status"] == b["status"] == "ok"
@@ -527,8 +631,11 @@ def test_datacomp_download_becomes_a_pool_with_their_features(datacomp: dict) ->
             assert l["clip_score"] == pytest.approx(their_row["clip_l14_similarity_score"], abs=1e-3)
             assert b["clip_score"] == pytest.approx(their_row["clip_b32_similarity_score"], abs=1e-3)
             assert row["text"] == their_row["text"] and row["text"].endswith(" ")  # the tar's caption, not stripped
-            assert (row["url"], row["original_width"], row["source_sha256"]) == (their_row["url"], their_row["original_width"],
-                                                                                  their_row["sha256"])
+            assert (row["url"], row["original_width"], row["source_sha256"]) == (
+                their_row["url"],
+                their_row["original_width"],
+                their_row["sha256"],
+            )
             assert row["face_bboxes"] == their_row["face_bboxes"]
 
     (m0, _), _ = datacomp["files"]
@@ -553,8 +660,9 @@ def test_datacomp_dead_links_are_reported_as_missing(datacomp: dict) -> None:
     assert m0[3]["uid"] not in Pool(str(datacomp["out"])).uids().to_pylist()
 
 
-def test_datacomp_tars_are_symlinked_across_filesystems_and_copied_to_remote_pools(datacomp: dict,
-                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_datacomp_tars_are_symlinked_across_filesystems_and_copied_to_remote_pools(
+    datacomp: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def cross_device(src, dst):
         raise OSError(18, "Invalid cross-device link")
 
@@ -573,7 +681,9 @@ def test_datacomp_tars_are_symlinked_across_filesystems_and_copied_to_remote_poo
 
 
 def test_datacomp_features_must_align_with_their_parquet(datacomp: dict) -> None:
-    np.savez(datacomp["metadata"] / "0001.npz", l14_img=np.zeros((3, 12), np.float16), l14_txt=np.zeros((3, 12), np.float16))
+    np.savez(
+        datacomp["metadata"] / "0001.npz", l14_img=np.zeros((3, 12), np.float16), l14_txt=np.zeros((3, 12), np.float16)
+    )
     with pytest.raises(ClipsiftError, match=r"0001\.npz: l14_img has shape \(3, 12\) but its parquet has 5 rows"):
         from_datacomp(str(datacomp["metadata"]), str(datacomp["shards"]), str(datacomp["out"]), workers=1)
 
@@ -582,8 +692,18 @@ def test_datacomp_features_must_align_with_their_parquet(datacomp: dict) -> None
 
 
 def test_cli_from_datacomp_and_download_errors(datacomp: dict, tmp_path: Path) -> None:
-    done = clipsift("pool", "from-datacomp", "--metadata", str(datacomp["metadata"]), "--shards", str(datacomp["shards"]),
-                    "--out", str(datacomp["out"]), "--workers", "1")
+    done = clipsift(
+        "pool",
+        "from-datacomp",
+        "--metadata",
+        str(datacomp["metadata"]),
+        "--shards",
+        str(datacomp["shards"]),
+        "--out",
+        str(datacomp["out"]),
+        "--workers",
+        "1",
+    )
     assert done.returncode == 0, done.stderr
     assert "from DataComp" in done.stderr and "http_404" in done.stderr and "ViT-L-14__openai" in done.stderr
     assert Pool(str(datacomp["out"])).info["num_samples"] == 10

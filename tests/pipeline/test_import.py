@@ -23,7 +23,9 @@ from clipsift.pipeline.ui import console, summary_table
 FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP", "gif": "GIF"}
 
 
-def image_bytes(ext: str = "jpg", size: tuple[int, int] = (24, 16), color: tuple[int, int, int] = (200, 30, 60)) -> bytes:
+def image_bytes(
+    ext: str = "jpg", size: tuple[int, int] = (24, 16), color: tuple[int, int, int] = (200, 30, 60)
+) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format=FORMATS[ext])
     return buffer.getvalue()
@@ -123,7 +125,12 @@ def test_folder_skips_are_reported_with_reasons(photo_folder: Path, tmp_path: Pa
         "g.jpg": "caption is not UTF-8",
         "h.jpg": "no caption file",
     }
-    assert result.skip_reasons == {"empty caption": 1, "undecodable image": 1, "caption is not UTF-8": 1, "no caption file": 1}
+    assert result.skip_reasons == {
+        "empty caption": 1,
+        "undecodable image": 1,
+        "caption is not UTF-8": 1,
+        "no caption file": 1,
+    }
     rows = dict(import_summary_rows(result))
     assert rows["imported"] == 5 and rows["skipped"] == 4 and rows["converted to PNG"] == 2
     assert rows["  undecodable image"] == 1
@@ -142,7 +149,11 @@ def test_skip_counts_survive_a_resumed_run(photo_folder: Path, tmp_path: Path) -
         (out / "metadata" / f"{shard}.parquet").unlink()
         (out / "shards" / f"{shard}.tar").unlink()
     again = import_pool(str(photo_folder), str(out), shard_size=3, workers=1)
-    assert (again.num_imported, again.num_skipped, again.num_converted) == (first.num_imported, first.num_skipped, first.num_converted)
+    assert (again.num_imported, again.num_skipped, again.num_converted) == (
+        first.num_imported,
+        first.num_skipped,
+        first.num_converted,
+    )
     assert again.skip_examples == first.skip_examples
     assert [len(Pool(str(out)).shard_stats(s)["skipped"]) for s in pool.shard_ids()] == per_shard
 
@@ -208,10 +219,10 @@ def test_table_with_paths(table_images: Path, tmp_path: Path, suffix: str) -> No
     assert samples[0].url == "http://x.test/0.jpg" and samples[0].uid == derive_uid("http://x.test/0.jpg")
     assert samples[2].url is None and samples[2].uid == derive_uid(f"{table_images / 'img' / '2.jpg'}\ntwo")
     assert reasons(result) == {
-        "meta{} row 3".format(suffix): "undecodable image",
-        "meta{} row 4".format(suffix): "missing image file",
-        "meta{} row 5".format(suffix): "duplicate uid",
-        "meta{} row 6".format(suffix): "empty caption",
+        f"meta{suffix} row 3": "undecodable image",
+        f"meta{suffix} row 4": "missing image file",
+        f"meta{suffix} row 5": "duplicate uid",
+        f"meta{suffix} row 6": "empty caption",
     }
     columns = Pool(str(out)).info["sources"][0]["columns"]
     assert (columns["image"], columns["caption"], columns["url"]) == ("image_path", "text", "url")
@@ -219,14 +230,16 @@ def test_table_with_paths(table_images: Path, tmp_path: Path, suffix: str) -> No
 
 def test_parquet_with_image_bytes(tmp_path: Path) -> None:
     jpg, png = image_bytes("jpg", (21, 12)), image_bytes("png", (5, 6))
-    table = pa.table({
-        "jpg": pa.array([jpg, png, b"garbage"], pa.binary()),
-        "caption": ["bytes one", "bytes two", "bad"],
-        "original_width": [640, None, 1],
-        "original_height": [480, None, 1],
-        "sha256": ["given-by-source", None, None],
-        "score": [0.5, 0.25, 0.0],
-    })
+    table = pa.table(
+        {
+            "jpg": pa.array([jpg, png, b"garbage"], pa.binary()),
+            "caption": ["bytes one", "bytes two", "bad"],
+            "original_width": [640, None, 1],
+            "original_height": [480, None, 1],
+            "sha256": ["given-by-source", None, None],
+            "score": [0.5, 0.25, 0.0],
+        }
+    )
     pq.write_table(table, tmp_path / "bytes.parquet")
     out = tmp_path / "pool"
     result = import_pool(str(tmp_path / "bytes.parquet"), str(out), workers=1)
@@ -254,7 +267,9 @@ def test_parquet_with_huggingface_image_struct(tmp_path: Path) -> None:
 def test_explicit_columns(tmp_path: Path) -> None:
     write(tmp_path / "pics" / "p.jpg", image_bytes("jpg"))
     write_table([{"where": "pics/p.jpg", "words": "explicit", "caption": "not this one"}], tmp_path / "t.jsonl")
-    import_pool(str(tmp_path / "t.jsonl"), str(tmp_path / "pool"), image_column="where", caption_column="words", workers=1)
+    import_pool(
+        str(tmp_path / "t.jsonl"), str(tmp_path / "pool"), image_column="where", caption_column="words", workers=1
+    )
     [sample] = all_samples(tmp_path / "pool")
     assert sample.text == "explicit" and sample.extra["caption"] == "not this one"
 
@@ -283,8 +298,19 @@ def write_img2dataset_tar(path: Path, samples: list[dict]) -> Path:
 
 
 def img2dataset_json(key: str, url: str, image: bytes, **extra) -> dict:
-    return {"url": url, "key": key, "status": "success", "error_message": None, "width": 16, "height": 16,
-            "original_width": 1024, "original_height": 768, "exif": "{}", "sha256": hashlib.sha256(b"orig" + image).hexdigest(), **extra}
+    return {
+        "url": url,
+        "key": key,
+        "status": "success",
+        "error_message": None,
+        "width": 16,
+        "height": 16,
+        "original_width": 1024,
+        "original_height": 768,
+        "exif": "{}",
+        "sha256": hashlib.sha256(b"orig" + image).hexdigest(),
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -292,19 +318,39 @@ def img2dataset_dir(tmp_path: Path) -> Path:
     root = tmp_path / "downloaded"
     images = [image_bytes("jpg", (16, 16), (i * 20, 0, 0)) for i in range(6)]
     uid0 = "0123456789abcdef0123456789abcdef"
-    write_img2dataset_tar(root / "00000.tar", [
-        {"key": "000000000", "image": images[0], "caption": "first",
-         "json": img2dataset_json("000000000", "http://w.test/0", images[0], uid=uid0, clip_l14_similarity_score=0.31)},
-        {"key": "000000001", "image": images[1], "caption": "invalid uid",
-         "json": img2dataset_json("000000001", "http://w.test/1", images[1], uid="NOT-A-UID")},
-        {"key": "000000002", "image": images[2], "caption": "   "},
-    ])
-    write_img2dataset_tar(root / "00001.tar", [
-        {"key": "000010000", "image": images[3], "caption": "no json"},
-        {"key": "000010001", "image": images[4], "caption": "same uid as the first",
-         "json": img2dataset_json("000010001", "http://w.test/other", images[4], uid=uid0)},
-        {"key": "000010002", "image": image_bytes("bmp", (3, 4)), "ext": "bmp", "caption": "bmp in a tar"},
-    ])
+    write_img2dataset_tar(
+        root / "00000.tar",
+        [
+            {
+                "key": "000000000",
+                "image": images[0],
+                "caption": "first",
+                "json": img2dataset_json(
+                    "000000000", "http://w.test/0", images[0], uid=uid0, clip_l14_similarity_score=0.31
+                ),
+            },
+            {
+                "key": "000000001",
+                "image": images[1],
+                "caption": "invalid uid",
+                "json": img2dataset_json("000000001", "http://w.test/1", images[1], uid="NOT-A-UID"),
+            },
+            {"key": "000000002", "image": images[2], "caption": "   "},
+        ],
+    )
+    write_img2dataset_tar(
+        root / "00001.tar",
+        [
+            {"key": "000010000", "image": images[3], "caption": "no json"},
+            {
+                "key": "000010001",
+                "image": images[4],
+                "caption": "same uid as the first",
+                "json": img2dataset_json("000010001", "http://w.test/other", images[4], uid=uid0),
+            },
+            {"key": "000010002", "image": image_bytes("bmp", (3, 4)), "ext": "bmp", "caption": "bmp in a tar"},
+        ],
+    )
     pq.write_table(pa.table({"key": ["000000000"], "status": ["success"]}), root / "00000.parquet")
     write(root / "00000_stats.json", json.dumps({"count": 3}))
     return root
@@ -316,16 +362,26 @@ def test_webdataset_from_img2dataset(img2dataset_dir: Path, tmp_path: Path) -> N
     assert result.kind == "webdataset" and result.info["num_shards"] == 2
 
     samples = by_source(out)
-    assert sorted(samples) == ["00000.tar/000000000", "00000.tar/000000001", "00001.tar/000010000", "00001.tar/000010002"]
+    assert sorted(samples) == [
+        "00000.tar/000000000",
+        "00000.tar/000000001",
+        "00001.tar/000010000",
+        "00001.tar/000010002",
+    ]
     first = samples["00000.tar/000000000"]
     assert first.uid == "0123456789abcdef0123456789abcdef"  # kept from the .json
     assert first.url == "http://w.test/0" and first.text == "first"
     assert (first.original_width, first.original_height) == (1024, 768)
-    assert first.extra["clip_l14_similarity_score"] == 0.31 and "status" not in first.extra and "exif" not in first.extra
+    assert (
+        first.extra["clip_l14_similarity_score"] == 0.31 and "status" not in first.extra and "exif" not in first.extra
+    )
     assert first.extra["source_sha256"] != first.sha256 == hashlib.sha256(first.image).hexdigest()
     assert samples["00000.tar/000000001"].uid == derive_uid("http://w.test/1")  # invalid uid: from the url
     no_json = samples["00001.tar/000010000"]
-    assert no_json.uid == derive_uid("00001.tar/000010000\nno json") and (no_json.original_width, no_json.original_height) == (16, 16)
+    assert no_json.uid == derive_uid("00001.tar/000010000\nno json") and (
+        no_json.original_width,
+        no_json.original_height,
+    ) == (16, 16)
     assert samples["00001.tar/000010002"].ext == "png" and result.num_converted == 1
     assert reasons(result) == {"00000.tar/000000002": "empty caption", "00001.tar/000010001": "duplicate uid"}
     assert [len(Pool(str(out)).shard_stats(s)["skipped"]) for s in ("00000000", "00000001")] == [1, 1]
@@ -399,8 +455,9 @@ def test_unknown_file_kind_and_out_inside_src(photo_folder: Path, tmp_path: Path
 # --------------------------------------------------------------------------- resuming and Ray
 
 
-def test_failed_shard_leaves_nothing_partial_and_rerun_completes(photo_folder: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_shard_leaves_nothing_partial_and_rerun_completes(
+    photo_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "pool"
     verify, calls = importer.verify_image, []
 
@@ -441,5 +498,7 @@ def test_two_ray_workers_match_one(photo_folder: Path, tmp_path: Path) -> None:
         ray.shutdown()
     local, distributed = Pool(str(tmp_path / "local")), Pool(str(tmp_path / "ray"))
     assert distributed.uids().to_pylist() == local.uids().to_pylist()
-    assert [distributed.shard_stats(s) for s in distributed.shard_ids()] == [local.shard_stats(s) for s in local.shard_ids()]
+    assert [distributed.shard_stats(s) for s in distributed.shard_ids()] == [
+        local.shard_stats(s) for s in local.shard_ids()
+    ]
     assert result.num_imported == 5 and result.num_skipped == 4

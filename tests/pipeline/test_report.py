@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from test_filters import write_model
 from typer.testing import CliRunner
 
 from clipsift.filters.recipe import apply_recipe, load_recipe
@@ -18,7 +19,6 @@ from clipsift.filters.subset import decode_uids, read_subset
 from clipsift.pipeline.pool import Pool
 from clipsift.pipeline.report import ReportError, curation_report
 from clipsift.pipeline.synth import synth_pool
-from test_filters import write_model
 
 FRACTION, MIN_WORDS, SAMPLES = 0.25, 4, 6  # FRACTION under the pool's clean share (28%)
 RECIPE = """name: report_test
@@ -45,7 +45,9 @@ def filtered(tmp_path_factory: pytest.TempPathFactory) -> dict:
     vectors = centres[np.where(clean, rng.integers(0, 4, len(uids)), rng.integers(4, 8, len(uids)))]
     write_model(pool, "m", scores, vectors + rng.normal(0, 0.1, vectors.shape).astype(np.float32))
     np.save(root / "reference.npy", centres[rng.integers(0, 4, 64)] + rng.normal(0, 0.1, (64, 8)).astype(np.float32))
-    (root / "recipe.yaml").write_text(RECIPE.format(fraction=FRACTION, targets=root / "reference.npy", min_words=MIN_WORDS))
+    (root / "recipe.yaml").write_text(
+        RECIPE.format(fraction=FRACTION, targets=root / "reference.npy", min_words=MIN_WORDS)
+    )
     here = os.getcwd()
     os.chdir(root)
     try:  # subset.json records the pool and the centroids relative to this folder
@@ -53,9 +55,16 @@ def filtered(tmp_path_factory: pytest.TempPathFactory) -> dict:
     finally:
         os.chdir(here)
     texts = dict(zip(uids, pool_texts(pool)))
-    return {"root": root, "subset": str(root / "subset.npy"), "truth": str(root / "truth.parquet"), "uids": uids,
-            "scores": dict(zip(uids, scores.tolist())), "kinds": kinds, "texts": texts,
-            "kept": set(decode_uids(read_subset(str(root / "subset.npy"))))}
+    return {
+        "root": root,
+        "subset": str(root / "subset.npy"),
+        "truth": str(root / "truth.parquet"),
+        "uids": uids,
+        "scores": dict(zip(uids, scores.tolist())),
+        "kinds": kinds,
+        "texts": texts,
+        "kept": set(decode_uids(read_subset(str(root / "subset.npy")))),
+    }
 
 
 def pool_texts(pool: Pool) -> list[str]:
@@ -78,8 +87,10 @@ def gallery(page: str, name: str) -> list[str]:
 def test_steps_threshold_and_truth_numbers(filtered: dict, report: tuple) -> None:
     result, page = report
     info = json.loads((filtered["root"] / "subset.json").read_text())
-    steps = [{"path": p, "rows_in": int(i), "kept": int(k)}
-             for p, i, k in re.findall(r'data-step="([\d.]+)" data-rows-in="(\d+)" data-kept="(\d+)"', page)]
+    steps = [
+        {"path": p, "rows_in": int(i), "kept": int(k)}
+        for p, i, k in re.findall(r'data-step="([\d.]+)" data-rows-in="(\d+)" data-kept="(\d+)"', page)
+    ]
     assert steps == [{key: s[key] for key in ("path", "rows_in", "kept")} for s in info["steps"]] and len(steps) == 3
     assert 'id="pool-size" data-value="512"' in page and f'data-kept="{len(filtered["kept"])}"' in page
 
@@ -117,8 +128,11 @@ def test_galleries_show_the_right_samples(filtered: dict, report: tuple) -> None
     short = gallery(page, "removed:3")  # what the caption step removed: passed steps 1-2, fewer than MIN_WORDS words
     assert short and all(len(filtered["texts"][u].split()) < MIN_WORDS and scores[u] >= threshold for u in short)
 
-    clusters = re.findall(r'data-cluster="(\d+)" data-kept="(true|false)"><h3>[^<]*</h3><div class="gallery compact" '
-                          r'data-gallery="cluster:2:\1">(.*?)</div>', page)
+    clusters = re.findall(
+        r'data-cluster="(\d+)" data-kept="(true|false)"><h3>[^<]*</h3><div class="gallery compact" '
+        r'data-gallery="cluster:2:\1">(.*?)</div>',
+        page,
+    )
     assert {state for _, state, _ in clusters} == {"true", "false"}
     for _, state, body in clusters:
         for uid in re.findall(r'data-uid="([0-9a-f]{32})"', body):
@@ -130,12 +144,21 @@ def test_galleries_show_the_right_samples(filtered: dict, report: tuple) -> None
 
 def test_the_report_renders_in_chromium(browser, report: tuple, filtered: dict) -> None:
     browser.get((filtered["root"] / "report" / "report.html").as_uri())
-    names = browser.execute_script("return [...document.querySelectorAll('[data-gallery]')].map(g => g.dataset.gallery)")
-    assert {"kept", "removed", "above:1", "below:1", "removed:3"} <= set(names) and any(n.startswith("cluster:2:") for n in names)
-    widths = browser.execute_script("return [...document.querySelectorAll('[data-gallery] img')].map(i => i.complete && i.naturalWidth)")
+    names = browser.execute_script(
+        "return [...document.querySelectorAll('[data-gallery]')].map(g => g.dataset.gallery)"
+    )
+    assert {"kept", "removed", "above:1", "below:1", "removed:3"} <= set(names) and any(
+        n.startswith("cluster:2:") for n in names
+    )
+    widths = browser.execute_script(
+        "return [...document.querySelectorAll('[data-gallery] img')].map(i => i.complete && i.naturalWidth)"
+    )
     assert len(widths) >= 5 * SAMPLES and all(w > 0 for w in widths)
     for plot in ("hist-step-1", "hist-model-m"):
-        assert browser.execute_script(f"const i = document.getElementById('{plot}'); return i.complete && i.naturalWidth") > 300
+        assert (
+            browser.execute_script(f"const i = document.getElementById('{plot}'); return i.complete && i.naturalWidth")
+            > 300
+        )
 
 
 def test_report_of_a_run_through_the_cli(filtered: dict, tmp_path: Path) -> None:
@@ -151,15 +174,32 @@ def test_report_of_a_run_through_the_cli(filtered: dict, tmp_path: Path) -> None
     manifest = read_manifest(str(root / "shards"))
     run = tmp_path / "run"
     run.mkdir()
-    (run / "run.json").write_text(json.dumps({
-        "scale": "xs", "status": "complete", "samples_seen": 12800, "seed": 0,
-        "data": [{"path": str(root / "shards"), "weight": 1.0, "num_shards": manifest["num_shards"],
-                  "manifest": manifest, "subset_sha256": manifest["subset_sha256"]}]}))
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "scale": "xs",
+                "status": "complete",
+                "samples_seen": 12800,
+                "seed": 0,
+                "data": [
+                    {
+                        "path": str(root / "shards"),
+                        "weight": 1.0,
+                        "num_shards": manifest["num_shards"],
+                        "manifest": manifest,
+                        "subset_sha256": manifest["subset_sha256"],
+                    }
+                ],
+            }
+        )
+    )
     from clipsift.cli import app
 
     os.chdir(tmp_path)  # elsewhere: the subset is found from the run's manifest, the pool from subset.json
     try:
-        result = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "r.html"), "--samples", "3"], terminal_width=200)
+        result = CliRunner().invoke(
+            app, ["report", str(run), "--out", str(tmp_path / "r.html"), "--samples", "3"], terminal_width=200
+        )
     finally:
         os.chdir(here)
     assert result.exit_code == 0, result.output
@@ -167,7 +207,9 @@ def test_report_of_a_run_through_the_cli(filtered: dict, tmp_path: Path) -> None
     page = (tmp_path / "r.html").read_text()
     assert len(gallery(page, "kept")) == 3 and "Curation report: recipe <code>report_test</code>" in page
 
-    (run / "run.json").write_text(json.dumps({"scale": "xs", "data": [{"path": str(root / "shards"), "manifest": {}}]}))
+    (run / "run.json").write_text(
+        json.dumps({"scale": "xs", "data": [{"path": str(root / "shards"), "manifest": {}}]})
+    )
     with pytest.raises(ReportError, match="run.json: its data has no reshard manifest naming a subset"):
         curation_report(str(run), str(tmp_path / "s.html"))
 
@@ -193,11 +235,14 @@ def test_entries_at_finds_just_the_asked_samples(tmp_path: Path) -> None:
     import io
     import tarfile
 
-    from clipsift.pipeline.pool import Sample, derive_uid, find_entries, finalize_pool, sample_key, write_shard
+    from clipsift.pipeline.pool import Sample, derive_uid, finalize_pool, find_entries, sample_key, write_shard
+
     from conftest import image_bytes
 
-    samples = [Sample(derive_uid(f"e/{i}"), image_bytes((i, 9, 9), (8 + i % 5, 8)), "jpg", f"caption {i}", None, 100, 100)
-               for i in range(40)]
+    samples = [
+        Sample(derive_uid(f"e/{i}"), image_bytes((i, 9, 9), (8 + i % 5, 8)), "jpg", f"caption {i}", None, 100, 100)
+        for i in range(40)
+    ]
     samples[2].text = f"{sample_key(0, 30)}.jpg is a file name at the start of a member's data"
     write_shard(str(tmp_path / "pool"), 0, samples)
     finalize_pool(str(tmp_path / "pool"), "entries", [])

@@ -26,6 +26,7 @@ from clipsift.pipeline import reshard as reshard_module
 from clipsift.pipeline.check import check_pool
 from clipsift.pipeline.pool import Pool, Sample, ShardWriter, derive_uid, tar_read, tar_write
 from clipsift.pipeline.reshard import read_manifest, reshard
+
 from conftest import make_pool
 
 MISSING = derive_uid("not in the pool")
@@ -75,10 +76,19 @@ def test_reshard_writes_exactly_the_subset_with_multiplicity(tmp_path: Path, sou
     assert len({s[1] for s in samples}) == len(samples)  # repeated uids get distinct keys
     out = Pool(str(tmp_path / "out"))
     assert [out.num_rows(s) for s in out.shard_ids()] == [4, 4, 2]
-    assert (result.num_samples, result.num_shards, result.missing_uids, result.missing_examples) == (10, 3, 1, [MISSING])
+    assert (result.num_samples, result.num_shards, result.missing_uids, result.missing_examples) == (
+        10,
+        3,
+        1,
+        [MISSING],
+    )
     manifest = read_manifest(str(tmp_path / "out"))
     assert manifest["num_samples"] == 10 and manifest["missing_uids"] == 1 and manifest["subset_uids"] == 11
-    assert [s["path"] for s in manifest["shards"]] == ["shards/00000000.tar", "shards/00000001.tar", "shards/00000002.tar"]
+    assert [s["path"] for s in manifest["shards"]] == [
+        "shards/00000000.tar",
+        "shards/00000001.tar",
+        "shards/00000002.tar",
+    ]
     assert [s["num_samples"] for s in manifest["shards"]] == [4, 4, 2]
     assert manifest["subset_sha256"] == __import__("hashlib").sha256(subset.read_bytes()).hexdigest()
     assert check_pool(str(tmp_path / "out"), workers=1).ok  # a valid pool, repeated uids allowed
@@ -125,7 +135,9 @@ def test_reshard_killed_with_sigkill_and_rerun_loses_and_duplicates_nothing(tmp_
     pool, _, subset = source
     reshard(str(pool), str(subset), str(tmp_path / "clean"), shard_size=2, workers=1)
     out = tmp_path / "out"
-    child = subprocess.Popen([sys.executable, "-c", SLOW_RESHARD, str(pool), str(subset), str(out)], stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, "-c", SLOW_RESHARD, str(pool), str(subset), str(out)], stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not list((out / "metadata").glob("*.parquet")) if (out / "metadata").exists() else True:
         assert time.time() < deadline and child.poll() is None, "the reshard ended before it could be killed"
@@ -188,7 +200,9 @@ def test_fast_and_generic_paths_write_identical_pools(tmp_path: Path, source, mo
                 assert (tmp_path / out / "shards" / name).read_bytes() == fs.cat_file(f"{remote}/out/shards/{name}")
                 parquet = name.replace(".tar", ".parquet")
                 local = pq.read_table(tmp_path / out / "metadata" / parquet)
-                assert local.equals(pq.read_table(f"{remote}/out/metadata/{parquet}", filesystem=fs), check_metadata=True)
+                assert local.equals(
+                    pq.read_table(f"{remote}/out/metadata/{parquet}", filesystem=fs), check_metadata=True
+                )
         assert output_samples(tmp_path / "fast") == output_samples(tmp_path / "default")
     finally:
         fs.rm(remote, recursive=True)
@@ -198,6 +212,7 @@ def _counted(calls: collections.Counter, name: str, function):
     def counted(*args, **kwargs):
         calls[name] += 1
         return function(*args, **kwargs)
+
     return counted
 
 
@@ -207,12 +222,25 @@ def awkward_samples() -> list[Sample]:
     rng = np.random.default_rng(3)
     texts = ["plain caption", 'quote " and \\ backslash', "ünïcode ☃", "tab\tnew\nline", "del\x7f", ""]
     urls = [None, 'http://x/"q".jpg', "http://x/é.jpg", "http://x/a.jpg"]
-    return [Sample(derive_uid(f"awkward {n}"), rng.bytes(int(rng.integers(0, 2000))), ("jpg", "png", "webp")[n % 3],
-                   texts[n % len(texts)], urls[n % len(urls)], None if n % 7 == 0 else n * 10, 7,
-                   sha256=None if n % 4 == 0 else f"{n:064x}",
-                   extra={"score": [0.1, float("nan"), 1e16, -2.5e-7][n % 4], "label": ["a", None, 'b"c', "ß"][n % 4],
-                          "count": n if n % 5 else None, "flag": bool(n % 2)})
-            for n in range(13)]
+    return [
+        Sample(
+            derive_uid(f"awkward {n}"),
+            rng.bytes(int(rng.integers(0, 2000))),
+            ("jpg", "png", "webp")[n % 3],
+            texts[n % len(texts)],
+            urls[n % len(urls)],
+            None if n % 7 == 0 else n * 10,
+            7,
+            sha256=None if n % 4 == 0 else f"{n:064x}",
+            extra={
+                "score": [0.1, float("nan"), 1e16, -2.5e-7][n % 4],
+                "label": ["a", None, 'b"c', "ß"][n % 4],
+                "count": n if n % 5 else None,
+                "flag": bool(n % 2),
+            },
+        )
+        for n in range(13)
+    ]
 
 
 def test_write_rows_writes_what_write_writes(tmp_path: Path) -> None:
@@ -223,7 +251,9 @@ def test_write_rows_writes_what_write_writes(tmp_path: Path) -> None:
         for sample in samples:
             writer.write(sample)
     rows = Pool(str(tmp_path / "a")).metadata("00000000").drop_columns(["sha256"])
-    rows = rows.append_column("sha256", pa.array([sample.sha256 if n % 4 else None for n, sample in enumerate(samples)]))
+    rows = rows.append_column(
+        "sha256", pa.array([sample.sha256 if n % 4 else None for n, sample in enumerate(samples)])
+    )
     rows = rows.set_column(rows.column_names.index("key"), "key", pa.array(["old"] * len(samples)))
     with ShardWriter(str(tmp_path / "b"), 0) as writer:
         writer.write_rows(rows.slice(0, 5), [(s.ext, memoryview(s.image)) for s in samples[:5]])
@@ -231,5 +261,7 @@ def test_write_rows_writes_what_write_writes(tmp_path: Path) -> None:
     for part in ("shards/00000000.tar", "metadata/00000000.parquet"):
         assert (tmp_path / "a" / part).read_bytes() == (tmp_path / "b" / part).read_bytes(), part
     members = pool_module.json_members(rows.select(["uid", "key", "url", "original_width"]).slice(0, 3))
-    assert members.to_pylist() == [json.dumps({k: r[k] for k in ("uid", "key", "url", "original_width")}).encode()
-                                   for r in rows.slice(0, 3).to_pylist()]
+    assert members.to_pylist() == [
+        json.dumps({k: r[k] for k in ("uid", "key", "url", "original_width")}).encode()
+        for r in rows.slice(0, 3).to_pylist()
+    ]

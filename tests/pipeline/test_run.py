@@ -9,7 +9,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,13 +16,14 @@ import pytest
 import yaml
 
 from clipsift import ClipsiftError
+from clipsift.eval.stage import EvalOutput
 from clipsift.pipeline.run import STAGES_FILE, Runner, run_pipeline, stage_names
 from clipsift.pipeline.run_config import RunConfigError, load_run_config, shipped_runs
-from clipsift.eval.stage import EvalOutput
 from clipsift.stage import Outputs
 from clipsift.train.stages import TrainOutput
-from conftest import REPO, clipsift_started as clipsift
 
+from conftest import REPO
+from conftest import clipsift_started as clipsift
 
 
 def sha256(path: str | Path) -> str:
@@ -57,14 +57,31 @@ def error_of(path: Path) -> str:
 def test_shipped_configs_validate() -> None:
     assert {"tiny", "xs", "datacomp_small", "datacomp_medium"} <= set(shipped_runs())
     tiny, _ = load_run_config("tiny")
-    assert stage_names(tiny) == ["pool", "reference", "filternet", "score", "filter", "reshard", "train", "eval", "submit"]
-    assert (tiny.pool.scale, tiny.train.scale, tiny.eval.suite, tiny.filter.set) == ("tiny", "tiny", "tiny", {"fraction": 0.3})
+    assert stage_names(tiny) == [
+        "pool",
+        "reference",
+        "filternet",
+        "score",
+        "filter",
+        "reshard",
+        "train",
+        "eval",
+        "submit",
+    ]
+    assert (tiny.pool.scale, tiny.train.scale, tiny.eval.suite, tiny.filter.set) == (
+        "tiny",
+        "tiny",
+        "tiny",
+        {"fraction": 0.3},
+    )
     for name, scale in (("datacomp_small", "small"), ("datacomp_medium", "medium")):
         config, where = load_run_config(name)
         assert where == f"{name}.yaml (shipped)"
         assert (config.pool.kind, config.train.scale, config.eval.suite) == ("from-datacomp", scale, "datacomp38")
         assert (config.score.model, config.score.pretrained) == ("ViT-L-14", "datacomp_xl_s13b_b90k")
-        assert config.filter.recipe["steps"] == [{"clip_score": {"model_id": "${model_id}", "fraction": "${fraction}"}}]
+        assert config.filter.recipe["steps"] == [
+            {"clip_score": {"model_id": "${model_id}", "fraction": "${fraction}"}}
+        ]
         assert stage_names(config) == ["pool", "score", "filter", "reshard", "train", "eval"]
 
 
@@ -75,21 +92,42 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
     assert config.submit.leaderboard == "${run}/leaderboard.db"  # the run directory, known when the run starts
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"pool.scael": "xs"}, "pool.scael: unknown key (allowed here: kind, scale, seed, num_samples, shard_size, path)"),
-    ({"trian": {"scale": "xs"}}, "trian: unknown key (allowed here: name, description"),
-    ({"train.scale": "huge"}, "train.scale: unknown scale 'huge'; choose one of xs, tiny, small"),
-    ({"train": None}, "train: required, but missing"),
-    ({"pool.kind": "ftp"}, "pool: unknown kind 'ftp'; choose one of synth, import, download, from-datacomp, existing"),
-    ({"reshard.shard_size": 0}, "reshard.shard_size: Input should be greater than 0"),
-    ({"filternet": None}, "score.model is `filternet` but there is no `filternet:` section"),
-    ({"score.pretrained": "openai"}, "model: filternet scores with this run's filtering network; leave out `pretrained`"),
-    ({"filter.recipe": "synth_clip_scor"}, "filter.recipe: recipe synth_clip_scor: no such file, and no shipped recipe of that name"),
-    ({"filter.set": {"fractoin": 0.2}}, "filter.recipe: recipe synth_clip_score.yaml (shipped): filter.set.fractoin=...: the recipe has no variable 'fractoin'"),
-    ({"filter.recipe": {"steps": [{"clip_scor": {"fraction": 0.3}}]}, "filter.set": {}}, "filter.recipe: recipe (inline), step 1: unknown filter 'clip_scor'"),
-    ({"eval.suite": "imagenet"}, "eval.suite: unknown suite 'imagenet'"),
-    ({"train.mix": [{"path": "byod", "weight": 2}]}, "train.mix adds data of your own: that is the byod track"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"pool.scael": "xs"},
+            "pool.scael: unknown key (allowed here: kind, scale, seed, num_samples, shard_size, path)",
+        ),
+        ({"trian": {"scale": "xs"}}, "trian: unknown key (allowed here: name, description"),
+        ({"train.scale": "huge"}, "train.scale: unknown scale 'huge'; choose one of xs, tiny, small"),
+        ({"train": None}, "train: required, but missing"),
+        (
+            {"pool.kind": "ftp"},
+            "pool: unknown kind 'ftp'; choose one of synth, import, download, from-datacomp, existing",
+        ),
+        ({"reshard.shard_size": 0}, "reshard.shard_size: Input should be greater than 0"),
+        ({"filternet": None}, "score.model is `filternet` but there is no `filternet:` section"),
+        (
+            {"score.pretrained": "openai"},
+            "model: filternet scores with this run's filtering network; leave out `pretrained`",
+        ),
+        (
+            {"filter.recipe": "synth_clip_scor"},
+            "filter.recipe: recipe synth_clip_scor: no such file, and no shipped recipe of that name",
+        ),
+        (
+            {"filter.set": {"fractoin": 0.2}},
+            "filter.recipe: recipe synth_clip_score.yaml (shipped): filter.set.fractoin=...: the recipe has no variable 'fractoin'",
+        ),
+        (
+            {"filter.recipe": {"steps": [{"clip_scor": {"fraction": 0.3}}]}, "filter.set": {}},
+            "filter.recipe: recipe (inline), step 1: unknown filter 'clip_scor'",
+        ),
+        ({"eval.suite": "imagenet"}, "eval.suite: unknown suite 'imagenet'"),
+        ({"train.mix": [{"path": "byod", "weight": 2}]}, "train.mix adds data of your own: that is the byod track"),
+    ],
+)
 def test_bad_configs_name_the_file_and_the_field(tmp_path: Path, change: dict, message: str) -> None:
     path = write_config(tmp_path / "bad.yaml", change)
     error = error_of(path)
@@ -104,9 +142,13 @@ def test_not_yaml_and_missing_files_are_clear(tmp_path: Path) -> None:
 
 
 def test_cli_reports_a_bad_config_without_a_traceback_and_checks_a_good_one(tmp_path: Path) -> None:
-    bad = clipsift("run", str(write_config(tmp_path / "bad.yaml", {"train.scale": "huge"})), "--out", str(tmp_path / "run"))
+    bad = clipsift(
+        "run", str(write_config(tmp_path / "bad.yaml", {"train.scale": "huge"})), "--out", str(tmp_path / "run")
+    )
     _, stderr = bad.communicate(timeout=300)
-    assert bad.returncode == 2 and "bad.yaml: train.scale: unknown scale 'huge'" in stderr and "Traceback" not in stderr
+    assert (
+        bad.returncode == 2 and "bad.yaml: train.scale: unknown scale 'huge'" in stderr and "Traceback" not in stderr
+    )
     assert not (tmp_path / "run").exists()
     good = clipsift("run", "tiny", "--check")
     _, stderr = good.communicate(timeout=300)
@@ -115,17 +157,23 @@ def test_cli_reports_a_bad_config_without_a_traceback_and_checks_a_good_one(tmp_
     assert load_run_config("tiny")[0].sha256() in stderr
 
 
-def test_unset_environment_variables_stop_the_run_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unset_environment_variables_stop_the_run_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("DATACOMP_SMALL", raising=False)
     config, where = load_run_config("datacomp_small")
-    with pytest.raises(RunConfigError, match=r"not set \(pool.metadata: \$DATACOMP_SMALL; pool.shards: \$DATACOMP_SMALL"):
+    with pytest.raises(
+        RunConfigError, match=r"not set \(pool.metadata: \$DATACOMP_SMALL; pool.shards: \$DATACOMP_SMALL"
+    ):
         run_pipeline(config, tmp_path / "run", where=where)
     assert not (tmp_path / "run").exists()
 
 
 def test_until_must_name_a_stage_of_the_config(tmp_path: Path) -> None:
     config, where = load_run_config(str(write_config(tmp_path / "xs.yaml", BASIC)))
-    with pytest.raises(ClipsiftError, match=r"--until score: this config has no stage 'score' \(its stages: pool, filter, reshard"):
+    with pytest.raises(
+        ClipsiftError, match=r"--until score: this config has no stage 'score' \(its stages: pool, filter, reshard"
+    ):
         run_pipeline(config, tmp_path / "run", where=where, until="score")
     assert not (tmp_path / "run").exists()
 
@@ -134,7 +182,13 @@ def test_until_must_name_a_stage_of_the_config(tmp_path: Path) -> None:
 
 # xs.yaml without the filtering network (two xs trainings are too slow for the default suite; the slow test
 # and `clipsift demo --scale xs` in test_cli.py run the chain with it): the metadata-only basic recipe.
-BASIC = {"filternet": None, "score": None, "filter.recipe": "synth_basic", "filter.set": {}, "submit.method_name": "basic (xs)"}
+BASIC = {
+    "filternet": None,
+    "score": None,
+    "filter.recipe": "synth_basic",
+    "filter.set": {},
+    "submit.method_name": "basic (xs)",
+}
 EARLY = ("pool", "filter")
 
 
@@ -161,8 +215,15 @@ def xs_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     finally:
         _kill_group(first)
     killed = json.loads(stages_file.read_text())["stages"]
-    mtimes = {path: path.stat().st_mtime_ns for path in (run / "pool" / "pool.json", run / "subset.npy", run / "subset.json",
-                                                          *sorted((run / "pool").rglob("*.parquet")))}
+    mtimes = {
+        path: path.stat().st_mtime_ns
+        for path in (
+            run / "pool" / "pool.json",
+            run / "subset.npy",
+            run / "subset.json",
+            *sorted((run / "pool").rglob("*.parquet")),
+        )
+    }
     second = clipsift("run", str(config), "--out", str(run), "--workers", "2")
     try:
         _, stderr = second.communicate(timeout=900)
@@ -190,7 +251,7 @@ def test_a_killed_run_resumes_without_redoing_finished_stages(xs_run: dict) -> N
     for path, mtime in xs_run["mtimes"].items():
         assert path.stat().st_mtime_ns == mtime, f"{path} was rewritten"
     assert all(record["status"] == "complete" for record in stages.values())
-    table = xs_run["stderr"][xs_run["stderr"].rindex(": stages"):]
+    table = xs_run["stderr"][xs_run["stderr"].rindex(": stages") :]
     status = {line.split()[0]: line for line in table.splitlines()[2:]}
     for name in EARLY:
         assert "done earlier" in status[name], table
@@ -219,9 +280,13 @@ def check_chain(run: Path, method_name: str) -> dict:
     summary = json.loads((run / "train" / "eval" / "summary.json").read_text())
     assert summary["model"]["weights_sha256"] == stages["train"]["weights_sha256"]
     assert provenance["result"]["average"] == summary["suites"]["tiny"]["average"] == stages["eval"]["average"]
-    assert summary["suites"]["tiny"]["complete"] and stages["eval"]["summary_sha256"] == sha256(run / "train" / "eval" / "summary.json")
+    assert summary["suites"]["tiny"]["complete"] and stages["eval"]["summary_sha256"] == sha256(
+        run / "train" / "eval" / "summary.json"
+    )
     with sqlite3.connect(run / "leaderboard.db") as db:
-        table = next(row[0] for row in db.execute("select name from sqlite_master where type='table'") if "submission" in row[0])
+        table = next(
+            row[0] for row in db.execute("select name from sqlite_master where type='table'") if "submission" in row[0]
+        )
         rows = db.execute(f"select id, method_name from {table}").fetchall()
     assert rows == [(stages["submit"]["id"], method_name)]
     return provenance
@@ -237,15 +302,25 @@ def test_provenance_ties_the_score_to_pool_recipe_and_subset(xs_run: dict) -> No
 @e2e
 def test_a_changed_config_is_refused_naming_the_stage_and_field(xs_run: dict) -> None:
     before = {name: (xs_run["run"] / name).read_bytes() for name in (STAGES_FILE, "config.yaml")}
-    changed = write_config(xs_run["run"].parent / "changed.yaml", {**BASIC, "filter.set": {"fraction": 0.2}, "filter.recipe": "synth_clip_score",
-                                                                   "score": {"model": "clipsift-xs", "pretrained": "w.pt"}})
+    changed = write_config(
+        xs_run["run"].parent / "changed.yaml",
+        {
+            **BASIC,
+            "filter.set": {"fraction": 0.2},
+            "filter.recipe": "synth_clip_score",
+            "score": {"model": "clipsift-xs", "pretrained": "w.pt"},
+        },
+    )
     with pytest.raises(RunConfigError) as caught:
         run_pipeline(load_run_config(str(changed))[0], xs_run["run"])
     message = str(caught.value)
     assert "stage filter was completed with other settings than the config has now" in message
     assert "recipe: 'synth_basic' -> 'synth_clip_score'" in message and "set.fraction: (unset) -> 0.2" in message
     scale = write_config(xs_run["run"].parent / "scale.yaml", {**BASIC, "train.scale": "tiny"})
-    with pytest.raises(RunConfigError, match=r"stage train was completed with other settings than the config has now \(scale: 'xs' -> 'tiny'\)"):
+    with pytest.raises(
+        RunConfigError,
+        match=r"stage train was completed with other settings than the config has now \(scale: 'xs' -> 'tiny'\)",
+    ):
         run_pipeline(load_run_config(str(scale))[0], xs_run["run"])
     assert {name: (xs_run["run"] / name).read_bytes() for name in before} == before
 
@@ -277,9 +352,15 @@ def test_the_xs_chain_with_a_filtering_network(tmp_path: Path) -> None:
     provenance = check_chain(run, "clip score top 30% (filtering network, xs)")
     stages = provenance["stages"]
     assert stages["reference"]["pool_json_sha256"] == sha256(run / "reference" / "pool.json")
-    assert stages["filternet"]["weights_sha256"] == sha256(stages["filternet"]["checkpoint"]) == stages["score"]["weights_sha256"]
+    assert (
+        stages["filternet"]["weights_sha256"]
+        == sha256(stages["filternet"]["checkpoint"])
+        == stages["score"]["weights_sha256"]
+    )
     assert stages["score"]["model_id"] == f"clipsift-xs__{stages['filternet']['weights_sha256'][:12]}"
-    assert stages["filter"]["recipe"]["steps"] == [{"clip_score": {"model_id": stages["score"]["model_id"], "fraction": 0.3}}]
+    assert stages["filter"]["recipe"]["steps"] == [
+        {"clip_score": {"model_id": stages["score"]["model_id"], "fraction": 0.3}}
+    ]
     assert abs(stages["filter"]["num_uids"] - 0.3 * 4096) <= 2
 
 

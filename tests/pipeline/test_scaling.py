@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_filters import build_pool
 from typer.testing import CliRunner
 
 from clipsift import ClipsiftError
@@ -21,13 +22,19 @@ from clipsift.filters.recipe import apply_recipe, load_recipe
 from clipsift.pipeline.reshard import read_manifest, reshard
 from clipsift.pipeline.scaling import fit_power_law, scaling_analysis
 from clipsift.train.recipe import load_recipe as load_scale
-from test_filters import build_pool
 
 SEEN = {scale: load_scale(scale).samples_seen for scale in ("xs", "tiny", "small", "medium")}
 # (recipe, scale, suite average): A at three scales, B at two with two seeds at xs, C at two
-RUNS = [("A", "xs", 0.30), ("A", "tiny", 0.40), ("A", "small", 0.52),
-        ("B", "xs", 0.26), ("B", "xs", 0.30), ("B", "tiny", 0.38),
-        ("C", "xs", 0.29), ("C", "tiny", 0.37)]
+RUNS = [
+    ("A", "xs", 0.30),
+    ("A", "tiny", 0.40),
+    ("A", "small", 0.52),
+    ("B", "xs", 0.26),
+    ("B", "xs", 0.30),
+    ("B", "tiny", 0.38),
+    ("C", "xs", 0.29),
+    ("C", "tiny", 0.37),
+]
 
 
 def write_run(root: Path, name: str, shards: Path, scale: str, average: float, complete: bool = True) -> Path:
@@ -35,14 +42,32 @@ def write_run(root: Path, name: str, shards: Path, scale: str, average: float, c
     run = root / name
     (run / "eval").mkdir(parents=True)
     manifest = read_manifest(str(shards))
-    (run / "run.json").write_text(json.dumps({
-        "scale": scale, "recipe": load_scale(scale).to_dict(), "status": "complete", "samples_seen": SEEN[scale], "seed": 0,
-        "data": [{"path": str(shards), "weight": 1.0, "num_shards": manifest["num_shards"], "manifest": manifest,
-                  "subset_sha256": manifest["subset_sha256"]}]}))
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "scale": scale,
+                "recipe": load_scale(scale).to_dict(),
+                "status": "complete",
+                "samples_seen": SEEN[scale],
+                "seed": 0,
+                "data": [
+                    {
+                        "path": str(shards),
+                        "weight": 1.0,
+                        "num_shards": manifest["num_shards"],
+                        "manifest": manifest,
+                        "subset_sha256": manifest["subset_sha256"],
+                    }
+                ],
+            }
+        )
+    )
     suite = load_suite("tiny")
     tasks = suite.scored if complete else suite.scored[1:]
     results = {task.key: {"value": average} for task in tasks}
-    (run / "eval" / "summary.json").write_text(json.dumps(summary({"arch": "clipsift-xs"}, {"tiny": suite_summary(suite, results)})))
+    (run / "eval" / "summary.json").write_text(
+        json.dumps(summary({"arch": "clipsift-xs"}, {"tiny": suite_summary(suite, results)}))
+    )
     return run
 
 
@@ -57,8 +82,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         apply_recipe(pool.url, load_recipe(str(root / f"{recipe}.yaml")), str(root / f"{recipe}.npy"), workers=1)
         shards[recipe] = root / f"{recipe}-shards"
         reshard(pool.url, str(root / f"{recipe}.npy"), str(shards[recipe]), workers=1)
-    return [write_run(root / "runs", f"{recipe}-{scale}-{i}", shards[recipe], scale, average)
-            for i, (recipe, scale, average) in enumerate(RUNS)]
+    return [
+        write_run(root / "runs", f"{recipe}-{scale}-{i}", shards[recipe], scale, average)
+        for i, (recipe, scale, average) in enumerate(RUNS)
+    ]
 
 
 def test_fits_predictions_and_rank_correlation_by_hand(runs: list[Path]) -> None:
@@ -84,7 +111,9 @@ def test_fits_predictions_and_rank_correlation_by_hand(runs: list[Path]) -> None
     a_fit = result.fits["A"]
     assert not a_fit.exact and (a_fit.b, math.log(a_fit.a)) == (pytest.approx(slope), pytest.approx(intercept))
     assert a_fit.r2 == pytest.approx(1 - residual / ((y - y.mean()) ** 2).sum()) and 0.9 < a_fit.r2 < 1
-    assert a_fit.next_scale == "medium" and a_fit.predicted == pytest.approx(1 - math.exp(intercept + slope * math.log(SEEN["medium"])))
+    assert a_fit.next_scale == "medium" and a_fit.predicted == pytest.approx(
+        1 - math.exp(intercept + slope * math.log(SEEN["medium"]))
+    )
 
     # ranks at xs: A .30 > C .29 > B .28; at tiny: A .40 > B .38 > C .37 -> d = (0, 1, 1): rho = 1 - 6*2 / (3*(9-1)) = 0.5
     assert result.rank_correlations["xs", "tiny"] == (pytest.approx(0.5), 3)
@@ -93,7 +122,7 @@ def test_fits_predictions_and_rank_correlation_by_hand(runs: list[Path]) -> None
 
 def test_power_law_fit_recovers_a_known_curve() -> None:
     samples = [1e4, 1e5, 1e6, 1e7]
-    a, b, r2 = fit_power_law(samples, [3.0 * n ** -0.2 for n in samples])
+    a, b, r2 = fit_power_law(samples, [3.0 * n**-0.2 for n in samples])
     assert (a, b, r2) == (pytest.approx(3.0), pytest.approx(-0.2), pytest.approx(1.0))
 
 
@@ -105,7 +134,10 @@ def test_cli_writes_the_page_and_refuses_unfinished_runs(runs: list[Path], tmp_p
     assert result.exit_code == 0, result.output
     assert "exact, 2 scales" in result.output and "Spearman xs vs tiny" in result.output
     page = out.read_text()
-    assert re.search(r'data-recipe="B" data-a="[^"]+" data-b="-0\.0\d+"', page) and 'data-scales="xs,tiny" data-rho="0.5' in page
+    assert (
+        re.search(r'data-recipe="B" data-a="[^"]+" data-b="-0\.0\d+"', page)
+        and 'data-scales="xs,tiny" data-rho="0.5' in page
+    )
     plot = re.search(r'id="scaling-plot" [^>]*src="data:image/png;base64,([^"]+)"', page).group(1)
     assert Image.open(io.BytesIO(base64.b64decode(plot))).size[0] > 500
 

@@ -29,10 +29,15 @@ def _benchmark():
 @pytest.mark.timeout(7200)
 def test_clip_score_filtering_beats_no_filter_and_random_at_xs(tmp_path: Path) -> None:
     bench = _benchmark()
-    outcomes = {o.recipe: o for o in bench.run_benchmark(tmp_path, "xs", ["no_filter", "random_30", "clip_score_30"], [0, 1], "tiny")}
+    outcomes = {
+        o.recipe: o
+        for o in bench.run_benchmark(tmp_path, "xs", ["no_filter", "random_30", "clip_score_30"], [0, 1], "tiny")
+    }
     print("\n" + bench.table(list(outcomes.values())))
     best, others = outcomes["clip_score_30"], [outcomes["no_filter"], outcomes["random_30"]]
     assert best.precision > max(o.precision for o in others) + 0.1  # the network finds the clean samples
     margin = 0.01 + max(o.spread for o in outcomes.values())
     for other in others:
-        assert best.mean > other.mean + margin, f"clip_score_30 {best.mean:.4f} vs {other.recipe} {other.mean:.4f} (margin {margin:.4f})"
+        assert best.mean > other.mean + margin, (
+            f"clip_score_30 {best.mean:.4f} vs {other.recipe} {other.mean:.4f} (margin {margin:.4f})"
+        )

@@ -6,8 +6,8 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -19,6 +19,7 @@ from clipsift.pipeline.pool import Pool
 from clipsift.pipeline.score import ScoreSettings, score_models, score_pool
 from clipsift.pipeline.synth import synth_pool
 from clipsift.train.models import register_model_configs
+
 from conftest import rewrite_tar
 
 ARCH = "clipsift-xs"
@@ -105,12 +106,18 @@ def test_rerun_scores_only_missing_shards(pool: Pool, checkpoint: Path) -> None:
 
 def test_undecodable_image_keeps_its_row_with_a_status(pool: Pool, checkpoint: Path) -> None:
     key = pool.metadata("00000002").column("key")[5].as_py()
-    rewrite_tar(Path(pool.tar_path("00000002")), lambda name, data: b"\xff\xd8broken" if name == f"{key}.jpg" else data)
+    rewrite_tar(
+        Path(pool.tar_path("00000002")), lambda name, data: b"\xff\xd8broken" if name == f"{key}.jpg" else data
+    )
     result = score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(workers=1))
     assert (result.pairs, result.failed) == (96, 1)
     rows = pool.embeddings(result.model_id, "00000002").to_pylist()
     assert len(rows) == 32
-    assert rows[5]["status"].startswith("undecodable image") and rows[5]["image_emb"] is None and rows[5]["clip_score"] is None
+    assert (
+        rows[5]["status"].startswith("undecodable image")
+        and rows[5]["image_emb"] is None
+        and rows[5]["clip_score"] is None
+    )
     assert all(r["status"] == "ok" and r["image_emb"] is not None for i, r in enumerate(rows) if i != 5)
 
 
@@ -125,7 +132,9 @@ def test_unloadable_models_fail_before_any_work(pool: Pool, checkpoint: Path, tm
     if not torch.cuda.is_available():
         with pytest.raises(ClipsiftError, match="fp16 needs a GPU"):
             score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(precision="fp16", workers=1))
-    assert not (Path(pool.root) / "embeddings").exists() or not list((Path(pool.root) / "embeddings").rglob("*.parquet"))
+    assert not (Path(pool.root) / "embeddings").exists() or not list(
+        (Path(pool.root) / "embeddings").rglob("*.parquet")
+    )
 
 
 def test_several_models_in_one_read_equal_single_model_runs(pool: Pool, checkpoint: Path, tmp_path: Path) -> None:
@@ -141,7 +150,9 @@ def test_several_models_in_one_read_equal_single_model_runs(pool: Pool, checkpoi
         assert (manifest["model"]["model_id"], manifest["rows"], manifest["shards"]) == (result.model_id, 96, 3)
 
     single = tmp_path / "single"
-    synth_pool(str(single), num_samples=96, shard_size=32, workers=1)  # the same pool again (the generator is deterministic)
+    synth_pool(
+        str(single), num_samples=96, shard_size=32, workers=1
+    )  # the same pool again (the generator is deterministic)
     alone = score_pool(str(single), ARCH, str(checkpoint), ScoreSettings(batch_size=40, workers=1, precision="fp32"))
     assert alone.model_id == xs_result.model_id
     for shard in pool.shard_ids():
@@ -153,8 +164,12 @@ def test_several_models_in_one_read_equal_single_model_runs(pool: Pool, checkpoi
     (folder / xs_result.model_id / "00000001.parquet").unlink()
     (folder / tiny_result.model_id / "00000002.parquet").unlink()
     written: list[tuple[str, str]] = []
-    again = score_models(pool.url, models, ScoreSettings(batch_size=40, workers=1, precision="fp32"),
-                         on_shard_written=lambda m, s: written.append((m, s)))
+    again = score_models(
+        pool.url,
+        models,
+        ScoreSettings(batch_size=40, workers=1, precision="fp32"),
+        on_shard_written=lambda m, s: written.append((m, s)),
+    )
     assert sorted(written) == sorted([(xs_result.model_id, "00000001"), (tiny_result.model_id, "00000002")])
     assert [(r.shards_scored, r.shards_skipped) for r in again] == [(1, 2), (1, 2)]
     assert {p: p.read_bytes() for p in folder.rglob("*.parquet")} == before  # same bytes recomputed, others untouched
@@ -171,13 +186,20 @@ def test_prepared_pixels_equal_open_clips_transform() -> None:
     for transform_size, interpolation in [(32, "bicubic"), (24, "bilinear")]:
         preprocess = open_clip.image_transform(transform_size, is_train=False, interpolation=interpolation)
         head = Compose(preprocess.transforms[:-1])  # all but Normalize: resize, crop, RGB, to [0, 1]
-        key = (("size", (transform_size, transform_size)), ("interpolation", interpolation), ("resize_mode", "shortest"), ("fill_color", 0))
+        key = (
+            ("size", (transform_size, transform_size)),
+            ("interpolation", interpolation),
+            ("resize_mode", "shortest"),
+            ("fill_color", 0),
+        )
         for (width, height), mode in zip(shapes, ["RGB", "RGB", "L", "RGBA", "RGB", "P", "RGB", "CMYK", "LA", "RGB"]):
             image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
             want = (head(image) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             got = _to_pixels(key)(image)
             assert got.dtype == np.uint8 and got.shape == (transform_size, transform_size, 3)
-            np.testing.assert_array_equal(got, want, err_msg=f"{width}x{height} {mode} -> {transform_size} {interpolation}")
+            np.testing.assert_array_equal(
+                got, want, err_msg=f"{width}x{height} {mode} -> {transform_size} {interpolation}"
+            )
 
 
 def png_bytes(seed: int, mode: str = "RGB", size: tuple[int, int] = (40, 30)) -> bytes:
@@ -185,7 +207,11 @@ def png_bytes(seed: int, mode: str = "RGB", size: tuple[int, int] = (40, 30)) ->
     rng = np.random.default_rng(seed)
     image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     if mode == "RGBA":
-        image.putalpha(Image.fromarray(np.where(np.arange(size[1])[:, None] < size[1] // 2, 0, 255).repeat(size[0], 1).astype(np.uint8)))
+        image.putalpha(
+            Image.fromarray(
+                np.where(np.arange(size[1])[:, None] < size[1] // 2, 0, 255).repeat(size[0], 1).astype(np.uint8)
+            )
+        )
     elif mode == "P":
         image = image.quantize(16)
     buffer = io.BytesIO()
@@ -200,15 +226,21 @@ def test_decoding_on_the_device_matches_decoding_on_cpu(pool: Pool, checkpoint: 
     short fail in both (whatever the device's decoder would make of them)."""
     keys = pool.metadata("00000001").column("key").to_pylist()
     edits: dict[str, Callable[[bytes], bytes]] = {
-        f"{keys[3]}.jpg": lambda _: png_bytes(3), f"{keys[4]}.jpg": lambda _: png_bytes(4, "RGBA"),
-        f"{keys[5]}.jpg": lambda _: png_bytes(5, "P"), f"{keys[7]}.jpg": lambda _: b"\xff\xd8\xff\xe0broken",
-        f"{keys[8]}.jpg": lambda data: data[:len(data) // 2], f"{keys[9]}.jpg": lambda data: data + b"\0trailer"}
+        f"{keys[3]}.jpg": lambda _: png_bytes(3),
+        f"{keys[4]}.jpg": lambda _: png_bytes(4, "RGBA"),
+        f"{keys[5]}.jpg": lambda _: png_bytes(5, "P"),
+        f"{keys[7]}.jpg": lambda _: b"\xff\xd8\xff\xe0broken",
+        f"{keys[8]}.jpg": lambda data: data[: len(data) // 2],
+        f"{keys[9]}.jpg": lambda data: data + b"\0trailer",
+    }
     rewrite_tar(Path(pool.tar_path("00000001")), lambda name, data: edits[name](data) if name in edits else data)
     # model batches of 8: four per block, so on a GPU the decoder runs while earlier batches' kernels are queued
     on_cpu = score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(batch_size=8, workers=1, precision="fp32"))
     cpu_tables = {s: pool.embeddings(on_cpu.model_id, s) for s in pool.shard_ids()}
     shutil.rmtree(Path(pool.root) / "embeddings")
-    on_device = score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(batch_size=8, workers=1, decode="device", precision="fp32"))
+    on_device = score_pool(
+        pool.url, ARCH, str(checkpoint), ScoreSettings(batch_size=8, workers=1, decode="device", precision="fp32")
+    )
     assert (on_device.pairs, on_device.failed) == (on_cpu.pairs, on_cpu.failed) == (96, 2)
     for shard, cpu_table in cpu_tables.items():
         table = pool.embeddings(on_device.model_id, shard)
@@ -236,12 +268,25 @@ def test_device_resize_matches_pil_within_one_level() -> None:
     rng = np.random.default_rng(5)
     for width, height in [(64, 43), (43, 64), (300, 200), (32, 32), (31, 90), (500, 7)]:
         base = rng.integers(0, 256, (height // 4 + 1, width // 4 + 1, 3), dtype=np.uint8)
-        image = Image.fromarray(base).resize((width, height), Image.Resampling.BILINEAR)  # photo-like: smooth with edges
-        for side, mode, resample in [(32, "bicubic", Image.Resampling.BICUBIC), (24, "bilinear", Image.Resampling.BILINEAR)]:
+        image = Image.fromarray(base).resize(
+            (width, height), Image.Resampling.BILINEAR
+        )  # photo-like: smooth with edges
+        for side, mode, resample in [
+            (32, "bicubic", Image.Resampling.BICUBIC),
+            (24, "bilinear", Image.Resampling.BILINEAR),
+        ]:
             want = _shortest_side_crop(image, side, resample).astype(int)
-            got = _resize_and_crop_tensor(torch.from_numpy(np.array(image)).permute(2, 0, 1), side, mode).permute(1, 2, 0).numpy()
+            got = (
+                _resize_and_crop_tensor(torch.from_numpy(np.array(image)).permute(2, 0, 1), side, mode)
+                .permute(1, 2, 0)
+                .numpy()
+            )
             assert got.shape == want.shape == (side, side, 3)
-            assert np.abs(got.astype(int) - want).max() <= 1 and np.abs(got.astype(int) - want).mean() < 0.5, (width, height, mode)
+            assert np.abs(got.astype(int) - want).max() <= 1 and np.abs(got.astype(int) - want).mean() < 0.5, (
+                width,
+                height,
+                mode,
+            )
 
 
 def test_device_decode_refuses_transforms_it_cannot_run(pool: Pool, checkpoint: Path) -> None:
@@ -252,7 +297,9 @@ def test_device_decode_refuses_transforms_it_cannot_run(pool: Pool, checkpoint: 
     squash = (("size", (32, 32)), ("interpolation", "bicubic"), ("resize_mode", "squash"), ("fill_color", 0))
     with pytest.raises(ClipsiftError, match="--decode device runs open_clip's default eval transform only"):
         _device_transform(squash)
-    assert _device_transform((("size", 224), ("interpolation", "bilinear"), ("resize_mode", "shortest"), ("fill_color", 0))) == (224, "bilinear")
+    assert _device_transform(
+        (("size", 224), ("interpolation", "bilinear"), ("resize_mode", "shortest"), ("fill_color", 0))
+    ) == (224, "bilinear")
 
 
 def test_gpu_model_actors_embed_two_blocks_side_by_side() -> None:
@@ -274,14 +321,21 @@ def test_gpu_model_actors_embed_two_blocks_side_by_side() -> None:
             started = time.monotonic()
             time.sleep(0.5)
             n = len(batch["id"])
-            return {"id": batch["id"], "start": np.full(n, started), "end": np.full(n, time.monotonic()),
-                    "pid": np.full(n, os.getpid()), "thread": np.full(n, threading.get_ident())}
+            return {
+                "id": batch["id"],
+                "start": np.full(n, started),
+                "end": np.full(n, time.monotonic()),
+                "pid": np.full(n, os.getpid()),
+                "thread": np.full(n, threading.get_ident()),
+            }
 
     ensure_ray()
     for on_gpu, side_by_side in ((True, GPU_CALLS_PER_ACTOR), (False, 1)):
-        rows = (ray.data.range(6, override_num_blocks=6)
-                .map_batches(Probe, batch_size=None, batch_format="numpy", compute=_actor_strategy(1, on_gpu=on_gpu))
-                .take_all())
+        rows = (
+            ray.data.range(6, override_num_blocks=6)
+            .map_batches(Probe, batch_size=None, batch_format="numpy", compute=_actor_strategy(1, on_gpu=on_gpu))
+            .take_all()
+        )
         assert sorted(r["id"] for r in rows) == list(range(6)) and len({r["pid"] for r in rows}) == 1
         calls = {(r["start"], r["end"], r["thread"]) for r in rows}
         most = max(sum(start <= moment < end for start, end, _ in calls) for moment, _, _ in calls)
@@ -295,11 +349,18 @@ def test_embeddings_outside_the_pool_through_the_cli(pool: Pool, checkpoint: Pat
     from conftest import clipsift
 
     out = tmp_path / "elsewhere"
-    scored = clipsift("score", pool.url, "--model", ARCH, "--pretrained", str(checkpoint), "--workers", "1", "--out", str(out))
+    scored = clipsift(
+        "score", pool.url, "--model", ARCH, "--pretrained", str(checkpoint), "--workers", "1", "--out", str(out)
+    )
     assert scored.returncode == 0, scored.stderr
     model_id = next(p.name for p in out.iterdir())
     assert not (Path(pool.root) / "embeddings").exists()
-    assert sorted(p.name for p in (out / model_id).iterdir()) == ["00000000.parquet", "00000001.parquet", "00000002.parquet", "manifest.json"]
+    assert sorted(p.name for p in (out / model_id).iterdir()) == [
+        "00000000.parquet",
+        "00000001.parquet",
+        "00000002.parquet",
+        "manifest.json",
+    ]
     manifest = json.loads((out / model_id / "manifest.json").read_text())
     assert (manifest["pool"], manifest["rows"]) == (pool.url, 96)
     assert f"{out}/{model_id}" in scored.stderr
@@ -312,7 +373,16 @@ def test_embeddings_outside_the_pool_through_the_cli(pool: Pool, checkpoint: Pat
         score_pool(str(other), ARCH, str(checkpoint), ScoreSettings(workers=1), out=str(out))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
-    recipe = ["--recipe", "synth_clip_score", "--set", f"model_id={model_id}", "--set", "fraction=0.5", "--workers", "1"]
+    recipe = [
+        "--recipe",
+        "synth_clip_score",
+        "--set",
+        f"model_id={model_id}",
+        "--set",
+        "fraction=0.5",
+        "--workers",
+        "1",
+    ]
     lost = clipsift("filter", pool.url, *recipe, "--out", str(tmp_path / "lost.npy"))
     assert lost.returncode == 2 and f"embeddings/{model_id} does not exist" in lost.stderr
     found = clipsift("filter", pool.url, *recipe, "--embeddings", str(out), "--out", str(tmp_path / "outside.npy"))
@@ -329,4 +399,6 @@ def test_embeddings_outside_the_pool_through_the_cli(pool: Pool, checkpoint: Pat
     moved = ["report", str(tmp_path / "outside.npy"), "--out", str(tmp_path / "again.html")]
     assert clipsift(*moved).returncode == 2  # the folder subset.json names is gone
     assert clipsift(*moved, "--embeddings", str(Path(pool.root) / "embeddings")).returncode == 0
-    assert Pool(pool.url, embeddings="some/where/").embeddings_url == os.path.abspath("some/where")  # named from anywhere
+    assert Pool(pool.url, embeddings="some/where/").embeddings_url == os.path.abspath(
+        "some/where"
+    )  # named from anywhere

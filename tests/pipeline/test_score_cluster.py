@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+from test_score import ARCH, save_checkpoint
 
 from clipsift.pipeline.pool import Pool
 from clipsift.pipeline.score import ScoreSettings, score_pool
 from clipsift.pipeline.synth import synth_pool
-from test_score import ARCH, save_checkpoint
 
 
 @pytest.fixture
@@ -39,7 +39,14 @@ def test_losing_a_node_mid_run_scores_every_uid_once(cluster: Cluster, tmp_path:
             cluster.remove_node(doomed)  # the only worker node: its running tasks and the model actor die with it
             cluster.add_node(num_cpus=2)
 
-    result = score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(batch_size=10, workers=1), address=cluster.address, on_shard_written=kill_node_after_first_shard)
+    result = score_pool(
+        pool.url,
+        ARCH,
+        str(checkpoint),
+        ScoreSettings(batch_size=10, workers=1),
+        address=cluster.address,
+        on_shard_written=kill_node_after_first_shard,
+    )
     assert len(events) == 8 and sorted(events) == pool.shard_ids()  # each shard written once
     assert (result.pairs, result.failed) == (160, 0)
     for shard in pool.shard_ids():

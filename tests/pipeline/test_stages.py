@@ -25,8 +25,14 @@ from clipsift.stage import Check, Outputs, Stage, StageOutput, sha256_of
 
 
 def config_for(where: Path, **sections: Any) -> dict[str, Any]:
-    return {"name": "protocol", "pool": {"kind": "existing", "path": str(where)}, "filter": {"recipe": "no_filter"},
-            "train": {"scale": "xs"}, "eval": {"suite": "tiny"}, **sections}
+    return {
+        "name": "protocol",
+        "pool": {"kind": "existing", "path": str(where)},
+        "filter": {"recipe": "no_filter"},
+        "train": {"scale": "xs"},
+        "eval": {"suite": "tiny"},
+        **sections,
+    }
 
 
 class CountSettings(Section):
@@ -70,8 +76,9 @@ class CountStage(Stage[CountOutput]):
         return [Check(f"count: sha256 of {out.path}", out.sha256, sha256_of(out.path))]
 
 
-def test_a_new_stage_is_one_class_in_the_runners_list(small_pool: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_new_stage_is_one_class_in_the_runners_list(
+    small_pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(run_module, "STAGES", [PoolStage, CountStage])
     config = validate_run_config(config_for(small_pool), "protocol.yaml", None)
     assert stage_names(config) == ["pool", "count"]
@@ -81,29 +88,44 @@ def test_a_new_stage_is_one_class_in_the_runners_list(small_pool: Path, tmp_path
     assert [t.status for t in first.times] == ["ran", "ran"] and first.times[1].detail == "10 rows"
     book = json.loads((tmp_path / "run" / "run-stages.json").read_text())["stages"]["count"]
     assert book["settings"] == {"label": "rows"} and book["inputs"] == {"pool": sha256_of(small_pool / "pool.json")}
-    assert {"check": f"count: sha256 of {tmp_path / 'run' / 'count.json'}", "ok": True}.items() <= \
-        first.provenance["checks"][-1].items()
+    assert {"check": f"count: sha256 of {tmp_path / 'run' / 'count.json'}", "ok": True}.items() <= first.provenance[
+        "checks"
+    ][-1].items()
 
     again = run_pipeline(config, tmp_path / "run", workers=1)  # done: its typed output comes back from the book
     assert CountStage.runs == 1 and [t.status for t in again.times] == ["done earlier", "done earlier"]
     assert again.outputs[CountStage] == first.outputs[CountStage]
 
     changed = validate_run_config(config_for(small_pool, description="samples"), "protocol.yaml", None)
-    with pytest.raises(RunConfigError, match=r"stage count was completed with other settings .*label: 'rows' -> 'samples'"):
+    with pytest.raises(
+        RunConfigError, match=r"stage count was completed with other settings .*label: 'rows' -> 'samples'"
+    ):
         run_pipeline(changed, tmp_path / "run", workers=1)
 
 
 def test_the_shipped_stages_run_in_the_documented_order() -> None:
-    assert [s.name for s in STAGES] == ["pool", "reference", "filternet", "score", "filter", "reshard", "train", "eval",
-                                        "submit"]
+    assert [s.name for s in STAGES] == [
+        "pool",
+        "reference",
+        "filternet",
+        "score",
+        "filter",
+        "reshard",
+        "train",
+        "eval",
+        "submit",
+    ]
     assert len({s.output for s in STAGES}) == len(STAGES) - 1  # the reference set is a pool: the same output type
 
 
 def test_the_pool_sources_are_registered_in_one_place() -> None:
     assert kinds(POOL) == ("synth", "import", "download", "from-datacomp", "existing")
     assert kinds(REFERENCE) == ("synth", "import", "existing")
-    with pytest.raises(RunConfigError, match=r"pool: unknown kind 'ftp'; choose one of synth, import, download, "
-                                             r"from-datacomp, existing"):
+    with pytest.raises(
+        RunConfigError,
+        match=r"pool: unknown kind 'ftp'; choose one of synth, import, download, "
+        r"from-datacomp, existing",
+    ):
         validate_run_config({**config_for(Path("x")), "pool": {"kind": "ftp"}}, "protocol.yaml", None)
 
 
@@ -138,8 +160,12 @@ NEW_SOURCE = textwrap.dedent('''
 
 def test_a_new_pool_source_is_one_registered_class(small_pool: Path, tmp_path: Path) -> None:
     config = config_for(small_pool, pool={"kind": "copy", "of": str(small_pool)})
-    done = subprocess.run([sys.executable, "-c", NEW_SOURCE, json.dumps(config), str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", NEW_SOURCE, json.dumps(config), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     pool = json.loads(done.stdout.strip().splitlines()[-1])
     assert pool["kind"] == "copy" and pool["num_samples"] == 10 and pool["path"] == str(tmp_path / "run" / "pool")

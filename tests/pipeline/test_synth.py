@@ -68,7 +68,9 @@ def test_clean_captions_name_what_was_drawn(synth) -> None:
     assert len(clean) > 0.22 * len(truth)  # 28% of the pool
     for uid in clean:
         row, text = truth[uid], samples[uid].text.lower()
-        shape_words = f"{row['shape']}|{world.SHAPE_PLURALS[row['shape']]}"  # icon/clipart captions say "star" for any count
+        shape_words = (
+            f"{row['shape']}|{world.SHAPE_PLURALS[row['shape']]}"  # icon/clipart captions say "star" for any count
+        )
         assert re.search(rf"\b({shape_words})\b", text), (row, text)
         assert re.search(rf"\b{row['colour']}\b", text), (row, text)
         wrong_counts = [w for i, w in enumerate(world.COUNT_WORDS) if i + 1 != row["count"] and i > 0]
@@ -84,7 +86,9 @@ def test_clean_images_show_the_drawn_colour(synth) -> None:
     shares = {}
     for uid in clean:
         pixels = decode(samples[uid])
-        shares[uid] = {c: float((np.abs(pixels - np.array(world.COLOURS[c])).max(axis=-1) < 60).mean()) for c in tested}
+        shares[uid] = {
+            c: float((np.abs(pixels - np.array(world.COLOURS[c])).max(axis=-1) < 60).mean()) for c in tested
+        }
     visible = [shares[u][truth[u]["colour"]] > 0.002 for u in clean if truth[u]["colour"] in tested]
     assert np.mean(visible) > 0.97  # JPEG's chroma subsampling can wash out a few thin small rings
     for colour in tested:
@@ -118,7 +122,10 @@ def test_crawl_sizes_mark_small_and_extreme_images(synth) -> None:
     samples = samples_by_uid(pool)
     for uid, row in truth.items():
         s = samples[uid]
-        short, ratio = min(s.original_width, s.original_height), max(s.original_width, s.original_height) / min(s.original_width, s.original_height)
+        short, ratio = (
+            min(s.original_width, s.original_height),
+            max(s.original_width, s.original_height) / min(s.original_width, s.original_height),
+        )
         if row["detail"] == "too_small":
             assert short < 200
         elif row["detail"] == "extreme_aspect":
@@ -126,7 +133,9 @@ def test_crawl_sizes_mark_small_and_extreme_images(synth) -> None:
         elif row["kind"] == "clean":
             assert short >= 200 and ratio <= 3
         width, height = Image.open(io.BytesIO(s.image)).size
-        assert abs(width / height - s.original_width / s.original_height) < 0.2 * ratio  # stored image keeps the aspect
+        assert (
+            abs(width / height - s.original_width / s.original_height) < 0.2 * ratio
+        )  # stored image keeps the aspect
 
 
 def test_blank_noise_and_near_duplicates(synth) -> None:
@@ -141,7 +150,9 @@ def test_blank_noise_and_near_duplicates(synth) -> None:
             assert source["kind"] == "clean" and source["shape"] == row["shape"]
             a, b = decode(samples[uid]), decode(samples[row["duplicate_of"]])
             assert samples[uid].image != samples[row["duplicate_of"]].image
-            small = lambda x: np.asarray(Image.fromarray(x.astype(np.uint8)).resize((8, 8), Image.BOX), dtype=np.float32)  # noqa: E731
+            small = lambda x: np.asarray(
+                Image.fromarray(x.astype(np.uint8)).resize((8, 8), Image.BOX), dtype=np.float32
+            )  # noqa: E731
             assert np.abs(small(a) - small(b)).mean() < 30
 
 

@@ -36,7 +36,9 @@ def test_the_network_trains_on_every_reference_sample_and_scores_pools(trained) 
 def test_a_finished_network_is_reused_and_a_different_one_refused(trained) -> None:
     root, result = trained
     stamp = result.checkpoint.stat().st_mtime_ns
-    outcome = CliRunner().invoke(app, ["filternet", "train", "--reference", str(root / "reference"), "--out", str(root / "net")])
+    outcome = CliRunner().invoke(
+        app, ["filternet", "train", "--reference", str(root / "reference"), "--out", str(root / "net")]
+    )
     assert outcome.exit_code == 0, outcome.output
     assert result.model_id in outcome.output and "clipsift score POOL --model clipsift-xs" in outcome.output
     assert result.checkpoint.stat().st_mtime_ns == stamp  # nothing retrained

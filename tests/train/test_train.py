@@ -8,13 +8,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
+
+from clipsift import ClipsiftError
 from clipsift.filters.subset import encode_uids, sort_subset, write_subset
 from clipsift.pipeline.pool import Pool, Sample, derive_uid, write_shard
 from clipsift.pipeline.reshard import read_manifest, reshard
@@ -28,9 +29,8 @@ from clipsift.train.launch import (
     train,
 )
 from clipsift.train.recipe import SCALES, load_recipe, plan_batches
-from conftest import clipsift_started, image_bytes
 
-from clipsift import ClipsiftError
+from conftest import clipsift_started, image_bytes
 
 
 def test_datacomp_scales_keep_their_numbers() -> None:
@@ -42,7 +42,15 @@ def test_datacomp_scales_keep_their_numbers() -> None:
     }
     for scale, (model, seen, batch, lr, warmup, beta2, precision) in expected.items():
         r = load_recipe(scale)
-        assert (r.model, r.samples_seen, r.global_batch, r.lr, r.warmup, r.beta2, r.precision) == (model, seen, batch, lr, warmup, beta2, precision)
+        assert (r.model, r.samples_seen, r.global_batch, r.lr, r.warmup, r.beta2, r.precision) == (
+            model,
+            seen,
+            batch,
+            lr,
+            warmup,
+            beta2,
+            precision,
+        )
         assert (r.beta1, r.eps, r.weight_decay, r.epochs) == (0.9, 1e-6, 0.2, 5)
         assert r.dataset_resampled and r.local_loss and r.gather_with_grad and r.grad_checkpointing
         assert r.pool_size == r.samples_seen
@@ -74,17 +82,31 @@ def test_a_device_count_that_cannot_keep_the_batch_is_refused() -> None:
 
 def test_open_clip_args_carry_the_recipe_and_mixing_weights(tmp_path: Path) -> None:
     recipe = load_recipe("small")
-    sources = [DataSource("/a", [f"/a/shards/{i:08d}.tar" for i in range(3)], 1.0),
-               DataSource("/b", ["/b/shards/00000000.tar", "/b/shards/00000001.tar"], 2.0)]
+    sources = [
+        DataSource("/a", [f"/a/shards/{i:08d}.tar" for i in range(3)], 1.0),
+        DataSource("/b", ["/b/shards/00000000.tar", "/b/shards/00000001.tar"], 2.0),
+    ]
     args = open_clip_args(recipe, sources, tmp_path / "run", plan_batches(4096, 2, 512), Infra(devices=2), "cuda")
     value = lambda flag: args[args.index(flag) + 1]  # noqa: E731
     assert value("--train-data") == "/a/shards/{00000000..00000002}.tar::/b/shards/{00000000..00000001}.tar"
     assert value("--train-data-upsampling-factors") == "1.0::2.0"
     assert (value("--batch-size"), value("--accum-freq")) == ("512", "4")
     assert value("--train-num-samples") == str(12_800_000 // 5) and value("--epochs") == "5"
-    assert (value("--lr"), value("--warmup"), value("--beta2"), value("--wd"), value("--eps")) == ("0.0005", "500", "0.98", "0.2", "1e-06")
+    assert (value("--lr"), value("--warmup"), value("--beta2"), value("--wd"), value("--eps")) == (
+        "0.0005",
+        "500",
+        "0.98",
+        "0.2",
+        "1e-06",
+    )
     assert value("--precision") == "amp" and value("--resume") == "latest"
-    for flag in ("--dataset-resampled", "--local-loss", "--gather-with-grad", "--grad-checkpointing", "--save-most-recent"):
+    for flag in (
+        "--dataset-resampled",
+        "--local-loss",
+        "--gather-with-grad",
+        "--grad-checkpointing",
+        "--save-most-recent",
+    ):
         assert flag in args
     assert (value("--logs"), value("--name")) == (str(tmp_path), "run")
 
@@ -122,7 +144,10 @@ def test_xs_training_resumes_after_a_kill_and_loads(tmp_path: Path) -> None:
 
     synth_pool(str(tmp_path / "pool"), scale="xs", workers=1)
     uids = Pool(str(tmp_path / "pool")).uids()
-    write_subset(str(tmp_path / "subset.npy"), sort_subset(encode_uids(pa.concat_arrays([uids.combine_chunks(), uids[:500].combine_chunks()]))))
+    write_subset(
+        str(tmp_path / "subset.npy"),
+        sort_subset(encode_uids(pa.concat_arrays([uids.combine_chunks(), uids[:500].combine_chunks()]))),
+    )
     reshard(str(tmp_path / "pool"), str(tmp_path / "subset.npy"), str(tmp_path / "shards"), shard_size=1024, workers=1)
     data = str(tmp_path / "shards")
     run = tmp_path / "run"
@@ -147,10 +172,15 @@ def test_xs_training_resumes_after_a_kill_and_loads(tmp_path: Path) -> None:
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "complete" and record["samples_seen"] == recipe.samples_seen
     assert record["recipe"]["model"] == "clipsift-xs" and record["non_standard"] == {}
-    assert record["infrastructure"]["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) - 1)  # cores left by 1 worker
+    assert record["infrastructure"]["cpu_threads"] == max(
+        1, len(os.sched_getaffinity(0)) - 1
+    )  # cores left by 1 worker
     manifest = read_manifest(data)
     assert record["data"][0]["num_shards"] == 5 and manifest["num_samples"] == 4096 + 500
-    assert record["data"][0]["subset_sha256"] == manifest["subset_sha256"] and record["versions"]["open_clip"] == open_clip.__version__
+    assert (
+        record["data"][0]["subset_sha256"] == manifest["subset_sha256"]
+        and record["versions"]["open_clip"] == open_clip.__version__
+    )
     assert "resuming checkpoint" in (run / "out.log").read_text()
     losses, speeds = parse_log(run / "out.log")
     assert len(losses) >= 40 and len(speeds) == len(losses) and result.samples_per_second > 0
@@ -164,13 +194,21 @@ def test_two_devices_train_through_torchrun_with_the_recipes_global_batch(tmp_pa
     import open_clip
 
     synth_pool(str(tmp_path / "pool"), scale="xs", workers=1)
-    write_subset(str(tmp_path / "subset.npy"), sort_subset(encode_uids(Pool(str(tmp_path / "pool")).uids().combine_chunks())))
-    data = reshard(str(tmp_path / "pool"), str(tmp_path / "subset.npy"), str(tmp_path / "shards"), shard_size=512, workers=1).out
+    write_subset(
+        str(tmp_path / "subset.npy"), sort_subset(encode_uids(Pool(str(tmp_path / "pool")).uids().combine_chunks()))
+    )
+    data = reshard(
+        str(tmp_path / "pool"), str(tmp_path / "subset.npy"), str(tmp_path / "shards"), shard_size=512, workers=1
+    ).out
     result = train("xs", [(data, 1.0)], str(tmp_path / "run"), infra=Infra(devices=2))
     recipe = load_recipe("xs")
     record = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert record["batch_plan"] == {"devices": 2, "per_device_batch": recipe.global_batch // 2, "accum_freq": 1,
-                                    "global_batch": recipe.global_batch}
+    assert record["batch_plan"] == {
+        "devices": 2,
+        "per_device_batch": recipe.global_batch // 2,
+        "accum_freq": 1,
+        "global_batch": recipe.global_batch,
+    }
     assert record["status"] == "complete" and result.samples_seen == recipe.samples_seen and result.epochs_done == 5
     log = (tmp_path / "run" / "out.log").read_text()
     assert "total 2" in log  # open_clip_train ran distributed over two processes
@@ -185,8 +223,12 @@ def test_the_same_seed_trains_to_the_same_weights(tmp_path: Path) -> None:
     import torch
 
     synth_pool(str(tmp_path / "pool"), scale="xs", workers=1)
-    write_subset(str(tmp_path / "subset.npy"), sort_subset(encode_uids(Pool(str(tmp_path / "pool")).uids().combine_chunks())))
-    data = reshard(str(tmp_path / "pool"), str(tmp_path / "subset.npy"), str(tmp_path / "shards"), shard_size=512, workers=1).out
+    write_subset(
+        str(tmp_path / "subset.npy"), sort_subset(encode_uids(Pool(str(tmp_path / "pool")).uids().combine_chunks()))
+    )
+    data = reshard(
+        str(tmp_path / "pool"), str(tmp_path / "subset.npy"), str(tmp_path / "shards"), shard_size=512, workers=1
+    ).out
 
     def weights(name: str, seed: int | None = None) -> list[torch.Tensor]:
         result = train("xs", [(data, 1.0)], str(tmp_path / name), infra=Infra(workers=2, seed=seed))

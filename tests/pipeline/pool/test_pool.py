@@ -22,6 +22,7 @@ from clipsift.pipeline.pool import (
     is_valid_uid,
     write_shard,
 )
+
 from conftest import image_bytes, make_samples
 
 
@@ -37,12 +38,18 @@ def test_round_trip_keeps_every_field(small_pool: Path) -> None:
         for want, have in zip(expected, got):
             assert have.image == want.image
             assert have.text == want.text
-            assert (have.url, have.original_width, have.original_height) == (want.url, want.original_width, want.original_height)
+            assert (have.url, have.original_width, have.original_height) == (
+                want.url,
+                want.original_width,
+                want.original_height,
+            )
             assert have.sha256 == want.sha256 and len(have.sha256) == 64
             assert have.extra == want.extra
     assert pool.uids().to_pylist() == [s.uid for i in range(2) for s in make_samples(i, 5)]
     footer = pq.ParquetFile(small_pool / "metadata" / "00000000.parquet").metadata
-    assert {footer.row_group(0).column(i).compression for i in range(footer.num_columns)} == {"LZ4"}  # LZ4_RAW, as pyarrow names it
+    assert {footer.row_group(0).column(i).compression for i in range(footer.num_columns)} == {
+        "LZ4"
+    }  # LZ4_RAW, as pyarrow names it
 
 
 def test_tar_members_follow_webdataset_layout(small_pool: Path) -> None:
@@ -152,8 +159,12 @@ def test_embeddings_round_trip_and_missing_model(small_pool: Path) -> None:
     from clipsift.pipeline.pool import embeddings_schema
 
     uids = Pool(str(small_pool)).metadata("00000000").column("uid").to_pylist()
-    rows = [{"uid": u, "image_emb": [0.6, 0.8], "text_emb": [1.0, 0.0], "clip_score": 0.6, "status": "ok"} for u in uids]
-    Pool(str(small_pool)).write_embeddings("tiny__abc", "00000000", pa.Table.from_pylist(rows, schema=embeddings_schema(2)))
+    rows = [
+        {"uid": u, "image_emb": [0.6, 0.8], "text_emb": [1.0, 0.0], "clip_score": 0.6, "status": "ok"} for u in uids
+    ]
+    Pool(str(small_pool)).write_embeddings(
+        "tiny__abc", "00000000", pa.Table.from_pylist(rows, schema=embeddings_schema(2))
+    )
     pool = Pool(str(small_pool))
     assert pool.embedding_models() == ["tiny__abc"]
     table = pool.embeddings("tiny__abc", "00000000")

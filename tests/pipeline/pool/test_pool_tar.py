@@ -31,8 +31,12 @@ def tar_members(data: bytes) -> list[tuple[str, bytes]]:
 def test_fast_tar_layer_matches_tarfile(tmp_path: Path) -> None:
     """Reshard speed comes from the pool's direct tar reading/writing (tar_read, tar_write): it must agree with tarfile."""
     rng = np.random.default_rng(0)
-    members = [(f"{i:08d}_{j:08d}.{ext}", rng.bytes(int(rng.integers(0, 3000)))) for i in range(2) for j in range(4)
-               for ext in ("jpg", "txt", "json")] + [("dir/naïve.key.txt", b"x")]
+    members = [
+        (f"{i:08d}_{j:08d}.{ext}", rng.bytes(int(rng.integers(0, 3000))))
+        for i in range(2)
+        for j in range(4)
+        for ext in ("jpg", "txt", "json")
+    ] + [("dir/naïve.key.txt", b"x")]
     ours = io.BytesIO()
     stream = TarStream(ours)
     for name, data in members:
@@ -67,8 +71,11 @@ def test_tar_windows_agree_with_tarfile_at_any_window_size(tmp_path: Path, monke
     """Entries cut by a window's end, entries larger than a window, pax and long (prefix) names, empty members:
     read into a buffer (any file object) or mapped (a local file), the entries are tarfile's."""
     rng = np.random.default_rng(1)
-    members = [(f"{i:04d}.{ext}", rng.bytes(size)) for i, size in enumerate([0, 1, 511, 512, 513, 3000, 9000, 20000, 100])
-               for ext in ("jpg", "txt")] + [("naïve/clé.json", b"{}"), ("d" * 90 + "/" + "e" * 90 + ".txt", b"prefix field")]
+    members = [
+        (f"{i:04d}.{ext}", rng.bytes(size))
+        for i, size in enumerate([0, 1, 511, 512, 513, 3000, 9000, 20000, 100])
+        for ext in ("jpg", "txt")
+    ] + [("naïve/clé.json", b"{}"), ("d" * 90 + "/" + "e" * 90 + ".txt", b"prefix field")]
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, data in members:
@@ -83,8 +90,12 @@ def test_tar_windows_agree_with_tarfile_at_any_window_size(tmp_path: Path, monke
         monkeypatch.setattr(tar_read, "_MAP_WINDOW", max(window, 4096))  # maps start at page boundaries
         read = [(f"{e.key}.{ext}", d) for e in iter_tar(io.BytesIO(buffer.getvalue())) for ext, d in e.members.items()]
         with open(path, "rb") as handle:
-            mapped = [(f"{e.key}.{ext}", bytes(d)) for w in tar_windows(handle, mapped=True) for e in w
-                      for ext, d in e.members.items()]
+            mapped = [
+                (f"{e.key}.{ext}", bytes(d))
+                for w in tar_windows(handle, mapped=True)
+                for e in w
+                for ext, d in e.members.items()
+            ]
         assert read == mapped == expected, window
     corrupt = bytearray(buffer.getvalue())
     with tarfile.open(fileobj=io.BytesIO(buffer.getvalue())) as tar:
@@ -97,15 +108,23 @@ def test_tar_windows_agree_with_tarfile_at_any_window_size(tmp_path: Path, monke
         list(tar_windows(handle, mapped=True))
 
 
-def test_tar_stream_through_writev_writes_the_same_bytes_even_when_writes_come_up_short(tmp_path: Path, monkeypatch) -> None:
-    members = [(f"{i:08d}.{ext}", bytes([i]) * size) for i, size in enumerate([0, 7, 512, 4095, 4096, 70000]) for ext in ("jpg", "txt")]
+def test_tar_stream_through_writev_writes_the_same_bytes_even_when_writes_come_up_short(
+    tmp_path: Path, monkeypatch
+) -> None:
+    members = [
+        (f"{i:08d}.{ext}", bytes([i]) * size)
+        for i, size in enumerate([0, 7, 512, 4095, 4096, 70000])
+        for ext in ("jpg", "txt")
+    ]
     expected = io.BytesIO()
     stream = TarStream(expected)
     for name, data in members:
         stream.add((name, data))
     stream.close()
     writev = os.writev
-    monkeypatch.setattr(tar_write.os, "writev", lambda fd, buffers: writev(fd, [memoryview(buffers[0])[: len(buffers[0]) // 2 + 1]]))
+    monkeypatch.setattr(
+        tar_write.os, "writev", lambda fd, buffers: writev(fd, [memoryview(buffers[0])[: len(buffers[0]) // 2 + 1]])
+    )
     with open(tmp_path / "out.tar", "wb") as handle:
         stream = TarStream(handle, handle.fileno())
         for name, data in members:
@@ -116,7 +135,7 @@ def test_tar_stream_through_writev_writes_the_same_bytes_even_when_writes_come_u
     with pytest.raises(ValueError, match="USTAR holds"):
         ustar_headers([b"x" * 101], [1])
     with pytest.raises(ValueError, match="USTAR holds"):
-        ustar_headers([b"x"], [8 ** 11])
+        ustar_headers([b"x"], [8**11])
 
 
 def test_image_spans_agree_with_tarfile_or_decline(tmp_path: Path) -> None:
@@ -134,8 +153,11 @@ def test_image_spans_agree_with_tarfile_or_decline(tmp_path: Path) -> None:
         return buffer.getvalue()
 
     sizes = [0, 1, 511, 512, 513, 5000]
-    members = [(f"k{i:03d}.{ext}", rng.bytes(size if ext != "json" else 3)) for i, size in enumerate(sizes)
-               for ext in (("txt", "png", "json") if i % 2 else ("JPG", "txt"))]
+    members = [
+        (f"k{i:03d}.{ext}", rng.bytes(size if ext != "json" else 3))
+        for i, size in enumerate(sizes)
+        for ext in (("txt", "png", "json") if i % 2 else ("JPG", "txt"))
+    ]
     data = tar_bytes(members)
     spans = image_spans(data)
     assert spans is not None and spans.keys.to_pylist() == [f"k{i:03d}".encode() for i in range(len(sizes))]
@@ -148,4 +170,4 @@ def test_image_spans_agree_with_tarfile_or_decline(tmp_path: Path) -> None:
     assert image_spans(tar_bytes([("dir/a.jpg", b"x")])) is None
     assert image_spans(tar_bytes([("a.jpg", b"x"), ("a.png", b"y")])) is None
     assert image_spans(tar_bytes([("a.txt", b"x")])) is None
-    assert image_spans(data[:-2048 - len(data) % 10240 or None][:1536]) is None  # cut inside a member
+    assert image_spans(data[: -2048 - len(data) % 10240 or None][:1536]) is None  # cut inside a member
