@@ -152,8 +152,8 @@ def main() -> None:
         assert stored == args.images, f"the pool holds {stored} of {args.images} images"
         best = {name: min(values) for name, values in times.items()}
         print(
-            f"download of {args.images:,} images from a local server on {os.cpu_count()} cores "
-            f"({args.processes} processes x {args.threads} threads, {args.shard_size} per shard, image size {args.image_size})"
+            f"download of {args.images:,} images from a local server on {os.cpu_count()} cores ({args.processes} "
+            f"processes x {args.threads} threads, {args.shard_size} per shard, image size {args.image_size})"
         )
         for name, values in times.items():
             runs = ", ".join(f"{v:.1f}" for v in values)
@@ -163,13 +163,14 @@ def main() -> None:
             )
         print(
             f"  ratio clipsift / img2dataset time: {best['clipsift'] / best['img2dataset']:.3f} (best), "
-            f"{statistics.median(times['clipsift']) / statistics.median(times['img2dataset']):.3f} (median); goal <= 1.1"
+            f"{statistics.median(times['clipsift']) / statistics.median(times['img2dataset']):.3f} "
+            "(median); goal <= 1.1"
         )
         own = [total - i2d for total, i2d in zip(times["clipsift"], inner)]
         print(
-            f"  clipsift's own stages (plan, adopt, status, pool.json) per run: {', '.join(f'{o:.2f}' for o in own)} s; "
-            f"ratio of each clipsift run to the img2dataset call inside it: "
-            f"{', '.join(f'{t / i:.3f}' for t, i in zip(times['clipsift'], inner))}"
+            "  clipsift's own stages (plan, adopt, status, pool.json) per run: "
+            f"{', '.join(f'{o:.2f}' for o in own)} s; ratio of each clipsift run to the img2dataset "
+            f"call inside it: {', '.join(f'{t / i:.3f}' for t, i in zip(times['clipsift'], inner))}"
         )
     finally:
         server.shutdown()

@@ -108,7 +108,8 @@ def main() -> None:
                     best = min(best, time.perf_counter() - started)
                 rates[task.key] = args.images / best
                 print(
-                    f"workers {workers}  {task.key:7s} open+check {opened:5.2f} s  read {best:6.2f} s  {rates[task.key]:8,.0f} images/s"
+                    f"workers {workers}  {task.key:7s} open+check {opened:5.2f} s  read {best:6.2f} s  "
+                    f"{rates[task.key]:8,.0f} images/s"
                 )
             ratios = ", ".join(f"{key} {rates[key] / rates['wds']:.2f}" for key in ("folder", "table"))
             print(f"workers {workers}  ratio to the tars: {ratios}")

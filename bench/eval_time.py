@@ -77,12 +77,13 @@ def tiny_part(args: argparse.Namespace, tmp: Path) -> None:
     total = time.perf_counter() - started
     images = _images_per_task(tmp / "run" / "eval")
     print(
-        f"\n{'task':<28}{'images':>8}{'seconds':>9}{'images/s':>10}   ({args.model}, {torch.get_num_threads()} threads, "
-        f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, batch {args.batch_size})"
+        f"\n{'task':<28}{'images':>8}{'seconds':>9}{'images/s':>10}   ({args.model}, {torch.get_num_threads()} "
+        f"threads, device {'cuda' if torch.cuda.is_available() else 'cpu'}, batch {args.batch_size})"
     )
     for outcome in result.outcomes:
         print(
-            f"{outcome.task:<28}{images[outcome.task]:>8}{outcome.seconds:>9.2f}{images[outcome.task] / outcome.seconds:>10.0f}"
+            f"{outcome.task:<28}{images[outcome.task]:>8}{outcome.seconds:>9.2f}"
+            f"{images[outcome.task] / outcome.seconds:>10.0f}"
         )
     print(f"{'whole tiny suite (incl. model load)':<37}{total:>8.2f} s for {sum(images.values()):,} images")
     print(f"model alone (encode_images on ready uint8 batches): {_model_only(tmp / 'run', args):,.0f} images/s")
@@ -218,8 +219,8 @@ def full_part(args: argparse.Namespace, tmp: Path) -> None:
     counts = _images_per_task(tmp / "out")
     images = sum(counts.values())
     print(
-        f"\n{'task':<52}{'images':>8}{'seconds':>9}{'images/s':>10}   ({args.full_model}, {device}, batch {args.full_batch_size}, "
-        f"{workers} loader workers)"
+        f"\n{'task':<52}{'images':>8}{'seconds':>9}{'images/s':>10}   ({args.full_model}, "
+        f"{device}, batch {args.full_batch_size}, {workers} loader workers)"
     )
     for outcome in result.outcomes:
         n = counts.get(outcome.task, 0)

@@ -1,6 +1,7 @@
 """Filter throughput: rows/s of recipes over a generated multi-million-row metadata-only pool.
 
-    python bench/filter_throughput.py [--rows 4000000] [--shard-rows 200000] [--lang-rows 200000] [--repeat 3] [--dir DIR]
+    python bench/filter_throughput.py [--rows 4000000] [--shard-rows 200000] [--lang-rows 200000] [--repeat 3]
+                                      [--dir DIR]
 
 One worker (in-process), so the figures are per core. Each figure is a whole `apply_recipe`
 run (the best of --repeat): parquet reads, the filter, the saved step masks and the subset file.
@@ -156,13 +157,13 @@ def main() -> None:
         )
         seconds, kept = timed_recipe(scratch / "lang", scratch, "lang", "[{caption: {min_words: 0, min_chars: 0}}]")
         print(
-            f"  {'language ID (lid.176)':<30} {args.lang_rows / seconds / 1e6:>7.2f} M rows/s   kept {kept / args.lang_rows:6.1%}   "
-            f"fastText, one caption at a time, {args.lang_rows:,} rows"
+            f"  {'language ID (lid.176)':<30} {args.lang_rows / seconds / 1e6:>7.2f} M rows/s   kept "
+            f"{kept / args.lang_rows:6.1%}   fastText, one caption at a time, {args.lang_rows:,} rows"
         )
         seconds, kept = timed_recipe(scratch / "lang", scratch, "basic", "[basic]")
         print(
-            f"  {'basic_filter (with lang ID)':<30} {args.lang_rows / seconds / 1e6:>7.2f} M rows/s   kept {kept / args.lang_rows:6.1%}   "
-            "language ID only for rows passing the other conditions"
+            f"  {'basic_filter (with lang ID)':<30} {args.lang_rows / seconds / 1e6:>7.2f} M rows/s   "
+            f"kept {kept / args.lang_rows:6.1%}   language ID only for rows passing the other conditions"
         )
     finally:
         if not args.dir:

@@ -92,8 +92,8 @@ def main() -> None:
     for wheel in wheels:
         print(f"  {wheel.stat().st_size / 2**20:6.1f} MiB  {wheel.name}")
     print(
-        f"{len(wheels)} wheels, {total / 2**20:.1f} MiB in {out}/ (a device call carries {CARRY_LIMIT / 2**20:.0f} MiB with the "
-        "working tree)"
+        f"{len(wheels)} wheels, {total / 2**20:.1f} MiB in {out}/ (a device "
+        f"call carries {CARRY_LIMIT / 2**20:.0f} MiB with the working tree)"
     )
     if total > CARRY_LIMIT:
         sys.exit("too large for one device call")

@@ -34,11 +34,11 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' writer of run directories in the real formats
 
-from clipsift.eval.aggregate import suite_summary
-from clipsift.eval.registry import load_suite
-from clipsift.leaderboard.db import Database
+from clipsift.eval.aggregate import suite_summary  # noqa: E402  (after the sys.path line)
+from clipsift.eval.registry import load_suite  # noqa: E402  (after the sys.path line)
+from clipsift.leaderboard.db import Database  # noqa: E402  (after the sys.path line)
 
-from leaderboard_support import PostgresDatabase, ServerProcess, payload_of, write_run
+from leaderboard_support import PostgresDatabase, ServerProcess, payload_of, write_run  # noqa: E402  (after the sys.path line)
 
 SUITE = load_suite("tiny")
 
@@ -62,7 +62,8 @@ def vary(base: dict, client: int, index: int) -> dict:
 async def phase(
     url: str, tokens: list[str], seconds: float, request, prepare=lambda number, sent: None
 ) -> tuple[list[float], int, int]:
-    """Every client sends requests back to back for `seconds` (`prepare` runs untimed before each); latencies, errors, requests."""
+    """Every client sends requests back to back for `seconds` (`prepare` runs untimed before each); latencies, errors,
+    requests."""
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
@@ -160,7 +161,8 @@ def main() -> None:
         if args.backend in ("postgresql", "both"):
             if not args.postgres:
                 print(
-                    "postgresql: skipped (no --postgres and CLIPSIFT_TEST_POSTGRES is unset; `source .ci/services` sets it)"
+                    "postgresql: skipped (no --postgres and CLIPSIFT_TEST_POSTGRES is unset; `source .ci/services` "
+                    "sets it)"
                 )
             else:
                 database = PostgresDatabase(args.postgres)

@@ -94,15 +94,17 @@ def main() -> None:
         figures.append((name, filtered, result, time.process_time() - cpu))
     print(f"\npool {pool_url}: {pool.info['num_samples']:,} samples, {len(pool.shard_ids())} shards")
     print(
-        f"{'recipe':<22}{'filter s':>10}{'report s':>10}{'report CPU s':>14}{'shown':>7}{'page MB':>9}  clean precision / recall"
+        f"{'recipe':<22}{'filter s':>10}{'report s':>10}{'report CPU s':>14}{'shown':>7}{'page MB':>9}"
+        "  clean precision / recall"
     )
     for name, filtered, result, cpu in figures:
         print(
-            f"{name:<22}{filtered:>10.1f}{result.seconds:>10.1f}{cpu:>14.1f}{result.shown:>7}{result.bytes / 1e6:>9.2f}  "
-            f"{result.precision:.3f} / {result.recall:.3f}"
+            f"{name:<22}{filtered:>10.1f}{result.seconds:>10.1f}{cpu:>14.1f}{result.shown:>7}"
+            f"{result.bytes / 1e6:>9.2f}  {result.precision:.3f} / {result.recall:.3f}"
         )
     print(
-        "(the first report pays for importing matplotlib; 'report CPU s' is this process's CPU time, less noisy on a shared machine)"
+        "(the first report pays for importing matplotlib; 'report CPU s' is this process's CPU time, less noisy on a "
+        "shared machine)"
     )
 
 

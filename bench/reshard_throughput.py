@@ -1,6 +1,7 @@
 """Reshard throughput against a raw copy of the same tar bytes on the same disk, in one run.
 
-    python bench/reshard_throughput.py [--samples 40000] [--shard-size 10000] [--image-size 384] [--workers 2] [--repeat 3] [--dir DIR]
+    python bench/reshard_throughput.py [--samples 40000] [--shard-size 10000] [--image-size 384] [--workers 2]
+                                       [--repeat 3] [--dir DIR]
 
 Builds a pool of JPEGs of about DataComp's size (noisy photos-like images, --image-size px, tens
 of KB each) in shards of DataComp's 10,000 samples, then times: a raw copy of every tar
@@ -114,7 +115,7 @@ def main() -> None:
         ):
             out = scratch / f"out-{subset}-{workers}"
             seconds = timed(
-                lambda: reshard(
+                lambda subset=subset, out=out, workers=workers: reshard(
                     str(scratch / "pool"),
                     str(scratch / f"{subset}.npy"),
                     str(out),
@@ -141,7 +142,8 @@ def main() -> None:
         )
         for name, seconds in runs:
             print(
-                f"  {'reshard, ' + name:<34} {total_mb / seconds:>8.0f} MB/s   {total_mb / seconds / (total_mb / raw):.2f} of raw copy"
+                f"  {'reshard, ' + name:<34} {total_mb / seconds:>8.0f} MB/s   "
+                f"{total_mb / seconds / (total_mb / raw):.2f} of raw copy"
             )
     finally:
         if not args.dir:

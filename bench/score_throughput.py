@@ -120,7 +120,8 @@ def one_core(pool: str, arch: str, pretrained: str, batch: int, decode: str, sha
 def prepared_blocks(
     pool: str, arch: str, pretrained: str, batch: int, decode: str, blocks: int
 ) -> tuple[list[dict], object, object]:
-    """(the first `blocks` prepared blocks of the pool, the model spec, the inputs): what the prepare stage hands the actors."""
+    """(the first `blocks` prepared blocks of the pool, the model spec, the inputs): what the prepare stage hands the
+    actors."""
     spec = resolve_model(arch, pretrained)
     inputs = _Inputs.of([spec])
     made = prepare_shards({"shard": Pool(pool).shard_ids()}, pool, inputs, batch, decode)
@@ -130,7 +131,8 @@ def prepared_blocks(
 def actor_alone(
     pool: str, arch: str, pretrained: str, batch: int, device: str, precision: str, decode: str, blocks: int = 6
 ) -> tuple[float, float | None]:
-    """(pairs/s of one model actor fed blocks from memory, share of its host-to-device copy time that ran beside a kernel).
+    """(pairs/s of one model actor fed blocks from memory, share of its host-to-device copy time that ran beside a
+    kernel).
 
     The actor's calls run as in a run (two side by side on CUDA): copies in, decoding when on the device, the model,
     embeddings back. Against end to end it shows what feeding the actor costs; against the ceiling, what the copies and
@@ -322,11 +324,13 @@ def main() -> None:
         busy = sum(result.timings.values()) or 1.0
         pairs = result.pairs
         print(
-            f"scoring {len(models)} x {args.model} on {args.device} ({os.cpu_count()} CPU cores), {pairs:,} pairs of {args.image_size or 64} px JPEG, "
-            f"batch {args.batch_size}, {precision}, decode on {args.decode}, best of {args.repeats}"
+            f"scoring {len(models)} x {args.model} on {args.device} ({os.cpu_count()} CPU "
+            f"cores), {pairs:,} pairs of {args.image_size or 64} px JPEG, batch "
+            f"{args.batch_size}, {precision}, decode on {args.decode}, best of {args.repeats}"
         )
         print(
-            f"  end to end (tar -> parquet)  {best:>10,.0f} pairs/s   (runs: {', '.join(f'{r[0]:,.0f}' for r in runs)})"
+            f"  end to end (tar -> parquet)  {best:>10,.0f} pairs/s   (runs: "
+            f"{', '.join(f'{r[0]:,.0f}' for r in runs)})"
         )
         print(
             f"  model only (ceiling)         {ceiling / len(models):>10,.0f} pairs/s"
@@ -334,14 +338,15 @@ def main() -> None:
         )
         print(f"  ratio                        {best / ceiling * len(models):>10.2f}")
         print(
-            f"  one actor, blocks in memory  {alone:>10,.0f} pairs/s   (copies, {'decode, ' if args.decode == 'device' else ''}model, "
-            f"results back; {GPU_CALLS_PER_ACTOR if args.device == 'cuda' else 1} call(s) at a time)"
+            f"  one actor, blocks in memory  {alone:>10,.0f} pairs/s   (copies, "
+            f"{'decode, ' if args.decode == 'device' else ''}model, results back; "
+            f"{GPU_CALLS_PER_ACTOR if args.device == 'cuda' else 1} call(s) at a time)"
         )
         if args.device == "cuda":
             share = "no trace or no copies in it" if overlap is None else f"{overlap:>10.0%}"
             print(
-                f"  copies beside kernels        {share}      of host-to-device copy time ran while a kernel of either call ran "
-                "(profiler trace; with --decode device nvJPEG's uploads count too)"
+                f"  copies beside kernels        {share}      of host-to-device copy time ran while a "
+                "kernel of either call ran (profiler trace; with --decode device nvJPEG's uploads count too)"
             )
         if best_cpu is not None:
             per_k = min(r[1] for r in runs) / pairs * 1000
@@ -351,8 +356,9 @@ def main() -> None:
             )
         if per_pair:
             print(
-                f"  one core, no Ray (steady)    {per_pair:>10.3f} ms per pair: read, decode, tokenize, model (least of "
-                f"{args.repeats}; {1000 / per_pair * os.cpu_count():,.0f} pairs/s on {os.cpu_count()} free cores, start-up aside)"
+                f"  one core, no Ray (steady)    {per_pair:>10.3f} ms per pair: read, decode, "
+                f"tokenize, model (least of {args.repeats}; {1000 / per_pair * os.cpu_count():,.0f} "
+                f"pairs/s on {os.cpu_count()} free cores, start-up aside)"
             )
         print("  worker time split            " + ", ".join(f"{k} {v / busy:.0%}" for k, v in result.timings.items()))
     finally:

@@ -6,8 +6,8 @@
 At the scale's fixed samples seen, train and evaluate (tiny suite) each recipe with each seed:
 no_filter, basic, random 30%, clip_score at 10/20/30/50% (CLIP scores from the filtering network,
 by default the tiny recipe trained on the scale's clean reference set), image_cluster, and
-image_cluster intersected with clip_score 30%. Prints the table of tiny-suite averages (mean and half the seed range) and each
-recipe's precision and recall against the pool's hidden truth (clean = positive).
+image_cluster intersected with clip_score 30%. Prints the table of tiny-suite averages (mean and half the seed range)
+and each recipe's precision and recall against the pool's hidden truth (clean = positive).
 
 Everything lands in --out and resumes: pools, network, scores, subsets, runs and evaluations that
 are complete are not redone, so a killed benchmark re-run continues. The seed varies the training
@@ -200,7 +200,8 @@ def main() -> None:
         "--filternet-scale",
         default="tiny",
         choices=["xs", "tiny"],
-        help="The filtering network's recipe (default tiny: the xs recipe ranks too weakly to separate recipes reliably).",
+        help="The filtering network's recipe (default tiny: the xs recipe ranks too weakly to separate recipes "
+        "reliably).",
     )
     parser.add_argument("--out", type=Path, default=None, help="Default: bench-tiny-filtering-<scale>/ (resumes).")
     parser.add_argument("--workers", type=int, default=None)

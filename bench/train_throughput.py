@@ -141,7 +141,8 @@ def step_mode(recipe, device: str, batch: int, steps: int, variants: list[str]) 
         )
         print(
             f"  {name:30} ({precision:8}) {rate:>10,.0f} samples/s   {rate * flops / 1e9:>10,.0f} GFLOP/s   "
-            f"ratio to the {str(dtype).removeprefix('torch.')} matmul ceiling ({ceiling / 1e9:,.0f} GFLOP/s) {rate * flops / ceiling:.2f}"
+            f"ratio to the {str(dtype).removeprefix('torch.')} matmul ceiling ({ceiling / 1e9:,.0f} GFLOP/s) "
+            f"{rate * flops / ceiling:.2f}"
         )
         if device == "cuda":
             torch.cuda.empty_cache()

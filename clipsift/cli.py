@@ -189,7 +189,8 @@ def pool_from_datacomp(
     name: str | None = typer.Option(None, help="Pool name recorded in pool.json."),
     workers: int | None = WorkersOption,
 ) -> None:
-    """Make a pool from an existing DataComp download, with their CLIP features as embeddings; nothing is downloaded."""
+    """Make a pool from an existing DataComp download, with their CLIP features as embeddings; nothing is
+    downloaded."""
     from clipsift.pipeline import datacomp
 
     started = time.perf_counter()
@@ -265,7 +266,8 @@ def score(
 
     if len(model) != len(pretrained):
         raise ClipsiftError(
-            f"{len(model)} --model but {len(pretrained)} --pretrained: give one --pretrained per --model, in the same order"
+            f"{len(model)} --model but {len(pretrained)} --pretrained: give one --pretrained per --model, in the "
+            "same order"
         )
     settings = _settings(
         ScoreSettings,
@@ -464,7 +466,8 @@ def filternet_train(
 
 
 class _EvalGroup(TyperGroup):
-    """`clipsift eval RUN ...` dispatches to the hidden `run` command; `download`, `make-tiny-suite` and `make-task` are verbs."""
+    """`clipsift eval RUN ...` dispatches to the hidden `run` command; `download`, `make-tiny-suite` and `make-task`
+    are verbs."""
 
     default = "run"  # the hidden command that a first argument other than a verb goes to
 
@@ -483,8 +486,9 @@ eval_app = typer.Typer(
     cls=_EvalGroup,
     no_args_is_help=True,
     help=(
-        "Zero-shot evaluation. `clipsift eval RUN|CHECKPOINT --suite datacomp38|tiny` evaluates a run (or a checkpoint with "
-        "--model ARCH) into RUN/eval/results.jsonl and summary.json; `clipsift eval RUN --help` lists its options."
+        "Zero-shot evaluation. `clipsift eval RUN|CHECKPOINT --suite datacomp38|tiny` "
+        "evaluates a run (or a checkpoint with --model ARCH) into RUN/eval/results.jsonl "
+        "and summary.json; `clipsift eval RUN --help` lists its options."
     ),
 )
 app.add_typer(eval_app, name="eval")
@@ -598,7 +602,8 @@ def eval_make_task(
         None, "--templates", help="Prompt templates with {c}, one per line; default: 'a photo of a {c}.'."
     ),
 ) -> None:
-    """Convert an image folder or table into a task in the webdataset layout (resumable), with its suite entry in OUT/task.yaml."""
+    """Convert an image folder or table into a task in the webdataset layout (resumable), with its suite entry in
+    OUT/task.yaml."""
     from clipsift.eval.layouts import make_task, read_lines_file
 
     started = time.perf_counter()
@@ -846,9 +851,9 @@ report_app = typer.Typer(
     cls=_ReportGroup,
     no_args_is_help=True,
     help=(
-        "Reports. `clipsift report SUBSET|RUN --out report.html` writes the curation report of a subset (or of the subset a run "
-        "trained on); `clipsift report SUBSET --help` lists its options; `clipsift report scaling RUN... --out scaling.html` fits each "
-        "recipe's score against samples seen."
+        "Reports. `clipsift report SUBSET|RUN --out report.html` writes the curation report of a subset "
+        "(or of the subset a run trained on); `clipsift report SUBSET --help` lists its options; `clipsift "
+        "report scaling RUN... --out scaling.html` fits each recipe's score against samples seen."
     ),
 )
 app.add_typer(report_app, name="report")
@@ -910,7 +915,8 @@ def report_scaling(
         None, "--suite", "-s", help="The suite whose average is fitted (default: the runs' only suite)."
     ),
 ) -> None:
-    """Fit each recipe's error (1 - suite average) against samples seen with a power law, predict the next scale, rank recipes."""
+    """Fit each recipe's error (1 - suite average) against samples seen with a power law, predict the next scale, rank
+    recipes."""
     from clipsift.pipeline.scaling import scaling_report, scaling_summary_rows
 
     _print_summary("scaling", scaling_summary_rows(scaling_report(runs, out, suite=suite)))

@@ -60,8 +60,8 @@ PARQUET_COMPRESSION = "lz4"  # LZ4_RAW: files about the size of pyarrow's defaul
 
 
 def write_parquet(table: pa.Table, handle: Any) -> None:
-    """Write a parquet file (a pool's metadata or embeddings) with PARQUET_COMPRESSION. LZ4_RAW is a codec of the Parquet format since 2.9 (2021):
-    pyarrow, and so pandas, read it."""
+    """Write a parquet file (a pool's metadata or embeddings) with PARQUET_COMPRESSION. LZ4_RAW is a codec of the
+    Parquet format since 2.9 (2021): pyarrow, and so pandas, read it."""
     pq.write_table(table, handle, compression=PARQUET_COMPRESSION)
 
 

@@ -52,7 +52,8 @@ def resolve_path(value: str, info: ValidationInfo, *, only_if_exists: bool = Fal
 
 
 def _path_or_name(value: str, info: ValidationInfo) -> str:
-    """A file path when it looks like one or exists beside the config; else a name (a pretrained tag, a shipped recipe)."""
+    """A file path when it looks like one or exists beside the config; else a name (a pretrained tag, a shipped
+    recipe)."""
     looks_like_path = (
         os.sep in value or value.startswith((".", "~", "$")) or value.endswith((".yaml", ".yml", ".pt", ".bin"))
     )

@@ -57,7 +57,7 @@ class Check(NamedTuple):
     actual: Any
 
 
-O = TypeVar("O", bound=StageOutput)
+Out = TypeVar("Out", bound=StageOutput)
 
 
 class Outputs:
@@ -66,10 +66,10 @@ class Outputs:
     def __init__(self) -> None:
         self._by_name: dict[str, StageOutput] = {}
 
-    def __getitem__(self, stage: type[Stage[O]]) -> O:
+    def __getitem__(self, stage: type[Stage[Out]]) -> Out:
         return self._by_name[stage.name]  # type: ignore[return-value]
 
-    def get(self, stage: type[Stage[O]]) -> O | None:
+    def get(self, stage: type[Stage[Out]]) -> Out | None:
         return self._by_name.get(stage.name)  # type: ignore[return-value]
 
     def __contains__(self, stage: type[Stage[Any]]) -> bool:
@@ -82,7 +82,7 @@ class Outputs:
         return dict(self._by_name)
 
 
-class Stage(ABC, Generic[O]):
+class Stage(ABC, Generic[Out]):
     """One stage of `clipsift run`. `config` is the run config with `${run}` bound, `unbound` as written."""
 
     name: ClassVar[str]
@@ -113,14 +113,14 @@ class Stage(ABC, Generic[O]):
         """The identities (sha256s) of what this stage reads, from the outputs of the stages before it."""
 
     @abstractmethod
-    def run(self, done: Outputs) -> O:
+    def run(self, done: Outputs) -> Out:
         """Do the work (resuming per shard where the stage function can) and return the typed output."""
 
     @abstractmethod
-    def detail(self, out: O, done: Outputs) -> str:
+    def detail(self, out: Out, done: Outputs) -> str:
         """One line for the run's stage table."""
 
-    def checks(self, out: O, done: Outputs) -> list[Check]:
+    def checks(self, out: Out, done: Outputs) -> list[Check]:
         """Provenance: this output's identities re-read from its files, and its links to earlier stages."""
         return []
 

@@ -109,7 +109,8 @@ def wanted_files(task: Task, listing: list[RemoteFile]) -> list[RemoteFile]:
 
 
 def _is_test_parquet(path: str) -> bool:
-    """The test split of the parquet conversion: CONFIG/test/NNNN.parquet or CONFIG/NAME-test[-NNNNN-of-NNNNN].parquet."""
+    """The test split of the parquet conversion: CONFIG/test/NNNN.parquet or
+    CONFIG/NAME-test[-NNNNN-of-NNNNN].parquet."""
     parts = path.split("/")
     return path.endswith(".parquet") and (
         (len(parts) >= 3 and parts[-2] == "test")
@@ -280,7 +281,7 @@ def convert(task: Task, parquet_paths: list[str], root: str) -> int:
     return write_task(root, kind.hub_samples(_rows(parquet_paths), where), dataset_type=kind.type_file)
 
 
-def _retrieval_samples(rows: Iterator[dict[str, Any]], where: str) -> Iterator[dict[str, bytes]]:
+def retrieval_samples(rows: Iterator[dict[str, Any]], where: str) -> Iterator[dict[str, bytes]]:
     for row in rows:
         _require(row, ("image", "caption"), where)
         ext, data = _image_bytes(row["image"], where)
@@ -288,7 +289,7 @@ def _retrieval_samples(rows: Iterator[dict[str, Any]], where: str) -> Iterator[d
         yield {ext: data, "txt": "\n".join(captions).encode("utf-8")}
 
 
-def _winogavil_samples(rows: Iterator[dict[str, Any]], where: str) -> Iterator[dict[str, bytes]]:
+def winogavil_samples(rows: Iterator[dict[str, Any]], where: str) -> Iterator[dict[str, bytes]]:
     for row in rows:
         _require(row, ("cue", "candidates", "associations", "candidate_images"), where)
         candidates, images = _strings(row["candidates"]), list(row["candidate_images"] or [])

@@ -231,7 +231,8 @@ def _sorted_unique(values: Any) -> list[Any]:
 
 
 def _labelled(task: Task, rows: list[tuple[str, Any, Any]], where: Where) -> tuple[list[FileSample], list[str]]:
-    """Samples with class indices, and the class names: the task's, else the distinct labels (folder names) in order."""
+    """Samples with class indices, and the class names: the task's, else the distinct labels (folder names) in
+    order."""
     if task.classnames:
         keys, names = list(task.class_keys or task.classnames), list(task.classnames)
     else:

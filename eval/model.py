@@ -52,7 +52,8 @@ def resolve_target(target: str, arch: str | None = None, out: str | None = None)
     if os.path.isfile(target):
         if arch is None:
             raise ClipsiftError(
-                f"{target} is a bare checkpoint: pass its architecture with --model ARCH (e.g. clipsift-tiny, ViT-B-32)"
+                f"{target} is a bare checkpoint: pass its architecture with --model ARCH (e.g. clipsift-tiny, "
+                "ViT-B-32)"
             )
         return Target(arch, target, out or os.path.splitext(target)[0] + "_eval")
     raise ClipsiftError(f"{target}: no such run directory or checkpoint file")

@@ -166,7 +166,8 @@ def _run_and_record(
         fetch = (
             f"get the data with `{suite.download_command(data_dir)}`"
             if suite.download
-            else f"put the task's data there (`clipsift eval make-task`) or name it with `data:` in {suite.path or suite.name}"
+            else "put the task's data there (`clipsift eval make-task`) or name it with `data:` in "
+            f"{suite.path or suite.name}"
         )
         return TaskOutcome(
             task.key, "failed", error=f"{task.key}: {err}; {fetch}", seconds=time.perf_counter() - started

@@ -39,7 +39,8 @@ def write_inline_recipe(spec: FilterSpec, run_dir: str) -> None:
 
 
 def recipe_overrides(spec: FilterSpec, source: str, model_id: str | None) -> dict[str, Any]:
-    """`filter.set`, plus model_id = the scored model when the recipe declares that variable and the config leaves it."""
+    """`filter.set`, plus model_id = the scored model when the recipe declares that variable and the config leaves
+    it."""
     from clipsift.filters.recipe import recipe_text
 
     overrides = dict(spec.set)

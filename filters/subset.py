@@ -61,7 +61,8 @@ def as_subset_array(array: np.ndarray, source: str) -> np.ndarray:
     fields = array.dtype.fields
     if fields is None or len(fields) != 2 or any(array.dtype[i] != np.dtype("u8") for i in range(2)):
         raise ClipsiftError(
-            f"{source}: dtype {array.dtype} is not a subset (expected a structured array of two uint64 fields, `u8,u8`)"
+            f"{source}: dtype {array.dtype} is not a subset (expected a structured array of two uint64 fields, "
+            "`u8,u8`)"
         )
     if array.dtype == SUBSET_DTYPE:
         return array.reshape(-1)

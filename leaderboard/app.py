@@ -180,7 +180,8 @@ class RedactSecrets(logging.Filter):
 
 
 def log_config() -> dict[str, Any]:
-    """uvicorn's logging, every handler behind RedactSecrets (the access log has no headers, but a query string may hold a pasted token)."""
+    """uvicorn's logging, every handler behind RedactSecrets (the access log has no headers, but a query string may
+    hold a pasted token)."""
     import copy
 
     from uvicorn.config import LOGGING_CONFIG
@@ -400,7 +401,8 @@ def create_app(settings: Settings = Settings()) -> FastAPI:
         tags=["suites"],
     )
     def post_suite(body: SuiteIn, token: Token = Depends(admin)) -> Any:
-        """Admin: register a suite definition (the YAML schema of configs/eval, as JSON); 200 when it is registered already."""
+        """Admin: register a suite definition (the YAML schema of configs/eval, as JSON); 200 when it is registered
+        already."""
         try:
             row, new = db.register_suite(body.definition)
         except ValueError as err:
@@ -516,7 +518,8 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None
     """Run the server with uvicorn (logs behind RedactSecrets)."""
     import uvicorn
 
-    # keep-alive longer than uvicorn's 5 s: a busy client that reuses a connection just as the server drops it gets a reset
+    # keep-alive longer than uvicorn's 5 s: a busy client that reuses a connection just as the server drops it
+    # gets a reset
     uvicorn.run(
         create_app(settings), host=host, port=port, log_config=log_config(), server_header=False, timeout_keep_alive=30
     )

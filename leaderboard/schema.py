@@ -88,7 +88,8 @@ class Averages(Strict):
 
 
 class RunRecord(BaseModel):
-    """What RUN/run.json records (train/launch.py), as far as the leaderboard reads it; the rest is kept as provenance."""
+    """What RUN/run.json records (train/launch.py), as far as the leaderboard reads it; the rest is kept as
+    provenance."""
 
     model_config = ConfigDict(extra="allow")
     scale: Name

@@ -113,7 +113,10 @@ def _check_averages(
 ) -> None:
     claimed = submission.averages
     if abs(claimed.average - summary["average"]) > TOLERANCE:
-        reason = f"{claimed.average!r} is not the mean of the {summary['num_evaluated']} scored tasks' values, {summary['average']!r}"
+        reason = (
+            f"{claimed.average!r} is not the mean of the {summary['num_evaluated']} scored tasks' values, "
+            f"{summary['average']!r}"
+        )
         problems.append(("averages.average", reason))
     for tag, value in claimed.groups.items():
         group = summary["groups"].get(tag)

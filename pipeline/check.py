@@ -136,7 +136,8 @@ def _check_entry(check: ShardCheck, entry, row: dict | None) -> None:
     if entry.key != row["key"]:
         check.report(
             entry.key,
-            f"misaligned: the metadata row at this position is {row['key']!r}; tar and parquet must list samples in the same order",
+            f"misaligned: the metadata row at this position is {row['key']!r}; tar and parquet must list samples in "
+            "the same order",
         )
         return
     image = image_member(entry)

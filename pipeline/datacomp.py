@@ -348,7 +348,8 @@ def _write_manifests(out: str, meta: _Metadata) -> None:
             f"{pool.embeddings_folder(model_id)}/manifest.json",
             {
                 "model": {"model_id": model_id, "weights": "openai", "dim": dim},
-                "source": f"DataComp's published features ({prefix}_img, {prefix}_txt in the .npz beside their metadata parquets)",
+                "source": f"DataComp's published features ({prefix}_img, {prefix}_txt in the .npz beside their "
+                "metadata parquets)",
                 "metadata": os.path.dirname(meta.files[0]),
                 "shards": len(shards),
                 "rows": sum(pool.embeddings_rows(model_id, s) for s in shards),

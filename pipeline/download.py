@@ -357,7 +357,8 @@ def _url_files(urls: str) -> list[tuple[Any, str, str]]:
     fs, path = open_fs(os.path.abspath(urls) if "://" not in urls else urls)
     if not fs.exists(path):
         raise ClipsiftError(
-            f"{urls}: no such file or folder; pass a table of urls and captions or a folder of DataComp metadata parquets"
+            f"{urls}: no such file or folder; pass a table of urls and captions or a folder of DataComp metadata "
+            "parquets"
         )
     if fs.isdir(path):
         files = sorted(p for p in fs.glob(f"{path}/*.parquet"))

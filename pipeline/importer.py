@@ -209,7 +209,7 @@ class _FolderSource:
 
     def records(self, index: int) -> Iterator[Record]:
         for rel, caption_rel in self.items[index * self.shard_size : (index + 1) * self.shard_size]:
-            yield _guarded(rel, lambda: self._record(rel, caption_rel))
+            yield _guarded(rel, functools.partial(self._record, rel, caption_rel))
 
     def _record(self, rel: str, caption_rel: str | None) -> Record:
         if caption_rel is None:
@@ -252,7 +252,7 @@ class _TableSource:
         name = posixpath.basename(self.path)
         for number, row in enumerate(rows, start):
             source = f"{name} row {number}"
-            yield _guarded(source, lambda: self._record(source, row))
+            yield _guarded(source, functools.partial(self._record, source, row))
 
     def _record(self, source: str, row: dict[str, Any]) -> Record:
         caption = _clean_caption(row[self.caption_column])
@@ -317,7 +317,7 @@ class _TarSource:
         with self.fs.open(path, "rb") as handle:
             for entry in iter_tar(handle, source=path):
                 name = f"{rel}/{entry.key}"
-                record = _guarded(name, lambda: tar_record(name, entry))
+                record = _guarded(name, functools.partial(tar_record, name, entry))
                 if record.skip is None:
                     record.extra["source"] = name
                 yield record
@@ -382,7 +382,8 @@ def open_source(
     fs, root = open_fs(os.path.abspath(src) if "://" not in src else src)
     if not fs.exists(root):
         raise ClipsiftError(
-            f"{src}: no such file or folder; pass an image folder, a .parquet/.csv/.jsonl table or webdataset .tar file(s)"
+            f"{src}: no such file or folder; pass an image folder, a .parquet/.csv/.jsonl table or webdataset .tar "
+            "file(s)"
         )
     is_dir = fs.isdir(root)
     if is_dir and out is not None:
@@ -442,7 +443,8 @@ def _open_folder(fs: Any, root: str, is_dir: bool, files: list[str], shard_size:
     images = [f for f in files if file_ext(f) in FOLDER_IMAGE_EXTS]
     if not images:
         raise ClipsiftError(
-            f"{root}: no image files ({', '.join('.' + e for e in FOLDER_IMAGE_EXTS)}) or .tar files found in this folder "
+            f"{root}: no image files ({', '.join('.' + e for e in FOLDER_IMAGE_EXTS)}) or .tar files found in this "
+            "folder "
             "or its subfolders; point SRC at the folder that holds the images (each with a same-stem .txt caption)"
         )
     texts = {f for f in files if f.endswith(".txt")}

@@ -97,7 +97,8 @@ def subset_of_run(run: str) -> str:
         )
     if len(made) > 1:
         raise ReportError(
-            f"{run}/run.json: the run mixes {len(made)} subsets ({', '.join(m[0] for m in made)}); give one of them instead"
+            f"{run}/run.json: the run mixes {len(made)} subsets ({', '.join(m[0] for m in made)}); give one of them "
+            "instead"
         )
     subset, sha, shards = made[0]
     return locate(subset, [shards, root], "the run's subset", sha)
@@ -118,8 +119,8 @@ def locate(path: str, anchors: Iterable[str], what: str, sha256: str | None = No
         if fs.exists(target):
             if sha256 and file_sha256(fs, target) != sha256:
                 raise ReportError(
-                    f"{what} {candidate}{'/' + inside if inside else ''} changed since it was recorded (sha256 differs); "
-                    "re-run the command that made the subset"
+                    f"{what} {candidate}{'/' + inside if inside else ''} changed since it "
+                    "was recorded (sha256 differs); re-run the command that made the subset"
                 )
             return candidate
     raise ReportError(f"{what} {path}: not found (tried {', '.join(dict.fromkeys(tried))}); was it moved?")
@@ -348,7 +349,8 @@ class Scan:
             self.assigned[path].append((nearest(self.indexes[path], vectors[chosen])[1], ids[chosen]))
 
     def cluster_picks(self, path: str) -> ClusterView:
-        """Up to CLUSTERS_SHOWN kept and removed clusters that hold input rows, each with up to `samples` of its rows."""
+        """Up to CLUSTERS_SHOWN kept and removed clusters that hold input rows, each with up to `samples` of its
+        rows."""
         centroids, hit = self.clusters[path].centroids, self.clusters[path].kept
         parts = self.assigned[path]
         clusters = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
@@ -471,7 +473,8 @@ def escape(value: Any) -> str:
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
 h1{font-size:1.6rem}h2{margin-top:2.2rem;border-bottom:1px solid #ddd}h3{margin-bottom:.3rem}
-table{border-collapse:collapse;margin:.5rem 0}td,th{padding:.2rem .6rem;border-bottom:1px solid #eee;text-align:left}td.n{text-align:right}pre{background:#f6f6f6;padding:.6rem;overflow:auto}
+table{border-collapse:collapse;margin:.5rem 0}td,th{padding:.2rem .6rem;border-bottom:1px solid #eee;text-align:left}\
+td.n{text-align:right}pre{background:#f6f6f6;padding:.6rem;overflow:auto}
 .gallery{display:flex;flex-wrap:wrap;gap:.5rem}.sample{width:140px;margin:0;font-size:.72rem}
 .sample img{width:128px;height:128px;object-fit:contain;background:#eee;image-rendering:pixelated}
 .sample figcaption{overflow-wrap:anywhere}.score{font-weight:bold}.kind{color:#a33}.kind-clean{color:#393}
@@ -544,7 +547,10 @@ def _gallery(
             f'<figure class="sample" data-uid="{escape(sample.uid)}" title="{escape(hover)}">{image}{caption}</figure>'
         )
     body = "".join(items) or '<p class="note">nothing here</p>'
-    return f'<h3>{escape(title)}</h3><div class="gallery{" compact" if compact else ""}" data-gallery="{escape(name)}">{body}</div>'
+    return (
+        f'<h3>{escape(title)}</h3><div class="gallery{" compact" if compact else ""}" '
+        f'data-gallery="{escape(name)}">{body}</div>'
+    )
 
 
 def _display_bins(histogram: Histogram) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -707,7 +713,8 @@ def _page(
                 ["report", f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, clipsift {__version__}"],
             ],
         ),
-        f'<p id="pool-size" data-value="{total}" data-kept="{kept}" class="note">{total:,} samples in the pool, {kept:,} kept.</p>',
+        f'<p id="pool-size" data-value="{total}" data-kept="{kept}" class="note">{total:,} samples in the pool, '
+        f"{kept:,} kept.</p>",
         "<h2>Recipe steps</h2>",
         f"<pre>{escape(yaml.safe_dump(info['recipe'], sort_keys=False))}</pre>",
         _steps_table(scan),
@@ -761,11 +768,13 @@ def _truth_section(scan: Scan) -> list[str]:
             cells.append(_share(seen - kept, seen))
         rows.append(cells)
         attrs.append(
-            f'data-kind="{escape(kind)}" data-pool="{pool_counts[code]}" data-kept="{kept_counts[code]}" data-removed-share="{removed!r}"'
+            f'data-kind="{escape(kind)}" data-pool="{pool_counts[code]}" data-kept="{kept_counts[code]}" '
+            f'data-removed-share="{removed!r}"'
         )
     precision, recall = _clean_precision_recall(scan)
     metrics = "".join(
-        f'<tr><td>{label}</td><td data-metric="{key}" data-value="{value!r}">{"-" if value is None else f"{value:.4f}"}</td></tr>'
+        f'<tr><td>{label}</td><td data-metric="{key}" '
+        f'data-value="{value!r}">{"-" if value is None else f"{value:.4f}"}</td></tr>'
         for key, label, value in (
             ("precision", "precision: clean share of the kept rows", precision),
             ("recall", "recall: share of the clean rows kept", recall),
@@ -784,7 +793,8 @@ def _step_section(scan: Scan, node: Node, clusters: dict[str, ClusterView], show
     report = next(s for s in scan.runner.reports if s.path == node.path)
     head = [
         f'<h2 id="step-{escape(node.path)}">Step {escape(node.path)}: <code>{escape(node.label)}</code></h2>',
-        f'<p class="note">kept {report.kept:,} of the {report.rows_in:,} rows it saw ({_share(report.kept, report.rows_in)}).</p>',
+        f'<p class="note">kept {report.kept:,} of the {report.rows_in:,} rows it saw '
+        f"({_share(report.kept, report.rows_in)}).</p>",
     ]
     if node.path in scan.thresholds:
         return head + _threshold_section(scan, node, report, shown)
@@ -817,7 +827,8 @@ def _threshold_section(scan: Scan, node: Node, report: StepReport, shown: dict[i
         "input, removed by the step",
     )
     statement = (
-        f'<p>threshold <span class="threshold" data-step="{escape(path)}" data-value="{threshold!r}">{threshold:.6f}</span> '
+        f'<p>threshold <span class="threshold" data-step="{escape(path)}" '
+        f'data-value="{threshold!r}">{threshold:.6f}</span> '
         f"({escape(how)}; rows with a score at or above it are kept)</p>"
     )
     return [
@@ -832,8 +843,8 @@ def _cluster_section(view: ClusterView, shown: dict[int, Shown], model: str) -> 
     which = "a random sample of its input rows" if view.sampled else "its input rows"
     out = [
         (
-            f"<p>{view.with_targets:,} of {view.k:,} clusters hold a target image. Of {which} with an image embedding, "
-            f"{view.assigned:,}, {view.assigned_kept:,} fall in those (kept) clusters.</p>"
+            f"<p>{view.with_targets:,} of {view.k:,} clusters hold a target image. Of {which} with an "
+            f"image embedding, {view.assigned:,}, {view.assigned_kept:,} fall in those (kept) clusters.</p>"
         )
     ]
     for cluster, kept, size, members in view.shown:

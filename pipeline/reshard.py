@@ -279,7 +279,8 @@ def read_manifest(shards_dir: str) -> dict[str, Any]:
     path = f"{root}/manifest.json"
     if not fs.exists(path):
         raise ClipsiftError(
-            f"{shards_dir}: no manifest.json; make the shards with `clipsift reshard POOL --subset S --out {shards_dir}`"
+            f"{shards_dir}: no manifest.json; make the shards with `clipsift reshard POOL --subset S --out "
+            f"{shards_dir}`"
         )
     with fs.open(path, "rb") as handle:
         manifest = json.load(handle)

@@ -179,7 +179,8 @@ class StageBook:
 
 
 def cpu_times() -> dict[tuple[int, float], float]:
-    """CPU seconds so far of this process and each live process it started (local Ray workers included), by (pid, start)."""
+    """CPU seconds so far of this process and each live process it started (local Ray workers included), by (pid,
+    start)."""
     import psutil
 
     times = {}

@@ -33,7 +33,8 @@ POOL_KINDS = kinds(POOL)
 
 
 def unset_variables(config: BaseModel) -> list[str]:
-    """`field: $VAR` for each path that names an environment variable that is not set (the recipe's own ${vars} aside)."""
+    """`field: $VAR` for each path that names an environment variable that is not set (the recipe's own ${vars}
+    aside)."""
     dumped = config.model_dump(mode="json", exclude={"filter"})
     prose = ("name", "description", "method_name", "authors", "links")
     return [
@@ -93,11 +94,13 @@ class RunConfig(Section):
             raise ValueError("score.model is `filternet` but there is no `filternet:` section to train it")
         if self.filternet is not None and not uses:
             raise ValueError(
-                "a `filternet:` section trains a filtering network, but score.model does not use it (set score.model: filternet)"
+                "a `filternet:` section trains a filtering network, but score.model does not use it (set "
+                "score.model: filternet)"
             )
         if self.submit is not None and self.train.mix and self.submit.track == "filtering":
             raise ValueError(
-                "train.mix adds data of your own: that is the byod track (submit.track: byod, with a submit.description of the data)"
+                "train.mix adds data of your own: that is the byod track (submit.track: byod, with a "
+                "submit.description of the data)"
             )
         if self.submit is not None and self.submit.track == "byod" and not self.submit.description:
             raise ValueError("submit.track byod needs submit.description: what data was added")
@@ -124,7 +127,8 @@ def load_run_config(source: str) -> tuple[RunConfig, str]:
         shipped = resources.files("clipsift.configs") / "runs" / f"{source}.yaml"
         if os.sep in source or not shipped.is_file():
             raise RunConfigError(
-                f"{source}: no such run config file, and no shipped config of that name (shipped: {', '.join(shipped_runs())})"
+                f"{source}: no such run config file, and no shipped config of that name (shipped: "
+                f"{', '.join(shipped_runs())})"
             )
         text, where, base = shipped.read_text(encoding="utf-8"), f"{source}.yaml (shipped)", None
     try:

@@ -94,7 +94,8 @@ def read_run(run: str, suite: str | None = None) -> RunPoint:
     result = suites[name]
     if not result.get("complete") or result.get("average") is None:
         raise ClipsiftError(
-            f"{summary_path}: suite {name} is incomplete (missing {', '.join(result.get('missing', [])) or 'the average'}); "
+            f"{summary_path}: suite {name} is incomplete (missing "
+            f"{', '.join(result.get('missing', [])) or 'the average'}); "
             f"finish it: clipsift eval {run} --suite {name}"
         )
     return RunPoint(
@@ -246,7 +247,8 @@ def scaling_page(result: ScalingResult) -> str:
         )
         fit_rows.append([fit.recipe, ", ".join(fit.scales), f"{fit.a:.4g}", f"{fit.b:.4f}", how, predicted])
         fit_attrs.append(
-            f'data-recipe="{escape(fit.recipe)}" data-a="{fit.a!r}" data-b="{fit.b!r}" data-predicted="{fit.predicted!r}"'
+            f'data-recipe="{escape(fit.recipe)}" data-a="{fit.a!r}" data-b="{fit.b!r}" '
+            f'data-predicted="{fit.predicted!r}"'
         )
     rank_rows, rank_attrs = [], []
     for (first, second), (rho, count) in result.rank_correlations.items():
@@ -254,15 +256,19 @@ def scaling_page(result: ScalingResult) -> str:
         rank_attrs.append(f'data-scales="{escape(first)},{escape(second)}" data-rho="{rho!r}"')
     body = [
         f"<h1>Scaling: {len(result.fits)} recipe(s) fitted, suite <code>{escape(result.suite)}</code></h1>",
-        f'<img class="plot" id="scaling-plot" alt="suite average against samples seen" src="{scaling_figure(result)}">',
+        '<img class="plot" id="scaling-plot" alt="suite average against samples seen" '
+        f'src="{scaling_figure(result)}">',
         "<h2>Power-law fits: error = a · samples<sup>b</sup></h2>",
-        f'<div id="fits">{html_table(["recipe", "scales", "a", "b", "fit", "predicted average"], fit_rows, fit_attrs)}</div>',
+        '<div id="fits">'
+        f"{html_table(['recipe', 'scales', 'a', 'b', 'fit', 'predicted average'], fit_rows, fit_attrs)}</div>",
         (
-            '<p class="note">Least squares on (log samples seen, log error). With two scales the curve passes through both points '
-            "exactly (no check of the power-law form); a recipe seen at one scale is not fitted.</p>"
+            '<p class="note">Least squares on (log samples seen, log error). With '
+            "two scales the curve passes through both points exactly (no check of "
+            "the power-law form); a recipe seen at one scale is not fitted.</p>"
         ),
         "<h2>Rank correlation of recipes between scales (Spearman)</h2>",
-        f'<div id="ranks">{html_table(["scale", "scale", "recipes at both", "Spearman ρ"], rank_rows, rank_attrs)}</div>',
+        '<div id="ranks">'
+        f"{html_table(['scale', 'scale', 'recipes at both', 'Spearman ρ'], rank_rows, rank_attrs)}</div>",
         "<h2>Runs</h2>",
         html_table(["recipe", "scale", "samples seen", "average", "run"], point_rows),
         f'<p class="note">clipsift {__version__}, {time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}</p>',
@@ -286,7 +292,8 @@ def scaling_summary_rows(result: ScalingResult) -> list[tuple[str, Any]]:
         rows.append(
             (
                 fit.recipe,
-                f"error = {fit.a:.4g} · n^{fit.b:.4f} ({'exact, 2 scales' if fit.exact else 'least squares'}){predicted}",
+                f"error = {fit.a:.4g} · n^{fit.b:.4f} "
+                f"({'exact, 2 scales' if fit.exact else 'least squares'}){predicted}",
             )
         )
     for (first, second), (rho, count) in result.rank_correlations.items():

@@ -324,8 +324,8 @@ def _stack(images: list[np.ndarray | None]) -> np.ndarray:
 _JPEG_START, _JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 _DECODE_NOTES = {
     "cpu": "cpu: PIL decode and resize in CPU tasks",
-    "device": "device: torchvision decode_jpeg on the model's device (nvJPEG on CUDA; other formats by PIL), antialiased "
-    "torch resize rounded to uint8",
+    "device": "device: torchvision decode_jpeg on the model's device (nvJPEG on CUDA; other formats by PIL), "
+    "antialiased torch resize rounded to uint8",
 }
 
 
@@ -389,9 +389,10 @@ class Embedder:
         return self.streams.made
 
     def _copy_in(self, host: dict[str, Any], rows: slice) -> dict[str, Any]:
-        """A model batch's rows of the block's host tensors, on the device. On CUDA they are copied on the thread's copy
-        stream, so the copy overlaps the kernels of the batch before it; the compute stream waits for the copy, and the
-        allocator is told that the compute stream uses the tensors (so their memory is not reused while it reads them)."""
+        """A model batch's rows of the block's host tensors, on the device. On CUDA they are copied on the thread's
+        copy stream, so the copy overlaps the kernels of the batch before it; the compute stream waits for the copy,
+        and the allocator is told that the compute stream uses the tensors (so their memory is not reused while it
+        reads them)."""
         if self.device.type != "cuda":
             return {name: tensor[rows].to(self.device) for name, tensor in host.items()}
         torch = self.torch
@@ -418,8 +419,8 @@ class Embedder:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Embed a block. On CUDA the work goes to the calling thread's compute stream, so two calls running side by side
-        (GPU actors take two blocks at once) keep the device busy while one of them waits for its results."""
+        """Embed a block. On CUDA the work goes to the calling thread's compute stream, so two calls running side by
+        side (GPU actors take two blocks at once) keep the device busy while one of them waits for its results."""
         if self.device.type != "cuda":
             return self._embed_block(batch)
         with self.torch.cuda.stream(self._thread_streams()[1]):
@@ -454,9 +455,9 @@ class Embedder:
 
     def _decode_and_crop(self, blobs: np.ndarray, status: np.ndarray) -> list[Any]:
         """uint8 NCHW crops on the device, one tensor per image transform. JPEGs are decoded together by torchvision
-        (nvJPEG on CUDA) and resized on the device; every other image (PNG, WebP, a JPEG cut short or refused) takes the CPU
-        path's PIL decode and crop, in its own mode (palette and alpha images resize as PIL resizes them), and is
-        copied over. Undecodable images become zeros and their `status` (a view of the batch's) says why."""
+        (nvJPEG on CUDA) and resized on the device; every other image (PNG, WebP, a JPEG cut short or refused) takes
+        the CPU path's PIL decode and crop, in its own mode (palette and alpha images resize as PIL resizes them), and
+        is copied over. Undecodable images become zeros and their `status` (a view of the batch's) says why."""
         torch = self.torch
         decoded = self._decode_jpegs(blobs)
         rest = [i for i, image in enumerate(decoded) if image is None]
@@ -503,10 +504,10 @@ class Embedder:
                 return made
 
         if self.device.type == "cuda":
-            # torchvision allocates the outputs on the current stream but nvJPEG writes them from a stream of its own that
-            # does not wait for it (pytorch/vision#9606): on the compute stream it could be handed memory that queued
-            # kernels have yet to read. The thread's decode stream runs nothing else, so nothing queued can still use
-            # what it is handed; the compute stream then waits for the decode and owns the results.
+            # torchvision allocates the outputs on the current stream but nvJPEG writes them from a stream of its own
+            # that does not wait for it (pytorch/vision#9606): on the compute stream it could be handed memory that
+            # queued kernels have yet to read. The thread's decode stream runs nothing else, so nothing queued can
+            # still use what it is handed; the compute stream then waits for the decode and owns the results.
             _, compute, decoding = self._thread_streams()
             with torch.cuda.stream(decoding):
                 made = decode()
@@ -523,7 +524,8 @@ class Embedder:
 
 def _whole_jpeg(data: bytes) -> bool:
     """Whether `data` is a JPEG that ends with its end-of-image marker. The device decoder gets only those: a truncated
-    file (or one with bytes after its image) goes to PIL, which judges it as the CPU path does, whatever nvJPEG would do."""
+    file (or one with bytes after its image) goes to PIL, which judges it as the CPU path does, whatever nvJPEG would
+    do."""
     return data[:3] == _JPEG_START and data[-2:] == _JPEG_END
 
 
@@ -565,7 +567,8 @@ def resolve_precision(precision: str, device_type: str):
 
 def apply_precision(dtype: Any, device_type: str) -> None:
     """The process-wide settings a precision needs: fp32 on CUDA means fp32, so TF32 is turned off for matmuls and
-    convolutions (PyTorch lets cuDNN convolutions use it by default). Meant for a process that runs one model: an actor."""
+    convolutions (PyTorch lets cuDNN convolutions use it by default). Meant for a process that runs one model: an
+    actor."""
     import torch
 
     if device_type == "cuda" and dtype == torch.float32:
@@ -645,7 +648,8 @@ class ScoreResult:
 
 
 class ScoreSettings(Section):
-    """How `clipsift score` (and a run's `score:` section) embeds: batch, precision, where images are decoded, actors."""
+    """How `clipsift score` (and a run's `score:` section) embeds: batch, precision, where images are decoded,
+    actors."""
 
     infra = frozenset({"batch_size", "workers", "gpus_per_worker"})
     batch_size: PositiveInt = 256  # samples per model batch
@@ -708,7 +712,7 @@ def score_models(
     if duplicate:
         raise ClipsiftError(f"model {duplicate} is given twice; pass each --model/--pretrained pair once")
     pool = Pool(pool_url, embeddings=out)
-    pool.info  # a clear error if this is not a pool
+    _ = pool.info  # a clear error if this is not a pool
     pool_sha = file_sha256(pool.fs, pool.path("pool.json"))
     for spec in specs:
         _check_folder_is_this_pools(pool, spec.model_id, pool_sha)
@@ -807,7 +811,8 @@ def _run(
             progress.advance(bar, len(batch["uid"]))
     if buffers:
         raise ClipsiftError(
-            f"scoring ended with {len(buffers)} shard(s) incomplete ({', '.join(sorted(buffers))}); re-run to finish them"
+            f"scoring ended with {len(buffers)} shard(s) incomplete ({', '.join(sorted(buffers))}); re-run to finish "
+            "them"
         )
 
 
@@ -850,7 +855,8 @@ def _dataset(pool_url: str, specs: list[ModelSpec], shards: list[str], settings:
     gpus_per_worker = (1.0 if gpus else 0.0) if gpus_per_worker is None else gpus_per_worker
     if gpus_per_worker > 0 and not gpus:
         raise ClipsiftError(
-            f"--gpus-per-worker {gpus_per_worker} asks for GPUs, but the Ray cluster has none; leave it out to run on CPU"
+            f"--gpus-per-worker {gpus_per_worker} asks for GPUs, but the Ray cluster has none; leave it out to run "
+            "on CPU"
         )
     precision = precision_name(settings.precision, on_gpu=gpus_per_worker > 0)
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -909,7 +915,8 @@ def _manifest_path(pool: Pool, model_id: str) -> str:
 
 
 def _check_folder_is_this_pools(pool: Pool, model_id: str, pool_sha: str) -> None:
-    """Refuse an embeddings folder made for another pool: its shard files would count as done (`--out` shared by pools)."""
+    """Refuse an embeddings folder made for another pool: its shard files would count as done (`--out` shared by
+    pools)."""
     path = _manifest_path(pool, model_id)
     if not pool.embeddings_fs.exists(path):
         return

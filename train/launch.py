@@ -214,7 +214,8 @@ def train(scale: str, data: list[tuple[str, float]], out: str, *, infra: Infra =
     sources = [open_data(path, weight) for path, weight in data]
     if infra.workers > min(len(s.shards) for s in sources) and not recipe.dataset_resampled:
         raise ClipsiftError(
-            f"{infra.workers} data workers but only {min(len(s.shards) for s in sources)} shards; use --workers at most that"
+            f"{infra.workers} data workers but only {min(len(s.shards) for s in sources)} shards; use --workers at "
+            "most that"
         )
     if infra.workers > sum(len(s.shards) for s in sources):
         raise ClipsiftError(

@@ -1,7 +1,7 @@
 """Image-text retrieval: an image and `txt`, its captions one per line (Flickr, MSCOCO); recall@k both ways.
 
 Read from the webdataset layout or a table with a caption column; `eval download` converts the
-Hub's parquet files (`download._retrieval_samples`).
+Hub's parquet files (`download.retrieval_samples`).
 """
 
 from __future__ import annotations
@@ -59,6 +59,6 @@ class Retrieval(TaskType):
         return values, len(records)
 
     def hub_samples(self, rows: Iterator[dict[str, Any]], where: str) -> Iterator[dict[str, bytes]]:
-        from clipsift.eval.download import _retrieval_samples
+        from clipsift.eval.download import retrieval_samples
 
-        return _retrieval_samples(rows, where)
+        return retrieval_samples(rows, where)

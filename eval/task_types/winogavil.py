@@ -2,7 +2,7 @@
 
 A sample is `json` {"cue", "candidates", "associations"} and the candidate images `img00.<ext>`,
 `img01.<ext>`, ... in the order of "candidates"; read only in the webdataset layout, which
-`eval download` writes from the Hub's parquet files (`download._winogavil_samples`).
+`eval download` writes from the Hub's parquet files (`download.winogavil_samples`).
 """
 
 from __future__ import annotations
@@ -75,6 +75,6 @@ class WinoGAViL(TaskType):
         return values, len(records)
 
     def hub_samples(self, rows: Iterator[dict[str, Any]], where: str) -> Iterator[dict[str, bytes]]:
-        from clipsift.eval.download import _winogavil_samples
+        from clipsift.eval.download import winogavil_samples
 
-        return _winogavil_samples(rows, where)
+        return winogavil_samples(rows, where)

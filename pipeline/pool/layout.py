@@ -56,7 +56,7 @@ def shard_id(index: int) -> str:
 
 
 def sample_key(shard_index: int, position: int) -> str:
-    return "%08d_%08d" % (shard_index, position)
+    return f"{shard_index:08d}_{position:08d}"
 
 
 @dataclass

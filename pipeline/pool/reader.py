@@ -18,7 +18,8 @@ from clipsift.pipeline.pool.tar_read import TarEntry, find_entries, owned, tar_w
 
 
 def _absolute(url: str) -> str:
-    """A local path made absolute (so that it names the same folder from elsewhere); URLs as given; no trailing slash."""
+    """A local path made absolute (so that it names the same folder from elsewhere); URLs as given; no trailing
+    slash."""
     url = url.rstrip("/") or "/"
     return url if "://" in url else os.path.abspath(url)
 
@@ -52,7 +53,8 @@ class Pool:
         if not self.fs.exists(path):
             raise PoolFormatError(
                 f"{self.url}: no pool.json, so this is not a clipsift pool (or its creation did not finish); "
-                "create one with `clipsift pool synth`, `pool import` or `pool download`, or re-run the command that was making it"
+                "create one with `clipsift pool synth`, `pool import` or `pool download`, or re-run the command that "
+                "was making it"
             )
         with self.fs.open(path, "rb") as handle:
             info = json.load(handle)
@@ -164,7 +166,8 @@ class Pool:
 
     @contextlib.contextmanager
     def mapped_tar(self, shard: str) -> Iterator[mmap.mmap | None]:
-        """The shard's tar mapped whole and read in (MAP_POPULATE), or None for a tar that is not a non-empty local file."""
+        """The shard's tar mapped whole and read in (MAP_POPULATE), or None for a tar that is not a non-empty local
+        file."""
         path = self.tar_path(shard)
         if not (is_local_fs(self.fs) and os.name == "posix" and os.path.isfile(path) and os.path.getsize(path)):
             yield None
@@ -200,8 +203,8 @@ class Pool:
             if position >= len(rows) or rows[position]["key"] != entry.key:
                 expected = rows[position]["key"] if position < len(rows) else "<end of metadata>"
                 raise PoolFormatError(
-                    f"{self.tar_path(shard)}: sample {position} has key {entry.key!r} but the metadata row says {expected!r}; "
-                    "tar and parquet are misaligned, rebuild this shard"
+                    f"{self.tar_path(shard)}: sample {position} has key {entry.key!r} but the metadata "
+                    f"row says {expected!r}; tar and parquet are misaligned, rebuild this shard"
                 )
             yield sample_from_entry(entry, rows[position], source=self.tar_path(shard))
         if position + 1 != len(rows):

@@ -41,6 +41,19 @@ def test_user_errors_exit_2_with_a_message_and_no_traceback(tmp_path: Path) -> N
     assert missing.returncode == 1 and "no pool.json" in missing.stderr
 
 
+def test_a_bad_option_value_is_refused_by_its_settings_object_naming_the_option(tmp_path: Path) -> None:
+    """The verbs build the stage function's settings section (DownloadSettings, ScoreSettings) from their options:
+    its validation is the CLI's, before any work."""
+    download = clipsift(
+        "pool", "download", str(tmp_path / "urls.parquet"), "--out", str(tmp_path / "pool"), "--threads", "0"
+    )
+    assert download.returncode == 2 and "--threads: Input should be greater than 0" in download.stderr
+    assert not (tmp_path / "pool").exists()
+    score = clipsift("score", str(tmp_path / "pool"), "--model", "RN50", "--pretrained", "openai", "--batch-size", "0")
+    assert score.returncode == 2 and "--batch-size: Input should be greater than 0" in score.stderr
+    assert "Traceback" not in download.stderr + score.stderr
+
+
 @pytest.mark.timeout(2400)  # about three minutes on an idle 2-core machine; room for a loaded one
 def test_demo_runs_the_chain_offline(tmp_path: Path) -> None:
     """The README's main command, quick version: configs/runs/xs.yaml (synth -> filtering network -> score ->

@@ -175,6 +175,6 @@ def test_retrieval_and_winogavil_are_converted_to_the_local_layouts(hub: FakeHub
 
 def test_a_changed_parquet_format_is_named() -> None:
     with pytest.raises(ClipsiftError, match=r"columns \['caption'\] are missing"):
-        list(download._retrieval_samples(iter([{"image": {"bytes": jpeg(1)}, "text": "x"}]), "flickr"))
+        list(download.retrieval_samples(iter([{"image": {"bytes": jpeg(1)}, "text": "x"}]), "flickr"))
     assert download._strings('["a", "b"]') == ["a", "b"] and download._strings("plain") == ["plain"]
     assert np.array_equal(np.array(download._strings(["x"])), np.array(["x"]))

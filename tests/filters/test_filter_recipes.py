@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from test_filters import build_pool, run, uids_of, write_model
 
 from clipsift import __version__
 from clipsift.filters import base
@@ -19,6 +18,7 @@ from clipsift.filters.subset import decode_uids, read_subset
 from clipsift.pipeline.pool import Pool
 
 from conftest import clipsift
+from filter_support import build_pool, run, uids_of, write_model
 
 BASELINES = [
     "no_filter",

@@ -616,19 +616,19 @@ def test_datacomp_download_becomes_a_pool_with_their_features(datacomp: dict) ->
         l14 = pool.embeddings("ViT-L-14__openai", shard).to_pylist()
         b32 = pool.embeddings("ViT-B-32__openai", shard).to_pylist()
         assert [r["uid"] for r in l14] == [r["uid"] for r in b32] == [r["uid"] for r in metadata]  # the shard's order
-        for row, l, b in zip(metadata, l14, b32):
+        for row, ours_l14, b in zip(metadata, l14, b32):
             if row["uid"] not in theirs:
                 assert (
-                    l["status"] == "uid not in the DataComp metadata"
-                    and l["image_emb"] is None
-                    and l["clip_score"] is None
+                    ours_l14["status"] == "uid not in the DataComp metadata"
+                    and ours_l14["image_emb"] is None
+                    and ours_l14["clip_score"] is None
                 )
                 continue
             their_row, features = theirs[row["uid"]]
-            assert l["status"] == b["status"] == "ok"
-            np.testing.assert_allclose(l["image_emb"], features["l14_img"].astype(np.float32), atol=2e-3)
+            assert ours_l14["status"] == b["status"] == "ok"
+            np.testing.assert_allclose(ours_l14["image_emb"], features["l14_img"].astype(np.float32), atol=2e-3)
             np.testing.assert_allclose(b["text_emb"], features["b32_txt"].astype(np.float32), atol=2e-3)
-            assert l["clip_score"] == pytest.approx(their_row["clip_l14_similarity_score"], abs=1e-3)
+            assert ours_l14["clip_score"] == pytest.approx(their_row["clip_l14_similarity_score"], abs=1e-3)
             assert b["clip_score"] == pytest.approx(their_row["clip_b32_similarity_score"], abs=1e-3)
             assert row["text"] == their_row["text"] and row["text"].endswith(" ")  # the tar's caption, not stripped
             assert (row["url"], row["original_width"], row["source_sha256"]) == (

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from test_filters import write_model
 from typer.testing import CliRunner
 
 from clipsift.filters.recipe import apply_recipe, load_recipe
@@ -19,6 +18,8 @@ from clipsift.filters.subset import decode_uids, read_subset
 from clipsift.pipeline.pool import Pool
 from clipsift.pipeline.report import ReportError, curation_report
 from clipsift.pipeline.synth import synth_pool
+
+from filter_support import write_model
 
 FRACTION, MIN_WORDS, SAMPLES = 0.25, 4, 6  # FRACTION under the pool's clean share (28%)
 RECIPE = """name: report_test

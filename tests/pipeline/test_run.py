@@ -118,7 +118,8 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
         ),
         (
             {"filter.set": {"fractoin": 0.2}},
-            "filter.recipe: recipe synth_clip_score.yaml (shipped): filter.set.fractoin=...: the recipe has no variable 'fractoin'",
+            "filter.recipe: recipe synth_clip_score.yaml (shipped): filter.set.fractoin=...: the recipe has no "
+            "variable 'fractoin'",
         ),
         (
             {"filter.recipe": {"steps": [{"clip_scor": {"fraction": 0.3}}]}, "filter.set": {}},
@@ -341,7 +342,8 @@ def test_a_finished_run_rerun_from_its_config_copy_does_nothing(xs_run: dict) ->
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_the_xs_chain_with_a_filtering_network(tmp_path: Path) -> None:
-    """configs/runs/xs.yaml whole: the filtering network scores the pool, the top 30% by its CLIP score is trained on."""
+    """configs/runs/xs.yaml whole: the filtering network scores the pool, the top 30% by its CLIP score is trained
+    on."""
     run = tmp_path / "run"
     process = clipsift("run", str(write_config(tmp_path / "xs.yaml")), "--out", str(run), "--workers", "2")
     try:

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_filters import build_pool
 from typer.testing import CliRunner
 
 from clipsift import ClipsiftError
@@ -22,6 +21,8 @@ from clipsift.filters.recipe import apply_recipe, load_recipe
 from clipsift.pipeline.reshard import read_manifest, reshard
 from clipsift.pipeline.scaling import fit_power_law, scaling_analysis
 from clipsift.train.recipe import load_recipe as load_scale
+
+from filter_support import build_pool
 
 SEEN = {scale: load_scale(scale).samples_seen for scale in ("xs", "tiny", "small", "medium")}
 # (recipe, scale, suite average): A at three scales, B at two with two seeds at xs, C at two
@@ -38,7 +39,8 @@ RUNS = [
 
 
 def write_run(root: Path, name: str, shards: Path, scale: str, average: float, complete: bool = True) -> Path:
-    """A run directory as `clipsift train` and `clipsift eval` leave it (the fields this analysis reads, in their formats)."""
+    """A run directory as `clipsift train` and `clipsift eval` leave it (the fields this analysis reads, in their
+    formats)."""
     run = root / name
     (run / "eval").mkdir(parents=True)
     manifest = read_manifest(str(shards))
@@ -115,7 +117,8 @@ def test_fits_predictions_and_rank_correlation_by_hand(runs: list[Path]) -> None
         1 - math.exp(intercept + slope * math.log(SEEN["medium"]))
     )
 
-    # ranks at xs: A .30 > C .29 > B .28; at tiny: A .40 > B .38 > C .37 -> d = (0, 1, 1): rho = 1 - 6*2 / (3*(9-1)) = 0.5
+    # ranks at xs: A .30 > C .29 > B .28; at tiny: A .40 > B .38 > C .37 -> d = (0, 1, 1):
+    # rho = 1 - 6*2 / (3*(9-1)) = 0.5
     assert result.rank_correlations["xs", "tiny"] == (pytest.approx(0.5), 3)
     assert result.rank_correlations["xs", "small"] == (None, 1)
 

@@ -150,9 +150,10 @@ def test_blank_noise_and_near_duplicates(synth) -> None:
             assert source["kind"] == "clean" and source["shape"] == row["shape"]
             a, b = decode(samples[uid]), decode(samples[row["duplicate_of"]])
             assert samples[uid].image != samples[row["duplicate_of"]].image
-            small = lambda x: np.asarray(
-                Image.fromarray(x.astype(np.uint8)).resize((8, 8), Image.BOX), dtype=np.float32
-            )  # noqa: E731
+
+            def small(x):
+                return np.asarray(Image.fromarray(x.astype(np.uint8)).resize((8, 8), Image.BOX), dtype=np.float32)
+
             assert np.abs(small(a) - small(b)).mean() < 30
 
 

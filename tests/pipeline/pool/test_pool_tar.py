@@ -29,7 +29,8 @@ def tar_members(data: bytes) -> list[tuple[str, bytes]]:
 
 
 def test_fast_tar_layer_matches_tarfile(tmp_path: Path) -> None:
-    """Reshard speed comes from the pool's direct tar reading/writing (tar_read, tar_write): it must agree with tarfile."""
+    """Reshard speed comes from the pool's direct tar reading/writing (tar_read, tar_write): it must agree with
+    tarfile."""
     rng = np.random.default_rng(0)
     members = [
         (f"{i:08d}_{j:08d}.{ext}", rng.bytes(int(rng.integers(0, 3000))))
