@@ -6,9 +6,10 @@
 For each backend a real server (`clipsift leaderboard serve`, one uvicorn process) starts on a free
 127.0.0.1 port over a fresh database (SQLite file in a temporary folder; for PostgreSQL a new
 database on the server of --postgres or CLIPSIFT_TEST_POSTGRES, dropped afterwards). Then
---clients concurrent clients (asyncio + httpx, one token each; the rate limit is set out of the
-way) run two phases of --seconds each: distinct verified submissions (tiny suite, xs scale, built
-by `build_submission` from a run directory in the real formats), then reads of that scale's
+--clients concurrent clients (asyncio + httpx, one token each; the token and client-address rate
+limits are set out of the way) run two phases of --seconds each: distinct verified submissions
+(tiny suite, xs scale, built by `build_submission` from a run directory in the real formats), then
+reads of that scale's
 leaderboard (every row). It prints requests/s, p50/p99 latency, the server process's CPU time per
 request (less sensitive than the rest to other load on the machine; PostgreSQL's own processes are
 not counted) and the errors (any non-2xx answer or failed connection, the first three printed),
@@ -111,7 +112,8 @@ def bench_backend(label: str, db_url: str, workdir: Path, clients: int, seconds:
     db = Database(db_url)
     tokens = [db.create_token(f"load-{i}") for i in range(clients)]
     db.close()
-    server = ServerProcess(db_url, workdir / f"{label}-server.log", "--rate", "1000000", "--burst", "1000000")
+    limits = ["--rate", "1000000", "--burst", "1000000", "--anon-rate", "1000000", "--anon-burst", "1000000"]
+    server = ServerProcess(db_url, workdir / f"{label}-server.log", *limits)
     try:
         base = payload_of(write_run(workdir / f"{label}-run", seed=1), method_name="load")
 

@@ -189,8 +189,9 @@ def pool_from_datacomp(
     name: str | None = typer.Option(None, help="Pool name recorded in pool.json."),
     workers: int | None = WorkersOption,
 ) -> None:
-    """Make a pool from an existing DataComp download, with their CLIP features as embeddings; nothing is
-    downloaded."""
+    """Make a pool from an existing DataComp download, with their CLIP features as embeddings.
+
+    Nothing is downloaded: the tars are linked into the pool."""
     from clipsift.pipeline import datacomp
 
     started = time.perf_counter()
@@ -602,8 +603,9 @@ def eval_make_task(
         None, "--templates", help="Prompt templates with {c}, one per line; default: 'a photo of a {c}.'."
     ),
 ) -> None:
-    """Convert an image folder or table into a task in the webdataset layout (resumable), with its suite entry in
-    OUT/task.yaml."""
+    """Convert an image folder or table into a task in the webdataset layout (resumable).
+
+    Its suite entry is written to OUT/task.yaml."""
     from clipsift.eval.layouts import make_task, read_lines_file
 
     started = time.perf_counter()
@@ -692,33 +694,173 @@ def leaderboard_serve(
     ),
     burst: int = typer.Option(30, "--burst", help="Requests a token may send at once."),
     max_body: int = typer.Option(1_000_000, "--max-body", help="Largest request body in bytes."),
+    public_url: str | None = typer.Option(
+        None,
+        "--public-url",
+        help="The server's public base URL, http(s)://HOST[:PORT], for the URLs it returns (default: http://HOST:PORT "
+        "of --host and --port; the request's Host header is never used).",
+    ),
+    anon_rate: float = typer.Option(
+        20.0, "--anon-rate", help="Requests per second a client address's bucket refills (requests without a token)."
+    ),
+    anon_burst: int = typer.Option(100, "--anon-burst", help="Requests a client address may send at once."),
+    header_timeout: float = typer.Option(
+        10.0, "--header-timeout", help="Seconds a client has to send a request line and headers (then 408, closed)."
+    ),
+    body_timeout: float = typer.Option(
+        30.0, "--body-timeout", help="Seconds a client has to send a whole request body (then 408, closed)."
+    ),
+    max_connections: int = typer.Option(
+        200, "--max-connections", help="Open connections or requests in progress beyond which requests get 503."
+    ),
 ) -> None:
     """Serve the leaderboard (API at /api/v1, web page at /); the schema is created or upgraded on start."""
     from clipsift.leaderboard.app import Settings, serve
 
-    serve(Settings(db=db, max_body=max_body, rate=rate, burst=burst), host=host, port=port)
+    settings = Settings(
+        db=db,
+        max_body=max_body,
+        rate=rate,
+        burst=burst,
+        public_url=public_url,
+        anon_rate=anon_rate,
+        anon_burst=anon_burst,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        max_connections=max_connections,
+    )
+    serve(settings, host=host, port=port)
 
 
 @token_app.command("create")
 def leaderboard_token_create(
     name: str = typer.Argument(..., help="Who or what the token is for (unique)."),
     admin: bool = typer.Option(False, "--admin", help="May change a submission's status and register suites."),
+    expires_days: int | None = typer.Option(
+        None, "--expires-days", min=1, help="Valid for this many days from now (default: until revoked)."
+    ),
     db: str = DbOption,
 ) -> None:
     """Create an API token and print it once (only its hash is stored)."""
-    from clipsift.leaderboard.db import Database
+    from datetime import timedelta
 
-    token = Database(db).create_token(name, admin=admin)
+    from clipsift.leaderboard.db import Database, show_time, utcnow
+
+    expires_at = utcnow() + timedelta(days=expires_days) if expires_days else None
+    database = Database(db)
+    try:
+        token = database.create_token(name, admin=admin, expires_at=expires_at)
+    finally:
+        database.close()
     typer.echo(token)
-    typer.echo(f"{'admin' if admin else 'submitter'} token {name!r} created; it is not shown again.", err=True)
+    until = f", valid until {show_time(expires_at)}" if expires_at else ""
+    typer.echo(f"{'admin' if admin else 'submitter'} token {name!r} created{until}; it is not shown again.", err=True)
+
+
+@token_app.command("list")
+def leaderboard_token_list(db: str = DbOption) -> None:
+    """List the API tokens: name, role, created, expires, last used, revoked (never a token or its hash)."""
+    from clipsift.leaderboard.db import Database, show_time, utcnow
+
+    database = Database(db)
+    try:
+        tokens = database.tokens()
+    finally:
+        database.close()
+    if not tokens:
+        typer.echo("no tokens; create one with `clipsift leaderboard token create NAME`", err=True)
+        return
+    now = utcnow()
+    header = ("name", "role", "created", "expires", "last used", "revoked")
+    rows = [
+        (
+            t.name,
+            t.role,
+            show_time(t.created),
+            show_time(t.expires_at) + (" (expired)" if t.expires_at is not None and t.expires_at <= now else ""),
+            show_time(t.last_used),
+            show_time(t.revoked_at),
+        )
+        for t in tokens
+    ]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@token_app.command("revoke")
+def leaderboard_token_revoke(
+    name: str = typer.Argument(..., help="The token's name (as `token list` shows it)."),
+    db: str = DbOption,
+) -> None:
+    """Revoke a token: a running server refuses it from its next request on (401 "token revoked")."""
+    from clipsift.leaderboard.db import Database, show_time
+
+    database = Database(db)
+    try:
+        token, now = database.revoke_token(name)
+    finally:
+        database.close()
+    if now:
+        typer.echo(f"token {name!r} revoked on {show_time(token.revoked_at)}")
+    else:
+        typer.echo(f"token {name!r} was revoked already, on {show_time(token.revoked_at)}")
+
+
+@leaderboard_app.command("verify")
+def leaderboard_verify(
+    file: Path = typer.Argument(..., help="An export (`clipsift submit RUN --export FILE`) or a submission payload."),
+    run: Path | None = typer.Option(
+        None, "--run", help="Also compare the export's provenance hashes with this run directory's files."
+    ),
+) -> None:
+    """Verify a submission as the server would, without one (built-in suites; duplicates are not checked).
+
+    Exits 0 with a summary, or 1 listing each problem as `field: reason`."""
+    import json
+
+    from clipsift.leaderboard.verify import verify_document
+
+    try:
+        document = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ClipsiftError(f"{file}: cannot read it ({err.strerror or err})") from None
+    except ValueError as err:
+        raise ClipsiftError(f"{file}: not valid JSON ({err})") from None
+    report = verify_document(document, run_dir=str(run) if run is not None else None)
+    if report.problems:
+        typer.echo(f"{file}: {len(report.problems)} problem(s); the server would refuse it:")
+        for field, reason in report.problems:
+            typer.echo(f"{field}: {reason}")
+        raise typer.Exit(1)
+    submission, verified = report.submission, report.verified
+    groups = ", ".join(
+        f"{tag} {value:.4f}" if value is not None else f"{tag} -" for tag, value in verified.groups.items()
+    )
+    _print_summary(
+        "verified",
+        [
+            ("file", file),
+            ("method", submission.method_name),
+            ("track · scale · suite", f"{submission.track} · {submission.scale} · {report.suite.name}"),
+            ("tasks", f"{len(verified.results)} ({sum(row['scored'] for row in verified.results)} scored)"),
+            ("average", f"{verified.average:.6f} (recomputed)"),
+            ("groups", groups or "none"),
+            ("payload sha256", report.payload_sha256 + (" (matches the export)" if report.export else "")),
+            ("provenance", "compared with " + str(run) if run is not None else "not compared (no --run)"),
+            ("duplicates", "not checked: only the server knows what it stores"),
+        ],
+    )
 
 
 @app.command("submit")
 def submit(
     run: Path = typer.Argument(..., help="Run directory: RUN/run.json and RUN/eval/results.jsonl + summary.json."),
-    server: str = typer.Option(..., "--server", help="Leaderboard URL, e.g. http://127.0.0.1:8000."),
-    token: str = typer.Option(
-        ..., "--token", envvar="CLIPSIFT_LEADERBOARD_TOKEN", help="API token (or set CLIPSIFT_LEADERBOARD_TOKEN)."
+    server: str | None = typer.Option(
+        None, "--server", help="Leaderboard URL, e.g. http://127.0.0.1:8000 (needed unless --export)."
+    ),
+    token: str | None = typer.Option(
+        None, "--token", envvar="CLIPSIFT_LEADERBOARD_TOKEN", help="API token (or set CLIPSIFT_LEADERBOARD_TOKEN)."
     ),
     method_name: str = typer.Option(..., "--method-name", help="The method's name on the leaderboard."),
     track: str = typer.Option("filtering", "--track", help="filtering | byod."),
@@ -730,10 +872,20 @@ def submit(
     suite: str | None = typer.Option(
         None, "--suite", help="The suite to submit (default: the one summary.json has complete)."
     ),
+    export: Path | None = typer.Option(
+        None,
+        "--export",
+        help="Write the submission and its provenance hashes to this file instead of sending it "
+        "(check it with `clipsift leaderboard verify FILE`).",
+    ),
 ) -> None:
-    """Submit an evaluated run to a leaderboard; prints its URL, or the server's reasons for refusing it."""
-    from clipsift.leaderboard.client import build_submission, post_submission, submission_url
+    """Submit an evaluated run to a leaderboard; prints its URL, or the server's reasons for refusing it.
 
+    With --export FILE nothing is sent: the complete submission is written to FILE."""
+    from clipsift.leaderboard.client import build_submission, export_submission, post_submission, submission_url
+
+    if export is None and (server is None or token is None):
+        raise ClipsiftError("submit needs --server and --token (or CLIPSIFT_LEADERBOARD_TOKEN), or --export FILE")
     payload = build_submission(
         str(run),
         method_name=method_name,
@@ -743,6 +895,19 @@ def submit(
         description=description,
         suite=suite,
     )
+    if export is not None:
+        document = export_submission(str(run), payload, export)
+        _print_summary(
+            "exported",
+            [
+                ("file", export),
+                ("suite", payload["suite"]["name"]),
+                ("scale", payload["scale"]),
+                ("payload sha256", document["payload_sha256"]),
+                ("check it", f"clipsift leaderboard verify {export}"),
+            ],
+        )
+        return
     submission_id = post_submission(server, token, payload)
     _print_summary(
         "submitted",
@@ -915,8 +1080,9 @@ def report_scaling(
         None, "--suite", "-s", help="The suite whose average is fitted (default: the runs' only suite)."
     ),
 ) -> None:
-    """Fit each recipe's error (1 - suite average) against samples seen with a power law, predict the next scale, rank
-    recipes."""
+    """Fit each recipe's error against samples seen with a power law, predict the next scale, rank recipes.
+
+    The error is 1 - the suite average."""
     from clipsift.pipeline.scaling import scaling_report, scaling_summary_rows
 
     _print_summary("scaling", scaling_summary_rows(scaling_report(runs, out, suite=suite)))

@@ -9,16 +9,18 @@ served by the app itself.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from typing import Any
 
+import h11
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
@@ -26,9 +28,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from clipsift import __version__
+from clipsift import ClipsiftError, __version__
 from clipsift.leaderboard import store
 from clipsift.leaderboard.client import API, submission_url
 from clipsift.leaderboard.db import DEFAULT_DB, Database, Submission, Token
@@ -70,6 +74,59 @@ class Settings:
     max_body: int = 1_000_000  # bytes of a request body
     rate: float = 1.0  # requests per second a token's bucket refills
     burst: int = 30  # requests a token may send at once
+    # the HTTP side (issue 22): absolute URLs are built from public_url, never from the request's Host header
+    public_url: str | None = None  # None: serve() takes http://HOST:PORT of the bind address
+    anon_rate: float = 20.0  # requests per second a client address's bucket refills
+    anon_burst: int = 100  # requests a client address may send at once
+    header_timeout: float = 10.0  # seconds a client has to send a request's line and headers
+    body_timeout: float = 30.0  # seconds a client has to send a request's whole body
+    max_connections: int = 200  # open connections (and requests in progress) before 503
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{option} must be positive, not {value}"
+            for option, value in (
+                ("--max-body", self.max_body),
+                ("--anon-burst", self.anon_burst),
+                ("--header-timeout", self.header_timeout),
+                ("--body-timeout", self.body_timeout),
+                ("--max-connections", self.max_connections),
+            )
+            if not value > 0
+        ]
+        problems += [
+            f"{option} must not be negative, not {v}" for option, v in (("--anon-rate", self.anon_rate),) if v < 0
+        ]
+        if self.public_url is not None:
+            problems += public_url_problems(self.public_url)
+        if problems:
+            raise ClipsiftError("; ".join(problems))
+
+    @property
+    def base_url(self) -> str:
+        """The public base URL without a trailing slash (the absolute URLs of the API's `url` fields)."""
+        return (self.public_url or "http://127.0.0.1:8000").rstrip("/")
+
+
+def public_url_problems(url: str) -> list[str]:
+    """Why `url` cannot be the server's public base URL (an http(s) origin: scheme, host, optional port)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as err:
+        return [f"--public-url {url!r}: {err}"]
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return [f"--public-url {url!r}: expected http(s)://HOST[:PORT]"]
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+        return [f"--public-url {url!r}: expected only http(s)://HOST[:PORT] (the pages link from the host's root)"]
+    return []
+
+
+def bind_url(host: str, port: int) -> str:
+    """http://HOST:PORT of a bind address (IPv6 in brackets), the default public URL."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class Refuse(Exception):
@@ -119,51 +176,169 @@ class TokenBuckets:
             return (1.0 - left) / self.rate if self.rate > 0 else math.inf
 
 
-class Guard:
-    """ASGI middleware: refuses bodies over the limit with 413 (by Content-Length, or counted as a chunked body
-    arrives, before the app sees any of it) and adds the security headers to every response."""
+class AddressBuckets(TokenBuckets):
+    """The rate limit of requests without an accepted token: one bucket per client address (an IPv6 client by its
+    /64, which one host usually holds whole). In memory; full buckets are dropped when there are many."""
 
-    def __init__(self, app: Any, max_body: int):
-        self.app, self.max_body = app, max_body
+    MAX_KEYS = 100_000
+
+    def take(self, key: Any) -> float:
+        if len(self.buckets) > self.MAX_KEYS:
+            self._prune()
+        return super().take(key)
+
+    def peek(self, key: Any) -> float:
+        """Like `take`, without taking: 0 when the bucket has a request left."""
+        now = time.monotonic()
+        with self.lock:
+            left, then = self.buckets.get(key, (float(self.burst), now))
+        left = min(float(self.burst), left + (now - then) * self.rate)
+        return 0.0 if left >= 1.0 else (1.0 - left) / self.rate if self.rate > 0 else math.inf
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            full = [k for k, (left, then) in self.buckets.items() if left + (now - then) * self.rate >= self.burst]
+            for key in full:
+                del self.buckets[key]
+            if len(self.buckets) > self.MAX_KEYS:  # a flood of distinct addresses: forget them all
+                self.buckets.clear()
+
+
+def client_key(scope: dict) -> str:
+    """The client's address as a rate-limit key (IPv6 by its /64)."""
+    import ipaddress
+
+    host = (scope.get("client") or ("unknown", 0))[0]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return str(host)
+    if address.version == 6 and address.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address.ipv4_mapped or address) if address.version == 6 else str(address)
+
+
+def body_encoding_problem(body: bytes, content_type: bytes | None) -> tuple[int, str] | None:
+    """(status, reason) when a request body is not UTF-8 JSON text (RFC 8259 section 8.1), else None. Python's
+    json.loads would decode UTF-16 and UTF-32 bytes without a word: they are refused here, by the content type's
+    charset (415), the body's byte order mark or zero-byte pattern (415), or invalid UTF-8 (400)."""
+    for param in (content_type or b"").decode("latin-1").split(";")[1:]:
+        name, _, value = param.partition("=")
+        charset = value.strip().strip('"')
+        if name.strip().lower() == "charset" and charset.lower() not in ("utf-8", "utf8"):
+            return 415, f"the content type names charset {charset[:40]!r}; JSON bodies must be UTF-8"
+    if not body:
+        return None
+    encoding = json.detect_encoding(body)
+    if encoding not in ("utf-8", "utf-8-sig"):
+        return 415, f"the body is {encoding.upper()} text; JSON bodies must be UTF-8"
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return 400, f"the body is not valid UTF-8 (byte {err.start:,}); JSON bodies must be UTF-8"
+    return None
+
+
+CLOSE = (b"connection", b"close")
+
+
+class Guard:
+    """ASGI middleware, the outermost layer of the app's own: the rate limit of client addresses (429), request
+    framing (400 for Content-Length with Transfer-Encoding), bodies over the limit (413, by Content-Length or
+    counted as a chunked body arrives, before the app sees any of it), bodies that do not arrive within
+    `body_timeout` (408) or are not UTF-8 (415/400), and any unhandled error (a JSON 500 without a traceback, the
+    traceback in the log). It adds the security headers to every response, and `Connection: close` to 5xx and to
+    refusals sent before the body was read."""
+
+    def __init__(self, app: Any, settings: Settings, addresses: AddressBuckets):
+        self.app, self.settings, self.addresses = app, settings, addresses
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        status: int | None = None
 
         async def send_with_headers(message: dict) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+                status = message["status"]
+                headers = [*message.get("headers", []), *SECURITY_HEADERS]
+                if status >= 500 and CLOSE not in headers:
+                    headers.append(CLOSE)
+                message = {**message, "headers": headers}
             await send(message)
 
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return await self._too_large(scope, receive, send_with_headers)
+        async def refuse(code: int, detail: str, errors: list[tuple[str, str]], **headers: str) -> None:
+            response = _refusal(code, detail, errors, headers={"Connection": "close", **headers})
+            await response(scope, receive, send_with_headers)
+
+        headers = scope.get("headers") or []
+        names = {name for name, _ in headers}
+        if b"content-length" in names and b"transfer-encoding" in names:  # RFC 9112 6.3: a smuggling attempt
+            return await refuse(400, "Content-Length and Transfer-Encoding together", [("headers", "ambiguous")])
+        key = client_key(scope)
+        # a write with a token is limited by the token's bucket; anything else by its address's, and a write
+        # whose token is refused (401) is charged to the address afterwards; an empty address bucket refuses all
+        token_write = b"authorization" in names and scope["method"] not in ("GET", "HEAD", "OPTIONS")
+        wait = self.addresses.peek(key) if token_write else self.addresses.take(key)
+        if wait:
+            return await refuse(
+                429,
+                f"rate limit: at most {self.settings.anon_burst} requests at once and {self.settings.anon_rate:g} "
+                "per second per client address without a token",
+                [("client", "too many requests")],
+                **{"Retry-After": str(max(1, math.ceil(min(wait, 86400))))},
+            )
+        fields = dict(headers)
+        length = fields.get(b"content-length")
+        max_body = self.settings.max_body
+        if length is not None and (not length.isdigit() or int(length) > max_body):
+            return await refuse(
+                413, f"request body larger than {max_body:,} bytes", [("body", f"at most {max_body:,} bytes")]
+            )
         chunks, size, more = [], 0, True
+        deadline = time.monotonic() + self.settings.body_timeout
         while more:  # bodies are small (a submission is tens of kB): read it whole, then hand it on
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                log.warning("%s: request body not received within %g s", key, self.settings.body_timeout)
+                timeout = self.settings.body_timeout
+                return await refuse(408, f"request body not received within {timeout:g} s", [("body", "too slow")])
             if message["type"] != "http.request":
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_body:
-                return await self._too_large(scope, receive, send_with_headers)
+            if size > max_body:
+                return await refuse(
+                    413, f"request body larger than {max_body:,} bytes", [("body", f"at most {max_body:,} bytes")]
+                )
             more = message.get("more_body", False)
+        body = b"".join(chunks)
+        problem = body_encoding_problem(body, fields.get(b"content-type"))
+        if problem:
+            response = _refusal(problem[0], problem[1], [("body", "not UTF-8")])
+            return await response(scope, receive, send_with_headers)
         replayed = False
 
         async def replay() -> dict:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send_with_headers)
-
-    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
-        response = _refusal(
-            413, f"request body larger than {self.max_body:,} bytes", [("body", f"at most {self.max_body:,} bytes")]
-        )
-        await response(scope, receive, send)
+        try:
+            await self.app(scope, replay, send_with_headers)
+        except Exception:
+            if status is not None:
+                raise  # the response has begun: uvicorn closes the connection
+            log.exception("unhandled error answering %s %s", scope["method"], scope["path"])
+            response = _refusal(500, "internal server error", headers={"Connection": "close"})
+            return await response(scope, receive, send_with_headers)
+        if token_write and status == 401:
+            self.addresses.take(key)
 
 
 class RedactSecrets(logging.Filter):
@@ -208,9 +383,10 @@ def create_app(settings: Settings = Settings()) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         description="Verified DataComp-style submissions. Writes need `Authorization: Bearer TOKEN`.",
+        redirect_slashes=False,  # its redirects are built from the Host header
     )
     app.state.db = db
-    app.add_middleware(Guard, max_body=settings.max_body)
+    app.add_middleware(Guard, settings=settings, addresses=AddressBuckets(settings.anon_rate, settings.anon_burst))
     bearer = HTTPBearer(auto_error=False, description="A token from `clipsift leaderboard token create`.")
     env = Environment(loader=FileSystemLoader(str(HERE / "templates")), autoescape=True)
     env.filters["score"] = lambda value: "" if value is None else f"{100 * value:.2f}"
@@ -223,9 +399,19 @@ def create_app(settings: Settings = Settings()) -> FastAPI:
                 "authentication required: send `Authorization: Bearer TOKEN`",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        token = db.find_token(credentials.credentials)
-        if token is None:
-            raise Refuse(401, "unknown or revoked token", headers={"WWW-Authenticate": "Bearer"})
+        token = db.find_token(credentials.credentials)  # read on every request: a revocation counts at once
+        reason = "unknown token" if token is None else token.refusal()
+        if reason is not None:
+            raise Refuse(
+                401,
+                reason,
+                [("authorization", f"{reason}: ask the leaderboard's admin for a new token")],
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        try:
+            db.touch_token(token)
+        except SQLAlchemyError as err:  # bookkeeping only: a busy database does not refuse the request
+            log.warning("could not record the use of token %s: %s", token.name, type(err).__name__)
         wait = buckets.take(token.id)
         if wait:
             raise Refuse(
@@ -286,7 +472,7 @@ def create_app(settings: Settings = Settings()) -> FastAPI:
         return SubmissionCreated(
             id=row.id,
             status=row.status,
-            url=submission_url(str(request.base_url), row.id),
+            url=submission_url(settings.base_url, row.id),
             average=row.average,
             groups=row.groups,
         )
@@ -302,7 +488,7 @@ def create_app(settings: Settings = Settings()) -> FastAPI:
         """Submissions, best average first; pending and verified ones unless `include_rejected`."""
         statuses = (*store.VISIBLE, "rejected") if include_rejected else store.VISIBLE
         rows = store.leaderboard(db, scale=scale, track=track, suite=suite, statuses=statuses)
-        base = str(request.base_url)
+        base = settings.base_url
         return [
             Row(
                 id=r.id,
@@ -352,7 +538,7 @@ def create_app(settings: Settings = Settings()) -> FastAPI:
             status=row.status,
             status_note=row.status_note,
             created=row.created,
-            url=submission_url(str(request.base_url), row.id),
+            url=submission_url(settings.base_url, row.id),
         )
 
     @app.get(
@@ -514,12 +700,139 @@ def _recipe_rows(row: Submission) -> list[tuple[str, Any, Any]]:
     return [(key, recipe.get(key), standard.get(key)) for key in sorted(set(recipe) | set(standard))]
 
 
+def _raw_refusal(status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> bytes:
+    """A whole HTTP/1.1 response with the API's JSON body, the security headers and `Connection: close`, for the
+    protocol's own answers (the app never sees those requests)."""
+    from http import HTTPStatus
+
+    body = json.dumps({"detail": detail, "errors": []}).encode()
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()]
+    fields = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), CLOSE]
+    lines += [name + b": " + value for name, value in [*fields, *headers, *SECURITY_HEADERS]]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+class _FramingChecked(h11.Connection):
+    """h11's server side, refusing a request head with both Content-Length and Transfer-Encoding (h11 takes the
+    chunked framing and would serve the bytes after the chunked body as a second, smuggled, request)."""
+
+    on_head: Any = None  # called with each request head h11 completes
+    problem = "invalid HTTP request"  # why the last request was refused, for the 400's body
+
+    def next_event(self) -> Any:
+        try:
+            event = super().next_event()
+        except h11.RemoteProtocolError as err:
+            self.problem = f"invalid HTTP request: {str(err)[:200]}"
+            raise
+        if isinstance(event, h11.Request):
+            if self.on_head is not None:
+                self.on_head()
+            names = {name for name, _ in event.headers}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                self.problem = "Content-Length and Transfer-Encoding together (RFC 9112 section 6.3)"
+                raise h11.RemoteProtocolError(self.problem)
+        return event
+
+
+class HardenedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with what it lacks (`serve` makes a subclass with the settings' values):
+
+    - a header timeout: a connection gets `header_timeout` seconds from its start, or from the first byte of a next
+      request, to complete a request line and headers; then 408 and close (uvicorn has none: a client trickling
+      header bytes, or sending none, holds its connection for ever);
+    - request framing: Content-Length with Transfer-Encoding is answered 400 and the connection closed;
+    - a concurrency limit, `max_connections` open connections or requests in progress, beyond which requests get
+      503 (uvicorn's limit_concurrency, whose 503 lacks the security headers, done here instead);
+    - its own 400s (a malformed request) carry a JSON body naming the problem and the security headers."""
+
+    header_timeout: float = Settings.header_timeout
+    max_connections: int = Settings.max_connections
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        size = self.config.h11_max_incomplete_event_size  # as uvicorn's own h11.Connection
+        self.conn = _FramingChecked(h11.SERVER, *([] if size is None else [size]))
+        self.conn.on_head = self._stop_head_timer
+        self.limit_concurrency = None  # _admit checks instead
+        self.application, self.app = self.app, self._admit
+        self.head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        try:
+            super().handle_events()
+        finally:
+            if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0] and not self.transport.is_closing():
+                self._start_head_timer()  # part of a next request's head is here: it has header_timeout to finish
+
+    def _start_head_timer(self) -> None:
+        if self.head_timer is None:
+            self.head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.transport.is_closing():
+            return
+        self.logger.warning(
+            "%s: no complete request head within %g s; connection closed", self.client, self.header_timeout
+        )
+        if self.conn.our_state is h11.IDLE:
+            self.transport.write(
+                _raw_refusal(408, f"request line and headers not received within {self.header_timeout:g} s")
+            )
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # not in the middle of another response
+            self.transport.write(_raw_refusal(400, self.conn.problem))
+        self.transport.close()
+
+    async def _admit(self, scope: Any, receive: Any, send: Any) -> None:
+        if len(self.connections) > self.max_connections or len(self.tasks) > self.max_connections:
+            self.logger.warning("more than %d connections or requests: 503", self.max_connections)
+            detail = f"server busy: more than {self.max_connections} connections or requests; try again"
+            body = json.dumps({"detail": detail, "errors": []}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            headers += [(b"retry-after", b"1"), CLOSE, *SECURITY_HEADERS]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.application(scope, receive, send)
+
+
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the server with uvicorn (logs behind RedactSecrets)."""
+    """Run the server with uvicorn (logs behind RedactSecrets) on HardenedH11Protocol; the public URL defaults to
+    http://HOST:PORT of the bind address."""
     import uvicorn
 
+    if settings.public_url is None:
+        settings = replace(settings, public_url=bind_url(host, port))
+    protocol = type(
+        "ClipsiftH11Protocol",
+        (HardenedH11Protocol,),
+        {"header_timeout": settings.header_timeout, "max_connections": settings.max_connections},
+    )
     # keep-alive longer than uvicorn's 5 s: a busy client that reuses a connection just as the server drops it
     # gets a reset
     uvicorn.run(
-        create_app(settings), host=host, port=port, log_config=log_config(), server_header=False, timeout_keep_alive=30
+        create_app(settings),
+        host=host,
+        port=port,
+        log_config=log_config(),
+        server_header=False,
+        timeout_keep_alive=30,
+        http=protocol,
     )

@@ -3,19 +3,23 @@
 The payload holds the suite's per-task main metrics (RUN/eval/results.jsonl), the averages
 summary.json claims (the server recomputes them), the subset's hash and size and the pool's hash
 (from the reshard manifest run.json records) and run.json itself as provenance (without the
-manifest's shard list).
+manifest's shard list). `export_submission` writes that payload with its provenance hashes to a file
+instead (`clipsift submit --export`), which `clipsift leaderboard verify` checks without a server.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from clipsift import ClipsiftError
-from clipsift.leaderboard.schema import SUBMISSION_FORMAT, TRACKS, Duplicate
+from clipsift import ClipsiftError, __version__
+from clipsift.leaderboard.schema import EXPORT_FORMAT, SUBMISSION_FORMAT, TRACKS, Duplicate, canonical_sha256
 
 API = "/api/v1"
+RUN_FILES = ("run.json", "eval/results.jsonl", "eval/summary.json")  # the run's files an export records the hash of
 
 
 def submission_url(base_url: str, submission_id: int) -> str:
@@ -136,6 +140,44 @@ def build_submission(
         "pool_sha256": pool,
         "run": _provenance(record),
     }
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_document(run_dir: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """An export: the submission payload, the sha256 of its canonical JSON (`schema.canonical_sha256`) and the
+    sha256 of each of the run's files it was built from (RUN_FILES)."""
+    run = Path(run_dir)
+    return {
+        "format": EXPORT_FORMAT,
+        "submission": payload,
+        "payload_sha256": canonical_sha256(payload),
+        "provenance": {"clipsift": __version__, "files": {name: file_sha256(run / name) for name in RUN_FILES}},
+    }
+
+
+def export_submission(run_dir: str, payload: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """Write `export_document(run_dir, payload)` to `path` atomically (a temporary file beside it, then renamed:
+    a reader never sees half a file); the document."""
+    document = export_document(run_dir, payload)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("w", encoding="utf-8") as handle:
+            handle.write(json.dumps(document, indent=2, sort_keys=True) + "\n")  # ASCII escapes: any string fits
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return document
 
 
 def refusal_message(status: int, body: Any) -> str:

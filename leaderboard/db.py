@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from clipsift import ClipsiftError
 from clipsift.eval.registry import Suite, load_suite, parse_suite, suite_names
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # columns added since (nullable, added on start) need no new version
 TOKEN_PREFIX = "clipsift_"
 ROLES = ("admin", "submitter")
 DEFAULT_DB = "leaderboard.sqlite"
+LAST_USED_EVERY = timedelta(minutes=1)  # a token's last_used is written at most this often (one write a minute)
 
 
 def utcnow() -> datetime:
@@ -61,6 +62,21 @@ class Token(Base):
     token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
     role: Mapped[str] = mapped_column(sa.String(16))
     created: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)  # UTC; none: never
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)  # UTC; set by `token revoke`
+    last_used: Mapped[datetime | None] = mapped_column(default=None)  # UTC, to LAST_USED_EVERY
+
+    def refusal(self, now: datetime | None = None) -> str | None:
+        """Why this token may not be used now (revoked, expired), or None when it may."""
+        if self.revoked_at is not None:
+            return f"token revoked on {show_time(self.revoked_at)}"
+        if self.expires_at is not None and self.expires_at <= (now or utcnow()):
+            return f"token expired on {show_time(self.expires_at)}"
+        return None
+
+
+def show_time(value: datetime | None) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M UTC")
 
 
 class Submission(Base):
@@ -107,9 +123,7 @@ def make_engine(url: str) -> sa.Engine:
         def _pragmas(connection: Any, record: Any) -> None:  # readers never wait for the writer
             cursor = connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute(
-                "PRAGMA synchronous=NORMAL"
-            )  # WAL: a crash loses no committed row; power loss at most the last
+            cursor.execute("PRAGMA synchronous=FULL")  # fsync at each commit: a commit survives power loss too
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
@@ -133,7 +147,9 @@ def upgrade(engine: sa.Engine) -> None:
                         "this database predates automatic upgrades: export its submissions and start a new one"
                     )
                 kind = column.type.compile(engine.dialect)
-                connection.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+                # PostgreSQL: IF NOT EXISTS, so two servers starting at once on an old database both succeed
+                maybe = " IF NOT EXISTS" if engine.dialect.name == "postgresql" else ""
+                connection.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN{maybe} "{column.name}" {kind}'))
         connection.execute(sa.delete(Meta.__table__).where(Meta.__table__.c.key == "schema_version"))
         connection.execute(sa.insert(Meta.__table__).values(key="schema_version", value=str(SCHEMA_VERSION)))
 
@@ -181,18 +197,52 @@ class Database:
 
     # ----------------------------------------------------------------------- tokens
 
-    def create_token(self, name: str, admin: bool = False) -> str:
-        """A new API token (returned once; only its hash is kept)."""
+    def create_token(self, name: str, admin: bool = False, expires_at: datetime | None = None) -> str:
+        """A new API token (returned once; only its hash is kept), valid until `expires_at` (UTC) if given."""
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         with self.session.begin() as session:
             if session.scalar(sa.select(Token).where(Token.name == name)) is not None:
                 raise ClipsiftError(f"a token named {name!r} exists already; choose another name")
-            session.add(Token(name=name, token_hash=hash_token(token), role="admin" if admin else "submitter"))
+            session.add(
+                Token(
+                    name=name,
+                    token_hash=hash_token(token),
+                    role="admin" if admin else "submitter",
+                    expires_at=expires_at,
+                )
+            )
         return token
 
     def find_token(self, token: str) -> Token | None:
+        """The token's row, revoked and expired ones included (`Token.refusal` tells whether it may be used)."""
         with self.session() as session:
             return session.scalar(sa.select(Token).where(Token.token_hash == hash_token(token)))
+
+    def tokens(self) -> list[Token]:
+        """Every token, oldest first (rows hold the hash: never show `token_hash`)."""
+        with self.session() as session:
+            return list(session.scalars(sa.select(Token).order_by(Token.created, Token.id)))
+
+    def revoke_token(self, name: str) -> tuple[Token, bool]:
+        """Revoke the token named `name` from now on (the server checks every request: no restart); returns it and
+        whether it was revoked now (False: it was revoked already)."""
+        with self.session.begin() as session:
+            token = session.scalar(sa.select(Token).where(Token.name == name))
+            if token is None:
+                known = ", ".join(sorted(session.scalars(sa.select(Token.name)))) or "none"
+                raise ClipsiftError(f"no token named {name!r} (tokens: {known})")
+            if token.revoked_at is not None:
+                return token, False
+            token.revoked_at = utcnow()
+        return token, True
+
+    def touch_token(self, token: Token) -> None:
+        """Record that `token` was used now, at most once per LAST_USED_EVERY (a write a minute, not per request)."""
+        now = utcnow()
+        if token.last_used is not None and now - token.last_used < LAST_USED_EVERY:
+            return
+        with self.session.begin() as session:
+            session.execute(sa.update(Token).where(Token.id == token.id).values(last_used=now))
 
     # ----------------------------------------------------------------------- suites
 

@@ -6,23 +6,63 @@ suite, its scale and itself is `verify.py`'s business.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from clipsift import ClipsiftError
 
 SUBMISSION_FORMAT = "clipsift-submission/1"
+EXPORT_FORMAT = "clipsift-export/1"  # `clipsift submit --export`: a submission plus its provenance hashes
 TRACKS = ("filtering", "byod")
 STATUSES = ("pending", "verified", "rejected")
 MAX_NESTING = 32  # of the free-form run record
 
 
-def _no_nul(value: str) -> str:
-    if "\x00" in value:  # PostgreSQL text cannot hold NUL: refuse it for every backend alike
-        raise ValueError("contains a NUL character")
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL and lone UTF-16 surrogates: not storable, not encodable
+
+
+def text_problem(value: str) -> str | None:
+    """Why a string cannot be stored or rendered (None when it can): NUL, or a lone surrogate.
+
+    PostgreSQL text cannot hold NUL; a lone surrogate (what a JSON escape such as "\\udc00" decodes to in Python)
+    is not Unicode text: it cannot be encoded as UTF-8, so a stored one would make every page that shows it fail.
+    """
+    found = UNSTORABLE.search(value)
+    if found is None:
+        return None
+    char = found.group()
+    if char == "\x00":
+        return f"contains a NUL character (at position {found.start()})"
+    return f"contains a lone surrogate {ascii(char)[1:-1]} (at position {found.start()}), which is not Unicode text"
+
+
+def shown(part: Any) -> str:
+    """A path part as it can be printed and sent back: unstorable keys as their ASCII escape."""
+    text = str(part)
+    return ascii(text) if text_problem(text) else text
+
+
+def _clean_text(value: Any) -> Any:
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem:
+            raise PydanticCustomError("unstorable_text", problem)
     return value
 
 
@@ -32,39 +72,82 @@ def _http_link(value: str) -> str:
     return value
 
 
-Text = Annotated[str, StringConstraints(max_length=5000), AfterValidator(_no_nul)]
-Name = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_no_nul)]
-Link = Annotated[str, StringConstraints(max_length=1000), AfterValidator(_no_nul), AfterValidator(_http_link)]
+CleanStr = Annotated[str, BeforeValidator(_clean_text)]
+Text = Annotated[CleanStr, StringConstraints(max_length=5000)]
+Name = Annotated[CleanStr, StringConstraints(min_length=1, max_length=200)]
+Link = Annotated[CleanStr, StringConstraints(max_length=1000), AfterValidator(_http_link)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Track = Literal["filtering", "byod"]
 Status = Literal["pending", "verified", "rejected"]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True)]  # an int is fine; "0.5" is not
+
+
+def unstorable(value: Any, path: tuple[Any, ...] = (), max_depth: int = MAX_NESTING) -> list[tuple[tuple, str]]:
+    """Every (path, reason) in a JSON value that no backend can store or no page can render: NaN/Infinity, NUL and
+    lone surrogates in strings and keys at any depth, nesting deeper than `max_depth`. Iterative: a deep value
+    cannot exhaust the stack."""
+    problems: list[tuple[tuple, str]] = []
+    stack = [(value, path, 0)]
+    while stack:
+        node, where, depth = stack.pop()
+        if depth > max_depth:
+            problems.append((where, f"nested deeper than {max_depth} levels"))
+        elif isinstance(node, float) and not math.isfinite(node):
+            problems.append((where, "NaN and Infinity are not JSON numbers"))
+        elif isinstance(node, str):
+            problem = text_problem(node)
+            if problem:
+                problems.append((where, problem))
+        elif isinstance(node, dict):
+            for key, item in node.items():
+                if not isinstance(key, str):
+                    problems.append(((*where, key), "a key must be a string"))
+                    continue
+                problem = text_problem(key)
+                if problem:
+                    problems.append(((*where, key), f"the key {problem}"))
+                stack.append((item, (*where, key), depth + 1))
+        elif isinstance(node, list):
+            stack.extend((item, (*where, index), depth + 1) for index, item in enumerate(node))
+    problems.sort(key=lambda problem: [(0, p, "") if isinstance(p, int) else (1, 0, shown(p)) for p in problem[0]])
+    return problems
+
+
+def raise_unstorable(problems: list[tuple[tuple, str]]) -> None:
+    """One pydantic error carrying every problem (`verify.validation_problems` lists them one by one)."""
+    if problems:
+        summary = "; ".join(f"{'.'.join(shown(p) for p in path) or 'body'}: {reason}" for path, reason in problems[:5])
+        raise PydanticCustomError(
+            "unstorable_value",
+            "{summary}",
+            {
+                "summary": summary + (f" and {len(problems) - 5} more" if len(problems) > 5 else ""),
+                "problems": problems,
+            },
+        )
 
 
 def check_json_value(value: Any, depth: int = 0) -> None:
-    """Refuse what a JSON column cannot store on every backend: NaN/Infinity, NUL, deep nesting."""
-    if depth > MAX_NESTING:
-        raise ValueError(f"nested deeper than {MAX_NESTING} levels")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("NaN and Infinity are not JSON numbers")
-    if isinstance(value, str):
-        _no_nul(value)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _no_nul(key)
-            check_json_value(item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            check_json_value(item, depth + 1)
+    """Refuse what a JSON column cannot store on every backend: NaN/Infinity, NUL, lone surrogates, deep nesting."""
+    raise_unstorable(unstorable(value, max_depth=MAX_NESTING - depth))
+
+
+def canonical_sha256(value: Any) -> str:
+    """sha256 of a JSON value's canonical text: keys sorted, no spaces, ASCII escapes (so any string hashes)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """An input model: no unknown fields, and JSON types as sent (no "0.5" for a number, no true for a count)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TaskResult(Strict):
     task: Name
     metric: Name
-    value: float = Field(ge=0.0, le=1.0, allow_inf_nan=False, description="The task's main metric, in [0, 1].")
+    value: Fraction = Field(description="The task's main metric, in [0, 1].")
 
 
 class SuiteRef(Strict):
@@ -79,37 +162,26 @@ class ModelRef(Strict):
 
 class SubsetRef(Strict):
     sha256: Sha256 = Field(description="sha256 of the subset .npy file.")
-    size: int = Field(ge=1, le=10**13, description="Number of uids in the subset (repeats included).")
+    size: int = Field(ge=1, le=10**13, strict=True, description="Number of uids in the subset (repeats included).")
 
 
 class Averages(Strict):
-    average: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
-    groups: dict[Name, float | None] = Field(default_factory=dict, max_length=100)
+    average: Fraction
+    groups: dict[Name, Fraction | None] = Field(default_factory=dict, max_length=100)  # null: no task evaluated
 
 
 class RunRecord(BaseModel):
     """What RUN/run.json records (train/launch.py), as far as the leaderboard reads it; the rest is kept as
-    provenance."""
+    provenance. Its strings, numbers and depth are checked by `SubmissionIn` (all of the payload at once)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     scale: Name
     recipe: dict[str, Any]
     status: Name | None = None
-    samples_seen: int | None = Field(default=None, ge=0, le=10**15)
+    samples_seen: int | None = Field(default=None, ge=0, le=10**15, strict=True)
     data: list[dict[str, Any]] = Field(default_factory=list, max_length=1000)
     versions: dict[str, Any] = Field(default_factory=dict)
     non_standard: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("recipe", "data", "versions", "non_standard")
-    @classmethod
-    def _storable(cls, value: Any) -> Any:
-        check_json_value(value)
-        return value
-
-    @model_validator(mode="after")
-    def _extra_storable(self) -> RunRecord:
-        check_json_value(self.model_extra or {})
-        return self
 
 
 class SubmissionIn(Strict):
@@ -131,6 +203,15 @@ class SubmissionIn(Strict):
     subset: SubsetRef | None = None
     pool_sha256: Sha256 | None = None
     run: RunRecord
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        """Every string and key at any depth (names, links, the run record, unknown fields alike) is Unicode text
+        without NUL, every number finite, the run record at most MAX_NESTING deep: checked before the fields are."""
+        if isinstance(data, dict):
+            raise_unstorable(unstorable(data, max_depth=MAX_NESTING + 2))  # payload -> run -> recipe: 2 levels
+        return data
 
 
 class SubmissionCreated(BaseModel):

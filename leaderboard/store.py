@@ -7,8 +7,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from clipsift.leaderboard.db import Database, Submission
-from clipsift.leaderboard.schema import Duplicate, Rejected, SubmissionIn
-from clipsift.leaderboard.verify import parse_payload, verify
+from clipsift.leaderboard.schema import Duplicate, SubmissionIn
+from clipsift.leaderboard.verify import Verified, check_submission, fingerprint, parse_payload
 
 LISTED = (
     Submission.id,
@@ -29,15 +29,10 @@ VISIBLE = ("pending", "verified")  # what the leaderboard lists by default; reje
 
 def add_submission(db: Database, submission: SubmissionIn, token_id: int | None = None) -> Submission:
     """Verify a parsed submission against its registered suite and store it (status pending)."""
-    suite = db.suite(submission.suite.name, submission.suite.sha256)
-    if suite is None:
-        known = ", ".join(f"{row.name} ({row.sha256[:12]})" for row in db.suites())
-        reason = (
-            f"no suite {submission.suite.name!r} with sha256 {submission.suite.sha256[:12]}... is registered "
-            f"(registered: {known}); an admin registers a custom suite with POST /api/v1/suites"
-        )
-        raise Rejected([("suite", reason)])
-    verified = verify(submission, suite)
+    suite, verified = check_submission(submission, db)
+    existing = find_duplicate(db, submission, suite.sha256, verified)
+    if existing is not None:
+        raise Duplicate(existing)
     row = Submission(
         track=submission.track,
         scale=submission.scale,
@@ -71,6 +66,32 @@ def add_submission(db: Database, submission: SubmissionIn, token_id: int | None 
                 raise
             raise Duplicate(first) from None
     return row
+
+
+def find_duplicate(db: Database, submission: SubmissionIn, suite_sha256: str, verified: Verified) -> int | None:
+    """The first stored submission that is the same entry (`verify.fingerprint`), recomputed from the stored rows of
+    the same track, scale, suite and subset: rows stored before the fingerprint's current rules count too. The
+    unique fingerprint column still refuses two concurrent new submissions."""
+    subset = submission.subset.sha256 if submission.subset else None
+    query = sa.select(Submission.id, Submission.description, Submission.results).where(
+        Submission.track == submission.track,
+        Submission.scale == submission.scale,
+        Submission.suite_sha256 == suite_sha256,
+        Submission.subset_sha256 == subset if subset is not None else Submission.subset_sha256.is_(None),
+    )
+    with db.session() as session:
+        for row in session.execute(query.order_by(Submission.id)):
+            stored = fingerprint(
+                track=submission.track,
+                scale=submission.scale,
+                suite_sha256=suite_sha256,
+                subset_sha256=subset,
+                description=row.description,
+                results=row.results,
+            )
+            if stored == verified.fingerprint:
+                return row.id
+    return None
 
 
 def post_local(db_url: str, payload: dict[str, Any]) -> int:

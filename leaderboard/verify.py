@@ -5,22 +5,36 @@ each with the task's main metric); its averages are recomputed from the suite's 
 definition (`clipsift.eval.aggregate.suite_summary`, the one home of averaging) and a claimed
 average that differs is refused; its scale must match the recipe run.json records (samples seen,
 model); the filtering track needs the subset's hash and a size within the scale's pool; the byod
-track needs a description of the data. Every refusal names the field and why.
+track needs a description of the data; the subset's size and the pool's hash must be what the run's
+data manifest records. Every refusal names the field and why.
+
+`check_submission` is the one entry point: the server's store path (`store.add_submission`, with the
+database's suites) and `clipsift leaderboard verify` (`verify_document`, with the built-in suites,
+no database) both call it. Only the duplicate check needs the database.
 """
 
 from __future__ import annotations
 
-import hashlib
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from clipsift.eval.aggregate import suite_summary
-from clipsift.eval.registry import Suite
-from clipsift.leaderboard.db import canonical_json
-from clipsift.leaderboard.schema import Rejected, SubmissionIn
+from clipsift.eval.registry import Suite, load_suite, suite_names
+from clipsift.leaderboard.client import RUN_FILES, file_sha256
+from clipsift.leaderboard.schema import (
+    EXPORT_FORMAT,
+    SUBMISSION_FORMAT,
+    Rejected,
+    SubmissionIn,
+    canonical_sha256,
+    shown,
+)
 from clipsift.train.recipe import SCALES, Recipe, load_recipe
 
 recipe_of = lru_cache(maxsize=None)(load_recipe)  # the recipe files are fixed: parse each once per process
@@ -33,12 +47,28 @@ RECIPE_CHECKED = (
 
 
 def validation_problems(err: Any, drop: tuple[str, ...] = ("body",)) -> list[tuple[str, str]]:
-    """pydantic's (or FastAPI's) validation errors as (dotted field, reason)."""
+    """pydantic's (or FastAPI's) validation errors as (dotted field, reason).
+
+    The schema's unstorable-value error (schema.raise_unstorable) carries every problem it found: each becomes
+    its own (field, reason). Path parts that are not Unicode text (a key with a lone surrogate) are shown as
+    their ASCII escape, so the refusal itself can be encoded.
+    """
     problems = []
     for error in err.errors():
-        loc = [str(part) for part in error["loc"] if part not in drop]
-        problems.append((".".join(loc) or "body", error["msg"]))
+        loc = [part for part in error["loc"] if part not in drop]
+        found = (error.get("ctx") or {}).get("problems") if error["type"] == "unstorable_value" else None
+        for path, reason in found or [((), error["msg"] + _sent_as(error))]:
+            problems.append((".".join(shown(part) for part in (*loc, *path)) or "body", reason))
     return problems
+
+
+def _sent_as(error: dict[str, Any]) -> str:
+    """For a number sent as a string or a boolean (refused: numbers are strict), what was sent instead."""
+    sent = error.get("input")
+    if error["type"] in ("float_type", "int_type") and isinstance(sent, (str, bool)):
+        kind = "a boolean" if isinstance(sent, bool) else "a string"
+        return f", not {kind}: send a JSON number" + (" (an integer)" if error["type"] == "int_type" else "")
+    return ""
 
 
 def parse_payload(payload: dict[str, Any]) -> SubmissionIn:
@@ -54,7 +84,43 @@ class Verified:
     average: float
     groups: dict[str, float | None]
     non_standard: dict[str, Any]
-    fingerprint: str  # identical (subset hash, scale, suite, results) give the same value
+    fingerprint: str  # `fingerprint(...)`: the same entry gives the same value
+
+
+class SuiteSource(Protocol):
+    """Where registered suites come from: the server's `Database`, or `BuiltinSuites` offline."""
+
+    def suite(self, name: str, sha256: str) -> Suite | None: ...
+
+    def suites(self) -> Iterable[Any]: ...  # each with .name and .sha256
+
+
+class BuiltinSuites:
+    """The suites every server registers on start (configs/eval/*.yaml), without a database."""
+
+    def __init__(self) -> None:
+        self._by_sha256 = {suite.sha256: suite for suite in map(load_suite, suite_names())}
+
+    def suite(self, name: str, sha256: str) -> Suite | None:
+        suite = self._by_sha256.get(sha256)
+        return suite if suite is not None and suite.name == name else None
+
+    def suites(self) -> list[Suite]:
+        return sorted(self._by_sha256.values(), key=lambda suite: suite.name)
+
+
+def check_submission(submission: SubmissionIn, suites: SuiteSource) -> tuple[Suite, Verified]:
+    """The verification every submission goes through (server and offline alike): its suite must be registered by
+    name and definition hash, then `verify` checks it against that definition and its scale's recipe."""
+    suite = suites.suite(submission.suite.name, submission.suite.sha256)
+    if suite is None:
+        known = ", ".join(f"{row.name} ({row.sha256[:12]})" for row in suites.suites())
+        reason = (
+            f"no suite {submission.suite.name!r} with sha256 {submission.suite.sha256[:12]}... is registered "
+            f"(registered: {known}); an admin registers a custom suite with POST /api/v1/suites"
+        )
+        raise Rejected([("suite", reason)])
+    return suite, verify(submission, suite)
 
 
 def verify(submission: SubmissionIn, suite: Suite) -> Verified:
@@ -68,6 +134,7 @@ def verify(submission: SubmissionIn, suite: Suite) -> Verified:
     non_standard = _non_standard(submission, recipe)
     if recipe is not None:
         _check_data(submission, recipe, problems)
+    _check_manifest(submission, problems)
     if problems:
         raise Rejected(problems)
     rows = [
@@ -76,7 +143,20 @@ def verify(submission: SubmissionIn, suite: Suite) -> Verified:
         if t.key in results
     ]
     groups = {tag: group["value"] for tag, group in summary["groups"].items()}
-    return Verified(rows, summary["average"], groups, non_standard, _fingerprint(submission, suite, rows))
+    key = fingerprint(
+        track=submission.track,
+        scale=submission.scale,
+        suite_sha256=suite.sha256,
+        subset_sha256=submission.subset.sha256 if submission.subset else None,
+        description=submission.description,
+        results=rows,
+    )
+    return Verified(rows, summary["average"], groups, non_standard, key)
+
+
+def _differs(claimed: float, recomputed: float) -> bool:
+    """Farther apart than TOLERANCE; a non-finite value (which the schema refuses already) always differs."""
+    return not (math.isfinite(claimed) and abs(claimed - recomputed) <= TOLERANCE)
 
 
 def _check_results(
@@ -112,7 +192,7 @@ def _check_averages(
     submission: SubmissionIn, suite: Suite, summary: dict[str, Any], problems: list[tuple[str, str]]
 ) -> None:
     claimed = submission.averages
-    if abs(claimed.average - summary["average"]) > TOLERANCE:
+    if _differs(claimed.average, summary["average"]):
         reason = (
             f"{claimed.average!r} is not the mean of the {summary['num_evaluated']} scored tasks' values, "
             f"{summary['average']!r}"
@@ -127,9 +207,7 @@ def _check_averages(
                     f"suite {suite.name} has no group {tag!r} (groups: {', '.join(suite.groups) or 'none'})",
                 )
             )
-        elif (value is None) != (group["value"] is None) or (
-            value is not None and abs(value - group["value"]) > TOLERANCE
-        ):
+        elif (value is None) != (group["value"] is None) or (value is not None and _differs(value, group["value"])):
             problems.append(
                 (f"averages.groups.{tag}", f"{value!r} is not the mean of the group's tasks, {group['value']!r}")
             )
@@ -191,39 +269,177 @@ def _check_data(submission: SubmissionIn, recipe: Recipe, problems: list[tuple[s
                     "the byod track needs a description of the data (what it is, where it comes from, its size)",
                 )
             )
-        return
-    if submission.subset is None:
+    elif submission.subset is None:
         problems.append(
             ("subset", "the filtering track needs the subset's sha256 and size (run.json's data records them)")
         )
-        return
-    if submission.subset.size > recipe.pool_size:
-        problems.append(
-            (
-                "subset.size",
-                f"{submission.subset.size:,} samples exceed the {recipe.scale} pool's {recipe.pool_size:,}",
+    else:
+        if submission.subset.size > recipe.pool_size:
+            problems.append(
+                (
+                    "subset.size",
+                    f"{submission.subset.size:,} samples exceed the {recipe.scale} pool's {recipe.pool_size:,}",
+                )
             )
-        )
+        if len(submission.run.data) != 1:
+            problems.append(
+                (
+                    "run.data",
+                    f"the filtering track trains on one subset of the scale's pool; this run has "
+                    f"{len(submission.run.data)} data sources: submit it to the byod track",
+                )
+            )
+
+
+def _check_manifest(submission: SubmissionIn, problems: list[tuple[str, str]]) -> None:
+    """The subset's hash and size and the pool's hash are the ones run.json's data records (train/launch.py writes
+    each source's `subset_sha256` and its reshard manifest, whose `subset_uids` and `pool_json_sha256` they are)."""
     sources = submission.run.data
-    if len(sources) != 1:
+    if submission.subset is not None:
+        index = next(
+            (i for i, source in enumerate(sources) if source.get("subset_sha256") == submission.subset.sha256), None
+        )
+        if index is None:
+            recorded = [source.get("subset_sha256") for source in sources]
+            problems.append(("subset.sha256", f"not the subset run.json's data records ({_listed(recorded)})"))
+            return
+        manifest = _manifest(sources[index])
+        size = manifest.get("subset_uids")
+        if size != submission.subset.size or isinstance(size, bool):
+            problems.append(
+                (
+                    "subset.size",
+                    f"{submission.subset.size!r} is not the subset size run.json's data records "
+                    f"(run.data.{index}.manifest.subset_uids: {size!r})",
+                )
+            )
+        pool = manifest.get("pool_json_sha256")
+        if submission.pool_sha256 != pool:
+            problems.append(
+                (
+                    "pool_sha256",
+                    f"{submission.pool_sha256!r} is not the pool run.json's data records "
+                    f"(run.data.{index}.manifest.pool_json_sha256: {pool!r})",
+                )
+            )
+    elif submission.pool_sha256 is not None:
+        pools = [_manifest(source).get("pool_json_sha256") for source in sources]
+        if submission.pool_sha256 not in pools:
+            problems.append(("pool_sha256", f"not a pool run.json's data records ({_listed(pools)})"))
+
+
+def _manifest(source: dict[str, Any]) -> dict[str, Any]:
+    """A data source's reshard manifest; {} when the free-form run record holds something else there."""
+    manifest = source.get("manifest")
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _listed(values: list[Any]) -> str:
+    return ", ".join(repr(value) for value in values[:5]) + (" ..." if len(values) > 5 else "") or "none"
+
+
+def quantised(value: float) -> int:
+    """A value in units of TOLERANCE, rounded to the nearest (halves to even): 0.5, 0.5 + 1 ulp and 0.5 + 1e-9 are
+    all 500000, and -0.0 is 0. Values closer than TOLERANCE nearly always share a unit; two that straddle a
+    half-unit boundary (0.0000005 - 1e-12 and 0.0000005 + 1e-12) do not: it is a grid, not a distance."""
+    return round(value / TOLERANCE)
+
+
+def fingerprint(
+    *,
+    track: str,
+    scale: str,
+    suite_sha256: str,
+    subset_sha256: str | None,
+    description: str | None,
+    results: list[dict[str, Any]],
+) -> str:
+    """What makes a leaderboard entry the same as another: track, scale, suite definition, subset hash, the scored
+    tasks' values on the TOLERANCE grid (unscored tasks do not count) and, for the byod track, the description of
+    the data (whitespace runs as one space). Computed alike from a submission and from a stored row."""
+    key = {
+        "fingerprint": 2,
+        "track": track,
+        "scale": scale,
+        "suite": suite_sha256,
+        "subset": subset_sha256,
+        "data": " ".join((description or "").split()) if track == "byod" else None,
+        "results": sorted([row["task"], quantised(row["value"])] for row in results if row.get("scored", True)),
+    }
+    return canonical_sha256(key)
+
+
+# --------------------------------------------------------------------------- offline (clipsift leaderboard verify)
+
+EXPORT_KEYS = ("format", "submission", "payload_sha256", "provenance")
+
+
+@dataclass
+class DocumentReport:
+    """What `verify_document` found: every problem as (field, reason), and the verified submission when none."""
+
+    problems: list[tuple[str, str]]
+    submission: SubmissionIn | None = None
+    suite: Suite | None = None
+    verified: Verified | None = None
+    payload_sha256: str | None = None
+    export: bool = False  # an export (payload hash and provenance checked), not a bare payload
+
+
+def verify_document(document: Any, run_dir: str | None = None, suites: SuiteSource | None = None) -> DocumentReport:
+    """Verify an export (`clipsift submit --export`) or a bare submission payload as the server would, without one:
+    the export's own hashes, then `parse_payload` and `check_submission` against `suites` (default: the built-in
+    ones). With `run_dir`, the provenance hashes are compared with that run's files. Duplicates are not checked."""
+    if not isinstance(document, dict):
+        return DocumentReport([("file", f"expected a JSON object, not {type(document).__name__}")])
+    problems: list[tuple[str, str]] = []
+    export = document.get("format") == EXPORT_FORMAT
+    if export:
+        payload = document.get("submission")
+        problems += [(shown(key), "not a field of an export") for key in document if key not in EXPORT_KEYS]
+        problems += _check_envelope(document, payload, run_dir)
+        prefix = "submission"
+    elif document.get("format", SUBMISSION_FORMAT) == SUBMISSION_FORMAT:
+        payload, prefix = document, ""
+        if run_dir is not None:
+            problems.append(("provenance", "a bare submission has no provenance hashes to compare with --run"))
+    else:
+        reason = f"{document.get('format')!r} is neither an export ({EXPORT_FORMAT}) nor a submission"
+        return DocumentReport([("format", f"{reason} ({SUBMISSION_FORMAT})")])
+    report = DocumentReport(problems, payload_sha256=canonical_sha256(payload), export=export)
+    if not isinstance(payload, dict):
+        problems.append((prefix or "file", "expected the submission, a JSON object"))
+        return report
+    try:
+        report.submission = parse_payload(payload)
+        report.suite, report.verified = check_submission(report.submission, suites or BuiltinSuites())
+    except Rejected as err:
+        problems += err.errors
+    return report
+
+
+def _check_envelope(document: dict[str, Any], payload: Any, run_dir: str | None) -> list[tuple[str, str]]:
+    problems = []
+    claimed, actual = document.get("payload_sha256"), canonical_sha256(payload)
+    if claimed != actual:
         problems.append(
             (
-                "run.data",
-                f"the filtering track trains on one subset of the scale's pool; this run has {len(sources)} data "
-                + "sources: submit it to the byod track",
+                "payload_sha256",
+                f"{claimed!r} is not the sha256 of the canonical submission ({actual}): the export was changed",
             )
         )
-    elif sources[0].get("subset_sha256") != submission.subset.sha256:
-        problems.append(
-            ("subset.sha256", f"not the subset run.json's data records ({sources[0].get('subset_sha256')!r})")
-        )
-
-
-def _fingerprint(submission: SubmissionIn, suite: Suite, rows: list[dict[str, Any]]) -> str:
-    key = {
-        "subset": submission.subset.sha256 if submission.subset else None,
-        "scale": submission.scale,
-        "suite": suite.sha256,
-        "results": [[row["task"], row["value"]] for row in rows],
-    }
-    return hashlib.sha256(canonical_json(key).encode("utf-8")).hexdigest()
+    files = (document.get("provenance") or {}).get("files") if isinstance(document.get("provenance"), dict) else None
+    if not isinstance(files, dict):
+        return [*problems, ("provenance.files", "missing: the sha256 of each of the run's files")]
+    for name in RUN_FILES:
+        recorded = files.get(name)
+        if not (isinstance(recorded, str) and len(recorded) == 64):
+            problems.append((f"provenance.files.{name}", f"{recorded!r} is not a sha256"))
+        elif run_dir is not None:
+            path = Path(run_dir) / name
+            actual = file_sha256(path) if path.is_file() else None
+            if actual != recorded:
+                problems.append(
+                    (f"provenance.files.{name}", f"{path} has sha256 {actual}, not the exported {recorded}")
+                )
+    return problems

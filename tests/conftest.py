@@ -126,3 +126,16 @@ def browser(tmp_path: Path):
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh PostgreSQL database for the session (CLIPSIFT_TEST_POSTGRES names the server), dropped at the end."""
+    from leaderboard_support import PostgresDatabase, postgres_url_or_reason
+
+    url, reason = postgres_url_or_reason()
+    if url is None:
+        pytest.skip(reason)
+    database = PostgresDatabase(url)
+    yield database.url
+    database.drop()

@@ -27,22 +27,12 @@ from clipsift.leaderboard import post_local, submission_url
 from clipsift.leaderboard.db import Database
 from clipsift.leaderboard.schema import Duplicate
 
-from leaderboard_support import PostgresDatabase, ServerProcess, payload_of, postgres_url_or_reason, write_run
+from leaderboard_support import ServerProcess, payload_of, write_run
 
 SQLI = "x'); DROP TABLE submissions; --"
 XSS = '<img src=x onerror="document.title=\'pwned\'"><script>document.title="pwned"</script>'
 SEEDS = itertools.count(1000)  # every run a test writes has distinct values, so no accidental duplicates
 MAX_BODY, BURST, RATE = 200_000, 40, 5.0
-
-
-@pytest.fixture(scope="session")
-def postgres_url():
-    url, reason = postgres_url_or_reason()
-    if url is None:
-        pytest.skip(reason)
-    database = PostgresDatabase(url)
-    yield database.url
-    database.drop()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
