@@ -443,7 +443,12 @@ def filternet_train(
         "-r",
         help="Clean reference pool (clipsift pool synth --clean-reference, or your curated pairs imported).",
     ),
-    scale: str = typer.Option("xs", "--scale", "-s", help="Training recipe for the network: xs or tiny."),
+    scale: str = typer.Option(
+        "tiny",
+        "--scale",
+        "-s",
+        help="Training recipe for the network: tiny (the default: xs networks are unreliable, docs/science.md) or xs.",
+    ),
     out: Path = typer.Option(
         ..., "--out", "-o", help="Folder for the network (filternet.json, run/, the checkpoint); re-running resumes."
     ),

@@ -101,6 +101,18 @@ class TrainSpec(Section):
     workers: PositiveInt = 1
     max_per_device_batch: PositiveInt | None = None
     torchcompile: bool = False
+    seed: int | None = None  # another training seed than the recipe's (for seed spreads); recorded in run.json
+
+    def settings(self) -> dict[str, Any]:
+        settings = super().settings()
+        if settings.get("seed") is None:  # the recipe's seed: a run recorded before `seed` existed resumes
+            settings.pop("seed", None)
+        return settings
+
+    def effective_seed(self) -> int:
+        from clipsift.train.recipe import load_recipe
+
+        return load_recipe(self.scale).seed if self.seed is None else self.seed
 
 
 @dataclass
@@ -113,6 +125,7 @@ class TrainOutput(StageOutput):
     samples_seen: int
     final_loss: float | None
     samples_per_second: float | None
+    seed: int | None = None  # the seed it trained with (None in records made before seeds were recorded)
 
     def files(self) -> list[str]:
         return [self.checkpoint]
@@ -145,6 +158,7 @@ class TrainStage(Stage[TrainOutput]):
             workers=spec.workers,
             max_per_device_batch=spec.max_per_device_batch,
             torchcompile=spec.torchcompile,
+            seed=spec.seed,
         )
         result = train(spec.scale, data, str(self.context.run_dir / "train"), infra=infra)
         return TrainOutput(
@@ -156,6 +170,7 @@ class TrainStage(Stage[TrainOutput]):
             result.samples_seen,
             result.final_loss,
             result.samples_per_second,
+            spec.effective_seed(),
         )
 
     def detail(self, out: TrainOutput, done: Outputs) -> str:

@@ -23,6 +23,16 @@ def test_help_lists_the_verbs() -> None:
         assert verb in pool_help.stdout
 
 
+def test_the_filtering_network_trains_with_the_tiny_recipe_by_default() -> None:
+    """docs/science.md: xs networks are too unreliable to separate recipes; the demo and the bench use tiny."""
+    import typer.main
+
+    from clipsift.cli import app
+
+    command = typer.main.get_command(app).commands["filternet"].commands["train"]
+    assert next(p for p in command.params if p.name == "scale").default == "tiny"
+
+
 def test_synth_prints_a_summary_and_writes_the_pool(tmp_path: Path) -> None:
     result = clipsift(
         "pool", "synth", "--out", str(tmp_path / "pool"), "--num-samples", "60", "--shard-size", "25", "--workers", "1"

@@ -330,3 +330,18 @@ def test_importing_the_filter_base_imports_no_filter_module() -> None:
     )
     modules = ("base", "clip", "cluster", "dedup", "metadata", "registry")
     assert {f"clipsift.filters.{m}" for m in modules} <= set(registered)
+
+
+@pytest.mark.parametrize("share", [10, 30, 50])
+def test_shipped_random_recipes_keep_their_exact_share_for_a_seed(tmp_path: Path, share: int) -> None:
+    pool = build_pool(tmp_path / "pool", [{} for _ in range(90)], per_shard=20)
+
+    def subset(seed: int | None) -> list[str]:
+        out = str(tmp_path / f"random-{share}-{seed}.npy")
+        sets = {} if seed is None else {"seed": str(seed)}
+        apply_recipe(pool.url, load_recipe(f"random_{share}", sets), out, workers=1)
+        return decode_uids(read_subset(out))
+
+    first = subset(None)
+    assert len(first) == round(share / 100 * 90) and set(first) <= set(uids_of(range(90)))
+    assert subset(0) == first and subset(1) != first  # the default seed is 0; another seed draws another subset

@@ -180,3 +180,36 @@ def test_a_training_source_is_identified_by_its_manifest_without_timestamps(tmp_
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "m", "num_samples": 3, "created": "2026-12-02"}))
     assert data_identity(str(tmp_path)) == content_sha256({"format": "m", "num_samples": 3})
     assert data_identity(str(tmp_path / "missing")) is None
+
+
+def test_a_run_configs_training_seed_reaches_training_and_is_recorded(
+    small_pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.seed goes to the training run (Infra.seed, which run.json records) and into the stage's output; left
+    out, the recorded settings are those of runs made before the field existed, so such runs still resume."""
+    from clipsift.pipeline.stages import ReshardOutput
+    from clipsift.train import launch
+    from clipsift.train.recipe import load_recipe
+    from clipsift.train.stages import TrainStage
+
+    seen = []
+
+    def fake_train(scale, data, out, *, infra):
+        seen.append(infra.seed)
+        run = Path(out)
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "run.json").write_text("{}")
+        (run / "epoch_latest.pt").write_bytes(b"weights")
+        return launch.TrainResult(run, run / "epoch_latest.pt", 10, 1, 0.5, 1.0, 0, 0.1)
+
+    monkeypatch.setattr(launch, "train", fake_train)
+    done = Outputs()
+    done.put("reshard", ReshardOutput(str(small_pool), "", "", "", 10, 2, 0))
+    for seed, recorded in ((7, 7), (None, load_recipe("xs").seed)):
+        train = {"scale": "xs"} if seed is None else {"scale": "xs", "seed": seed}
+        config = validate_run_config(config_for(small_pool, train=train), "seed.yaml", None)
+        runner = run_module.Runner(config, tmp_path / f"run-{seed}", "seed.yaml")
+        stage = runner.stage("train")
+        assert isinstance(stage, TrainStage) and ("seed" in stage.settings()) == (seed is not None)
+        assert stage.run(done).seed == recorded and seen[-1] == seed
+    assert set(runner.stage("train").settings()) == {"scale", "subset_weight", "mix"}
