@@ -37,7 +37,8 @@ def test_a_finished_network_is_reused_and_a_different_one_refused(trained) -> No
     root, result = trained
     stamp = result.checkpoint.stat().st_mtime_ns
     outcome = CliRunner().invoke(
-        app, ["filternet", "train", "--reference", str(root / "reference"), "--out", str(root / "net")]
+        app,
+        ["filternet", "train", "--reference", str(root / "reference"), "--out", str(root / "net"), "--scale", "xs"],
     )
     assert outcome.exit_code == 0, outcome.output
     assert result.model_id in outcome.output and "clipsift score POOL --model clipsift-xs" in outcome.output
