@@ -27,6 +27,18 @@ AddressOption = typer.Option(
 )
 
 
+@app.callback()
+def _options(
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show Ray's own notices and its workers' output (hidden by default)."
+    ),
+) -> None:
+    if verbose:
+        from clipsift.pipeline.parallel import set_verbose
+
+        set_verbose(True)
+
+
 def _console():
     from clipsift.pipeline.ui import console
 

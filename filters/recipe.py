@@ -397,7 +397,14 @@ class RecipeRunner:
         task = functools.partial(
             _leaf_task, self.pool, node.filter, state, masks.folder if masks else None, out.folder
         )
-        map_shards(task, todo, desc=f"step {node.path} {node.filter.name}", workers=self.workers, address=self.address)
+        map_shards(
+            task,
+            todo,
+            desc=f"step {node.path} {node.filter.name}",
+            workers=self.workers,
+            address=self.address,
+            rows=self.pool.info.get("num_samples"),
+        )
 
     def _state(self, node: Node, masks: Masks | None, out: Masks) -> Any:
         """The filter's global statistic, computed once and kept in the work folder for a re-run."""

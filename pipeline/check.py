@@ -77,7 +77,11 @@ def check_pool(url: str, *, workers: int | None = None) -> CheckReport:
     ]
     problems += [Problem(s, None, f"missing tar {pool.tar_path(s)}") for s in sorted(parquets - tars)]
     checks = map_shards(
-        functools.partial(check_shard, url), sorted(tars & parquets), desc="check shards", workers=workers
+        functools.partial(check_shard, url),
+        sorted(tars & parquets),
+        desc="check shards",
+        workers=workers,
+        rows=(info or {}).get("num_samples"),
     )
     for check in checks:
         problems += check.problems

@@ -27,6 +27,7 @@ from clipsift.eval.stage import EvalStage
 from clipsift.files import open_fs, write_atomic, write_json_atomic
 from clipsift.filters.stage import FilterStage
 from clipsift.leaderboard.stage import SubmitStage
+from clipsift.pipeline.parallel import default_workers
 from clipsift.pipeline.run_config import RunConfig, RunConfigError, bind_run, unset_variables
 from clipsift.pipeline.stages import PoolStage, ReferenceStage, ReshardStage, ScoreStage
 from clipsift.stage import Outputs, RunContext, Stage, exists
@@ -251,8 +252,9 @@ class Runner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_config_copy()
         ran = self.stages if until is None else self.stages[: names.index(until) + 1]
-        for index, stage in enumerate(ran):
-            self._stage(book, stage, f"{index + 1}/{len(names)}")
+        with default_workers(self.workers):  # score and anything else that is given no worker count
+            for index, stage in enumerate(ran):
+                self._stage(book, stage, f"{index + 1}/{len(names)}")
         provenance = self.provenance(ran)
         return RunResult(
             self.run_dir, self.config, self.times, self.outputs, provenance, time.perf_counter() - started
@@ -274,9 +276,6 @@ class Runner:
                 )
             )
             return
-        from clipsift.pipeline.parallel import ensure_ray
-
-        ensure_ray(self.config.address, self.workers)  # sized by --workers before any stage starts Ray its own way
         self.on_stage(stage.name, f"{position} {stage.name}: {stage.title}")
         status = "resumed" if record else "ran"
         book.start(stage.name, settings, inputs)

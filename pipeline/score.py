@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import threading
 import time
@@ -774,23 +773,25 @@ def _run(
     on_shard_written: Callable[[str, str], None] | None,
 ) -> None:
     """Score `todo` with every model of `specs` in one pass over those shards."""
-    from clipsift.pipeline.parallel import ensure_ray
+    from clipsift.pipeline.parallel import ensure_ray, in_process
 
-    ensure_ray(address)
     dims = [s.embed_dim for s in specs]
     buffers = {
         s: _ShardBuffer(np.array(pool.metadata(s, ["uid"]).column("uid").to_pylist(), dtype=object), dims)
         for s in todo
     }
     total = sum(len(b.uids) for b in buffers.values())
+    local = in_process(len(todo), total, settings.workers, address)
+    if not local:
+        ensure_ray(address)
     names = specs[0].model_id if len(specs) == 1 else f"{len(specs)} models"
     with progress_bar() as progress:
         bar = progress.add_task(f"score {names}", total=total)
         shard_bar = progress.add_task("shards written", total=len(todo))
-        dataset, precision = _dataset(pool.url, specs, todo, settings)
+        batches, precision = (_local_batches if local else _ray_batches)(pool.url, specs, todo, settings)
         for result in results:
             result.precision = precision
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in batches:
             for stage in ("read", "prepare", "model"):
                 seconds = float(batch[f"t_{stage}"].sum())
                 for result in results:
@@ -828,6 +829,40 @@ def _gather(buffers: dict[str, _ShardBuffer], batch: dict[str, np.ndarray]) -> I
     yield from sorted(completed)
 
 
+def _local_batches(
+    pool_url: str, specs: list[ModelSpec], shards: list[str], settings: ScoreSettings
+) -> tuple[Iterator[dict[str, np.ndarray]], str]:
+    """Small work in this process: the same two stages as the Ray pipeline, one shard after another, on this
+    machine's GPU if it has one (and --gpus-per-worker is not 0), else its CPU with torch's own threads."""
+    import torch
+
+    on_gpu = torch.cuda.is_available() and settings.gpus_per_worker != 0
+    if settings.gpus_per_worker and not on_gpu:
+        raise ClipsiftError(
+            f"--gpus-per-worker {settings.gpus_per_worker} asks for a GPU, but this machine has none; leave it out "
+            "to run on CPU"
+        )
+    precision = precision_name(settings.precision, on_gpu=on_gpu)
+    inputs = _Inputs.of(specs)
+    embedder = Embedder(
+        specs, inputs, precision, "cuda" if on_gpu else "cpu", settings.batch_size, decode=settings.decode
+    )
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+        for shard in shards:
+            for batch in prepare_shards(
+                {"shard": np.array([shard], dtype=object)}, pool_url, inputs, settings.batch_size, settings.decode
+            ):
+                yield embedder(batch)
+
+    return batches(), precision
+
+
+def _ray_batches(pool_url: str, specs: list[ModelSpec], shards: list[str], settings: ScoreSettings):
+    dataset, precision = _dataset(pool_url, specs, shards, settings)
+    return dataset.iter_batches(batch_size=None, batch_format="numpy"), precision
+
+
 def _dataset(pool_url: str, specs: list[ModelSpec], shards: list[str], settings: ScoreSettings):
     """The Ray Data pipeline over `shards` and the precision it runs in.
 
@@ -840,7 +875,6 @@ def _dataset(pool_url: str, specs: list[ModelSpec], shards: list[str], settings:
     """
     import ray
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # clipsift draws its own
     context.print_on_execution_start = False

@@ -80,8 +80,11 @@ def assert_equals_direct(pool: Pool, model_id: str, checkpoint: Path, arch: str 
         assert set(table.column("status").to_pylist()) == {"ok"}
 
 
-def test_scores_equal_a_direct_open_clip_computation(pool: Pool, checkpoint: Path) -> None:
-    result = score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(batch_size=40, workers=1, precision="fp32"))
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "ray-data"])
+def test_scores_equal_a_direct_open_clip_computation(pool: Pool, checkpoint: Path, workers: int) -> None:
+    """One worker scores in this process; two run the Ray Data pipeline (model actors on a local cluster)."""
+    settings = ScoreSettings(batch_size=40, workers=workers, precision="fp32")
+    result = score_pool(pool.url, ARCH, str(checkpoint), settings)
     assert result.model_id.startswith(f"{ARCH}__") and len(result.model_id) == len(ARCH) + 2 + 12
     assert (result.shards_scored, result.pairs, result.failed) == (3, 96, 0)
     assert_equals_direct(pool, result.model_id, checkpoint)
