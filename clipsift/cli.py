@@ -1105,6 +1105,71 @@ def report_scaling(
     _print_summary("scaling", scaling_summary_rows(scaling_report(runs, out, suite=suite)))
 
 
+@app.command("quickstart")
+def quickstart_command(
+    src: str = typer.Argument(
+        ..., help="Your data: an image folder (+ same-stem .txt captions), a Parquet/CSV/JSONL table, or tars."
+    ),
+    out: Path = typer.Option(
+        Path("clipsift-quickstart"), "--out", "-o", help="Folder for everything it makes (re-running resumes)."
+    ),
+    scale: str = typer.Option("xs", "--scale", help="Training recipe of every baseline: xs (seconds) or tiny."),
+    filternet_scale: str = typer.Option(
+        "tiny", "--filternet-scale", help="Recipe of the filtering network (when no --model is given)."
+    ),
+    recipe: str | None = typer.Option(
+        None, "--recipe", "-r", help="Your recipe (a YAML file or a shipped name), ranked beside the baselines."
+    ),
+    set_: list[str] = typer.Option([], "--set", help="A variable of your recipe, NAME=VALUE (repeatable)."),
+    fraction: float = typer.Option(0.3, "--fraction", help="Share the random and CLIP-score baselines keep."),
+    heldout: float = typer.Option(0.15, "--heldout", help="Share of your data held out for the evaluation suite."),
+    max_heldout: int = typer.Option(1000, "--max-heldout", help="At most this many held-out pairs."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split, the random baseline and training."),
+    model: str | None = typer.Option(
+        None, "--model", help="An open_clip architecture for CLIP scores (default: train a filtering network)."
+    ),
+    pretrained: str | None = typer.Option(None, "--pretrained", help="Its weights file (with --model)."),
+    reference: str | None = typer.Option(
+        None, "--reference", help="A clean set (pool, folder or table) to train the filtering network on."
+    ),
+    label_column: str | None = typer.Option(
+        None, "--label-column", help="A table's class column (folders: one sub-folder per class)."
+    ),
+    caption_column: str | None = typer.Option(None, "--caption-column", help="A table's caption column."),
+    image_column: str | None = typer.Option(None, "--image-column", help="A table's image column."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Samples per pool shard."),
+    workers: int | None = WorkersOption,
+) -> None:
+    """From your own images and captions to a ranked baseline table (no filter, random, CLIP score, your recipe),
+    trained at a CPU scale and evaluated on a held-out part of the same data, with an HTML report."""
+    from clipsift.pipeline.quickstart import QuickstartSettings, quickstart, quickstart_summary_rows
+
+    settings = _settings(
+        QuickstartSettings,
+        scale=scale,
+        filternet_scale=filternet_scale,
+        recipe=recipe,
+        set=_parse_sets(set_),
+        fraction=fraction,
+        heldout=heldout,
+        max_heldout=max_heldout,
+        seed=seed,
+        model=model,
+        pretrained=pretrained,
+        reference=reference,
+        label_column=label_column,
+        caption_column=caption_column,
+        image_column=image_column,
+        shard_size=shard_size,
+        workers=workers,
+    )
+    steps = iter(range(1, 100))
+    result = quickstart(
+        src, str(out), settings, on_step=lambda title: _stage_rule("quickstart", f"{next(steps)}. {title}")
+    )
+    _print_summary("clipsift quickstart", quickstart_summary_rows(result))
+
+
 @app.command("demo")
 def demo(
     out: Path = typer.Option(

@@ -409,7 +409,7 @@ def read_shown(scan: Scan, rows: list[int], models: list[str], progress: Any) ->
         data = ShardData(scan.pool, shard)
         scores = {m: data.scores(m)[positions] for m in models}
         kinds = scan.truth.codes_of(table.column("uid")) if scan.truth else None
-        images = _thumbnails(scan.pool, shard, dict(zip(positions.tolist(), table.column("key").to_pylist())))
+        images = thumbnails(scan.pool, shard, dict(zip(positions.tolist(), table.column("key").to_pylist())))
         for i, (position, row) in enumerate(wanted):
             shown[row] = Shown(
                 table.column("uid")[i].as_py(),
@@ -422,7 +422,7 @@ def read_shown(scan: Scan, rows: list[int], models: list[str], progress: Any) ->
     return shown
 
 
-def _thumbnails(pool: Pool, shard: str, keys: dict[int, str]) -> dict[int, str | None]:
+def thumbnails(pool: Pool, shard: str, keys: dict[int, str]) -> dict[int, str | None]:
     """Thumbnails of the samples at `keys` (position -> key); none for a metadata-only shard (no tar)."""
     source = pool.tar_path(shard)
     if not pool.fs.exists(source):
@@ -522,7 +522,7 @@ def _share(part: int, whole: int) -> str:
     return f"{part / whole:.1%}" if whole else "-"
 
 
-def _gallery(
+def gallery(
     name: str, title: str, rows: Iterable[int], shown: dict[int, Shown], model: str | None, compact: bool = False
 ) -> str:
     """Thumbnails with score, truth kind and caption (`compact`: small, the caption only on hover)."""
@@ -739,8 +739,8 @@ def _page(
         body += _step_section(scan, node, clusters, shown)
     body += [
         "<h2>The whole recipe</h2>",
-        _gallery("kept", "kept: a random sample", scan.random["kept"].rows.tolist(), shown, primary),
-        _gallery("removed", "removed: a random sample", scan.random["removed"].rows.tolist(), shown, primary),
+        gallery("kept", "kept: a random sample", scan.random["kept"].rows.tolist(), shown, primary),
+        gallery("removed", "removed: a random sample", scan.random["removed"].rows.tolist(), shown, primary),
     ]
     return html_page(f"clipsift report: {recipe.name}", body)
 
@@ -801,7 +801,7 @@ def _step_section(scan: Scan, node: Node, clusters: dict[str, ClusterView], show
     if node.path in clusters:
         return head + _cluster_section(clusters[node.path], shown, scan.models[0])
     return head + [
-        _gallery(
+        gallery(
             f"removed:{node.path}",
             "removed by this step: a random sample",
             scan.random[f"removed:{node.path}"].rows.tolist(),
@@ -834,8 +834,8 @@ def _threshold_section(scan: Scan, node: Node, report: StepReport, shown: dict[i
     return [
         statement,
         f'<img class="plot" id="hist-step-{escape(path)}" alt="CLIP score histogram with threshold" src="{figure}">',
-        _gallery(f"above:{path}", "just above the threshold (kept)", scan.above[path].rows.tolist(), shown, model),
-        _gallery(f"below:{path}", "just below the threshold (removed)", scan.below[path].rows.tolist(), shown, model),
+        gallery(f"above:{path}", "just above the threshold (kept)", scan.above[path].rows.tolist(), shown, model),
+        gallery(f"below:{path}", "just below the threshold (removed)", scan.below[path].rows.tolist(), shown, model),
     ]
 
 
@@ -852,7 +852,7 @@ def _cluster_section(view: ClusterView, shown: dict[int, Shown], model: str) -> 
         title = f"cluster {cluster} ({state}): {size:,} input rows{' in the sample' if view.sampled else ''}"
         out.append(
             f'<div class="cluster {state}" data-cluster="{cluster}" data-kept="{str(kept).lower()}">'
-            + _gallery(f"cluster:{view.path}:{cluster}", title, members, shown, model, compact=True)
+            + gallery(f"cluster:{view.path}:{cluster}", title, members, shown, model, compact=True)
             + "</div>"
         )
     return out

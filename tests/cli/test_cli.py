@@ -64,7 +64,8 @@ def test_a_bad_option_value_is_refused_by_its_settings_object_naming_the_option(
     assert "Traceback" not in download.stderr + score.stderr
 
 
-@pytest.mark.timeout(2400)  # about three minutes on an idle 2-core machine; room for a loaded one
+@pytest.mark.slow  # the whole xs chain with its filtering network (test_run.py's killed run covers the chain fast)
+@pytest.mark.timeout(2400)  # about two minutes on an idle 2-core machine; room for a loaded one
 def test_demo_runs_the_chain_offline(tmp_path: Path) -> None:
     """The README's main command, quick version: configs/runs/xs.yaml (synth -> filtering network -> score ->
     clip_score 30% -> reshard -> train xs -> eval tiny -> local leaderboard), on Ray."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -50,7 +51,16 @@ def test_a_runs_worker_count_applies_within_and_only_within() -> None:
     assert not in_process(8, 10**9)
 
 
-def test_map_shards_runs_small_work_here_and_asked_for_workers_on_ray() -> None:
+@pytest.fixture
+def own_ray() -> Iterator[None]:
+    """The local cluster this test starts is shut down after it: later tests expect no Ray in this process."""
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+def test_map_shards_runs_small_work_here_and_asked_for_workers_on_ray(own_ray: None) -> None:
     pid_of = lambda item: (item, os.getpid())  # noqa: E731 (a lambda travels to Ray workers by value)
     here = map_shards(pid_of, range(3), desc="small", rows=300)
     assert here == [(i, os.getpid()) for i in range(3)]

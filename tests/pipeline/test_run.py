@@ -199,7 +199,8 @@ e2e = pytest.mark.timeout(2400)
 
 @pytest.fixture(scope="module")
 def xs_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The config run as a user runs it, SIGKILLed once its filter stage is recorded complete, then run again."""
+    """The config run as a user runs it, on Ray, SIGKILLed once its filter stage is recorded complete, then run
+    again (in-process, the default for a pool this small)."""
     root = tmp_path_factory.mktemp("xs-run")
     config, run = write_config(root / "xs.yaml", BASIC), root / "run"
     first = clipsift("run", str(config), "--out", str(run), "--workers", "2")
@@ -225,7 +226,7 @@ def xs_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
             *sorted((run / "pool").rglob("*.parquet")),
         )
     }
-    second = clipsift("run", str(config), "--out", str(run), "--workers", "2")
+    second = clipsift("run", str(config), "--out", str(run))  # in-process now (small work): resuming is the same
     try:
         _, stderr = second.communicate(timeout=900)
     finally:

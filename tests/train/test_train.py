@@ -137,6 +137,7 @@ def test_bad_data_gives_clear_errors(tmp_path: Path) -> None:
         train("xs", [], str(tmp_path / "run2"))
 
 
+@pytest.mark.slow  # two xs trainings, one killed: about a minute
 def test_xs_training_resumes_after_a_kill_and_loads(tmp_path: Path) -> None:
     """Kill the training process once its first pseudo-epoch is saved; the same command resumes."""
     import open_clip
@@ -189,6 +190,7 @@ def test_xs_training_resumes_after_a_kill_and_loads(tmp_path: Path) -> None:
     assert model.visual.image_size in (32, (32, 32))
 
 
+@pytest.mark.slow  # torchrun with two CPU ranks: about a minute
 def test_two_devices_train_through_torchrun_with_the_recipes_global_batch(tmp_path: Path) -> None:
     """The multi-device path (torchrun, one process per device; gloo processes on a CPU machine)."""
     import open_clip
@@ -217,6 +219,7 @@ def test_two_devices_train_through_torchrun_with_the_recipes_global_batch(tmp_pa
     open_clip.create_model_and_transforms("clipsift-xs", pretrained=str(result.checkpoint))
 
 
+@pytest.mark.slow  # three xs trainings: about 90 s
 def test_the_same_seed_trains_to_the_same_weights(tmp_path: Path) -> None:
     """open_clip_train's sample shuffle is seeded (clipsift.train.shuffle), so a seed fixes the data order and,
     on a CPU, the weights bit for bit; another seed gives other weights."""
