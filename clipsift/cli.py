@@ -20,7 +20,10 @@ pool_app = typer.Typer(help="Make, import and check pools of image-text pairs.",
 app.add_typer(pool_app, name="pool")
 
 WorkersOption = typer.Option(
-    None, "--workers", "-w", help="CPU workers of the local Ray cluster (default: all cores; 1 runs in-process)."
+    None,
+    "--workers",
+    "-w",
+    help="CPU workers of a local Ray cluster (default: all cores, small work in-process; 1: always in-process).",
 )
 AddressOption = typer.Option(
     None, "--address", help="Ray cluster to join (default: RAY_ADDRESS, else a new local cluster)."

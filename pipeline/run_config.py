@@ -76,7 +76,7 @@ class RunConfig(Section):
     infra = frozenset({"workers", "address", "description"})
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str | None = None
-    workers: PositiveInt | None = None  # CPUs of the local Ray cluster (default: all)
+    workers: PositiveInt | None = None  # CPUs of the local Ray cluster (default: all; small work in-process)
     address: str | None = None  # a Ray cluster to join
     pool: PoolSpec
     filternet: FilternetSpec | None = None

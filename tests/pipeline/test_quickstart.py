@@ -168,7 +168,8 @@ def test_quickstart_ranks_the_baselines_and_its_report_renders(tmp_path: Path, b
         assert abs(summary["suites"]["heldout"]["average"] - baseline["average"]) < 1e-12
         assert set(baseline["tasks"]) == {RETRIEVAL_KEY, CLASSES_KEY}
     kept = {b["name"]: b["kept"] for b in record["baselines"]}
-    assert kept["no_filter"] == 204 and kept["random_30"] == kept["clip_score_30"] == round(0.3 * 204)
+    assert kept["no_filter"] == 204 and kept["random_30"] == round(0.3 * 204)  # random keeps exactly round(f N)
+    assert abs(kept["clip_score_30"] - 0.3 * 204) <= 2  # DataComp's quantile threshold, scores at it kept
     assert "#1" in result.stderr and "report" in result.stderr
     again = clipsift("quickstart", str(icons), "--out", str(out), "--filternet-scale", "xs", timeout=600)
     assert (
