@@ -32,7 +32,14 @@ def read_parquet(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | 
     # Through a pyarrow filesystem, not a Python file object: pyarrow 26 can abort the interpreter at exit
     # after threaded reads from Python file objects. Local files through pyarrow's own (no Python in the
     # reads: about a third faster for string columns), others through its wrapper of the fsspec filesystem.
-    return pq.read_table(path, columns=columns, filesystem=_LOCAL_ARROW_FS if is_local_fs(fs) else fs)
+    # ParquetFile rather than read_table: the same reads without importing pyarrow.dataset (and pandas), a
+    # quarter of a second of every command's start-up.
+    file = pq.ParquetFile(path, filesystem=_LOCAL_ARROW_FS if is_local_fs(fs) else fs)
+    names = file.schema_arrow.names
+    missing = [c for c in columns or () if c.split(".")[0] not in names]
+    if missing:  # ParquetFile.read would leave them out without a word
+        raise pa.ArrowInvalid(f"{path} has no column(s) {', '.join(missing)} (it has: {', '.join(names)})")
+    return file.read(columns=columns)
 
 
 _LOCAL_ARROW_FS = pafs.LocalFileSystem()

@@ -259,7 +259,7 @@ def apply_recipe(
     runner = RecipeRunner(pool, f"{work_root}/{fingerprint}", workers, address)
     final = runner.evaluate(recipe.root, None)
     pairs = np.concatenate(
-        [encode_uids(pool.metadata(s, ["uid"]).column("uid").filter(final.mask(s))) for s in pool.shard_ids()]
+        [encode_uids(pool.metadata(s, ["uid"]).column("uid"))[final.mask(s)] for s in pool.shard_ids()]
         or [encode_uids([])]
     )
     npy_sha = write_subset(out, pairs)
@@ -403,7 +403,6 @@ class RecipeRunner:
             desc=f"step {node.path} {node.filter.name}",
             workers=self.workers,
             address=self.address,
-            rows=self.pool.info.get("num_samples"),
         )
 
     def _state(self, node: Node, masks: Masks | None, out: Masks) -> Any:

@@ -81,7 +81,6 @@ def check_pool(url: str, *, workers: int | None = None) -> CheckReport:
         sorted(tars & parquets),
         desc="check shards",
         workers=workers,
-        rows=(info or {}).get("num_samples"),
     )
     for check in checks:
         problems += check.problems

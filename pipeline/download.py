@@ -800,7 +800,7 @@ def _download_and_adopt(out: str, plan: DownloadPlan, settings: dict[str, Any], 
     if not all(finished(s) for s in todo):
         run_img2dataset(f"{root}/{STAGING}/input", staging, settings)
     done = [s for s in todo if finished(s)]
-    map_shards(_AdoptShard(out, plan), done, desc="adopt shards", workers=workers, rows=plan.num_inputs)
+    map_shards(_AdoptShard(out, plan), done, desc="adopt shards", workers=workers)
     unfinished = [s for s in todo if s not in set(done)]
     if unfinished:
         listed = ", ".join(staging_name(s) for s in unfinished[:10]) + (" ..." if len(unfinished) > 10 else "")

@@ -738,10 +738,7 @@ def import_pool(
 
     shards = range(source.num_shards())
     source_info = source.info()
-    rows = None if source.kind == "webdataset" else source_info["num_inputs"]  # a tar's rows are known once read
-    uid_lists = map_shards(
-        functools.partial(_scan_shard, source), shards, desc=f"scan {source.kind}", workers=workers, rows=rows
-    )
+    uid_lists = map_shards(functools.partial(_scan_shard, source), shards, desc=f"scan {source.kind}", workers=workers)
     fill = _ImportShards(source, find_duplicates(uid_lists))
     params = {"kind": "import", "sources": [source_info]}
     info = build_pool(
@@ -752,7 +749,6 @@ def import_pool(
         fill=fill,
         desc=f"import {source.kind}",
         workers=workers,
-        rows=rows,
     )
     return _result(out, source_info, info)
 

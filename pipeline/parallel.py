@@ -1,9 +1,13 @@
 """Per-shard parallelism on Ray, the project's one engine for spreading work.
 
 `ray.init()` starts a local cluster unless an address is given (argument or RAY_ADDRESS), in
-which case the work joins that cluster. Small work runs in this process instead: same results,
-none of a local cluster's start-up (about 10 s). Small means at most `CLIPSIFT_LOCAL_MAX_ROWS`
-rows (default 20,000) when no worker count is asked for; `--workers 1` always runs in-process,
+which case the work joins that cluster. Work that would take little time runs in this process
+instead: same results, none of a local cluster's start-up (7-10 s on a 2-core machine). `map_shards`
+runs items here one by one and measures them; as soon as the items left would take longer than
+`CLIPSIFT_LOCAL_MAX_SECONDS` (default 20) at the last item's pace, it hands them to Ray. So a
+metadata filter over millions of rows (5M+ rows/s) never starts a cluster, while a heavy per-shard
+step moves to Ray after one shard. Scoring, whose model actors cannot be measured that way,
+estimates its time from its row count (`in_process`). `--workers 1` always runs in-process,
 `--workers N` (N > 1) and an address always use Ray.
 
 Ray's own notices (token authentication, Ray Data's log lines, worker output) are hidden unless
@@ -15,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -25,8 +31,8 @@ from clipsift.pipeline.ui import progress_bar
 T = TypeVar("T")
 R = TypeVar("R")
 
-LOCAL_MAX_ROWS_ENV = "CLIPSIFT_LOCAL_MAX_ROWS"
-DEFAULT_LOCAL_MAX_ROWS = 20_000
+LOCAL_MAX_SECONDS_ENV = "CLIPSIFT_LOCAL_MAX_SECONDS"
+DEFAULT_LOCAL_MAX_SECONDS = 20.0  # about twice a local cluster's start-up: below it, one process finishes sooner
 VERBOSE_ENV = "CLIPSIFT_VERBOSE"
 _cluster = {"workers": None}  # the CPU count a run or a verb's --workers gave for a local cluster
 
@@ -50,23 +56,34 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "0") not in ("", "0", "false", "no")
 
 
-def local_max_rows() -> int:
-    value = os.environ.get(LOCAL_MAX_ROWS_ENV, str(DEFAULT_LOCAL_MAX_ROWS))
+def local_max_seconds() -> float:
+    value = os.environ.get(LOCAL_MAX_SECONDS_ENV, str(DEFAULT_LOCAL_MAX_SECONDS))
     try:
-        return int(value)
+        seconds = float(value)
     except ValueError:
-        raise ClipsiftError(f"{LOCAL_MAX_ROWS_ENV}={value!r}: give a whole number of rows (0: always Ray)") from None
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ClipsiftError(f"{LOCAL_MAX_SECONDS_ENV}={value!r}: give a number of seconds (0: always Ray)")
+    return seconds
 
 
-def in_process(items: int, rows: int | None, workers: int | None = None, address: str | None = None) -> bool:
-    """Whether work of `items` shards holding `rows` rows (None: not known) runs in this process rather than as Ray
-    tasks (see the module's note)."""
+def placement(items: int, workers: int | None = None, address: str | None = None) -> str | None:
+    """Where work of `items` shards must run whatever its size: "here", "ray", or None (its size decides)."""
     workers = workers if workers is not None else _cluster["workers"]
     if address or os.environ.get("RAY_ADDRESS"):
-        return False
-    if items <= 1 or workers is not None:
-        return items <= 1 or workers == 1
-    return rows is not None and rows <= local_max_rows()
+        return "ray"
+    if items <= 1 or workers == 1:
+        return "here"
+    return "ray" if workers is not None else None
+
+
+def in_process(items: int, seconds: float | None, workers: int | None = None, address: str | None = None) -> bool:
+    """Whether work of `items` shards, estimated to take `seconds` in one process (None: not known), runs here
+    rather than on Ray (see the module's note)."""
+    where = placement(items, workers, address)
+    if where is not None:
+        return where == "here"
+    return seconds is not None and seconds <= local_max_seconds()
 
 
 def _quiet_ray() -> None:
@@ -114,13 +131,12 @@ def map_shards(
     desc: str,
     workers: int | None = None,
     address: str | None = None,
-    rows: int | None = None,
     on_result: Callable[[T, R], None] | None = None,
 ) -> list[R]:
     """Apply `fn` to every item, one Ray task per item, with a progress bar; results in item order.
 
-    `workers` bounds the CPUs of a local cluster (None: all cores, or in-process when the `rows`
-    these items hold are few, see `in_process`). A ClipsiftError raised in a task is re-raised
+    `workers` bounds the CPUs of a local cluster (None: all cores, or in-process while the items left
+    would take little time, see the module's note). A ClipsiftError raised in a task is re-raised
     here as itself so the CLI can show its message.
     """
     items = list(items)
@@ -136,12 +152,29 @@ def map_shards(
                 on_result(items[index], result)
             progress.advance(task)
 
-        if in_process(len(items), rows, workers, address):
-            for index, item in enumerate(items):
-                done(index, fn(item))
+        where = placement(len(items), workers, address)
+        if where == "ray":
+            start = 0
         else:
-            _map_on_ray(fn, items, workers, address, done)
+            start = _run_here(fn, items, done, math.inf if where == "here" else local_max_seconds())
+        if start < len(items):
+            _map_on_ray(fn, items, start, workers, address, done)
     return [results[i] for i in range(len(items))]
+
+
+def _run_here(fn: Callable[[T], R], items: list[T], done: Callable[[int, R], None], budget: float) -> int:
+    """Run items in this process until those left would take longer than `budget` seconds at the last item's
+    pace; returns the index of the first item not run (len(items): all ran here)."""
+    if budget <= 0:
+        return 0
+    took = 0.0
+    for index, item in enumerate(items):
+        if took * (len(items) - index) > budget:
+            return index
+        started = time.perf_counter()
+        done(index, fn(item))
+        took = time.perf_counter() - started
+    return len(items)
 
 
 def _apply(fn: Callable[[T], R], item: T) -> R:
@@ -156,12 +189,15 @@ def _remote_apply() -> Any:
     return ray.remote(num_cpus=1, max_retries=3)(_apply)
 
 
-def _map_on_ray(fn: Callable, items: list, workers: int | None, address: str | None, done: Callable) -> None:
+def _map_on_ray(
+    fn: Callable, items: list, start: int, workers: int | None, address: str | None, done: Callable
+) -> None:
+    """Items from `start` on as Ray tasks."""
     import ray
 
     ensure_ray(address, workers)
     fn_ref = ray.put(fn)
-    pending = {_remote_apply().remote(fn_ref, item): index for index, item in enumerate(items)}
+    pending = {_remote_apply().remote(fn_ref, items[index]): index for index in range(start, len(items))}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:

@@ -225,7 +225,6 @@ def reshard(
         desc="reshard",
         workers=workers,
         address=address,
-        rows=sum(totals),
         uids_may_repeat=bool(np.any(repeats > 1)),
     )
     missing = unique[~found]

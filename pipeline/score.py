@@ -37,6 +37,9 @@ DECODES = ("cpu", "device")  # where images are decoded and resized: CPU tasks (
 STATUS_OK = "ok"
 STAGES = ("read", "prepare", "model", "write")
 GPU_CALLS_PER_ACTOR = 2  # blocks a GPU actor embeds side by side
+# one CPU core's time per pair with the small CPU models, decode included (docs/scoring.md: 0.43-1.7 ms), which
+# decides whether scoring runs in-process (pipeline/parallel.py); bigger models should name --workers
+CPU_SECONDS_PER_PAIR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -781,7 +784,7 @@ def _run(
         for s in todo
     }
     total = sum(len(b.uids) for b in buffers.values())
-    local = in_process(len(todo), total, settings.workers, address)
+    local = in_process(len(todo), total * CPU_SECONDS_PER_PAIR, settings.workers, address)
     if not local:
         ensure_ray(address)
     names = specs[0].model_id if len(specs) == 1 else f"{len(specs)} models"

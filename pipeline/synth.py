@@ -242,7 +242,6 @@ def synth_pool(
         fill=shards,
         desc=f"synth {scale} pool",
         workers=workers,
-        rows=num_samples,
     )
     table = truth_table(shards, _num_shards(num_samples, shard_size))
     fs, path = open_fs(truth)
@@ -278,7 +277,6 @@ def synth_reference(
         fill=shards,
         desc=f"synth {scale} reference",
         workers=workers,
-        rows=num_samples,
     )
 
 

@@ -55,23 +55,20 @@ def build_pool(
     desc: str,
     workers: int | None = None,
     address: str | None = None,
-    rows: int | None = None,
     **info: Any,
 ) -> dict[str, Any]:
     """Make a pool shard by shard: `fill(index, writer)` writes shard `index`.
 
     Shards already complete are skipped, so a killed build re-run continues where it stopped.
     `params` (the build settings) are recorded at the start; resuming with other settings is an
-    error instead of a pool mixing shards of two different builds. `rows` (the samples it will
-    hold, where known) lets small builds run in-process.
+    error instead of a pool mixing shards of two different builds. Small builds run in-process
+    (`map_shards`).
     """
     from clipsift.pipeline.parallel import map_shards
 
     record_build_params(pool_url, params)
     todo = [i for i in range(num_shards) if not shard_is_complete(pool_url, i)]
-    map_shards(
-        functools.partial(_build_shard, pool_url, fill), todo, desc=desc, workers=workers, address=address, rows=rows
-    )
+    map_shards(functools.partial(_build_shard, pool_url, fill), todo, desc=desc, workers=workers, address=address)
     return finalize_pool(pool_url, name, params.get("sources", []), **info)
 
 

@@ -1,8 +1,9 @@
-"""Where per-shard work runs: in this process when it is small, as Ray tasks otherwise (pipeline/parallel.py)."""
+"""Where per-shard work runs: in this process while it is quick, as Ray tasks otherwise (pipeline/parallel.py)."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -15,40 +16,41 @@ from clipsift.pipeline.parallel import default_workers, in_process, map_shards
 @pytest.fixture(autouse=True)
 def no_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv(parallel.LOCAL_MAX_ROWS_ENV, raising=False)
+    monkeypatch.delenv(parallel.LOCAL_MAX_SECONDS_ENV, raising=False)
 
 
-def test_small_work_stays_in_process_and_large_work_goes_to_ray() -> None:
-    limit = parallel.DEFAULT_LOCAL_MAX_ROWS
-    assert in_process(8, limit) and not in_process(8, limit + 1)
-    assert not in_process(8, None)  # rows not known: a cluster, as before
-    assert in_process(1, 10**9)  # one shard: nothing to spread
+def test_quick_work_stays_in_process_and_long_work_goes_to_ray() -> None:
+    limit = parallel.DEFAULT_LOCAL_MAX_SECONDS
+    assert in_process(8, limit) and not in_process(8, limit + 0.1)
+    assert not in_process(8, None)  # time not known: a cluster
+    assert in_process(1, 1e9)  # one shard: nothing to spread
 
 
 def test_an_asked_worker_count_and_an_address_decide_over_the_size() -> None:
-    assert in_process(8, 10**9, workers=1)
-    assert not in_process(8, 10, workers=2)
-    assert not in_process(8, 10, workers=1, address="127.0.0.1:6379")
-    assert not in_process(1, 10, address="127.0.0.1:6379")
+    assert in_process(8, 1e9, workers=1)
+    assert not in_process(8, 0.1, workers=2)
+    assert not in_process(8, 0.1, workers=1, address="127.0.0.1:6379")
+    assert not in_process(1, 0.1, address="127.0.0.1:6379")
 
 
-def test_the_threshold_is_overridable_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(parallel.LOCAL_MAX_ROWS_ENV, "0")
-    assert not in_process(2, 10)
-    monkeypatch.setenv(parallel.LOCAL_MAX_ROWS_ENV, "100000")
-    assert in_process(2, 90_000)
-    monkeypatch.setenv(parallel.LOCAL_MAX_ROWS_ENV, "many")
-    with pytest.raises(ClipsiftError, match="CLIPSIFT_LOCAL_MAX_ROWS='many'"):
-        in_process(2, 10)
+def test_the_budget_is_overridable_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(parallel.LOCAL_MAX_SECONDS_ENV, "0")
+    assert not in_process(2, 0.001)
+    monkeypatch.setenv(parallel.LOCAL_MAX_SECONDS_ENV, "100")
+    assert in_process(2, 90)
+    for bad in ("many", "-1", "nan"):
+        monkeypatch.setenv(parallel.LOCAL_MAX_SECONDS_ENV, bad)
+        with pytest.raises(ClipsiftError, match=f"CLIPSIFT_LOCAL_MAX_SECONDS='{bad}'"):
+            in_process(2, 0.1)
 
 
 def test_a_runs_worker_count_applies_within_and_only_within() -> None:
     with default_workers(1):
-        assert in_process(8, 10**9)
+        assert in_process(8, 1e9)
         with default_workers(2):
-            assert not in_process(8, 10)
-        assert in_process(8, 10**9)
-    assert not in_process(8, 10**9)
+            assert not in_process(8, 0.1)
+        assert in_process(8, 1e9)
+    assert not in_process(8, 1e9)
 
 
 @pytest.fixture
@@ -60,10 +62,31 @@ def own_ray() -> Iterator[None]:
     ray.shutdown()
 
 
-def test_map_shards_runs_small_work_here_and_asked_for_workers_on_ray(own_ray: None) -> None:
+def test_map_shards_runs_quick_work_here_and_asked_for_workers_on_ray(own_ray: None) -> None:
     pid_of = lambda item: (item, os.getpid())  # noqa: E731 (a lambda travels to Ray workers by value)
-    here = map_shards(pid_of, range(3), desc="small", rows=300)
-    assert here == [(i, os.getpid()) for i in range(3)]
-    spread = map_shards(pid_of, range(3), desc="spread", workers=2, rows=300)
+    here = map_shards(pid_of, range(50), desc="quick")
+    assert here == [(i, os.getpid()) for i in range(50)]
+    spread = map_shards(pid_of, range(3), desc="spread", workers=2)
     assert [item for item, _ in spread] == [0, 1, 2]  # results in item order
     assert os.getpid() not in {pid for _, pid in spread}  # each item ran in a Ray worker process
+
+
+def test_map_shards_moves_to_ray_once_the_items_left_would_take_too_long(
+    own_ray: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(parallel.LOCAL_MAX_SECONDS_ENV, "1")
+
+    def slow(item: int) -> tuple[int, int]:
+        time.sleep(0.4)  # 4 items left at 0.4 s each is more than the 1 s budget
+        return item, os.getpid()
+
+    results = map_shards(slow, range(5), desc="slow")
+    assert [item for item, _ in results] == list(range(5))
+    assert results[0][1] == os.getpid()  # measured here first
+    assert os.getpid() not in {pid for _, pid in results[1:]}  # then the rest on Ray
+
+
+def test_a_zero_budget_runs_everything_on_ray(own_ray: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(parallel.LOCAL_MAX_SECONDS_ENV, "0")
+    results = map_shards(lambda item: os.getpid(), range(2), desc="ray")  # noqa: E731
+    assert os.getpid() not in results
