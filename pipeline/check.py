@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image
 
+from clipsift.images import ImageDecodeError, is_transparent, open_image, to_rgb
 from clipsift.pipeline.parallel import map_shards
 from clipsift.pipeline.pool import BASE_SCHEMA, Pool, PoolFormatError, image_member, is_valid_uid
 
 MAX_PROBLEMS_PER_SHARD = 1000
+MAX_TRANSPARENT_EXAMPLES = 5
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ class ShardCheck:
     uids: pa.Table | None = None  # uid, key of every row, for the pool-wide uniqueness check
     problems: list[Problem] = field(default_factory=list)
     more_problems: int = 0
+    transparent: int = 0  # images with transparent pixels
+    transparent_keys: list[str] = field(default_factory=list)  # the first few of them
 
     def report(self, key: str | None, reason: str) -> None:
         if len(self.problems) < MAX_PROBLEMS_PER_SHARD:
@@ -52,10 +54,25 @@ class CheckReport:
     num_samples: int
     problems: list[Problem]
     more_problems: int = 0
+    num_transparent: int = 0  # images with transparent pixels: not a format error, but they change results
+    transparent_examples: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def notices(self) -> list[str]:
+        """What is not wrong with the format but worth acting on, each with what to do."""
+        if not self.num_transparent:
+            return []
+        examples = "; ".join(str(p).split(": ")[0] for p in self.transparent_examples)
+        return [
+            f"{self.num_transparent:,} image(s) have transparent pixels (e.g. {examples}): training, scoring and "
+            "evaluation see whatever colours are stored under them, while img2dataset (which made DataComp's pools) "
+            "composites such images onto white. Re-import the source with `clipsift pool import`, which composites "
+            "them the same way (or re-encode them onto a background yourself)"
+        ]
 
     @property
     def num_problems(self) -> int:
@@ -98,7 +115,16 @@ def check_pool(url: str, *, workers: int | None = None) -> CheckReport:
             problems.append(
                 Problem(None, None, f"pool.json says {info.get('num_samples')} samples, the shards hold {num_samples}")
             )
-    return CheckReport(url, len(tars | parquets), num_samples, problems, sum(c.more_problems for c in checks))
+    transparent = [Problem(c.shard, key, "transparent pixels") for c in checks for key in c.transparent_keys]
+    return CheckReport(
+        url,
+        len(tars | parquets),
+        num_samples,
+        problems,
+        sum(c.more_problems for c in checks),
+        num_transparent=sum(c.transparent for c in checks),
+        transparent_examples=transparent[:MAX_TRANSPARENT_EXAMPLES],
+    )
 
 
 def check_shard(url: str, shard: str) -> ShardCheck:
@@ -163,10 +189,14 @@ def _check_entry(check: ShardCheck, entry, row: dict | None) -> None:
 
 def _check_image(check: ShardCheck, key: str, data: bytes, sha256: str | None) -> None:
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
+        image = open_image(data)
+        if is_transparent(image):
+            check.transparent += 1
+            check.transparent_keys += [key][: MAX_TRANSPARENT_EXAMPLES - len(check.transparent_keys)]
+        to_rgb(image)  # as training decodes it (`decode_rgb`): a mode PIL loads but cannot convert is lost there
     except Exception as err:  # PIL raises many types for bad data
-        check.report(key, f"undecodable image ({type(err).__name__}: {err})")
+        cause = err.__cause__ if isinstance(err, ImageDecodeError) else err
+        check.report(key, f"undecodable image ({type(cause).__name__}: {cause})")
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
         check.report(key, "image bytes do not match the metadata sha256")
 

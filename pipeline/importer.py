@@ -17,7 +17,10 @@ else derive_uid of the relative path (folder, table), the tar/key name (webdatas
 sha256 (table bytes), then "\\n", then the caption. Captions are stripped of surrounding whitespace.
 
 Every image is decoded to verify it. jpg/png/webp bytes are stored unchanged; other formats PIL
-reads (bmp, gif, tiff...) are stored as PNG and counted as converted. Unusable samples (no or empty
+reads (bmp, gif, tiff...) are stored as PNG and counted as converted. Images with transparent
+pixels (RGBA, LA, palette or RGB with a transparent colour) are composited onto white as img2dataset
+does when it re-encodes (`clipsift.images.white_background`), stored as PNG and counted as
+composited; the pool's build settings say so. Unusable samples (no or empty
 caption, caption not UTF-8, undecodable image, duplicate uid...) are skipped, not fatal: each is
 listed with its reason in its shard's stats (`Pool.shard_stats`), so a resumed run reports the
 same totals.
@@ -41,7 +44,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -50,6 +53,7 @@ from PIL import Image
 
 from clipsift import ClipsiftError
 from clipsift.files import open_fs, parquet_file, read_parquet
+from clipsift.images import ImageDecodeError, open_image, to_rgb, white_background
 from clipsift.pipeline.pool import (
     BASE_SCHEMA,
     DEFAULT_SHARD_SIZE,
@@ -101,6 +105,8 @@ PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")
 IMG2DATASET_FIELDS = frozenset({"key", "status", "error_message", "width", "height", "exif", "caption"})
 RESERVED_COLUMNS = frozenset(BASE_SCHEMA.names)
 NUM_SKIP_EXAMPLES = 10
+# recorded in the pool's build settings: what import does to images with transparent pixels
+TRANSPARENT_IMAGES = "composited onto white, as img2dataset (clipsift.images.white_background)"
 
 
 # --------------------------------------------------------------------------- records
@@ -329,13 +335,18 @@ class _TarSource:
 def tar_record(name: str, entry: TarEntry, *, keep_caption: bool = False) -> Record:
     """A webdataset entry (img2dataset's included) as a Record; raises Skip when it is unusable.
 
-    keep_caption: the .txt member exactly as stored (not stripped), for a tar adopted unchanged.
+    keep_caption: the .txt member exactly as stored (not stripped), for a tar adopted unchanged; a blank one too,
+    as DataComp's baselines keep such samples.
     """
     meta = entry_json(entry)
     txt = entry.members.get("txt")
-    if txt is not None:
+    if txt is not None and keep_caption:
+        try:
+            caption = txt.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise Skip("caption is not UTF-8", str(err)) from None
+    elif txt is not None:
         caption = _caption_text(txt)  # raises Skip when empty or not UTF-8
-        caption = txt.decode("utf-8") if keep_caption else caption
     elif keep_caption:
         raise Skip("no caption member", "an adopted tar needs a .txt member per sample")
     else:
@@ -605,20 +616,31 @@ def _open_table(
 # --------------------------------------------------------------------------- images
 
 
-def verify_image(data: bytes) -> tuple[bytes, str, tuple[int, int], bool]:
-    """Decode `data` fully; returns (bytes to store, extension, (width, height), converted to PNG)."""
+class VerifiedImage(NamedTuple):
+    data: bytes  # to store
+    ext: str
+    size: tuple[int, int]  # (width, height)
+    converted: bool  # another format stored as PNG
+    composited: bool  # transparent pixels composited onto white (stored as PNG)
+
+
+def verify_image(data: bytes) -> VerifiedImage:
+    """Decode `data` fully, as training decodes it (`decode_rgb`); the bytes to store: the same bytes unless another
+    format or transparent pixels."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            ext = STORED_FORMATS.get(img.format or "")
-            if ext:
-                return data, ext, img.size, False
-            return _png_bytes(img), "png", img.size, True
-    except Skip:
-        raise
+        img = open_image(data)
+        to_rgb(img)  # a mode PIL loads but cannot make RGB would be dropped by training
+        flat = white_background(img)
     except Exception as err:  # PIL raises many kinds (OSError, SyntaxError, DecompressionBombError...)
-        message = re.sub(r"\s*<[^>]* at 0x[0-9a-f]+>", "", str(err))  # no object addresses: stats stay reproducible
-        raise Skip("undecodable image", f"{type(err).__name__}: {message}") from None
+        cause = err.__cause__ if isinstance(err, ImageDecodeError) else err
+        message = re.sub(r"\s*<[^>]* at 0x[0-9a-f]+>", "", str(cause))  # no object addresses: stats stay reproducible
+        raise Skip("undecodable image", f"{type(cause).__name__}: {message}") from None
+    ext = STORED_FORMATS.get(img.format or "")
+    if flat is not None:
+        return VerifiedImage(_png_bytes(flat), "png", img.size, ext is None, True)
+    if ext:
+        return VerifiedImage(data, ext, img.size, False, False)
+    return VerifiedImage(_png_bytes(img), "png", img.size, True, False)
 
 
 def _png_bytes(img: Image.Image) -> bytes:
@@ -641,11 +663,12 @@ def _read_image_file(fs: Any, path: str) -> bytes:
         raise Skip("unreadable image file", f"{path}: {err}") from None
 
 
-def _make_sample(fs: Any, record: Record) -> tuple[Sample, bool]:
+def _make_sample(fs: Any, record: Record) -> tuple[Sample, VerifiedImage]:
     data = record.image if record.image is not None else _read_image_file(fs, record.image_file)
-    stored, ext, size, converted = verify_image(data)
-    width, height = record.size or size
-    return Sample(record.uid, stored, ext, record.caption, record.url, width, height, extra=record.extra), converted
+    image = verify_image(data)
+    width, height = record.size or image.size
+    sample = Sample(record.uid, image.data, image.ext, record.caption, record.url, width, height, extra=record.extra)
+    return sample, image
 
 
 # --------------------------------------------------------------------------- building
@@ -682,21 +705,22 @@ class _ImportShards:
 
     def __call__(self, index: int, writer: ShardWriter) -> None:
         skipped: list[dict[str, str]] = []
-        converted = 0
+        converted = composited = 0
         duplicates = self.duplicates.get(index, frozenset())
         for position, record in enumerate(self.source.records(index)):
             skip = record.skip or (Skip("duplicate uid", record.uid or "") if position in duplicates else None)
             if skip is None:
                 try:
-                    sample, was_converted = _make_sample(self.source.fs, record)
+                    sample, image = _make_sample(self.source.fs, record)
                 except Skip as err:
                     skip = err
             if skip is not None:
                 skipped.append(skip.entry(record.source))
                 continue
             writer.write(sample)
-            converted += was_converted
-        writer.stats.update(skipped=skipped, converted=converted)
+            converted += image.converted
+            composited += image.composited
+        writer.stats.update(skipped=skipped, converted=converted, composited=composited)
 
 
 @dataclass
@@ -710,6 +734,7 @@ class ImportResult:
     num_imported: int
     num_skipped: int
     num_converted: int
+    num_composited: int  # images with transparent pixels composited onto white
     skip_reasons: dict[str, int]  # reason -> count, most frequent first
     skip_examples: list[dict[str, str]]  # the first few skipped inputs: {source, reason[, detail]}
 
@@ -740,7 +765,7 @@ def import_pool(
     source_info = source.info()
     uid_lists = map_shards(functools.partial(_scan_shard, source), shards, desc=f"scan {source.kind}", workers=workers)
     fill = _ImportShards(source, find_duplicates(uid_lists))
-    params = {"kind": "import", "sources": [source_info]}
+    params = {"kind": "import", "sources": [source_info], "transparent_images": TRANSPARENT_IMAGES}
     info = build_pool(
         out,
         name=name or default_name(source_info["src"]),
@@ -774,6 +799,7 @@ def _result(out: str, source_info: dict[str, Any], info: dict[str, Any]) -> Impo
         num_imported=info["num_samples"],
         num_skipped=len(skipped),
         num_converted=sum(shard.get("converted", 0) for shard in stats),
+        num_composited=sum(shard.get("composited", 0) for shard in stats),
         skip_reasons=dict(reasons.most_common()),
         skip_examples=skipped[:NUM_SKIP_EXAMPLES],
     )
@@ -791,6 +817,8 @@ def import_summary_rows(result: ImportResult, examples: int = 5) -> list[tuple[s
     rows += [(f"  {reason}", count) for reason, count in result.skip_reasons.items()]
     if result.num_converted:
         rows.append(("converted to PNG", result.num_converted))
+    if result.num_composited:
+        rows.append(("composited onto white", result.num_composited))
     for entry in result.skip_examples[:examples]:
         detail = f" ({entry['detail']})" if entry.get("detail") else ""
         rows.append(("  e.g.", f"{entry['source']}: {entry['reason']}{detail}"))

@@ -441,13 +441,19 @@ def thumbnails(pool: Pool, shard: str, keys: dict[int, str]) -> dict[int, str | 
 
 
 def thumbnail(data: bytes) -> str | None:
-    """A JPEG data: URI of the image, its longer side at most THUMB_SIZE; None if it does not decode."""
+    """A JPEG data: URI of the image, its longer side at most THUMB_SIZE; None if it does not decode.
+
+    The colours are those training sees (`to_rgb`, as `decode_rgb`: RGB before resizing, transparent pixels showing
+    what is stored under them); a big JPEG is decoded at a reduced scale (draft), which only a display can afford."""
     from PIL import Image
 
+    from clipsift.images import to_rgb
+
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.draft("RGB", (THUMB_SIZE, THUMB_SIZE))
-            picture = image.convert("RGB")
+        image = Image.open(io.BytesIO(data))  # no `with`: closing it would close the RGB image to_rgb hands back
+        image.draft("RGB", (THUMB_SIZE, THUMB_SIZE))
+        image.load()
+        picture = to_rgb(image)
         picture.thumbnail((THUMB_SIZE, THUMB_SIZE))
     except (OSError, ValueError, Image.DecompressionBombError):
         return None

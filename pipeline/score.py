@@ -11,7 +11,6 @@ atomically once all rows are in, so a killed run re-run only scores what has no 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import threading
@@ -152,7 +151,8 @@ class _Inputs:
 
 @lru_cache(maxsize=8)
 def _to_pixels(transform: tuple[tuple[str, Any], ...]) -> Callable[[Any], np.ndarray]:
-    """The model's eval image transform up to (not including) tensor conversion, returning uint8 HWC.
+    """The model's eval image transform up to (not including) tensor conversion: an RGB PIL image (`decode_rgb`'s) ->
+    uint8 HWC.
 
     open_clip's default (shortest side resized to a square crop's side, bicubic or bilinear) calls
     PIL directly with the size and crop box that torchvision's Resize and CenterCrop compute: the
@@ -179,7 +179,7 @@ def _to_pixels(transform: tuple[tuple[str, Any], ...]) -> Callable[[Any], np.nda
     def to_pixels(image: Any) -> np.ndarray:
         for step in head:
             image = step(image)
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return np.asarray(image, dtype=np.uint8)  # open_clip's own _convert_to_rgb is among them
 
     return to_pixels
 
@@ -198,11 +198,11 @@ def _resize_and_crop_box(width: int, height: int, side: int) -> tuple[int, int, 
 
 
 def _shortest_side_crop(image: Any, side: int, resample: int) -> np.ndarray:
-    """torchvision Resize(side) then CenterCrop(side) on a PIL image, as uint8 RGB."""
+    """torchvision Resize(side) then CenterCrop(side) on an RGB PIL image, as uint8."""
     new_width, new_height, left, top = _resize_and_crop_box(*image.size, side)
     if (new_width, new_height) != image.size:
         image = image.resize((new_width, new_height), resample)
-    return np.asarray(image.crop((left, top, left + side, top + side)).convert("RGB"), dtype=np.uint8)
+    return np.asarray(image.crop((left, top, left + side, top + side)), dtype=np.uint8)
 
 
 def _default_crop(transform: tuple[tuple[str, Any], ...]) -> tuple[int, str] | None:
@@ -296,21 +296,24 @@ def _prepare(
 
 
 def _decode_on_cpu(images: list[bytes], inputs: _Inputs) -> tuple[list[str], list[list[np.ndarray | None]]]:
-    """(status of each image, uint8 HWC pixels of each image per image transform: None where undecodable)."""
-    from PIL import Image
+    """(status of each image, uint8 HWC pixels of each image per image transform: None where undecodable).
+
+    Images are decoded as training decodes them (`decode_rgb`: RGB before any resize)."""
+    from clipsift.images import ImageDecodeError, decode_rgb
 
     transforms = [_to_pixels(t) for t in inputs.transforms]
     pixels: list[list[np.ndarray | None]] = [[] for _ in transforms]
     statuses = []
     for data in images:
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()
-                made = [to_pixels(image) for to_pixels in transforms]
-            statuses.append(STATUS_OK)
-        except Exception as err:  # PIL raises many types for bad data
+            image = decode_rgb(data)
+        except ImageDecodeError as err:
             made = [None] * len(transforms)
-            statuses.append(f"undecodable image: {type(err).__name__}: {err}"[:300])
+            cause = err.__cause__
+            statuses.append(f"undecodable image: {type(cause).__name__}: {cause}"[:300])
+        else:
+            made = [to_pixels(image) for to_pixels in transforms]
+            statuses.append(STATUS_OK)
         for column, array in zip(pixels, made):
             column.append(array)
     return statuses, pixels
@@ -456,10 +459,11 @@ class Embedder:
         return out
 
     def _decode_and_crop(self, blobs: np.ndarray, status: np.ndarray) -> list[Any]:
-        """uint8 NCHW crops on the device, one tensor per image transform. JPEGs are decoded together by torchvision
-        (nvJPEG on CUDA) and resized on the device; every other image (PNG, WebP, a JPEG cut short or refused) takes
-        the CPU path's PIL decode and crop, in its own mode (palette and alpha images resize as PIL resizes them), and
-        is copied over. Undecodable images become zeros and their `status` (a view of the batch's) says why."""
+        """uint8 NCHW crops on the device, one tensor per image transform. Grey and YCbCr JPEGs (`_device_jpeg`) are
+        decoded together by torchvision (nvJPEG on CUDA) and resized on the device; every other image (PNG, WebP,
+        CMYK JPEGs, a JPEG cut short or refused) takes the CPU path's decode (`decode_rgb`, RGB first, as training
+        decodes) and crop, and is copied over. Undecodable images become zeros and their `status` (a view of the
+        batch's) says why."""
         torch = self.torch
         decoded = self._decode_jpegs(blobs)
         rest = [i for i, image in enumerate(decoded) if image is None]
@@ -485,12 +489,12 @@ class Embedder:
 
     def _decode_jpegs(self, blobs: np.ndarray) -> list[Any]:
         """Each JPEG as a uint8 CHW RGB tensor on the device, by torchvision's batched decoder (one call; one call per
-        image when that fails); None for other formats, JPEGs cut short (`_whole_jpeg`) and JPEGs it cannot decode."""
+        image when that fails); None for other images (`_device_jpeg`) and JPEGs it cannot decode."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         torch = self.torch
         images: list[Any] = [None] * len(blobs)
-        jpegs = [i for i, data in enumerate(blobs) if _whole_jpeg(data)]
+        jpegs = [i for i, data in enumerate(blobs) if _device_jpeg(data)]
         data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs]
 
         def decode() -> list[Any]:
@@ -524,11 +528,67 @@ class Embedder:
         return images
 
 
-def _whole_jpeg(data: bytes) -> bool:
-    """Whether `data` is a JPEG that ends with its end-of-image marker. The device decoder gets only those: a truncated
-    file (or one with bytes after its image) goes to PIL, which judges it as the CPU path does, whatever nvJPEG would
-    do."""
-    return data[:3] == _JPEG_START and data[-2:] == _JPEG_END
+def _device_jpeg(data: bytes) -> bool:
+    """Whether the device decoder may take `data`: a whole JPEG (ending with its end-of-image marker), Huffman coded
+    (baseline, extended or progressive), 8-bit, grey or YCbCr. Its pixels then equal `decode_rgb`'s up to the GPU
+    decoder's own rounding. Everything else goes to PIL, as on the CPU path: CMYK and YCCK (4 components), RGB-coded
+    and 12-bit JPEGs, which nvJPEG does not decode as libjpeg does, a truncated file or one with bytes after its image
+    (PIL judges those as the CPU path does, whatever nvJPEG would do)."""
+    if data[:3] != _JPEG_START or data[-2:] != _JPEG_END:
+        return False
+    header = _jpeg_header(data)
+    if header is None or header.frame not in _DEVICE_FRAMES or header.precision != 8:
+        return False
+    return len(header.components) == 1 or (len(header.components) == 3 and _is_ycbcr(header))
+
+
+_DEVICE_FRAMES = (0xC0, 0xC1, 0xC2)  # SOF0-2: baseline, extended sequential, progressive, Huffman coded
+_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOFn; C4, C8 and CC are other markers
+
+
+@dataclass(frozen=True)
+class _JpegHeader:
+    frame: int  # the SOF marker
+    precision: int  # bits per sample
+    components: bytes  # component ids
+    jfif: bool  # an APP0 JFIF segment
+    adobe_transform: int | None  # the APP14 Adobe segment's colour transform
+
+
+def _jpeg_header(data: bytes) -> _JpegHeader | None:
+    """The frame header and colour markers read up to the first scan; None where the markers do not parse."""
+    pos, frame, jfif, adobe = 2, None, False, None
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD7:  # fill byte, markers without a length
+            pos += 1 if marker == 0xFF else 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        body = data[pos + 4 : pos + 2 + length]
+        if marker == 0xDA:  # start of scan: every header marker has been seen
+            break
+        if marker in _FRAME_MARKERS and len(body) >= 6 and frame is None:
+            frame = (marker, body[0], bytes(body[6 : 6 + 3 * body[5] : 3]))
+        elif marker == 0xE0 and body[:5] == b"JFIF\0":
+            jfif = True
+        elif marker == 0xEE and body[:5] == b"Adobe" and len(body) >= 12:
+            adobe = body[11]
+        pos += 2 + length
+    else:
+        return None
+    return None if frame is None else _JpegHeader(*frame, jfif, adobe)
+
+
+def _is_ycbcr(header: _JpegHeader) -> bool:
+    """libjpeg's rule for the colour space of a 3-component JPEG: JFIF means YCbCr, else the Adobe segment's transform
+    (0: RGB), else component ids R, G, B mean RGB."""
+    if header.jfif:
+        return True
+    if header.adobe_transform is not None:
+        return header.adobe_transform != 0
+    return header.components != b"RGB"
 
 
 def _resize_and_crop_tensor(image: Any, side: int, mode: str) -> Any:

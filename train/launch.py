@@ -25,6 +25,7 @@ from typing import Any
 
 from clipsift import ClipsiftError, __version__
 from clipsift.files import open_fs, write_json_atomic
+from clipsift.images import ImageDecodeError, decode_rgb
 from clipsift.pipeline.pool import image_member, iter_tar
 from clipsift.pipeline.reshard import read_manifest
 from clipsift.train.models import register_model_configs
@@ -89,7 +90,7 @@ def open_data(path: str, weight: float = 1.0) -> DataSource:
 
 
 def _check_first_sample(shard: str) -> None:
-    """open_clip_train silently drops samples without a caption or image: refuse such shards."""
+    """open_clip_train silently drops samples without a caption or a decodable image: refuse such shards."""
     fs, local = open_fs(shard)
     with fs.open(local, "rb") as handle:
         entry = next(iter_tar(handle, source=shard), None)
@@ -105,6 +106,14 @@ def _check_first_sample(shard: str) -> None:
             f"{shard}: sample {entry.key!r} has no {' or '.join(missing)} member "
             f"(members: {', '.join(sorted(entry.members))}); open_clip_train would drop every such sample"
         )
+    try:
+        decode_rgb(image_member(entry)[1])  # as its wds.decode("pilrgb") decodes it
+    except ImageDecodeError as err:
+        cause = err.__cause__
+        raise ClipsiftError(
+            f"{shard}: sample {entry.key!r}: undecodable image ({type(cause).__name__}: {cause}); open_clip_train "
+            "would drop it silently: run `clipsift pool check` on the pool it came from and reshard"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from clipsift.pipeline.check import check_pool
+from clipsift.pipeline.importer import import_pool
+from clipsift.pipeline.pool import Sample, derive_uid, finalize_pool, write_shard
 
-from conftest import clipsift, rewrite_tar
+from conftest import clipsift, make_pool, rewrite_tar
 
 SHARD0 = "00000000"
 KEY = "00000000_00000002"  # the third sample of shard 0
@@ -119,3 +124,36 @@ def test_check_on_ray_and_cli_exit_status(small_pool: Path) -> None:
 def test_missing_pool_json_reported(small_pool: Path) -> None:
     (small_pool / "pool.json").unlink()
     assert any("no pool.json" in r for r in reasons(small_pool))
+
+
+def rgba_png(transparent: bool) -> bytes:
+    pixels = np.random.default_rng(3).integers(0, 256, (12, 14, 4), dtype=np.uint8)
+    pixels[..., 3] = 255
+    if transparent:
+        pixels[:4, :, 3] = 0  # colours nobody meant to show under transparent pixels
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGBA").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_transparent_images_are_noted_with_what_to_do(tmp_path: Path) -> None:
+    """A pool holding transparent images (as clipsift made them before import composited them) passes the check with
+    a notice naming them; re-importing it as the notice says leaves none."""
+    old = tmp_path / "old"
+    samples = [Sample(derive_uid(f"t{i}"), rgba_png(i == 1), "png", f"caption {i}") for i in range(3)]
+    write_shard(str(old), 0, samples)
+    finalize_pool(str(old), "old", [{"kind": "test"}])
+    report = check_pool(str(old), workers=1)
+    assert report.ok and report.num_transparent == 1
+    assert [(p.shard, p.key) for p in report.transparent_examples] == [(SHARD0, "00000000_00000001")]
+    [notice] = report.notices
+    assert "1 image(s) have transparent pixels" in notice and "shard 00000000:sample 00000000_00000001" in notice
+    assert "clipsift pool import" in notice
+    shown = clipsift("pool", "check", str(old), "--workers", "1")
+    assert shown.returncode == 0, shown.stderr
+    assert "transparent pixels" in shown.stderr and "transparent images" in shown.stderr
+
+    import_pool(str(old / "shards"), str(tmp_path / "new"), workers=1)
+    again = check_pool(str(tmp_path / "new"), workers=1)
+    assert again.ok and again.num_transparent == 0 and again.notices == []
+    assert check_pool(str(make_pool(tmp_path / "jpegs")), workers=1).notices == []  # JPEG pools: nothing to note

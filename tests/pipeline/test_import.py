@@ -502,3 +502,98 @@ def test_two_ray_workers_match_one(photo_folder: Path, tmp_path: Path) -> None:
         local.shard_stats(s) for s in local.shard_ids()
     ]
     assert result.num_imported == 5 and result.num_skipped == 4
+
+
+# --------------------------------------------------------------------------- transparent images
+
+
+def transparent_sources() -> dict[str, tuple[bytes, bool]]:
+    """name -> (image bytes, whether img2dataset composites it): random colours under random alphas (0, 255 and
+    between), a palette with per-entry alphas, and opaque images whose bytes must be kept."""
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+
+    def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **options)
+        return buffer.getvalue()
+
+    def pixels(*shape: int) -> np.ndarray:
+        array = rng.integers(0, 256, (19, 23, *shape), dtype=np.uint8)
+        band = (..., -1) if shape else (...,)  # the alpha, or the palette index (transparent: 0)
+        array[:5][band], array[5:9][band] = 0, 255  # fully transparent and opaque bands besides random alphas
+        return array
+
+    palette = Image.fromarray(pixels(), "P")
+    palette.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
+    alphas = bytes([0, 255, *rng.integers(0, 256, 254, dtype=np.uint8).tolist()])
+    grey = Image.fromarray(pixels(), "L")
+    return {
+        "rgba.png": (encoded(Image.fromarray(pixels(4), "RGBA")), True),
+        "la.png": (encoded(Image.fromarray(pixels(2), "LA")), True),
+        "palette_alphas.png": (encoded(palette, transparency=alphas), True),
+        "palette_key.png": (encoded(palette, transparency=0), True),
+        "rgba_lossless.webp": (encoded(Image.fromarray(pixels(4), "RGBA"), "WEBP", lossless=True), True),
+        "opaque_rgba.png": (encoded(Image.fromarray(pixels(3), "RGB").convert("RGBA")), False),
+        "grey_key.png": (encoded(grey, transparency=int(grey.getpixel((0, 0)))), False),  # OpenCV: one channel
+        "palette.png": (encoded(palette), False),
+        "photo.jpg": (image_bytes("jpg", (23, 19)), False),
+    }
+
+
+def img2dataset_pixels(data: bytes):
+    """What img2dataset makes of an image (its Resizer, no resize, re-encoded as lossless PNG), as RGB pixels."""
+    import numpy as np
+    from img2dataset.resizer import Resizer
+
+    resizer = Resizer(
+        image_size=512, resize_mode="no", resize_only_if_bigger=True, encode_format="png", encode_quality=9
+    )
+    encoded, *_, error = resizer(io.BytesIO(data))
+    assert error is None, error
+    return np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
+
+
+def write_transparent_source(kind: str, root: Path, images: dict[str, bytes]) -> Path:
+    if kind == "folder":
+        for name, data in images.items():
+            write(root / name, data)
+            write(root / f"{name.rsplit('.', 1)[0]}.txt", name)  # the caption names the image
+        return root
+    if kind == "table":
+        table = pa.table({"image": list(images.values()), "caption": list(images)})
+        pq.write_table(table, write(root / "t.parquet", b""))
+        return root / "t.parquet"
+    with tarfile.open(write(root / "shard.tar", b""), "w") as tar:
+        for index, (name, data) in enumerate(images.items()):
+            add_member(tar, f"{index:04d}.{name.rsplit('.', 1)[1]}", data)
+            add_member(tar, f"{index:04d}.txt", name.encode())
+    return root / "shard.tar"
+
+
+@pytest.mark.parametrize("kind", ["folder", "table", "webdataset"])
+def test_transparent_images_are_composited_onto_white_as_img2dataset_does(tmp_path: Path, kind: str) -> None:
+    import numpy as np
+
+    from clipsift.images import decode_rgb
+
+    sources = transparent_sources()
+    src = write_transparent_source(kind, tmp_path / "src", {name: data for name, (data, _) in sources.items()})
+    result = import_pool(str(src), str(tmp_path / "pool"), workers=1)
+
+    samples = {sample.text: sample for sample in all_samples(tmp_path / "pool")}
+    assert sorted(samples) == sorted(sources)
+    for name, (data, composited) in sources.items():
+        sample = samples[name]
+        if composited:
+            assert sample.ext == "png" and sample.image != data, name
+            with Image.open(io.BytesIO(sample.image)) as stored:
+                assert stored.mode == "RGB" and "transparency" not in stored.info, name
+        else:
+            assert sample.image == data, name  # opaque images keep their bytes
+        np.testing.assert_array_equal(np.asarray(decode_rgb(sample.image)), img2dataset_pixels(data), err_msg=name)
+    assert result.num_composited == sum(c for _, c in sources.values()) == 5
+    assert dict(import_summary_rows(result))["composited onto white"] == 5
+    build = json.loads((tmp_path / "pool" / "build.json").read_text())
+    assert build["transparent_images"] == importer.TRANSPARENT_IMAGES and "white" in build["transparent_images"]

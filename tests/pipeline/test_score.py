@@ -8,6 +8,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -197,6 +198,7 @@ def test_prepared_pixels_equal_open_clips_transform() -> None:
         )
         for (width, height), mode in zip(shapes, ["RGB", "RGB", "L", "RGBA", "RGB", "P", "RGB", "CMYK", "LA", "RGB"]):
             image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
+            image = image.convert("RGB")  # as decode_rgb hands it over (and training decodes it): RGB first
             want = (head(image) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             got = _to_pixels(key)(image)
             assert got.dtype == np.uint8 and got.shape == (transform_size, transform_size, 3)
@@ -222,11 +224,49 @@ def png_bytes(seed: int, mode: str = "RGB", size: tuple[int, int] = (40, 30)) ->
     return buffer.getvalue()
 
 
+def jpeg_bytes(data: bytes, mode: str = "RGB", **options: Any) -> bytes:
+    """The image of `data` re-encoded as a JPEG in `mode` (CMYK: four components; keep_rgb=True: RGB-coded)."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert(mode).save(buffer, format="JPEG", **options)
+    return buffer.getvalue()
+
+
+def test_the_device_decoder_takes_only_jpegs_it_decodes_as_training_does() -> None:
+    """Grey and YCbCr JPEGs go to torchvision's decoder, which gives decode_rgb's pixels (here on the CPU; nvJPEG
+    within its rounding); CMYK and RGB-coded JPEGs (which libjpeg converts by their markers), PNG/WebP and JPEGs cut
+    short or with a trailer go to PIL."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from clipsift.images import decode_rgb
+    from clipsift.pipeline.score import _device_jpeg
+
+    photo = png_bytes(1, size=(53, 37))
+    taken = {
+        "baseline": jpeg_bytes(photo),
+        "progressive": jpeg_bytes(photo, progressive=True),
+        "4:4:4": jpeg_bytes(photo, subsampling=0),
+        "grey": jpeg_bytes(photo, "L"),
+    }
+    for name, data in taken.items():
+        assert _device_jpeg(data), name
+        decoded = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        np.testing.assert_array_equal(decoded.permute(1, 2, 0).numpy(), np.asarray(decode_rgb(data)), err_msg=name)
+    refused = {
+        "cmyk": jpeg_bytes(photo, "CMYK"),
+        "rgb-coded": jpeg_bytes(photo, keep_rgb=True),
+        "cut short": taken["baseline"][:-100],
+        "trailer": taken["baseline"] + b"\0",
+        "png": photo,
+        "header only": taken["baseline"][:20] + b"\xff\xd9",
+    }
+    assert [name for name, data in refused.items() if _device_jpeg(data)] == []
+
+
 def test_decoding_on_the_device_matches_decoding_on_cpu(pool: Pool, checkpoint: Path, tmp_path: Path) -> None:
     """--decode device (torchvision's JPEG decoder and a torch resize in the model actor; here the CPU) gives the
-    embeddings of --decode cpu within resize rounding, and the same statuses: PNGs (RGB, with alpha, with a palette)
-    take the CPU path's PIL crop (the same pixels), as does a JPEG with bytes after its end; a broken JPEG and one cut
-    short fail in both (whatever the device's decoder would make of them)."""
+    embeddings of --decode cpu within resize rounding, and the same statuses: PNGs (RGB, with alpha, with a palette),
+    CMYK and RGB-coded JPEGs take the CPU path's decode and crop (the same pixels), as does a JPEG with bytes after its
+    end; a broken JPEG and one cut short fail in both (whatever the device's decoder would make of them)."""
     keys = pool.metadata("00000001").column("key").to_pylist()
     edits: dict[str, Callable[[bytes], bytes]] = {
         f"{keys[3]}.jpg": lambda _: png_bytes(3),
@@ -235,6 +275,8 @@ def test_decoding_on_the_device_matches_decoding_on_cpu(pool: Pool, checkpoint: 
         f"{keys[7]}.jpg": lambda _: b"\xff\xd8\xff\xe0broken",
         f"{keys[8]}.jpg": lambda data: data[: len(data) // 2],
         f"{keys[9]}.jpg": lambda data: data + b"\0trailer",
+        f"{keys[10]}.jpg": lambda data: jpeg_bytes(data, "CMYK"),
+        f"{keys[11]}.jpg": lambda data: jpeg_bytes(data, keep_rgb=True),
     }
     rewrite_tar(Path(pool.tar_path("00000001")), lambda name, data: edits[name](data) if name in edits else data)
     # model batches of 8: four per block, so on a GPU the decoder runs while earlier batches' kernels are queued
@@ -259,7 +301,7 @@ def test_decoding_on_the_device_matches_decoding_on_cpu(pool: Pool, checkpoint: 
         assert table.column("text_emb").equals(cpu_table.column("text_emb"))
         if shard == "00000001":  # the PNGs and the JPEG with a trailer: the very pixels of the CPU path
             assert status[7].startswith("undecodable") and status[8].startswith("undecodable") and status[9] == "ok"
-            for row in (3, 4, 5, 9):
+            for row in (3, 4, 5, 9, 10, 11):
                 assert table.column("image_emb")[row] == cpu_table.column("image_emb")[row]
     manifest = json.loads((Path(pool.root) / "embeddings" / on_device.model_id / "manifest.json").read_text())
     assert [note.split(":")[0] for note in manifest["decode"]] == ["device"]

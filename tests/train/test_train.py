@@ -125,6 +125,10 @@ def test_bad_data_gives_clear_errors(tmp_path: Path) -> None:
         tar.addfile(info, io.BytesIO(data))
     with pytest.raises(ClipsiftError, match="sample 'k0' has no txt member"):
         open_data(str(tmp_path / "no_txt"))
+    broken = tmp_path / "broken"
+    write_shard(str(broken), 0, [Sample(derive_uid("b"), image_bytes()[:40], "jpg", "a caption")])
+    with pytest.raises(ClipsiftError, match=r"sample '00000000_00000000': undecodable image .*would drop it silently"):
+        open_data(str(broken))
     good = tmp_path / "good"
     write_shard(str(good), 0, [Sample(derive_uid("y"), image_bytes(), "jpg", "a caption")])
     with pytest.raises(ClipsiftError, match="2 data workers but only 1 shards"):
