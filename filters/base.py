@@ -72,6 +72,11 @@ class Inputs:
         self.pool = pool
         self._load = load
 
+    @property
+    def whole_pool(self) -> bool:
+        """Whether the step sees every row of the pool (so rules over every listed row may add the absent ones)."""
+        return self._load is None
+
     def mask(self, shard: str) -> np.ndarray:
         if self._load is None:
             return np.ones(self.pool.num_rows(shard), bool)
@@ -149,15 +154,16 @@ class ShardData:
         """(float32 [rows, D], valid [rows]) image embeddings."""
         return embedding_matrix(self.embeddings(model_id, ["image_emb"]), "image_emb")
 
-    def language_is(self, language: str, rows: np.ndarray) -> np.ndarray:
-        """Whether each caption's language is `language`, identified only for `rows` (False elsewhere)."""
+    def language_is(self, language: str, rows: np.ndarray, identifier: str = "lid176") -> np.ndarray:
+        """Whether each caption's language is `language` by `identifier` (filters/text.py), identified only for
+        `rows` (False elsewhere)."""
         from clipsift.filters.text import detect_languages
 
         out = np.zeros(self.num_rows, bool)
         selected = np.flatnonzero(rows)
         if len(selected):
             texts = self.column("text").take(pa.array(selected)).to_pylist()
-            out[selected] = np.array(detect_languages(texts), dtype=object) == language
+            out[selected] = np.array(detect_languages(texts, identifier), dtype=object) == language
         return out
 
 
@@ -196,7 +202,7 @@ class Filter:
         return []
 
     def check(self, pool: Pool, where: str) -> None:
-        """Check inputs other than the pool's embeddings (files this filter reads)."""
+        """Check inputs other than the pool's embeddings (files this filter reads); called before `models()`."""
 
     def artifact_file(self, artifact: Artifact) -> str | None:
         """The path of one of this filter's `writes` files (None until the recipe runner names it)."""

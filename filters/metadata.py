@@ -1,4 +1,4 @@
-"""Filters over metadata columns alone: no_filter, random, basic, caption, text_based."""
+"""Filters over metadata columns alone: no_filter, random, basic, caption, text_entity, text_based."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from clipsift.filters import text
+from clipsift.filters import text, wordnet
 from clipsift.filters.base import Context, Filter, RecipeError, ShardData, register, require
 from clipsift.filters.quantile import kth_smallest
 from clipsift.filters.subset import encode_uids
@@ -72,35 +73,54 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class CaptionConditions(Filter):
-    """Shared by basic and caption: language, words (len(text.split())) and characters (len(text))."""
+    """Shared by basic and caption: language, words (by `tokenizer`: split or fasttext) and characters (len(text))."""
 
     columns = ("text",)
     language: str | None = "en"
     min_words: int = 2
     min_chars: int = 6
+    tokenizer: str = "split"
+    language_id: str = "lid176"
 
     def validate(self, where: str) -> None:
         require(self.min_words >= 0, where, f"parameter 'min_words' must be >= 0, got {self.min_words}")
         require(self.min_chars >= 0, where, f"parameter 'min_chars' must be >= 0, got {self.min_chars}")
+        require(
+            self.tokenizer in text.TOKENIZERS,
+            where,
+            f"parameter 'tokenizer' must be one of {', '.join(text.TOKENIZERS)}, got {self.tokenizer!r}",
+        )
+
+    def check(self, pool: Pool, where: str) -> None:
+        check_language_id(self.language, self.language_id, where)
 
     def caption_ok(self, data: ShardData, rows: np.ndarray) -> np.ndarray:
         texts = data.column("text")
-        ok = rows & text.at_least_words(texts, self.min_words) & (text.char_counts(texts) >= self.min_chars)
-        return language_ok(data, self.language, ok)
+        words = text.at_least_tokens(texts, self.min_words, self.tokenizer)
+        ok = rows & words & (text.char_counts(texts) >= self.min_chars)
+        return language_ok(data, self.language, ok, self.language_id)
 
 
-def language_ok(data: ShardData, language: str | None, rows: np.ndarray) -> np.ndarray:
-    """`rows` whose caption is in `language` (identified for those rows only; None: every row)."""
-    return rows if language is None else data.language_is(language, rows)
+def language_ok(data: ShardData, language: str | None, rows: np.ndarray, identifier: str = "lid176") -> np.ndarray:
+    """`rows` whose caption is in `language` by `identifier` (identified for those rows only; None: every row)."""
+    return rows if language is None else data.language_is(language, rows, identifier)
+
+
+def check_language_id(language: str | None, identifier: str, where: str) -> None:
+    problem = None if language is None else text.language_id_problem(identifier)
+    if problem:
+        raise RecipeError(f"{where}: {problem}")
 
 
 @register
 @dataclass
 class Caption(CaptionConditions):
-    """DataComp's caption pre-filter of the image-based baseline: English, more than 1 word, more than 5 characters."""
+    """DataComp's caption pre-filter of the image-based baseline: English (lid.176), more than 1 word counted by
+    fastText's tokenizer (`len(fasttext.tokenize(text)) > 1`), more than 5 characters."""
 
     name = "caption"
     summary = "caption language, word and character conditions"
+    tokenizer: str = "fasttext"
 
     def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
         return self.caption_ok(data, rows)
@@ -142,18 +162,74 @@ def size_ok(data: ShardData, min_side: int, max_aspect_ratio: float) -> np.ndarr
 
 @register
 @dataclass
+class TextEntity(Filter):
+    """DataComp's text-based baseline: captions in `language` with a word (of `text.split()`) whose first WordNet
+    synset, as nltk 3.8.1 finds it (filters/wordnet.py), is one of `synsets`: 'imagenet21k' (the 21,843
+    ImageNet-21k classes, as DataComp), a list of WordNet ids (n02084071) or a text file of them. Like DataComp,
+    only the synset offset is compared."""
+
+    name = "text_entity"
+    columns = ("text",)
+    summary = "a caption word's first WordNet synset is a class (ImageNet-21k)"
+    synsets: str | list[str] = "imagenet21k"
+    language: str | None = "en"
+    language_id: str = "lid176"
+
+    def check(self, pool: Pool, where: str) -> None:
+        try:
+            wordnet.wordnet_location()
+        except wordnet.WordNetMissing as err:
+            raise RecipeError(f"{where}: {err}") from None
+        if isinstance(self.synsets, str) and self.synsets != "imagenet21k":
+            fs, path = _local_fs(self.synsets)
+            if not fs.exists(path):
+                raise RecipeError(
+                    f"{where}: synsets {self.synsets!r} is neither imagenet21k nor an existing text file "
+                    "(one WordNet id such as n02084071 per line)"
+                )
+        check_language_id(self.language, self.language_id, where)
+
+    def prepare(self, context: Context) -> Any:
+        if self.synsets == "imagenet21k":
+            return wordnet.imagenet21k_offsets()
+        ids = self.synsets if isinstance(self.synsets, list) else vocabulary_phrases(self.synsets)
+        try:
+            return frozenset(int(wnid.strip().lstrip("nvarsNVARS")) for wnid in ids)
+        except ValueError as err:
+            raise RecipeError(f"text_entity synsets: not WordNet ids such as n02084071 ({err})") from None
+
+    def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
+        matcher = _matcher(state)
+        selected = np.flatnonzero(rows)
+        texts = data.column("text").take(pa.array(selected)).to_pylist()
+        out = np.zeros(len(rows), bool)
+        out[selected] = [matcher.caption(t) for t in texts]
+        return language_ok(data, self.language, out, self.language_id)
+
+
+@functools.lru_cache(maxsize=2)
+def _matcher(offsets: frozenset[int]) -> wordnet.EntityMatcher:
+    """One per process and synset set, so that its per-word answers serve every shard."""
+    return wordnet.EntityMatcher(offsets)
+
+
+@register
+@dataclass
 class TextBased(Filter):
-    """Captions in `language` with at least one word or phrase of a class vocabulary (whole words,
-    case-insensitive, an optional plural s/es). Vocabulary: 'imagenet' (the 1,000 ImageNet class
-    names open_clip ships), 'synthetic' (the synthetic world's shapes), a list, or a text file."""
+    """clipsift's class-name matcher (DataComp's text-based rule is text_entity): captions in `language` with at
+    least one word or phrase of a class vocabulary (whole words, case-insensitive, an optional plural s/es).
+    Vocabulary: 'imagenet' (the 1,000 ImageNet class names open_clip ships), 'synthetic' (the synthetic world's
+    shapes), a list, or a text file."""
 
     name = "text_based"
     columns = ("text",)
     summary = "caption names a class of a vocabulary"
     vocabulary: str | list[str] = "imagenet"
     language: str | None = "en"
+    language_id: str = "lid176"
 
     def check(self, pool: Pool, where: str) -> None:
+        check_language_id(self.language, self.language_id, where)
         if isinstance(self.vocabulary, str) and self.vocabulary not in VOCABULARIES:
             fs, path = _local_fs(self.vocabulary)
             if not fs.exists(path):
@@ -166,7 +242,7 @@ class TextBased(Filter):
         return text.vocabulary_pattern(vocabulary_phrases(self.vocabulary))
 
     def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
-        return language_ok(data, self.language, rows & text.matches(data.column("text"), state))
+        return language_ok(data, self.language, rows & text.matches(data.column("text"), state), self.language_id)
 
 
 def vocabulary_phrases(vocabulary: str | list[str]) -> list[str]:

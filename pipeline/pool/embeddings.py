@@ -27,13 +27,17 @@ def embeddings_schema(dim: int) -> pa.Schema:
     )
 
 
-def embeddings_table(uids: list[str], image_emb: Any, text_emb: Any, status: list[str]) -> pa.Table:
+def embeddings_table(
+    uids: list[str], image_emb: Any, text_emb: Any, status: list[str], normalise: bool = True
+) -> pa.Table:
     """A shard's embeddings table from float arrays [N, D] (rows whose status is not "ok" become nulls):
-    vectors L2-normalised in float32 and stored as float16, clip_score the float32 cosine."""
+    vectors L2-normalised in float32 and stored as float16, clip_score the float32 cosine. normalise=False keeps
+    vectors that are unit length already (DataComp's float16 features) bit for bit."""
     import numpy as np
 
-    image = _l2_normalise(np.asarray(image_emb, dtype=np.float32))
-    text = _l2_normalise(np.asarray(text_emb, dtype=np.float32))
+    image, text = np.asarray(image_emb, dtype=np.float32), np.asarray(text_emb, dtype=np.float32)
+    if normalise:
+        image, text = _l2_normalise(image), _l2_normalise(text)
     missing = np.array([s != "ok" for s in status], dtype=bool)
     dim = image.shape[1]
     schema = embeddings_schema(dim)

@@ -5,6 +5,8 @@ Layout (see DESIGN.md)::
     POOL/pool.json                  format, name, num_shards, num_samples, sources, created
     POOL/shards/00000000.tar        webdataset: {key}.jpg|png|webp, {key}.txt, {key}.json
     POOL/metadata/00000000.parquet  one row per sample of that tar, in the same order
+    POOL/absent/*.parquet           optional: the source's metadata rows of samples the pool does not hold
+                                    (dead links of a DataComp download), for rules that count every listed row
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ BASE_SCHEMA = pa.schema(
     ]
 )
 BASE_COLUMNS = frozenset(BASE_SCHEMA.names)
+ABSENT_DIR = "absent"  # POOL/absent/: metadata rows of listed samples the pool lacks (see the module docstring)
 STATS_KEY = b"clipsift.shard_stats"  # the parquet key-value metadata holding a shard's stats
 
 

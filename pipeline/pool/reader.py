@@ -13,7 +13,15 @@ from typing import Any
 import pyarrow as pa
 
 from clipsift.files import is_local_fs, open_fs, parquet_file, read_parquet, write_atomic, write_parquet
-from clipsift.pipeline.pool.layout import BASE_COLUMNS, IMAGE_EXTS, POOL_FORMAT, STATS_KEY, PoolFormatError, Sample
+from clipsift.pipeline.pool.layout import (
+    ABSENT_DIR,
+    BASE_COLUMNS,
+    IMAGE_EXTS,
+    POOL_FORMAT,
+    STATS_KEY,
+    PoolFormatError,
+    Sample,
+)
 from clipsift.pipeline.pool.tar_read import TarEntry, find_entries, owned, tar_windows
 
 
@@ -85,6 +93,20 @@ class Pool:
             raise PoolFormatError(f"{path}: missing metadata parquet for shard {shard}") from err
         except (pa.ArrowException, OSError) as err:
             raise PoolFormatError(f"{path}: unreadable metadata parquet ({err})") from err
+
+    def absent_paths(self) -> list[str]:
+        """POOL/absent/*.parquet: the source's metadata rows of samples this pool does not hold (a DataComp
+        download's dead links), for rules defined over every listed row (DataComp's CLIP-score fraction)."""
+        return sorted(self.fs.glob(self.path(ABSENT_DIR, "*.parquet")))
+
+    def absent(self, path: str, columns: list[str]) -> pa.Table | None:
+        """`columns` of one absent-rows file (from `absent_paths`); None when the file lacks one of them."""
+        if not set(columns) <= set(parquet_file(self.fs, path).schema_arrow.names):
+            return None
+        try:
+            return read_parquet(self.fs, path, columns)
+        except (pa.ArrowException, OSError) as err:
+            raise PoolFormatError(f"{path}: unreadable absent-rows parquet ({err})") from err
 
     def shard_stats(self, shard: str) -> dict[str, Any]:
         meta = parquet_file(self.fs, self.metadata_path(shard)).schema_arrow.metadata or {}

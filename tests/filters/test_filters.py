@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from datacomp_fixture import fasttext_tokenize
 
 from clipsift.filters.quantile import kth_smallest, top_fraction_threshold
 from clipsift.filters.recipe import apply_recipe, load_recipe
@@ -53,8 +54,8 @@ def test_clip_score_threshold_and_laion2b(tmp_path: Path, scored_pool) -> None:
     pool, scores = scored_pool
     got = run(pool, tmp_path, "steps: [{clip_score: {model_id: m, threshold: 0.26}}]")
     assert got == uids_of(i for i, s in enumerate(scores) if s >= 0.26)
-    got = run(pool, tmp_path, "steps: [{laion2b: {model_id: m, threshold: 0.26}}]", name="laion")
-    assert got == uids_of(i for i, s in enumerate(scores) if s >= 0.26)  # every caption here is English
+    got = run(pool, tmp_path, "steps: [{laion2b: {model_id: m, threshold: 0.26, language_id: lid176}}]", name="laion")
+    assert got == uids_of(i for i, s in enumerate(scores) if s >= 0.26)  # every caption here is English by lid.176
 
 
 def test_exact_selection_in_bounded_memory() -> None:
@@ -131,10 +132,10 @@ def test_caption_filter_and_thresholds_are_parameters(tmp_path: Path) -> None:
     rows = caption_rows()
     pool = build_pool(tmp_path / "pool", rows, per_shard=40)
     got = run(pool, tmp_path, "steps: [caption]")
-    assert got == uids_of(
+    assert got == uids_of(  # DataComp's caption_filter: len(fasttext.tokenize(x)) > 1 (not str.split)
         i
         for i, r in enumerate(rows)
-        if len(r["text"].split()) > 1 and len(r["text"]) > 5 and reference_english(r["text"])
+        if len(fasttext_tokenize(r["text"])) > 1 and len(r["text"]) > 5 and reference_english(r["text"])
     )
     got = run(
         pool,
