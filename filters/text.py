@@ -5,8 +5,8 @@ Language identification (`language_id`), like DataComp: newlines replaced by spa
   wheel ships, so nothing is downloaded at run time; captions are neither truncated nor re-cased.
   DataComp used the full `lid.176.bin`, which no package registry ships: give its path instead.
 - a path to a fastText model file (`.bin` or `.ftz`), e.g. DataComp's `lid.176.bin`.
-- `cld3`: Google's CLD3 through `gcld3` (the `datacomp` extra), as DataComp's LAION-2B
-  reproduction calls it: NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000).
+- `cld3`: Google's CLD3 through the `gcld3` module (cld3-py's wheels, identical to gcld3 3.0.13), as
+  DataComp's LAION-2B reproduction calls it: NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000).
 This is the one caption measure that is not vectorised.
 
 Words are counted two ways: `split` (Python's str.split(), DataComp's basic filter) and `fasttext`
@@ -27,7 +27,6 @@ import pyarrow.compute as pc
 
 LANGUAGE_IDS = ("lid176", "cld3")  # or a path to a fastText model file
 TOKENIZERS = ("split", "fasttext")
-DATACOMP_EXTRA = "pip install 'clipsift[datacomp]'"
 # One fastText token: a newline (its </s>), or a run of bytes that are not one of its separators.
 _FASTTEXT_TOKEN = r"\n|[^ \n\r\t\x0B\x0C\x00]+"
 
@@ -65,8 +64,8 @@ def language_id_problem(identifier: str) -> str | None:
             import gcld3  # noqa: F401
         except ImportError:
             return (
-                "language_id 'cld3' needs the gcld3 package, which is not installed: "
-                f"{DATACOMP_EXTRA} (building it needs Debian's protobuf-compiler and libprotobuf-dev)"
+                "language_id 'cld3' needs the gcld3 module, which is not installed: "
+                "pip install cld3-py (a clipsift dependency: reinstalling clipsift brings it)"
             )
         return None
     if not os.path.isfile(identifier):
