@@ -141,6 +141,7 @@ def test_clip_score_counts_only_the_pool_when_told(download, tmp_path: Path) -> 
 
 def test_laion2b(download, tmp_path: Path) -> None:
     import gcld3  # cld3-py's module; bench/cld3_identity.py shows it answers as gcld3 3.0.13 does
+
     theirs, pool = download
     # lang_detect_model = gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)
     # get_gcld3_language: `gcld3_model.FindLanguage(text=text.replace("\n", " ")).language`
