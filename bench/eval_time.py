@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from clipsift.eval.data import npy_bytes, write_task
-from clipsift.eval.model import EvalModel, eval_dtype
+from clipsift.eval.model import EvalModel
 from clipsift.eval.registry import Suite, Task, load_suite
 from clipsift.eval.run import default_workers, evaluate, evaluate_model
 from clipsift.eval.tiny import make_tiny_suite
@@ -202,7 +202,7 @@ def full_part(args: argparse.Namespace, tmp: Path) -> None:
         args.full_model,
         "0" * 64,
         torch.device(device),
-        eval_dtype("auto", device == "cuda"),
+        "auto",
     )
     workers = default_workers() if args.workers is None else args.workers
     started = time.perf_counter()

@@ -222,7 +222,8 @@ def pool_check(
     workers: int | None = WorkersOption,
     show: int = typer.Option(50, help="How many problems to list."),
 ) -> None:
-    """Validate a pool: files, alignment, uids, images and captions. Exits 1 when anything is wrong."""
+    """Validate a pool: files, alignment, uids, images and captions. Exits 1 when anything is wrong; notes images
+    with transparent pixels (not an error)."""
     from clipsift.pipeline.check import check_pool
 
     report = check_pool(pool, workers=workers)
@@ -231,11 +232,12 @@ def pool_check(
         console.print(f"[red]✗[/red] {problem}", markup=True, highlight=False)
     if report.num_problems > show:
         console.print(f"... and {report.num_problems - show:,} more problems")
+    for notice in report.notices:
+        console.print(f"[yellow]![/yellow] {notice}", markup=True, highlight=False)
     verdict = "[green]ok[/green]" if report.ok else f"[red]{report.num_problems:,} problems[/red]"
-    _print_summary(
-        "pool check",
-        [("pool", pool), ("shards", report.num_shards), ("samples", report.num_samples), ("result", verdict)],
-    )
+    rows = [("pool", pool), ("shards", report.num_shards), ("samples", report.num_samples)]
+    rows += [("transparent images", report.num_transparent)] if report.num_transparent else []
+    _print_summary("pool check", [*rows, ("result", verdict)])
     if not report.ok:
         raise typer.Exit(1)
 
@@ -488,14 +490,21 @@ def filternet_train(
 
 class _EvalGroup(TyperGroup):
     """`clipsift eval RUN ...` dispatches to the hidden `run` command; `download`, `make-tiny-suite` and `make-task`
-    are verbs."""
+    are verbs, unless a run folder or checkpoint file of that name is there (then it is evaluated)."""
 
     default = "run"  # the hidden command that a first argument other than a verb goes to
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+        verbs = {name for name, command in self.commands.items() if not command.hidden}
+        first = args[0] if args else None
+        if first and first not in ctx.help_option_names and (first not in verbs or _eval_target(first)):
             args = [self.default, *args]
         return super().parse_args(ctx, args)
+
+
+def _eval_target(path: str) -> bool:
+    """Whether `path` is something `clipsift eval` evaluates: a checkpoint file or a run folder."""
+    return os.path.isfile(path) or any(os.path.exists(os.path.join(path, p)) for p in ("run.json", "checkpoints"))
 
 
 class _EvalRunCommand(TyperCommand):
@@ -548,7 +557,12 @@ def eval_run(
         None, "--workers", "-w", help="Data-loading processes (default: CPUs - 2 on GPU machines, 0 on CPU)."
     ),
     precision: str = typer.Option(
-        "auto", help="auto (fp16 autocast on GPU as DataComp, fp32 on CPU) | fp32 | bf16 | fp16."
+        "auto",
+        help="auto (DataComp's evaluation: fp16 text / fp32 image tower for classification, fp16 retrieval, on GPU; "
+        "fp32 on CPU) | fp32 | bf16 | fp16.",
+    ),
+    save_classifiers: str | None = typer.Option(
+        None, "--save-classifiers", help="Write each classification task's zero-shot classifier to DIR/KEY.npz."
     ),
 ) -> None:
     """Evaluate a run or checkpoint zero-shot; re-running skips the tasks already in results.jsonl."""
@@ -570,6 +584,7 @@ def eval_run(
         out=out,
         workers=workers,
         precision=precision,
+        save_classifiers=save_classifiers,
         on_task=show,
     )
     _print_summary(f"eval ({result.suite})", eval_summary_rows(result))
@@ -622,6 +637,12 @@ def eval_make_task(
     templates: Path | None = typer.Option(
         None, "--templates", help="Prompt templates with {c}, one per line; default: 'a photo of a {c}.'."
     ),
+    metric: str | None = typer.Option(
+        None,
+        "--metric",
+        help="Main metric; default: acc1, or mean_per_class_recall when the largest class has over 1.5x the "
+        "samples of the smallest (acc_wg with groups, mean_recall@1 for retrieval).",
+    ),
 ) -> None:
     """Convert an image folder or table into a task in the webdataset layout (resumable).
 
@@ -640,6 +661,7 @@ def eval_make_task(
         group_column=group_column,
         classnames=read_lines_file(str(classnames), pairs=True) if classnames else None,
         templates=read_lines_file(str(templates)) if templates else None,
+        metric=metric,
     )
     _print_summary(
         "eval make-task",
@@ -647,9 +669,13 @@ def eval_make_task(
             ("task", out),
             ("samples", f"{made.samples:,}"),
             ("classes", made.classes or "-"),
+            ("metric", made.entry["metric"]),
             ("tars", f"{made.shards} ({made.written} written now)"),
             ("time", f"{time.perf_counter() - started:.1f} s"),
-            ("next", f"add {out / 'task.yaml'} to a suite file's tasks; clipsift eval RUN --suite SUITE.yaml"),
+            (
+                "next",
+                f"add `- include: {out / 'task.yaml'}` to a suite file's tasks; clipsift eval RUN --suite S.yaml",
+            ),
         ],
     )
 

@@ -55,10 +55,14 @@ def suite_summary(
     }
 
 
-def summary(model: dict[str, Any], suites: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def summary(
+    model: dict[str, Any], suites: dict[str, dict[str, Any]], precision: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """`precision`: what the model ran in, per part (`model.Precision.record`)."""
     return {
         "format": SUMMARY_FORMAT,
         "model": model,
+        **({"precision": precision} if precision else {}),
         "suites": suites,
         "clipsift": __version__,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -33,10 +33,11 @@ import torch
 
 from clipsift import ClipsiftError
 from clipsift.eval import task_types
-from clipsift.eval.registry import GroupSpec
+from clipsift.eval.registry import GroupSpec, check_prompts
 from clipsift.eval.task_types import Record, TaskType
 from clipsift.eval.task_types.base import IMAGE_EXTS  # noqa: F401  (a sample's image members, as before)
 from clipsift.files import open_fs, write_atomic
+from clipsift.images import ImageDecodeError, decode_rgb
 from clipsift.pipeline.pool import TarEntry, TarStream, iter_tar
 
 SPLIT = "test"
@@ -104,12 +105,17 @@ def open_task_data(
     root: str,
     task_type: str | TaskType,
     classnames: list[str] | None = None,
-    templates: list[str] | None = None,
+    templates: list[str] | dict[str, list[str]] | None = None,
     metadata: GroupSpec | None = None,
+    *,
+    need_templates: bool = True,
+    where: str | None = None,
 ) -> TaskData:
     """Check a task folder and read its class names and templates (unless given); MissingData names what is absent.
 
-    `task_type`: a type name (or the type), e.g. "classification".
+    `task_type`: a type name (or the type), e.g. "classification". `templates` may be per-class prompts (a
+    mapping class name -> prompts; `where` starts an error about them); `need_templates`: False when the
+    classifier comes from files.
     """
     kind = task_types.get(task_type)
     nshards_path = os.path.join(root, SPLIT, NSHARDS)
@@ -127,19 +133,31 @@ def open_task_data(
     if absent:
         raise MissingData(f"{len(absent)} of {nshards} tars are missing, e.g. {absent[0]}")
     if kind.class_files:
+        if templates is None and not need_templates and not os.path.exists(os.path.join(root, TEMPLATES)):
+            templates = []  # the classifier comes from files
         for name, given in ((CLASSNAMES, classnames), (TEMPLATES, templates)):
             if given is None and not os.path.exists(os.path.join(root, name)):
                 raise MissingData(f"{os.path.join(root, name)} is missing")
         classnames = classnames or _read_lines(os.path.join(root, CLASSNAMES))
-        templates = templates or _read_lines(os.path.join(root, TEMPLATES))
-        if not classnames or not templates:
+        templates = _read_lines(os.path.join(root, TEMPLATES)) if templates is None else templates
+        if not classnames or (not templates and need_templates):
             raise ClipsiftError(f"{root}: {CLASSNAMES} and {TEMPLATES} must not be empty")
-        bad = [t for t in templates if "{c}" not in t]
-        if bad:
-            raise ClipsiftError(f"{os.path.join(root, TEMPLATES)}: template {bad[0]!r} has no {{c}}")
+        check_templates(root, classnames, templates, where)
     else:
         classnames = templates = None
     return TaskData(root, tars, classnames, templates, metadata=metadata)
+
+
+def check_templates(
+    root: str, classnames: list[str], templates: list[str] | dict[str, list[str]], where: str | None = None
+) -> None:
+    """Templates each hold {c}; per-class prompts (a mapping) name every class and no other."""
+    if isinstance(templates, dict):
+        check_prompts(where or f"{root}: templates", classnames, templates)
+        return
+    bad = [t for t in templates if "{c}" not in t]
+    if bad:
+        raise ClipsiftError(f"{os.path.join(root, TEMPLATES)}: template {bad[0]!r} has no {{c}}")
 
 
 def _check_type(root: str, kind: TaskType) -> None:
@@ -176,16 +194,33 @@ def iter_entries(tars: list[str], worker: int = 0, num_workers: int = 1) -> Iter
                     yield shard << 32 | position, path, entry
 
 
-def decode_image(data: bytes, transform: Callable, source: str, key: str) -> Any:
-    from PIL import Image
+def count_samples(tars: list[str]) -> int:
+    """The samples in `tars`, from their headers alone (tarfile seeks over the data): a progress bar's total."""
+    import tarfile
 
+    from clipsift.pipeline.pool import split_member_name
+
+    total = 0
+    for path in tars:
+        with tarfile.open(path, "r:") as tar:
+            last = None
+            for member in tar:
+                key = split_member_name(member.name)[0] if member.isfile() else last
+                total += key != last
+                last = key
+    return total
+
+
+def decode_image(data: bytes, transform: Callable, source: str, key: str) -> Any:
+    """`transform` of the image as training and clip_benchmark decode it (`decode_rgb`: RGB before any resize)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return transform(image)
-    except Exception as err:  # PIL raises many types for bad data
+        image = decode_rgb(data)
+    except ImageDecodeError as err:
+        cause = err.__cause__
         raise ClipsiftError(
-            f"{source}: sample {key}: undecodable image ({type(err).__name__}: {err}); re-download the task's data"
-        ) from err
+            f"{source}: sample {key}: undecodable image ({type(cause).__name__}: {cause}); re-download the task's data"
+        ) from cause
+    return transform(image)
 
 
 class EvalBatches(torch.utils.data.IterableDataset):
@@ -321,8 +356,6 @@ def image_ext(data: bytes) -> str:
 
 def image_file_member(path: str) -> tuple[str, bytes]:
     """(extension, bytes) of an image file as a sample member: JPEG, PNG and WebP as they are, other formats as PNG."""
-    from PIL import Image
-
     try:
         data = Path(path).read_bytes()
     except OSError as err:
@@ -331,11 +364,6 @@ def image_file_member(path: str) -> tuple[str, bytes]:
         return image_ext(data), data
     except ClipsiftError:
         pass
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image = image if image.mode in ("RGB", "RGBA", "L", "LA", "P") else image.convert("RGB")
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-    except Exception as err:  # PIL raises many types for bad data
-        raise ClipsiftError(f"{path}: undecodable image ({type(err).__name__}: {err})") from err
+    buffer = io.BytesIO()
+    decode_rgb(data, path).save(buffer, format="PNG")  # the pixels every reader of the original would decode
     return "png", buffer.getvalue()

@@ -24,6 +24,7 @@ from clipsift import ClipsiftError
 from clipsift.eval.data import image_ext, write_task
 from clipsift.eval.registry import Suite, Task
 from clipsift.files import open_fs, write_json_atomic
+from clipsift.images import decode_rgb
 
 MANIFEST = "download.json"
 STAGING = ".hf"  # raw parquet files of converted tasks, below DATA_DIR
@@ -247,10 +248,8 @@ def _image_bytes(value: Any, where: str) -> tuple[str, bytes]:
     try:
         return image_ext(data), data
     except ClipsiftError:
-        from PIL import Image
-
         buffer = io.BytesIO()
-        Image.open(io.BytesIO(data)).convert("RGB").save(buffer, format="PNG")
+        decode_rgb(data, where).save(buffer, format="PNG")  # the pixels any reader of the original decodes
         return "png", buffer.getvalue()
 
 

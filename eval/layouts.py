@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from clipsift import ClipsiftError
@@ -37,7 +38,7 @@ from clipsift.eval.data import (
     write_tar,
     write_task_texts,
 )
-from clipsift.eval.registry import DataSpec, GroupSpec, Suite, Task, parse_suite
+from clipsift.eval.registry import DataSpec, GroupSpec, Suite, Task, check_prompts, parse_suite
 from clipsift.files import open_fs, write_atomic, write_json_atomic
 from clipsift.pipeline.importer import FOLDER_IMAGE_EXTS, TABLE_FORMATS, read_table
 
@@ -72,13 +73,18 @@ def check_suite_data(suite: Suite, tasks: list[Task], data_dir: str) -> dict[str
 
 def open_spec(task: Task, data_dir: str, where: Where) -> TaskData:
     """The data of `task`, every check made that needs no tar read; `where(field)` starts each error."""
-    names, templates = _names(task), list(task.templates) if task.templates else None
+    names, templates = _names(task), _templates(task)
+    files = list(task.option("classifiers") or ())
+    for path in files:
+        if not os.path.isfile(path):
+            raise ClipsiftError(f"{where('classifiers')}: {path} does not exist (write it with --save-classifiers)")
+    opened = {"need_templates": not files, "where": where("templates")}
     if task.data is None:
-        return open_task_data(task.location(data_dir), task.kind, names, templates, task.metadata)
+        return open_task_data(task.location(data_dir), task.kind, names, templates, task.metadata, **opened)
     spec, layout = task.data, _layout(task, where)
     if layout == "wds":
         try:
-            data = open_task_data(spec.path, task.kind, names, templates, task.metadata)
+            data = open_task_data(spec.path, task.kind, names, templates, task.metadata, **opened)
         except MissingData as err:
             raise ClipsiftError(f"{where('data')}: {err}") from None
         _check_counts(task, data, where)
@@ -88,7 +94,9 @@ def open_spec(task: Task, data_dir: str, where: Where) -> TaskData:
         samples, classnames = _captioned(rows, spec, where), None
     else:
         samples, classnames = _labelled(task, rows, where)
-        templates = templates or list(DEFAULT_TEMPLATES)
+        templates = templates or ([] if files else list(DEFAULT_TEMPLATES))
+        if isinstance(templates, dict):
+            check_prompts(where("templates"), classnames, templates)
     if task.size is not None and task.size != len(samples):
         raise ClipsiftError(f"{where('size')}: {spec.path} holds {len(samples)} samples, the suite says {task.size}")
     data = TaskData(spec.path, [], classnames, templates if classnames else None, files=samples, metadata=metadata)
@@ -133,6 +141,13 @@ def _check_counts(task: Task, data: TaskData, where: Where) -> None:
 
 def _names(task: Task) -> list[str] | None:
     return list(task.classnames) if task.classnames else None
+
+
+def _templates(task: Task) -> list[str] | dict[str, list[str]] | None:
+    """The suite's templates, or its per-class prompts (a mapping class name -> prompts)."""
+    if isinstance(task.templates, dict):
+        return {name: list(prompts) for name, prompts in task.templates.items()}
+    return list(task.templates) if task.templates else None
 
 
 # --------------------------------------------------------------------------- image folders and tables
@@ -269,6 +284,8 @@ OPTION = {
     "columns.caption": "--caption-column",
     "columns.group": "--group-column",
     "classnames": "--classnames",
+    "templates": "--templates",
+    "metric": "--metric",
     "size": "--from",
     "classes": "--classnames",
 }
@@ -288,12 +305,15 @@ def make_task(
     classnames: list[str] | dict[str, str] | None = None,
     templates: list[str] | None = None,
     key: str | None = None,
+    metric: str | None = None,
 ) -> MadeTask:
     """Write an image folder or table as a task in the webdataset layout (resumable: finished tars are kept).
 
     OUT gets test/{i}.tar (the samples' members as `open_task` reads them), classnames.txt and
     zeroshot_classification_templates.txt (classification), dataset_type.txt (retrieval),
-    make-task.json (what it was made from) and task.yaml (the task's entry for a suite file).
+    make-task.json (what it was made from) and task.yaml (the task's entry for a suite file, its `data`
+    relative to task.yaml). `metric`: the main metric; by default the type's choice for the data
+    (`TaskType.default_metric`: classification with classes of unequal sizes is scored by mean per-class recall).
     """
     kind = task_types.REGISTRY.get(task_type)
     if kind is None or kind.wds_only:
@@ -312,11 +332,10 @@ def make_task(
         )
         if column is not None
     }
-    metric = kind.default_metric(grouped=bool(group_column))
     entry = {
         "key": key,
         "type": task_type,
-        "metric": metric,
+        "metric": metric or kind.default_metric(grouped=bool(group_column)),
         "data": src,
         "layout": layout,
         "columns": columns or None,
@@ -329,10 +348,14 @@ def make_task(
             0
         ]
     except ClipsiftError as err:
-        raise ClipsiftError(str(err).replace("make-task: task " + key, where)) from None
+        field, _, rest = str(err).removeprefix(f"make-task: task {key}: ").partition(": ")
+        raise ClipsiftError(f"{where}: {OPTION.get(field, field)}: {rest}") from None
     if (task.data.layout or detect_layout(src)) == "wds" and os.path.exists(src):
         raise ClipsiftError(f"{where}: already in the webdataset layout; evaluate it as it is (`data: {src}`)")
     data = open_spec(task, "", lambda field: f"{where}: {OPTION.get(field, field)}")
+    if metric is None and data.classnames:
+        sizes = np.bincount([s.label for s in data.files or []], minlength=len(data.classnames))
+        task = dataclasses.replace(task, metric=kind.default_metric(bool(group_column), sizes.tolist()))
     return _write(data, task, out, shard_size)
 
 
@@ -373,7 +396,7 @@ def _write(data: TaskData, task: Task, out: str, shard_size: int) -> MadeTask:
         write_tar(fs, path, [(sample_key(i), files[i].members()) for i in chunk])
         written += 1
     finish_task(fs, root, shards)
-    entry = _entry(data, task, os.path.abspath(out), len(files))
+    entry = _entry(data, task, ".", len(files))  # the data is task.yaml's own folder: the folder can move
     text = yaml.safe_dump([entry], sort_keys=False, allow_unicode=True, width=120).encode("utf-8")
     write_atomic(fs, f"{root}/{TASK_ENTRY}", lambda handle: handle.write(text))
     return MadeTask(out, len(files), shards, written, len(data.classnames) if data.classnames else None, entry)
@@ -395,8 +418,9 @@ def _entry(data: TaskData, task: Task, out: str, size: int) -> dict[str, Any]:
 
 
 def read_entry(out: str) -> dict[str, Any]:
-    """The suite entry make-task wrote into OUT/task.yaml."""
-    return yaml.safe_load(Path(out, TASK_ENTRY).read_text(encoding="utf-8"))[0]
+    """The suite entry make-task wrote into OUT/task.yaml, its `data` resolved against OUT (an absolute path)."""
+    entry = yaml.safe_load(Path(out, TASK_ENTRY).read_text(encoding="utf-8"))[0]
+    return {**entry, "data": os.path.normpath(os.path.join(os.path.abspath(out), entry["data"]))}
 
 
 def read_lines_file(path: str, pairs: bool = False) -> list[str] | dict[str, str]:

@@ -8,10 +8,12 @@ undefined for its input (top-5 with fewer than 5 classes, an empty subset) is No
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 CLASSIFICATION_METRICS = ("acc1", "acc5", "mean_per_class_recall", "F1-macro_all")
+MULTILABEL_METRICS = ("mean_average_precision",)
 RETRIEVAL_KS = (1, 5, 10)
 WINOGAVIL_METRICS = (
     "avg_jaccard_score",
@@ -124,30 +126,44 @@ def group_metrics(
 # --------------------------------------------------------------------------- retrieval
 
 
-def _chunks(n: int, size: int = 2048):
+def _chunks(n: int, size: int = 8192):
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
 
 
+def _score_rows(text_emb: Any, image_emb: Any, rows: slice) -> np.ndarray:
+    """Scores [texts in rows, images] as float32, formed in the embeddings' own type and dtype (torch or numpy),
+    as clip_benchmark forms `texts_emb @ images_emb.t()`."""
+    block = text_emb[rows] @ image_emb.T
+    return block if isinstance(block, np.ndarray) else block.float().numpy()
+
+
 def retrieval_metrics(
-    image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray, ks: Sequence[int] = RETRIEVAL_KS
-) -> dict[str, float]:
+    image_emb: Any, text_emb: Any, text_image: np.ndarray, ks: Sequence[int] = RETRIEVAL_KS
+) -> dict[str, float | None]:
     """Recall@k both ways for images with several captions each; `text_image[t]` is caption t's image.
 
     image_retrieval_recall@k (text -> image): share of captions whose image is among the k
     best-scoring images. text_retrieval_recall@k (image -> text): share of images with any of
-    their captions among the k best-scoring captions. mean_recall@1 is the mean of the two @1.
+    their captions among the k best-scoring captions. mean_recall@1 is the mean of the two @1 (None
+    without k = 1). Embeddings are numpy arrays or torch tensors; both directions rank the same scores.
     """
-    image_emb, text_emb = np.asarray(image_emb, np.float32), np.asarray(text_emb, np.float32)
     text_image = np.asarray(text_image, dtype=np.int64)
     n_images, n_texts = len(image_emb), len(text_emb)
     if np.bincount(text_image, minlength=n_images).min(initial=1) == 0:
         raise ValueError("every image needs at least one caption")
-    text_rank = np.concatenate([_rank_of(text_emb[s] @ image_emb.T, text_image[s]) for s in _chunks(n_texts)])
-    image_rank = np.concatenate(
-        [_best_caption_rank(image_emb[s] @ text_emb.T, text_image, s) for s in _chunks(n_images)]
-    )
-    metrics = {}
+    text_rank, own = [], []
+    for rows in _chunks(n_texts):
+        scores = _score_rows(text_emb, image_emb, rows)
+        text_rank.append(_rank_of(scores, text_image[rows]))
+        own.append(scores[np.arange(len(scores)), text_image[rows]])
+    best, best_text = _best_captions(np.concatenate(own), text_image, n_images)
+    image_rank = np.zeros(n_images, np.int64)
+    for rows in _chunks(n_texts):  # each image's best caption against every caption, the same scores again
+        scores, texts = _score_rows(text_emb, image_emb, rows), np.arange(rows.start, rows.stop)[:, None]
+        image_rank += ((scores > best) | ((scores == best) & (texts < best_text))).sum(axis=0)
+    text_rank = np.concatenate(text_rank)
+    metrics: dict[str, float | None] = {}
     for k in ks:
         metrics[f"image_retrieval_recall@{k}"] = float(np.mean(text_rank < k))
         metrics[f"text_retrieval_recall@{k}"] = float(np.mean(image_rank < k))
@@ -157,12 +173,29 @@ def retrieval_metrics(
     return metrics
 
 
-def _best_caption_rank(scores: np.ndarray, text_image: np.ndarray, rows: slice) -> np.ndarray:
-    """For each image (row of scores [images, texts]), the rank of its best caption among all texts."""
-    images = np.arange(rows.start, rows.stop)
-    own = text_image[None, :] == images[:, None]
-    masked = np.where(own, scores, -np.inf)
-    return _rank_of(scores, masked.argmax(axis=1))  # best own caption; the lowest index among ties
+def _best_captions(own: np.ndarray, text_image: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, the best score among its captions and that caption's index (the lowest among ties)."""
+    order = np.lexsort((np.arange(len(own)), -own, text_image))  # by image, then score descending, then index
+    first = order[np.r_[0, np.flatnonzero(np.diff(text_image[order])) + 1]]
+    return own[first][None, :], first[None, :]
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Multi-label mAP as clip_benchmark's `average_precision_per_class`: per class, rank the samples by score
+    (ties: lower index first) and average the precision at each positive; a class without positives counts 0."""
+    return float(np.mean(average_precision_per_class(scores, targets)))
+
+
+def average_precision_per_class(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Average precision of each class (column) of `scores` [N, classes] against 0/1 `targets` [N, classes]."""
+    scores, targets = np.asarray(scores, np.float64), np.asarray(targets) != 0
+    ranks = np.arange(1, len(scores) + 1)
+    result = np.zeros(scores.shape[1])
+    for c in range(scores.shape[1]):
+        truth = targets[np.argsort(-scores[:, c], kind="stable"), c]
+        precision = np.cumsum(truth) / ranks
+        result[c] = precision[truth].sum() / max(int(truth.sum()), 1)
+    return result
 
 
 # --------------------------------------------------------------------------- WinoGAViL

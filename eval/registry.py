@@ -42,6 +42,7 @@ TASK_FIELDS = (
     "columns",
     "classnames",
     "templates",
+    "include",
 )
 COLUMNS = (
     "image",
@@ -93,10 +94,15 @@ class Task:
     metadata: GroupSpec | None = None
     data: DataSpec | None = None
     classnames: tuple[str, ...] | None = None  # override (or, for folders and tables, set) the class names
-    templates: tuple[str, ...] | None = None
+    templates: tuple[str, ...] | dict[str, tuple[str, ...]] | None = None  # a mapping: per-class prompts
     class_keys: tuple[str, ...] | None = (
         None  # folder names / label values of the classes, where they differ from the names
     )
+    options: tuple[tuple[str, Any], ...] = ()  # the type's own fields (`TaskType.parse_fields`): recall_k, ...
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """The value of one of the type's own fields (`default` when the type has no such field)."""
+        return dict(self.options).get(name, default)
 
     @property
     def kind(self) -> TaskType:
@@ -198,7 +204,8 @@ def parse_suite(data: dict[str, Any], path: str = "") -> Suite:
         raise ClipsiftError(f"{where}: tasks: a suite needs a non-empty list of tasks")
     groups = {str(k): str(v) for k, v in (data.get("groups") or {}).items()}
     base = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
-    tasks = tuple(_task(where, number, entry, groups, base) for number, entry in enumerate(data["tasks"], 1))
+    entries, hashed = _expand_includes(where, data["tasks"], base)
+    tasks = tuple(_task(where, number, entry, groups, base) for number, entry in enumerate(entries, 1))
     keys = [t.key for t in tasks]
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     if duplicates:
@@ -210,8 +217,62 @@ def parse_suite(data: dict[str, Any], path: str = "") -> Suite:
         groups,
         tasks,
         path,
-        definition_sha256(data),
+        definition_sha256({**data, "tasks": hashed}),  # an included task.yaml counts as if written out
     )
+
+
+INCLUDED_PATHS = ("data", "classifiers")  # fields of an included entry that are paths relative to its own file
+
+
+def _expand_includes(where: str, entries: list[Any], base: str) -> tuple[list[Any], list[Any]]:
+    """Task entries with each `include: TASK.yaml` replaced by that file's entry (its own fields win), and the
+    same with the included entries as written, for the definition's hash.
+
+    An included entry's paths are relative to its own file (what `eval make-task` writes), so a task folder
+    can move with its task.yaml.
+    """
+    expanded, hashed = [], []
+    for number, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict) or entry.get("include") is None:
+            expanded.append(entry)
+            hashed.append(entry)
+            continue
+        label = f"{where}: task {entry.get('key') or number}: include"
+        included = _read_include(label, os.path.join(base, os.path.expanduser(str(entry["include"]))))
+        own = {k: v for k, v in entry.items() if k != "include"}
+        folder = os.path.dirname(os.path.abspath(os.path.join(base, os.path.expanduser(str(entry["include"])))))
+        expanded.append({**_anchor(included, folder), **own})
+        hashed.append({**included, **entry})
+    return expanded, hashed
+
+
+def _read_include(label: str, path: str) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ClipsiftError(
+            f"{label}: cannot read {path} ({err.strerror or err}); include names a task.yaml (`eval make-task`)"
+        ) from None
+    if isinstance(loaded, list) and len(loaded) == 1:
+        loaded = loaded[0]
+    if not isinstance(loaded, dict):
+        raise ClipsiftError(f"{label}: {path} holds no task entry (a mapping, or a list of one)")
+    if "include" in loaded:
+        raise ClipsiftError(f"{label}: {path} includes another file; an included entry cannot include")
+    return loaded
+
+
+def _anchor(entry: dict[str, Any], folder: str) -> dict[str, Any]:
+    """The entry with its relative paths made absolute against `folder`."""
+
+    def absolute(value: Any) -> Any:
+        if isinstance(value, str):
+            return os.path.normpath(os.path.join(folder, os.path.expanduser(value)))
+        if isinstance(value, list):
+            return [absolute(v) for v in value]
+        return value
+
+    return {k: absolute(v) if k in INCLUDED_PATHS else v for k, v in entry.items()}
 
 
 def definition_sha256(data: dict[str, Any]) -> str:
@@ -245,9 +306,15 @@ def _task(suite: str, number: int, entry: Any, groups: dict[str, str], base: str
     if not isinstance(entry, dict):
         raise ClipsiftError(f"{suite}: task {number}: a task is a mapping with {', '.join(REQUIRED_TASK_FIELDS)}")
     where = f"{suite}: task {entry.get('key') or number}"
-    _check_fields(where, entry, TASK_FIELDS, REQUIRED_TASK_FIELDS)
+    type_fields = tuple(sorted({f for t in task_types.REGISTRY.values() for f in t.fields} - set(TASK_FIELDS)))
+    _check_fields(where, entry, TASK_FIELDS + type_fields, REQUIRED_TASK_FIELDS)
     key, task_type, metric = str(entry["key"]), str(entry["type"]), str(entry["metric"])
     kind = task_types.get(task_type, where)
+    foreign = [f for f in entry if f in type_fields and f not in kind.fields]
+    if foreign:
+        owners = " or ".join(t.name for t in task_types.REGISTRY.values() if foreign[0] in t.fields)
+        raise ClipsiftError(f"{where}: {foreign[0]}: only {owners} tasks have this field, not {task_type}")
+    options = kind.parse_fields(where, entry, base)
     unknown = [g for g in entry.get("groups") or [] if g not in groups]
     if unknown:
         raise ClipsiftError(f"{where}: groups: {unknown} are not declared under the suite's `groups`")
@@ -258,7 +325,7 @@ def _task(suite: str, number: int, entry: Any, groups: dict[str, str], base: str
             f"{where}: columns.group: a table's groups come from its group column; leave out `metadata`"
         )
     group_name = "wg" if data and data.group else spec.name if spec and spec.group_by else None
-    allowed = kind.main_metrics(group_name, spec.fields if spec else ())
+    allowed = kind.main_metrics(group_name, spec.fields if spec else (), **options)
     if metric not in allowed:
         hint = kind.metric_hint(group_name)
         raise ClipsiftError(
@@ -266,15 +333,15 @@ def _task(suite: str, number: int, entry: Any, groups: dict[str, str], base: str
             f"{', '.join(allowed) or 'none (give metadata.fields)'}{hint}"
         )
     classnames, class_keys = _classnames(where, entry.get("classnames"))
-    templates = _strings(where, entry.get("templates"), "templates")
-    if templates and any("{c}" not in t for t in templates):
-        raise ClipsiftError(
-            f"{where}: templates: {next(t for t in templates if '{c}' not in t)!r} has no {{c}} (the class name)"
-        )
+    templates = _templates(where, entry.get("templates"))
     if classnames and len(set(classnames)) != len(classnames):
         raise ClipsiftError(
             f"{where}: classnames: {next(c for c in classnames if classnames.count(c) > 1)!r} appears twice"
         )
+    if isinstance(templates, dict) and classnames:
+        check_prompts(f"{where}: templates", list(classnames), templates)
+    if templates and options.get("classifiers"):
+        raise ClipsiftError(f"{where}: templates: the classifier comes from `classifiers`; leave out templates")
     if (classnames or templates) and not kind.suite_classnames:
         field = "classnames" if classnames else "templates"
         named = " or ".join(t.name for t in task_types.REGISTRY.values() if t.suite_classnames)
@@ -300,7 +367,36 @@ def _task(suite: str, number: int, entry: Any, groups: dict[str, str], base: str
         classnames=classnames,
         templates=templates,
         class_keys=class_keys,
+        options=tuple(options.items()),
     )
+
+
+def _templates(where: str, value: Any) -> tuple[str, ...] | dict[str, tuple[str, ...]] | None:
+    """Templates with {c} (a list), or per-class prompts (a mapping class name -> its prompts, used as written)."""
+    if isinstance(value, dict):
+        if not value or not all(isinstance(k, str) and k.strip() for k in value):
+            raise ClipsiftError(f"{where}: templates: per-class prompts map each class name to a list of prompts")
+        return {
+            k.strip(): _strings(where, v if isinstance(v, list) else [v], f"templates.{k}") for k, v in value.items()
+        }
+    templates = _strings(where, value, "templates")
+    if templates and any("{c}" not in t for t in templates):
+        raise ClipsiftError(
+            f"{where}: templates: {next(t for t in templates if '{c}' not in t)!r} has no {{c}} (the class name); "
+            "per-class prompts are a mapping, class name -> prompts"
+        )
+    return templates
+
+
+def check_prompts(where: str, classnames: list[str], prompts: dict[str, Any]) -> None:
+    """Per-class prompts name every class and nothing else (`where` starts the error)."""
+    missing = [c for c in classnames if c not in prompts]
+    if missing:
+        raise ClipsiftError(f"{where}: no prompts for class {missing[0]!r} (per-class prompts name every class)")
+    extra = [c for c in prompts if c not in set(classnames)]
+    if extra:
+        shown = ", ".join(classnames[:10]) + (", ..." if len(classnames) > 10 else "")
+        raise ClipsiftError(f"{where}: {extra[0]!r} is not one of the task's classes ({shown})")
 
 
 def _classnames(where: str, value: Any) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:

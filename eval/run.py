@@ -1,7 +1,8 @@
 """`clipsift eval`: zero-shot evaluation of a run or checkpoint on a suite.
 
 Each task's images are read, decoded and transformed by DataLoader workers and encoded in large
-batches (autocast on GPU); its metrics go to OUT/results.jsonl as one line once the task is done
+batches, each part in its precision (`model.Precision`: `auto` is DataComp's choice per part); its
+metrics go to OUT/results.jsonl as one line, with the precision used, once the task is done
 and OUT/summary.json is rewritten from all lines. A re-run skips the tasks already in
 results.jsonl, so a killed evaluation resumes. A task whose data is missing fails with its name
 and the download command; the other tasks go on. A task whose data is named in the suite file
@@ -22,11 +23,11 @@ import numpy as np
 
 from clipsift import ClipsiftError, __version__
 from clipsift.eval import aggregate
-from clipsift.eval.data import EvalBatches, MissingData, Record, TaskData
+from clipsift.eval.data import EvalBatches, MissingData, Record, TaskData, count_samples
 from clipsift.eval.layouts import check_suite_data, open_task
 from clipsift.eval.model import EvalModel, load_model, resolve_target
 from clipsift.eval.registry import Suite, Task, load_suite
-from clipsift.files import open_fs, write_atomic, write_json_atomic
+from clipsift.files import file_sha256, open_fs, write_atomic, write_json_atomic
 
 RESULTS = "results.jsonl"
 SUMMARY = "summary.json"
@@ -78,9 +79,14 @@ def evaluate(
     workers: int | None = None,
     device: str | None = None,
     precision: str = "auto",
+    save_classifiers: str | None = None,
     on_task: Callable[[TaskOutcome], None] | None = None,
 ) -> EvalResult:
-    """Evaluate a run directory or a checkpoint file (with `arch`) on a suite; see the module doc."""
+    """Evaluate a run directory or a checkpoint file (with `arch`) on a suite; see the module doc.
+
+    `precision`: auto (DataComp's choices per part, `model.resolve_precision`) | fp32 | bf16 | fp16;
+    `save_classifiers`: a folder that gets each classification task's zero-shot classifier (KEY.npz).
+    """
     resolved = resolve_target(target, arch, out)
     loaded = load_suite(suite)
     chosen = loaded.select(tasks)
@@ -92,6 +98,7 @@ def evaluate(
             make_tiny_suite(data_dir)  # offline and deterministic: written on first use
     opened = check_suite_data(loaded, chosen, data_dir)
     model = load_model(resolved.arch, resolved.checkpoint, device=device, precision=precision)
+    model.save_classifiers = save_classifiers
     return evaluate_model(
         model,
         loaded,
@@ -127,6 +134,7 @@ def evaluate_model(
     fs.makedirs(out, exist_ok=True)
     lines = read_results(os.path.join(out, RESULTS), model.weights_sha256)
     _check_definition(os.path.join(out, RESULTS), suite, lines)
+    _check_precision(os.path.join(out, RESULTS), model, lines)
     done = {(line["suite"], line["task"]) for line in lines}
     result, failed = EvalResult(out, suite.name), {}
     for task in tasks:
@@ -255,6 +263,22 @@ def _check_definition(path: str, suite: Suite, lines: list[dict[str, Any]]) -> N
         )
 
 
+def _check_precision(path: str, model: EvalModel, lines: list[dict[str, Any]]) -> None:
+    """Refuse to resume on results computed in another precision setting or on another kind of device."""
+    precision = getattr(model, "precision", None)
+    if precision is None:
+        return
+    for line in lines:
+        used = line.get("precision") or {}
+        other = (used.get("setting"), used.get("device"))
+        if used and other != (precision.setting, precision.device):
+            raise ClipsiftError(
+                f"{path} holds results computed with --precision {other[0]} on {other[1]} (task {line['task']}); "
+                f"this run is --precision {precision.setting} on {precision.device}: pass --out, move that folder "
+                "away or use the same precision and device"
+            )
+
+
 def append_result(path: str, line: dict[str, Any]) -> None:
     """Add one line to results.jsonl: the whole file is rewritten atomically, so no line is ever torn."""
     fs, local = open_fs(path)
@@ -284,7 +308,8 @@ def write_summary(
             continue
         results = {line["task"]: line for line in lines if line["suite"] == name}
         suites[name] = aggregate.suite_summary(suite, results, failed if name == current.name else None)
-    data = aggregate.summary(model.describe(), suites)
+    precision = getattr(model, "precision", None)
+    data = aggregate.summary(model.describe(), suites, precision.record() if precision else None)
     write_json_atomic(fs, local, data)
     return data
 
@@ -325,10 +350,23 @@ def run_task(
         "scored": task.scored,
         "suite_sha256": suite.sha256,
         "model": model.describe(),
+        **_provenance(model, task),
         "data": data.root,
         "clipsift": __version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _provenance(model: EvalModel, task: Task) -> dict[str, Any]:
+    """The precision a task ran in and the classifier files it loaded, for its results line."""
+    precision = getattr(model, "precision", None)
+    record: dict[str, Any] = {"precision": precision.record(task.kind.precision_parts)} if precision else {}
+    files = task.option("classifiers")
+    if files:
+        record["classifiers"] = [{"path": path, "sha256": file_sha256(open_fs(path)[0], path)} for path in files]
+        if "precision" in record:
+            record["precision"]["classifier"] = "from the classifier files"
+    return record
 
 
 def _clean(values: dict[str, Any]) -> dict[str, Any]:
@@ -345,9 +383,21 @@ def _clean(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def embed_images(
-    model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, with_meta: bool = False
-) -> tuple[np.ndarray, list[Record]]:
-    """Image embeddings in file order (all images of a sample consecutive) and the samples' records."""
+    model: EvalModel,
+    task: Task,
+    data: TaskData,
+    batch_size: int,
+    workers: int,
+    with_meta: bool = False,
+    *,
+    part: str = "images",
+    head: Callable | None = None,
+) -> tuple[Any, list[Record]]:
+    """Image embeddings in file order (all images of a sample consecutive) and the samples' records.
+
+    `part`: the precision part the image tower runs in; `head`: applied to each batch's normalised features in
+    that context (`EvalModel.encode_images`). Rows are numpy arrays, or torch tensors where `head` gives them.
+    """
     import torch
 
     from clipsift.pipeline.ui import progress_bar
@@ -360,12 +410,13 @@ def embed_images(
         pin_memory=model.device.type == "cuda",
         prefetch_factor=2 if workers else None,
     )
+    options = {} if (part, head) == ("images", None) else {"part": part, "head": head}
     features, owners, slots, records = [], [], [], []
     with progress_bar() as progress:
-        bar = progress.add_task(task.key, total=len(data.files) if data.files is not None else task.size)
+        bar = progress.add_task(task.key, total=sample_total(task, data))
         for batch in loader:
             if len(batch["owner"]):
-                features.append(model.encode_images(batch["images"]))
+                features.append(model.encode_images(batch["images"], **options))
                 owners.append(batch["owner"].numpy())
                 slots.append(batch["slot"].numpy())
             records += batch["records"]
@@ -374,7 +425,16 @@ def embed_images(
         raise MissingData(f"{data.root}: the tars hold no samples")
     order = np.lexsort((np.concatenate(slots), np.concatenate(owners)))
     records.sort(key=lambda r: r.index)
+    if torch.is_tensor(features[0]):
+        return torch.cat(features)[torch.from_numpy(order)], records
     return np.concatenate(features)[order], records
+
+
+def sample_total(task: Task, data: TaskData) -> int:
+    """The number of samples a task's progress bar counts to: the files, the suite's size, else the tars' count."""
+    if data.files is not None:
+        return len(data.files)
+    return task.size if task.size is not None else count_samples(data.tars)
 
 
 def check_size(task: Task, data: TaskData, n: int) -> None:

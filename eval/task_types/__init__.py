@@ -11,7 +11,13 @@ import importlib
 from clipsift import ClipsiftError
 from clipsift.eval.task_types.base import REGISTRY, Record, TaskType, register
 
-TYPE_MODULES = ("classification", "retrieval", "winogavil", "multiobjective")  # eval/task_types/<module>.py
+TYPE_MODULES = (
+    "classification",
+    "retrieval",
+    "winogavil",
+    "multiobjective",
+    "multilabel",
+)  # eval/task_types/<module>.py
 for _module in TYPE_MODULES:
     importlib.import_module(f"{__name__}.{_module}")
 

@@ -1,11 +1,12 @@
 """What every evaluation task type declares, and the registry of types a suite's `type:` names.
 
-A task type (classification, retrieval, winogavil, multiobjective) is a `TaskType` subclass: its
-name, the metrics it reports that a suite may choose as a task's main metric, the layouts its
-data may be in, whether a suite entry gives it class names and templates, whether its data holds
-classnames.txt and templates, what its dataset_type.txt says, whether `eval download` fetches it
-as the Hub's parquet conversion, how a webdataset sample of it is parsed (`parse_sample`) and how
-a task of it is evaluated (`evaluate`). Callers ask the type (`Task.kind`, `task_types.get`),
+A task type (classification, retrieval, winogavil, multiobjective, multilabel) is a `TaskType`
+subclass: its name, the metrics it reports that a suite may choose as a task's main metric, the
+layouts its data may be in, whether a suite entry gives it class names and templates, whether its
+data holds classnames.txt and templates, what its dataset_type.txt says, whether `eval download`
+fetches it as the Hub's parquet conversion, its own suite fields (`fields`, `parse_fields`), the
+precision parts it runs in (`precision_parts`), how a webdataset sample of it is parsed
+(`parse_sample`) and how a task of it is evaluated (`evaluate`). Callers ask the type (`Task.kind`, `task_types.get`),
 never compare type names.
 
 Adding a task type means writing one `TaskType` subclass, decorated with `@register`, in one file
@@ -21,6 +22,7 @@ import it when they run.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -80,6 +82,17 @@ def npy_member(entry: TarEntry, source: str) -> np.ndarray:
     return np.asarray(np.load(io.BytesIO(entry.members["npy"]), allow_pickle=False)).reshape(-1)
 
 
+def classifier_files(where: str, value: Any, base: str) -> tuple[str, ...] | None:
+    """A task's `classifiers`: zero-shot classifier files (.npz of `--save-classifiers`), relative to `base`."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ClipsiftError(f"{where}: classifiers: a list of classifier files (.npz, written by --save-classifiers)")
+    return tuple(os.path.normpath(os.path.join(base, os.path.expanduser(v))) for v in value)
+
+
 # --------------------------------------------------------------------------- the type
 
 
@@ -93,6 +106,8 @@ class TaskType:
     captioned: ClassVar[bool] = False  # a table's rows give captions (else a label and maybe a group)
     type_file: ClassVar[str | None] = None  # what dataset_type.txt says (None: no file)
     hub_parquet: ClassVar[bool] = False  # `eval download` fetches the Hub's parquet conversion, not the files
+    fields: ClassVar[tuple[str, ...]] = ()  # its own suite fields (retrieval's recall_k), read by `parse_fields`
+    precision_parts: ClassVar[tuple[str, ...]] = ("images",)  # the parts of `model.Precision` its evaluation uses
 
     @property
     def wds_only(self) -> bool:
@@ -109,19 +124,27 @@ class TaskType:
         """The table column with each image's label or caption(s)."""
         return "caption" if self.captioned else "label"
 
-    def main_metrics(self, group_name: str | None = None, objectives: Sequence[str] = ()) -> tuple[str, ...]:
+    def main_metrics(
+        self, group_name: str | None = None, objectives: Sequence[str] = (), **options: Any
+    ) -> tuple[str, ...]:
         """The metrics it reports that can be a task's main metric.
 
-        `group_name`: the task has groups (acc_<name> metrics); `objectives`: its metadata fields.
+        `group_name`: the task has groups (acc_<name> metrics); `objectives`: its metadata fields; `options`: the
+        task's own fields (`parse_fields`), given only to types that have some.
         """
         raise NotImplementedError
+
+    def parse_fields(self, where: str, entry: dict[str, Any], base: str) -> dict[str, Any]:
+        """Its own fields (`fields`) of a suite entry, checked, defaults filled in; paths resolved against `base`."""
+        return {}
 
     def metric_hint(self, group_name: str | None) -> str:
         """Added to the error for a metric that is not one of `main_metrics`."""
         return ""
 
-    def default_metric(self, grouped: bool) -> str:
-        """The main metric `eval make-task` writes for a task of this type (with a group column or not)."""
+    def default_metric(self, grouped: bool, class_sizes: Sequence[int] | None = None) -> str:
+        """The main metric `eval make-task` writes for a task of this type (with a group column or not;
+        `class_sizes`: samples per class, where the type has classes)."""
         raise ClipsiftError(f"make-task writes no {self.name} tasks")
 
     def parse_sample(self, entry: TarEntry, index: int, source: str, with_meta: bool) -> tuple[Record, list[bytes]]:

@@ -2,6 +2,7 @@
 
 Read from any layout (webdataset, an image folder, a table with a label column and maybe a group
 column). Groups come from the `npy` metadata vector (`metadata.group_by`) or a table's group column.
+The classifier comes from the task's templates (or per-class prompts), or from `classifiers` files.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 
 from clipsift import ClipsiftError
 from clipsift.eval import metrics
-from clipsift.eval.task_types.base import Record, TaskType, image_member, npy_member, register
+from clipsift.eval.task_types.base import Record, TaskType, classifier_files, image_member, npy_member, register
 
 if TYPE_CHECKING:
     from clipsift.eval.data import TaskData
@@ -22,15 +23,25 @@ if TYPE_CHECKING:
     from clipsift.pipeline.pool import TarEntry
 
 
+IMBALANCE = 1.5  # make-task scores by mean per-class recall when the largest class is this many times the smallest
+
+
 @register
 class Classification(TaskType):
     name = "classification"
     layouts = ("wds", "folder", "table")
     suite_classnames = True
     class_files = True
+    fields = ("classifiers",)
+    precision_parts = ("classifier", "images")
 
-    def main_metrics(self, group_name: str | None = None, objectives: Sequence[str] = ()) -> tuple[str, ...]:
+    def main_metrics(
+        self, group_name: str | None = None, objectives: Sequence[str] = (), **options: Any
+    ) -> tuple[str, ...]:
         return metrics.CLASSIFICATION_METRICS + ((f"acc_{group_name}", f"acc_top5_{group_name}") if group_name else ())
+
+    def parse_fields(self, where: str, entry: dict[str, Any], base: str) -> dict[str, Any]:
+        return {"classifiers": classifier_files(where, entry.get("classifiers"), base)}
 
     def metric_hint(self, group_name: str | None) -> str:
         if group_name:
@@ -40,8 +51,12 @@ class Classification(TaskType):
             "`metadata.group_by` for webdataset data)"
         )
 
-    def default_metric(self, grouped: bool) -> str:
-        return "acc_wg" if grouped else "acc1"
+    def default_metric(self, grouped: bool, class_sizes: Sequence[int] | None = None) -> str:
+        """acc_wg with groups; mean per-class recall when class sizes differ by more than IMBALANCE; else acc1."""
+        if grouped:
+            return "acc_wg"
+        present = [n for n in class_sizes or () if n > 0]
+        return "mean_per_class_recall" if present and max(present) > IMBALANCE * min(present) else "acc1"
 
     def parse_sample(self, entry: TarEntry, index: int, source: str, with_meta: bool) -> tuple[Record, list[bytes]]:
         if "cls" not in entry.members:
@@ -53,15 +68,13 @@ class Classification(TaskType):
     def evaluate(
         self, model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, cache_dir: str
     ) -> tuple[dict[str, Any], int]:
-        from clipsift.eval.model import zero_shot_classifier
-        from clipsift.eval.run import check_size, embed_images
+        from clipsift.eval.run import check_size
 
         spec = data.metadata
         grouped = spec is not None and spec.group_by is not None
-        emb, records = embed_images(model, task, data, batch_size, workers, with_meta=grouped)
+        logits, records = zero_shot_logits(model, task, data, batch_size, workers, cache_dir, with_meta=grouped)
         check_size(task, data, len(records))
         labels = _labels(task, data, records)
-        logits = emb @ zero_shot_classifier(model, data.classnames, data.templates, cache_dir)
         values: dict[str, Any] = metrics.classification_metrics(logits, labels)
         if grouped:
             groups = np.array([_meta_value(r, spec.column, spec.fields, data) for r in records])
@@ -77,6 +90,33 @@ class Classification(TaskType):
                 )
             )
         return values, len(records)
+
+
+def zero_shot_logits(
+    model: EvalModel,
+    task: Task,
+    data: TaskData,
+    batch_size: int,
+    workers: int,
+    cache_dir: str,
+    with_meta: bool = False,
+) -> tuple[np.ndarray, list[Record]]:
+    """Zero-shot logits [N, classes] in file order and the samples' records.
+
+    Formed per batch inside the image tower's autocast, `100 * features @ classifier`, as clip_benchmark's
+    `run_classification` forms them (DataComp runs it with amp=False: fp32).
+    """
+    import torch
+
+    from clipsift.eval.model import task_classifier
+    from clipsift.eval.run import embed_images
+
+    weights = torch.from_numpy(task_classifier(model, task, data, cache_dir)).to(model.device)
+
+    def head(features: torch.Tensor) -> np.ndarray:
+        return (100.0 * features @ weights).float().cpu().numpy()
+
+    return embed_images(model, task, data, batch_size, workers, with_meta=with_meta, head=head)
 
 
 def _labels(task: Task, data: TaskData, records: list[Record]) -> np.ndarray:

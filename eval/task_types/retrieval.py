@@ -1,4 +1,5 @@
-"""Image-text retrieval: an image and `txt`, its captions one per line (Flickr, MSCOCO); recall@k both ways.
+"""Image-text retrieval: an image and `txt`, its captions one per line (Flickr, MSCOCO); recall@k both ways
+(`recall_k`: which k, DataComp's 1, 5 and 10 by default).
 
 Read from the webdataset layout or a table with a caption column; `eval download` converts the
 Hub's parquet files (`download.retrieval_samples`).
@@ -29,10 +30,33 @@ class Retrieval(TaskType):
     captioned = True
     type_file = "retrieval"
     hub_parquet = True
+    fields = ("recall_k",)
+    precision_parts = ("retrieval",)
 
-    def main_metrics(self, group_name: str | None = None, objectives: Sequence[str] = ()) -> tuple[str, ...]:
-        recalls = tuple(f"{way}_retrieval_recall@{k}" for way in ("image", "text") for k in metrics.RETRIEVAL_KS)
-        return recalls + ("mean_recall@1",)
+    def main_metrics(
+        self,
+        group_name: str | None = None,
+        objectives: Sequence[str] = (),
+        recall_k: Sequence[int] = metrics.RETRIEVAL_KS,
+        **options: Any,
+    ) -> tuple[str, ...]:
+        recalls = tuple(f"{way}_retrieval_recall@{k}" for way in ("image", "text") for k in recall_k)
+        return recalls + (("mean_recall@1",) if 1 in recall_k else ())
+
+    def parse_fields(self, where: str, entry: dict[str, Any], base: str) -> dict[str, Any]:
+        """recall_k: the k of recall@k (DataComp's 1, 5, 10 when left out)."""
+        value = entry.get("recall_k")
+        if value is None:
+            return {"recall_k": metrics.RETRIEVAL_KS}
+        value = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in value)
+            or len(set(value)) != len(value)
+        ):
+            raise ClipsiftError(f"{where}: recall_k: a list of distinct whole numbers k >= 1, e.g. [1, 5, 10]")
+        return {"recall_k": tuple(sorted(value))}
 
     def default_metric(self, grouped: bool) -> str:
         return "mean_recall@1"
@@ -48,13 +72,16 @@ class Retrieval(TaskType):
     def evaluate(
         self, model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, cache_dir: str
     ) -> tuple[dict[str, Any], int]:
+        """Both towers in the `retrieval` precision part, embeddings normalised inside its autocast and scored in
+        their own dtype, as clip_benchmark's `zeroshot_retrieval.evaluate` (DataComp's retr_eval.py) does."""
         from clipsift.eval.run import check_size, embed_images
 
-        emb, records = embed_images(model, task, data, batch_size, workers)
+        emb, records = embed_images(model, task, data, batch_size, workers, part="retrieval", head=_to_cpu)
         check_size(task, data, len(records))
         texts = [t for r in records for t in r.texts]
         text_image = np.repeat(np.arange(len(records)), [len(r.texts) for r in records])
-        values = metrics.retrieval_metrics(emb, model.encode_texts(texts), text_image)
+        ks = task.option("recall_k", metrics.RETRIEVAL_KS)
+        values = metrics.retrieval_metrics(emb, model.encode_texts(texts, part="retrieval"), text_image, ks)
         values["num_captions"] = len(texts)
         return values, len(records)
 
@@ -62,3 +89,8 @@ class Retrieval(TaskType):
         from clipsift.eval.download import retrieval_samples
 
         return retrieval_samples(rows, where)
+
+
+def _to_cpu(features: Any) -> Any:
+    """Keep a batch's normalised embeddings as they are (their dtype), on the CPU."""
+    return features.cpu()

@@ -35,8 +35,11 @@ class WinoGAViL(TaskType):
     name = "winogavil"
     type_file = "winogavil"
     hub_parquet = True
+    precision_parts = ("association",)
 
-    def main_metrics(self, group_name: str | None = None, objectives: Sequence[str] = ()) -> tuple[str, ...]:
+    def main_metrics(
+        self, group_name: str | None = None, objectives: Sequence[str] = (), **options: Any
+    ) -> tuple[str, ...]:
         return metrics.WINOGAVIL_METRICS
 
     def parse_sample(self, entry: TarEntry, index: int, source: str, with_meta: bool) -> tuple[Record, list[bytes]]:
@@ -57,17 +60,23 @@ class WinoGAViL(TaskType):
     def evaluate(
         self, model: EvalModel, task: Task, data: TaskData, batch_size: int, workers: int, cache_dir: str
     ) -> tuple[dict[str, Any], int]:
+        """Both towers in the `association` precision part; each cue's similarities to its candidates are formed
+        inside that autocast, as DataComp's wino_eval.py forms them."""
+        import torch
+
         from clipsift.eval.run import check_size, embed_images
 
-        emb, records = embed_images(model, task, data, batch_size, workers)
+        emb, records = embed_images(model, task, data, batch_size, workers, part="association", head=_to_cpu)
         check_size(task, data, len(records))
-        cues = model.encode_texts([cue_prompt(r.info["cue"]) for r in records])
+        cues = model.encode_texts([cue_prompt(r.info["cue"]) for r in records], part="association")
         jaccards, sizes, start = [], [], 0
         for record, cue in zip(records, cues):
-            rows = emb[start : start + record.num_images]
+            rows = emb[start : start + record.num_images].to(model.device)
             start += record.num_images
+            with torch.inference_mode(), model.autocast("association"):
+                similarity = (cue.to(model.device)[None, :] @ rows.T)[0].float().cpu().numpy()
             truth = np.isin(record.info["candidates"], record.info["associations"])
-            jaccards.append(metrics.jaccard_topk(rows @ cue, truth))
+            jaccards.append(metrics.jaccard_topk(similarity, truth))
             sizes.append(record.num_images)
         values = metrics.winogavil_metrics(jaccards, sizes)
         values["num_10-12"] = int(np.sum(np.asarray(sizes) >= 10))
@@ -78,3 +87,7 @@ class WinoGAViL(TaskType):
         from clipsift.eval.download import winogavil_samples
 
         return winogavil_samples(rows, where)
+
+
+def _to_cpu(features: Any) -> Any:
+    return features.cpu()

@@ -64,6 +64,63 @@ def test_a_bad_option_value_is_refused_by_its_settings_object_naming_the_option(
     assert "Traceback" not in download.stderr + score.stderr
 
 
+@pytest.fixture(scope="module")
+def eval_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with a suite of one small task and a clipsift-xs checkpoint (random weights) to put in run folders."""
+    import open_clip
+    import torch
+    import yaml
+
+    from clipsift.eval.data import write_task
+    from clipsift.train.models import register_model_configs
+
+    from conftest import image_bytes
+
+    root = tmp_path_factory.mktemp("eval_cli")
+    colours = [(200, 30, 30), (30, 30, 200), (30, 200, 30), (200, 200, 30)]
+    samples = ({"jpg": image_bytes(c), "cls": str(i % 2).encode()} for i, c in enumerate(colours))
+    write_task(str(root / "task"), samples, classnames=["red", "blue"], templates=["a {c} image."])
+    task = {"key": "colour", "type": "classification", "metric": "acc1", "data": "task"}
+    (root / "suite.yaml").write_text(yaml.safe_dump({"suite": "cli", "tasks": [task]}))
+    register_model_configs()
+    torch.manual_seed(0)
+    torch.save({"state_dict": open_clip.create_model("clipsift-xs").state_dict()}, root / "model.pt")
+    return root
+
+
+@pytest.mark.parametrize("name", ["run", "download", "make-task", "make-tiny-suite"])
+def test_eval_evaluates_a_run_folder_named_like_one_of_its_verbs(
+    name: str, eval_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`clipsift eval run` with ./run a run folder evaluates it (it said "Missing argument 'RUN|CHECKPOINT'")."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from clipsift.cli import app
+
+    (tmp_path / name / "checkpoints").mkdir(parents=True)
+    shutil.copy(eval_folder / "model.pt", tmp_path / name / "checkpoints" / "epoch_latest.pt")
+    (tmp_path / name / "run.json").write_text(json.dumps({"recipe": {"model": "clipsift-xs"}}))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["eval", name, "--suite", str(eval_folder / "suite.yaml")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / name / "eval" / "results.jsonl").read_text())["task"] == "colour"
+
+
+def test_eval_verbs_stay_verbs_beside_a_folder_that_is_no_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from clipsift.cli import app
+
+    (tmp_path / "make-task").mkdir()  # e.g. tasks written there earlier
+    monkeypatch.chdir(tmp_path)
+    verb = CliRunner().invoke(app, ["eval", "make-task", "--help"])
+    assert verb.exit_code == 0 and "Convertanimagefolder" in "".join(verb.output.split())
+    missing = CliRunner().invoke(app, ["eval", "run"])
+    assert str(missing.exception) == "run: no such run directory or checkpoint file"  # main() prints it, exits 2
+
+
 @pytest.mark.slow  # the whole xs chain with its filtering network (test_run.py's killed run covers the chain fast)
 @pytest.mark.timeout(2400)  # about two minutes on an idle 2-core machine; room for a loaded one
 def test_demo_runs_the_chain_offline(tmp_path: Path) -> None:

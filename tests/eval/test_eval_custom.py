@@ -234,6 +234,79 @@ def test_make_task_writes_clip_benchmark_layout_with_defaults(data: Path, made: 
     assert [s["txt"].decode().count("\n") + 1 for s in captions] == [1, 2, 3, 1, 2, 3]
 
 
+def test_a_made_task_folder_moves_with_its_task_yaml(data: Path, run_dir: Path, tmp_path: Path) -> None:
+    """task.yaml's `data` is relative to task.yaml, and a suite that includes it resolves it there (finding 5)."""
+    import shutil
+
+    made = make_task(str(data / "images"), "classification", str(tmp_path / "before" / "lesions"))
+    assert (
+        made.entry["data"] == "."
+        and yaml.safe_load((tmp_path / "before/lesions/task.yaml").read_text())[0]["data"] == "."
+    )
+    shutil.move(str(tmp_path / "before"), str(tmp_path / "after"))
+    assert read_entry(str(tmp_path / "after" / "lesions"))["data"] == str(tmp_path / "after" / "lesions")
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    suite = write_suite(
+        suites / "moved.yaml",
+        {
+            "suite": "moved",
+            "tasks": [{"include": "../after/lesions/task.yaml", "key": "moved/lesions", "scored": True}],
+        },
+    )
+    loaded = load_suite(suite)
+    task = loaded.task("moved/lesions")
+    assert task.data.path == str(tmp_path / "after" / "lesions") and task.size == 12 and task.metric == "acc1"
+    result = eval_run.evaluate(str(run_dir), suite, out=str(tmp_path / "eval"))
+    assert [o.status for o in result.outcomes] == ["done"]
+    (tmp_path / "after" / "lesions" / "task.yaml").write_text(
+        yaml.safe_dump([{**yaml.safe_load((tmp_path / "after/lesions/task.yaml").read_text())[0], "size": 13}])
+    )
+    assert load_suite(suite).sha256 != loaded.sha256  # an edited task.yaml is another definition
+    with pytest.raises(ClipsiftError, match="task 1: include: cannot read .*nowhere/task.yaml"):
+        load_suite(write_suite(suites / "bad.yaml", {"suite": "b", "tasks": [{"include": "nowhere/task.yaml"}]}))
+
+
+def test_make_task_scores_unequal_classes_by_mean_per_class_recall(data: Path, tmp_path: Path) -> None:
+    """Classes of very different sizes get mean_per_class_recall (as DataComp scores Caltech-101, Aircraft,
+    Flowers and Pets); --metric overrides; nearly equal classes keep acc1."""
+    from clipsift.cli import app
+
+    rng = np.random.default_rng(5)
+    for name, count in (("big", 7), ("small", 2), ("mid", 5)):
+        for i in range(count):
+            write_image(tmp_path / "unequal" / name / f"{i}.jpg", rng)
+    for name, count in (("a", 4), ("b", 3)):
+        for i in range(count):
+            write_image(tmp_path / "close" / name / f"{i}.jpg", rng)
+    unequal = make_task(str(tmp_path / "unequal"), "classification", str(tmp_path / "t1"))
+    assert unequal.entry["metric"] == "mean_per_class_recall" == read_entry(str(tmp_path / "t1"))["metric"]
+    assert make_task(str(tmp_path / "close"), "classification", str(tmp_path / "t2")).entry["metric"] == "acc1"
+    args = ["eval", "make-task", "--from", str(tmp_path / "unequal"), "--type", "classification"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "t3"), "--metric", "F1-macro_all"])
+    assert result.exit_code == 0, result.output
+    assert read_entry(str(tmp_path / "t3"))["metric"] == "F1-macro_all" and "F1-macro_all" in result.output
+    with pytest.raises(ClipsiftError, match="--metric: 'acc7' is not a metric of this classification task"):
+        make_task(str(tmp_path / "unequal"), "classification", str(tmp_path / "t4"), metric="acc7")
+
+
+def test_progress_bars_count_to_the_tasks_sample_total(
+    data: Path, made: dict[str, Path], run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A webdataset task without `size` counts its tars' samples for the bar's total (it showed `12/?`)."""
+    task = {"key": "made", "type": "classification", "metric": "acc1", "data": str(made["table"])}
+    suite = write_suite(tmp_path / "nosize.yaml", {"suite": "nosize", "tasks": [task]})
+    capsys.readouterr()
+    eval_run.evaluate(str(run_dir), suite, out=str(tmp_path / "eval"))
+    shown = capsys.readouterr().err
+    assert "12/12" in shown and "/?" not in shown, shown
+
+    from clipsift.eval.data import count_samples
+
+    tars = sorted(str(p) for p in (made["table"] / "test").glob("*.tar"))
+    assert count_samples(tars) == 12 and len(tars) == 3
+
+
 def test_make_task_resumes_and_refuses_other_data(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "task"
     names = tmp_path / "names.txt"
@@ -325,10 +398,35 @@ def bad(data: Path, task: dict, name: str = "bad.yaml") -> str:
         (
             {"type": "retrieval", "metric": "mean_recall@1", "classnames": ["a"]},
             "classnames",
-            "only classification tasks",
+            "only classification or multilabel tasks",
         ),
         ({"classnames": ["a", "b"], "classes": 3}, "classes", "3, but classnames lists 2"),
         ({"data": None, "columns": {"image": "file"}}, "data", "`columns` needs the data's path"),
+        ({"recall_k": [1]}, "recall_k", "only retrieval tasks have this field, not classification"),
+        (
+            {"type": "retrieval", "metric": "mean_recall@1", "recall_k": [5, 5]},
+            "recall_k",
+            "a list of distinct whole numbers k >= 1",
+        ),
+        (
+            {"type": "retrieval", "metric": "mean_recall@1", "recall_k": [5, 10]},
+            "metric",
+            "'mean_recall@1' is not a metric of this retrieval task; choose one of image_retrieval_recall@5",
+        ),
+        (
+            {"type": "retrieval", "metric": "mean_recall@1", "classifiers": ["c.npz"]},
+            "classifiers",
+            "only classification or multilabel tasks have this field, not retrieval",
+        ),
+        ({"classifiers": [""]}, "classifiers", "a list of classifier files"),
+        ({"classifiers": ["c.npz"], "templates": ["a {c}."]}, "templates", "leave out templates"),
+        (
+            {"classnames": ["circle", "square"], "templates": {"circle": ["a round thing"]}},
+            "templates",
+            "no prompts for class 'square'",
+        ),
+        ({"templates": {"circle": []}}, "templates.circle", "a non-empty list of non-empty strings"),
+        ({"type": "multilabel", "metric": "acc1"}, "metric", "choose one of mean_average_precision"),
     ],
 )
 def test_definition_errors_name_the_file_task_and_field(data: Path, task: dict, field: str, message: str) -> None:
@@ -365,6 +463,14 @@ def test_definition_errors_name_the_file_task_and_field(data: Path, task: dict, 
             "layout",
             "read only in the webdataset layout",
         ),
+        ({"templates": {"circle": ["a"], "square": ["b"]}}, "templates", "no prompts for class 'star'"),
+        (
+            {"templates": {"circle": ["a"], "square": ["b"], "star": ["c"], "moon": ["d"]}},
+            "templates",
+            "'moon' is not one of the task's classes (circle, square, star)",
+        ),
+        ({"data": "made/folder", "templates": {"circle": ["a"]}}, "templates", "no prompts for class 'square'"),
+        ({"classifiers": ["nowhere.npz"]}, "classifiers", "nowhere.npz does not exist"),
     ],
 )
 def test_data_errors_stop_the_run_before_any_work(
@@ -417,3 +523,15 @@ def test_the_documented_example_suite_parses() -> None:
         suite.task("lesions/by_skin_type").data.group == "fitzpatrick" and suite.task("lesions/external").data is None
     )
     assert len(suite.scored) == 5 and set(suite.groups) == {"lesions", "retrieval"}
+
+
+def test_the_documented_extra_fields_parse() -> None:
+    doc = (REPO / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    block = doc.split("More fields, in entries of their own", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    entries = yaml.safe_load(block)
+    assert entries[0] == {"include": "tasks/lesions/task.yaml", "groups": ["lesions"]}
+    suite = parse_suite({"suite": "more", "groups": {"lesions": "L"}, "tasks": entries[1:]}, "/somewhere/more.yaml")
+    assert suite.task("lesions/prompts").templates["square"] == ("a dermoscopy image of a square lesion.",)
+    assert suite.task("lesions/ensemble").option("classifiers")[0] == "/somewhere/clf/plain/lesions__folder.npz"
+    assert suite.task("reports/recall").option("recall_k") == (1, 20, 50)
+    assert suite.task("voc2007_multilabel").kind.name == "multilabel"

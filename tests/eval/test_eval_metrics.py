@@ -112,6 +112,48 @@ def test_retrieval_needs_a_caption_for_every_image() -> None:
         metrics.retrieval_metrics(images, texts, np.array([0, 0, 0, 2, 2, 2]))
 
 
+def test_retrieval_ranks_torch_embeddings_in_their_own_dtype_like_numpy() -> None:
+    """Scores are formed in the embeddings' dtype (clip_benchmark's `texts_emb @ images_emb.t()`), one chunk of
+    captions at a time; with float32 tensors the figures equal the numpy ones, every k in `ks` is reported."""
+    import torch
+
+    rng = np.random.default_rng(2)
+    images, texts = rng.normal(size=(7, 5)).astype(np.float32), rng.normal(size=(15, 5)).astype(np.float32)
+    owner = np.repeat(np.arange(7), [1, 2, 3, 1, 2, 3, 3])
+    numpy_values = metrics.retrieval_metrics(images, texts, owner, ks=(1, 3))
+    torch_values = metrics.retrieval_metrics(torch.from_numpy(images), torch.from_numpy(texts), owner, ks=(1, 3))
+    assert torch_values == numpy_values and set(numpy_values) == {
+        "image_retrieval_recall@1",
+        "image_retrieval_recall@3",
+        "text_retrieval_recall@1",
+        "text_retrieval_recall@3",
+        "mean_recall@1",
+    }
+    scores = texts @ images.T  # brute force
+    best = [max(scores[owner == i, i]) for i in range(7)]
+    assert numpy_values["text_retrieval_recall@3"] == pytest.approx(
+        np.mean([np.sum(scores[:, i] > best[i]) < 3 for i in range(7)])
+    )
+    assert metrics.retrieval_metrics(images, texts, owner, ks=(5,))["mean_recall@1"] is None
+
+
+def test_mean_average_precision_is_clip_benchmarks_average_precision_per_class() -> None:
+    """clip_benchmark's multi-label metric: precision at each positive, averaged per class; a class without
+    positives counts 0 in the mean. Ties rank the lower index first."""
+    import torch
+    from clip_benchmark.metrics.zeroshot_classification import average_precision_per_class
+
+    rng = np.random.default_rng(4)
+    scores = rng.normal(size=(40, 5)).astype(np.float32)
+    targets = (rng.random((40, 5)) < 0.3).astype(np.float32)
+    targets[:, 4] = 0
+    theirs = average_precision_per_class(torch.from_numpy(scores), torch.from_numpy(targets)).numpy()
+    assert metrics.average_precision_per_class(scores, targets) == pytest.approx(theirs, abs=1e-6)
+    assert metrics.mean_average_precision(scores, targets) == pytest.approx(theirs.mean(), abs=1e-6)
+    tied = np.array([[0.5], [0.5], [0.1]])
+    assert metrics.average_precision_per_class(tied, np.array([[0], [1], [1]])) == pytest.approx([(1 / 2 + 2 / 3) / 2])
+
+
 def test_winogavil_jaccard_of_the_top_k_candidates() -> None:
     # k = 2 true associations (0 and 3); the top 2 are candidate 0 and, of the tie 2/3, candidate 2
     assert metrics.jaccard_topk(np.array([0.9, 0.1, 0.5, 0.5, 0.2]), np.array([1, 0, 0, 1, 0])) == pytest.approx(1 / 3)

@@ -160,7 +160,7 @@ def test_suite_hash_ignores_formatting_but_not_content(tmp_path):
 
 
 UNKNOWN_TYPE = (
-    "s: task a: type: 'regression' is not one of classification, retrieval, winogavil, multiobjective "
+    "s: task a: type: 'regression' is not one of classification, retrieval, winogavil, multiobjective, multilabel "
     "(a worst-group classification is `classification` with a group column, see docs/evaluation.md)"
 )
 
@@ -174,8 +174,8 @@ def test_an_unknown_task_type_is_refused_with_the_known_ones() -> None:
 
 
 def test_the_built_in_types_declare_what_the_suites_rely_on() -> None:
-    assert task_types.names() == ("classification", "retrieval", "winogavil", "multiobjective")
-    cls, ret, wino, multi = (task_types.get(name) for name in task_types.names())
+    assert task_types.names() == ("classification", "retrieval", "winogavil", "multiobjective", "multilabel")
+    cls, ret, wino, multi, labels = (task_types.get(name) for name in task_types.names())
     assert cls.main_metrics("wg") == ("acc1", "acc5", "mean_per_class_recall", "F1-macro_all", "acc_wg", "acc_top5_wg")
     assert ret.main_metrics() == (
         "image_retrieval_recall@1",
@@ -188,14 +188,42 @@ def test_the_built_in_types_declare_what_the_suites_rely_on() -> None:
     )
     assert wino.main_metrics()[-1] == "jaccard_score_10-12"
     assert multi.main_metrics(None, ("age", "race")) == ("acc_age", "acc_age_wg", "acc_race", "acc_race_wg")
-    assert [t.layouts for t in (cls, ret, wino, multi)] == [
+    assert ret.main_metrics(recall_k=(5, 50)) == (
+        "image_retrieval_recall@5",
+        "image_retrieval_recall@50",
+        "text_retrieval_recall@5",
+        "text_retrieval_recall@50",
+    )  # no mean_recall@1 without k = 1
+    assert labels.main_metrics() == ("mean_average_precision",)
+    assert [t.layouts for t in (cls, ret, wino, multi, labels)] == [
         ("wds", "folder", "table"),
         ("wds", "table"),
         ("wds",),
         ("wds",),
+        ("wds",),
     ]
-    assert [t.type_file for t in (cls, ret, wino, multi)] == [None, "retrieval", "winogavil", None]
-    assert [t.hub_parquet for t in (cls, ret, wino, multi)] == [False, True, True, False]
+    assert [t.type_file for t in (cls, ret, wino, multi, labels)] == [
+        None,
+        "retrieval",
+        "winogavil",
+        None,
+        "multilabel",
+    ]
+    assert [t.hub_parquet for t in (cls, ret, wino, multi, labels)] == [False, True, True, False, False]
+    assert [t.fields for t in (cls, ret, wino, multi, labels)] == [
+        ("classifiers",),
+        ("recall_k",),
+        (),
+        (),
+        ("classifiers",),
+    ]
+    assert [t.precision_parts for t in (cls, ret, wino, multi, labels)] == [
+        ("classifier", "images"),
+        ("retrieval",),
+        ("association",),
+        ("classifier", "images"),
+        ("classifier", "images"),
+    ]
     assert load_suite("tiny").task("tiny/retrieval").kind is ret
 
 
@@ -267,7 +295,7 @@ def test_a_registered_task_type_validates_and_is_evaluated_through_its_class(red
         parse_suite({"suite": "custom", "tasks": [{**entry, "metric": "acc1"}]})
     with pytest.raises(ClipsiftError, match="layout: redness data is read only in the webdataset layout"):
         parse_suite({"suite": "custom", "tasks": [{**entry, "data": "t.csv", "layout": "table"}]})
-    with pytest.raises(ClipsiftError, match="only classification tasks have class names"):
+    with pytest.raises(ClipsiftError, match="only classification or multilabel tasks have class names"):
         parse_suite({"suite": "custom", "tasks": [{**entry, "classnames": ["a", "b"]}]})
     suite = parse_suite({"suite": "custom", "tasks": [entry]})
     assert suite.tasks[0].kind.name == "redness" and isinstance(suite.tasks[0].kind, redness)

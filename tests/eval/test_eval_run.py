@@ -380,7 +380,7 @@ def test_zero_shot_classifiers_are_cached_per_weights_task_and_templates(
 ) -> None:
     import shutil
 
-    import open_clip
+    from clipsift.eval import model as eval_model
 
     suite = suite_file(tmp_path / "mini.yaml")
     local = tmp_path / "data"
@@ -393,7 +393,7 @@ def test_zero_shot_classifiers_are_cached_per_weights_task_and_templates(
     def refuse(*args, **kwargs):
         raise AssertionError("the classifier should come from the cache")
 
-    monkeypatch.setattr(open_clip, "build_zero_shot_classifier", refuse)
+    monkeypatch.setattr(eval_model, "build_classifier", refuse)
     again = eval_run.evaluate(str(run_dir), suite, data_dir=str(local), tasks=["mini/cls"], out=str(out))
     assert again.outcomes[0].value == first.outcomes[0].value
     (out / "results.jsonl").unlink()
@@ -484,3 +484,59 @@ def test_parallel_data_loading_gives_the_same_results(
     )
     for line in map(json.loads, (tmp_path / "o" / "results.jsonl").read_text().splitlines()):
         assert line["metrics"] == pytest.approx(evaluated[line["task"]]["metrics"]), line["task"]
+
+
+def test_auto_precision_is_datacomps_per_part_on_gpu_and_fp32_on_cpu() -> None:
+    """eval_utils/wds_eval.py: the classifier under torch.autocast (fp16 on CUDA), the images with amp=False;
+    retr_eval.py: both towers under autocast; wino_eval.py: torch.cuda.amp.autocast. DataComp's classification does
+    not run on CPU (a bf16 classifier against fp32 image features), so auto is fp32 there."""
+    from clipsift.eval.model import Precision, resolve_precision
+
+    assert resolve_precision("auto", "cuda") == Precision(
+        "auto", "cuda", classifier="fp16", images="fp32", retrieval="fp16", association="fp16"
+    )
+    assert resolve_precision("auto", "cpu") == Precision("auto", "cpu", "fp32", "fp32", "fp32", "fp32")
+    assert resolve_precision("bf16", "cpu") == Precision("bf16", "cpu", "bf16", "bf16", "bf16", "bf16")
+    assert resolve_precision("fp16", "cuda").record(("retrieval",)) == {
+        "setting": "fp16",
+        "device": "cuda",
+        "retrieval": "fp16",
+    }
+    with pytest.raises(ClipsiftError, match="--precision fp16 needs a GPU"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(ClipsiftError, match="--precision 'half': choose auto, fp32, bf16 or fp16"):
+        resolve_precision("half", "cpu")
+
+
+def test_each_part_runs_in_its_precision(run_dir: Path, data: Path, tmp_path: Path) -> None:
+    """What the towers see: the classifier's text tower and the image tower in the dtypes of their parts."""
+    from clipsift.eval.model import Precision, load_model
+    from clipsift.eval.registry import load_suite as load
+
+    model = load_model(ARCH, str(run_dir / "checkpoints" / "epoch_latest.pt"), device="cpu")
+    model.precision = Precision("auto", "cpu", classifier="bf16", images="fp32", retrieval="bf16")
+    seen = []
+    for tower in ("encode_image", "encode_text"):
+        original = getattr(model.model, tower)
+
+        def spy(*args, _original=original, _tower=tower, **kwargs):
+            seen.append((_tower, torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+            return _original(*args, **kwargs)
+
+        setattr(model.model, tower, spy)
+    suite = load(suite_file(tmp_path / "mini.yaml"))
+    eval_run.evaluate_model(model, suite, [suite.task("mini/cls")], str(data), str(tmp_path / "cls"))
+    assert set(seen) == {("encode_text", torch.bfloat16), ("encode_image", None)}
+    seen.clear()
+    eval_run.evaluate_model(model, suite, [suite.task("mini/retrieval")], str(data), str(tmp_path / "ret"))
+    assert set(seen) == {("encode_text", torch.bfloat16), ("encode_image", torch.bfloat16)}
+
+
+def test_results_of_another_precision_are_not_resumed(run_dir: Path, data: Path, tmp_path: Path) -> None:
+    suite = suite_file(tmp_path / "mini.yaml")
+    out = str(tmp_path / "out")
+    eval_run.evaluate(str(run_dir), suite, data_dir=str(data), tasks=["mini/cls"], out=out, precision="fp32")
+    line = json.loads((tmp_path / "out" / "results.jsonl").read_text())
+    assert line["precision"] == {"setting": "fp32", "device": "cpu", "classifier": "fp32", "images": "fp32"}
+    with pytest.raises(ClipsiftError, match="computed with --precision fp32 on cpu .*this run is --precision bf16"):
+        eval_run.evaluate(str(run_dir), suite, data_dir=str(data), out=out, precision="bf16")
