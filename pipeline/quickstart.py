@@ -294,6 +294,7 @@ def class_labels(pool_url: str, label_column: str | None) -> list[str] | None:
 
 def make_heldout_suite(root: Path, settings: QuickstartSettings) -> dict[str, int]:
     """root/suite.yaml and its task folders from the held-out pool at root/pool; returns task key -> samples."""
+    from clipsift.eval import task_types
     from clipsift.eval.data import image_ext, write_task
     from clipsift.eval.registry import load_suite
     from clipsift.pipeline.pool import Pool
@@ -326,11 +327,12 @@ def make_heldout_suite(root: Path, settings: QuickstartSettings) -> dict[str, in
             classnames=[c.replace("_", " ").replace("-", " ") for c in classes],
             templates=TEMPLATES,
         )
+        sizes = np.bincount([index[label] for label in labels], minlength=len(classes)).tolist()
         tasks.append(
             {
                 "key": CLASSES_KEY,
                 "type": "classification",
-                "metric": "acc1",
+                "metric": task_types.get("classification").default_metric(False, sizes),  # make-task's rule
                 "data": "classes",
                 "size": written,
                 "classes": len(classes),

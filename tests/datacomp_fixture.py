@@ -122,7 +122,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def make_datacomp_download(root: Path, files: int = 2, rows_per_file: int = 400, seed: int = 0) -> DatacompDownload:
+def make_datacomp_download(
+    root: Path, files: int = 2, rows_per_file: int = 400, seed: int = 0, tars: int = 3
+) -> DatacompDownload:
     rng = np.random.default_rng(seed)
     metadata, shards = root / "metadata", root / "shards"
     metadata.mkdir(parents=True)
@@ -179,7 +181,7 @@ def make_datacomp_download(root: Path, files: int = 2, rows_per_file: int = 400,
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), metadata / f"{index:08d}.parquet")
         all_rows += rows
     dead = rng.random(len(all_rows)) < 0.08
-    downloaded = _write_shards(shards, all_rows, dead, rng)
+    downloaded = _write_shards(shards, all_rows, dead, rng, tars)
     targets = centroids[[0, 3, 5, 8]] + 0.01 * _unit(rng, 4, 16)
     np.save(root / "centroids.npy", centroids)
     np.save(root / "targets.npy", targets.astype(np.float32))
@@ -194,11 +196,11 @@ def make_datacomp_download(root: Path, files: int = 2, rows_per_file: int = 400,
     )
 
 
-def _write_shards(shards: Path, rows: list[dict], dead: np.ndarray, rng: np.random.Generator) -> set[str]:
-    """img2dataset's output: rows in a shuffled order, 3 tars, dead links only in the per-shard parquets."""
+def _write_shards(shards: Path, rows: list[dict], dead: np.ndarray, rng: np.random.Generator, tars: int) -> set[str]:
+    """img2dataset's output: rows in a shuffled order, `tars` tars, dead links only in the per-shard parquets."""
     order = rng.permutation(len(rows))
     downloaded = set()
-    for shard, part in enumerate(np.array_split(order, 3)):
+    for shard, part in enumerate(np.array_split(order, tars)):
         statuses = []
         with tarfile.open(shards / f"{shard:05d}.tar", "w") as tar:
             for position, i in enumerate(part):
@@ -231,7 +233,8 @@ def _write_shards(shards: Path, rows: list[dict], dead: np.ndarray, rng: np.rand
                 statuses.append({"key": key, "uid": row["uid"], "status": "success", "error_message": None})
                 downloaded.add(row["uid"])
         pq.write_table(pa.Table.from_pylist(statuses), shards / f"{shard:05d}.parquet")
-        (shards / f"{shard:05d}_stats.json").write_text(json.dumps({"count": len(part)}))
+        successes = sum(status["status"] == "success" for status in statuses)
+        (shards / f"{shard:05d}_stats.json").write_text(json.dumps({"count": len(part), "successes": successes}))
     return downloaded
 
 

@@ -121,6 +121,21 @@ def test_the_heldout_suite_has_retrieval_and_the_folders_classes(imported: Path,
     assert make_heldout_suite(tmp_path / "heldout", QuickstartSettings()) == tasks  # made once
 
 
+def test_unequal_classes_are_scored_by_mean_per_class_recall(imported: Path, tmp_path: Path) -> None:
+    """make-task's rule: with the largest class over 1.5x the smallest, acc1 would reward guessing the big one."""
+    by_metric = {}
+    for name, keep in (("equal", 60), ("unequal", 12)):
+        icons = tmp_path / "icons" / name
+        icon_folder(icons)
+        for extra in sorted((icons / SHAPES[0]).iterdir())[2 * keep :]:  # png + txt per sample
+            extra.unlink()
+        import_pool(str(icons), str(tmp_path / name / "heldout" / "pool"), shard_size=50, workers=1)
+        make_heldout_suite(tmp_path / name / "heldout", QuickstartSettings())
+        suite = load_suite(str(tmp_path / name / "heldout" / "suite.yaml"))
+        by_metric[name] = {t.key: t.metric for t in suite.tasks}[CLASSES_KEY]
+    assert by_metric == {"equal": "acc1", "unequal": "mean_per_class_recall"}
+
+
 def test_each_baseline_is_a_valid_run_config(tmp_path: Path) -> None:
     recipe = tmp_path / "mine.yaml"
     recipe.write_text("name: mine\nvars: {n: 3}\nsteps:\n  - caption: {min_words: '${n}'}\n")
