@@ -177,8 +177,9 @@ _JSON_PLAIN = r"^[ !#-\[\]-~]*$"  # printable ASCII but the quote and the backsl
 
 def json_members(table: pa.Table) -> pa.Array:
     """json.dumps(row, default=str) of every row, as ShardWriter writes a sample's .json member, built column-wise
-    by Arrow: strings that need no escaping, integers, booleans and nulls as they are, floats by Python's repr;
-    rows holding a string that needs escaping, and tables with columns of other types, are encoded row by row."""
+    by Arrow: strings that need no escaping, integers, booleans and nulls as they are; values of other types
+    (floats, lists such as DataComp's face_bboxes) each encoded by json alone, which is what json.dumps of the
+    row writes for them; rows holding a top-level string that needs escaping are encoded row by row."""
     parts: list[Any] = []
     plain = pa.chunked_array([np.ones(table.num_rows, bool)])
     for name in table.column_names:
@@ -190,12 +191,10 @@ def json_members(table: pa.Table) -> pa.Array:
             text = column.cast(pa.string())
         elif pa.types.is_boolean(kind):
             text = pc.if_else(column, "true", "false")
-        elif pa.types.is_floating(kind):
-            text = pa.array([None if value is None else _to_json(value) for value in column.to_pylist()], pa.string())
         elif pa.types.is_null(kind):
             text = pa.nulls(table.num_rows, pa.string())
         else:
-            return pa.array([_to_json(row).encode("utf-8") for row in table.to_pylist()], pa.binary())
+            text = pa.array([None if value is None else _to_json(value) for value in column.to_pylist()], pa.string())
         parts += [("{" if not parts else ", ") + json.dumps(name) + ": ", pc.fill_null(text, "null")]
     if not parts:
         return pa.array([b"{}"] * table.num_rows, pa.binary())

@@ -265,3 +265,22 @@ def test_write_rows_writes_what_write_writes(tmp_path: Path) -> None:
         json.dumps({k: r[k] for k in ("uid", "key", "url", "original_width")}).encode()
         for r in rows.slice(0, 3).to_pylist()
     ]
+
+
+def test_json_members_are_json_dumps_of_each_row_for_every_column_type() -> None:
+    """Column-wise encoding (pipeline/pool/shards.py) against json.dumps(row) itself, DataComp's metadata types
+    included: float32 scores, nested lists of floats (face_bboxes), nulls, strings that need escaping."""
+    table = pa.table(
+        {
+            "uid": pa.array(["a" * 32, "b" * 32, "c" * 32, "d" * 32]),
+            "text": pa.array(['say "hi"', "plain", None, "tab\there é"]),
+            "original_width": pa.array([1, None, 3, 4], pa.int64()),
+            "ok": pa.array([True, False, None, True]),
+            "score": pa.array([0.2430419921875, None, 1e-7, -0.0], pa.float32()),
+            "face_bboxes": pa.array([[], [[0.1, 0.2, 0.3, 0.4]], None, [[1.0, 0.5, 0.25, 0.125], []]]),
+            "nothing": pa.nulls(4),
+            "tags": pa.array([{"k": "v\\"}, None, {"k": "x"}, {"k": None}]),
+        }
+    )
+    members = pool_module.json_members(table)
+    assert members.to_pylist() == [json.dumps(row, default=str).encode() for row in table.to_pylist()]
