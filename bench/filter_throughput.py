@@ -7,6 +7,7 @@ One worker (in-process), so the figures are per core. Each figure is a whole `ap
 run (the best of --repeat): parquet reads, the filter, the saved step masks and the subset file.
 Language identification (fastText lid.176, one caption at a time) is not vectorisable, so it is
 measured on its own, on --lang-rows rows. The goal for the vectorised filters is at least 5M rows/s per core.
+The DataComp-layout case, whole commands against DataComp's own baselines.py: bench/datacomp_speed.py.
 """
 
 from __future__ import annotations

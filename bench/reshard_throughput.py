@@ -11,7 +11,8 @@ same bytes out) and of a 30% subset, output shards of --shard-size too. Page cac
 warmed first so all runs read from the same state, and each run's output is removed before the next
 one so all write from the same state. Every figure is the best of --repeat runs (on this machine the
 first full-size run in a process is up to 1.8x slower than the next ones). MB/s counts the input
-tar bytes.
+tar bytes. The DataComp-layout case, whole commands against DataComp's own resharder.py:
+bench/datacomp_speed.py.
 """
 
 from __future__ import annotations
