@@ -5,7 +5,9 @@ centroids, saved to a .npy file and reused when that file already exists (so Dat
 centroids, or those of an earlier run, can be given). Every target embedding (a reference set
 scored with the same model) is assigned to its nearest centroid by inner product; a pool row is
 kept when its own nearest centroid received at least one target. The pool assignment runs shard
-by shard (Ray tasks, like every per-shard step).
+by shard (Ray tasks, like every per-shard step), the centroids sent to them once; the k-means sample
+(`subsample` of the input rows) is read by per-shard tasks too, and only the sample and the
+targets are ever held in one process.
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ import numpy as np
 
 from clipsift.files import open_fs, write_atomic
 from clipsift.filters.base import Artifact, Clusters, Context, Filter, RecipeError, ShardData, register, require
-from clipsift.filters.vectors import check_dim, check_source, ip_index, load_vectors, nearest
+from clipsift.filters.vectors import (
+    check_dim,
+    check_source,
+    fit_kmeans,
+    ip_index,
+    load_vectors,
+    nearest,
+    sample_vectors,
+)
 from clipsift.pipeline.pool import Pool
 
 
@@ -80,32 +90,12 @@ class ImageCluster(Filter):
         return centroids, hit
 
     def _fit(self, context: Context) -> np.ndarray:
-        import faiss
-
-        parts = []
-        for index, (data, rows) in enumerate(context.iter_data()):
-            vectors, valid = data.image_vectors(self.model_id)
-            chosen = rows & valid
-            if self.subsample < 1.0:
-                chosen &= np.random.default_rng([self.seed, index]).random(len(chosen)) < self.subsample
-            parts.append(vectors[chosen])
-        train = np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros((0, 1), np.float32))
+        train = sample_vectors(context, self.model_id, self.subsample, self.seed, "image_cluster: k-means sample")
         if len(train) < self.k:
             raise RecipeError(
                 f"image_cluster: {len(train)} embeddings to cluster but k is {self.k}; lower k or subsample less"
             )
-        kmeans = faiss.Kmeans(
-            train.shape[1],
-            self.k,
-            niter=self.iterations,
-            seed=self.seed,
-            spherical=self.spherical,
-            gpu=faiss.get_num_gpus() > 0,
-            max_points_per_centroid=1 << 30,
-            verbose=False,
-        )
-        kmeans.train(train)
-        centroids = np.asarray(kmeans.centroids, np.float32)
+        centroids = fit_kmeans(train, self.k, self.iterations, self.seed, self.spherical)
         save_centroids(self.centroids, centroids)
         return centroids
 

@@ -1,21 +1,42 @@
-"""dedup (exact by image sha256, or near by image-embedding cosine) and decontaminate (drop pool
-images close to an evaluation set's images)."""
+"""dedup (exact by image sha256 or any metadata column, or near by image-embedding cosine) and decontaminate
+(drop pool images close to an evaluation set's images).
+
+Exact dedup is a hash-partitioned shuffle (pipeline/partition.py): each shard's keys go to partition files,
+each partition finds the first row of every key in pool order, and each shard reads back its own dropped rows;
+no process holds more than a shard or a partition. Near dedup by embedding is clustered (filters/near_dedup.py)
+or, with `method: exact`, compares every pair of input rows in one process.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipsift import ClipsiftError
-from clipsift.filters.base import Context, Filter, ShardData, register, require
+from clipsift.filters.base import Context, Filter, Inputs, ShardData, register, require
 from clipsift.filters.subset import encode_uids
-from clipsift.filters.vectors import SEARCH_BATCH, check_dim, check_source, ip_index, load_vectors, nearest
+from clipsift.filters.vectors import check_dim, check_source, ip_index, load_vectors, nearest
+from clipsift.pipeline.partition import (
+    DEFAULT_BUDGET_MB,
+    Shuffle,
+    hash_keys,
+    later_occurrences,
+    partitions_for,
+    position,
+    read_batch,
+    source_rows,
+)
 from clipsift.pipeline.pool import Pool
 
-BY = ("sha256", "embedding")
+BY = ("sha256", "embedding", "url", "text")  # sha256, embedding, and the metadata columns that name a sample
+METHODS = ("clustered", "exact")
+BLOCK_ENTRIES = 1 << 22  # similarities computed at once by similar_pairs (16 MiB of float32)
+KEY_ROW_BYTES = 48  # a partition row of a key dedup: the key (a 128-bit digest prefix, or a short string) + position
 
 
 @register
@@ -23,17 +44,24 @@ BY = ("sha256", "embedding")
 class Dedup(Filter):
     """Groups duplicates among the input rows and keeps one row per group: the first in pool order.
 
-    by=sha256: rows with the same image sha256 (rows without one are never grouped).
-    by=embedding: rows whose image embeddings have cosine >= threshold, grouped transitively
-    (connected components), found with an exact faiss range search over the input rows.
+    by=sha256: rows with the same image sha256 (its first 128 bits; rows without one are never grouped).
+    by=url or by=text: rows with the same value of that metadata column (nulls are never grouped).
+    by=embedding: rows whose image embeddings have cosine >= threshold, grouped transitively (connected
+    components). method=clustered (default) compares rows within k-means clusters (SemDeDup-style, see
+    filters/near_dedup.py); method=exact compares every pair of input rows in one process.
     """
 
     name = "dedup"
-    columns = ("sha256",)
     summary = "one row per group of duplicate images"
     by: str = "sha256"
     model_id: str | None = None
     threshold: float = 0.95
+    method: str = "clustered"
+    k: int | None = None  # clusters (clustered); None: the square root of the input rows
+    sample: int | None = None  # k-means sample rows (clustered); None: 40 per cluster
+    spill: int = 3  # clusters each row is compared in (clustered): its nearest, and the next ones within reach
+    budget_mb: float = DEFAULT_BUDGET_MB  # partition (and cluster) data one task holds
+    seed: int = 0
 
     def validate(self, where: str) -> None:
         require(self.by in BY, where, f"parameter 'by' must be one of {', '.join(BY)}, got {self.by!r}")
@@ -43,65 +71,144 @@ class Dedup(Filter):
             where,
             f"parameter 'threshold' (cosine) must be in [-1, 1], got {self.threshold}",
         )
+        require(self.method in METHODS, where, f"parameter 'method' must be one of {', '.join(METHODS)}")
+        require(self.k is None or self.k > 0, where, f"parameter 'k' must be > 0, got {self.k}")
+        require(self.sample is None or self.sample > 0, where, f"parameter 'sample' must be > 0, got {self.sample}")
+        require(self.spill >= 1, where, f"parameter 'spill' must be >= 1, got {self.spill}")
+        require(self.budget_mb > 0, where, f"parameter 'budget_mb' must be > 0, got {self.budget_mb}")
 
     def models(self) -> list[str]:
         return [self.model_id] if self.by == "embedding" else []
 
     def prepare(self, context: Context) -> Any:
-        shards, positions, keys = [], [], []
+        if self.by == "embedding" and self.method == "exact":
+            return self._prepare_all_pairs(context)
+        if self.by == "embedding":
+            from clipsift.filters.near_dedup import prepare_clustered
+
+            return prepare_clustered(self, context)
+        return self._prepare_keys(context)
+
+    def _prepare_keys(self, context: Context) -> Any:
+        shards = context.shards()
+        rows = input_rows(context)
+        shuffle = Shuffle(
+            f"{context.workdir}.dedup",
+            len(shards),
+            partitions_for(rows, KEY_ROW_BYTES, self.budget_mb),
+            len(shards),
+        )
+        mapper = _KeyMap(context.pool, context.inputs, tuple(shards), self.by, shuffle.partitions)
+        shuffle.run(
+            mapper, later_occurrences, desc=f"dedup by {self.by}", workers=context.workers, address=context.address
+        )
+        return Dropped(shuffle, {shard: i for i, shard in enumerate(shards)})
+
+    def _prepare_all_pairs(self, context: Context) -> Any:
+        """The exact near-dedup: every input vector in this process, every pair compared (O(N^2 D))."""
+        shards, positions, vectors = [], [], []
         for data, rows in context.iter_data():
-            selected = rows & (data.image_vectors(self.model_id)[1] if self.by == "embedding" else self._has_sha(data))
+            matrix, valid = data.image_vectors(self.model_id)
+            selected = rows & valid
             shards.append(data.shard)
             positions.append(np.flatnonzero(selected))
-            keys.append(self._keys(data, selected))
+            vectors.append(matrix[selected])
         owner = np.repeat(np.arange(len(shards)), [len(p) for p in positions])
         flat = np.concatenate(positions) if positions else np.zeros(0, np.int64)
-        keys_all = np.concatenate(keys) if keys else np.zeros(0)
-        first = self._first_of_groups(keys_all)
-        dropped = np.ones(len(flat), bool)
-        dropped[first] = False
+        matrix = np.concatenate(vectors) if vectors else np.zeros((0, 1), np.float32)
+        labels = components(len(matrix), *similar_pairs(matrix, self.threshold))
+        dropped = labels != np.arange(len(matrix))
         return {shard: flat[dropped & (owner == i)] for i, shard in enumerate(shards)}
-
-    def _has_sha(self, data: ShardData) -> np.ndarray:
-        return data.column("sha256").is_valid().to_numpy(zero_copy_only=False)
-
-    def _keys(self, data: ShardData, selected: np.ndarray) -> np.ndarray:
-        if self.by == "embedding":
-            return data.image_vectors(self.model_id)[0][selected]
-        sha = pc.utf8_slice_codeunits(pc.utf8_lower(data.column("sha256").filter(selected)), 0, 32)
-        try:
-            return encode_uids(sha)  # the first 128 bits of the digest
-        except ClipsiftError as err:
-            raise ClipsiftError(
-                f"{data.pool.metadata_path(data.shard)}: column sha256 holds a value that is not hex ({err})"
-            ) from err
-
-    def _first_of_groups(self, keys: np.ndarray) -> np.ndarray:
-        """Indices (into the pool-ordered keys) of the first row of every group."""
-        if self.by == "sha256":
-            return np.unique(keys, return_index=True)[1]
-        labels = components(len(keys), *similar_pairs(keys, self.threshold))
-        return np.flatnonzero(labels == np.arange(len(keys)))
 
     def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
         out = np.ones(len(rows), bool)
-        out[state[data.shard]] = False
+        out[state.dropped(data.shard) if isinstance(state, Dropped) else state[data.shard]] = False
         return out
 
 
-def similar_pairs(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """All pairs (i, j), i != j, with vectors[i] . vectors[j] >= threshold (exact range search)."""
-    if len(vectors) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    index = ip_index(vectors)
-    radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))  # faiss keeps sims > radius
-    sources, targets = [], []
-    for start in range(0, len(vectors), SEARCH_BATCH):
-        lims, sims, ids = index.range_search(np.ascontiguousarray(vectors[start : start + SEARCH_BATCH]), radius)
-        query = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims).astype(np.int64))
-        keep = (sims >= threshold) & (ids != query)
+def input_rows(context: Context) -> int:
+    """How many rows the step sees (the pool's row count for a first step), from masks and parquet footers."""
+    if context.inputs.whole_pool:
+        return sum(context.pool.num_rows(shard) for shard in context.shards())
+    return sum(int(context.inputs.mask(shard).sum()) for shard in context.shards())
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A dedup's state: where each shard's dropped rows are (a shuffle's outputs, plus `extra` IPC files with a
+    batch per shard). The state holds no row: each shard reads its own."""
+
+    shuffle: Shuffle
+    index: dict[str, int]  # shard -> its number (the shuffle's destination)
+    extra: tuple[str, ...] = ()
+
+    def dropped(self, shard: str) -> np.ndarray:
+        number = self.index[shard]
+        parts = [self.shuffle.read(number).column("pos").to_numpy()]
+        parts += [read_batch(path, number).column("pos").to_numpy() for path in self.extra]
+        return source_rows(np.concatenate(parts))
+
+
+@dataclass(frozen=True)
+class _KeyMap:
+    """Map task of a key dedup: a shard's input rows that have a key, as (key..., pos), partitioned by key."""
+
+    pool: Pool
+    inputs: Inputs
+    shards: tuple[str, ...]
+    by: str
+    partitions: int
+
+    def __call__(self, source: int) -> tuple[pa.Table, np.ndarray]:
+        data = ShardData(self.pool, self.shards[source])
+        column = data.column(self.by)
+        selected = self.inputs.mask(data.shard) & column.is_valid().to_numpy(zero_copy_only=False)
+        if self.by == "sha256":
+            pairs = sha256_keys(data, column.filter(selected))
+            keys = pa.table({"hi": pairs["f0"], "lo": pairs["f1"]})
+        else:
+            keys = pa.table({"key": _as_key(data, self.by, column.filter(selected))})
+        table = keys.append_column("pos", pa.array(position(source, np.flatnonzero(selected))))
+        return table, (hash_keys(keys.column(keys.num_columns - 1)) % np.uint64(self.partitions)).astype(np.int64)
+
+
+def sha256_keys(data: ShardData, column: pa.ChunkedArray) -> np.ndarray:
+    """The first 128 bits of each sha256 (hex, any case) as `u8,u8` pairs."""
+    sha = pc.utf8_slice_codeunits(pc.utf8_lower(column), 0, 32)
+    try:
+        return encode_uids(sha)
+    except ClipsiftError as err:
+        raise ClipsiftError(
+            f"{data.pool.metadata_path(data.shard)}: column sha256 holds a value that is not hex ({err})"
+        ) from err
+
+
+def _as_key(data: ShardData, name: str, column: pa.ChunkedArray) -> pa.Array:
+    try:
+        return column.cast(pa.large_string()).combine_chunks()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise ClipsiftError(
+            f"{data.pool.metadata_path(data.shard)}: dedup by {name}: its type {column.type} cannot be compared as "
+            "text; pick a column of strings or numbers"
+        ) from err
+
+
+def similar_pairs(vectors: np.ndarray, threshold: float, base: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """All pairs (i, j) with vectors[i] . base[j] >= threshold, exact (base: the vectors themselves, and then
+    i != j). Computed as blocks of a matrix product of at most BLOCK_ENTRIES similarities each."""
+    same = base is None
+    base = vectors if same else base
+    sources, targets = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    step = max(1, BLOCK_ENTRIES // max(len(base), 1))
+    base_t = np.ascontiguousarray(base, np.float32).T
+    for start in range(0, len(vectors), step):
+        sims = np.ascontiguousarray(vectors[start : start + step], np.float32) @ base_t
+        rows = np.flatnonzero(sims.max(axis=1) >= threshold)  # few rows have a pair: look for it in those only
+        query, target = np.nonzero(sims[rows] >= threshold)
+        query = rows[query] + start
+        keep = query != target if same else slice(None)
         sources.append(query[keep])
-        targets.append(ids[keep])
+        targets.append(target[keep])
     return np.concatenate(sources), np.concatenate(targets)
 
 
@@ -119,12 +226,19 @@ def components(n: int, sources: np.ndarray, targets: np.ndarray) -> np.ndarray:
         labels = new
 
 
+def default_k(rows: int) -> int:
+    """Clusters for `rows` input rows: about sqrt(rows) of about sqrt(rows) rows each, which balances the cost
+    of assigning rows to centroids (k per row) against comparing them within clusters (rows/k per row)."""
+    return max(1, math.isqrt(max(rows, 1)))
+
+
 @register
 @dataclass
 class Decontaminate(Filter):
     """Drops pool rows whose image embedding has cosine >= threshold with any evaluation-set image.
     `eval` gives the evaluation images' embeddings from the same model (see filters/vectors.py);
-    rows without an embedding are kept (nothing shows them to be close)."""
+    rows without an embedding are kept (nothing shows them to be close). The evaluation vectors are the
+    state, loaded once and sent to the per-shard tasks once (Ray's object store); no task holds the pool."""
 
     name = "decontaminate"
     summary = "drop images close to an evaluation set's images"

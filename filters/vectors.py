@@ -11,13 +11,15 @@ Vectors are L2-normalised on load, so inner product is cosine similarity.
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
 import pyarrow as pa
 
 from clipsift.files import open_fs, read_parquet
-from clipsift.filters.base import RecipeError
+from clipsift.filters.base import Context, Inputs, RecipeError, ShardData
+from clipsift.pipeline.parallel import map_shards
 from clipsift.pipeline.pool import Pool, embedding_matrix
 
 SEARCH_BATCH = 8192
@@ -116,3 +118,44 @@ def check_dim(vectors: np.ndarray, dim: int, what: str, where: str) -> None:
             f"{where}: {what} have dimension {vectors.shape[1]}, the pool's embeddings (and centroids) {dim}; "
             "all must come from the same model"
         )
+
+
+def sample_vectors(context: Context, model_id: str, rate: float, seed: int, desc: str) -> np.ndarray:
+    """The image embeddings of a step's input rows, each row kept with probability `rate` (seeded per shard),
+    read shard by shard in tasks: the driver holds the sample, never the pool."""
+    task = functools.partial(_sample_shard, context.pool, context.inputs, model_id, rate, seed)
+    parts = map_shards(
+        task, list(enumerate(context.shards())), desc=desc, workers=context.workers, address=context.address
+    )
+    return np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros((0, 1), np.float32))
+
+
+def _sample_shard(pool: Pool, inputs: Inputs, model_id: str, rate: float, seed: int, item: tuple[int, str]):
+    index, shard = item
+    vectors, valid = ShardData(pool, shard).image_vectors(model_id)
+    chosen = inputs.mask(shard) & valid
+    if rate < 1.0:
+        chosen &= np.random.default_rng([seed, index]).random(len(chosen)) < rate
+    return vectors[chosen]
+
+
+def fit_kmeans(
+    train: np.ndarray, k: int, iterations: int, seed: int, spherical: bool, min_points_per_centroid: int = 39
+) -> np.ndarray:
+    """k-means centroids (float32 [k, D]) of `train` by faiss, on the GPUs when faiss sees any; every point used
+    (faiss warns below `min_points_per_centroid` points per centroid)."""
+    import faiss
+
+    kmeans = faiss.Kmeans(
+        train.shape[1],
+        k,
+        niter=iterations,
+        seed=seed,
+        spherical=spherical,
+        gpu=faiss.get_num_gpus() > 0,
+        max_points_per_centroid=1 << 30,
+        min_points_per_centroid=min_points_per_centroid,
+        verbose=False,
+    )
+    kmeans.train(np.ascontiguousarray(train, np.float32))
+    return np.asarray(kmeans.centroids, np.float32)

@@ -23,11 +23,15 @@ face_bboxes), each with an optional .npz of CLIP features in the same row order 
   (one parquet per metadata file): DataComp's baselines are defined over every metadata row (the
   CLIP-score fraction's N and threshold count dead links), and the filters read them from there.
 - Samples whose caption is blank are adopted: DataComp's baselines keep them (no_filter does).
+- No process holds every uid. Tar samples meet their metadata rows in a hash-partitioned join (the metadata's
+  uids and each tar's listed uids, from img2dataset's parquet beside it, or its samples when it has none), and
+  each metadata row's status, the dead links and uids held by two tars come from a second partitioned pass (the
+  metadata, the pool's shards and img2dataset's records): pipeline/partition.py, in POOL/download/from-datacomp/
+  until the pool is done.
 """
 
 from __future__ import annotations
 
-import bisect
 import functools
 import os
 import zipfile
@@ -51,17 +55,24 @@ from clipsift.files import (
 )
 from clipsift.pipeline.download import (
     StatusSummary,
+    concat_status,
     place_img2dataset_shard,
     placed_tars,
-    read_download_status,
     sample_status,
     scan_img2dataset_tar,
     status_summary_rows,
     status_table,
-    summarize_status,
-    write_status,
+    summarize_pool_status,
 )
 from clipsift.pipeline.importer import is_tar_name, list_files
+from clipsift.pipeline.partition import (
+    Shuffle,
+    first_occurrence,
+    hash_keys,
+    partitions_for,
+    position,
+    source_rows,
+)
 from clipsift.pipeline.pool import (
     Pool,
     embeddings_table,
@@ -74,6 +85,7 @@ from clipsift.pipeline.pool.layout import ABSENT_DIR
 
 FEATURE_MODELS = {"l14": "ViT-L-14__openai", "b32": "ViT-B-32__openai"}  # npz key prefix -> embeddings model_id
 METADATA_BASE = ("uid", "url", "text", "original_width", "original_height", "sha256")  # not carried as they are
+WORK_DIR = "download/from-datacomp"  # POOL/download/from-datacomp/: the uid passes' files, removed at the end
 MISSING = ("missing", "not in the shards: not downloaded, or a dead link")
 
 
@@ -82,18 +94,18 @@ MISSING = ("missing", "not in the shards: not downloaded, or a dead link")
 
 @dataclass(frozen=True)
 class _Metadata:
-    """DataComp's metadata parquets, the .npz beside each, and every uid in file order."""
+    """DataComp's metadata parquets, the .npz beside each, and their row counts (no row is held here: uids are
+    matched by partitioned passes, each sample's row read by its shard's task)."""
 
     files: tuple[str, ...]
     features: tuple[str | None, ...]
-    offsets: tuple[int, ...]  # position of each file's first row among all rows, then the total
-    uids: pa.Array
+    counts: tuple[int, ...]  # rows of each file
     dims: dict[str, int]  # feature prefix (l14, b32) -> dimension
     carried_types: dict[str, pa.DataType]  # their columns carried into the pool's metadata
 
     def locate(self, position: int) -> tuple[int, int]:
-        file = bisect.bisect_right(self.offsets, position) - 1
-        return file, position - self.offsets[file]
+        """(file, row) of a position (pipeline/partition.py's: the file's number above the row's)."""
+        return int(position) >> 32, int(source_rows(np.int64(position)))
 
     def rows(self, positions: list[int | None]) -> list[dict[str, Any] | None]:
         """Their metadata row at each position (None stays None)."""
@@ -127,9 +139,9 @@ class _Metadata:
 def _by_file(meta: _Metadata, positions: list[int | None]) -> dict[int, list[tuple[int, int]]]:
     """{file: [(index in `positions`, row in that file)]} for the positions that are not None."""
     groups: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    for i, position in enumerate(positions):
-        if position is not None:
-            file, row = meta.locate(position)
+    for i, at in enumerate(positions):
+        if at is not None:
+            file, row = meta.locate(at)
             groups[file].append((i, row))
     return groups
 
@@ -191,20 +203,17 @@ def _open_metadata(metadata: str) -> _Metadata:
             f"{files[0]}: no {' or '.join(missing)} column; DataComp metadata parquets have uid, url, text, ... "
             f"(this one has {', '.join(schema.names)})"
         )
-    uids, offsets, features = [], [0], []
+    counts, features = [], []
     for path in files:
-        column = read_parquet(fs, path, ["uid"]).column("uid")
-        uids += column.chunks
-        offsets.append(offsets[-1] + len(column))
+        counts.append(parquet_file(fs, path).metadata.num_rows)
         npz = path[: -len(".parquet")] + ".npz"
-        features.append(_check_npz(_url(fs, npz), len(column)) if fs.exists(npz) else None)
+        features.append(_check_npz(_url(fs, npz), counts[-1]) if fs.exists(npz) else None)
     dims = _feature_dims([f for f in features if f])
     carried = {name: schema.field(name).type for name in schema.names if name not in METADATA_BASE}
     return _Metadata(
         tuple(_url(fs, f) for f in files),
         tuple(features),
-        tuple(offsets),
-        pa.chunked_array(uids, pa.string()).combine_chunks(),
+        tuple(counts),
         dims,
         {**carried, "source_sha256": pa.string()},
     )
@@ -261,6 +270,7 @@ class _DatacompShard:
     shards_root: str
     tars: tuple[str, ...]
     meta: _Metadata
+    index: Shuffle  # the uid index: destination i holds (uid, metadata position) of the i-th tar's listed uids
 
     def __call__(self, index: int) -> None:
         fs, _ = open_fs(self.shards_root)
@@ -268,7 +278,9 @@ class _DatacompShard:
         tar = f"{self.shards_root}/{rel}"
         rows, skipped = scan_img2dataset_tar(fs, tar, rel)
         uids = [row["uid"] for row in rows]
-        positions = pc.index_in(pa.array(uids, pa.string()), value_set=self.meta.uids).to_pylist()
+        found = self.index.read(index)
+        lookup = dict(zip(found.column("uid").to_pylist(), found.column("meta").to_pylist()))
+        positions = [lookup.get(uid) for uid in uids]
         for row, theirs in zip(rows, self.meta.rows(positions)):
             if theirs is not None:
                 _merge(row, theirs)
@@ -323,12 +335,27 @@ def from_datacomp(
         }
     ]
     record_build_params(out, {"kind": "from-datacomp", "sources": sources})
+    fs, root = open_fs(out)
+    work = f"{_url(fs, root)}/{WORK_DIR}"
+    rows = sum(meta.counts)
     todo = [i for i in range(len(tars)) if not shard_is_complete(out, i)]
-    map_shards(_DatacompShard(out, shards_url, tars, meta), todo, desc="adopt DataComp shards", workers=workers)
-    _check_unique_uids(out)
+    if todo:  # their rows by uid, for each tar: a partitioned join of the metadata's and the tars' uids
+        index = Shuffle(f"{work}/index", len(meta.files) + len(tars), partitions_for(2 * rows, ROW_BYTES), len(tars))
+        listing = _UidListing(meta, shards_url, tars, index.partitions)
+        index.run(listing, _JoinUids(len(meta.files)), desc="DataComp uids", workers=workers)
+        shard = _DatacompShard(out, shards_url, tars, meta, index)
+        map_shards(shard, todo, desc="adopt DataComp shards", workers=workers)
+    shard_ids = tuple(Pool(out).shard_ids())
+    sources_count = len(meta.files) + len(shard_ids) + len(tars)
+    status = Shuffle(f"{work}/status", sources_count, partitions_for(3 * rows, ROW_BYTES), len(meta.files) + 1)
+    evidence = _Evidence(out, meta, shard_ids, shards_url, tars, status.partitions)
+    status.run(evidence, _Statuses(len(meta.files)), desc="DataComp status", workers=workers)
+    _check_no_repeats(status, len(meta.files))
     _write_manifests(out, meta)
-    _write_status(out, meta, shards_fs, shards_root, tars)
-    summary = summarize_status(read_download_status(out))
+    map_shards(_FileStatus(out, meta, status, f"{work}/parts"), range(len(meta.files)), desc="status", workers=workers)
+    concat_status(out, "datacomp", [f"{work}/parts/{i:05d}.parquet" for i in range(len(meta.files))])
+    Shuffle(work, 0, 0, 0).remove()
+    summary = summarize_pool_status(out)
     models = [FEATURE_MODELS[p] for p in meta.dims]
     info = finalize_pool(
         out,
@@ -372,10 +399,8 @@ def _write_manifests(out: str, meta: _Metadata) -> None:
         )
 
 
-def _check_unique_uids(out: str) -> None:
-    table = pa.table({"uid": Pool(out).uids()})
-    counts = table.group_by("uid").aggregate([("uid", "count")])
-    repeated = counts.filter(pc.greater(counts["uid_count"], 1)).column("uid").to_pylist()
+def _check_no_repeats(status: Shuffle, files: int) -> None:
+    repeated = status.read(files).column("uid").to_pylist()
     if repeated:
         raise ClipsiftError(
             f"{len(repeated)} uids are in more than one tar of the shards folder (e.g. {repeated[0]}); it holds "
@@ -383,44 +408,192 @@ def _check_unique_uids(out: str) -> None:
         )
 
 
-def _write_status(out: str, meta: _Metadata, shards_fs: Any, shards_root: str, tars: tuple[str, ...]) -> None:
-    """POOL/download_status/datacomp.parquet: every metadata row, ok or why it is not in the pool."""
-    pool = Pool(out)
-    in_pool = pc.is_in(meta.uids, value_set=pool.uids().combine_chunks()).to_pylist()
-    _write_absent(out, meta, np.array(in_pool, bool))
-    urls = [u for f in meta.files for u in read_parquet(*open_fs(f), ["url"]).column("url").to_pylist()]
-    uids = meta.uids.to_pylist()
-    statuses: list[tuple[str, str | None]] = [("ok", None)] * len(uids)
-    absent = [i for i, ok in enumerate(in_pool) if not ok]
-    if absent:
-        reported = _reported(shards_fs, shards_root, tars)
-        skips = {
-            s["uid"]: s for shard in pool.shard_ids() for s in pool.shard_stats(shard).get("skipped", []) if "uid" in s
-        }
-        for i in absent:
-            statuses[i] = sample_status(False, reported.get(uids[i]), skips.get(uids[i]), MISSING)
-    write_status(out, "datacomp", status_table(uids, urls, statuses))
+# --------------------------------------------------------------------------- partitioned passes over uids
+
+LISTING = pa.schema([("uid", pa.string()), ("pos", pa.int64()), ("side", pa.int8())])
+EVIDENCE = pa.schema(
+    [("uid", pa.string()), ("pos", pa.int64()), ("side", pa.int8()), ("status", pa.string()), ("message", pa.string())]
+)
+STATUS_ROWS = pa.schema([("pos", pa.int64()), ("uid", pa.string()), ("status", pa.string()), ("message", pa.string())])
+METADATA, POOL_ROW, REPORTED, SKIPPED = 0, 1, 2, 3  # sides of a uid's evidence
+ROW_BYTES = 96  # a shuffled row: a 32-hex uid, its position and side, a short status
 
 
-def _write_absent(out: str, meta: _Metadata, in_pool: np.ndarray) -> None:
-    """POOL/absent/NNNNNNNN.parquet per metadata file: its rows (every column) whose sample the pool lacks."""
-    fs, root = open_fs(out)
-    fs.makedirs(f"{root}/{ABSENT_DIR}", exist_ok=True)
-    for i, path in enumerate(meta.files):
-        lacking = ~in_pool[meta.offsets[i] : meta.offsets[i + 1]]
-        table = _metadata_table(path).filter(pa.array(lacking))
-        write_atomic(fs, f"{root}/{ABSENT_DIR}/{i:08d}.parquet", lambda handle, t=table: write_parquet(t, handle))
+def _metadata_uids(path: str) -> pa.ChunkedArray:
+    fs, local = open_fs(path)
+    return read_parquet(fs, local, ["uid"]).column("uid")
 
 
-def _reported(fs: Any, root: str, tars: tuple[str, ...]) -> dict[str, tuple[str | None, str | None]]:
-    """{uid: (status, error_message)} from img2dataset's per-shard parquets beside the tars, where present."""
-    reported = {}
-    for rel in tars:
-        path = f"{root}/{rel.rsplit('.tar', 1)[0]}.parquet"
+def _listed_uids(shards_root: str, rel: str) -> list[str]:
+    """The uids a tar may hold: its img2dataset parquet's (every sample it tried), or its samples' when it has none."""
+    fs, _ = open_fs(shards_root)
+    listing = f"{shards_root}/{rel.rsplit('.tar', 1)[0]}.parquet"
+    if fs.exists(listing) and "uid" in parquet_file(fs, listing).schema_arrow.names:
+        return [u for u in read_parquet(fs, listing, ["uid"]).column("uid").to_pylist() if u is not None]
+    rows, skipped = scan_img2dataset_tar(fs, f"{shards_root}/{rel}", rel)
+    return [row["uid"] for row in rows] + [s["uid"] for s in skipped if "uid" in s]
+
+
+def _keyed(table: pa.Table, partitions: int) -> tuple[pa.Table, np.ndarray]:
+    table = table.filter(table.column("uid").is_valid())
+    return table, (hash_keys(table.column("uid")) % np.uint64(partitions)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class _UidListing:
+    """Map task of the uid index: metadata file `source` (its uids), or tar `source - files` (its listed uids)."""
+
+    meta: _Metadata
+    shards_root: str
+    tars: tuple[str, ...]
+    partitions: int
+
+    def __call__(self, source: int) -> tuple[pa.Table, np.ndarray]:
+        files = len(self.meta.files)
+        if source < files:
+            uids, side = _metadata_uids(self.meta.files[source]), METADATA
+        else:
+            uids, side = pa.chunked_array([_listed_uids(self.shards_root, self.tars[source - files])], pa.string()), 1
+        rows = np.arange(len(uids))
+        table = pa.table([uids, position(source, rows), np.full(len(rows), side, np.int8)], schema=LISTING)
+        return _keyed(table, self.partitions)
+
+
+@dataclass(frozen=True)
+class _JoinUids:
+    """Reduce task of the uid index: each listed uid of a tar with the position of its first metadata row."""
+
+    files: int
+
+    def __call__(self, partition: int, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+        side = table.column("side").to_numpy()
+        meta, listed = table.filter(pa.array(side == METADATA)), table.filter(pa.array(side != METADATA))
+        meta = meta.filter(pa.array(first_occurrence(meta.select(["uid"]), meta.column("pos").to_numpy())))
+        found = pc.index_in(listed.column("uid"), value_set=meta.column("uid")).fill_null(-1).to_numpy()
+        hit = found >= 0
+        result = pa.table(
+            {"uid": listed.column("uid").filter(pa.array(hit)), "meta": meta.column("pos").take(pa.array(found[hit]))}
+        )
+        return result, (listed.column("pos").to_numpy()[hit] >> np.int64(32)) - self.files
+
+
+@dataclass(frozen=True)
+class _Evidence:
+    """Map task of the status pass: a metadata file's uids, a pool shard's uids and unusable samples, or a tar's
+    img2dataset records (sources in that order)."""
+
+    out: str
+    meta: _Metadata
+    shard_ids: tuple[str, ...]
+    shards_root: str
+    tars: tuple[str, ...]
+    partitions: int
+
+    def __call__(self, source: int) -> tuple[pa.Table, np.ndarray]:
+        files, shards = len(self.meta.files), len(self.shard_ids)
+        if source < files:
+            uids = _metadata_uids(self.meta.files[source]).to_pylist()
+            rows = [(u, METADATA, None, None) for u in uids]
+        elif source < files + shards:
+            pool, shard = Pool(self.out), self.shard_ids[source - files]
+            rows = [(u, POOL_ROW, None, None) for u in pool.metadata(shard, ["uid"]).column("uid").to_pylist()]
+            skipped = pool.shard_stats(shard).get("skipped", [])
+            rows += [(s["uid"], SKIPPED, s["reason"], s.get("detail")) for s in skipped if "uid" in s]
+        else:
+            rows = [(r["uid"], REPORTED, r["status"], r["error_message"]) for r in self._reported(source)]
+        table = pa.table(
+            [
+                pa.array([r[0] for r in rows], pa.string()),
+                position(source, np.arange(len(rows))),
+                np.array([r[1] for r in rows], np.int8),
+                pa.array([r[2] for r in rows], pa.string()),
+                pa.array([r[3] for r in rows], pa.string()),
+            ],
+            schema=EVIDENCE,
+        )
+        return _keyed(table, self.partitions)
+
+    def _reported(self, source: int) -> list[dict[str, Any]]:
+        """The tar's img2dataset per-sample records (uid, status, error_message), where it has them."""
+        fs, _ = open_fs(self.shards_root)
+        rel = self.tars[source - len(self.meta.files) - len(self.shard_ids)]
+        path = f"{self.shards_root}/{rel.rsplit('.tar', 1)[0]}.parquet"
         if fs.exists(path) and {"uid", "status"} <= set(parquet_file(fs, path).schema_arrow.names):
-            for row in read_parquet(fs, path, ["uid", "status", "error_message"]).to_pylist():
-                reported[row["uid"]] = (row["status"], row["error_message"])
-    return reported
+            columns = [
+                "uid",
+                "status",
+                *(["error_message"] if "error_message" in parquet_file(fs, path).schema_arrow.names else []),
+            ]
+            return [{"error_message": None, **r} for r in read_parquet(fs, path, columns).to_pylist()]
+        return []
+
+
+@dataclass(frozen=True)
+class _Statuses:
+    """Reduce task of the status pass: why each metadata row whose uid is not in the pool is not (sent to its file),
+    and each uid the pool holds more than once (sent to destination `files`)."""
+
+    files: int
+
+    def __call__(self, partition: int, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+        side = table.column("side").to_numpy()
+        pool_uids = table.column("uid").filter(pa.array(side == POOL_ROW))
+        counts = pa.table({"uid": pool_uids}).group_by("uid").aggregate([("uid", "count")])
+        repeated = counts.column("uid").filter(pc.greater(counts.column("uid_count"), 1)).to_pylist()
+        reported, skips = self._last(table, side == REPORTED), self._last(table, side == SKIPPED)
+        meta = table.filter(
+            pa.array((side == METADATA) & ~pc.is_in(table.column("uid"), pool_uids).to_numpy(zero_copy_only=False))
+        )
+        rows = []
+        for uid, pos in zip(meta.column("uid").to_pylist(), meta.column("pos").to_pylist()):
+            skip = skips.get(uid)
+            status = sample_status(False, reported.get(uid), skip and {"reason": skip[0], "detail": skip[1]}, MISSING)
+            rows.append((pos, uid, *status))
+        rows += [(-1, uid, None, None) for uid in repeated]
+        result = pa.table(
+            [pa.array([r[i] for r in rows], field.type) for i, field in enumerate(STATUS_ROWS)], schema=STATUS_ROWS
+        )
+        destination = np.array([r[0] >> 32 if r[0] >= 0 else self.files for r in rows], np.int64)
+        return result, destination
+
+    @staticmethod
+    def _last(table: pa.Table, chosen: np.ndarray) -> dict[str, tuple[str | None, str | None]]:
+        """{uid: (status, message)} of the chosen rows, the last one (by position) of each uid winning."""
+        rows = table.filter(pa.array(chosen))
+        order = np.argsort(rows.column("pos").to_numpy(), kind="stable")
+        uids, status, message = (
+            rows.column(c).take(pa.array(order)).to_pylist() for c in ("uid", "status", "message")
+        )
+        return {u: (s, m) for u, s, m in zip(uids, status, message)}
+
+
+@dataclass(frozen=True)
+class _FileStatus:
+    """Last task per metadata file: its absent rows to POOL/absent/, every row's status to the work folder."""
+
+    out: str
+    meta: _Metadata
+    status: Shuffle
+    work: str
+
+    def __call__(self, number: int) -> int:
+        found = self.status.read(number)
+        rows = source_rows(found.column("pos").to_numpy())
+        order = np.argsort(rows)
+        fs, root = open_fs(self.out)
+        fs.makedirs(f"{root}/{ABSENT_DIR}", exist_ok=True)
+        absent = _metadata_table(self.meta.files[number]).take(pa.array(rows[order]))
+        write_atomic(fs, f"{root}/{ABSENT_DIR}/{number:08d}.parquet", lambda handle: write_parquet(absent, handle))
+        meta_fs, meta_path = open_fs(self.meta.files[number])
+        table = read_parquet(meta_fs, meta_path, ["uid", "url"])
+        statuses: list[tuple[str, str | None]] = [("ok", None)] * table.num_rows
+        for row, status, message in zip(rows, found.column("status").to_pylist(), found.column("message").to_pylist()):
+            statuses[int(row)] = (status, message)
+        part = status_table(table.column("uid").to_pylist(), table.column("url").to_pylist(), statuses)
+        work_fs, work = open_fs(self.work)
+        work_fs.makedirs(work, exist_ok=True)
+        write_atomic(work_fs, f"{work}/{number:05d}.parquet", lambda handle: write_parquet(part, handle))
+        return len(rows)
 
 
 def datacomp_summary_rows(result: DatacompResult, examples: int = 5) -> list[tuple[str, object]]:

@@ -7,7 +7,9 @@ metadata). The stages, each resumable:
 1. plan: the tables are read, checked and normalised into POOL/download/input/NNNNN.parquet
    (url, caption, uid, [face_bboxes], [sha256], carried columns), one per input file. Rows without
    a url or caption, and repeated uids (the first is kept), are not downloaded and get their status
-   in POOL/download_status/rejected.parquet. POOL/download/plan.json is written last.
+   in POOL/download_status/rejected.parquet. One task per input file, so no process holds more than
+   one file: repeated uids are found by a hash-partitioned pass over all files (pipeline/partition.py)
+   in POOL/download/planning/. POOL/download/plan.json is written last.
 2. download: img2dataset with DataComp's settings (`img2dataset_settings`) writes its webdataset
    shards to POOL/download/img2dataset/; its incremental mode skips the shards it finished before
    (a shard is finished when its NNNNN_stats.json exists).
@@ -38,13 +40,21 @@ os.environ.setdefault(
     "NO_ALBUMENTATIONS_UPDATE", "1"
 )  # img2dataset imports albumentations, which phones home without it
 
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from pydantic import Field, PositiveInt  # noqa: E402
 
 from clipsift import ClipsiftError  # noqa: E402
-from clipsift.files import open_fs, parquet_file, read_parquet, write_atomic, write_json_atomic  # noqa: E402
+from clipsift.files import (  # noqa: E402
+    is_local_fs,
+    open_fs,
+    parquet_file,
+    read_parquet,
+    write_atomic,
+    write_json_atomic,
+)
 from clipsift.pipeline.importer import (  # noqa: E402
     CAPTION_COLUMNS,
     RESERVED_COLUMNS,
@@ -59,6 +69,14 @@ from clipsift.pipeline.importer import (  # noqa: E402
     read_table,
     tar_record,
     text_or_none,
+)
+from clipsift.pipeline.partition import (  # noqa: E402
+    Shuffle,
+    hash_keys,
+    later_occurrences,
+    partitions_for,
+    position,
+    source_rows,
 )
 from clipsift.pipeline.pool import (  # noqa: E402
     BASE_SCHEMA,
@@ -80,6 +98,8 @@ from clipsift.pipeline.pool import (  # noqa: E402
 from clipsift.settings import Section  # noqa: E402
 
 STAGING = "download"  # POOL/download/: the normalised url tables and img2dataset's own output
+PLANNING = "planning"  # POOL/download/planning/: the plan's work (normalised tables, the uid shuffle) until plan.json
+PLAN_ROW_BYTES = 64  # a row of the uid shuffle: the 32-hex uid and its position
 STATUS_DIR = "download_status"
 STATUS_SCHEMA = pa.schema(
     [("uid", pa.string()), ("url", pa.string()), ("status", pa.string()), ("message", pa.string())]
@@ -200,6 +220,24 @@ def summarize_status(table: pa.Table) -> StatusSummary:
     ok = counts.pop("ok", 0)
     failed = table.filter(pc.not_equal(table["status"], "ok"))
     return StatusSummary(table.num_rows, ok, dict(counts.most_common()), failed.slice(0, NUM_EXAMPLES).to_pylist())
+
+
+def summarize_pool_status(pool_url: str) -> StatusSummary:
+    """`summarize_status` of every status row of a pool, read in batches: one row per input, billions of them."""
+    fs, root = open_fs(pool_url)
+    counts: Counter[str] = Counter()
+    total, examples = 0, []
+    for path in sorted(fs.glob(f"{root}/{STATUS_DIR}/*.parquet")):
+        for batch in parquet_file(fs, path).iter_batches(batch_size=1 << 16):
+            table = pa.Table.from_batches([batch]).cast(STATUS_SCHEMA)
+            total += table.num_rows
+            found = pc.value_counts(table.column("status")).to_pylist()  # in order of first appearance
+            counts.update({entry["values"]: entry["counts"] for entry in found})
+            if len(examples) < NUM_EXAMPLES:
+                failed = table.filter(pc.not_equal(table["status"], "ok"))
+                examples += failed.slice(0, NUM_EXAMPLES - len(examples)).to_pylist()
+    ok = counts.pop("ok", 0)
+    return StatusSummary(total, ok, dict(counts.most_common()), examples)
 
 
 def status_summary_rows(summary: StatusSummary, examples: int = 5) -> list[tuple[str, object]]:
@@ -415,11 +453,10 @@ class _Normalised:
     dropped: list[str]
 
 
-def _normalise(
-    fs: Any, path: str, fmt: str, url_column: str | None, caption_column: str | None, verify_sha256: bool
-) -> _Normalised:
-    table = read_table(fs, path, fmt)
-    names = table.column_names
+def _columns(
+    path: str, names: list[str], url_column: str | None, caption_column: str | None, verify_sha256: bool
+) -> tuple[str, str]:
+    """The url and caption columns of a table with these columns; raises ClipsiftError naming the file."""
     listed = ", ".join(names)
     url = pick_column(names, url_column, "url", URL_COLUMNS, path)
     if url is None:
@@ -438,6 +475,15 @@ def _normalise(
             f"{path}: --verify-sha256 needs a sha256 column (the sha256 of each image's bytes); the table's "
             f"columns are: {listed}"
         )
+    return url, caption
+
+
+def _normalise(
+    fs: Any, path: str, fmt: str, url_column: str | None, caption_column: str | None, verify_sha256: bool
+) -> _Normalised:
+    table = read_table(fs, path, fmt)
+    names = table.column_names
+    url, caption = _columns(path, names, url_column, caption_column, verify_sha256)
     base = os.path.basename(path)
     urls = [text_or_none(v) for v in table[url].to_pylist()]
     captions = [None if v is None else str(v) for v in table[caption].to_pylist()]
@@ -474,84 +520,214 @@ def _normalise(
 
 def _mark_duplicates(parts: list[_Normalised]) -> None:
     """Rows whose uid an earlier kept row has (across all files, in order) are not downloaded."""
-    uids = pa.chunked_array([part.table["uid"] for part in parts], pa.string())
-    keep = pa.array([k for part in parts for k in part.keep])
-    positions = pa.array(range(len(keep)), pa.int64())
-    kept = pa.table({"uid": uids, "position": positions}).filter(keep)
-    first = kept.group_by("uid").aggregate([("position", "min")]).column("position_min")
-    is_first = pc.is_in(positions, value_set=first).to_pylist()
-    offset = 0
+    keys, positions = [], []
+    for number, part in enumerate(parts):
+        keep = np.array(part.keep, bool)
+        keys.append(part.table["uid"].filter(pa.array(keep)))
+        positions.append(position(number, np.flatnonzero(keep)))
+    table = pa.table({"uid": pa.chunked_array(keys, pa.string()), "pos": np.concatenate(positions)})
+    for pos in later_occurrences(0, table)[0].column("pos").to_numpy():
+        _mark_repeated(parts[int(pos >> 32)], int(source_rows(pos)))
+
+
+def _mark_repeated(part: _Normalised, row: int) -> None:
+    uid = part.table["uid"][row].as_py()
+    part.keep[row] = False
+    part.reasons[row] = (
+        "duplicate_uid",
+        f"{os.path.basename(part.source)} row {row}: uid {uid} is listed earlier (the first is downloaded)",
+    )
+
+
+def _keep_common_columns(parts: list[_Normalised]) -> None:
+    """img2dataset saves the same columns from every file: columns some files lack are dropped from all."""
+    common = set.intersection(*[set(part.table.column_names) for part in parts])
     for part in parts:
-        for i in range(part.table.num_rows):
-            if part.keep[i] and not is_first[offset + i]:
-                part.keep[i] = False
-                uid = part.table["uid"][i].as_py()
-                message = (
-                    f"{os.path.basename(part.source)} row {i}: uid {uid} is listed earlier (the first is downloaded)"
-                )
-                part.reasons[i] = ("duplicate_uid", message)
-        offset += part.table.num_rows
+        extra = [c for c in part.table.column_names if c not in common]
+        part.dropped += extra
+        part.table = part.table.drop_columns(extra)
 
 
 def prepare_inputs(
     urls: str, *, verify_sha256: bool, url_column: str | None = None, caption_column: str | None = None
 ) -> list[_Normalised]:
-    """Read and check every input table (raises ClipsiftError naming the file), before anything is written."""
+    """Every input table read, checked and normalised in this process, repeated uids marked: what the plan writes,
+    for a look from a notebook (`plan_download` holds one table at a time and finds repeated uids by a
+    partitioned pass)."""
     parts = [
         _normalise(fs, path, fmt, url_column, caption_column, verify_sha256) for fs, path, fmt in _url_files(urls)
     ]
-    carried = [set(part.table.column_names) for part in parts]
-    common = set.intersection(*carried)
-    for part in parts:  # img2dataset saves the same columns from every file
-        extra = [c for c in part.table.column_names if c not in common]
-        part.dropped += extra
-        part.table = part.table.drop_columns(extra)
+    _keep_common_columns(parts)
     _mark_duplicates(parts)
     return parts
 
 
-def _write_plan(pool_url: str, normalised: list[_Normalised], shard_size: int) -> DownloadPlan:
-    fs, root = open_fs(pool_url)
-    folder = f"{root}/{STAGING}/input"
-    fs.makedirs(folder, exist_ok=True)
-    plan_parts, rejected, first_shard = [], [], 0
-    for part in normalised:
-        table = part.table.filter(pa.array(part.keep))
-        rejected += [
-            (uid, url, reason)
-            for uid, url, reason in zip(part.table["uid"].to_pylist(), part.table["url"].to_pylist(), part.reasons)
-            if reason
-        ]
-        if table.num_rows == 0:
-            continue
-        name = f"{len(plan_parts):05d}.parquet"
+def _check_inputs(
+    files: list[tuple[Any, str, str]], url_column: str | None, caption_column: str | None, verify_sha256: bool
+) -> list[int]:
+    """Every input table's columns checked from its schema before anything is written; their row counts."""
+    counts = []
+    for fs, path, fmt in files:
+        if fmt == "parquet":
+            try:
+                file = parquet_file(fs, path)
+                names, rows = file.schema_arrow.names, file.metadata.num_rows
+            except (pa.ArrowException, OSError, ValueError):
+                table = read_table(fs, path, fmt)  # raises the error that names the file
+                names, rows = table.column_names, table.num_rows
+        else:
+            table = read_table(fs, path, fmt)
+            names, rows = table.column_names, table.num_rows
+        _columns(path, names, url_column, caption_column, verify_sha256)
+        counts.append(rows)
+    return counts
+
+
+@dataclass(frozen=True)
+class _NormaliseFile:
+    """Map task of the plan: input file `number` normalised into the planning folder; its downloadable rows' uids
+    go to the uid shuffle (a picklable callable for Ray tasks)."""
+
+    files: tuple[tuple[Any, str, str], ...]
+    work: str
+    url_column: str | None
+    caption_column: str | None
+    verify_sha256: bool
+    partitions: int
+
+    def __call__(self, number: int) -> tuple[pa.Table, np.ndarray]:
+        fs, path, fmt = self.files[number]
+        part = _normalise(fs, path, fmt, self.url_column, self.caption_column, self.verify_sha256)
+        staged = part.table.append_column("__status", pa.array([r and r[0] for r in part.reasons], pa.string()))
+        staged = staged.append_column("__message", pa.array([r and r[1] for r in part.reasons], pa.string()))
+        staged = staged.replace_schema_metadata({"dropped": json.dumps(part.dropped), "source": path})
+        work_fs, work = open_fs(self.work)
+        work_fs.makedirs(f"{work}/normalised", exist_ok=True)
+        write_atomic(work_fs, f"{work}/normalised/{number:05d}.parquet", lambda h: pq.write_table(staged, h))
+        keep = np.array(part.keep, bool)
+        uids = part.table["uid"].filter(pa.array(keep))
+        table = pa.table({"uid": uids, "pos": pa.array(position(number, np.flatnonzero(keep)), pa.int64())})
+        return table, (hash_keys(uids) % np.uint64(self.partitions)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class _FinishFile:
+    """Last task of the plan for input file `number`: its repeated uids marked from the shuffle, its downloadable
+    rows (the columns every file has) and its rejected rows written to the planning folder."""
+
+    work: str
+    shuffle: Shuffle
+    columns: tuple[str, ...]
+    shard_size: int
+
+    def __call__(self, number: int) -> tuple[int, int, list[str]]:
+        fs, work = open_fs(self.work)
+        staged = read_parquet(fs, f"{work}/normalised/{number:05d}.parquet")
+        part = _Normalised(
+            staged.schema.metadata[b"source"].decode(),
+            staged.select(list(self.columns)),
+            [s is None for s in staged["__status"].to_pylist()],
+            [
+                None if s is None else (s, m)
+                for s, m in zip(staged["__status"].to_pylist(), staged["__message"].to_pylist())
+            ],
+            json.loads(staged.schema.metadata[b"dropped"]),
+        )
+        for row in source_rows(self.shuffle.read(number).column("pos").to_numpy()):
+            _mark_repeated(part, int(row))
+        kept = part.table.filter(pa.array(part.keep))
+        for sub in ("input", "rejected"):
+            fs.makedirs(f"{work}/{sub}", exist_ok=True)
         write_atomic(
             fs,
-            f"{folder}/{name}",
-            lambda handle, t=table: pq.write_table(t, handle, row_group_size=min(shard_size, 65536)),
+            f"{work}/input/{number:05d}.parquet",
+            lambda h: pq.write_table(kept, h, row_group_size=min(self.shard_size, 65536)),
         )
-        num_shards = math.ceil(table.num_rows / shard_size)
-        plan_parts.append(InputPart(name, part.source, table.num_rows, first_shard, num_shards))
-        first_shard += num_shards
-    if rejected:
-        write_status(
-            pool_url,
-            "rejected",
-            status_table([u for u, _, _ in rejected], [u for _, u, _ in rejected], [r for _, _, r in rejected]),
-        )
-    columns = normalised[0].table.column_names
+        rejected = [
+            (u, url, r)
+            for u, url, r in zip(part.table["uid"].to_pylist(), part.table["url"].to_pylist(), part.reasons)
+            if r
+        ]
+        table = status_table([u for u, _, _ in rejected], [u for _, u, _ in rejected], [r for _, _, r in rejected])
+        write_atomic(fs, f"{work}/rejected/{number:05d}.parquet", lambda h: pq.write_table(table, h))
+        extra = [c for c in staged.column_names if c not in self.columns and not c.startswith("__")]
+        return kept.num_rows, len(rejected), part.dropped + extra
+
+
+def _make_plan(
+    urls: str,
+    out: str,
+    shard_size: int,
+    verify_sha256: bool,
+    url_column: str | None,
+    caption_column: str | None,
+    params: dict[str, Any],
+    workers: int | None,
+) -> DownloadPlan:
+    """Stage 1's work, one input file per task: normalise each file (map), find the repeated uids by a partitioned
+    pass over all files (reduce: first in file order is kept), write each file's input part and rejected rows."""
+    from clipsift.pipeline.parallel import map_shards
+
+    files = _url_files(urls)
+    counts = _check_inputs(files, url_column, caption_column, verify_sha256)
+    record_build_params(out, params)
+    fs, root = open_fs(out)
+    work = f"{root}/{STAGING}/{PLANNING}"
+    work_url = _url_of(fs, work)
+    shuffle = Shuffle(f"{work_url}/uids", len(files), partitions_for(sum(counts), PLAN_ROW_BYTES), len(files))
+    normalise = _NormaliseFile(tuple(files), work_url, url_column, caption_column, verify_sha256, shuffle.partitions)
+    shuffle.run(normalise, later_occurrences, desc="plan: repeated uids", workers=workers)
+    schemas = [parquet_file(fs, f"{work}/normalised/{i:05d}.parquet").schema_arrow for i in range(len(files))]
+    common = set.intersection(*[set(schema.names) for schema in schemas])
+    columns = tuple(name for name in schemas[0].names if name in common and not name.startswith("__"))
+    finished = map_shards(
+        _FinishFile(work_url, shuffle, columns, shard_size),
+        range(len(files)),
+        desc="plan: input parts",
+        workers=workers,
+    )
+    fs.makedirs(f"{root}/{STAGING}/input", exist_ok=True)
+    parts, first_shard = [], 0
+    for number, ((_, path, _), (kept, _, _)) in enumerate(zip(files, finished)):
+        if kept:
+            name = f"{len(parts):05d}.parquet"
+            fs.mv(f"{work}/input/{number:05d}.parquet", f"{root}/{STAGING}/input/{name}")
+            parts.append(InputPart(name, path, kept, first_shard, math.ceil(kept / shard_size)))
+            first_shard += parts[-1].num_shards
+    num_rejected = sum(rejected for _, rejected, _ in finished)
+    if num_rejected:
+        concat_status(out, "rejected", [f"{work}/rejected/{i:05d}.parquet" for i in range(len(files))])
     plan = DownloadPlan(
-        parts=tuple(plan_parts),
+        parts=tuple(parts),
         shard_size=shard_size,
         carried=tuple(c for c in columns if c not in ("url", "caption", "uid", BBOX_COLUMN, "sha256")),
         bbox=BBOX_COLUMN in columns,
         sha256="sha256" in columns,
-        num_inputs=sum(p.table.num_rows for p in normalised),
-        num_rejected=len(rejected),
-        dropped_columns=tuple(sorted({c for p in normalised for c in p.dropped})),
+        num_inputs=sum(counts),
+        num_rejected=num_rejected,
+        dropped_columns=tuple(sorted({c for _, _, dropped in finished for c in dropped})),
     )
     write_json_atomic(fs, f"{root}/{STAGING}/plan.json", asdict(plan))
+    fs.rm(work, recursive=True)
     return plan
+
+
+def _url_of(fs: Any, path: str) -> str:
+    """A path that open_fs maps back to (fs, path): plain for local files."""
+    return path if is_local_fs(fs) else fs.unstrip_protocol(path)
+
+
+def concat_status(pool_url: str, name: str, paths: list[str]) -> None:
+    """One status file from several, read one at a time."""
+    fs, root = open_fs(pool_url)
+    fs.makedirs(f"{root}/{STATUS_DIR}", exist_ok=True)
+
+    def write(handle: Any) -> None:
+        with pq.ParquetWriter(handle, STATUS_SCHEMA) as writer:
+            for path in paths:
+                writer.write_table(read_parquet(fs, path).cast(STATUS_SCHEMA))
+
+    write_atomic(fs, f"{root}/{STATUS_DIR}/{name}.parquet", write)
 
 
 def plan_download(
@@ -563,6 +739,7 @@ def plan_download(
     url_column: str | None = None,
     caption_column: str | None = None,
     params: dict[str, Any] | None = None,
+    workers: int | None = None,
 ) -> DownloadPlan:
     """Stage 1: check and normalise the url tables into POOL/download/input/, or load the plan a previous run
     made. The settings (with `params`, the other settings that shape the pool) go to build.json; a resumed
@@ -579,11 +756,7 @@ def plan_download(
     }
     plan = load_plan(out)
     if plan is None:
-        normalised = prepare_inputs(
-            urls, verify_sha256=verify_sha256, url_column=url_column, caption_column=caption_column
-        )
-        record_build_params(out, params)
-        return _write_plan(out, normalised, shard_size)
+        return _make_plan(urls, out, shard_size, verify_sha256, url_column, caption_column, params, workers)
     record_build_params(out, params)
     return plan
 
@@ -764,6 +937,7 @@ def download_pool(
         url_column=s.url_column,
         caption_column=s.caption_column,
         params=params,
+        workers=workers,
     )
     config = img2dataset_settings(
         image_size=s.image_size,
@@ -778,7 +952,7 @@ def download_pool(
         carried=plan.carried,
     )
     _download_and_adopt(out, plan, config, workers)
-    summary = summarize_status(read_download_status(out))
+    summary = summarize_pool_status(out)
     sources = [{"kind": "download", "src": src, "num_inputs": plan.num_inputs}]
     info = finalize_pool(out, s.name or default_name(src), sources, download=summary.as_dict())
     return DownloadResult(out, src, info, summary, plan.num_rejected, list(plan.dropped_columns), placed_tars(out))

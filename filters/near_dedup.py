@@ -1,0 +1,280 @@
+"""Near-duplicate dedup at scale, SemDeDup-style: `dedup: {by: embedding}` with method clustered (the default).
+
+1. plan (this process): k-means (faiss, on GPUs when it sees any) on a sample of the input embeddings read by
+   per-shard tasks; a cluster the sample says would outgrow `budget_mb` is split by k-means of its own sample
+   rows (up to three rounds); clusters are packed into partitions of about `budget_mb`. Kept in the step's
+   work folder, so a re-run uses the same centroids.
+2. map, a task per shard (the centroids sent once): each input row goes to its nearest centroid (its primary
+   cluster) and to each of its next `spill - 1` nearest centroids whose similarity is within reach (below), as a
+   secondary member; rows are written to their clusters' partitions (pipeline/partition.py).
+3. reduce, a task per partition: within each cluster, every primary member is compared with every member
+   (exact cosine, a matrix product) and the pairs >= threshold are grouped transitively. A group whose rows
+   all live only here is final: all but its first row (pool order) are dropped. A group holding a row that is
+   also a member of another cluster goes to this process as (row, group) pairs.
+4. merge (this process): those pairs are grouped again (connected components), and all but the first row of
+   each group are dropped. It holds only the rows of such groups (at loose thresholds, where every row reaches
+   its next clusters, that is about every row that has a duplicate: 16 bytes each).
+
+Exactness. A pair (x, y) is found when y's primary cluster is x's primary cluster or one of x's secondary
+clusters (or the other way round). For unit vectors with cosine >= t, |x.c - y.c| <= |x - y| <= d =
+sqrt(2 - 2t) for every unit centroid c, so x's similarity to y's nearest centroid is at least x's best minus
+2d: a centroid further than 2d below a row's best can hold none of its partners, and `spill` bounds how many
+of the nearer ones are tried. With spill >= k the result is the exact all-pairs result; with the default
+(spill 3) a pair is missed only when neither row's three nearest centroids include the other's nearest, which
+happens where several clusters meet (docs/filters.md gives measured rates). A missed pair can only make the
+method keep rows the exact search drops, never drop one it keeps: a missed link splits a group, and each part
+keeps its first row.
+"""
+
+from __future__ import annotations
+
+import heapq
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from threadpoolctl import threadpool_limits
+
+from clipsift.files import open_fs, write_atomic
+from clipsift.filters.base import Context, Inputs, ShardData
+from clipsift.filters.dedup import Dedup, Dropped, components, default_k, input_rows, similar_pairs
+from clipsift.filters.vectors import SEARCH_BATCH, fit_kmeans, normalise, sample_vectors
+from clipsift.pipeline.partition import Shuffle, position, write_batches
+from clipsift.pipeline.pool import Pool
+
+ITERATIONS = 10  # k-means iterations (the clusters only need to keep near neighbours together)
+SPLIT_ROUNDS = 3  # rounds of splitting clusters the sample says are over the budget
+SAMPLE_PER_CLUSTER = 40  # default sample rows per cluster (faiss asks for at least 39)
+NORM_SLACK = 2e-3  # float16 embeddings are unit length to about 1e-3
+
+
+def reach(threshold: float) -> float:
+    """How far below a row's best centroid similarity a centroid may hold one of its near duplicates (2d)."""
+    return 2.0 * math.sqrt(max(0.0, 2.0 * (1.0 + NORM_SLACK) ** 2 - 2.0 * threshold))
+
+
+def memberships(centroids: np.ndarray, vectors: np.ndarray, spill: int, margin: float) -> tuple[np.ndarray, ...]:
+    """(ids [n, m], member [n, m]): each row's m = min(spill, k) nearest centroids by inner product, and which of
+    them it joins: the nearest always, the others when within `margin` of it."""
+    import faiss
+
+    m = min(spill, len(centroids))
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, np.float32))
+    sims, ids = np.empty((len(vectors), m), np.float32), np.empty((len(vectors), m), np.int64)
+    for start in range(0, len(vectors), SEARCH_BATCH):
+        batch = np.ascontiguousarray(vectors[start : start + SEARCH_BATCH], np.float32)
+        sims[start : start + len(batch)], ids[start : start + len(batch)] = index.search(batch, m)
+    member = sims >= sims[:, :1] - margin
+    member[:, 0] = True
+    return ids, member
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    centroids: np.ndarray  # float32 [k, D], unit length
+    partition: np.ndarray  # int64 [k]: the partition each cluster's rows go to
+    partitions: int
+
+
+def prepare_clustered(dedup: Dedup, context: Context) -> Dropped | dict[str, np.ndarray]:
+    shards = context.shards()
+    folder = f"{context.workdir}.dedup"
+    plan = _plan(dedup, context, folder)
+    if plan is None:  # no input row has an embedding
+        return {shard: np.zeros(0, np.int64) for shard in shards}
+    shuffle = Shuffle(f"{folder}/shuffle", len(shards), plan.partitions, len(shards) + 1)
+    mapper = _ClusterMap(
+        context.pool, context.inputs, tuple(shards), dedup.model_id, plan, dedup.spill, reach(dedup.threshold)
+    )
+    shuffle.run(
+        mapper,
+        _ClusterReduce(dedup.threshold, len(shards)),
+        desc="dedup by embedding",
+        workers=context.workers,
+        address=context.address,
+    )
+    merged = f"{folder}/merged.arrow"
+    _merge(shuffle, len(shards), merged)
+    return Dropped(shuffle, {shard: i for i, shard in enumerate(shards)}, (merged,))
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def _plan(dedup: Dedup, context: Context, folder: str) -> ClusterPlan | None:
+    fs, root = open_fs(folder)
+    path = f"{root}/plan.npz"
+    if fs.exists(path):
+        with fs.open(path, "rb") as handle:
+            saved = np.load(io.BytesIO(handle.read()))
+            return ClusterPlan(saved["centroids"], saved["partition"], int(saved["partitions"]))
+    rows = input_rows(context)
+    k = dedup.k or default_k(rows)
+    wanted = dedup.sample or SAMPLE_PER_CLUSTER * k
+    sample = sample_vectors(
+        context, dedup.model_id, min(1.0, wanted / max(rows, 1)), dedup.seed, "dedup by embedding: k-means sample"
+    )
+    if len(sample) == 0:
+        return None
+    k = min(k, len(sample))
+    centroids = _fit(sample, k, dedup.seed)
+    margin = reach(dedup.threshold)
+    row_bytes = 2 * sample.shape[1] + 16  # a partition row: the float16 vector, its position, cluster and flags
+    budget_rows = dedup.budget_mb * 2**20 / row_bytes
+    scale = rows / len(sample)
+    centroids = _split(centroids, sample, scale, budget_rows, dedup.spill, margin, dedup.seed)
+    ids, member = memberships(centroids, sample, dedup.spill, margin)
+    estimated = np.bincount(ids[member], minlength=len(centroids)) * scale
+    partitions = max(1, math.ceil(estimated.sum() / budget_rows))
+    plan = ClusterPlan(centroids, _pack(estimated, partitions), partitions)
+    buffer = io.BytesIO()
+    np.savez(buffer, centroids=plan.centroids, partition=plan.partition, partitions=plan.partitions)
+    fs.makedirs(root, exist_ok=True)
+    write_atomic(fs, path, lambda handle: handle.write(buffer.getvalue()))
+    return plan
+
+
+def _fit(train: np.ndarray, k: int, seed: int) -> np.ndarray:
+    if k == 1:
+        centroid = train.mean(axis=0, keepdims=True)
+        return normalise(centroid if np.linalg.norm(centroid) > 0 else train[:1])
+    return normalise(fit_kmeans(train, k, ITERATIONS, seed, spherical=True, min_points_per_centroid=1))
+
+
+def _split(
+    centroids: np.ndarray, sample: np.ndarray, scale: float, budget_rows: float, spill: int, margin: float, seed: int
+) -> np.ndarray:
+    """Clusters the sample says would hold more than `budget_rows` rows, replaced by k-means of their sample rows
+    into pieces of about half the budget; a cluster that does not split (identical rows) is left as it is."""
+    for _ in range(SPLIT_ROUNDS):
+        ids, member = memberships(centroids, sample, spill, margin)
+        estimated = np.bincount(ids[member], minlength=len(centroids)) * scale
+        big = np.flatnonzero(estimated > budget_rows)
+        parts, split = [centroids[estimated <= budget_rows]], False
+        for cluster in big:
+            rows = sample[ids[:, 0] == cluster]
+            pieces = min(len(rows), math.ceil(estimated[cluster] / (budget_rows / 2)))
+            if pieces < 2 or len(np.unique(rows, axis=0)) < 2:
+                parts.append(centroids[cluster : cluster + 1])
+                continue
+            parts.append(_fit(rows, pieces, seed))
+            split = True
+        if not split:
+            break
+        centroids = np.concatenate(parts)
+    return centroids
+
+
+def _pack(sizes: np.ndarray, partitions: int) -> np.ndarray:
+    """Clusters to partitions, largest first onto the least filled one (so partitions come out about even)."""
+    heap = [(0.0, p) for p in range(partitions)]
+    out = np.zeros(len(sizes), np.int64)
+    for cluster in np.argsort(-sizes, kind="stable"):
+        filled, p = heapq.heappop(heap)
+        out[cluster] = p
+        heapq.heappush(heap, (filled + float(sizes[cluster]), p))
+    return out
+
+
+# --------------------------------------------------------------------------- map, reduce, merge
+
+
+@dataclass(frozen=True)
+class _ClusterMap:
+    """Map task: a shard's input rows with an embedding, once per cluster they join, to the clusters' partitions."""
+
+    pool: Pool
+    inputs: Inputs
+    shards: tuple[str, ...]
+    model_id: str
+    plan: ClusterPlan
+    spill: int
+    margin: float
+
+    def __call__(self, source: int) -> tuple[pa.Table, np.ndarray]:
+        data = ShardData(self.pool, self.shards[source])
+        vectors, valid = data.image_vectors(self.model_id)
+        chosen = np.flatnonzero(self.inputs.mask(data.shard) & valid)
+        ids, member = memberships(self.plan.centroids, vectors[chosen], self.spill, self.margin)
+        row, rank = np.nonzero(member)
+        cluster = ids[row, rank]
+        dim = vectors.shape[1]
+        table = pa.table(
+            {
+                "cluster": pa.array(cluster, pa.int64()),
+                "pos": pa.array(position(source, chosen[row]), pa.int64()),
+                "primary": pa.array(rank == 0),
+                "spilled": pa.array(member.sum(axis=1)[row] > 1),
+                "vec": pa.FixedSizeListArray.from_arrays(
+                    pa.array(vectors[chosen[row]].astype(np.float16).reshape(-1), pa.float16()), dim
+                ),
+            }
+        )
+        return table, self.plan.partition[cluster]
+
+
+@dataclass(frozen=True)
+class _ClusterReduce:
+    """Reduce task: each cluster of the partition compared within itself. Sends (pos, -1) of rows dropped for good to
+    their shard, and (pos, first pos of its group) of groups that span clusters to destination `shards`."""
+
+    threshold: float
+    shards: int
+
+    def __call__(self, partition: int, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+        cluster, pos = table.column("cluster").to_numpy(), table.column("pos").to_numpy()
+        primary = table.column("primary").to_numpy(zero_copy_only=False)
+        spilled = table.column("spilled").to_numpy(zero_copy_only=False)
+        vec = table.column("vec").combine_chunks() if table.num_rows else None
+        halves = vec.flatten().to_numpy(zero_copy_only=False).reshape(len(vec), -1) if vec is not None else None
+        order = np.lexsort((pos, cluster))
+        starts = np.flatnonzero(np.diff(cluster[order], prepend=-1)) if len(order) else np.zeros(0, np.int64)
+        out_pos, out_label = [], []
+        with threadpool_limits(1, user_api="blas"):  # BLAS threads cost more than they give on products this small
+            for start, end in zip(starts, [*starts[1:], len(order)]):
+                rows = order[start:end]
+                vectors = halves[rows].astype(np.float32)
+                got = _groups(vectors, pos[rows], primary[rows], spilled[rows], self.threshold)
+                out_pos.append(got[0])
+                out_label.append(got[1])
+        pos_out = np.concatenate(out_pos) if out_pos else np.zeros(0, np.int64)
+        label = np.concatenate(out_label) if out_label else np.zeros(0, np.int64)
+        destination = np.where(label < 0, pos_out >> np.int64(32), self.shards)
+        return pa.table({"pos": pa.array(pos_out, pa.int64()), "label": pa.array(label, pa.int64())}), destination
+
+
+def _groups(
+    vectors: np.ndarray, pos: np.ndarray, primary: np.ndarray, spilled: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """One cluster (rows in pool order): (pos, -1) for rows dropped within it, (pos, group's first pos) for the rows
+    of groups that reach other clusters; singletons say nothing."""
+    base = np.flatnonzero(primary)
+    queries, targets = similar_pairs(vectors, threshold, vectors[base])
+    targets = base[targets]
+    keep = queries != targets
+    labels = components(len(vectors), queries[keep], targets[keep])
+    grouped = np.bincount(labels, minlength=len(vectors))[labels] > 1
+    reaching = np.zeros(len(vectors), bool)
+    np.logical_or.at(reaching, labels, ~primary | spilled)
+    open_rows = grouped & reaching[labels]
+    closed_dropped = grouped & ~reaching[labels] & (labels != np.arange(len(vectors)))
+    return (
+        np.concatenate([pos[closed_dropped], pos[open_rows]]),
+        np.concatenate([np.full(int(closed_dropped.sum()), -1, np.int64), pos[labels[open_rows]]]),
+    )
+
+
+def _merge(shuffle: Shuffle, shards: int, url: str) -> None:
+    """Groups spanning clusters, grouped again here: all but the first row of each are dropped (a batch per shard)."""
+    fs, path = open_fs(url)
+    if fs.exists(path):
+        return
+    pairs = shuffle.read(shards)
+    pos, label = pairs.column("pos").to_numpy(), pairs.column("label").to_numpy()
+    nodes, inverse = np.unique(np.concatenate([pos, label]), return_inverse=True)
+    labels = components(len(nodes), inverse[: len(pos)], inverse[len(pos) :])
+    dropped = nodes[labels != np.arange(len(nodes))]
+    write_batches(url, pa.table({"pos": pa.array(dropped, pa.int64())}), dropped >> np.int64(32), shards)

@@ -1,0 +1,278 @@
+"""Hash-partitioned shuffles on disk: how a global step groups rows by key without one process holding them all.
+
+A shuffle has three passes, each a `map_shards` call (in this process while quick, Ray tasks otherwise):
+
+1. map, one task per source (a shard, an input file): the caller's function turns the source into rows and a
+   partition number per row; they are written to one Arrow IPC file per source, one record batch per
+   partition (map/SSSSSSSS.arrow).
+2. reduce, one task per partition: the partition's batch of every map file, concatenated, goes to the
+   caller's function, which returns rows and a destination number per row; they are written to one IPC file
+   per partition, one batch per destination (reduce/PPPPP.arrow).
+3. whoever consumes destination d reads batch d of every reduce file (`Shuffle.read`).
+
+Memory per process: one source's rows (map), one partition's rows (reduce: size partitions with
+`partitions_for`), one destination's rows (read). Every file is written to a temporary name and renamed, so
+a killed shuffle re-run redoes only the files that are missing; a finished reduce pass skips the map pass.
+
+`hash_keys` spreads any key column over partitions; `first_occurrence` finds, exactly, the first row of
+every key by a given order (keep-first in pool order).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from clipsift import ClipsiftError
+from clipsift.files import open_fs, write_atomic, write_json_atomic
+from clipsift.pipeline.parallel import map_shards
+
+MapFn = Callable[[int], tuple[pa.Table, np.ndarray]]  # source -> (rows, partition of each row)
+ReduceFn = Callable[[int, pa.Table], tuple[pa.Table, np.ndarray]]  # partition, rows -> (rows, destination)
+
+DEFAULT_BUDGET_MB = 128  # partition data one reduce task holds, by default
+
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def partitions_for(rows: int, row_bytes: float, budget_mb: float = DEFAULT_BUDGET_MB) -> int:
+    """How many partitions keep one partition of `rows` rows of `row_bytes` each within `budget_mb`."""
+    return max(1, math.ceil(rows * row_bytes / (budget_mb * 2**20)))
+
+
+def position(source: int, rows: np.ndarray) -> np.ndarray:
+    """Global positions in source order: the source's number in the high 32 bits, the row in the low ones."""
+    return (np.int64(source) << np.int64(32)) | np.asarray(rows, np.int64)
+
+
+def source_rows(positions: np.ndarray) -> np.ndarray:
+    """The rows (within their source) of global positions."""
+    return np.asarray(positions, np.int64) & np.int64(0xFFFFFFFF)
+
+
+def later_occurrences(partition: int, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """A reduce function: every row but the first of its key (all columns but `pos`) by position, sent as its
+    `pos` to its source (keep-first in source order, exact)."""
+    pos = table.column("pos").to_numpy()
+    later = pos[~first_occurrence(table.drop_columns(["pos"]), pos)]
+    return pa.table({"pos": pa.array(later, pa.int64())}), later >> np.int64(32)
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: every input bit moves every output bit, so `% partitions` is even."""
+    z = values.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        z ^= z >> np.uint64(30)
+        z *= _MIX1
+        z ^= z >> np.uint64(27)
+        z *= _MIX2
+        z ^= z >> np.uint64(31)
+    return z
+
+
+def hash_keys(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A uint64 hash per value (strings, binary or integers), the same in every process and run; nulls hash to 0.
+
+    Strings are read from the Arrow buffers as 8-byte words, all values of one length at once."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_integer(array.type):
+        return _mix(array.fill_null(0).to_numpy().astype(np.int64).view(np.uint64))
+    if pa.types.is_string(array.type) or pa.types.is_binary(array.type):
+        array = array.cast(pa.large_binary())
+    elif pa.types.is_large_string(array.type):
+        array = array.cast(pa.large_binary())
+    if not pa.types.is_large_binary(array.type):
+        raise ClipsiftError(f"cannot partition by a column of type {array.type} (strings, binary or integers only)")
+    offsets = np.frombuffer(array.buffers()[1], np.int64)[array.offset : array.offset + len(array) + 1]
+    lengths = np.diff(offsets)
+    start, end = (int(offsets[0]), int(offsets[-1])) if len(array) else (0, 0)
+    data = np.frombuffer(array.buffers()[2], np.uint8)[start:end] if end > start else np.zeros(0, np.uint8)
+    out = _word_hash(data, offsets[:-1] - start, lengths)
+    out[~array.is_valid().to_numpy(zero_copy_only=False)] = 0
+    return _mix(out)
+
+
+def _word_hash(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Each value's bytes read as little-endian 8-byte words (the last one zero-padded), folded word by word
+    through the mixer, starting from its length: one gather per word place, for all values at once."""
+    padded = np.zeros(len(data) + 8, np.uint8)
+    padded[: len(data)] = data
+    words = np.ndarray((len(data) + 1,), np.dtype("<u8"), padded.data, strides=(1,))  # a word at every byte
+    out = lengths.astype(np.uint64)
+    for place in range(0, int(lengths.max(initial=0)), 8):
+        rows = np.flatnonzero(lengths > place)
+        word = words[starts[rows] + place].astype(np.uint64)
+        left = lengths[rows] - place
+        short = left < 8
+        word[short] &= (np.uint64(1) << (left[short] * 8).astype(np.uint64)) - np.uint64(1)
+        out[rows] = _mix(out[rows] ^ word)
+    return out
+
+
+def first_occurrence(keys: pa.Table, order: np.ndarray) -> np.ndarray:
+    """Whether each row is the first of its key (every column of `keys` together) by `order` (ties: row order).
+
+    Exact: keys are compared by value, not by hash."""
+    if keys.num_rows == 0:
+        return np.zeros(0, bool)
+    names = keys.column_names
+    table = keys.append_column("__order", pa.array(np.asarray(order))).append_column(
+        "__row", pa.array(np.arange(keys.num_rows))
+    )
+    ranked = pc.sort_indices(table, sort_keys=[(n, "ascending") for n in [*names, "__order", "__row"]])
+    ranked_np = ranked.to_numpy()
+    first = np.ones(keys.num_rows, bool)
+    if keys.num_rows > 1:
+        same = np.ones(keys.num_rows - 1, bool)
+        for name in names:
+            column = keys.column(name).take(ranked)
+            same &= pc.equal(column.slice(1), column.slice(0, len(column) - 1)).to_numpy(zero_copy_only=False)
+        first[1:] = ~same
+    out = np.empty(keys.num_rows, bool)
+    out[ranked_np] = first
+    return out
+
+
+def batches(table: pa.Table, groups: np.ndarray, count: int) -> list[pa.RecordBatch]:
+    """One record batch per group 0..count-1 (empty ones too), rows in their order within each group."""
+    groups = np.asarray(groups, np.int64)
+    if len(groups) != table.num_rows:
+        raise ValueError(f"{len(groups)} group numbers for {table.num_rows} rows")
+    if len(groups) and (groups.min() < 0 or groups.max() >= count):
+        raise ValueError(f"group numbers must be in 0..{count - 1}")
+    order = np.argsort(groups, kind="stable")
+    table = table.take(pa.array(order)).combine_chunks()
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(groups, minlength=count))])
+    whole = _one_batch(table)
+    return [whole.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i])) for i in range(count)]
+
+
+def _one_batch(table: pa.Table) -> pa.RecordBatch:
+    columns = [
+        pa.concat_arrays(c.chunks) if c.num_chunks else pa.array([], t)
+        for c, t in zip(table.columns, table.schema.types)
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=table.schema)
+
+
+def write_batches(url: str, table: pa.Table, groups: np.ndarray, count: int) -> None:
+    """An IPC file of `count` record batches, batch g holding the rows of group g (atomically written)."""
+    fs, path = open_fs(url)
+    parts = batches(table, groups, count)
+
+    def write(handle) -> None:
+        with pa.ipc.new_file(handle, table.schema) as writer:
+            for batch in parts:
+                writer.write_batch(batch)
+
+    write_atomic(fs, path, write)
+
+
+def read_batch(url: str, index: int) -> pa.RecordBatch:
+    """Record batch `index` of an IPC file (only its bytes and the footer are read)."""
+    fs, path = open_fs(url)
+    with fs.open(path, "rb") as handle:
+        reader = pa.ipc.open_file(handle)
+        if not 0 <= index < reader.num_record_batches:
+            raise ClipsiftError(
+                f"{url} holds {reader.num_record_batches} batches, not {index + 1}; delete the step's work folder "
+                "and run it again"
+            )
+        return reader.get_batch(index)
+
+
+@dataclass(frozen=True)
+class Shuffle:
+    """A shuffle kept in `folder`: `sources` map files, `partitions` reduce files of `destinations` batches."""
+
+    folder: str
+    sources: int
+    partitions: int
+    destinations: int
+
+    def map_path(self, source: int) -> str:
+        return f"{self.folder}/map/{source:08d}.arrow"
+
+    def reduce_path(self, partition: int) -> str:
+        return f"{self.folder}/reduce/{partition:05d}.arrow"
+
+    def _exists(self, url: str) -> bool:
+        fs, path = open_fs(url)
+        return fs.exists(path)
+
+    def _start(self) -> None:
+        """Record the plan; a folder holding another plan's files is emptied first (they would not line up)."""
+        fs, root = open_fs(self.folder)
+        plan = {"sources": self.sources, "partitions": self.partitions, "destinations": self.destinations}
+        if fs.exists(f"{root}/plan.json"):
+            with fs.open(f"{root}/plan.json", "r") as handle:
+                if json.load(handle) == plan:
+                    return
+            fs.rm(root, recursive=True)
+        for sub in ("map", "reduce"):
+            fs.makedirs(f"{root}/{sub}", exist_ok=True)
+        write_json_atomic(fs, f"{root}/plan.json", plan)
+
+    def run(
+        self,
+        map_fn: MapFn,
+        reduce_fn: ReduceFn,
+        *,
+        desc: str,
+        workers: int | None = None,
+        address: str | None = None,
+    ) -> None:
+        """The map and reduce passes, each resuming where a killed run stopped (see the module's note)."""
+        self._start()
+        reduces = [p for p in range(self.partitions) if not self._exists(self.reduce_path(p))]
+        if not reduces:
+            return
+        maps = [s for s in range(self.sources) if not self._exists(self.map_path(s))]
+        map_shards(
+            functools.partial(_map_task, self, map_fn), maps, desc=f"{desc}: map", workers=workers, address=address
+        )
+        map_shards(
+            functools.partial(_reduce_task, self, reduce_fn),
+            reduces,
+            desc=f"{desc}: reduce",
+            workers=workers,
+            address=address,
+        )
+
+    def partition(self, index: int) -> pa.Table:
+        """Partition `index`: its batch of every map file."""
+        return _concat([read_batch(self.map_path(s), index) for s in range(self.sources)])
+
+    def read(self, destination: int) -> pa.Table:
+        """What the reduce pass sent to `destination`: its batch of every reduce file, in partition order."""
+        return _concat([read_batch(self.reduce_path(p), destination) for p in range(self.partitions)])
+
+    def remove(self) -> None:
+        fs, root = open_fs(self.folder)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+
+
+def _concat(parts: list[pa.RecordBatch]) -> pa.Table:
+    if not parts:
+        return pa.table({})
+    return pa.Table.from_batches(parts, schema=parts[0].schema)
+
+
+def _map_task(shuffle: Shuffle, map_fn: MapFn, source: int) -> int:
+    table, partition = map_fn(source)
+    write_batches(shuffle.map_path(source), table, partition, shuffle.partitions)
+    return table.num_rows
+
+
+def _reduce_task(shuffle: Shuffle, reduce_fn: ReduceFn, partition: int) -> int:
+    table, destination = reduce_fn(partition, shuffle.partition(partition))
+    write_batches(shuffle.reduce_path(partition), table, destination, shuffle.destinations)
+    return table.num_rows

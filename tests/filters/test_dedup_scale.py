@@ -1,0 +1,306 @@
+"""dedup at scale: the partitioned exact dedup against the in-driver one it replaced, the clustered near dedup
+against the exact all-pairs search, on planted duplicates; resumed after a kill; on Ray."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from clipsift.filters import dedup as dedup_module
+from clipsift.filters.base import Context, Inputs, ShardData
+from clipsift.filters.dedup import Dedup
+from clipsift.filters.near_dedup import _plan, memberships, reach
+from clipsift.filters.recipe import apply_recipe, load_recipe
+from clipsift.filters.subset import decode_uids, encode_uids, read_subset
+from clipsift.pipeline.partition import partitions_for
+from clipsift.pipeline.pool import Pool, embeddings_schema, finalize_pool, write_metadata
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def metadata_pool(root: Path, shard_sizes: list[int], sha256: list, urls: list, vectors: np.ndarray | None) -> Pool:
+    """A metadata-only pool (no tars; enough for filters): uid i = md5 of i; embeddings of model `m` if given."""
+    start = 0
+    for index, size in enumerate(shard_sizes):
+        rows = range(start, start + size)
+        uids = [hashlib.md5(str(i).encode()).hexdigest() for i in rows]
+        table = pa.table(
+            {
+                "uid": uids,
+                "key": [f"{index:08d}_{i:08d}" for i in range(size)],
+                "text": ["a cat"] * size,
+                "url": pa.array(urls[start : start + size], pa.string()),
+                "original_width": pa.array([300] * size, pa.int32()),
+                "original_height": pa.array([300] * size, pa.int32()),
+                "sha256": pa.array(sha256[start : start + size], pa.string()),
+            }
+        )
+        write_metadata(str(root), index, table)
+        if vectors is not None:
+            dim = vectors.shape[1]
+            emb = pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors[rows.start : rows.stop].astype(np.float16).ravel()), dim
+            )
+            Pool(str(root)).write_embeddings(
+                "m",
+                f"{index:08d}",
+                pa.table(
+                    [pa.array(uids), emb, emb, pa.array(np.full(size, 0.3, np.float32)), pa.array(["ok"] * size)],
+                    schema=embeddings_schema(dim),
+                ),
+            )
+        start += size
+    finalize_pool(str(root), "test", [])
+    return Pool(str(root))
+
+
+def run(pool: Pool, tmp_path: Path, steps: str, name: str, workers: int = 1) -> list[str]:
+    (tmp_path / f"{name}.yaml").write_text(f"steps: {steps}")
+    apply_recipe(pool.url, load_recipe(str(tmp_path / f"{name}.yaml")), str(tmp_path / f"{name}.npy"), workers=workers)
+    return decode_uids(read_subset(str(tmp_path / f"{name}.npy")))
+
+
+def in_driver_dedup(pool: Pool, column: str, rows_of=None) -> list[str]:
+    """The in-driver dedup this replaced: every shard's keys gathered here in pool order, np.unique's first index."""
+    uids, keys = [], []
+    for shard in pool.shard_ids():
+        table = pool.metadata(shard, ["uid", column])
+        selected = table[column].is_valid().to_numpy(zero_copy_only=False)
+        if rows_of is not None:
+            selected &= rows_of(shard)
+        values = table[column].filter(selected)
+        if column == "sha256":
+            values = encode_uids(pc.utf8_slice_codeunits(pc.utf8_lower(values), 0, 32))
+        else:
+            values = np.array(values.to_pylist(), dtype=object)
+        keys.append(values)
+        uids += table["uid"].filter(selected).to_pylist()
+    everything = np.concatenate(keys)
+    first = np.unique(everything if column == "sha256" else everything.astype(str), return_index=True)[1]
+    kept = set(np.array(uids)[first])
+    unkeyed = [u for s in pool.shard_ids() for u, ok in _unkeyed(pool, s, column, rows_of) if ok]
+    return sorted(kept | set(unkeyed))
+
+
+def _unkeyed(pool: Pool, shard: str, column: str, rows_of):
+    """Rows the step sees that have no key: never grouped, so kept."""
+    table = pool.metadata(shard, ["uid", column])
+    seen = rows_of(shard) if rows_of is not None else np.ones(table.num_rows, bool)
+    return zip(table["uid"].to_pylist(), seen & ~table[column].is_valid().to_numpy(zero_copy_only=False))
+
+
+@pytest.fixture
+def keyed_pool(tmp_path: Path) -> Pool:
+    """600 rows in shards of uneven sizes; about 120 distinct images and 40 distinct urls: copies within shards and
+    across them, digests in either case, some rows without a digest or url."""
+    rng = np.random.default_rng(5)
+    images = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(120)]
+    sha = [images[int(i)] for i in rng.integers(0, 120, 600)]
+    sha = [s.upper() if rng.random() < 0.2 else s for s in sha]  # one image, either case: one key
+    for i in rng.choice(600, 40, replace=False):
+        sha[i] = None
+    urls = [f"http://x.test/{int(i)}" for i in rng.integers(0, 40, 600)]
+    urls[7] = None
+    return metadata_pool(tmp_path / "pool", [90, 130, 5, 160, 1, 120, 94], sha, urls, None)
+
+
+def test_partitioned_exact_dedup_equals_the_in_driver_dedup(keyed_pool: Pool, tmp_path: Path) -> None:
+    for column in ("sha256", "url"):
+        oracle = in_driver_dedup(keyed_pool, column)
+        assert 100 < len(oracle) < 600 if column == "sha256" else 35 < len(oracle) < 45
+        # 0.0005 MiB per partition: 600 keys spread over 55 partitions
+        got = run(keyed_pool, tmp_path, f"[{{dedup: {{by: {column}, budget_mb: 0.0005}}}}]", f"{column}-many")
+        assert got == oracle
+        assert run(keyed_pool, tmp_path, f"[{{dedup: {{by: {column}}}}}]", f"{column}-one") == oracle
+
+    # after another step only the rows it kept are grouped: a later copy becomes the first one
+    drop_first = "[{not: {dedup: {by: url}}}, {dedup: {by: sha256, budget_mb: 0.0005}}]"
+    first_of_url = list(in_driver_dedup(keyed_pool, "url"))
+
+    def seen(shard: str) -> np.ndarray:
+        return ~np.isin(keyed_pool.metadata(shard, ["uid"])["uid"].to_numpy(zero_copy_only=False), first_of_url)
+
+    assert run(keyed_pool, tmp_path, drop_first, "seq") == in_driver_dedup(keyed_pool, "sha256", seen)
+
+
+def dedup_masks(pool: Pool, state) -> list[np.ndarray]:
+    step = Dedup(by="sha256")
+    return [step.keep(state, ShardData(pool, s), np.ones(pool.num_rows(s), bool)) for s in pool.shard_ids()]
+
+
+def test_exact_dedup_resumes_after_a_kill(keyed_pool: Pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    context = Context(keyed_pool, Inputs(keyed_pool), str(tmp_path / "step-1"), workers=1)
+    step = Dedup(by="sha256", budget_mb=0.0005)
+    calls: list[int] = []
+    real_map = dedup_module._KeyMap.__call__
+
+    def killed(self, source: int):
+        if source == 4:
+            raise KeyboardInterrupt  # killed in the middle of the map pass
+        calls.append(source)
+        return real_map(self, source)
+
+    monkeypatch.setattr(dedup_module._KeyMap, "__call__", killed)
+    with pytest.raises(KeyboardInterrupt):
+        step.prepare(context)
+    folder = tmp_path / "step-1.dedup"
+    assert sorted(p.name for p in (folder / "map").iterdir()) == [f"{s:08d}.arrow" for s in range(4)]
+    assert not list((folder / "reduce").iterdir())
+    monkeypatch.setattr(
+        dedup_module._KeyMap, "__call__", lambda self, source: calls.append(source) or real_map(self, source)
+    )
+    state = step.prepare(context)
+    assert calls == [0, 1, 2, 3, 4, 5, 6]  # the re-run mapped only the shards the killed one had not
+    kept = dedup_masks(keyed_pool, state)
+    uids = [u for s in keyed_pool.shard_ids() for u in keyed_pool.metadata(s, ["uid"])["uid"].to_pylist()]
+    assert sorted(np.array(uids)[np.concatenate(kept)]) == in_driver_dedup(keyed_pool, "sha256")
+
+    # outputs lost after the reduce pass: those are redone, the rest reused, the result the same
+    reduce_files = sorted((folder / "reduce").iterdir())
+    assert len(reduce_files) == partitions_for(600, dedup_module.KEY_ROW_BYTES, 0.0005) == 55
+    for lost in reduce_files[::5]:
+        lost.unlink()
+    calls.clear()
+    again = step.prepare(context)
+    assert calls == []  # the map outputs were all there: only the lost reduce outputs were made again
+    assert len(list((folder / "reduce").iterdir())) == 55
+    assert all(np.array_equal(a, b) for a, b in zip(dedup_masks(keyed_pool, again), kept))
+
+
+def test_dedup_state_holds_no_rows(tmp_path: Path) -> None:
+    """The driver keeps no per-row state: what every shard task receives is the same size for 10x the rows."""
+    sizes = []
+    for rows in (400, 4_000):
+        digests = [hashlib.sha256(str(i % (rows // 4)).encode()).hexdigest() for i in range(rows)]
+        pool = metadata_pool(tmp_path / f"pool{rows}", [rows // 4] * 4, digests, [None] * rows, None)
+        context = Context(pool, Inputs(pool), str(tmp_path / f"step{rows}"), workers=1)
+        state = Dedup(by="sha256").prepare(context)
+        assert sum(int((~m).sum()) for m in dedup_masks(pool, state)) == rows - rows // 4
+        sizes.append(len(pickle.dumps(state)))
+    assert sizes[0] == sizes[1] - len(str(tmp_path / "step4000")) + len(str(tmp_path / "step400"))
+
+
+# --------------------------------------------------------------------------- near duplicates
+
+
+def planted(rng: np.random.Generator, n: int, dim: int, clustered: bool) -> np.ndarray:
+    """n unit vectors, about 8% of them near copies (cosine 0.96-0.995) of another row, some copies of copies.
+    clustered: drawn around n/100 topics, as real embeddings are; else uniform on the sphere (the hardest case)."""
+    if clustered:
+        topics = unit(rng.normal(size=(max(2, n // 100), dim)))
+        vectors = unit(topics[rng.integers(0, len(topics), n)] + rng.normal(size=(n, dim)) / np.sqrt(dim))
+    else:
+        vectors = unit(rng.normal(size=(n, dim)))
+    for target in rng.choice(n, n // 12, replace=False):
+        source = vectors[rng.integers(0, n)]
+        noise = unit(rng.normal(size=(1, dim)))[0]
+        noise = unit((noise - (noise @ source) * source)[None])[0]
+        cosine = rng.uniform(0.96, 0.995)
+        vectors[target] = cosine * source + np.sqrt(1 - cosine**2) * noise
+    return unit(vectors)
+
+
+def all_pairs_kept(vectors: np.ndarray, threshold: float) -> list[int]:
+    """Rows kept by exact near dedup, as the pool stores them (float16): first row of each connected group (BFS)."""
+    stored = vectors.astype(np.float16).astype(np.float32)
+    similar = stored @ stored.T >= threshold
+    seen, kept = np.zeros(len(stored), bool), []
+    for start in range(len(stored)):
+        if seen[start]:
+            continue
+        kept.append(start)
+        stack, seen[start] = [start], True
+        while stack:
+            for other in np.flatnonzero(similar[stack.pop()] & ~seen):
+                seen[other] = True
+                stack.append(int(other))
+    return kept
+
+
+def uids(indices) -> list[str]:
+    return sorted(hashlib.md5(str(i).encode()).hexdigest() for i in indices)
+
+
+def near_pool(tmp_path: Path, vectors: np.ndarray, name: str = "near") -> Pool:
+    n = len(vectors)
+    sizes = [n // 5] * 4 + [n - 4 * (n // 5)]
+    return metadata_pool(tmp_path / name, sizes, [None] * n, [None] * n, vectors)
+
+
+def test_clustered_near_dedup_equals_all_pairs_on_clustered_embeddings(tmp_path: Path) -> None:
+    vectors = planted(np.random.default_rng(11), 1500, 16, clustered=True)
+    pool = near_pool(tmp_path, vectors)
+    expected = uids(all_pairs_kept(vectors, 0.95))
+    assert 1360 < len(expected) < 1400  # about 125 planted copies dropped
+    assert run(pool, tmp_path, "[{dedup: {by: embedding, model_id: m, method: exact}}]", "exact") == expected
+    # the defaults (k: sqrt(1500) = 38 clusters, spill 3), and several partitions of 0.02 MiB
+    got = run(pool, tmp_path, "[{dedup: {by: embedding, model_id: m, budget_mb: 0.02}}]", "clustered")
+    assert got == expected
+
+
+def test_clustered_near_dedup_is_exact_when_every_row_may_spill(tmp_path: Path) -> None:
+    """Uniform vectors straddle cluster boundaries everywhere: spill 1 misses pairs; with spill >= k the method is
+    provably exact, also with clusters split to fit a small budget."""
+    vectors = planted(np.random.default_rng(12), 1200, 16, clustered=False)
+    pool = near_pool(tmp_path, vectors)
+    expected = uids(all_pairs_kept(vectors, 0.95))
+    near = "[{dedup: {by: embedding, model_id: m, k: 12, spill: %d, budget_mb: %s}}]"
+    one = run(pool, tmp_path, near % (1, 1), "spill1")
+    assert set(one) > set(expected)  # pairs across clusters missed, and nothing dropped wrongly
+    assert run(pool, tmp_path, near % (1000, 1), "all") == expected
+    # 0.004 MiB holds about 90 rows of 48 bytes: the 12 clusters are split and spread over many partitions
+    context = Context(pool, Inputs(pool), str(tmp_path / "plan"), workers=1)
+    plan = _plan(Dedup(by="embedding", model_id="m", k=12, budget_mb=0.004, sample=1200), context, str(tmp_path / "p"))
+    assert len(plan.centroids) > 12 and plan.partitions > 10
+    assert run(pool, tmp_path, near % (1000, 0.004), "split") == expected
+
+
+def test_spilled_rows_join_only_centroids_within_reach() -> None:
+    rng = np.random.default_rng(13)
+    centroids = unit(rng.normal(size=(20, 8)))
+    vectors = unit(rng.normal(size=(500, 8)))
+    sims = vectors @ centroids.T
+    ids, member = memberships(centroids, vectors, 3, reach(0.99))
+    best = np.sort(sims, axis=1)[:, ::-1]
+    assert np.array_equal(ids[:, 0], sims.argmax(axis=1))
+    assert np.array_equal(member[:, 1:], best[:, 1:3] >= best[:, :1] - reach(0.99))
+    assert member[:, 0].all() and 0 < member[:, 1].mean() < 1  # some rows spill, some do not
+    assert reach(1.0) < 0.3 and reach(0.5) > 1.9  # tight thresholds reach few centroids, loose ones every one
+
+
+@pytest.fixture
+def own_ray():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+def test_dedup_on_ray_equals_in_process(keyed_pool: Pool, tmp_path: Path, own_ray: None) -> None:
+    vectors = planted(np.random.default_rng(14), 600, 16, clustered=True)
+    pool = metadata_pool(
+        tmp_path / "both", [150, 100, 200, 150], keyed_pool_digests(keyed_pool), [None] * 600, vectors
+    )
+    steps = "[{dedup: {by: sha256, budget_mb: 0.0005}}, {dedup: {by: embedding, model_id: m, budget_mb: 0.01}}]"
+    here = run(pool, tmp_path, steps, "here")
+    assert run(pool, tmp_path, steps, "ray", workers=2) == here
+    assert here == sorted(set(in_driver_dedup(pool, "sha256")) & set(uids(all_pairs_kept_among(vectors, pool))))
+
+
+def keyed_pool_digests(pool: Pool) -> list:
+    return [d for s in pool.shard_ids() for d in pool.metadata(s, ["sha256"])["sha256"].to_pylist()]
+
+
+def all_pairs_kept_among(vectors: np.ndarray, pool: Pool) -> list[int]:
+    """Exact near dedup over the rows that survive the sha256 dedup (the second step's input)."""
+    survivors = set(in_driver_dedup(pool, "sha256"))
+    rows = [i for i in range(len(vectors)) if hashlib.md5(str(i).encode()).hexdigest() in survivors]
+    return [rows[i] for i in all_pairs_kept(vectors[rows], 0.95)]

@@ -1,0 +1,119 @@
+"""The hash-partitioned shuffle (pipeline/partition.py): keys spread by value, exact first occurrences, resumable
+passes, against plain-Python group-bys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from clipsift.pipeline.partition import Shuffle, first_occurrence, hash_keys, partitions_for
+
+
+def test_a_keys_hash_depends_on_its_value_only() -> None:
+    values = ["", "a", "abcdefgh", "abcdefghi", "é✓ unicode", "0123456789abcdef" * 2, "x" * 40]
+    alone = [int(hash_keys(pa.array([v]))[0]) for v in values]
+    assert len(set(alone)) == len(values)
+    mixed = pa.array(["pad", *values, None])
+    assert list(hash_keys(mixed)[1:-1]) == alone  # other values of other lengths beside it change nothing
+    assert list(hash_keys(mixed.slice(1, len(values)))) == alone  # an array slice (offset into the buffers)
+    assert list(hash_keys(pa.chunked_array([values[:3], values[3:]]))) == alone
+    assert list(hash_keys(pa.array(values, pa.large_string()))) == alone
+    assert hash_keys(mixed)[-1] == hash_keys(pa.array([None], pa.string()))[0]
+    numbers = hash_keys(pa.array([5, 7, 5], pa.uint64()))
+    assert numbers[0] == numbers[2] != numbers[1]
+
+
+def test_hashes_spread_evenly_over_partitions() -> None:
+    rng = np.random.default_rng(0)
+    uids = pa.array([rng.bytes(16).hex() for _ in range(20_000)])
+    counts = np.bincount((hash_keys(uids) % np.uint64(16)).astype(np.int64), minlength=16)
+    assert counts.min() > 1_000 and counts.max() < 1_500  # 1,250 expected each
+    sequential = np.bincount((hash_keys(pa.array(np.arange(20_000))) % np.uint64(16)).astype(np.int64))
+    assert sequential.min() > 1_000 and sequential.max() < 1_500
+    assert partitions_for(1_000_000, 48, 16) == 3 and partitions_for(0, 48) == 1
+
+
+def test_first_occurrence_by_order_is_exact() -> None:
+    rng = np.random.default_rng(1)
+    keys = [f"k{int(i)}" for i in rng.integers(0, 50, 400)]
+    order = rng.permutation(400) * 3  # any integers; the smallest wins
+    order[:10] = order[0]  # ties: the earlier row wins
+    got = first_occurrence(pa.table({"key": keys}), order)
+    best: dict[str, int] = {}
+    for row, key in enumerate(keys):
+        if key not in best or order[row] < order[best[key]]:
+            best[key] = row
+    assert np.flatnonzero(got).tolist() == sorted(best.values())
+    pairs = first_occurrence(pa.table({"a": [1, 1, 2, 1], "b": [0, 1, 0, 0]}), np.array([3, 2, 1, 0]))
+    assert pairs.tolist() == [False, True, True, True]
+
+
+def _groups_of(tables: list[pa.Table], partitions: int):
+    """A map function: source s's rows, each row to partition hash(key) % partitions."""
+
+    def map_fn(source: int) -> tuple[pa.Table, np.ndarray]:
+        table = tables[source]
+        return table, (hash_keys(table.column("key")) % np.uint64(partitions)).astype(np.int64)
+
+    return map_fn
+
+
+def count_keys(partition: int, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """A reduce function: per key, its row count and the smallest source holding it (its destination)."""
+    grouped = table.group_by("key").aggregate([("key", "count"), ("source", "min")])
+    result = pa.table({"key": grouped["key"], "count": grouped["key_count"], "partition": [partition] * len(grouped)})
+    return result, grouped["source_min"].to_numpy()
+
+
+def test_a_shuffle_groups_every_key_in_one_partition_and_resumes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    tables = []
+    for source in range(5):
+        keys = [f"key-{int(k)}" for k in rng.integers(0, 60, 40 + 7 * source)]
+        tables.append(pa.table({"key": keys, "source": [source] * len(keys)}))
+    shuffle = Shuffle(str(tmp_path / "work"), sources=5, partitions=4, destinations=5)
+    shuffle.run(_groups_of(tables, 4), count_keys, desc="test", workers=1)
+    rows = pa.concat_tables([shuffle.read(d) for d in range(5)]).to_pylist()
+    expected: dict[str, list[int]] = {}
+    for table in tables:
+        for key, source in zip(table["key"].to_pylist(), table["source"].to_pylist()):
+            expected.setdefault(key, []).append(source)
+    assert sorted((r["key"], r["count"]) for r in rows) == sorted((k, len(v)) for k, v in expected.items())
+    assert len({r["key"] for r in rows}) == len(rows)  # each key reduced once: all its rows met in one partition
+    for destination in range(5):  # each key went to the destination its reduce chose
+        assert {r["key"] for r in shuffle.read(destination).to_pylist()} == {
+            k for k, v in expected.items() if min(v) == destination
+        }
+
+    # a killed run: one map output and one reduce output lost; a re-run redoes those two only
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("*.arrow")}
+    (tmp_path / "work" / "map" / "00000003.arrow").unlink()
+    (tmp_path / "work" / "reduce" / "00001.arrow").unlink()
+    shuffle.run(_groups_of(tables, 4), count_keys, desc="test", workers=1)
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").rglob("*.arrow")}
+    changed = sorted(p.name for p in after if after[p] != before.get(p))
+    assert changed == ["00000003.arrow", "00001.arrow"]
+    assert sorted(map(str, pa.concat_tables([shuffle.read(d) for d in range(5)]).to_pylist()), key=str) == sorted(
+        map(str, rows), key=str
+    )
+
+    # every reduce output present: nothing is redone, not even the map pass
+    (tmp_path / "work" / "map" / "00000000.arrow").unlink()
+    shuffle.run(_groups_of(tables, 4), count_keys, desc="test", workers=1)
+    assert not (tmp_path / "work" / "map" / "00000000.arrow").exists()
+
+    # a folder holding another plan (other partition count) is started afresh
+    other = Shuffle(str(tmp_path / "work"), sources=5, partitions=3, destinations=5)
+    other.run(_groups_of(tables, 3), count_keys, desc="test", workers=1)
+    assert sorted(p.name for p in (tmp_path / "work" / "reduce").iterdir()) == [f"{p:05d}.arrow" for p in range(3)]
+    assert sum(other.read(d).num_rows for d in range(5)) == len(expected)
+
+
+def test_bad_group_numbers_are_refused(tmp_path: Path) -> None:
+    table = pa.table({"key": ["a", "b"]})
+    shuffle = Shuffle(str(tmp_path / "work"), sources=1, partitions=2, destinations=1)
+    with pytest.raises(ValueError, match="group numbers must be in 0..1"):
+        shuffle.run(lambda s: (table, np.array([0, 2])), count_keys, desc="test", workers=1)
