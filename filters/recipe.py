@@ -41,7 +41,7 @@ from clipsift import __version__
 from clipsift.files import file_sha256, open_fs, write_atomic, write_json_atomic
 from clipsift.filters.base import Artifact, Context, Filter, Inputs, RecipeError, ShardData
 from clipsift.filters.registry import known_filters, make_filter
-from clipsift.filters.subset import encode_uids, write_subset
+from clipsift.filters.subset import encode_uids, write_subset_from
 from clipsift.pipeline.parallel import map_shards
 from clipsift.pipeline.pool import Pool
 
@@ -258,18 +258,16 @@ def apply_recipe(
     ).hexdigest()[:16]
     runner = RecipeRunner(pool, f"{work_root}/{fingerprint}", workers, address)
     final = runner.evaluate(recipe.root, None)
-    pairs = np.concatenate(
-        [encode_uids(pool.metadata(s, ["uid"]).column("uid"))[final.mask(s)] for s in pool.shard_ids()]
-        or [encode_uids([])]
+    num_uids, npy_sha = write_subset_from(  # the subset held once (16 B a kept uid), never a copy of it
+        out, lambda: (encode_uids(pool.metadata(s, ["uid"]).column("uid"))[final.mask(s)] for s in pool.shard_ids())
     )
-    npy_sha = write_subset(out, pairs)
     info = {
         "recipe": recipe.resolved(),
         "recipe_source": recipe.source,
         "pool": pool.url,
         "embeddings": pool.embeddings_url,  # absolute: the report may run elsewhere
         "pool_json_sha256": pool_sha,
-        "num_uids": int(len(pairs)),
+        "num_uids": num_uids,
         "npy_sha256": npy_sha,
         "steps": [vars(step) for step in runner.reports],
         **_artifact_files(recipe),  # "centroids": the file each image_cluster step read or wrote
@@ -281,7 +279,7 @@ def apply_recipe(
     work_fs, work_path = open_fs(work_root)
     if work_fs.exists(work_path):
         work_fs.rm(work_path, recursive=True)
-    return FilterResult(out, info_path, len(pairs), npy_sha, runner.reports, time.perf_counter() - started, info)
+    return FilterResult(out, info_path, num_uids, npy_sha, runner.reports, time.perf_counter() - started, info)
 
 
 def _artifact_files(recipe: Recipe) -> dict[str, dict[str, dict[str, str]]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import io
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +101,46 @@ def sort_subset(pairs: np.ndarray) -> np.ndarray:
 
 def write_subset(url: str, pairs: np.ndarray) -> str:
     """Sort and save `pairs` with np.save, atomically; returns the file's sha256."""
-    ordered = sort_subset(pairs)
+    return _save_sorted(url, sort_subset(pairs))
+
+
+BIN_BITS = 16  # uids are binned by the top bits of their first word before the in-memory sort
+SORT_GROUP = 1 << 20  # uids sorted at a time: sort_subset's temporaries (24 B a uid) stay this small
+
+
+def write_subset_from(url: str, batches: Callable[[], Iterable[np.ndarray]]) -> tuple[int, str]:
+    """Save the uids of all `batches()` (SUBSET_DTYPE arrays, e.g. a pool's kept uids shard by shard) as a sorted
+    subset, atomically; returns (uids, the file's sha256). Holds the subset once, 16 B a uid, and no copy of it:
+    a first pass counts the uids per bin of their top bits, the second puts each in its bin's place in the array,
+    then runs of bins are sorted one at a time. `batches` is called twice."""
+    counts = np.zeros(1 << BIN_BITS, np.int64)
+    for batch in batches():
+        counts += np.bincount(_bins(batch), minlength=len(counts))
+    ends = np.cumsum(counts)
+    ordered = np.empty(int(ends[-1]), SUBSET_DTYPE)
+    free = ends - counts  # the next free place of each bin
+    for batch in batches():
+        bins = _bins(batch)
+        order = np.argsort(bins, kind="stable")
+        per_bin = np.bincount(bins, minlength=len(counts))
+        first = np.cumsum(per_bin) - per_bin  # where each bin starts in this batch's bin order
+        placed = bins[order]
+        ordered[free[placed] + np.arange(len(order)) - first[placed]] = batch[order]
+        free += per_bin
+    if not np.array_equal(free, ends):
+        raise ClipsiftError("the uid batches changed between the two passes over them")
+    cuts = np.flatnonzero(np.diff(ends // SORT_GROUP)) + 1  # whole bins per group, about SORT_GROUP uids each
+    for start, stop in zip([0, *ends[cuts - 1].tolist()], [*ends[cuts - 1].tolist(), len(ordered)]):
+        if stop - start > 1:
+            ordered[start:stop] = sort_subset(ordered[start:stop])
+    return len(ordered), _save_sorted(url, ordered)
+
+
+def _bins(pairs: np.ndarray) -> np.ndarray:
+    return (as_subset_array(pairs, "uid array")["f0"] >> np.uint64(64 - BIN_BITS)).astype(np.intp)
+
+
+def _save_sorted(url: str, ordered: np.ndarray) -> str:
     fs, path = open_fs(url)
     if "/" in path:
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
@@ -140,11 +180,21 @@ def subset_counts(subset: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 
 
 def unique_counts(ordered: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct uids, how often each appears) of a sorted subset."""
+    """(distinct uids, how often each appears) of a sorted subset. A subset without repeats is returned as it is
+    (no copy), with counts of one byte each."""
     if len(ordered) == 0:
         return ordered, np.zeros(0, np.int64)
-    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+    first = np.concatenate([[True], ordered[1:] != ordered[:-1]])
+    if first.all():
+        return ordered, np.ones(len(ordered), np.uint8)
+    starts = np.flatnonzero(first)
     return ordered[starts], np.diff(np.append(starts, len(ordered)))
+
+
+def is_sorted(pairs: np.ndarray) -> bool:
+    """Whether a SUBSET_DTYPE array is in (f0, f1) order (a byte per uid of temporaries, no copy)."""
+    f0, f1 = pairs["f0"], pairs["f1"]
+    return bool(np.all((f0[1:] > f0[:-1]) | ((f0[1:] == f0[:-1]) & (f1[1:] >= f1[:-1]))))
 
 
 @dataclass

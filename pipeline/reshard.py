@@ -7,14 +7,17 @@ key. Images and captions are copied as stored (no re-encoding); metadata rows ca
 new key.
 
 Plan: one pass over the pool's uid columns counts each row's copies, which fixes the global output
-order; output shard j holds samples [j*S, (j+1)*S) of it, so every shard but the last is full. Each
-output shard is one Ray task that copies from the input tars overlapping its range, column-wise: no
-Python step per tar member (docs/pool-format.md, "How reshard moves bytes"); shards already
-complete are skipped, so a killed reshard re-run writes only what is missing.
+order; output shard j holds samples [j*S, (j+1)*S) of it, so every shard but the last is full. The
+pass writes each input shard's kept rows and their copies to OUT/.plan/ (removed at the end), so the
+subset is held by this process alone, once when it is sorted already. Each output shard is one Ray
+task that reads the plans of the input shards overlapping its range and copies from their tars,
+column-wise: no Python step per tar member (docs/pool-format.md, "How reshard moves bytes"); shards
+already complete are skipped, so a killed reshard re-run writes only what is missing.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 import time
@@ -26,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 
 from clipsift import ClipsiftError, __version__
-from clipsift.files import content_sha256, file_sha256, open_fs, write_json_atomic
-from clipsift.filters.subset import decode_uids, encode_uids, read_subset, sort_subset, unique_counts
+from clipsift.files import content_sha256, file_sha256, open_fs, write_atomic, write_json_atomic
+from clipsift.filters.subset import decode_uids, encode_uids, is_sorted, read_subset, sort_subset, unique_counts
 from clipsift.pipeline.pool import (
     Pool,
     PoolFormatError,
@@ -88,13 +91,37 @@ def plan_segments(totals: list[int], shards: list[str], shard_size: int) -> list
     return plan
 
 
+PLAN_DIR = ".plan"  # in the output folder while it is written: each input shard's kept rows and their copies
+
+
+def save_copies(out: str, shard: str, copies: np.ndarray) -> None:
+    """Input shard `shard`'s kept rows and how often each is written, as (row, copies) uint32 pairs, for the tasks
+    that copy from it: each task reads its own input shards' plans, none holds the subset."""
+    rows = np.flatnonzero(copies)
+    buffer = io.BytesIO()
+    np.save(buffer, np.stack([rows, copies[rows]]).astype(np.uint32))
+    fs, root = open_fs(out)
+    fs.makedirs(f"{root}/{PLAN_DIR}", exist_ok=True)
+    write_atomic(fs, f"{root}/{PLAN_DIR}/{shard}.npy", lambda handle: handle.write(buffer.getvalue()))
+
+
+def load_copies(out: str, shard: str, num_rows: int) -> np.ndarray:
+    """The copies of each of input shard `shard`'s rows (int64, zero for rows not kept)."""
+    fs, root = open_fs(out)
+    with fs.open(f"{root}/{PLAN_DIR}/{shard}.npy", "rb") as handle:
+        rows, counts = np.load(io.BytesIO(handle.read())).astype(np.int64)
+    copies = np.zeros(num_rows, np.int64)
+    copies[rows] = counts
+    return copies
+
+
 @dataclass(frozen=True)
 class _Fill:
-    """Writes output shard `index` from its segments (a picklable callable for Ray tasks)."""
+    """Writes output shard `index` from its segments (a picklable callable for Ray tasks); the rows it copies come
+    from the plan files in `out` (O(shard) per task, whatever the subset's size)."""
 
     pool_url: str
-    subset_unique: np.ndarray
-    repeats: np.ndarray
+    out: str
     plan: list[list[Segment]]
 
     def __call__(self, index: int, writer: ShardWriter) -> None:
@@ -106,7 +133,7 @@ class _Fill:
         """Write output copies [skip, skip + take) of input shard `shard`: the rows are taken from its metadata
         table column-wise, the images go to the writer as views of the input tar (a local one mapped whole)."""
         table = pool.metadata(shard)
-        copies, _ = row_copies(self.subset_unique, self.repeats, table.column("uid"))
+        copies = load_copies(self.out, shard, table.num_rows)
         ends = np.cumsum(copies)  # output copies of this shard up to and including each row
         counts = np.clip(
             np.minimum(ends, skip + take) - np.maximum(ends - copies, skip), 0, None
@@ -195,15 +222,23 @@ def reshard(
         raise ClipsiftError(f"--shard-size must be at least 1, got {shard_size}")
     pool = Pool(pool_url)
     info = pool.info
-    subset = sort_subset(read_subset(subset_path))
-    unique, repeats = unique_counts(subset)
+    subset = read_subset(subset_path)
+    num_uids = len(subset)
+    unique, repeats = unique_counts(subset if is_sorted(subset) else sort_subset(subset))  # no copy when sorted
+    del subset
     shards = pool.shard_ids()
+    _remove_stale_temporaries(out)
     totals, found = [], np.zeros(len(unique), bool)
-    for shard in shards:
+    for shard in shards:  # the one pass that holds the subset: each input shard's copies go to a plan file
         copies, matched = row_copies(unique, repeats, pool.metadata(shard, ["uid"]).column("uid"))
         totals.append(int(copies.sum()))
         found[matched] = True
+        if totals[-1]:
+            save_copies(out, shard, copies)
     plan = plan_segments(totals, shards, shard_size)
+    missing = np.flatnonzero(~found)
+    missing_examples, uids_may_repeat = decode_uids(unique[missing[:5]]), bool(np.any(repeats > 1))
+    del unique, repeats, found
     subset_fs, subset_file = open_fs(subset_path)
     subset_sha = file_sha256(subset_fs, subset_file)
     pool_sha = file_sha256(pool.fs, pool.path("pool.json"))
@@ -215,19 +250,20 @@ def reshard(
         "subset_sha256": subset_sha,
     }
     params = {**source, "shard_size": shard_size, "sources": [source]}
-    _remove_stale_temporaries(out)
     written = build_pool(
         out,
         name=f"{info.get('name', 'pool')}-subset",
         params=params,
         num_shards=len(plan),
-        fill=_Fill(pool.url, unique, repeats, plan),
+        fill=_Fill(pool.url, out, plan),
         desc="reshard",
         workers=workers,
         address=address,
-        uids_may_repeat=bool(np.any(repeats > 1)),
+        uids_may_repeat=uids_may_repeat,
     )
-    missing = unique[~found]
+    fs, root = open_fs(out)
+    if fs.exists(f"{root}/{PLAN_DIR}"):
+        fs.rm(f"{root}/{PLAN_DIR}", recursive=True)
     result_pool = Pool(out)
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -235,7 +271,7 @@ def reshard(
         "pool_json_sha256": pool_sha,
         "subset": subset_path,
         "subset_sha256": subset_sha,
-        "subset_uids": int(len(subset)),
+        "subset_uids": num_uids,
         "missing_uids": int(len(missing)),
         "num_samples": written["num_samples"],
         "num_shards": written["num_shards"],
@@ -246,7 +282,6 @@ def reshard(
         "clipsift_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    fs, root = open_fs(out)
     write_json_atomic(fs, f"{root}/manifest.json", manifest)
     input_bytes = sum(pool.fs.size(pool.tar_path(s)) for s in shards)
     return ReshardResult(
@@ -254,9 +289,9 @@ def reshard(
         f"{root}/manifest.json",
         written["num_samples"],
         written["num_shards"],
-        len(subset),
+        num_uids,
         len(missing),
-        decode_uids(missing[:5]),
+        missing_examples,
         input_bytes,
         time.perf_counter() - started,
         content_sha256(manifest),
@@ -266,7 +301,7 @@ def reshard(
 def _remove_stale_temporaries(out: str) -> None:
     """Temporary files left by a killed run (a clean failure removes its own)."""
     fs, root = open_fs(out)
-    for pattern in ("shards/*.tmp-*", "metadata/*.tmp-*", "*.tmp-*"):
+    for pattern in ("shards/*.tmp-*", "metadata/*.tmp-*", f"{PLAN_DIR}/*.tmp-*", "*.tmp-*"):
         for path in fs.glob(f"{root}/{pattern}"):
             fs.rm(path)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ import pyarrow as pa
 import pytest
 
 from clipsift import ClipsiftError
+from clipsift.filters import subset
+from clipsift.filters.recipe import apply_recipe, load_recipe
 from clipsift.filters.subset import (
     SUBSET_DTYPE,
     decode_uids,
@@ -21,7 +24,7 @@ from clipsift.filters.subset import (
     subset_info,
     write_subset,
 )
-from clipsift.pipeline.pool import derive_uid
+from clipsift.pipeline.pool import BASE_SCHEMA, Pool, derive_uid, finalize_pool, write_metadata
 
 UIDS = [derive_uid(f"u{i}") for i in range(50)] + ["0" * 32, "f" * 32, "00000000000000010000000000000000"]
 
@@ -103,3 +106,53 @@ def test_sort_subset_orders_by_both_words(case: str) -> None:
     expected = sorted(zip(f0.tolist(), f1.tolist()))
     assert list(zip(*(sort_subset(pairs)[name].tolist() for name in ("f0", "f1")))) == expected
     assert len(sort_subset(pairs[:0])) == 0 and sort_subset(pairs[:1]).tolist() == pairs[:1].tolist()
+
+
+@pytest.mark.parametrize("case", ["random", "repeated", "one_bin", "empty"])
+def test_a_subset_written_from_batches_equals_one_written_whole(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(subset, "SORT_GROUP", 1_000)  # many groups of bins, each sorted on its own
+    rng = np.random.default_rng(len(case))
+    n = 0 if case == "empty" else 20_000
+    pairs = rng.integers(0, 2**64 - 1, (n, 2), dtype=np.uint64, endpoint=True).view(SUBSET_DTYPE).reshape(n)
+    if case == "repeated":
+        pairs = pairs[rng.integers(0, n // 10, n)]
+    if case == "one_bin":  # every uid in the same bin of top bits: one group larger than SORT_GROUP
+        pairs["f0"] = (pairs["f0"] >> np.uint64(16)) | np.uint64(0xABCD << 48)
+    batches = np.array_split(pairs, 7)
+    count, sha = subset.write_subset_from(str(tmp_path / "streamed.npy"), lambda: iter(batches))
+    assert (count, sha) == (n, write_subset(str(tmp_path / "whole.npy"), pairs))
+    assert (tmp_path / "streamed.npy").read_bytes() == (tmp_path / "whole.npy").read_bytes()
+
+
+def metadata_only_pool(root: Path, rows: int, shard_rows: int = 100_000) -> str:
+    rng = np.random.default_rng(rows)
+    for index, start in enumerate(range(0, rows, shard_rows)):
+        n = min(shard_rows, rows - start)
+        digits = rng.bytes(16 * n).hex()
+        uids = pa.array([digits[i : i + 32] for i in range(0, 32 * n, 32)])
+        table = pa.table({name: pa.nulls(n, field.type) for name, field in zip(BASE_SCHEMA.names, BASE_SCHEMA)})
+        write_metadata(str(root), index, table.set_column(0, "uid", uids))
+    finalize_pool(str(root), "memory", [{"kind": "test"}])
+    return str(root)
+
+
+def test_filtering_holds_the_subset_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20's goal: a process's memory grows by at most 24 B per added pool row; the subset itself is 16 B a
+    kept uid. Every row is kept here, so the driver's numpy peak may grow 16 B a row, not the 48+ B of a
+    concatenated copy of the kept uids plus the sort's copies."""
+    monkeypatch.setattr(subset, "SORT_GROUP", 1 << 16)  # the sort's temporaries: fixed, as on a big pool
+    (tmp_path / "all.yaml").write_text("steps: [no_filter]\n")
+    recipe = load_recipe(str(tmp_path / "all.yaml"))
+    peaks = {}
+    for rows in (300_000, 900_000):
+        pool = metadata_only_pool(tmp_path / f"pool-{rows}", rows)
+        tracemalloc.start()  # numpy's arrays are traced; Arrow's buffers (one shard at a time) are not
+        result = apply_recipe(pool, recipe, str(tmp_path / f"all-{rows}.npy"), workers=1)
+        peaks[rows] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert result.num_uids == rows
+        assert np.array_equal(read_subset(result.subset), sort_subset(encode_uids(Pool(pool).uids())))
+    growth = (peaks[900_000] - peaks[300_000]) / 600_000
+    assert growth <= 20, f"the filter's peak grew {growth:.1f} B per added row (16 B: the subset itself)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -93,6 +94,29 @@ def test_reshard_writes_exactly_the_subset_with_multiplicity(tmp_path: Path, sou
     assert manifest["subset_sha256"] == __import__("hashlib").sha256(subset.read_bytes()).hexdigest()
     assert check_pool(str(tmp_path / "out"), workers=1).ok  # a valid pool, repeated uids allowed
     assert out.metadata("00000000").column("score").to_pylist()[0] == 0.0  # extra columns carried over
+
+
+def test_reshard_tasks_do_not_carry_the_subset(tmp_path: Path, source, monkeypatch) -> None:
+    """Issue 20: a task's memory is bounded by its shards, not by the subset (3.84B kept uids at xlarge, 92 GB as
+    distinct uids and counts). The function sent to every task is the same size whatever the subset holds, and the
+    plan files it reads are gone once the output is complete."""
+    pool, wanted, _ = source
+    sent = {}
+    real_build = reshard_module.build_pool
+
+    def build_pool(out: str, **kwargs):
+        sent[out] = len(pickle.dumps(kwargs["fill"]))
+        return real_build(out, **kwargs)
+
+    monkeypatch.setattr(reshard_module, "build_pool", build_pool)
+    big = tmp_path / "big.npy"  # the same uids, plus 100,000 the pool lacks
+    write_subset(str(big), encode_uids(wanted + [derive_uid(f"absent {i}") for i in range(100_000)]))
+    small_out, big_out = tmp_path / "small", tmp_path / "big"
+    reshard(str(pool), str(source[2]), str(small_out), shard_size=4, workers=1)
+    result = reshard(str(pool), str(big), str(big_out), shard_size=4, workers=1)
+    assert abs(sent[str(big_out)] - sent[str(small_out)]) < 64 and sent[str(big_out)] < 2_000  # paths differ
+    assert output_samples(big_out) == output_samples(small_out) and result.missing_uids == 100_001
+    assert not (big_out / reshard_module.PLAN_DIR).exists()
 
 
 def test_reshard_resumes_after_a_failure_mid_shard(tmp_path: Path, source, monkeypatch) -> None:
