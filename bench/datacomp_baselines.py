@@ -34,7 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from datacomp_fixture import fasttext_tokenize, make_datacomp_download  # noqa: E402  (after the sys.path line)
+from datacomp_fixture import LEXNAMES, fasttext_tokenize, make_datacomp_download  # noqa: E402  (after the sys.path line)
 
 BASELINES = (
     "no_filter",
@@ -46,14 +46,6 @@ BASELINES = (
     "image_based",
     "image_based_intersect_clip_score",
 )
-LEXNAMES = (
-    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body noun.cognition "
-    "noun.communication noun.event noun.feeling noun.food noun.group noun.location noun.motive noun.object "
-    "noun.person noun.phenomenon noun.plant noun.possession noun.process noun.quantity noun.relation noun.shape "
-    "noun.state noun.substance noun.time verb.body verb.change verb.cognition verb.communication verb.competition "
-    "verb.consumption verb.contact verb.creation verb.emotion verb.motion verb.perception verb.possession "
-    "verb.social verb.stative verb.weather adj.ppl"
-).split()
 
 
 # --------------------------------------------------------------------------- clipsift

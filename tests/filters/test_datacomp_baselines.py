@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
-from datacomp_fixture import DatacompDownload, fasttext_tokenize, make_datacomp_download
+from datacomp_fixture import LEXNAMES, DatacompDownload, fasttext_tokenize, make_datacomp_download
 
 from clipsift.filters import wordnet
 from clipsift.filters.base import RecipeError
@@ -29,15 +29,6 @@ from clipsift.filters.wordnet import first_synset_offset, imagenet21k_offsets
 from clipsift.pipeline.pool import Pool
 
 from conftest import clipsift
-
-LEXNAMES = (  # WordNet 3.0's lexicographer files, which nltk's reader wants beside the index files
-    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body noun.cognition "
-    "noun.communication noun.event noun.feeling noun.food noun.group noun.location noun.motive noun.object "
-    "noun.person noun.phenomenon noun.plant noun.possession noun.process noun.quantity noun.relation noun.shape "
-    "noun.state noun.substance noun.time verb.body verb.change verb.cognition verb.communication verb.competition "
-    "verb.consumption verb.contact verb.creation verb.emotion verb.motion verb.perception verb.possession "
-    "verb.social verb.stative verb.weather adj.ppl"
-).split()
 
 
 @pytest.fixture(scope="module")
