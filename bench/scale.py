@@ -66,7 +66,7 @@ WORDS = (
     "child shirt dress logo vector illustration free download stock image png jpg with and on in at for"
 ).split()
 CASES = ("clip_score", "basic", "dedup_sha256", "dedup_embedding", "image_cluster", "decontaminate", "reshard")
-KMEANS_SAMPLE, K, EVAL_ROWS, TARGET_ROWS = 256_000, 1000, 2000, 1000
+K, EVAL_ROWS, TARGET_ROWS = 1000, 2000, 1000
 
 
 # --------------------------------------------------------------------------- rows as functions of their position
@@ -228,14 +228,13 @@ def make_references(scratch: Path, smallest: int, dim: int) -> tuple[Path, Path]
 
 
 def recipe(case: str, rows: int, eval_file: Path, targets_file: Path) -> str:
-    subsample = min(1.0, KMEANS_SAMPLE / rows)  # a fixed-size k-means sample, as DataComp does at large/xlarge
     return {
         "clip_score": f"[{{clip_score: {{model_id: {MODEL}, fraction: 0.3}}}}]",
         "basic": "[{basic: {language: null}}]",
         "dedup_sha256": "[{dedup: {by: sha256}}]",
         "dedup_embedding": f"[{{dedup: {{by: embedding, model_id: {MODEL}, threshold: 0.98}}}}]",
-        "image_cluster": f"[{{image_cluster: {{model_id: {MODEL}, targets: '{targets_file}', k: {K}, "
-        f"subsample: {subsample:.6f}}}}}]",
+        # the k-means sample: at most 256 x K rows (image_cluster's max_points_per_centroid), whatever the pool
+        "image_cluster": f"[{{image_cluster: {{model_id: {MODEL}, targets: '{targets_file}', k: {K}}}}}]",
         "decontaminate": f"[{{decontaminate: {{model_id: {MODEL}, eval: '{eval_file}', threshold: 0.95}}}}]",
     }[case]
 

@@ -111,6 +111,9 @@ def prepare(out: Path, scale: str, filternet_scale: str, workers: int | None) ->
         "reference": str(reference),
         "model_id": net.model_id,
         "truth": str(out / "truth.parquet"),
+        "suite": "tiny",
+        "suite_name": "tiny",
+        "data_dir": str(out / "tiny-suite"),
     }
 
 
@@ -145,7 +148,8 @@ def against_truth(subset: Path, truth: str) -> tuple[int, float, float]:
 
 
 def train_and_evaluate(setup: dict, out: Path, scale: str, subset: Path, seed: int, workers: int | None) -> float:
-    """The tiny-suite average of the scale's recipe trained on the subset with this seed."""
+    """The suite's average (the tiny suite, or --real's held-out suite) of the scale's recipe trained on the
+    subset with this seed."""
     shards = out / "shards" / subset.stem
     run = out / "runs" / f"{subset.stem}_seed{seed}"
     summary = run / "eval" / "summary.json"
@@ -154,16 +158,28 @@ def train_and_evaluate(setup: dict, out: Path, scale: str, subset: Path, seed: i
             setup["pool"], str(subset), str(shards), shard_size=1024 if scale == "xs" else 5_000, workers=workers
         )
         train(scale, [(resharded.out, 1.0)], str(run), infra=Infra(workers=1, seed=seed))
-        result = evaluate(str(run), "tiny", data_dir=str(out / "tiny-suite"))
+        result = evaluate(str(run), setup["suite"], data_dir=setup["data_dir"])
         if result.failed:
-            raise SystemExit(f"{run}: tiny-suite evaluation failed: {result.failed[0]}")
-    return float(json.loads(summary.read_text())["suites"]["tiny"]["average"])
+            raise SystemExit(f"{run}: evaluation failed: {result.failed[0]}")
+    return float(json.loads(summary.read_text())["suites"][setup["suite_name"]]["average"])
 
 
 def run_benchmark(
-    out: Path, scale: str, recipes: list[str], seeds: list[int], filternet_scale: str, workers: int | None = None
+    out: Path,
+    scale: str,
+    recipes: list[str],
+    seeds: list[int],
+    filternet_scale: str,
+    workers: int | None = None,
+    real: Path | None = None,
+    noise: float = 0.5,
 ) -> list[RecipeOutcome]:
-    setup = prepare(out, scale, filternet_scale, workers)
+    if real is None:
+        setup = prepare(out, scale, filternet_scale, workers)
+    else:
+        from noisy_folder import prepare_real
+
+        setup = prepare_real(real, out, noise, 0, filternet_scale, workers)
     outcomes = []
     for name in recipes:
         outcome = None
@@ -172,7 +188,7 @@ def run_benchmark(
             if outcome is None:
                 outcome = RecipeOutcome(name, *against_truth(subset, setup["truth"]))
             outcome.averages[seed] = train_and_evaluate(setup, out, scale, subset, seed, workers)
-            print(f"{name} seed {seed}: tiny-suite average {outcome.averages[seed]:.4f}", flush=True)
+            print(f"{name} seed {seed}: suite average {outcome.averages[seed]:.4f}", flush=True)
         outcomes.append(outcome)
     (out / "results.json").write_text(json.dumps([vars(o) for o in outcomes], indent=1), encoding="utf-8")
     return outcomes
@@ -180,7 +196,7 @@ def run_benchmark(
 
 def table(outcomes: list[RecipeOutcome]) -> str:
     lines = [
-        f"{'recipe':34} {'kept':>7} {'precision':>9} {'recall':>7}   tiny-suite average",
+        f"{'recipe':34} {'kept':>7} {'precision':>9} {'recall':>7}   suite average",
         f"{'-' * 34} {'-' * 7} {'-' * 9} {'-' * 7}   {'-' * 24}",
     ]
     for o in sorted(outcomes, key=lambda o: -o.mean):
@@ -205,10 +221,20 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="Default: bench-tiny-filtering-<scale>/ (resumes).")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument(
+        "--real",
+        type=Path,
+        default=None,
+        help="A folder of real images (one sub-folder per class, same-stem .txt captions) to use instead of the "
+        "synthetic pool: split, made noisy and evaluated on its held-out part (bench/noisy_folder.py).",
+    )
+    parser.add_argument("--noise", type=float, default=0.5, help="--real: the share of train captions made noisy.")
     args = parser.parse_args()
     out = args.out or Path(f"bench-tiny-filtering-{args.scale}")
     started = time.perf_counter()
-    outcomes = run_benchmark(out, args.scale, args.recipes, args.seeds, args.filternet_scale, args.workers)
+    outcomes = run_benchmark(
+        out, args.scale, args.recipes, args.seeds, args.filternet_scale, args.workers, args.real, args.noise
+    )
     print(
         f"\nscale {args.scale}, seeds {args.seeds}, {time.perf_counter() - started:.0f} s (resumed work not counted)\n"
     )

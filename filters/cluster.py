@@ -6,8 +6,9 @@ centroids, or those of an earlier run, can be given). Every target embedding (a 
 scored with the same model) is assigned to its nearest centroid by inner product; a pool row is
 kept when its own nearest centroid received at least one target. The pool assignment runs shard
 by shard (Ray tasks, like every per-shard step), the centroids sent to them once; the k-means sample
-(`subsample` of the input rows) is read by per-shard tasks too, and only the sample and the
-targets are ever held in one process.
+(`subsample` of the input rows, at most `max_points_per_centroid` x k of them: faiss's own default
+cap, 256) is read by per-shard tasks too, and only the sample and the targets are ever held in one
+process: O(k x 256 x D) whatever the pool's size.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from clipsift.files import open_fs, write_atomic
 from clipsift.filters.base import Artifact, Clusters, Context, Filter, RecipeError, ShardData, register, require
+from clipsift.filters.dedup import input_rows
 from clipsift.filters.vectors import (
     check_dim,
     check_source,
@@ -44,6 +46,7 @@ class ImageCluster(Filter):
     iterations: int = 20
     seed: int = 0
     subsample: float = 1.0
+    max_points_per_centroid: int | None = 256  # None: every (subsampled) input row, as DataComp at small/medium
     spherical: bool = False
     centroids: str | None = None  # .npy: read when it exists, else fitted and written there
     targets_model_id: str | None = None
@@ -52,6 +55,8 @@ class ImageCluster(Filter):
         require(self.k is None or self.k > 0, where, f"parameter 'k' must be > 0, got {self.k}")
         require(self.iterations > 0, where, f"parameter 'iterations' must be > 0, got {self.iterations}")
         require(0.0 < self.subsample <= 1.0, where, f"parameter 'subsample' must be in (0, 1], got {self.subsample}")
+        cap = self.max_points_per_centroid
+        require(cap is None or cap > 0, where, f"parameter 'max_points_per_centroid' must be > 0, got {cap}")
 
     def models(self) -> list[str]:
         return [self.model_id]
@@ -89,8 +94,16 @@ class ImageCluster(Filter):
         hit[nearest(ip_index(centroids), targets)[1]] = True
         return centroids, hit
 
+    def sample_rate(self, input_rows: int) -> float:
+        """The share of input rows the k-means fit reads: `subsample`, lowered to hold at most
+        max_points_per_centroid x k rows (the sample then has that size in expectation)."""
+        if self.max_points_per_centroid is None or input_rows == 0:
+            return self.subsample
+        return min(self.subsample, self.max_points_per_centroid * self.k / input_rows)
+
     def _fit(self, context: Context) -> np.ndarray:
-        train = sample_vectors(context, self.model_id, self.subsample, self.seed, "image_cluster: k-means sample")
+        rate = self.sample_rate(input_rows(context))
+        train = sample_vectors(context, self.model_id, rate, self.seed, "image_cluster: k-means sample")
         if len(train) < self.k:
             raise RecipeError(
                 f"image_cluster: {len(train)} embeddings to cluster but k is {self.k}; lower k or subsample less"

@@ -294,6 +294,32 @@ def test_image_cluster_fits_saves_and_reuses_centroids_on_ray(tmp_path: Path) ->
     assert np.array_equal(read_subset(str(tmp_path / "reused.npy")), read_subset(str(out)))
 
 
+def test_image_cluster_fits_on_a_sample_of_fixed_size(tmp_path: Path, monkeypatch) -> None:
+    """The k-means sample holds about max_points_per_centroid x k rows however large the input (and every row
+    with the cap lifted), so the fit's memory does not grow with the pool."""
+    from clipsift.filters import cluster
+
+    rng = np.random.default_rng(8)
+    n, k = 2000, 4
+    pool = build_pool(tmp_path / "pool", [{} for _ in range(n)], per_shard=250)
+    write_model(pool, "m", np.full(n, 0.3, np.float32), unit(rng, n))
+    np.save(tmp_path / "targets.npy", unit(rng, 3))
+    sizes = []
+    fit = cluster.fit_kmeans
+    monkeypatch.setattr(
+        cluster, "fit_kmeans", lambda train, *a, **kw: sizes.append(len(train)) or fit(train, *a, **kw)
+    )
+    for name, cap in (("capped", "max_points_per_centroid: 50"), ("all", "max_points_per_centroid: null")):
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(
+            f"steps: [{{image_cluster: {{model_id: m, targets: {tmp_path}/targets.npy, k: {k}, iterations: 2, "
+            f"{cap}}}}}]"
+        )
+        apply_recipe(pool.url, load_recipe(str(recipe)), str(tmp_path / f"{name}.npy"), workers=1)
+    expected = 50 * k  # each row drawn with probability 200 / 2000: binomial(2000, 0.1), sd 13.4
+    assert abs(sizes[0] - expected) < 5 * 13.4 and sizes[1] == n
+
+
 # --------------------------------------------------------------------------- dedup and decontaminate
 
 
