@@ -242,6 +242,28 @@ def pool_check(
         raise typer.Exit(1)
 
 
+@pool_app.command("columns")
+def pool_columns(
+    name: str = typer.Argument(..., help="The column set: image_quality (blur, entropy, std, brightness)."),
+    pool: str = typer.Argument(..., help="Pool directory or fsspec URL."),
+    folder: str | None = typer.Option(None, "--folder", help="Keep the set here (default POOL/columns/NAME)."),
+    address: str | None = AddressOption,
+    workers: int | None = WorkersOption,
+) -> None:
+    """Compute a column set's missing or outdated shards (the filters that read it then reuse them)."""
+    from clipsift.filters import image_quality
+    from clipsift.pipeline.pool import Pool
+
+    if name != image_quality.NAME:
+        raise ClipsiftError(f"unknown column set {name!r}; known: {image_quality.NAME}")
+    started = time.perf_counter()
+    opened = Pool(pool)
+    columns, computed = image_quality.precompute(opened, folder, workers, address)
+    rows = [("column set", f"{name} (version {columns.version})"), ("folder", columns.folder)]
+    rows += [("shards computed", len(computed)), ("shards reused", len(opened.shard_ids()) - len(computed))]
+    _print_summary("pool columns", [*rows, ("time", f"{time.perf_counter() - started:.1f} s")])
+
+
 @app.command("score")
 def score(
     pool: str = typer.Argument(..., help="Pool directory or fsspec URL."),
@@ -353,6 +375,11 @@ def filter_pool(
         "filter",
         [
             ("subset", f"{out} ({result.num_uids:,} uids)"),
+            *(  # a recipe ending in a weight step lists uids several times
+                [("copies", f"{result.info['num_unique_uids']:,} unique; {_copies_text(result.info['copies'])}")]
+                if "copies" in result.info
+                else []
+            ),
             ("subset.json", result.info_path),
             ("sha256", result.npy_sha256),
             ("time", f"{result.seconds:.1f} s"),
@@ -361,9 +388,32 @@ def filter_pool(
     )
 
 
+@app.command("filters")
+def filters_command() -> None:
+    """List the filters a recipe can name: the built-in ones and plugins (entry points of `clipsift.filters`)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from clipsift.filters.plugins import listed_filters
+
+    table = Table(title="filters", title_justify="left", box=None, pad_edge=False)
+    for column in ("name", "source", "summary"):
+        table.add_column(column)
+    for row in listed_filters():
+        table.add_row(escape(row.name), escape(row.source), escape(row.summary))  # a plugin's text is not markup
+    _console().print(table)
+    _console().print("Also: combinators all, any, not, seq; a filter class of your own as module:Class.")
+
+
+def _copies_text(repeats: dict) -> str:
+    """'1x: 9,000 uids, 2x: 500, 3x: 12': how many uids a subset lists once, twice, ..."""
+    parts = [f"{k}x: {n:,}" for k, n in sorted((int(k), int(n)) for k, n in repeats.items())]
+    return (", ".join(parts) + " uids") if parts else "none"
+
+
 @subset_app.command("info")
 def subset_info_cmd(path: str = typer.Argument(..., help="Subset .npy (ours or a DataComp baseline's).")) -> None:
-    """Count, duplicates and sha256 of a subset file."""
+    """Count, duplicates, how many uids appear 1, 2, ... times, and sha256 of a subset file."""
     from clipsift.filters.subset import subset_info
 
     info = subset_info(path)
@@ -374,6 +424,7 @@ def subset_info_cmd(path: str = typer.Argument(..., help="Subset .npy (ours or a
             ("uids", info.count),
             ("unique", info.unique),
             ("duplicates", f"{info.duplicates:,} (most repeated uid: {info.max_repeat}x)"),
+            ("copies", _copies_text(info.repeats)),
             ("sorted", "yes" if info.sorted else "no"),
             ("sha256", info.sha256),
         ],

@@ -241,14 +241,26 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def make_filter(name: str, params: Any, where: str) -> Filter:
-    """Build filter `name` from recipe params, checking names, types and values."""
-    if name not in REGISTRY:
+def filter_class(name: str, where: str) -> type[Filter]:
+    """The class a recipe's filter name means: a registered filter, else a plugin (filters/plugins.py)."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    from clipsift.filters import plugins  # only for names not registered: it reads the installed entry points
+
+    found = plugins.plugin(name, where)
+    if found is None:
+        entry_points = sorted(plugins.plugin_entry_points())
         raise RecipeError(
-            f"{where}: unknown filter {name!r}; known filters: {', '.join(sorted(REGISTRY))} "
-            "(and the combinators all, any, not, seq)"
+            f"{where}: unknown filter {name!r}; known filters: {', '.join(sorted(REGISTRY))}"
+            + (f"; plugins: {', '.join(entry_points)}" if entry_points else "")
+            + " (and the combinators all, any, not, seq); name a filter class of your own as module:Class"
         )
-    cls = REGISTRY[name]
+    return found.cls
+
+
+def make_filter(name: str, params: Any, where: str) -> Filter:
+    """Build filter `name` (registered, or a plugin) from recipe params, checking names, types and values."""
+    cls = filter_class(name, where)
     params = {} if params is None else params
     if not isinstance(params, dict):
         raise RecipeError(f"{where} ({name}): parameters must be a mapping of name: value, got {params!r}")
@@ -266,6 +278,8 @@ def make_filter(name: str, params: Any, where: str) -> Filter:
         elif _default(f) is dataclasses.MISSING:
             raise RecipeError(f"{where} ({name}): parameter {key!r} is required")
     instance = cls(**values)
+    if REGISTRY.get(name) is not cls:  # a plugin: its steps are labelled as the recipe names it
+        object.__setattr__(instance, "name", name)
     instance.validate(f"{where} ({name})")
     return instance
 

@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 
 from clipsift.files import parquet_file
-from clipsift.filters.base import Context, Filter, RecipeError, ShardData, register, require
+from clipsift.filters.base import Context, Filter, RecipeError, ShardData, register
 from clipsift.filters.metadata import check_language_id, language_ok
-from clipsift.filters.quantile import top_fraction_threshold
+from clipsift.filters.scores import TopFraction, at_least
 from clipsift.pipeline.pool import Pool
 
 DATACOMP_SCORE_COLUMNS = {
@@ -100,7 +100,7 @@ class ScoreSource:
 
 @register
 @dataclass
-class ClipScore(ScoreSource, Filter):
+class ClipScore(TopFraction, ScoreSource, Filter):
     """Keep rows whose score under `model_id` is >= `threshold`, or the top `fraction` of the input.
 
     fraction has DataComp's semantics: threshold = the score at rank int(N * fraction) of the input
@@ -120,12 +120,6 @@ class ClipScore(ScoreSource, Filter):
     scores: str = "auto"
     count_absent: bool = True
 
-    def validate(self, where: str) -> None:
-        if (self.threshold is None) == (self.fraction is None):
-            raise RecipeError(f"{where}: give exactly one of 'threshold' and 'fraction'")
-        if self.fraction is not None:
-            require(0.0 <= self.fraction <= 1.0, where, f"parameter 'fraction' must be in [0, 1], got {self.fraction}")
-
     def check(self, pool: Pool, where: str) -> None:
         self.resolve(pool, where)
 
@@ -135,20 +129,15 @@ class ClipScore(ScoreSource, Filter):
         if self.fraction is None:
             return self.threshold
         absent = column is not None and self.count_absent and context.inputs.whole_pool
-        num_rows = sum(int(rows.sum()) for _, rows in context.iter_data())
-        num_rows += absent_rows(context.pool, column) if absent else 0
-        if num_rows == 0:
-            return float("inf")
-
-        def batches() -> Iterator[np.ndarray]:
-            for data, rows in context.iter_data():
-                yield shard_scores(data, self.model_id, column)[rows]
-            if absent:
-                yield from absent_scores(context.pool, column)
-
         schema = metadata_schema(context.pool) if column else None
         dtype = np.float64 if schema is not None and pa.types.is_float64(schema.field(column).type) else np.float32
-        return top_fraction_threshold(batches, num_rows, self.fraction, dtype=dtype)
+        return self.cutoff(
+            context,
+            lambda data: shard_scores(data, self.model_id, column),
+            dtype,
+            extra_rows=absent_rows(context.pool, column) if absent else 0,
+            extra=(lambda: absent_scores(context.pool, column)) if absent else None,
+        )
 
     def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
         return at_least(shard_scores(data, self.model_id, self.column(data.pool)), state)
@@ -176,9 +165,3 @@ class Laion2b(ScoreSource, Filter):
     def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
         scored = rows & at_least(shard_scores(data, self.model_id, self.column(data.pool)), self.threshold)
         return language_ok(data, self.language, scored, self.language_id)
-
-
-def at_least(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """score >= threshold at the scores' own precision (a stored float32 0.28 passes 0.28); NaN never passes."""
-    with np.errstate(invalid="ignore"):
-        return scores >= scores.dtype.type(threshold)

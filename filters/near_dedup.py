@@ -15,6 +15,8 @@
    each group are dropped. It holds only the rows of such groups (at loose thresholds, where every row reaches
    its next clusters, that is about every row that has a duplicate: 16 bytes each).
 
+`semdedup` (filters/semdedup.py) runs steps 1-3 with spill 1 (`cluster_passes`) and a reduce of its own.
+
 Exactness. A pair (x, y) is found when y's primary cluster is x's primary cluster or one of x's secondary
 clusters (or the other way round). For unit vectors with cosine >= t, |x.c - y.c| <= |x - y| <= d =
 sqrt(2 - 2t) for every unit centroid c, so x's similarity to y's nearest centroid is at least x's best minus
@@ -31,6 +33,7 @@ from __future__ import annotations
 import heapq
 import io
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +44,7 @@ from clipsift.files import open_fs, write_atomic
 from clipsift.filters.base import Context, Inputs, ShardData
 from clipsift.filters.dedup import Dedup, Dropped, components, default_k, input_rows, similar_pairs
 from clipsift.filters.vectors import SEARCH_BATCH, fit_kmeans, normalise, sample_vectors
-from clipsift.pipeline.partition import Shuffle, position, write_batches
+from clipsift.pipeline.partition import ReduceFn, Shuffle, position, write_batches
 from clipsift.pipeline.pool import Pool
 
 ITERATIONS = 10  # k-means iterations (the clusters only need to keep near neighbours together)
@@ -81,30 +84,45 @@ class ClusterPlan:
 
 def prepare_clustered(dedup: Dedup, context: Context) -> Dropped | dict[str, np.ndarray]:
     shards = context.shards()
-    folder = f"{context.workdir}.dedup"
-    plan = _plan(dedup, context, folder)
-    if plan is None:  # no input row has an embedding
+    passes = cluster_passes(
+        dedup,
+        context,
+        lambda plan: _ClusterReduce(dedup.threshold, len(shards)),
+        len(shards) + 1,
+        "dedup by embedding",
+    )
+    if passes is None:  # no input row has an embedding
         return {shard: np.zeros(0, np.int64) for shard in shards}
-    shuffle = Shuffle(f"{folder}/shuffle", len(shards), plan.partitions, len(shards) + 1)
+    shuffle, _ = passes
+    merged = f"{context.workdir}.dedup/merged.arrow"
+    _merge(shuffle, len(shards), merged)
+    return Dropped(shuffle, {shard: i for i, shard in enumerate(shards)}, (merged,))
+
+
+def cluster_passes(
+    dedup: Dedup, context: Context, reducer: Callable[[ClusterPlan], ReduceFn], destinations: int, desc: str
+) -> tuple[Shuffle, ClusterPlan] | None:
+    """Steps 1-3 of a clustered step (the module's note): the plan (kept in CONTEXT.workdir.dedup/), then a map task
+    per shard sending each input row to its clusters' partitions (`dedup.spill` clusters: 1, its nearest only) and
+    a reduce task per partition running `reducer(plan)`, whose output has `destinations` batches. None when no
+    input row has an embedding."""
+    shards = context.shards()
+    folder = f"{context.workdir}.dedup"
+    plan = _plan(dedup, context, folder, desc)
+    if plan is None:
+        return None
+    shuffle = Shuffle(f"{folder}/shuffle", len(shards), plan.partitions, destinations)
     mapper = _ClusterMap(
         context.pool, context.inputs, tuple(shards), dedup.model_id, plan, dedup.spill, reach(dedup.threshold)
     )
-    shuffle.run(
-        mapper,
-        _ClusterReduce(dedup.threshold, len(shards)),
-        desc="dedup by embedding",
-        workers=context.workers,
-        address=context.address,
-    )
-    merged = f"{folder}/merged.arrow"
-    _merge(shuffle, len(shards), merged)
-    return Dropped(shuffle, {shard: i for i, shard in enumerate(shards)}, (merged,))
+    shuffle.run(mapper, reducer(plan), desc=desc, workers=context.workers, address=context.address)
+    return shuffle, plan
 
 
 # --------------------------------------------------------------------------- plan
 
 
-def _plan(dedup: Dedup, context: Context, folder: str) -> ClusterPlan | None:
+def _plan(dedup: Dedup, context: Context, folder: str, desc: str = "dedup by embedding") -> ClusterPlan | None:
     fs, root = open_fs(folder)
     path = f"{root}/plan.npz"
     if fs.exists(path):
@@ -115,7 +133,7 @@ def _plan(dedup: Dedup, context: Context, folder: str) -> ClusterPlan | None:
     k = dedup.k or default_k(rows)
     wanted = dedup.sample or SAMPLE_PER_CLUSTER * k
     sample = sample_vectors(
-        context, dedup.model_id, min(1.0, wanted / max(rows, 1)), dedup.seed, "dedup by embedding: k-means sample"
+        context, dedup.model_id, min(1.0, wanted / max(rows, 1)), dedup.seed, f"{desc}: k-means sample"
     )
     if len(sample) == 0:
         return None
@@ -225,18 +243,12 @@ class _ClusterReduce:
     shards: int
 
     def __call__(self, partition: int, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
-        cluster, pos = table.column("cluster").to_numpy(), table.column("pos").to_numpy()
+        pos = table.column("pos").to_numpy()
         primary = table.column("primary").to_numpy(zero_copy_only=False)
         spilled = table.column("spilled").to_numpy(zero_copy_only=False)
-        vec = table.column("vec").combine_chunks() if table.num_rows else None
-        halves = vec.flatten().to_numpy(zero_copy_only=False).reshape(len(vec), -1) if vec is not None else None
-        order = np.lexsort((pos, cluster))
-        starts = np.flatnonzero(np.diff(cluster[order], prepend=-1)) if len(order) else np.zeros(0, np.int64)
         out_pos, out_label = [], []
         with threadpool_limits(1, user_api="blas"):  # BLAS threads cost more than they give on products this small
-            for start, end in zip(starts, [*starts[1:], len(order)]):
-                rows = order[start:end]
-                vectors = halves[rows].astype(np.float32)
+            for _, rows, vectors in partition_clusters(table):
                 got = _groups(vectors, pos[rows], primary[rows], spilled[rows], self.threshold)
                 out_pos.append(got[0])
                 out_label.append(got[1])
@@ -244,6 +256,21 @@ class _ClusterReduce:
         label = np.concatenate(out_label) if out_label else np.zeros(0, np.int64)
         destination = np.where(label < 0, pos_out >> np.int64(32), self.shards)
         return pa.table({"pos": pa.array(pos_out, pa.int64()), "label": pa.array(label, pa.int64())}), destination
+
+
+def partition_clusters(table: pa.Table) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Each cluster of a partition (map rows: cluster, pos, vec): (cluster, its rows of `table` in pool order, their
+    vectors as float32)."""
+    if not table.num_rows:
+        return
+    cluster, pos = table.column("cluster").to_numpy(), table.column("pos").to_numpy()
+    vec = table.column("vec").combine_chunks()
+    halves = vec.flatten().to_numpy(zero_copy_only=False).reshape(len(vec), -1)
+    order = np.lexsort((pos, cluster))
+    starts = np.flatnonzero(np.diff(cluster[order], prepend=-1))
+    for start, end in zip(starts, [*starts[1:], len(order)]):
+        rows = order[start:end]
+        yield int(cluster[rows[0]]), rows, halves[rows].astype(np.float32)
 
 
 def _groups(

@@ -12,7 +12,9 @@ A recipe::
 A step is a filter name (no parameters), `{filter: {params}}`, or a combinator: `all: [...]`
 (intersection), `any: [...]` (union), `not: step` (input minus what the step keeps), `seq: [...]`
 (in order, each on the survivors). Filters with a global statistic (clip_score fraction, random,
-dedup, image_cluster) compute it over the rows their step sees: a first step sees every row.
+dedup, image_cluster) compute it over the rows their step sees: a first step sees every row. The
+last top-level step may be `weight` (filters/weight.py), which gives rows copies: the subset then
+lists a uid that many times (its per-shard counts are saved beside the step's masks).
 
 The runner checks the whole recipe against the pool (filters, parameters, embeddings folders,
 files) before any work. Each step's per-shard result is saved under OUT.work/ as it completes, so
@@ -40,8 +42,10 @@ import yaml
 from clipsift import __version__
 from clipsift.files import file_sha256, open_fs, write_atomic, write_json_atomic
 from clipsift.filters.base import Artifact, Context, Filter, Inputs, RecipeError, ShardData
+from clipsift.filters.plugins import Shipped, plugin_record, shipped
 from clipsift.filters.registry import known_filters, make_filter
 from clipsift.filters.subset import encode_uids, write_subset_from
+from clipsift.filters.weight import Weighting
 from clipsift.pipeline.parallel import map_shards
 from clipsift.pipeline.pool import Pool
 
@@ -131,6 +135,7 @@ def load_recipe(source: str, overrides: dict[str, str] | None = None) -> Recipe:
     if not isinstance(steps, list) or not steps:
         raise RecipeError(f"recipe {where}: `steps` must be a non-empty list")
     root = Node("", "seq", children=[parse_step(step, str(i + 1), where) for i, step in enumerate(steps)])
+    _check_weights(root, where)
     name = raw.get("name") or where.rsplit("/", 1)[-1].split(".")[0]
     return Recipe(str(name), where, variables, steps, root)
 
@@ -175,6 +180,17 @@ def parse_step(step: Any, path: str, where: str) -> Node:
             raise RecipeError(f"{here} ({name}): needs a non-empty list of steps")
         return Node(path, name, children=[parse_step(s, f"{path}.{i + 1}", where) for i, s in enumerate(body)])
     return Node(path, "filter", filter=make_filter(str(name), body, here))
+
+
+def _check_weights(root: Node, where: str) -> None:
+    """A weight step (filters/weight.py) gives rows copies: only the last top-level step may be one."""
+    for node in root.walk():
+        if isinstance(node.filter, Weighting) and node is not root.children[-1]:
+            raise RecipeError(
+                f"recipe {where}, step {node.path} ({node.filter.name}): a weight step gives each row a number of "
+                "copies, so it must be the last top-level step of a recipe (not inside all/any/not/seq, no step "
+                "after it); move it to the end of `steps:`"
+            )
 
 
 def check_inputs(recipe: Recipe, pool: Pool) -> None:
@@ -249,17 +265,24 @@ def apply_recipe(
     info_path, work_root = output_paths(out)
     _default_artifacts(recipe, out)
     check_inputs(recipe, pool)
+    plugins = _plugins(recipe)
     fingerprint = hashlib.sha256(
-        json.dumps(
-            [recipe.resolved(), pool_sha, *([pool.embeddings_url] if pool.embeddings_url else [])],
+        json.dumps(  # a plugin's version and code are in it: another version does not resume this one's steps
+            [
+                recipe.resolved(),
+                pool_sha,
+                *([pool.embeddings_url] if pool.embeddings_url else []),
+                *([plugins] if plugins else []),
+            ],
             sort_keys=True,
             default=str,
         ).encode()
     ).hexdigest()[:16]
     runner = RecipeRunner(pool, f"{work_root}/{fingerprint}", workers, address)
     final = runner.evaluate(recipe.root, None)
+    copies = Copies.beside(final) if isinstance(recipe.root.children[-1].filter, Weighting) else None
     num_uids, npy_sha = write_subset_from(  # the subset held once (16 B a kept uid), never a copy of it
-        out, lambda: (encode_uids(pool.metadata(s, ["uid"]).column("uid"))[final.mask(s)] for s in pool.shard_ids())
+        out, lambda: (_kept_uids(pool, s, final, copies) for s in pool.shard_ids())
     )
     info = {
         "recipe": recipe.resolved(),
@@ -269,8 +292,10 @@ def apply_recipe(
         "pool_json_sha256": pool_sha,
         "num_uids": num_uids,
         "npy_sha256": npy_sha,
+        **(_copy_counts(pool, final, copies) if copies else {}),  # a weighted subset: unique uids, copies per row
         "steps": [vars(step) for step in runner.reports],
         **_artifact_files(recipe),  # "centroids": the file each image_cluster step read or wrote
+        "plugins": plugins,  # by step path: the class, package and version of each step's own (plugin) filter
         "clipsift_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -280,6 +305,25 @@ def apply_recipe(
     if work_fs.exists(work_path):
         work_fs.rm(work_path, recursive=True)
     return FilterResult(out, info_path, num_uids, npy_sha, runner.reports, time.perf_counter() - started, info)
+
+
+def _kept_uids(pool: Pool, shard: str, final: Masks, copies: Copies | None) -> np.ndarray:
+    """The shard's kept uids, each repeated by its copies when the last step is a weight step."""
+    uids, kept = encode_uids(pool.metadata(shard, ["uid"]).column("uid")), final.mask(shard)
+    return uids[kept] if copies is None else np.repeat(uids[kept], copies.mask(shard)[kept])
+
+
+def _copy_counts(pool: Pool, final: Masks, copies: Copies) -> dict[str, Any]:
+    """subset.json's account of a weighted subset: rows with a copy, and how many rows got 1, 2, ... copies."""
+    histogram = np.zeros(2, np.int64)
+    for shard in pool.shard_ids():
+        counts = np.bincount(copies.mask(shard)[final.mask(shard)])
+        histogram = np.pad(histogram, (0, max(0, len(counts) - len(histogram))))
+        histogram[: len(counts)] += counts
+    return {
+        "num_unique_uids": int(histogram[1:].sum()),
+        "copies": {str(k): int(n) for k, n in enumerate(histogram) if k and n},
+    }
 
 
 def _artifact_files(recipe: Recipe) -> dict[str, dict[str, dict[str, str]]]:
@@ -292,6 +336,12 @@ def _artifact_files(recipe: Recipe) -> dict[str, dict[str, dict[str, str]]]:
             fs, path = open_fs(url)
             files.setdefault(artifact.kind, {})[node.path] = {"path": url, "sha256": file_sha256(fs, path)}
     return files
+
+
+def _plugins(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """{step path: provenance} of the steps whose filter is a plugin (filters/plugins.py)."""
+    records = {node.path: plugin_record(node.filter) for node in recipe.leaves()}
+    return {path: record for path, record in records.items() if record is not None}
 
 
 def _default_artifacts(recipe: Recipe, out: str) -> None:
@@ -317,6 +367,8 @@ def _default_artifacts(recipe: Recipe, out: str) -> None:
 class Masks:
     """A step's result: per shard, which rows it kept (saved as .npy bool arrays in `folder`)."""
 
+    dtype: Any = bool
+
     def __init__(self, folder: str):
         self.folder = folder
         self.fs, self.root = open_fs(folder)
@@ -333,9 +385,19 @@ class Masks:
 
     def save(self, shard: str, mask: np.ndarray) -> None:
         buffer = io.BytesIO()
-        np.save(buffer, np.asarray(mask, bool))
+        np.save(buffer, np.asarray(mask, self.dtype))
         self.fs.makedirs(self.root, exist_ok=True)
         write_atomic(self.fs, self.path(shard), lambda handle: handle.write(buffer.getvalue()))
+
+
+class Copies(Masks):
+    """A weight step's copies of each row (int32 .npy per shard; 0: not kept), in its mask folder's `.copies`."""
+
+    dtype = np.int32
+
+    @classmethod
+    def beside(cls, masks: Masks) -> Copies:
+        return cls(f"{masks.folder}.copies")
 
 
 class RecipeRunner:
@@ -392,9 +454,8 @@ class RecipeRunner:
         if not todo:
             return
         state = self._state(node, masks, out)
-        task = functools.partial(
-            _leaf_task, self.pool, node.filter, state, masks.folder if masks else None, out.folder
-        )
+        filter = shipped(node.filter, f"step {node.path} ({node.filter.name})")
+        task = functools.partial(_leaf_task, self.pool, filter, state, masks.folder if masks else None, out.folder)
         map_shards(
             task,
             todo,
@@ -444,12 +505,20 @@ class RecipeRunner:
             out.save(shard, result)
 
 
-def _leaf_task(pool: Pool, filter: Filter, state: Any, given: str | None, out: str, shard: str) -> int:
+def _leaf_task(pool: Pool, filter: Filter | Shipped, state: Any, given: str | None, out: str, shard: str) -> int:
+    if isinstance(filter, Shipped):
+        filter = filter.filter()
     rows = Masks(given).mask(shard) if given else np.ones(pool.num_rows(shard), bool)
     keep = rows.copy()
-    if rows.any():
-        data = ShardData(pool, shard)
+    data = ShardData(pool, shard) if rows.any() else None
+    if data is not None:
         data.prefetch(filter.columns)
+    if isinstance(filter, Weighting):  # its copies are saved first: a saved mask means the shard is done
+        copies = np.zeros(len(rows), np.int64) if data is None else filter.copies(state, data, rows)
+        copies = np.where(rows, copies, 0)
+        Copies.beside(Masks(out)).save(shard, copies)
+        keep = copies > 0
+    elif data is not None:
         keep &= np.asarray(filter.keep(state, data, rows), bool)
     Masks(out).save(shard, keep)
     return int(keep.sum())

@@ -7,7 +7,21 @@ from __future__ import annotations
 
 import functools
 
-from clipsift.filters import base, clip, cluster, dedup, metadata  # noqa: F401  (the modules that register filters)
+from clipsift.filters import (  # noqa: F401  (the modules that register filters)
+    balance,
+    base,
+    caption_quality,
+    clip,
+    cluster,
+    dedup,
+    external_score,
+    image_quality,
+    metadata,
+    neg_clip_loss,
+    norm_sim,
+    semdedup,
+    weight,
+)
 from clipsift.filters.base import Filter, make_filter  # noqa: F401  (make_filter: build one of them from recipe params)
 
 

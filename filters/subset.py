@@ -11,7 +11,7 @@ import binascii
 import hashlib
 import io
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -206,6 +206,7 @@ class SubsetInfo:
     max_repeat: int
     sorted: bool
     sha256: str
+    repeats: dict[int, int] = field(default_factory=dict)  # k -> how many uids appear k times
 
 
 def subset_info(url: str) -> SubsetInfo:
@@ -222,4 +223,5 @@ def subset_info(url: str) -> SubsetInfo:
         int(counts.max(initial=0)),
         bool(np.array_equal(ordered, pairs)),
         file_sha256(fs, path),
+        {k: int(n) for k, n in enumerate(np.bincount(counts)) if n},
     )

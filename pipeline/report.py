@@ -41,7 +41,7 @@ from clipsift.files import file_sha256, open_fs, parquet_file, read_parquet, wri
 from clipsift.filters.base import RecipeError, ShardData
 from clipsift.filters.clip import ClipScore
 from clipsift.filters.recipe import Node, Recipe, RecipeRunner, StepReport, check_inputs, parse_step
-from clipsift.filters.subset import encode_uids, read_subset, sort_subset
+from clipsift.filters.subset import encode_uids, read_subset, sort_subset, unique_counts
 from clipsift.filters.vectors import ip_index, nearest
 from clipsift.pipeline.pool import Pool, PoolFormatError, image_member
 from clipsift.pipeline.synth import NOISE_MIX
@@ -192,7 +192,10 @@ def replay(
                 "filters changed since the subset was made: re-run `clipsift filter`"
             )
     kept = [encode_uids(pool.metadata(s, ["uid"]).column("uid"))[runner.rows("", s)[1]] for s in pool.shard_ids()]
-    if not np.array_equal(sort_subset(np.concatenate(kept or [encode_uids([])])), sort_subset(read_subset(subset))):
+    stored = sort_subset(read_subset(subset))
+    if "num_unique_uids" in info:  # a weighted recipe lists each kept uid once per copy
+        stored = unique_counts(stored)[0]
+    if not np.array_equal(sort_subset(np.concatenate(kept or [encode_uids([])])), stored):
         raise ReportError(
             f"{subset}: its uids are not the rows its recipe keeps in {pool.url} (was the file edited?); "
             "re-run `clipsift filter` to report on it"

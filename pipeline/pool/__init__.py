@@ -12,7 +12,8 @@ Pools are local paths or fsspec URLs.
 
 Modules: `layout` (format constants, uids, keys, `Sample`), `tar_read` and `tar_write` (webdataset
 tars), `shards` (writing one shard), `build` (making a pool resumably, pool.json), `embeddings`
-(embeddings tables) and `reader` (`Pool`). The generic file helpers are in `clipsift.files`; they
+(embeddings tables), `reader` (`Pool`) and `columns` (column sets: per-row values computed once per shard and
+cached under POOL/columns/, such as image_quality's). The generic file helpers are in `clipsift.files`; they
 are re-exported here for older imports.
 """
 

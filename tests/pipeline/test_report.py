@@ -230,6 +230,21 @@ def test_a_changed_pool_or_a_subset_without_its_json_is_refused(filtered: dict, 
         curation_report(str(tmp_path / "bare.npy"), str(tmp_path / "r.html"))
 
 
+def test_a_weighted_subset_is_reported_by_its_distinct_uids(filtered: dict, tmp_path: Path) -> None:
+    """A weight step lists a uid once per copy; the report checks the distinct uids against the recipe's rows."""
+    root = filtered["root"]
+    recipe = tmp_path / "weighted.yaml"
+    recipe.write_text(
+        "name: weighted\nsteps:\n  - weight: {by: score_quantile, model_id: m, bins: [0.1, 0.2], counts: [3, 2, 0]}\n"
+    )
+    subset = tmp_path / "weighted.npy"
+    apply_recipe(str(root / "pool"), load_recipe(str(recipe)), str(subset), workers=1)
+    listed = read_subset(str(subset))
+    assert len(listed) > len(np.unique(listed))  # repeats, so the old exact comparison would refuse it
+    result = curation_report(str(subset), str(tmp_path / "w.html"), samples=2, seed=0)
+    assert (tmp_path / "w.html").exists() and result is not None
+
+
 def test_entries_at_finds_just_the_asked_samples(tmp_path: Path) -> None:
     """The report reads thumbnails through Pool.entries_at: the header search must equal a full sequential read,
     even when a caption starts with another sample's member name, and defer to the sequential reader otherwise."""
