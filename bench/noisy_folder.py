@@ -120,6 +120,8 @@ def prepare_real(src: Path, out: Path, noise: float, seed: int, filternet_scale:
         "reference": str(out / "target"),
         "model_id": net.model_id,
         "truth": str(truth),
+        "checkpoint": str(net.checkpoint),
+        "filternet_data": str(out / "pool"),
         "suite": str(out / "heldout" / "suite.yaml"),
         "suite_name": "heldout",
         "data_dir": None,

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
@@ -61,6 +62,35 @@ def recipe_steps(name: str, seed: int) -> list:
         return [CAPTION, CLUSTER]
     if name == "image_cluster_and_clip_score_30":
         return [{"all": [{"seq": [CAPTION, CLUSTER]}, {"clip_score": {"model_id": "${model_id}", "fraction": 0.3}}]}]
+    return new_recipe_steps(name)
+
+
+def new_recipe_steps(name: str) -> list:
+    """The filters of issue 21, each at about the share clip_score_30 keeps where it has a share to choose."""
+    neg = {"model_id": "${model_id}", "temperature": "${temperature}", "seed": 0}
+    if name == "neg_clip_loss_30":
+        return [{"neg_clip_loss": {**neg, "fraction": 0.3}}]
+    if name in ("norm_sim_2_30", "norm_sim_inf_30"):
+        p = name.split("_")[2]
+        return [{"norm_sim": {"model_id": "${model_id}", "target": "${reference}", "p": p, "fraction": 0.3}}]
+    if name == "neg_clip_loss_then_norm_sim_2_30":  # the paper's combination: 50% by negCLIPLoss, then 60% of those
+        norm = {"model_id": "${model_id}", "target": "${reference}", "p": "2", "fraction": 0.6}
+        return [{"neg_clip_loss": {**neg, "fraction": 0.5}}, {"norm_sim": norm}]
+    if name == "balance_wordnet":
+        return [{"balance": {"entries": "${entries}", "t": "${t}", "match": "words", "seed": 0}}]
+    if name == "semdedup":
+        return [{"semdedup": {"model_id": "${model_id}", "eps": 0.05, "which_to_keep": "first", "seed": 0}}]
+    if name == "image_quality":
+        return ["image_quality"]
+    if name == "caption_quality":
+        return ["caption_quality"]
+    if name == "caption_quality_then_clip_score_30":
+        return ["caption_quality", {"clip_score": {"model_id": "${model_id}", "fraction": 0.3}}]
+    if name == "external_score_30":
+        return [{"external_score": {"path": "${external}", "fraction": 0.3}}]
+    if name == "weight_clip_score_30":
+        bins = {"by": "score_quantile", "model_id": "${model_id}", "bins": [0.1, 0.2], "counts": [3, 2, 1]}
+        return [{"clip_score": {"model_id": "${model_id}", "fraction": 0.3}}, {"weight": bins}]
     raise SystemExit(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
 
 
@@ -75,6 +105,21 @@ RECIPES = (
     "image_cluster",
     "image_cluster_and_clip_score_30",
 )
+NEW_RECIPES = (
+    "neg_clip_loss_30",
+    "norm_sim_2_30",
+    "norm_sim_inf_30",
+    "neg_clip_loss_then_norm_sim_2_30",
+    "balance_wordnet",
+    "semdedup",
+    "image_quality",
+    "caption_quality",
+    "caption_quality_then_clip_score_30",
+    "external_score_30",
+    "weight_clip_score_30",
+)
+BALANCE_SHARE = 0.3  # balance's t is the one (of T_CANDIDATES) whose expected kept share is nearest this
+T_CANDIDATES = (1, 2, 3, 5, 8, 12, 20, 30, 50, 80, 120, 200, 300, 500, 800, 1200, 2000, 3000, 5000)
 SEED_DEPENDENT = ("random_",)  # recipes whose subset changes with the seed
 
 
@@ -111,6 +156,8 @@ def prepare(out: Path, scale: str, filternet_scale: str, workers: int | None) ->
         "reference": str(reference),
         "model_id": net.model_id,
         "truth": str(out / "truth.parquet"),
+        "checkpoint": str(net.checkpoint),
+        "filternet_data": str(reference),
         "suite": "tiny",
         "suite_name": "tiny",
         "data_dir": str(out / "tiny-suite"),
@@ -127,7 +174,7 @@ def select(setup: dict, out: Path, name: str, seed: int, workers: int | None) ->
         yaml.safe_dump(
             {
                 "name": tag,
-                "vars": {"model_id": setup["model_id"], "reference": setup["reference"], "k": 64},
+                "vars": {"model_id": setup["model_id"], "reference": setup["reference"], "k": 64, **setup["extra"]},
                 "steps": recipe_steps(name, seed),
             }
         ),
@@ -136,6 +183,85 @@ def select(setup: dict, out: Path, name: str, seed: int, workers: int | None) ->
     if not subset.exists():
         apply_recipe(setup["pool"], load_recipe(str(recipe_file)), str(subset), workers=workers)
     return subset
+
+
+def wordnet_entries(out: Path) -> Path:
+    """MetaCLIP-like metadata entries: every WordNet 3.0 noun lemma (MetaCLIP's list includes WordNet's synsets)."""
+    path = out / "wordnet_nouns.txt"
+    if not path.exists():
+        from clipsift.filters.wordnet import wordnet_location
+
+        index = Path(wordnet_location()) / "index.noun"
+        lemmas = sorted(
+            {line.split(" ", 1)[0].replace("_", " ") for line in index.read_text().splitlines() if line[:1] != " "}
+        )
+        path.write_text("\n".join(lemmas) + "\n", encoding="utf-8")
+    return path
+
+
+def balance_t(pool_url: str, entries: Path) -> int:
+    """The t of T_CANDIDATES whose expected kept share, sum over rows of min(1, t / count of the rarest matched
+    entry), is nearest BALANCE_SHARE: the operating point, as clip_score_30's 30%."""
+    import pyarrow.compute as pc
+
+    from clipsift.filters.balance import EntryMatcher, match_texts
+    from clipsift.pipeline.pool import Pool
+
+    pool = Pool(pool_url)
+    matcher = EntryMatcher(entries.read_text(encoding="utf-8").lower().splitlines(), "words")
+    rows, ids, offset = [], [], 0
+    for shard in pool.shard_ids():
+        texts = pc.utf8_lower(pool.metadata(shard, ["text"]).column("text")).to_pylist()
+        positions, found = match_texts(texts, matcher)
+        rows.append(positions + offset)
+        ids.append(found)
+        offset += len(texts)
+    rows, ids = np.concatenate(rows), np.concatenate(ids)
+    counts = np.bincount(ids)
+    rarest = np.full(offset, np.inf)
+    np.minimum.at(rarest, rows, counts[ids])
+    shares = {t: float(np.minimum(1.0, t / rarest).sum() / offset) for t in T_CANDIDATES}
+    return min(shares, key=lambda t: abs(shares[t] - BALANCE_SHARE))
+
+
+def teacher_temperature(checkpoint: str) -> float:
+    """1 / the filtering network's learned logit scale: negCLIPLoss's tau for this teacher."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = state.get("state_dict", state)
+    scale = next(v for k, v in state.items() if k.endswith("logit_scale"))
+    return float(1.0 / np.exp(float(scale)))
+
+
+def external_scores(setup: dict, out: Path, workers: int | None) -> Path:
+    """A score made elsewhere, for external_score: the CLIP score of a second, smaller filtering network (the xs
+    recipe on the same data the main network saw), as a (uid, score) parquet."""
+    path = out / "external_scores.parquet"
+    if not path.exists():
+        from clipsift.pipeline.pool import Pool
+
+        net = train_filternet(setup["filternet_data"], str(out / "filternet-xs"), scale="xs", workers=workers)
+        score_pool(setup["pool"], net.arch, str(net.checkpoint), ScoreSettings(workers=workers))
+        pool = Pool(setup["pool"])
+        tables = [pool.embeddings(net.model_id, shard, ["uid", "clip_score"]) for shard in pool.shard_ids()]
+        table = pa.concat_tables(tables).rename_columns(["uid", "score"])
+        pq.write_table(table, str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
+    return path
+
+
+def extra_vars(setup: dict, out: Path, recipes: list[str], workers: int | None) -> dict:
+    """The variables only the issue-21 recipes use, made when one of them is asked for."""
+    found: dict = {}
+    if any(r.startswith("neg_clip_loss") for r in recipes):
+        found["temperature"] = teacher_temperature(setup["checkpoint"])
+    if "balance_wordnet" in recipes:
+        found["entries"] = str(wordnet_entries(out))
+        found["t"] = balance_t(setup["pool"], wordnet_entries(out))
+    if "external_score_30" in recipes:
+        found["external"] = str(external_scores(setup, out, workers))
+    return found
 
 
 def against_truth(subset: Path, truth: str) -> tuple[int, float, float]:
@@ -180,6 +306,8 @@ def run_benchmark(
         from noisy_folder import prepare_real
 
         setup = prepare_real(real, out, noise, 0, filternet_scale, workers)
+    setup["extra"] = extra_vars(setup, out, recipes, workers)
+    print(f"recipe variables: {setup['extra']}", flush=True)
     outcomes = []
     for name in recipes:
         outcome = None
@@ -211,7 +339,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", default="tiny", choices=["xs", "tiny"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES + NEW_RECIPES)
     parser.add_argument(
         "--filternet-scale",
         default="tiny",
