@@ -345,3 +345,44 @@ def test_shipped_random_recipes_keep_their_exact_share_for_a_seed(tmp_path: Path
     first = subset(None)
     assert len(first) == round(share / 100 * 90) and set(first) <= set(uids_of(range(90)))
     assert subset(0) == first and subset(1) != first  # the default seed is 0; another seed draws another subset
+
+
+NEW_RECIPES = {  # the issue-21 recipes and the --set values a synthetic pool scored by model "m" needs
+    "neg_clip_loss_30": {"model_id": "m", "temperature": "0.05", "batch_size": "64"},
+    "norm_sim_2_30": {"model_id": "m", "target": "{tmp}/target.npy"},
+    "external_score_30": {"path": "{tmp}/external.parquet"},
+    "balance_suite": {"suite": "tiny", "suite_data": "{tmp}/tiny-suite", "t": "3"},
+    "caption_quality": {},
+    "image_quality": {},
+    "semdedup": {"model_id": "m"},
+    "weight_clip_score": {"model_id": "m"},
+}
+
+
+def test_every_new_shipped_recipe_runs_on_the_synthetic_pool(tmp_path: Path) -> None:
+    """Each shipped issue-21 recipe, by name with --set values only, on a synthetic pool with images: a subset that
+    keeps some rows and drops others, recorded under the recipe's name (the filters' numbers are tested against
+    brute force in their own test files)."""
+    import pyarrow as pa
+
+    from clipsift.eval.tiny import make_tiny_suite
+    from clipsift.pipeline.synth import synth_pool
+
+    synth_pool(str(tmp_path / "pool"), num_samples=300, shard_size=100, workers=1)
+    make_tiny_suite(str(tmp_path / "tiny-suite"))  # balance_suite's class names
+    pool = Pool(str(tmp_path / "pool"))
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(300, 8)).astype(np.float32)
+    vectors[1::7] = vectors[::7][: len(vectors[1::7])] + 0.01  # near duplicates for semdedup
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    write_model(pool, "m", rng.uniform(0.1, 0.4, 300).astype(np.float32), vectors)
+    np.save(tmp_path / "target.npy", vectors[:5])
+    pq.write_table(pa.table({"uid": pool.uids(), "score": rng.uniform(size=300)}), tmp_path / "external.parquet")
+    for name, sets in NEW_RECIPES.items():
+        assert name in shipped_recipes()
+        values = {key: value.format(tmp=tmp_path) for key, value in sets.items()}
+        out = tmp_path / f"{name}.npy"
+        apply_recipe(pool.url, load_recipe(name, values), str(out), workers=1)
+        kept = set(decode_uids(read_subset(str(out))))
+        assert 0 < len(kept) < 300, (name, len(kept))
+        assert json.loads(out.with_suffix(".json").read_text())["recipe"]["name"] == name
