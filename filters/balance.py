@@ -8,9 +8,10 @@ entries are cut down to about t rows each. Rows matching no entry are dropped (`
 as MetaCLIP) or kept (`unmatched: keep`).
 
 Expected kept rows (`draw: rarest`): sum over matched input rows of min(1, t / c_rarest), plus the
-unmatched rows when they are kept. MetaCLIP's released code draws once per matched entry and keeps
-the row when any draw succeeds (`draw: any`): probability 1 - prod_e (1 - min(1, t / c_e)), at
-least the rarest rule's. The state records the expected count (`EntryCounts.expected`).
+unmatched rows when they are kept. That default rule is clipsift's, not MetaCLIP's: MetaCLIP's
+Algorithm 1 (its paper and released code) draws once per matched entry and keeps the row when any
+draw succeeds (`draw: any`): probability 1 - prod_e (1 - min(1, t / c_e)), at least the rarest
+rule's. The state records the expected count (`EntryCounts.expected`).
 
 Matching (case-insensitive: captions and entries are lower-cased by Arrow's utf8_lower):
 `substring`, an entry anywhere in the caption ("cat" matches "concatenate"); `words`, an entry
@@ -27,13 +28,16 @@ the same seed (a recipe with both would otherwise keep correlated rows).
 Memory per process: the entries and their automaton (about 230 B an entry: 117 MB for 500,000) and
 one int64 count per entry, plus one shard. Per-shard tasks (map_shards) match the captions and
 write each shard's (row, entry) pairs under the step's work folder; the counts are summed by
-streaming those files, and `keep` reads its shard's file back, so captions are matched once.
+streaming those files, and `keep` reads its shard's file back, so captions are matched once. Each file
+records what it was matched from (`match_identity`: the entries, the match mode, the shard's input rows),
+so a run killed while matching resumes with the shards that have no file of the same identity.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -44,9 +48,9 @@ import pyarrow.compute as pc
 from clipsift import ClipsiftError
 from clipsift.files import open_fs, write_atomic
 from clipsift.filters.base import Context, Filter, Inputs, RecipeError, ShardData, register, require
-from clipsift.filters.metadata import _mix
 from clipsift.filters.subset import encode_uids
 from clipsift.filters.suite_data import open_task_data
+from clipsift.hashing import splitmix64
 from clipsift.pipeline.parallel import map_shards
 from clipsift.pipeline.pool import Pool
 
@@ -183,13 +187,21 @@ class MatchShard:
     folder: str
 
     def __call__(self, shard: str) -> int:
-        selected = np.flatnonzero(self.inputs.mask(shard))
+        mask = self.inputs.mask(shard)
+        selected = np.flatnonzero(mask)
         texts = ShardData(self.pool, shard).column("text").take(pa.array(selected, pa.int64()))
         positions, ids = match_texts(
             pc.utf8_lower(texts).to_pylist(), matcher_for(self.entries, self.digest, self.match)
         )
-        save_matches(self.folder, shard, selected[positions], ids)
+        save_matches(self.folder, shard, selected[positions], ids, match_identity(self.digest, self.match, mask))
         return len(ids)
+
+
+def match_identity(digest: str, match: str, mask: np.ndarray) -> str:
+    """What a shard's match file is made from: the entries (their digest), the match mode, the shard's input rows."""
+    identity = hashlib.sha256(f"{digest}\n{match}\n{len(mask)}\n".encode())
+    identity.update(np.packbits(mask).tobytes())
+    return identity.hexdigest()
 
 
 def matches_path(folder: str, shard: str) -> tuple[Any, str]:
@@ -197,9 +209,9 @@ def matches_path(folder: str, shard: str) -> tuple[Any, str]:
     return fs, f"{root}/{shard}.npz"
 
 
-def save_matches(folder: str, shard: str, rows: np.ndarray, ids: np.ndarray) -> None:
+def save_matches(folder: str, shard: str, rows: np.ndarray, ids: np.ndarray, identity: str) -> None:
     buffer = io.BytesIO()
-    np.savez(buffer, rows=rows.astype(np.int32), ids=ids.astype(np.int32))
+    np.savez(buffer, rows=rows.astype(np.int32), ids=ids.astype(np.int32), identity=np.array(identity))
     fs, path = matches_path(folder, shard)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     write_atomic(fs, path, lambda handle: handle.write(buffer.getvalue()))
@@ -211,6 +223,18 @@ def read_matches(folder: str, shard: str) -> tuple[np.ndarray, np.ndarray]:
     with fs.open(path, "rb") as handle:
         saved = np.load(io.BytesIO(handle.read()))
         return saved["rows"].astype(np.int64), saved["ids"].astype(np.int64)
+
+
+def stored_identity(folder: str, shard: str) -> str | None:
+    """The identity a shard's match file was made from; None without a (readable) file."""
+    fs, path = matches_path(folder, shard)
+    if not fs.exists(path):
+        return None
+    try:
+        with fs.open(path, "rb") as handle, np.load(handle) as saved:  # reads only the identity's member
+            return str(saved["identity"]) if "identity" in saved.files else None
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
 
 
 # --------------------------------------------------------------------------- counts and draws
@@ -231,13 +255,15 @@ class EntryCounts:
 def count_entries(
     context: Context, entries: str | list[str], suite_data: str | None, match: str, where: str
 ) -> EntryCounts:
-    """Match every input caption (a task per shard) and sum the per-entry counts by streaming the shards' pairs."""
+    """Match the input captions (a task per shard, skipping shards matched already from the same entries, match
+    mode and input rows) and sum the per-entry counts by streaming the shards' pairs."""
     names = read_entries(entries, suite_data, where)
     digest = hashlib.sha256("\n".join(names).encode()).hexdigest()
     folder = f"{context.workdir}.balance"
     task = MatchShard(context.pool, context.inputs, tuple(names), digest, match, folder)
     shards = context.shards()
-    map_shards(task, shards, desc="balance: match captions", workers=context.workers, address=context.address)
+    todo = [s for s in shards if stored_identity(folder, s) != match_identity(digest, match, context.inputs.mask(s))]
+    map_shards(task, todo, desc="balance: match captions", workers=context.workers, address=context.address)
     _MATCHERS.clear()  # this process's automaton, if the matching ran here: not needed for `keep`
     counts = np.zeros(len(names), np.int64)
     input_rows = matched = 0
@@ -252,7 +278,7 @@ def count_entries(
 def uniforms(uids: pa.ChunkedArray | pa.Array, seed: int) -> np.ndarray:
     """A uniform number in [0, 1) per uid, from a hash of (uid, seed): the same for a uid wherever it is."""
     pairs = encode_uids(uids)
-    key = _mix(pairs["f0"] ^ _mix(pairs["f1"] ^ _mix(np.uint64(seed & (2**64 - 1)) ^ _SALT)))
+    key = splitmix64(pairs["f0"] ^ splitmix64(pairs["f1"] ^ splitmix64(np.uint64(seed & (2**64 - 1)) ^ _SALT)))
     return (key >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
@@ -300,7 +326,8 @@ def any_entry_draws(state: EntryCounts, shard: str, num_rows: int, u: np.ndarray
     out = np.zeros(num_rows, bool)
     if len(rows):
         row_key = (u[rows] * 2.0**53).astype(np.uint64)
-        pair_u = (_mix(row_key ^ _mix(ids.astype(np.uint64) + _SALT)) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        pair_key = splitmix64(row_key ^ splitmix64(ids.astype(np.uint64) + _SALT))
+        pair_u = (pair_key >> np.uint64(11)).astype(np.float64) * 2.0**-53
         hits = pair_u < np.minimum(1.0, t / state.counts[ids])
         out[rows[hits]] = True
     return out
@@ -339,6 +366,10 @@ class BalanceParams(Filter):
 
     def check(self, pool: Pool, where: str) -> None:
         read_entries(self.entries, self.suite_data, where)  # a missing file or suite data stops the recipe here
+
+    def sources(self) -> list[str]:
+        """An entries file (a suite's class names are not stamped: its data folder holds the test images too)."""
+        return [self.entries] if isinstance(self.entries, str) and not self.entries.startswith(SUITE_PREFIX) else []
 
     def entry_counts(self, context: Context) -> EntryCounts:
         return count_entries(context, self.entries, self.suite_data, self.match, self.name)

@@ -9,7 +9,8 @@ shard's input rows; its result (`state`) is passed to every `keep` call.
 A filter declares as data what it reads and writes: `models()` (the embeddings it reads) and `writes`
 (the files it makes, such as k-means centroids: `Artifact`s, each named by one of its parameters).
 The recipe runner names the unnamed ones, calls `make_artifacts` before `prepare`, and records each
-file with its sha256 in subset.json; the report reads them back from there.
+file with its sha256 in subset.json; the report reads them back from there. The other files it reads
+(a target set, a score file) are its `sources()`: the runner stamps them into the resume fingerprint.
 
 This module imports no filter module: `clipsift.filters.registry` imports them all (`known_filters`).
 """
@@ -204,6 +205,13 @@ class Filter:
     def check(self, pool: Pool, where: str) -> None:
         """Check inputs other than the pool's embeddings (files this filter reads); called before `models()`."""
 
+    def sources(self) -> list[str]:
+        """The URLs of the files (or folders) this filter reads besides the pool, its embeddings and its `writes`
+        files (a target set, a score file, a list of entries). The recipe runner stamps each (filters/recipe.py:
+        `source_stamp`) into the resume fingerprint and records them in subset.json, so a re-run after one of them
+        changed computes the step afresh instead of finishing with results made from the old file."""
+        return []
+
     def artifact_file(self, artifact: Artifact) -> str | None:
         """The path of one of this filter's `writes` files (None until the recipe runner names it)."""
         return getattr(self, artifact.param)
@@ -279,7 +287,9 @@ def make_filter(name: str, params: Any, where: str) -> Filter:
             raise RecipeError(f"{where} ({name}): parameter {key!r} is required")
     instance = cls(**values)
     if REGISTRY.get(name) is not cls:  # a plugin: its steps are labelled as the recipe names it
-        object.__setattr__(instance, "name", name)
+        from clipsift.filters.plugins import label
+
+        label(instance, name, f"{where} ({name})")
     instance.validate(f"{where} ({name})")
     return instance
 

@@ -83,8 +83,9 @@ def absent_scores(pool: Pool, column: str) -> Iterator[np.ndarray]:
 
 @dataclass
 class ScoreSource:
-    """What clip_score and laion2b share: `scores` resolved against the pool (by `check`, else when first needed;
-    the resolved column travels with the filter to the per-shard tasks)."""
+    """What clip_score, laion2b and weight's score_quantile share: `scores` resolved against the pool (by `check`,
+    else when first needed; the resolved column travels with the filter to the per-shard tasks), and the threshold
+    pass over those scores (`top_cutoff`)."""
 
     def resolve(self, pool: Pool, where: str) -> str | None:
         self._column = score_column(self.scores, self.model_id, pool, where)  # type: ignore[attr-defined]
@@ -96,6 +97,22 @@ class ScoreSource:
     def models(self) -> list[str]:
         resolved = getattr(self, "_column", None) is not None
         return [] if resolved or self.scores not in ("auto", "embeddings") else [self.model_id]  # type: ignore
+
+    def top_cutoff(self, cut: TopFraction, context: Context, count_absent: bool) -> float:
+        """`cut`'s threshold (TopFraction.cutoff) over these scores of the step's input, compared at the scores'
+        precision (float64 for a float64 metadata column, else float32). With `count_absent`, when the step sees
+        the whole pool and the scores are a metadata column, the pool's absent rows count too (see ClipScore)."""
+        column = self.column(context.pool)
+        absent = column is not None and count_absent and context.inputs.whole_pool
+        schema = metadata_schema(context.pool) if column else None
+        dtype = np.float64 if schema is not None and pa.types.is_float64(schema.field(column).type) else np.float32
+        return cut.cutoff(
+            context,
+            lambda data: shard_scores(data, self.model_id, column),  # type: ignore[attr-defined]
+            dtype,
+            extra_rows=absent_rows(context.pool, column) if absent else 0,
+            extra=(lambda: absent_scores(context.pool, column)) if absent else None,
+        )
 
 
 @register
@@ -125,19 +142,9 @@ class ClipScore(TopFraction, ScoreSource, Filter):
 
     def prepare(self, context: Context) -> Any:
         """The threshold (a float: the report reads it)."""
-        column = self.column(context.pool)
         if self.fraction is None:
             return self.threshold
-        absent = column is not None and self.count_absent and context.inputs.whole_pool
-        schema = metadata_schema(context.pool) if column else None
-        dtype = np.float64 if schema is not None and pa.types.is_float64(schema.field(column).type) else np.float32
-        return self.cutoff(
-            context,
-            lambda data: shard_scores(data, self.model_id, column),
-            dtype,
-            extra_rows=absent_rows(context.pool, column) if absent else 0,
-            extra=(lambda: absent_scores(context.pool, column)) if absent else None,
-        )
+        return self.top_cutoff(self, context, self.count_absent)
 
     def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
         return at_least(shard_scores(data, self.model_id, self.column(data.pool)), state)

@@ -30,6 +30,7 @@ from clipsift.filters.vectors import (
     load_vectors,
     nearest,
     sample_vectors,
+    vector_files,
 )
 from clipsift.pipeline.pool import Pool
 
@@ -69,6 +70,10 @@ class ImageCluster(Filter):
                 where,
                 f"no centroids file {self.centroids}, so parameter 'k' is needed to fit them",
             )
+
+    def sources(self) -> list[str]:
+        """The targets (the centroids file is a `writes` file: subset.json records its sha256)."""
+        return [vector_files(self.targets, self.targets_model_id or self.model_id)]
 
     def _centroids_exist(self) -> bool:
         if self.centroids is None:

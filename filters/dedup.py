@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from clipsift import ClipsiftError
 from clipsift.filters.base import Context, Filter, Inputs, ShardData, register, require
 from clipsift.filters.subset import encode_uids
-from clipsift.filters.vectors import check_dim, check_source, ip_index, load_vectors, nearest
+from clipsift.filters.vectors import check_dim, check_source, ip_index, load_vectors, nearest, vector_files
 from clipsift.pipeline.partition import (
     DEFAULT_BUDGET_MB,
     Shuffle,
@@ -259,6 +259,9 @@ class Decontaminate(Filter):
 
     def check(self, pool: Pool, where: str) -> None:
         check_source(self.eval, self.eval_model_id or self.model_id, f"{where}: eval")
+
+    def sources(self) -> list[str]:
+        return [vector_files(self.eval, self.eval_model_id or self.model_id)]
 
     def prepare(self, context: Context) -> Any:
         return load_vectors(self.eval, self.eval_model_id or self.model_id, "decontaminate eval")

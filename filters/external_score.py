@@ -4,13 +4,14 @@ like clip_score.
 The file (or a folder of .parquet files) can be as large as the pool, so no process reads it whole: a
 hash-partitioned join (pipeline/partition.py) meets its (uid, score) rows and the pool's input rows by uid.
 A task per row group of the file and per pool shard writes its rows to partition files; a task per partition
-matches them (and finds the uids the file lists twice); a task per shard then writes the shard's score array
-into the step's work folder, which the threshold pass and `keep` read (filters/scores.py).
+matches them (and counts the uids the file lists twice, sending on a few examples: the driver sums one small
+summary per partition); a task per shard then writes the shard's score array into the step's work folder, which
+the threshold pass and `keep` read (filters/scores.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,13 +21,22 @@ import pyarrow.compute as pc
 from clipsift.files import is_local_fs, open_fs, parquet_file
 from clipsift.filters.base import Context, Filter, Inputs, RecipeError, ShardData, register, require
 from clipsift.filters.dedup import input_rows
-from clipsift.filters.scores import ScoreFiles, TopFraction, source_stamp
+from clipsift.filters.scores import ScoreFiles, TopFraction
 from clipsift.pipeline.parallel import map_shards
 from clipsift.pipeline.partition import DEFAULT_BUDGET_MB, Shuffle, hash_keys, partitions_for, position, source_rows
 from clipsift.pipeline.pool import Pool
 
 ROWS = pa.schema([("uid", pa.string()), ("pos", pa.int64()), ("side", pa.int8()), ("score", pa.float64())])
-MATCHED = pa.schema([("uid", pa.string()), ("pos", pa.int64()), ("score", pa.float64()), ("found", pa.bool_())])
+MATCHED = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("pos", pa.int64()),
+        ("score", pa.float64()),
+        ("found", pa.bool_()),
+        ("repeats", pa.int64()),
+    ]
+)
+REPEAT_EXAMPLES = 3  # repeated uids a partition names (it counts them all)
 EXTERNAL, POOL_ROW = 0, 1  # sides of a shuffled row
 ROW_BYTES = 72  # a shuffled row: a 32-hex uid, its position, side and score
 
@@ -68,6 +78,9 @@ class ExternalScore(TopFraction, Filter):
     def check(self, pool: Pool, where: str) -> None:
         self.score_dtype(where)
 
+    def sources(self) -> list[str]:
+        return [self.path]
+
     def score_dtype(self, where: str) -> type:
         """float32 when every file's score column is float32, else float64; checks the files and columns."""
         dtypes = set()
@@ -89,7 +102,6 @@ class ExternalScore(TopFraction, Filter):
         where = f"external_score {self.path}"
         dtype = self.score_dtype(where)
         files = ScoreFiles(f"{context.workdir}.scores")
-        files.start({**asdict(self), "files": source_stamp(self.path)})
         shards = context.shards()
         todo = [(number, shard) for number, shard in enumerate(shards) if not files.exists(shard)]
         if todo:
@@ -124,11 +136,13 @@ class ExternalScore(TopFraction, Filter):
             shuffle.remove()
         return files.cutoff(self, context, dtype)
 
-    def _refuse_repeats(self, repeated: pa.Table, where: str) -> None:
-        if repeated.num_rows:
+    def _refuse_repeats(self, summaries: pa.Table, where: str) -> None:
+        """`summaries`: per partition, a few of its repeated uids, the first row carrying the partition's count."""
+        count = int(np.sum(summaries.column("repeats").to_numpy())) if summaries.num_rows else 0
+        if count:
             raise RecipeError(
-                f"{where}: {repeated.num_rows} uid(s) have more than one row in the file (e.g. "
-                f"{repeated.column('uid')[0].as_py()}); give each uid one score"
+                f"{where}: {count} uid(s) have more than one row in the file (e.g. "
+                f"{summaries.column('uid')[0].as_py()}); give each uid one score"
             )
 
     def _refuse_missing(self, lacking: list[tuple[int, str | None]], where: str) -> None:
@@ -198,8 +212,9 @@ class _ScoreRows:
 
 @dataclass(frozen=True)
 class _MatchUids:
-    """Reduce task: each pool row with its score (found or not), sent to its shard; each uid the file lists more
-    than once, sent to destination `shards`."""
+    """Reduce task: each pool row with its score (found or not), sent to its shard; and, sent to destination
+    `shards`, up to REPEAT_EXAMPLES of the uids the file lists more than once, the first carrying their count (so
+    the driver reads a few rows per partition, however many uids repeat)."""
 
     groups: int
     shards: int
@@ -209,22 +224,26 @@ class _MatchUids:
         external, pool = table.filter(pa.array(side == EXTERNAL)), table.filter(pa.array(side == POOL_ROW))
         counts = external.group_by("uid").aggregate([("uid", "count")])
         repeated = counts.column("uid").filter(pc.greater(counts.column("uid_count"), 1))
+        examples = repeated.slice(0, REPEAT_EXAMPLES).combine_chunks().cast(pa.string())
         found = pc.index_in(pool.column("uid"), value_set=external.column("uid")).fill_null(-1).to_numpy()
         hit = found >= 0
         scores = np.full(len(found), np.nan)
         if hit.any():
             scores[hit] = external.column("score").take(pa.array(found[hit])).fill_null(np.nan).to_numpy()
         pos = pool.column("pos").to_numpy()
+        tally = np.zeros(len(examples), np.int64)
+        tally[:1] = len(repeated)
         result = pa.table(
             [
-                pa.concat_arrays([pa.nulls(len(pos), pa.string()), repeated.combine_chunks().cast(pa.string())]),
-                pa.array(np.concatenate([pos, np.full(len(repeated), -1, np.int64)])),
-                pa.array(np.concatenate([scores, np.full(len(repeated), np.nan)])),
-                pa.array(np.concatenate([hit, np.zeros(len(repeated), bool)])),
+                pa.concat_arrays([pa.nulls(len(pos), pa.string()), examples]),
+                pa.array(np.concatenate([pos, np.full(len(examples), -1, np.int64)])),
+                pa.array(np.concatenate([scores, np.full(len(examples), np.nan)])),
+                pa.array(np.concatenate([hit, np.zeros(len(examples), bool)])),
+                pa.array(np.concatenate([np.zeros(len(pos), np.int64), tally])),
             ],
             schema=MATCHED,
         )
-        destination = np.concatenate([(pos >> np.int64(32)) - self.groups, np.full(len(repeated), self.shards)])
+        destination = np.concatenate([(pos >> np.int64(32)) - self.groups, np.full(len(examples), self.shards)])
         return result, destination.astype(np.int64)
 
 

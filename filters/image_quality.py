@@ -115,7 +115,7 @@ def compute_shard(pool: Pool, columns: ColumnSet, shard: str) -> int:
 
 
 def stale_shards(pool: Pool, columns: ColumnSet) -> list[str]:
-    """The pool's shards without a file of the current version and row count."""
+    """The pool's shards without a file of the current version computed for the shard's uids."""
     return [shard for shard in pool.shard_ids() if not columns.is_fresh(pool, shard)]
 
 
@@ -140,6 +140,7 @@ class ImageQuality(Filter):
     (for a pool one cannot write to)."""
 
     name = NAME
+    columns = ("uid",)  # `keep` checks the file's rows against them
     summary = "image sharpness, entropy, contrast and brightness within bounds (cached per shard)"
     min_blur: float | None = None
     min_entropy: float | None = None
@@ -191,7 +192,7 @@ class ImageQuality(Filter):
 
     def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
         bounds = self.bounds()
-        table = state.read(data.pool, data.shard, [column for column, _, _ in bounds])
+        table = state.read(data.shard, data.column("uid"), [column for column, _, _ in bounds])
         out = np.ones(len(rows), bool)
         with np.errstate(invalid="ignore"):  # NaN (no decodable image) fails every bound
             for column, low, high in bounds:

@@ -15,6 +15,7 @@ from clipsift.filters import text, wordnet
 from clipsift.filters.base import Context, Filter, RecipeError, ShardData, register, require
 from clipsift.filters.quantile import kth_smallest
 from clipsift.filters.subset import encode_uids
+from clipsift.hashing import splitmix64
 from clipsift.pipeline.pool import Pool
 
 VOCABULARIES = ("imagenet", "synthetic")
@@ -47,7 +48,7 @@ class Random(Filter):
 
     def _keys(self, data: ShardData, rows: np.ndarray) -> np.ndarray:
         pairs = encode_uids(data.column("uid"))[rows]
-        return _mix(pairs["f0"] ^ _mix(pairs["f1"] ^ np.uint64(self.seed & (2**64 - 1))))
+        return splitmix64(pairs["f0"] ^ splitmix64(pairs["f1"] ^ np.uint64(self.seed & (2**64 - 1))))
 
     def prepare(self, context: Context) -> Any:
         total = sum(int(rows.sum()) for _, rows in context.iter_data())
@@ -61,14 +62,6 @@ class Random(Filter):
         if state is not None:
             out[rows] = self._keys(data, rows) <= np.uint64(state)
         return out
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a bijective scramble of uint64 values."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
 
 
 @dataclass
@@ -189,6 +182,9 @@ class TextEntity(Filter):
                 )
         check_language_id(self.language, self.language_id, where)
 
+    def sources(self) -> list[str]:
+        return [self.synsets] if isinstance(self.synsets, str) and self.synsets != "imagenet21k" else []
+
     def prepare(self, context: Context) -> Any:
         if self.synsets == "imagenet21k":
             return wordnet.imagenet21k_offsets()
@@ -237,6 +233,9 @@ class TextBased(Filter):
                     f"{where}: vocabulary {self.vocabulary!r} is neither {' nor '.join(VOCABULARIES)} "
                     "nor an existing text file (one class name per line)"
                 )
+
+    def sources(self) -> list[str]:
+        return [self.vocabulary] if isinstance(self.vocabulary, str) and self.vocabulary not in VOCABULARIES else []
 
     def prepare(self, context: Context) -> Any:
         return text.vocabulary_pattern(vocabulary_phrases(self.vocabulary))

@@ -1,21 +1,28 @@
 """neg_clip_loss: the negCLIPLoss of Wang et al. 2024, "CLIPLoss and Norm-Based Data Selection Methods for
-Multimodal Contrastive Learning" (arXiv 2405.19547).
+Multimodal Contrastive Learning" (arXiv 2405.19547), normalised with a log-MEAN-exp.
 
 For sample i with image and text embeddings v_i, t_i of a scored model (as stored: unit length up to float16
 rounding) and similarities s_ij = v_i . t_j, over K random batches B holding i:
 
-    negCLIPLoss_i = mean over the K batches of  s_ii - (tau / 2) * ( logsumexp_{j in B} s_ij / tau
-                                                                  + logsumexp_{j in B} s_ji / tau )
+    negCLIPLoss_i = mean over the K batches of  s_ii - (tau / 2) * ( logmeanexp_{j in B} s_ij / tau
+                                                                  + logmeanexp_{j in B} s_ji / tau )
 
 the CLIP score minus the teacher's contrastive normalisation: a caption that matches every image (or an image
 every caption) is marked down. tau is the teacher's temperature (OpenAI CLIP: 1 / logit_scale = 0.01).
+
+The paper writes log-sum-exp; logmeanexp = logsumexp - log|B|, so with batches of one size |B| every score here
+is the paper's plus the same constant tau * log|B|: the same ranking, the same rows kept for a fraction (a
+threshold value differs by that constant). Where batch sizes differ, the paper's normaliser grows by about
+tau * log|B| and a row of a small batch would score higher for that alone; batches are drawn within a shard
+(a small last shard, an input thinned by an earlier step), so the mean keeps scores of shards of different sizes
+comparable before the top fraction is taken over all of them.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,7 +44,9 @@ class NegClipLoss(TopFraction, Filter):
     random sample of the pool): each of `batches` draws splits them, in a random order seeded by (seed, shard),
     into batches of equal size (within one row) of at most `batch_size` rows, so the effective batch is
     min(batch_size, the shard's input rows). A shard that fits one batch is scored once (every draw would give the
-    same batch). Rows without embeddings get no score (NaN: never kept, ranked last).
+    same batch). The normaliser is a log-mean-exp (module doc), so shards of different sizes (hence batches of
+    different sizes) give comparable scores; with one batch size the ranking is the paper's. Rows without
+    embeddings get no score (NaN: never kept, ranked last).
 
     The scores are computed once, in `prepare`, by a task per shard, and written to the step's work folder
     (OUT.work/.../step-N.scores/, reused by a re-run); the threshold pass and `keep` read them. Memory per
@@ -66,7 +75,6 @@ class NegClipLoss(TopFraction, Filter):
 
     def prepare(self, context: Context) -> Any:
         files = ScoreFiles(f"{context.workdir}.scores")
-        files.start(asdict(self))
         scorer = functools.partial(
             shard_neg_clip_loss, self.model_id, self.temperature, self.batch_size, self.batches, self.seed
         )
@@ -93,7 +101,8 @@ def draw_batches(rows: int, batch_size: int, draws: int, rng: np.random.Generato
 
 def batch_neg_clip_loss(image: np.ndarray, text: np.ndarray, temperature: float) -> np.ndarray:
     """negCLIPLoss of every row of one batch (image, text: float32 [n, D]), the similarity matrix computed a block
-    of rows at a time: each row's log-sum-exp over its block, each column's accumulated over the blocks."""
+    of rows at a time: each row's log-sum-exp over its block, each column's accumulated over the blocks; log n is
+    taken off both (log-mean-exp, see the module doc)."""
     n = len(image)
     rows_lse = np.empty(n, np.float64)
     cols_max = np.full(n, -np.inf)
@@ -108,7 +117,7 @@ def batch_neg_clip_loss(image: np.ndarray, text: np.ndarray, temperature: float)
         cols_sum = cols_sum * np.exp(cols_max - new_max) + np.exp(logits - new_max).sum(axis=0)
         cols_max = new_max
     diagonal = np.einsum("nd,nd->n", image.astype(np.float64), text.astype(np.float64))
-    return diagonal - temperature / 2 * (rows_lse + cols_max + np.log(cols_sum))
+    return diagonal - temperature / 2 * (rows_lse + cols_max + np.log(cols_sum) - 2 * np.log(n))
 
 
 def neg_clip_loss_scores(

@@ -15,20 +15,22 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from clipsift import ClipsiftError
-from clipsift.files import open_fs
+from clipsift.files import open_fs, parquet_file
 from clipsift.filters.base import Context, Filter, RecipeError, ShardData, register, require
-from clipsift.filters.scores import ScoreFiles, TopFraction, source_stamp
+from clipsift.filters.scores import ScoreFiles, TopFraction
 from clipsift.filters.suite_data import open_task_data
-from clipsift.filters.vectors import check_dim, check_source, ip_index, load_vectors, nearest
-from clipsift.pipeline.pool import Pool
+from clipsift.filters.vectors import check_dim, check_source, load_vectors, vector_files
+from clipsift.pipeline.pool import Pool, PoolFormatError
 
 NORMS = ("2", "inf")
+BLOCK_ENTRIES = 1 << 22  # similarities held at once for p=inf (16 MiB of float32)
 
 
 @register
@@ -39,10 +41,13 @@ class NormSim(TopFraction, Filter):
 
     `target` is a vector source (filters/vectors.py): a pool scored with `model_id`, an embeddings folder, a
     .parquet with `image_emb` or a .npy [rows, D]; its vectors are L2-normalised, the pool's used as stored.
-    It is loaded once, in `prepare`: p=2 keeps the D x D matrix U^T U (exact: sum_t (v.u_t)^2 = v^T U^T U v),
-    p=inf the target vectors (searched with faiss, on GPUs when faiss sees any). Scores are computed by a task
-    per shard and kept in the step's work folder (step-N.scores/); the threshold pass and `keep` read them.
-    Memory per process: the target (D x D for p=2, T x D for p=inf) and one shard.
+    It is loaded once, in `prepare`, and only when some shard has no score file yet (a re-run that finds them all
+    reads no target); its dimension is checked there against the first shard's embeddings. p=2 keeps the D x D
+    matrix U^T U (exact: sum_t (v.u_t)^2 = v^T U^T U v), p=inf the target vectors, and max_t |v . u_t| is taken
+    over blocks of |V @ U^T| of at most BLOCK_ENTRIES similarities. Scores are computed by a task per shard and
+    kept in the step's work folder (step-N.scores/); the threshold pass and `keep` read them. Memory per process:
+    the target (D x D for p=2, T x D for p=inf), one shard, and for p=inf a block of BLOCK_ENTRIES float32
+    similarities (16 MiB) with its absolute value.
 
     `suite` (a suite YAML, eval/): refuse a target pool that holds one of the suite's test images (the same
     sha256 of the image bytes, or the same uid where a test sample's json names one); the suite's data is read
@@ -72,13 +77,17 @@ class NormSim(TopFraction, Filter):
         if self.suite is not None:
             refuse_overlap(self.target, self.suite, self.suite_data, where)
 
+    def sources(self) -> list[str]:
+        return [vector_files(self.target, self.model_id)]
+
     def prepare(self, context: Context) -> Any:
-        target = load_vectors(self.target, self.model_id, f"norm_sim target {self.target}")
-        reference = target_gram(target) if self.p == "2" else target
         files = ScoreFiles(f"{context.workdir}.scores")
-        files.start({**asdict(self), "target_files": source_stamp(self.target)})
-        scorer = functools.partial(shard_norm_sim, self.model_id, self.p, reference, self.target)
-        files.compute(context, scorer, f"norm_sim: NormSim-{self.p} ({self.model_id})")
+        if not all(files.exists(shard) for shard in context.shards()):
+            target = load_vectors(self.target, self.model_id, f"norm_sim target {self.target}")
+            check_dim(target, embedding_dim(context.pool, self.model_id), f"target {self.target}", "norm_sim")
+            reference = target_gram(target) if self.p == "2" else target
+            scorer = functools.partial(shard_norm_sim, self.model_id, self.p, reference)
+            files.compute(context, scorer, f"norm_sim: NormSim-{self.p} ({self.model_id})")
         return files.cutoff(self, context)
 
     def keep(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
@@ -91,6 +100,15 @@ def target_gram(target: np.ndarray) -> np.ndarray:
     return target.T @ target
 
 
+def embedding_dim(pool: Pool, model_id: str) -> int:
+    """The dimension of the pool's image embeddings of `model_id`, from the first shard's parquet schema."""
+    path = pool.embeddings_path(model_id, pool.shard_ids()[0])
+    kind = parquet_file(pool.embeddings_fs, path).schema_arrow.field("image_emb").type
+    if not pa.types.is_fixed_size_list(kind):
+        raise PoolFormatError(f"{path}: column image_emb is {kind}, expected a fixed_size_list of float16")
+    return kind.list_size
+
+
 def norm_sim_scores(vectors: np.ndarray, p: str, reference: np.ndarray) -> np.ndarray:
     """NormSim_p of each row of `vectors`: `reference` is U^T U for p=2, the target U for p=inf."""
     if len(vectors) == 0:
@@ -98,20 +116,27 @@ def norm_sim_scores(vectors: np.ndarray, p: str, reference: np.ndarray) -> np.nd
     if p == "2":
         vectors = vectors.astype(np.float64)
         return np.sqrt(np.maximum(np.einsum("nd,nd->n", vectors @ reference, vectors), 0.0))
-    if len(reference) == 0:
-        return np.zeros(len(vectors))
-    index = ip_index(reference)
-    highest = nearest(index, vectors)[0]
-    lowest = -nearest(index, -vectors)[0]
-    return np.maximum(highest, -lowest)
+    return max_abs_similarity(vectors, reference)
 
 
-def shard_norm_sim(
-    model_id: str, p: str, reference: np.ndarray, target: str, data: ShardData, rows: np.ndarray
-) -> np.ndarray:
+def max_abs_similarity(vectors: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """max_t |v . u_t| of each row v of `vectors` over the rows u_t of `target` (0 for an empty target), |V @ U^T|
+    taken a block of at most BLOCK_ENTRIES entries at a time (rows of V by columns of U^T)."""
+    best = np.zeros(len(vectors), np.float32)
+    rows = max(1, BLOCK_ENTRIES // max(len(target), 1))
+    columns = max(1, BLOCK_ENTRIES // rows)  # the whole target when a block of rows fits beside it
+    target_t = np.ascontiguousarray(target.T, np.float32)
+    for start in range(0, len(vectors), rows):
+        block = np.ascontiguousarray(vectors[start : start + rows], np.float32)
+        for first in range(0, len(target), columns):
+            highest = np.abs(block @ target_t[:, first : first + columns]).max(axis=1)
+            np.maximum(best[start : start + rows], highest, out=best[start : start + rows])
+    return best
+
+
+def shard_norm_sim(model_id: str, p: str, reference: np.ndarray, data: ShardData, rows: np.ndarray) -> np.ndarray:
     """NormSim (float32, NaN where not scored) of the shard's input rows that have an image embedding."""
     vectors, valid = data.image_vectors(model_id)
-    check_dim(reference, vectors.shape[1], f"target {target}", "norm_sim")
     chosen = np.flatnonzero(rows & valid)
     out = np.full(len(rows), np.nan, np.float32)
     out[chosen] = norm_sim_scores(vectors[chosen], p, reference)

@@ -111,15 +111,18 @@ class Shipped:
     where: str
     target: str
     data: bytes
+    name: str  # the step's label (`label`): a frozen slotted dataclass pickles its fields only
 
     def filter(self) -> Filter:
         try:
-            return pickle.loads(self.data)
+            instance = pickle.loads(self.data)
         except (ImportError, AttributeError) as err:  # no such module; a version of it without the class
             host = socket.gethostname()
             raise RecipeError(
                 f"{self.where}: {self.target} cannot be loaded on {host} ({err}); {INSTALL_HINT}"
             ) from err
+        label(instance, self.name, self.where)
+        return instance
 
 
 def shipped(instance: Filter, where: str) -> Filter | Shipped:
@@ -127,7 +130,31 @@ def shipped(instance: Filter, where: str) -> Filter | Shipped:
     found = plugin_of(instance)
     if found is None:
         return instance
-    return Shipped(where, found.target, pickle.dumps(instance, protocol=pickle.HIGHEST_PROTOCOL))
+    try:
+        data = pickle.dumps(instance, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError) as err:  # a lambda, a local class, an open file, a lock
+        raise RecipeError(
+            f"{where}: {found.target} cannot be pickled for the per-shard tasks ({err}); a plugin filter travels to "
+            "them pickled, so its instance may hold only picklable values: define functions and classes at module "
+            "level, not as lambdas or inside methods, and open files, locks or clients inside keep()"
+        ) from err
+    return Shipped(where, found.target, data, instance.name)
+
+
+def label(instance: Filter, name: str, where: str) -> None:
+    """Label a plugin step's filter with the name the recipe gives it (its `name`, which describe(), plugin_of and
+    messages read); a class whose instances cannot take that attribute is a RecipeError saying what to do."""
+    if getattr(instance, "name", None) == name:
+        return
+    try:
+        object.__setattr__(instance, "name", name)  # object's: a frozen dataclass too
+    except AttributeError as err:  # `name` a property without a setter, or instances without a __dict__
+        cls = type(instance)
+        raise RecipeError(
+            f"{where}: cannot label the step {name!r} on a {cls.__module__}.{cls.__qualname__} ({err}); clipsift "
+            "sets the `name` of a plugin step's filter to the name the recipe uses, so leave `name` a plain class "
+            "attribute (or undefined), not a property, and give the class no __slots__ that leave out __dict__"
+        ) from None
 
 
 def _load(target: str, entry_point: str | None, dist: tuple[str, str] | None, where: str) -> Plugin:

@@ -17,8 +17,10 @@ last top-level step may be `weight` (filters/weight.py), which gives rows copies
 lists a uid that many times (its per-shard counts are saved beside the step's masks).
 
 The runner checks the whole recipe against the pool (filters, parameters, embeddings folders,
-files) before any work. Each step's per-shard result is saved under OUT.work/ as it completes, so
-a killed run re-run resumes; the subset and subset.json are written last, atomically. Files a filter
+files) before any work. Each step's per-shard result is saved under OUT.work/<fingerprint>/ as it
+completes, so a killed run re-run resumes; the fingerprint covers the resolved recipe, pool.json and
+a stamp of every file the steps read (`Filter.sources`: size and sha256 or time), so a re-run after
+such a file changed starts afresh. The subset and subset.json are written last, atomically. Files a filter
 writes (its `writes`, e.g. image_cluster's centroids) are made before its `prepare`, default to
 OUT.<suffix> beside the subset, and are recorded in subset.json with their sha256.
 """
@@ -50,6 +52,7 @@ from clipsift.pipeline.parallel import map_shards
 from clipsift.pipeline.pool import Pool
 
 COMBINATORS = ("all", "any", "not", "seq")
+HASHED_BYTES = 1 << 20  # a source file up to this size is stamped by its sha256, a larger one by size and time
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -266,6 +269,7 @@ def apply_recipe(
     _default_artifacts(recipe, out)
     check_inputs(recipe, pool)
     plugins = _plugins(recipe)
+    sources = _sources(recipe)
     fingerprint = hashlib.sha256(
         json.dumps(  # a plugin's version and code are in it: another version does not resume this one's steps
             [
@@ -273,6 +277,7 @@ def apply_recipe(
                 pool_sha,
                 *([pool.embeddings_url] if pool.embeddings_url else []),
                 *([plugins] if plugins else []),
+                *([{"sources": sources}] if sources else []),  # a changed target or score file: steps afresh
             ],
             sort_keys=True,
             default=str,
@@ -295,6 +300,7 @@ def apply_recipe(
         **(_copy_counts(pool, final, copies) if copies else {}),  # a weighted subset: unique uids, copies per row
         "steps": [vars(step) for step in runner.reports],
         **_artifact_files(recipe),  # "centroids": the file each image_cluster step read or wrote
+        "sources": sources,  # by step path: the files each step read (Filter.sources), as stamped before the run
         "plugins": plugins,  # by step path: the class, package and version of each step's own (plugin) filter
         "clipsift_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -336,6 +342,29 @@ def _artifact_files(recipe: Recipe) -> dict[str, dict[str, dict[str, str]]]:
             fs, path = open_fs(url)
             files.setdefault(artifact.kind, {})[node.path] = {"path": url, "sha256": file_sha256(fs, path)}
     return files
+
+
+def _sources(recipe: Recipe) -> dict[str, list[dict[str, Any]]]:
+    """{step path: a stamp of each file the step's filter reads (`Filter.sources`)} of the steps that read some."""
+    stamps = {node.path: [source_stamp(url) for url in node.filter.sources()] for node in recipe.leaves()}
+    return {path: found for path, found in stamps.items() if found}
+
+
+def source_stamp(url: str) -> dict[str, Any]:
+    """What tells a changed input apart: each file of `url` (a file, or every file under a folder) with its size
+    and either its sha256 (files of at most HASHED_BYTES: a change within the same second is seen) or its
+    modification time (larger ones: not read twice). No files when `url` does not exist."""
+    fs, path = open_fs(url)
+    infos = [] if not fs.exists(path) else fs.find(path, detail=True).values() if fs.isdir(path) else [fs.info(path)]
+    files = []
+    for info in sorted(infos, key=lambda info: info["name"]):
+        size = info.get("size")
+        if size is not None and size <= HASHED_BYTES:
+            files.append({"name": info["name"], "size": size, "sha256": file_sha256(fs, info["name"])})
+        else:
+            modified = info.get("mtime", info.get("LastModified", info.get("updated")))
+            files.append({"name": info["name"], "size": size, "mtime": str(modified)})
+    return {"path": url, "files": files}
 
 
 def _plugins(recipe: Recipe) -> dict[str, dict[str, Any]]:

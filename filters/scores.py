@@ -8,21 +8,20 @@ exactly in bounded memory by filters/quantile.py from the scores streamed shard 
 `ScoreFiles` keeps a score per row, one .npy per shard, in a step's work folder, for filters whose scores cost
 too much to compute twice (negCLIPLoss, NormSim) or need a global pass (external scores): `prepare` writes every
 shard's file in per-shard tasks (`compute`), the threshold pass and each `keep` read them back. Files are written
-atomically and kept across a re-run, unless what they were computed from changed (`start`).
+atomically and kept across a re-run: the work folder is named by the recipe's fingerprint, which covers the
+parameters and a stamp of every file the filter reads (`Filter.sources`), so a changed input gets a fresh folder.
 """
 
 from __future__ import annotations
 
 import functools
 import io
-import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from clipsift.files import open_fs, write_atomic, write_json_atomic
+from clipsift.files import open_fs, write_atomic
 from clipsift.filters.base import Context, Inputs, RecipeError, ShardData, require
 from clipsift.filters.quantile import top_fraction_threshold
 from clipsift.pipeline.parallel import map_shards
@@ -100,21 +99,6 @@ class ScoreFiles:
         fs.makedirs(root, exist_ok=True)
         write_atomic(fs, self.path(shard), lambda handle: handle.write(buffer.getvalue()))
 
-    def start(self, identity: dict[str, Any]) -> None:
-        """Keep the files of an earlier run only when they were made from the same `identity` (JSON: the inputs
-        that the step's fingerprint does not cover, such as a file's size and time); else start afresh."""
-        fs, root = open_fs(self.folder)
-        stamp = f"{root}/identity.json"
-        wanted = json.loads(json.dumps(identity, sort_keys=True, default=str))
-        if fs.exists(stamp):
-            with fs.open(stamp, "r") as handle:
-                if json.load(handle) == wanted:
-                    return
-        if fs.exists(root):
-            fs.rm(root, recursive=True)
-        fs.makedirs(root, exist_ok=True)
-        write_json_atomic(fs, stamp, wanted)
-
     def compute(self, context: Context, scorer: ShardScorer, desc: str) -> None:
         """Write the file of every shard that has none, one task per shard (`scorer` goes to the tasks once)."""
         todo = [shard for shard in context.shards() if not self.exists(shard)]
@@ -148,15 +132,3 @@ class ScoreCutoff:
 
     def keep(self, data: ShardData) -> np.ndarray:
         return at_least(self.files.read(data.shard), self.threshold)
-
-
-def source_stamp(url: str) -> list[tuple[str, Any, Any]]:
-    """(path, size, modification time) of a file, or of every file under a folder: tells a changed input apart."""
-    fs, path = open_fs(url)
-    if not fs.exists(path):
-        return []
-    infos = fs.find(path, detail=True).values() if fs.isdir(path) else [fs.info(path)]
-    return sorted(
-        (info["name"], info.get("size"), str(info.get("mtime", info.get("LastModified", info.get("updated")))))
-        for info in infos
-    )

@@ -11,6 +11,10 @@ transitively: for a chain a ~ b ~ c (a and c not near duplicates) ordered a, c, 
 by: embedding` (connected components) keeps a alone; ordered a, b, c, both b and c go (c has b before it,
 removed or not). Rows never meet rows of other clusters (a pair split by a cluster border stays), as in the paper.
 
+`eps` must be > 0 (a `threshold` below 1): the stored embeddings are float16, L2-normalised before rounding, so
+a vector's inner product with an identical copy falls below 1.0 for about half of them; a cosine of exactly 1 would
+miss exact duplicates.
+
 `which_to_keep` (the paper's parameter name; `keep` is the filter's method) orders each cluster by: `first`, pool
 order; `central`, similarity to the cluster's centroid, highest first (the paper's "easy"); `farthest`, lowest
 first (the paper's default, "hard"); ties by pool order.
@@ -44,6 +48,10 @@ from clipsift.filters.near_dedup import ClusterPlan, cluster_passes, partition_c
 from clipsift.pipeline.partition import DEFAULT_BUDGET_MB
 
 KEEPS = ("first", "central", "farthest")
+FLOAT16_NOTE = (  # why a cosine of 1 (eps 0) is refused
+    "embeddings are stored as float16, so a vector's cosine with an exact copy of itself is often a little below 1; "
+    "for exact duplicates give a small eps such as 0.001 (identical image files: `dedup by: sha256`)"
+)
 
 
 @register
@@ -72,12 +80,18 @@ class SemDedup(Filter):
             "give exactly one of 'eps' (rows at cosine >= 1 - eps are duplicates) and 'threshold' (a cosine)",
         )
         require(
-            self.eps is None or 0.0 <= self.eps <= 2.0, where, f"parameter 'eps' must be in [0, 2], got {self.eps}"
+            self.eps is None or self.eps > 0.0, where, f"parameter 'eps' must be > 0, got {self.eps}: {FLOAT16_NOTE}"
+        )
+        require(self.eps is None or self.eps <= 2.0, where, f"parameter 'eps' must be at most 2, got {self.eps}")
+        require(
+            self.threshold is None or self.threshold < 1.0,
+            where,
+            f"parameter 'threshold' (cosine) must be below 1, got {self.threshold}: {FLOAT16_NOTE}",
         )
         require(
-            self.threshold is None or -1.0 <= self.threshold <= 1.0,
+            self.threshold is None or self.threshold >= -1.0,
             where,
-            f"parameter 'threshold' (cosine) must be in [-1, 1], got {self.threshold}",
+            f"parameter 'threshold' (cosine) must be at least -1, got {self.threshold}",
         )
         require(
             self.which_to_keep in KEEPS,

@@ -42,6 +42,15 @@ def check_source(source: str, model_id: str, where: str) -> None:
         raise RecipeError(f"{where}: {source} is a folder with neither pool.json nor embeddings parquet files")
 
 
+def vector_files(source: str, model_id: str) -> str:
+    """What `load_vectors(source, model_id)` reads (a filter's `sources`): a pool's embeddings folder of the model,
+    else `source` itself."""
+    fs, path = open_fs(source)
+    if fs.isdir(path) and fs.exists(f"{path}/pool.json"):
+        return f"{Pool(source).embeddings_home}/{model_id}"
+    return source
+
+
 def load_vectors(source: str, model_id: str, where: str) -> np.ndarray:
     """All vectors of `source` as float32 [rows, D], L2-normalised (rows without a vector dropped)."""
     fs, path = open_fs(source)

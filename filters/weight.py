@@ -11,10 +11,11 @@ Modes (`by`):
 - `score_quantile`: rows in the top bins of a model's CLIP score get more copies. `bins` are
   fractions of the step's input, best first, `counts` the copies of each bin plus one for the
   rest: bins [0.1, 0.2], counts [3, 2, 1] gives the top 10% three copies, the next 20% two, every
-  other row one. Bin edges are DataComp's exact thresholds (filters/quantile.py) at the cumulative
-  fractions 0.1 and 0.3: a row goes to the first bin whose threshold its score reaches, so rows
-  tied at an edge all go to the better bin. Rows without a score are "the rest". Scores come from
-  `scores` as for clip_score. Memory: clip_score's threshold pass, once per bin.
+  other scored row one. Bin edges are clip_score's thresholds for `fraction` 0.1 and 0.3 (the
+  cumulative fractions; DataComp's exact rank threshold, filters/quantile.py), with its `scores`
+  and `count_absent`: a row goes to the first bin whose threshold its score reaches, so rows tied
+  at an edge all go to the better bin. Rows without a score get 0 copies, as every score filter
+  drops them. Memory: clip_score's threshold pass, once per bin.
 - `balance`: MetaCLIP's balancing (filters/balance.py) with replacement. With c the count of a
   row's rarest matched entry and r = t / c, the row gets floor(r) copies and one more with
   probability r - floor(r) (the same hash draw as balance), at most `max_copies`: expected copies
@@ -25,12 +26,11 @@ Modes (`by`):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from clipsift.filters.balance import (
     BalanceParams,
@@ -40,11 +40,15 @@ from clipsift.filters.balance import (
     uniforms,
 )
 from clipsift.filters.base import Context, Filter, ShardData, register, require
-from clipsift.filters.clip import at_least, metadata_schema, score_column, shard_scores
-from clipsift.filters.quantile import top_fraction_threshold
+from clipsift.filters.clip import ScoreSource, shard_scores
+from clipsift.filters.scores import TopFraction, at_least
 from clipsift.pipeline.pool import Pool
 
 BY = ("score_quantile", "balance")
+PARAMS = {  # the parameters only one mode reads
+    "score_quantile": ("model_id", "bins", "counts", "scores", "count_absent"),
+    "balance": ("entries", "t", "match", "unmatched", "seed", "suite_data", "max_copies"),
+}
 
 
 class Weighting(Filter):
@@ -58,9 +62,17 @@ class Weighting(Filter):
         return rows & (self.copies(state, data, rows) > 0)
 
 
+@dataclass(frozen=True)
+class _Edge(TopFraction):
+    """A bin edge: clip_score's threshold for `fraction`."""
+
+    fraction: float
+    threshold: float | None = None
+
+
 @register
 @dataclass
-class Weight(BalanceParams, Weighting):
+class Weight(ScoreSource, BalanceParams, Weighting):
     """Copies per row by `by`: score_quantile (bins of a model's CLIP score) or balance (MetaCLIP with replacement);
     see the module doc. Only as the last top-level step of a recipe."""
 
@@ -72,19 +84,21 @@ class Weight(BalanceParams, Weighting):
     bins: list[float] | None = None
     counts: list[int] | None = None
     scores: str = "auto"
+    count_absent: bool = True
     max_copies: int = 4
 
     def validate(self, where: str) -> None:
         require(self.by in BY, where, f"parameter 'by' must be one of {', '.join(BY)}, got {self.by!r}")
+        (other,) = [mode for mode in BY if mode != self.by]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        stray = [param for param in PARAMS[other] if getattr(self, param) != defaults[param]]
+        require(not stray, where, f"parameter {', '.join(stray)} is for by: {other}, not by: {self.by}")
         if self.by == "balance":
             self.validate_balance(where)
             require(self.max_copies >= 1, where, f"parameter 'max_copies' must be >= 1, got {self.max_copies}")
-            stray = [p for p in ("model_id", "bins", "counts") if getattr(self, p) is not None]
-            require(not stray, where, f"parameter {', '.join(stray)} is for by: score_quantile, not by: balance")
             return
         for param in ("model_id", "bins", "counts"):
             require(getattr(self, param) is not None, where, f"by: score_quantile needs parameter {param!r}")
-        require(self.entries is None, where, "parameter 'entries' is for by: balance, not by: score_quantile")
         require(
             len(self.counts) == len(self.bins) + 1,
             where,
@@ -96,43 +110,21 @@ class Weight(BalanceParams, Weighting):
         require(all(c >= 0 for c in self.counts), where, f"counts must be >= 0, got {self.counts}")
 
     def models(self) -> list[str]:
-        resolved = getattr(self, "_column", None) is not None
-        quantile = self.by == "score_quantile" and self.scores in ("auto", "embeddings")
-        return [self.model_id] if quantile and not resolved else []
+        return ScoreSource.models(self) if self.by == "score_quantile" else []
 
     def check(self, pool: Pool, where: str) -> None:
         if self.by == "balance":
-            super().check(pool, where)
+            BalanceParams.check(self, pool, where)
         else:
-            self._column = score_column(self.scores, self.model_id, pool, where)
-
-    def _score_column(self, pool: Pool) -> str | None:
-        if not hasattr(self, "_column"):
-            self._column = score_column(self.scores, self.model_id, pool, self.name)
-        return self._column
+            self.resolve(pool, where)
 
     def prepare(self, context: Context) -> Any:
         if self.by == "balance":
             state = self.entry_counts(context)
             expected = expected_copies(state, context.shards(), self.t, self.max_copies, self.unmatched)
             return replace(state, expected=expected)
-        return self._thresholds(context)
-
-    def _thresholds(self, context: Context) -> list[float]:
-        """The score threshold of each bin's lower edge (descending), at the cumulative fractions of the bins."""
-        column = self._score_column(context.pool)
-        num_rows = sum(int(rows.sum()) for _, rows in context.iter_data())
-        if num_rows == 0:
-            return [float("inf")] * len(self.bins)
-
-        def batches() -> Iterator[np.ndarray]:
-            for data, rows in context.iter_data():
-                yield shard_scores(data, self.model_id, column)[rows]
-
-        schema = metadata_schema(context.pool) if column else None
-        dtype = np.float64 if schema is not None and pa.types.is_float64(schema.field(column).type) else np.float32
-        edges = np.minimum(np.cumsum(self.bins), 1.0)
-        return [top_fraction_threshold(batches, num_rows, float(edge), dtype=dtype) for edge in edges]
+        edges = np.minimum(np.cumsum(self.bins), 1.0)  # each bin's lower edge, at the cumulative fraction
+        return [self.top_cutoff(_Edge(float(edge)), context, self.count_absent) for edge in edges]
 
     def copies(self, state: Any, data: ShardData, rows: np.ndarray) -> np.ndarray:
         if self.by == "balance":
@@ -140,8 +132,8 @@ class Weight(BalanceParams, Weighting):
             return sampled_copies(
                 rarest, uniforms(data.column("uid"), self.seed), self.t, self.max_copies, self.unmatched
             )
-        scores = shard_scores(data, self.model_id, self._score_column(data.pool))
-        out = np.full(len(rows), self.counts[-1], np.int64)
+        scores = shard_scores(data, self.model_id, self.column(data.pool))
+        out = np.where(np.isnan(scores), 0, self.counts[-1]).astype(np.int64)  # no score: dropped, as score filters do
         for threshold, count in reversed(list(zip(state, self.counts))):  # the best bin last: it wins ties
             out[at_least(scores, threshold)] = count
         return out

@@ -32,14 +32,13 @@ import pyarrow.compute as pc
 
 from clipsift import ClipsiftError
 from clipsift.files import open_fs, write_atomic, write_json_atomic
+from clipsift.hashing import splitmix64
 from clipsift.pipeline.parallel import map_shards
 
 MapFn = Callable[[int], tuple[pa.Table, np.ndarray]]  # source -> (rows, partition of each row)
 ReduceFn = Callable[[int, pa.Table], tuple[pa.Table, np.ndarray]]  # partition, rows -> (rows, destination)
 
 DEFAULT_BUDGET_MB = 128  # partition data one reduce task holds, by default
-
-_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 def partitions_for(rows: int, row_bytes: float, budget_mb: float = DEFAULT_BUDGET_MB) -> int:
@@ -65,25 +64,13 @@ def later_occurrences(partition: int, table: pa.Table) -> tuple[pa.Table, np.nda
     return pa.table({"pos": pa.array(later, pa.int64())}), later >> np.int64(32)
 
 
-def _mix(values: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: every input bit moves every output bit, so `% partitions` is even."""
-    z = values.astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        z ^= z >> np.uint64(30)
-        z *= _MIX1
-        z ^= z >> np.uint64(27)
-        z *= _MIX2
-        z ^= z >> np.uint64(31)
-    return z
-
-
 def hash_keys(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A uint64 hash per value (strings, binary or integers), the same in every process and run; nulls hash to 0.
 
     Strings are read from the Arrow buffers as 8-byte words, all values of one length at once."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if pa.types.is_integer(array.type):
-        return _mix(array.fill_null(0).to_numpy().astype(np.int64).view(np.uint64))
+        return splitmix64(array.fill_null(0).to_numpy().astype(np.int64).view(np.uint64))
     if pa.types.is_string(array.type) or pa.types.is_binary(array.type):
         array = array.cast(pa.large_binary())
     elif pa.types.is_large_string(array.type):
@@ -96,7 +83,7 @@ def hash_keys(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     data = np.frombuffer(array.buffers()[2], np.uint8)[start:end] if end > start else np.zeros(0, np.uint8)
     out = _word_hash(data, offsets[:-1] - start, lengths)
     out[~array.is_valid().to_numpy(zero_copy_only=False)] = 0
-    return _mix(out)
+    return splitmix64(out)
 
 
 def _word_hash(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -112,7 +99,7 @@ def _word_hash(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.
         left = lengths[rows] - place
         short = left < 8
         word[short] &= (np.uint64(1) << (left[short] * 8).astype(np.uint64)) - np.uint64(1)
-        out[rows] = _mix(out[rows] ^ word)
+        out[rows] = splitmix64(out[rows] ^ word)
     return out
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from clipsift.filters.balance import _SALT, read_entries
-from clipsift.filters.base import RecipeError
+from clipsift.filters.balance import _SALT, MatchShard, count_entries, read_entries
+from clipsift.filters.base import Context, Inputs, RecipeError
 from clipsift.filters.caption_quality import BOILERPLATE, CaptionQuality, repetition_shares
 from clipsift.filters.recipe import RecipeRunner, apply_recipe, load_recipe
 from clipsift.filters.subset import decode_uids, read_subset, subset_info
@@ -54,9 +55,9 @@ def apply(pool: Pool, tmp_path: Path, text: str, name: str = "r") -> tuple[list[
     return decode_uids(read_subset(str(out))), json.loads((tmp_path / f"{name}.json").read_text())
 
 
-def states(pool: Pool, tmp_path: Path, text: str) -> dict:
-    runner = RecipeRunner(pool, str(tmp_path / "work"), 1, None)
-    runner.evaluate(load_recipe(recipe_file(tmp_path, text, "states")).root, None)
+def states(pool: Pool, tmp_path: Path, text: str, name: str = "states") -> dict:
+    runner = RecipeRunner(pool, str(tmp_path / f"work-{name}"), 1, None)
+    runner.evaluate(load_recipe(recipe_file(tmp_path, text, name)).root, None)
     return runner.states
 
 
@@ -213,6 +214,40 @@ def test_balance_entries_from_a_suite(tmp_path: Path) -> None:
     assert apply(pool, tmp_path, recipe)[0] == sorted(derive_uid(f"row/{n}") for n in (0, 1))
 
 
+def test_balance_resumes_matching_with_the_shards_it_lacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed while matching (some shards without a match file) re-matches only those shards; files made from
+    other entries, another match mode or other input rows are matched again."""
+    texts = caption_rows(300, 4)
+    pool = text_pool(tmp_path / "pool", texts, per_shard=60)
+    shards = pool.shard_ids()
+    matched: list[str] = []
+    real = MatchShard.__call__
+    monkeypatch.setattr(MatchShard, "__call__", lambda task, shard: matched.append(shard) or real(task, shard))
+    work = str(tmp_path / "work" / "step-1")
+
+    def counts(entries: list[str] = WORDS, match: str = "substring", inputs: Inputs | None = None) -> list[int]:
+        matched.clear()
+        context = Context(pool, inputs or Inputs(pool), work, workers=1)
+        return count_entries(context, entries, None, match, "here").counts.tolist()
+
+    assert counts() == brute_counts(texts, WORDS, "substring")[1] and matched == shards
+    for shard in ("00000001", "00000003"):  # killed before these were matched
+        Path(tmp_path / "work" / "step-1.balance" / f"{shard}.npz").unlink()
+    assert counts() == brute_counts(texts, WORDS, "substring")[1] and matched == ["00000001", "00000003"]
+    assert counts() == brute_counts(texts, WORDS, "substring")[1] and matched == []
+
+    assert counts(WORDS[:-1]) == brute_counts(texts, WORDS[:-1], "substring")[1] and matched == shards
+    assert counts(WORDS[:-1], "words") == brute_counts(texts, WORDS[:-1], "words")[1] and matched == shards
+    dropped = {n for n in range(120, 180) if n % 3 == 0}  # shard 2 loses a third of its rows to an earlier step
+
+    def mask(shard: str) -> np.ndarray:
+        return np.array([n not in dropped for n in range(60 * int(shard), 60 * int(shard) + 60)])
+
+    left = [None if n in dropped else t for n, t in enumerate(texts)]
+    assert counts(WORDS[:-1], "words", Inputs(pool, mask)) == brute_counts(left, WORDS[:-1], "words")[1]
+    assert matched == ["00000002"]
+
+
 # --------------------------------------------------------------------------- caption_quality
 
 
@@ -295,16 +330,24 @@ def scored_pool(tmp_path: Path, n: int = 240) -> tuple[Pool, np.ndarray]:
     return pool, scores
 
 
-def brute_quantile_copies(scores: np.ndarray, bins: list[float], counts: list[int]) -> list[int]:
+def rank_thresholds(scores: np.ndarray, bins: list[float]) -> list[float]:
     """DataComp's threshold at each cumulative fraction (rank int(N f) of the scores sorted descending, NaN last)."""
     ranked = sorted((float(s) for s in scores if not np.isnan(s)), reverse=True)
     ranked += [float("-inf")] * (len(scores) - len(ranked))
     edges = np.cumsum(bins)
-    thresholds = [ranked[int(len(scores) * e)] if int(len(scores) * e) < len(scores) else -math.inf for e in edges]
+    return [ranked[int(len(scores) * e)] if int(len(scores) * e) < len(scores) else -math.inf for e in edges]
+
+
+def brute_quantile_copies(
+    scores: np.ndarray, bins: list[float], counts: list[int], listed: np.ndarray | None = None
+) -> list[int]:
+    """Copies by the first bin whose threshold (over `listed`, default the scores themselves) a score reaches;
+    the rest get counts[-1], rows without a score none."""
+    thresholds = rank_thresholds(scores if listed is None else listed, bins)
     copies = []
     for s in scores:
-        hit = [i for i, thr in enumerate(thresholds) if not np.isnan(s) and s >= thr]
-        copies.append(counts[hit[0]] if hit else counts[-1])
+        hit = [i for i, thr in enumerate(thresholds) if s >= thr]
+        copies.append(0 if np.isnan(s) else counts[hit[0]] if hit else counts[-1])
     return copies
 
 
@@ -320,7 +363,54 @@ def test_weight_by_score_quantile_against_brute_force(tmp_path: Path) -> None:
         assert info["num_unique_uids"] == sum(c > 0 for c in wanted)
         assert info["copies"] == {str(k): v for k, v in sorted(Counter(c for c in wanted if c).items())}
         assert info["steps"][0]["kept"] == sum(c > 0 for c in wanted)
+        assert not {derive_uid(f"row/{n}") for n in np.flatnonzero(np.isnan(scores))} & set(uids)  # no score: 0
     assert Counter(wanted)[2] >= 0.1 * len(scores)  # ties at an edge go to the better bin
+
+
+def datacomp_scored_pool(tmp_path: Path, rows: int = 230, dead: int = 70) -> tuple[Pool, np.ndarray, np.ndarray]:
+    """A metadata-only pool with DataComp's float32 L/14 score column (some null) and POOL/absent/ rows (dead
+    links, with scores too); returns the pool, its rows' scores and every listed row's (the pool's, then absent)."""
+    rng = np.random.default_rng(13)
+    scores = np.round(rng.normal(0.3, 0.04, rows + dead), 2).astype(np.float32)  # rounded: ties at the edges
+    scores[rng.choice(rows + dead, 15, replace=False)] = np.nan
+    root = tmp_path / "dcpool"
+    for index, start in enumerate(range(0, rows, 100)):
+        part = scores[start : min(start + 100, rows)]
+        columns = {name: pa.nulls(len(part), field.type) for name, field in zip(BASE_SCHEMA.names, BASE_SCHEMA)}
+        columns["uid"] = pa.array([derive_uid(f"row/{n}") for n in range(start, start + len(part))])
+        columns["clip_l14_similarity_score"] = pa.array(part, pa.float32(), mask=np.isnan(part))
+        write_metadata(str(root), index, pa.table(columns))
+    (root / "absent").mkdir()
+    lost = scores[rows:]
+    table = pa.table(
+        {
+            "uid": [derive_uid(f"dead/{n}") for n in range(dead)],
+            "clip_l14_similarity_score": pa.array(lost, pa.float32(), mask=np.isnan(lost)),
+        }
+    )
+    pq.write_table(table, root / "absent" / "00000000.parquet")
+    finalize_pool(str(root), "test", [{"kind": "test"}])
+    return Pool(str(root)), scores[:rows], scores
+
+
+def test_weight_bins_are_clip_scores_thresholds_counting_absent_rows(tmp_path: Path) -> None:
+    pool, scores, listed = datacomp_scored_pool(tmp_path)
+    model, bins = "ViT-L-14__openai", [0.1, 0.2]
+    for absent in (True, False):
+        more = "" if absent else ", count_absent: false"
+        name = f"absent-{absent}"
+        recipe = (
+            f"steps:\n  - weight: {{by: score_quantile, model_id: {model}, bins: {bins}, counts: [3, 2, 1]{more}}}\n"
+        )
+        edges = states(pool, tmp_path, recipe, name)["1"]
+        clip = [f"steps: [{{clip_score: {{model_id: {model}, fraction: {f!r}{more}}}}}]" for f in (0.1, 0.1 + 0.2)]
+        thresholds = [states(pool, tmp_path, text, f"c{i}-{absent}")["1"] for i, text in enumerate(clip)]
+        population = listed if absent else scores  # DataComp's N counts the dead links' metadata rows
+        assert edges == thresholds == rank_thresholds(population, bins)
+        uids, _ = apply(pool, tmp_path, recipe, name)
+        wanted = brute_quantile_copies(scores, bins, [3, 2, 1], population)
+        assert Counter(uids) == Counter({derive_uid(f"row/{n}"): c for n, c in enumerate(wanted) if c})
+    assert rank_thresholds(listed, bins) != rank_thresholds(scores, bins)  # the absent rows move the edges
 
 
 def test_weight_by_balance_against_brute_force(tmp_path: Path) -> None:
@@ -375,7 +465,11 @@ def test_weight_only_as_the_last_top_level_step(tmp_path: Path) -> None:
             load_recipe(recipe_file(tmp_path, f"steps:\n{steps}"))
     for params, message in (
         ("{by: score_quantile, model_id: m, bins: [0.5], counts: [2]}", "one more value"),
-        ("{by: balance, model_id: m, entries: [cat]}", "for by: score_quantile"),
+        ("{by: balance, model_id: m, entries: [cat]}", "parameter model_id is for by: score_quantile, not by: bal"),
+        ("{by: balance, entries: [cat], scores: embeddings, count_absent: false}", "scores, count_absent is for"),
+        ("{by: score_quantile, model_id: m, bins: [0.5], counts: [2, 1], t: 5, max_copies: 2}", "t, max_copies is"),
+        ("{by: score_quantile, model_id: m, bins: [0.5], counts: [2, 1], entries: [cat]}", "for by: balance, not"),
+        ("{by: score_quantile, model_id: m, bins: [0.5], counts: [2, 1], match: words}", "match is for by: bal"),
         ("{by: size}", "must be one of"),
     ):
         with pytest.raises(RecipeError, match=message):

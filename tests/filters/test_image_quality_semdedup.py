@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 from pathlib import Path
 
@@ -19,7 +20,15 @@ from clipsift.filters import image_quality, semdedup
 from clipsift.filters.base import Context, Inputs, RecipeError, ShardData
 from clipsift.filters.recipe import load_recipe
 from clipsift.filters.semdedup import SemDedup
-from clipsift.pipeline.pool import Pool, embeddings_schema, finalize_pool, write_metadata
+from clipsift.pipeline.pool import (
+    Pool,
+    Sample,
+    derive_uid,
+    embeddings_schema,
+    finalize_pool,
+    write_metadata,
+    write_shard,
+)
 from clipsift.pipeline.pool.columns import COLUMN_SET_KEY
 
 from filter_support import build_pool, run, uids_of
@@ -172,6 +181,47 @@ def test_image_quality_is_computed_once_and_again_after_a_change_of_definition(
     elsewhere = tmp_path / "columns"  # `folder`: a column set outside the pool
     assert run(pool, tmp_path, f"steps: [{{image_quality: {{min_std: 10, folder: {elsewhere}}}}}]", "away") == first
     assert sorted(p.name for p in elsewhere.iterdir()) == ["00000000.parquet", "00000001.parquet"]
+
+
+def images_pool(root: Path, names: list[str], prefix: str) -> Pool:
+    """The test images `names`, 8 a shard, row n with uid derive_uid(f"{prefix}/{n}") (over any pool at `root`)."""
+    images = sample_images()
+    for index, start in enumerate(range(0, len(names), 8)):
+        rows = range(start, min(start + 8, len(names)))
+        write_shard(
+            str(root), index, [Sample(derive_uid(f"{prefix}/{n}"), images[names[n]], "png", "x") for n in rows]
+        )
+    finalize_pool(str(root), "test", [])
+    return Pool(str(root))
+
+
+def test_image_quality_recomputes_files_made_for_other_uids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file computed for other rows of the same count (a pool rebuilt in place, a folder two pools share) is
+    stale: computed again, not a failure when `keep` meets it."""
+    stats = {name: oracle_stats(data) for name, data in sample_images().items() if name != "broken"}
+    names = [*sample_images(), *sample_images()]
+    contrast = [n for n, name in enumerate(names) if name in stats and stats[name][2] >= 10]
+    calls: list[str] = []
+    real = image_quality.compute_shard
+    monkeypatch.setattr(image_quality, "compute_shard", lambda p, c, shard: calls.append(shard) or real(p, c, shard))
+
+    def kept(pool: Pool, prefix: str, name: str, more: str = "") -> bool:
+        got = run(pool, tmp_path, f"steps: [{{image_quality: {{min_std: 10{more}}}}}]", name)
+        return got == sorted(derive_uid(f"{prefix}/{n}") for n in contrast)
+
+    pool = images_pool(tmp_path / "pool", names, "a")
+    assert kept(pool, "a", "first") and calls == ["00000000", "00000001"]
+    pool = images_pool(tmp_path / "pool", names, "b")  # rebuilt in place: the same shard sizes, other uids
+    assert kept(pool, "b", "rebuilt") and calls[2:] == ["00000000", "00000001"]
+    assert kept(pool, "b", "again") and len(calls) == 4  # now fresh
+
+    shared = f", folder: {tmp_path / 'shared'}"
+    other = images_pool(tmp_path / "other", names, "c")
+    assert kept(pool, "b", "shared-b", shared) and kept(other, "c", "shared-c", shared)
+    assert calls[4:] == ["00000000", "00000001"] * 2  # the second pool's rows are not the first's
+    stamp = json.loads(pq.read_schema(tmp_path / "shared" / "00000001.parquet").metadata[COLUMN_SET_KEY])
+    uids = [derive_uid(f"c/{n}") for n in range(8, len(names))]
+    assert stamp["uids"] == hashlib.sha256("\n".join(uids).encode()).hexdigest()
 
 
 def refused(tmp_path: Path, name: str, cases: list[tuple[str, str]]) -> None:
@@ -374,8 +424,18 @@ def test_semdedup_parameters_are_checked(tmp_path: Path) -> None:
                 "'which_to_keep' must be one of first, central, farthest",
             ),
             ("{model_id: m, eps: 0.1, sample_rate: 0}", "'sample_rate' must be in"),
+            ("{model_id: m, eps: 0}", "'eps' must be > 0, got 0.0: embeddings are stored as float16"),
+            ("{model_id: m, eps: -0.1}", "'eps' must be > 0"),
+            ("{model_id: m, eps: 2.5}", "'eps' must be at most 2"),
+            ("{model_id: m, threshold: 1}", "'threshold' (cosine) must be below 1, got 1.0: embeddings are stored"),
+            ("{model_id: m, threshold: -1.5}", "'threshold' (cosine) must be at least -1"),
         ],
     )
+    # why: unit vectors stored as float16 often have a cosine below 1 with an exact copy of themselves
+    vectors = np.random.default_rng(0).normal(size=(200, 64))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    rounded = vectors.astype(np.float16).astype(np.float32)
+    assert 0.2 < np.mean(np.einsum("ij,ij->i", rounded, rounded) < np.float32(1.0)) < 0.8
     shipped = load_recipe("semdedup", {"model_id": "tiny__ab"}).leaves()[0].filter
     assert (shipped.model_id, shipped.cosine, shipped.which_to_keep) == ("tiny__ab", pytest.approx(0.95), "first")
 

@@ -263,3 +263,84 @@ def test_a_plugin_runs_on_ray_workers_that_get_it_from_pythonpath(site: Path, po
     assert sorted(shard for _, shard in calls) == pool.shard_ids()
     assert command.pid not in {int(pid) for pid, _ in calls}  # every shard ran in a Ray worker
     assert json.loads((tmp_path / "ray.json").read_text())["plugins"]["1"]["version"] == VERSION
+
+
+AWKWARD = """
+from dataclasses import dataclass
+
+import pyarrow.compute as pc
+
+from clipsift.filters.base import Filter
+
+
+def lengths(data):
+    return pc.utf8_length(data.column("text")).to_numpy(zero_copy_only=False)
+
+
+@dataclass(slots=True, frozen=True)
+class Slotted(Filter):
+    min_chars: int = 20
+
+    def keep(self, state, data, rows):
+        return lengths(data) >= self.min_chars
+
+
+@dataclass
+class HoldsLambda(Filter):
+    min_chars: int = 20
+
+    def __post_init__(self):
+        self.rule = lambda length: length >= self.min_chars
+
+    def keep(self, state, data, rows):
+        return self.rule(lengths(data))
+
+
+@dataclass
+class NamedByProperty(Filter):
+    min_chars: int = 20
+
+    @property
+    def name(self):
+        return "fixed"
+
+    def keep(self, state, data, rows):
+        return lengths(data) >= self.min_chars
+"""
+
+
+@pytest.fixture
+def awkward(tmp_path: Path, monkeypatch) -> str:
+    """A module of plugin classes that are hard to label or to pickle, importable as `awkward_plugin_mod`."""
+    (tmp_path / "awkward_plugin_mod.py").write_text(AWKWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugins, "_LOADED", {})
+    yield "awkward_plugin_mod"
+    sys.modules.pop("awkward_plugin_mod", None)
+
+
+def test_a_slotted_frozen_plugin_keeps_its_label_in_the_tasks(awkward, pool, tmp_path) -> None:
+    """A @dataclass(slots=True, frozen=True) class pickles its fields only: the task's copy gets its label back."""
+    target = f"{awkward}:Slotted"
+    leaf = load_recipe_text(tmp_path, f"steps: [{{'{target}': {{min_chars: 15}}}}]")
+    assert leaf.filter.name == target and leaf.label == f"{target}(min_chars=15)"
+    rebuilt = plugins.shipped(leaf.filter, f"step 1 ({target})").filter()
+    assert rebuilt == leaf.filter and rebuilt.name == target
+    assert run(pool, tmp_path, f"steps: [{{'{target}': {{min_chars: 15}}}}]", "slotted") == longer(15)
+    assert json.loads((tmp_path / "slotted.json").read_text())["plugins"]["1"]["target"] == target
+
+
+def test_a_plugin_that_cannot_be_pickled_or_labelled_is_a_recipe_error(awkward, pool, tmp_path) -> None:
+    target = f"{awkward}:HoldsLambda"
+    with pytest.raises(
+        RecipeError,
+        match=rf"^step 1 \({target}\): {target} cannot be pickled for the per-shard tasks \(.*lambda.*\); a plugin "
+        r"filter travels to them pickled, .* define functions and classes at module level",
+    ):
+        run(pool, tmp_path, f"steps: [{{'{target}': {{min_chars: 15}}}}]", "lambda")
+    with pytest.raises(
+        RecipeError,
+        match=rf"step 1 \({awkward}:NamedByProperty\): cannot label the step '{awkward}:NamedByProperty' on a "
+        rf"{awkward}.NamedByProperty \(.*no setter\); .* not a property",
+    ):
+        load_recipe_text(tmp_path, f"steps: ['{awkward}:NamedByProperty']")

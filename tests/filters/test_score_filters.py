@@ -85,8 +85,8 @@ def pair_pool(tmp_path: Path) -> tuple[Pool, np.ndarray]:
 
 
 def brute_neg_clip_loss(pool: Pool, seed: int, batch_size: int, draws: int, tau: float) -> np.ndarray:
-    """negCLIPLoss of every pool row (NaN without embeddings) by explicit loops, the batches drawn by
-    draw_batches with the filter's per-shard generator."""
+    """negCLIPLoss of every pool row (NaN without embeddings) by explicit loops, normalised by log-mean-exp over
+    the batch, the batches drawn by draw_batches with the filter's per-shard generator."""
     image, text = stored_vectors(pool, "m", "image_emb"), stored_vectors(pool, "m", "text_emb")
     out = np.full(len(image), np.nan)
     offset = 0
@@ -101,7 +101,7 @@ def brute_neg_clip_loss(pool: Pool, seed: int, batch_size: int, draws: int, tau:
                     to_texts = np.array([image[i] @ text[j] for j in members]) / tau
                     to_images = np.array([image[j] @ text[i] for j in members]) / tau
                     loss = image[i] @ text[i] - tau / 2 * (
-                        np.log(np.sum(np.exp(to_texts))) + np.log(np.sum(np.exp(to_images)))
+                        np.log(np.mean(np.exp(to_texts))) + np.log(np.mean(np.exp(to_images)))
                     )
                     total[i] += loss
         for i in rows:
@@ -154,8 +154,8 @@ def test_neg_clip_loss_batches_only_the_input_rows(pair_pool) -> None:
         if i not in members:
             assert np.isnan(got[i])
             continue
-        row = np.log(sum(np.exp(image[i] @ text[j] / 0.05) for j in members))
-        col = np.log(sum(np.exp(image[j] @ text[i] / 0.05) for j in members))
+        row = np.log(sum(np.exp(image[i] @ text[j] / 0.05) for j in members) / len(members))
+        col = np.log(sum(np.exp(image[j] @ text[i] / 0.05) for j in members) / len(members))
         assert got[i] == pytest.approx(image[i] @ text[i] - 0.05 / 2 * (row + col), abs=2e-6)
 
 
