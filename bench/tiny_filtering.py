@@ -80,8 +80,9 @@ def new_recipe_steps(name: str) -> list:
         return [{"balance": {"entries": "${entries}", "t": "${t}", "match": "words", "seed": 0}}]
     if name == "semdedup":
         return [{"semdedup": {"model_id": "${model_id}", "eps": 0.05, "which_to_keep": "first", "seed": 0}}]
-    if name == "image_quality":
-        return ["image_quality"]
+    if name == "image_quality":  # configs/filters/image_quality.yaml's bounds
+        bounds = {"min_blur": 0.5, "min_entropy": 2.0, "min_std": 2.0, "min_brightness": 10, "max_brightness": 245}
+        return [{"image_quality": bounds}]
     if name == "caption_quality":
         return ["caption_quality"]
     if name == "caption_quality_then_clip_score_30":
