@@ -277,8 +277,10 @@ def against_truth(subset: Path, truth: str) -> tuple[int, float, float]:
 def train_and_evaluate(setup: dict, out: Path, scale: str, subset: Path, seed: int, workers: int | None) -> float:
     """The suite's average (the tiny suite, or --real's held-out suite) of the scale's recipe trained on the
     subset with this seed."""
-    shards = out / "shards" / subset.stem
-    run = out / "runs" / f"{subset.stem}_seed{seed}"
+    # a --real pool serves every scale, so its shards (sized by scale) and runs sit in a folder per scale
+    per_scale = Path(scale) if setup["suite_name"] != "tiny" else Path()
+    shards = out / "shards" / per_scale / subset.stem
+    run = out / "runs" / per_scale / f"{subset.stem}_seed{seed}"
     summary = run / "eval" / "summary.json"
     if not summary.exists():
         resharded = reshard(
