@@ -184,6 +184,7 @@ class EvalModel:
             pixels.to(self.device, non_blocking=True)
             .permute(0, 3, 1, 2)
             .float()
+            .contiguous()  # NCHW as torchvision's ToTensor gives: a channels-last conv rounds otherwise in bf16
             .div_(255)
             .sub_(self._mean)
             .div_(self._std)

@@ -414,7 +414,8 @@ class Embedder:
         and tokens on the device."""
         torch, model = self.torch, self.models[index]
         mean, std = self.norms[index]
-        images = images.float().div_(255).sub_(mean).div_(std)
+        # contiguous NCHW, as torchvision's ToTensor gives: low-precision convs round channels-last input otherwise
+        images = images.float().contiguous().div_(255).sub_(mean).div_(std)
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         with torch.inference_mode(), autocast:
             image_emb = model.encode_image(images)
