@@ -40,6 +40,7 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=8)
 def model_label(identifier: str) -> str:
     """A folder-safe name for the model behind `identifier`: lid176_<sha12>, cld3_<gcld3 version>, <stem>_<sha12>."""
     from clipsift.filters.text import lid176_path
@@ -66,11 +67,17 @@ def language_column(pool: Pool, identifier: str) -> ColumnSet | None:
 
 
 def caption_digest(texts: pa.ChunkedArray) -> str:
-    """sha256 of a shard's captions in order: labels kept for other captions under the same uids (a pool
-    re-captioned in place) are stale."""
-    digest = hashlib.sha256()
-    for caption in texts.to_pylist():
-        digest.update(b"\x00" if caption is None else caption.encode() + b"\x01")
+    """sha256 of a shard's captions in order (their bytes, lengths and nulls, read from the Arrow buffers): labels
+    kept for other captions under the same uids (a pool re-captioned in place) are stale."""
+    array = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
+    if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+        array = array.cast(pa.string())
+    _, offsets_buffer, data = array.buffers()
+    width = np.int64 if pa.types.is_large_string(array.type) else np.int32
+    offsets = np.frombuffer(offsets_buffer, width)[array.offset : array.offset + len(array) + 1]
+    digest = hashlib.sha256((offsets - offsets[0]).astype(np.int64).tobytes())
+    digest.update(array.is_null().to_numpy(zero_copy_only=False).tobytes())
+    digest.update(memoryview(data)[int(offsets[0]) : int(offsets[-1])] if data is not None else b"")
     return digest.hexdigest()
 
 

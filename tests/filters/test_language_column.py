@@ -113,3 +113,18 @@ def test_in_memory_shards_never_write(tmp_path: Path) -> None:
     data = base.ShardData.in_memory(pool, shard, pool.metadata(shard, ["uid", "text"]))
     assert data.language_is("en", np.ones(8, bool)).sum() == len(ENGLISH)
     assert language_files(tmp_path / "pool") == []
+
+
+def test_caption_digest_depends_on_the_captions_not_on_their_arrow_layout() -> None:
+    import pyarrow as pa
+
+    captions = ["a", "bc", None, "déf", ""]
+    digest = language_column.caption_digest(pa.chunked_array([captions]))
+    same = [
+        pa.chunked_array([captions[:2], captions[2:]]),
+        pa.chunked_array([pa.array(["x", *captions]).slice(1)]),
+        pa.chunked_array([pa.array(captions, pa.large_string())]),
+    ]
+    assert all(language_column.caption_digest(texts) == digest for texts in same)
+    other = [["ab", "c", None, "déf", ""], ["a", "bc", "", "déf", ""], ["a", "bc", None, "déf"]]
+    assert all(language_column.caption_digest(pa.chunked_array([texts])) != digest for texts in other)
