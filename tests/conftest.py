@@ -26,7 +26,6 @@ REPO = Path(__file__).resolve().parent.parent  # the checkout: configs/, docs/, 
 # most tests first, started these single-test files last, so the run ended with one worker busy and the rest idle.
 LONGEST_FIRST = (
     "pipeline/test_run.py",  # a whole xs run, killed and resumed
-    "pipeline/test_score_cluster.py",
     "pipeline/test_multinode.py",
     "pipeline/test_score.py",
     "leaderboard/test_tokens_and_pages.py",
@@ -42,6 +41,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: each file's own order is kept
+
+
 CLI_ENV = {"COLUMNS": "250", "RAY_AUTH_MODE": "disabled"}  # no line wrapping inside messages
 
 

@@ -24,6 +24,9 @@ def cluster():
     cluster.shutdown()
 
 
+# Slow: the default run covers losing a node while scoring in test_multinode.py (a `ray start` cluster, the CLI);
+# this one kills the only worker node at a set moment through ray.cluster_utils and the API.
+@pytest.mark.slow
 def test_losing_a_node_mid_run_scores_every_uid_once(cluster: Cluster, tmp_path: Path) -> None:
     synth_pool(str(tmp_path / "pool"), num_samples=160, shard_size=20, workers=1)
     pool = Pool(str(tmp_path / "pool"))
