@@ -21,27 +21,6 @@ from clipsift.pipeline.pool import Sample, derive_uid, finalize_pool, write_shar
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout: configs/, docs/, bench/
 
-# The files whose tests take longest (seconds on the 2-core machine, `pytest --durations=0` summed per file),
-# handed to the xdist workers first (`--no-loadscope-reorder` in pyproject.toml keeps this order): xdist's own order,
-# most tests first, started these single-test files last, so the run ended with one worker busy and the rest idle.
-LONGEST_FIRST = (
-    "pipeline/test_run.py",  # a whole xs run, killed and resumed
-    "pipeline/test_multinode.py",
-    "pipeline/test_score.py",
-    "leaderboard/test_tokens_and_pages.py",
-    "pipeline/test_download.py",
-    "train/test_filternet.py",
-    "pipeline/test_parallel.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        path = item.path.relative_to(REPO / "tests").as_posix()
-        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: each file's own order is kept
-
 
 CLI_ENV = {"COLUMNS": "250", "RAY_AUTH_MODE": "disabled"}  # no line wrapping inside messages
 
