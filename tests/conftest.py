@@ -20,8 +20,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from clipsift.pipeline.pool import Sample, derive_uid, finalize_pool, write_shard  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout: configs/, docs/, bench/
-
-
 CLI_ENV = {"COLUMNS": "250", "RAY_AUTH_MODE": "disabled"}  # no line wrapping inside messages
 
 
