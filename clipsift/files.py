@@ -68,8 +68,21 @@ PARQUET_COMPRESSION = "lz4"  # LZ4_RAW: files about the size of pyarrow's defaul
 
 def write_parquet(table: pa.Table, handle: Any) -> None:
     """Write a parquet file (a pool's metadata or embeddings) with PARQUET_COMPRESSION. LZ4_RAW is a codec of the
-    Parquet format since 2.9 (2021): pyarrow, and so pandas, read it."""
-    pq.write_table(table, handle, compression=PARQUET_COMPRESSION)
+    Parquet format since 2.9 (2021): pyarrow, and so pandas, read it. Floating-point columns (scores, embedding
+    vectors) are written without a dictionary: their values rarely repeat, and dictionary-encoded float16 vectors
+    read about 5x slower (bench/pool_io.py) for files of the same size."""
+    pq.write_table(table, handle, compression=PARQUET_COMPRESSION, use_dictionary=dictionary_columns(table.schema))
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns worth a dictionary: all but floating-point ones (and lists of them)."""
+
+    def floating(kind: pa.DataType) -> bool:
+        while pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind) or pa.types.is_large_list(kind):
+            kind = kind.value_type
+        return pa.types.is_floating(kind)
+
+    return [field.name for field in schema if not floating(field.type)]
 
 
 def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:

@@ -193,23 +193,39 @@ def _as_key(data: ShardData, name: str, column: pa.ChunkedArray) -> pa.Array:
         ) from err
 
 
-def similar_pairs(vectors: np.ndarray, threshold: float, base: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+def similar_pairs(
+    vectors: np.ndarray, threshold: float, base: np.ndarray | None = None, base_rows: np.ndarray | None = None
+) -> tuple[np.ndarray, ...]:
     """All pairs (i, j) with vectors[i] . base[j] >= threshold, exact (base: the vectors themselves, and then
-    i != j). Computed as blocks of a matrix product of at most BLOCK_ENTRIES similarities each."""
-    same = base is None
-    base = vectors if same else base
-    sources, targets = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    step = max(1, BLOCK_ENTRIES // max(len(base), 1))
+    i != j; base_rows: which row of `vectors` each base vector is, and then i != base_rows[j]). Computed as blocks
+    of a matrix product of at most BLOCK_ENTRIES similarities each; a row's similarity with itself is set below
+    the threshold first, so that only the few rows with a pair are looked at twice."""
+    if base is None:
+        base, base_rows = vectors, np.arange(len(vectors))
+    columns = np.arange(len(base))
     base_t = np.ascontiguousarray(base, np.float32).T
+    step = max(1, BLOCK_ENTRIES // max(len(base), 1))
+    if len(vectors) <= step:  # one block (the common case: a cluster)
+        return _block_pairs(np.asarray(vectors, np.float32) @ base_t, threshold, 0, base_rows, columns)
+    sources, targets = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for start in range(0, len(vectors), step):
         sims = np.ascontiguousarray(vectors[start : start + step], np.float32) @ base_t
-        rows = np.flatnonzero(sims.max(axis=1) >= threshold)  # few rows have a pair: look for it in those only
-        query, target = np.nonzero(sims[rows] >= threshold)
-        query = rows[query] + start
-        keep = query != target if same else slice(None)
-        sources.append(query[keep])
-        targets.append(target[keep])
+        query, target = _block_pairs(sims, threshold, start, base_rows, columns)
+        sources.append(query)
+        targets.append(target)
     return np.concatenate(sources), np.concatenate(targets)
+
+
+def _block_pairs(
+    sims: np.ndarray, threshold: float, start: int, base_rows: np.ndarray | None, columns: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs >= threshold of a block of rows (from `start`) against the base, a row's pair with itself left out."""
+    if base_rows is not None:
+        inside = (base_rows >= start) & (base_rows < start + len(sims))
+        sims[base_rows[inside] - start, columns[inside]] = -np.inf
+    rows = np.flatnonzero(sims.max(axis=1, initial=-np.inf) >= threshold)  # few rows have a pair: those only
+    query, target = np.nonzero(sims[rows] >= threshold)
+    return rows[query] + start, target
 
 
 def components(n: int, sources: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -8,9 +8,11 @@
    cluster) and to each of its next `spill - 1` nearest centroids whose similarity is within reach (below), as a
    secondary member; rows are written to their clusters' partitions (pipeline/partition.py).
 3. reduce, a task per partition: within each cluster, every primary member is compared with every member
-   (exact cosine, a matrix product) and the pairs >= threshold are grouped transitively. A group whose rows
-   all live only here is final: all but its first row (pool order) are dropped. A group holding a row that is
-   also a member of another cluster goes to this process as (row, group) pairs.
+   (exact cosine, a matrix product; a row's similarity with itself is set below the threshold first, so only
+   the few rows that have a pair are searched again) and the pairs >= threshold are grouped transitively (one
+   connected-components pass over the partition: no pair joins two clusters, so no group spans two). A group
+   whose rows all live only here is final: all but its first row (pool order) are dropped. A group holding a
+   row that is also a member of another cluster goes to this process as (row, group) pairs.
 4. merge (this process): those pairs are grouped again (connected components), and all but the first row of
    each group are dropped. It holds only the rows of such groups (at loose thresholds, where every row reaches
    its next clusters, that is about every row that has a duplicate: 16 bytes each).
@@ -51,6 +53,7 @@ ITERATIONS = 10  # k-means iterations (the clusters only need to keep near neigh
 SPLIT_ROUNDS = 3  # rounds of splitting clusters the sample says are over the budget
 SAMPLE_PER_CLUSTER = 40  # default sample rows per cluster (faiss asks for at least 39)
 NORM_SLACK = 2e-3  # float16 embeddings are unit length to about 1e-3
+CHUNK_ROWS = 1 << 16  # partition rows converted to float32 at once by the reduce
 
 
 def reach(threshold: float) -> float:
@@ -243,17 +246,7 @@ class _ClusterReduce:
     shards: int
 
     def __call__(self, partition: int, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
-        pos = table.column("pos").to_numpy()
-        primary = table.column("primary").to_numpy(zero_copy_only=False)
-        spilled = table.column("spilled").to_numpy(zero_copy_only=False)
-        out_pos, out_label = [], []
-        with threadpool_limits(1, user_api="blas"):  # BLAS threads cost more than they give on products this small
-            for _, rows, vectors in partition_clusters(table):
-                got = _groups(vectors, pos[rows], primary[rows], spilled[rows], self.threshold)
-                out_pos.append(got[0])
-                out_label.append(got[1])
-        pos_out = np.concatenate(out_pos) if out_pos else np.zeros(0, np.int64)
-        label = np.concatenate(out_label) if out_label else np.zeros(0, np.int64)
+        pos_out, label = _groups(table, self.threshold)
         destination = np.where(label < 0, pos_out >> np.int64(32), self.shards)
         return pa.table({"pos": pa.array(pos_out, pa.int64()), "label": pa.array(label, pa.int64())}), destination
 
@@ -273,21 +266,44 @@ def partition_clusters(table: pa.Table) -> Iterator[tuple[int, np.ndarray, np.nd
         yield int(cluster[rows[0]]), rows, halves[rows].astype(np.float32)
 
 
-def _groups(
-    vectors: np.ndarray, pos: np.ndarray, primary: np.ndarray, spilled: np.ndarray, threshold: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """One cluster (rows in pool order): (pos, -1) for rows dropped within it, (pos, group's first pos) for the rows
-    of groups that reach other clusters; singletons say nothing."""
-    base = np.flatnonzero(primary)
-    queries, targets = similar_pairs(vectors, threshold, vectors[base])
-    targets = base[targets]
-    keep = queries != targets
-    labels = components(len(vectors), queries[keep], targets[keep])
-    grouped = np.bincount(labels, minlength=len(vectors))[labels] > 1
-    reaching = np.zeros(len(vectors), bool)
-    np.logical_or.at(reaching, labels, ~primary | spilled)
-    open_rows = grouped & reaching[labels]
-    closed_dropped = grouped & ~reaching[labels] & (labels != np.arange(len(vectors)))
+def _groups(table: pa.Table, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """A partition's clusters (map rows: cluster, pos, primary, spilled, vec), each compared within itself:
+    (pos, -1) for rows dropped within their cluster, (pos, its group's first pos) for the rows of groups that reach
+    other clusters; singletons say nothing. Groups are components of the pairs found within each cluster (every
+    member against every primary member), so they never span two clusters here."""
+    if not table.num_rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    cluster, pos = table.column("cluster").to_numpy(), table.column("pos").to_numpy()
+    order = np.lexsort((pos, cluster))  # by cluster, then pool order: a group's smallest entry is its first row
+    cluster, pos = cluster[order], pos[order]
+    primary = table.column("primary").to_numpy(zero_copy_only=False)[order]
+    spilled = table.column("spilled").to_numpy(zero_copy_only=False)[order]
+    vec = table.column("vec").combine_chunks()
+    halves = vec.flatten().to_numpy(zero_copy_only=False).reshape(len(vec), -1)  # float16, in table order
+    n = len(order)
+    starts = np.flatnonzero(np.diff(cluster, prepend=-1))
+    ends = np.append(starts[1:], n)
+    sources, targets = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    chunk_start, vectors = 0, np.zeros((0, halves.shape[1]), np.float32)
+    with threadpool_limits(1, user_api="blas"):  # BLAS threads cost more than they give on products this small
+        for start, end in zip(starts.tolist(), ends.tolist()):
+            if end - start < 2:
+                continue
+            if end > chunk_start + len(vectors):  # float32 copies of a few clusters at a time
+                chunk_start = start
+                vectors = halves[order[start : max(end, start + CHUNK_ROWS)]].astype(np.float32)
+            rows = vectors[start - chunk_start : end - chunk_start]
+            base = np.flatnonzero(primary[start:end])
+            if not len(base):
+                continue
+            query, target = similar_pairs(rows, threshold, rows[base], base)
+            sources.append(query + start)
+            targets.append(base[target] + start)
+    labels = components(n, np.concatenate(sources), np.concatenate(targets))
+    grouped = np.bincount(labels, minlength=n)[labels] > 1
+    reaching = np.bincount(labels, weights=~primary | spilled, minlength=n)[labels] > 0
+    open_rows = grouped & reaching
+    closed_dropped = grouped & ~reaching & (labels != np.arange(n))
     return (
         np.concatenate([pos[closed_dropped], pos[open_rows]]),
         np.concatenate([np.full(int(closed_dropped.sum()), -1, np.int64), pos[labels[open_rows]]]),

@@ -23,6 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from clipsift import ClipsiftError
@@ -107,12 +108,26 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         include_dashboard=False,
         log_to_driver=not quiet,
         logging_level="ERROR" if quiet else "INFO",
-        runtime_env={"worker_process_setup_hook": f"{__name__}.worker_setup"},
     )
+    if _shadowed_here():
+        kwargs["runtime_env"] = {"worker_process_setup_hook": f"{__name__}.worker_setup"}
     if address:
         ray.init(address=address, **kwargs)
     else:
         ray.init(address="local", num_cpus=num_cpus, **kwargs)  # a new cluster, never a stray one found running
+
+
+def _shadowed_here() -> bool:
+    """Whether the working directory holds a `clipsift` folder or module other than this package. Ray puts that
+    directory on its workers' sys.path, where such a folder shadows the package; the setup hook that prevents it
+    costs every job a runtime-env round trip (about 4 s on 2 cores), so it is only installed when needed."""
+    import clipsift
+
+    package = Path(clipsift.__file__).resolve().parent
+    here = Path.cwd()
+    return (here / "clipsift.py").exists() or (
+        (here / "clipsift").exists() and (here / "clipsift").resolve() != package
+    )
 
 
 def worker_setup() -> None:

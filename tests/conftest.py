@@ -34,6 +34,24 @@ def clipsift(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
+def clipsift_here(*args: str) -> subprocess.CompletedProcess:
+    """The `clipsift` command line run in this process (typer's test runner), for tests that call quick verbs many
+    times: the same parsing, checks and output as `clipsift(...)` without a new interpreter each time. A user error
+    exits 2 with main()'s message, as the installed command does."""
+    from typer.testing import CliRunner
+
+    from clipsift import ClipsiftError
+    from clipsift.cli import app
+
+    result = CliRunner(env=CLI_ENV).invoke(app, list(args), prog_name="clipsift")
+    code, stderr = result.exit_code, result.stderr
+    if isinstance(result.exception, ClipsiftError):
+        code, stderr = 2, f"{stderr}error: {result.exception}\n"
+    elif result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(["clipsift", *args], code, result.stdout, stderr)
+
+
 def clipsift_started(*args: str, **popen: Any) -> subprocess.Popen:
     """The `clipsift` command line started in a session of its own (so a test can kill it and its Ray workers)."""
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}

@@ -14,7 +14,7 @@ import pytest
 
 from clipsift.filters import dedup as dedup_module
 from clipsift.filters.base import Context, Inputs, ShardData
-from clipsift.filters.dedup import Dedup
+from clipsift.filters.dedup import Dedup, similar_pairs
 from clipsift.filters.near_dedup import _plan, memberships, reach
 from clipsift.filters.recipe import apply_recipe, load_recipe
 from clipsift.filters.subset import decode_uids, encode_uids, read_subset
@@ -274,6 +274,25 @@ def test_spilled_rows_join_only_centroids_within_reach() -> None:
     assert np.array_equal(member[:, 1:], best[:, 1:3] >= best[:, :1] - reach(0.99))
     assert member[:, 0].all() and 0 < member[:, 1].mean() < 1  # some rows spill, some do not
     assert reach(1.0) < 0.3 and reach(0.5) > 1.9  # tight thresholds reach few centroids, loose ones every one
+
+
+def test_similar_pairs_leave_out_each_row_with_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reduce compares a cluster's rows with its primary rows (base_rows): a row's pair with itself is left out
+    before the rows with a pair are picked, in one block or in many."""
+    rng = np.random.default_rng(15)
+    vectors = unit(rng.normal(size=(300, 4))).astype(np.float32)
+    base_rows = np.array([0, 5, 17, 150, 299])
+    sims = vectors @ vectors[base_rows].T
+    expected = {(i, j) for i, j in zip(*np.nonzero(sims >= 0.9)) if i != base_rows[j]}
+    assert 0 < len(expected) < 300
+    for entries in (1 << 22, 20):  # one block; blocks of 4 rows
+        monkeypatch.setattr(dedup_module, "BLOCK_ENTRIES", entries)
+        query, target = similar_pairs(vectors, 0.9, vectors[base_rows], base_rows)
+        assert set(zip(query.tolist(), target.tolist())) == expected
+        query, target = similar_pairs(vectors, 0.9)  # the vectors themselves: i != j
+        assert set(zip(query.tolist(), target.tolist())) == {
+            (i, j) for i, j in zip(*np.nonzero(vectors @ vectors.T >= 0.9)) if i != j
+        }
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from clipsift.leaderboard import store
 from clipsift.leaderboard.app import SECURITY_HEADERS, Settings, create_app
 from clipsift.leaderboard.db import Database
 
-from conftest import clipsift
+from conftest import clipsift_here
 from leaderboard_support import ServerProcess, payload_of, write_run
 
 TIMEOUT = 1.5  # --header-timeout and --body-timeout of the servers here
@@ -447,8 +447,14 @@ def test_sqlite_commits_are_synchronous_full(tmp_path):
         (["--public-url", "https://x.example/board?q=1"], "--public-url"),
     ],
 )
-def test_serve_refuses_bad_options(tmp_path, args, named):
-    result = clipsift("leaderboard", "serve", "--db", str(tmp_path / "lb.sqlite"), *args, timeout=120)
+def test_serve_refuses_bad_options(tmp_path, args, named, monkeypatch):
+    import clipsift.leaderboard.app as served
+
+    def serving(*_, **__):  # an accepted option would serve here, in the test's process: fail instead
+        raise AssertionError(f"{args} was accepted")
+
+    monkeypatch.setattr(served, "serve", serving)
+    result = clipsift_here("leaderboard", "serve", "--db", str(tmp_path / "lb.sqlite"), *args)
     assert result.returncode == 2 and named in result.stdout + result.stderr, result.stdout + result.stderr
 
 

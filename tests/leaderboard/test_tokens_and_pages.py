@@ -27,7 +27,7 @@ from clipsift.leaderboard import post_local
 from clipsift.leaderboard.db import Database, database_url, hash_token, utcnow
 from clipsift.leaderboard.schema import MAX_NESTING
 
-from conftest import clipsift
+from conftest import clipsift, clipsift_here
 from leaderboard_support import PostgresDatabase, ServerProcess, payload_of, postgres_url_or_reason, write_run
 
 SEEDS = itertools.count(5000)  # distinct values and subset hashes in every run: no accidental duplicates
@@ -55,7 +55,7 @@ def auth(token: str) -> dict[str, str]:
 
 
 def cli_ok(*args: str) -> str:
-    result = clipsift(*args)
+    result = clipsift_here(*args)  # quick verbs called many times; the tokens test also runs the installed command
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -92,7 +92,9 @@ def refused_401(response: httpx.Response, starts: str) -> str:
 
 
 def test_tokens_listed_revoked_and_expiring(db_url, tmp_path):
-    alice = cli_ok("leaderboard", "token", "create", "alice", "--db", db_url).strip()
+    made = clipsift("leaderboard", "token", "create", "alice", "--db", db_url)  # as a user runs it
+    assert made.returncode == 0, made.stderr
+    alice = made.stdout.strip()
     ops = cli_ok("leaderboard", "token", "create", "ops", "--admin", "--expires-days", "2", "--db", db_url).strip()
     short = cli_ok("leaderboard", "token", "create", "short", "--expires-days", "1", "--db", db_url).strip()
     assert all(t.startswith("clipsift_") for t in (alice, ops, short))
@@ -148,7 +150,7 @@ def test_tokens_listed_revoked_and_expiring(db_url, tmp_path):
         rows = listed(db_url)
         assert WHEN.fullmatch(rows["alice"]["revoked"]) and rows["ops"]["revoked"] == "-"
         assert rows["ops"]["expires"].endswith("(expired)") and not rows["short"]["expires"].endswith("(expired)")
-        again = clipsift("leaderboard", "token", "create", "alice", "--db", db_url)
+        again = clipsift_here("leaderboard", "token", "create", "alice", "--db", db_url)
         assert again.returncode != 0 and "exists already" in again.stderr
     finally:
         server.stop()
