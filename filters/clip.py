@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from clipsift.arrays import numpy_of
 from clipsift.files import parquet_file
 from clipsift.filters.base import Context, Filter, RecipeError, ShardData, register
 from clipsift.filters.metadata import check_language_id, language_ok
@@ -57,7 +58,7 @@ def column_scores(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
     dtype = np.float64 if pa.types.is_float64(values.type) else np.float32
     if values.null_count:
         values = values.cast(pa.float64()).fill_null(np.nan)
-    return values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    return numpy_of(values).astype(dtype, copy=False)
 
 
 def shard_scores(data: ShardData, model_id: str, column: str | None) -> np.ndarray:

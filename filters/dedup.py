@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipsift import ClipsiftError
+from clipsift.arrays import numpy_of
 from clipsift.filters.base import Context, Filter, Inputs, ShardData, register, require
 from clipsift.filters.subset import encode_uids
 from clipsift.filters.vectors import check_dim, check_source, ip_index, load_vectors, nearest, vector_files
@@ -162,7 +163,7 @@ class _KeyMap:
     def __call__(self, source: int) -> tuple[pa.Table, np.ndarray]:
         data = ShardData(self.pool, self.shards[source])
         column = data.column(self.by)
-        selected = self.inputs.mask(data.shard) & column.is_valid().to_numpy(zero_copy_only=False)
+        selected = self.inputs.mask(data.shard) & numpy_of(column.is_valid())
         if self.by == "sha256":
             pairs = sha256_keys(data, column.filter(selected))
             keys = pa.table({"hi": pairs["f0"], "lo": pairs["f1"]})

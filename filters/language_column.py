@@ -21,6 +21,7 @@ from importlib import metadata as dist_metadata
 import numpy as np
 import pyarrow as pa
 
+from clipsift.arrays import numpy_of
 from clipsift.files import open_fs, read_parquet
 from clipsift.pipeline.pool import Pool
 from clipsift.pipeline.pool.columns import ColumnSet, column_set_folder, uid_digest
@@ -76,7 +77,7 @@ def caption_digest(texts: pa.ChunkedArray) -> str:
     width = np.int64 if pa.types.is_large_string(array.type) else np.int32
     offsets = np.frombuffer(offsets_buffer, width)[array.offset : array.offset + len(array) + 1]
     digest = hashlib.sha256((offsets - offsets[0]).astype(np.int64).tobytes())
-    digest.update(array.is_null().to_numpy(zero_copy_only=False).tobytes())
+    digest.update(numpy_of(array.is_null()).tobytes())
     digest.update(memoryview(data)[int(offsets[0]) : int(offsets[-1])] if data is not None else b"")
     return digest.hexdigest()
 

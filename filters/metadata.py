@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from clipsift.arrays import numpy_of
 from clipsift.filters import text, wordnet
 from clipsift.filters.base import Context, Filter, RecipeError, ShardData, register, require
 from clipsift.filters.quantile import kth_smallest
@@ -146,8 +147,8 @@ class Basic(CaptionConditions):
 
 def size_ok(data: ShardData, min_side: int, max_aspect_ratio: float) -> np.ndarray:
     """min side >= min_side and max/min <= max_aspect_ratio; rows without a size fail."""
-    width = data.column("original_width").to_numpy(zero_copy_only=False).astype(np.float64)
-    height = data.column("original_height").to_numpy(zero_copy_only=False).astype(np.float64)
+    width = numpy_of(data.column("original_width")).astype(np.float64)
+    height = numpy_of(data.column("original_height")).astype(np.float64)
     short, long = np.minimum(width, height), np.maximum(width, height)  # NaN (no size) propagates and fails
     with np.errstate(divide="ignore", invalid="ignore"):
         return (short >= min_side) & (long / short <= max_aspect_ratio)

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipsift import ClipsiftError
+from clipsift.arrays import numpy_filled, numpy_of
 
 LANGUAGE_IDS = ("lid176", "cld3")  # or a path to a fastText model file
 TOKENIZERS = ("split", "fasttext")
@@ -100,7 +101,7 @@ def at_least_tokens(texts: pa.Array | pa.ChunkedArray, n: int, tokenizer: str) -
     if n <= 0:
         return np.ones(len(texts), bool)
     counts = pc.fill_null(pc.count_substring_regex(texts, _FASTTEXT_TOKEN), 0)
-    return counts.to_numpy(zero_copy_only=False) >= n
+    return numpy_of(counts) >= n
 
 
 def at_least_words(texts: pa.Array | pa.ChunkedArray, n: int) -> np.ndarray:
@@ -113,7 +114,7 @@ def at_least_words(texts: pa.Array | pa.ChunkedArray, n: int) -> np.ndarray:
 
 def char_counts(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """len(text) in code points (0 for a missing caption)."""
-    return pc.fill_null(pc.utf8_length(texts), 0).to_numpy(zero_copy_only=False)
+    return numpy_filled(pc.utf8_length(texts), 0)
 
 
 def vocabulary_pattern(phrases: Iterable[str]) -> str:
@@ -128,4 +129,4 @@ def matches(texts: pa.Array | pa.ChunkedArray, pattern: str) -> np.ndarray:
 
 
 def _filled(result: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    return pc.fill_null(result, False).to_numpy(zero_copy_only=False).astype(bool)
+    return numpy_filled(result, False).astype(bool)

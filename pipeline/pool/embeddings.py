@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from clipsift.arrays import numpy_of
 from clipsift.pipeline.pool.layout import PoolFormatError
 
 
@@ -70,7 +71,7 @@ def embedding_matrix(table: pa.Table, column: str = "image_emb") -> tuple[np.nda
         raise PoolFormatError(f"embeddings column {column!r} is {array.type}, expected a fixed_size_list of float16")
     dim = array.type.list_size
     values = array.values.slice(array.offset * dim, len(array) * dim)
-    matrix = values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(array), dim)
-    valid = array.is_valid().to_numpy(zero_copy_only=False)
+    matrix = numpy_of(values).astype(np.float32).reshape(len(array), dim)
+    valid = numpy_of(array.is_valid())
     matrix[~valid] = 0.0
     return matrix, valid
