@@ -4,6 +4,7 @@ runs, and every uid is still processed exactly once, with the results of a singl
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -59,6 +60,8 @@ class Node:
         self.process, self.marker = process, marker
         self.raylet: int | None = None
         self.lost: list[str] = []  # what its Ray workers ran when it was killed
+        self.killed = False
+        self.starts = 1
 
     def pids(self) -> list[int]:
         """This node's processes: `ray start`, its raylet and agents, and its workers (their own process groups)."""
@@ -100,6 +103,7 @@ class Node:
 
     def kill(self) -> list[str]:
         """The machine is gone: every process of this node dies at once. Returns what its Ray workers ran."""
+        self.killed = True
         pids = self.pids()
         titles = self.work(pids)
         for pid in pids:
@@ -122,7 +126,12 @@ class Cluster:
         self.nodes: list[Node] = []
 
     def start_node(self) -> Node:
-        head = not self.nodes
+        process, marker = self._launch(head=not self.nodes, index=len(self.nodes))
+        node = Node(process, marker)
+        self.nodes.append(node)
+        return node
+
+    def _launch(self, head: bool, index: int) -> tuple[subprocess.Popen, str]:
         ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port"]
         ports += ["--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
         args = [RAY, "start", "--block", "--num-cpus", "0" if head else "1", "--object-store-memory", str(80 << 20)]
@@ -133,16 +142,25 @@ class Cluster:
         else:
             args += ["--address", self.address]
         # a folder per node: nodes started together in one folder may pick the same socket names
-        args += ["--temp-dir", f"{self.temp_dir}/{len(self.nodes)}"]
+        args += ["--temp-dir", f"{self.temp_dir}/{index}"]
         marker = uuid.uuid4().hex
         env = {**os.environ, **FAST_NODE_DEATH, NODE_ENV: marker, "RAY_AUTH_MODE": "disabled"}
         env.pop("RAY_ADDRESS", None)
-        log = open(Path(self.temp_dir) / f"node-{len(self.nodes)}.log", "w")  # noqa: SIM115 (closed with the node)
+        log = open(Path(self.temp_dir) / f"node-{index}.log", "w")  # noqa: SIM115 (closed with the node)
         process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        node = Node(process, marker)
-        self.nodes.append(node)
-        return node
+        return process, marker
+
+    def restart_failed_starts(self) -> None:
+        """A worker node whose `ray start` gave up (Ray waits 30 s, fixed, for a raylet to register: on 2 busy
+        cores that can pass) is started again, up to twice: a machine that did not come up, not what is tested."""
+        for index, node in enumerate(self.nodes):
+            if index and not node.killed and node.process.poll() is not None and node.starts < 3:
+                for pid in node.pids():  # what the failed start left running
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                node.process, node.marker = self._launch(head=False, index=index)
+                node.raylet, node.starts = None, node.starts + 1
 
     def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
         import ray
@@ -161,6 +179,7 @@ class Cluster:
                 assert time.monotonic() < deadline, (
                     f"the cluster has not {count} nodes after {timeout} s:\n{self.logs()}"
                 )
+                self.restart_failed_starts()
                 time.sleep(0.2)
         finally:
             ray.shutdown()
