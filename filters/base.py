@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipsift import ClipsiftError
+from clipsift.arrays import numpy_filled
 from clipsift.pipeline.pool import Pool, PoolFormatError, embedding_matrix
 
 REGISTRY: dict[str, type[Filter]] = {}
@@ -146,11 +147,7 @@ class ShardData:
     def scores(self, model_id: str) -> np.ndarray:
         """clip_score as float32, NaN where the row has no score."""
         column = self.embeddings(model_id, ["clip_score"]).column("clip_score")
-        return (
-            column.to_numpy().astype(np.float32)
-            if column.null_count == 0
-            else column.cast(pa.float32()).fill_null(np.nan).to_numpy().astype(np.float32)
-        )
+        return numpy_filled(column.cast(pa.float32()), np.nan).astype(np.float32)  # a copy: callers may write to it
 
     def image_vectors(self, model_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(float32 [rows, D], valid [rows]) image embeddings."""

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from clipsift.arrays import numpy_of
+from clipsift.arrays import numpy_filled
 from clipsift.files import parquet_file
 from clipsift.filters.base import Context, Filter, RecipeError, ShardData, register
 from clipsift.filters.metadata import check_language_id, language_ok
@@ -57,8 +57,8 @@ def column_scores(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A float column as numpy at its own precision (float64 stays float64), NaN where null."""
     dtype = np.float64 if pa.types.is_float64(values.type) else np.float32
     if values.null_count:
-        values = values.cast(pa.float64()).fill_null(np.nan)
-    return numpy_of(values).astype(dtype, copy=False)
+        values = values.cast(pa.float64())
+    return numpy_filled(values, np.nan).astype(dtype, copy=False)
 
 
 def shard_scores(data: ShardData, model_id: str, column: str | None) -> np.ndarray:

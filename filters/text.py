@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipsift import ClipsiftError
-from clipsift.arrays import numpy_filled, numpy_of
+from clipsift.arrays import numpy_filled
 
 LANGUAGE_IDS = ("lid176", "cld3")  # or a path to a fastText model file
 TOKENIZERS = ("split", "fasttext")
@@ -100,8 +100,7 @@ def at_least_tokens(texts: pa.Array | pa.ChunkedArray, n: int, tokenizer: str) -
         return at_least_words(texts, n)
     if n <= 0:
         return np.ones(len(texts), bool)
-    counts = pc.fill_null(pc.count_substring_regex(texts, _FASTTEXT_TOKEN), 0)
-    return numpy_of(counts) >= n
+    return numpy_filled(pc.count_substring_regex(texts, _FASTTEXT_TOKEN), 0) >= n
 
 
 def at_least_words(texts: pa.Array | pa.ChunkedArray, n: int) -> np.ndarray:
