@@ -61,3 +61,52 @@ def _raw(values: pa.Array) -> np.ndarray | None:
 def _bits(buffer: pa.Buffer, offset: int, length: int) -> np.ndarray:
     bits = np.unpackbits(np.frombuffer(buffer, np.uint8), bitorder="little")
     return bits[offset : offset + length].view(bool)
+
+
+def binary_of(fixed: np.ndarray) -> pa.Array:
+    """`pa.array(fixed, pa.binary())` of a NumPy bytes ("S") array (each value up to its first NUL byte, as
+    pyarrow reads it), built from the bytes themselves: pa.array would go through pandas."""
+    fixed = np.ascontiguousarray(fixed)
+    width = fixed.dtype.itemsize
+    if len(fixed) == 0 or width == 0:
+        return pa.array([b""] * len(fixed), pa.binary())
+    raw = fixed.view(np.uint8).reshape(len(fixed), width)
+    nul = raw == 0
+    lengths = np.where(nul.any(axis=1), nul.argmax(axis=1), width)
+    data = raw[np.arange(width) < lengths[:, None]]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.Array.from_buffers(pa.binary(), len(fixed), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def strings_of(values: list[str | bytes | None], kind: pa.DataType = pa.string()) -> pa.Array:
+    """`pa.array(values, kind)` for a list of str (or bytes) and None, a (large) string or binary `kind`, built
+    from the encoded values: pa.array of Python objects imports pandas to check their types."""
+    encoded = [b"" if v is None else v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]
+    large = pa.types.is_large_string(kind) or pa.types.is_large_binary(kind)
+    offsets = np.zeros(len(values) + 1, np.int64 if large else np.int32)
+    np.cumsum([len(v) for v in encoded], out=offsets[1:])
+    valid = np.array([v is not None for v in values], bool)
+    bitmap = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+    return pa.Array.from_buffers(
+        kind,
+        len(values),
+        [bitmap, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))],
+        int(len(values) - valid.sum()),
+    )
+
+
+def string_scalar(text: str) -> pa.Scalar:
+    """`pa.scalar(text)`, without the pandas import that pa.scalar makes (for compute functions' literal
+    arguments, which pyarrow otherwise converts with pa.scalar)."""
+    return strings_of([text])[0]
+
+
+def arrow_of(values: np.ndarray) -> pa.Array:
+    """`pa.array(values)` of a 1-d NumPy array of numbers or booleans, from its buffer: pa.array of a NumPy array
+    imports pandas on first use."""
+    values = np.ascontiguousarray(values)
+    if values.dtype == bool:
+        data = pa.py_buffer(np.packbits(values, bitorder="little"))
+    else:
+        data = pa.py_buffer(values)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, data])

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipsift import ClipsiftError
-from clipsift.arrays import numpy_filled
+from clipsift.arrays import arrow_of, numpy_filled
 from clipsift.pipeline.pool import Pool, PoolFormatError, embedding_matrix
 
 REGISTRY: dict[str, type[Filter]] = {}
@@ -177,7 +177,7 @@ class ShardData:
         )
         missing = selected[[label is None for label in labels[selected]]]
         if len(missing):
-            labels[missing] = detect_languages(texts.take(pa.array(missing)).to_pylist(), identifier)
+            labels[missing] = detect_languages(texts.take(arrow_of(missing)).to_pylist(), identifier)
             if column:
                 language_column.save_labels(column, self.pool, self.shard, uids, texts, labels)
         return labels[selected]

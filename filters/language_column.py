@@ -21,7 +21,7 @@ from importlib import metadata as dist_metadata
 import numpy as np
 import pyarrow as pa
 
-from clipsift.arrays import numpy_of
+from clipsift.arrays import numpy_of, strings_of
 from clipsift.files import open_fs, read_parquet
 from clipsift.pipeline.pool import Pool
 from clipsift.pipeline.pool.columns import ColumnSet, column_set_folder, uid_digest
@@ -100,7 +100,7 @@ def save_labels(
     column: ColumnSet, pool: Pool, shard: str, uids: pa.ChunkedArray, texts: pa.ChunkedArray, labels: np.ndarray
 ) -> None:
     """Write the shard's labels (atomically); an unwritable pool turns the cache off for this process."""
-    table = pa.table({"uid": uids, "language": pa.array(labels.tolist(), pa.string())})
+    table = pa.table({"uid": uids, "language": strings_of(labels.tolist())})
     table = table.replace_schema_metadata({CAPTIONS_KEY: caption_digest(texts).encode()})
     try:
         column.write(shard, table)

@@ -16,6 +16,7 @@ Ray's own notices (token authentication, Ray Data's log lines, worker output) ar
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -147,12 +148,15 @@ def map_shards(
     workers: int | None = None,
     address: str | None = None,
     on_result: Callable[[T, R], None] | None = None,
+    threads: bool = False,
 ) -> list[R]:
     """Apply `fn` to every item, one Ray task per item, with a progress bar; results in item order.
 
     `workers` bounds the CPUs of a local cluster (None: all cores, or in-process while the items left
-    would take little time, see the module's note). A ClipsiftError raised in a task is re-raised
-    here as itself so the CLI can show its message.
+    would take little time, see the module's note). `threads`: in-process items run on a thread per core
+    (`local_threads`), for work that spends its time outside the GIL (NumPy, Arrow, file I/O) and is safe to
+    run side by side. A ClipsiftError raised in a task is re-raised here as itself so the CLI can show its
+    message.
     """
     items = list(items)
     if not items:
@@ -171,25 +175,52 @@ def map_shards(
         if where == "ray":
             start = 0
         else:
-            start = _run_here(fn, items, done, math.inf if where == "here" else local_max_seconds())
+            budget = math.inf if where == "here" else local_max_seconds()
+            start = _run_here(fn, items, done, budget, local_threads(workers) if threads else 1)
         if start < len(items):
             _map_on_ray(fn, items, start, workers, address, done)
     return [results[i] for i in range(len(items))]
 
 
-def _run_here(fn: Callable[[T], R], items: list[T], done: Callable[[int, R], None], budget: float) -> int:
-    """Run items in this process until those left would take longer than `budget` seconds at the last item's
-    pace; returns the index of the first item not run (len(items): all ran here)."""
+def local_threads(workers: int | None = None) -> int:
+    """Threads for in-process work that allows them: one per core, up to 4 (each holds a shard), one with
+    --workers 1."""
+    workers = workers if workers is not None else _cluster["workers"]
+    return 1 if workers == 1 else max(1, min(4, os.cpu_count() or 1))
+
+
+def _run_here(
+    fn: Callable[[T], R], items: list[T], done: Callable[[int, R], None], budget: float, threads: int = 1
+) -> int:
+    """Run items in this process, on up to `threads` threads, until those left would take longer than `budget`
+    seconds at the pace so far; returns the index of the first item not run (len(items): all ran here).
+    Results are handed to `done` in item order."""
     if budget <= 0:
         return 0
-    took = 0.0
-    for index, item in enumerate(items):
-        if took * (len(items) - index) > budget:
-            return index
-        started = time.perf_counter()
-        done(index, fn(item))
-        took = time.perf_counter() - started
-    return len(items)
+    if threads <= 1:
+        took = 0.0
+        for index, item in enumerate(items):
+            if took * (len(items) - index) > budget:
+                return index
+            started = time.perf_counter()
+            done(index, fn(item))
+            took = time.perf_counter() - started
+        return len(items)
+    from concurrent.futures import ThreadPoolExecutor
+
+    started, pending, submitted, finished = time.perf_counter(), collections.deque(), 0, 0
+    with ThreadPoolExecutor(threads) as pool:
+        while submitted < len(items) or pending:
+            pace = (time.perf_counter() - started) / finished if finished else 0.0
+            if submitted < len(items) and len(pending) < threads and pace * (len(items) - submitted) <= budget:
+                pending.append(pool.submit(fn, items[submitted]))
+                submitted += 1
+                continue
+            if not pending:
+                break
+            done(finished, pending.popleft().result())
+            finished += 1
+    return submitted
 
 
 def _apply(fn: Callable[[T], R], item: T) -> R:

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipsift import ClipsiftError, __version__
+from clipsift.arrays import arrow_of
 from clipsift.files import content_sha256, file_sha256, open_fs, write_atomic, write_json_atomic
 from clipsift.filters.subset import decode_uids, encode_uids, is_sorted, read_subset, sort_subset, unique_counts
 from clipsift.pipeline.pool import (
@@ -146,7 +147,9 @@ class _Fill:
             if (
                 spans is not None
                 and len(spans.keys) == table.num_rows
-                and spans.keys.take(wanted).equals(table.column("key").take(wanted).combine_chunks().cast(pa.binary()))
+                and spans.keys.take(arrow_of(wanted)).equals(
+                    table.column("key").take(arrow_of(wanted)).combine_chunks().cast(pa.binary())
+                )
             ):
                 view = memoryview(mapped)
                 images = [
@@ -156,7 +159,9 @@ class _Fill:
                     )
                 ]
                 repeats = counts[wanted]
-                writer.write_rows(table.take(np.repeat(wanted, repeats)), list(_repeat(images, repeats.tolist())))
+                writer.write_rows(
+                    table.take(arrow_of(np.repeat(wanted, repeats))), list(_repeat(images, repeats.tolist()))
+                )
                 del images, view  # so that the map can close
                 return
         self._copy_windows(pool, shard, table, wanted, counts, writer)
@@ -165,7 +170,7 @@ class _Fill:
         self, pool: Pool, shard: str, table: pa.Table, wanted: np.ndarray, counts: np.ndarray, writer: ShardWriter
     ) -> None:
         """`_copy` for any tar (another filesystem, pax headers, ...): the tar read a window at a time."""
-        keys = table.column("key").take(wanted).to_pylist()
+        keys = table.column("key").take(arrow_of(wanted)).to_pylist()
         source = pool.tar_path(shard)
         done, seen = 0, 0  # wanted rows written; entries of the tar passed
         for window in pool.entry_windows(shard):
@@ -178,7 +183,7 @@ class _Fill:
                 ]
                 repeats = counts[rows]
                 writer.write_rows(
-                    table.take(np.repeat(rows, repeats)), list(_repeat(images, repeats.tolist()))
+                    table.take(arrow_of(np.repeat(rows, repeats))), list(_repeat(images, repeats.tolist()))
                 )  # written now
             done, seen = stop, seen + len(window)
             if done == len(wanted):
@@ -259,6 +264,7 @@ def reshard(
         desc="reshard",
         workers=workers,
         address=address,
+        threads=True,  # mapping, scanning and writing tars: NumPy, Arrow and writev, mostly outside the GIL
         uids_may_repeat=uids_may_repeat,
     )
     fs, root = open_fs(out)

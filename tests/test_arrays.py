@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from clipsift.arrays import numpy_filled, numpy_of
+from clipsift.arrays import binary_of, numpy_filled, numpy_of
 
 CASES = {
     "int64": pa.array(range(-5, 70), pa.int64()),
@@ -84,3 +84,12 @@ def test_columns_read_from_parquet_need_no_pandas(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[300, 100, 250] [True, False, True] [1.0, 1.0, 1.0] False"
+
+
+def test_binary_of_equals_pyarrow_on_bytes_arrays() -> None:
+    """Up to the first NUL byte, as pyarrow reads a NumPy "S" array: trailing and inner NULs, empty values, views."""
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 4, (500, 9), dtype=np.uint8).view("S9").ravel()
+    cases = [np.array([b"abc", b"", b"a\x00b", b"xyz\x00\x00"], "S6"), np.array([], "S3"), noisy, noisy[::3]]
+    for values in cases:
+        assert binary_of(values).equals(pa.array(values, pa.binary())), values

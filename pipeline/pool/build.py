@@ -55,6 +55,7 @@ def build_pool(
     desc: str,
     workers: int | None = None,
     address: str | None = None,
+    threads: bool = False,
     **info: Any,
 ) -> dict[str, Any]:
     """Make a pool shard by shard: `fill(index, writer)` writes shard `index`.
@@ -62,13 +63,20 @@ def build_pool(
     Shards already complete are skipped, so a killed build re-run continues where it stopped.
     `params` (the build settings) are recorded at the start; resuming with other settings is an
     error instead of a pool mixing shards of two different builds. Small builds run in-process
-    (`map_shards`).
+    (`map_shards`; `threads`: on a thread per core, for fills that work outside the GIL).
     """
     from clipsift.pipeline.parallel import map_shards
 
     record_build_params(pool_url, params)
     todo = [i for i in range(num_shards) if not shard_is_complete(pool_url, i)]
-    map_shards(functools.partial(_build_shard, pool_url, fill), todo, desc=desc, workers=workers, address=address)
+    map_shards(
+        functools.partial(_build_shard, pool_url, fill),
+        todo,
+        desc=desc,
+        workers=workers,
+        address=address,
+        threads=threads,
+    )
     return finalize_pool(pool_url, name, params.get("sources", []), **info)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clipsift.arrays import arrow_of, numpy_filled, string_scalar, strings_of
 from clipsift.files import local_fd, open_fs, place_file, remove_if_present, tmp_name, write_atomic, write_parquet
 from clipsift.pipeline.pool.layout import (
     BASE_COLUMNS,
@@ -87,9 +88,9 @@ class ShardWriter:
         if len(images) != rows.num_rows:
             raise ValueError(f"{rows.num_rows} rows but {len(images)} images")
         uids = rows.column("uid")
-        bad = pc.invert(pc.fill_null(pc.match_substring_regex(uids, "^[0-9a-f]{32}$"), False))
-        if pc.any(bad).as_py():
-            raise ValueError(f"uid {uids.filter(bad)[0].as_py()!r} is not 32 lowercase hex characters")
+        bad = ~numpy_filled(pc.match_substring_regex(uids, "^[0-9a-f]{32}$"), False)
+        if bad.any():
+            raise ValueError(f"uid {uids[int(bad.argmax())].as_py()!r} is not 32 lowercase hex characters")
         for ext in {ext for ext, _ in images} - set(IMAGE_EXTS):
             raise ValueError(f"image extension {ext!r} is not one of {IMAGE_EXTS}")
         if rows.column("text").null_count:
@@ -99,13 +100,16 @@ class ShardWriter:
         keys = [sample_key(self.index, n) for n in range(len(self), len(self) + rows.num_rows)]
         extra = [name for name in rows.column_names if name not in BASE_COLUMNS]
         columns = {name: rows.column(name).cast(BASE_SCHEMA.field(name).type) for name in BASE_SCHEMA.names}
-        columns["key"] = pa.chunked_array([keys], pa.string())
+        columns["key"] = pa.chunked_array([strings_of(keys)])
         sha256 = columns["sha256"]
         if sha256.null_count:  # as Sample does: the image's sha256 where the row has none
             given = sha256.to_pylist()
             columns["sha256"] = pa.chunked_array(
-                [[digest or hashlib.sha256(image).hexdigest() for digest, (_, image) in zip(given, images)]],
-                pa.string(),
+                [
+                    strings_of(
+                        [digest or hashlib.sha256(image).hexdigest() for digest, (_, image) in zip(given, images)]
+                    )
+                ]
             )
         table = pa.table({**columns, **{name: rows.column(name) for name in extra}})
         members = json_members(
@@ -177,35 +181,76 @@ _JSON_PLAIN = r"^[ !#-\[\]-~]*$"  # printable ASCII but the quote and the backsl
 
 def json_members(table: pa.Table) -> pa.Array:
     """json.dumps(row, default=str) of every row, as ShardWriter writes a sample's .json member, built column-wise
-    by Arrow: strings that need no escaping, integers, booleans and nulls as they are; values of other types
-    (floats, lists such as DataComp's face_bboxes) each encoded by json alone, which is what json.dumps of the
-    row writes for them; rows holding a top-level string that needs escaping are encoded row by row."""
+    by Arrow: strings that need no escaping, integers, booleans, nulls, floats and empty lists as they are; values
+    of other types (lists such as DataComp's non-empty face_bboxes) each encoded by json alone, which is what
+    json.dumps of the row writes for them; rows holding a top-level string that needs escaping are encoded row by
+    row."""
     parts: list[Any] = []
-    plain = pa.chunked_array([np.ones(table.num_rows, bool)])
+    plain = np.ones(table.num_rows, bool)
     for name in table.column_names:
         column, kind = table.column(name), table.column(name).type
         if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-            plain = pc.and_(plain, pc.fill_null(pc.match_substring_regex(column, _JSON_PLAIN), True))
-            text = pc.binary_join_element_wise('"', column, '"', "")
+            plain &= numpy_filled(pc.match_substring_regex(column, _JSON_PLAIN), True)
+            text = pc.binary_join_element_wise(_QUOTE, column, _QUOTE, _EMPTY)
         elif pa.types.is_integer(kind):
             text = column.cast(pa.string())
         elif pa.types.is_boolean(kind):
-            text = pc.if_else(column, "true", "false")
+            text = pc.if_else(column, _TRUE, _FALSE)
         elif pa.types.is_null(kind):
-            text = pa.nulls(table.num_rows, pa.string())
+            text = strings_of([None] * table.num_rows)
+        elif pa.types.is_floating(kind):
+            text = _float_json(column)
+        elif pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            text = _by_value(column, numpy_filled(pc.list_value_length(column), 1) > 0, "[]")
         else:
-            text = pa.array([None if value is None else _to_json(value) for value in column.to_pylist()], pa.string())
-        parts += [("{" if not parts else ", ") + json.dumps(name) + ": ", pc.fill_null(text, "null")]
+            text = _by_value(column, np.ones(table.num_rows, bool))
+        parts += [string_scalar(("{" if not parts else ", ") + json.dumps(name) + ": "), pc.fill_null(text, _NULL)]
     if not parts:
-        return pa.array([b"{}"] * table.num_rows, pa.binary())
-    members = pc.binary_join_element_wise(*parts, "}", "").combine_chunks().cast(pa.binary())
-    escaped = np.flatnonzero(~plain.to_numpy(zero_copy_only=False))
+        return strings_of([b"{}"] * table.num_rows, pa.binary())
+    members = pc.binary_join_element_wise(*parts, _CLOSE, _EMPTY)
+    members = (members.combine_chunks() if isinstance(members, pa.ChunkedArray) else members).cast(pa.binary())
+    escaped = np.flatnonzero(~plain)
     if len(escaped):
         values = members.to_pylist()
-        for index, row in zip(escaped.tolist(), table.take(escaped).to_pylist()):
+        for index, row in zip(escaped.tolist(), table.take(arrow_of(escaped)).to_pylist()):
             values[index] = _to_json(row).encode("utf-8")
-        members = pa.array(values, pa.binary())
+        members = strings_of(values, pa.binary())
     return members
+
+
+# Arrow scalars made once: a Python value passed to a compute function is checked against pandas' types, which
+# imports pandas (about 0.5 s a process)
+_NULL, _CLOSE, _EMPTY, _POINT, _QUOTE, _TRUE, _FALSE = map(
+    string_scalar, ("null", "}", "", ".0", '"', "true", "false")
+)
+
+
+def _float_json(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """json.dumps of each float (null stays null). Arrow's shortest round-trip digits are Python's repr for
+    1e-4 <= |x| < 1e16 when Arrow writes them positionally ("1" for 1.0 gets its ".0"); any other value (an
+    exponent, a NaN, an infinity) is encoded by json."""
+    double = column.cast(pa.float64())
+    text = double.cast(pa.string())
+    size = np.abs(numpy_filled(double, 0.0))
+    usable = ((size >= 1e-4) & (size < 1e16)) | (size == 0)
+    usable &= ~numpy_filled(pc.match_substring(text, "e"), False)
+    text = pc.if_else(pc.match_substring(text, "."), text, pc.binary_join_element_wise(text, _POINT, _EMPTY))
+    return _by_value(double, ~usable, text)
+
+
+def _by_value(column: pa.ChunkedArray | pa.Array, encode: np.ndarray, otherwise: Any = None) -> pa.Array:
+    """json of each value where `encode` (nulls stay null), `otherwise` (a string or an array of them) elsewhere."""
+    rows = np.flatnonzero(encode)
+    if isinstance(otherwise, str) or otherwise is None:
+        otherwise = strings_of([otherwise] * len(encode))
+    else:
+        otherwise = otherwise.combine_chunks() if isinstance(otherwise, pa.ChunkedArray) else otherwise
+    if not len(rows):
+        return otherwise
+    values = otherwise.to_pylist()
+    for row, value in zip(rows.tolist(), column.take(arrow_of(rows)).to_pylist()):
+        values[row] = None if value is None else _to_json(value)
+    return strings_of(values)
 
 
 def adopt_shard(

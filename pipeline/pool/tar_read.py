@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from clipsift.arrays import binary_of
 from clipsift.pipeline.pool.layout import PoolFormatError
 
 
@@ -395,5 +396,8 @@ def image_spans(buffer: Any, source: str = "<tar>") -> ImageSpans | None:
     ):
         return None
     return ImageSpans(
-        pa.array(keys[firsts]), np.strings.decode(exts[images]).tolist(), starts[images] * BLOCK + BLOCK, sizes[images]
+        binary_of(keys[firsts]),
+        np.strings.decode(exts[images]).tolist(),
+        starts[images] * BLOCK + BLOCK,
+        sizes[images],
     )

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clipsift.arrays import strings_of
 from clipsift.pipeline.pool.tar_read import BLOCK, ZERO_BLOCK
 
 _RECORD = 10240
@@ -123,7 +124,7 @@ class TarStream:
             jsons,
             _zeros_array(-json_sizes % BLOCK),
             next_image_headers,
-            pa.scalar(b"", pa.large_binary()),
+            _NO_SEPARATOR,
         )
         data, offsets = _binary_buffers(pieces)
         view, cuts = memoryview(data), offsets.tolist()
@@ -143,6 +144,9 @@ class TarStream:
         elif parts:
             self.handle.write(b"".join(parts))
         self.offset += sum(map(len, parts))
+
+
+_NO_SEPARATOR = strings_of([b""], pa.large_binary())[0]  # pa.scalar would import pandas
 
 
 def _large_binary(array: pa.Array | pa.ChunkedArray) -> pa.Array:

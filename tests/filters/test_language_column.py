@@ -128,3 +128,32 @@ def test_caption_digest_depends_on_the_captions_not_on_their_arrow_layout() -> N
     assert all(language_column.caption_digest(texts) == digest for texts in same)
     other = [["ab", "c", None, "déf", ""], ["a", "bc", "", "déf", ""], ["a", "bc", None, "déf"]]
     assert all(language_column.caption_digest(pa.chunked_array([texts])) != digest for texts in other)
+
+
+def test_all_captions_in_one_model_call_equal_caption_by_caption_prediction() -> None:
+    """detect_languages hands the model every caption at once; the labels are fastText's predict line by line
+    (newlines replaced by spaces), with '' for a missing caption."""
+    model = text._fasttext_model(text.lid176_path())
+    captions = [*CAPTIONS, None, "", " ", "two\nlines", "ok\rok", "😀😀", "é", "word " * 3000, None]
+    expected = [
+        "" if c is None else model.predict(c.replace("\n", " "), k=1)[0][0].removeprefix("__label__") for c in captions
+    ]
+    assert model_labels(captions) == expected
+    assert expected[:6] == ["en", "de", "fr", "en", "es", "en"] and model_labels([]) == []
+
+
+def test_a_first_language_run_imports_no_pandas(tmp_path: Path) -> None:
+    """Identifying captions and keeping their labels (a pool's first basic_filter) stays clear of pandas, whose
+    import costs about 0.5 s of a short command."""
+    import subprocess
+    import sys
+
+    pool = build_pool(tmp_path / "pool", [{"text": c} for c in CAPTIONS], per_shard=4)
+    code = (
+        "import sys; from clipsift.filters.recipe import apply_recipe, load_recipe; "
+        f"apply_recipe({pool.url!r}, load_recipe('basic_filter'), {str(tmp_path / 'out.npy')!r}, workers=1); "
+        "print('pandas' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "False" and len(language_files(tmp_path / "pool")) == 2

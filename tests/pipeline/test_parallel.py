@@ -90,3 +90,27 @@ def test_a_zero_budget_runs_everything_on_ray(own_ray: None, monkeypatch: pytest
     monkeypatch.setenv(parallel.LOCAL_MAX_SECONDS_ENV, "0")
     results = map_shards(lambda item: os.getpid(), range(2), desc="ray")  # noqa: E731
     assert os.getpid() not in results
+
+
+def test_threaded_in_process_work_runs_side_by_side_in_order_and_hands_over_the_rest() -> None:
+    import threading
+
+    together = threading.Barrier(2, timeout=10)  # sequential runs would break it: each waits for the other
+
+    def paired(item: int) -> int:
+        together.wait()
+        return item * 10
+
+    done: list[tuple[int, int]] = []
+    assert parallel._run_here(paired, [0, 1, 2, 3], lambda i, r: done.append((i, r)), float("inf"), threads=2) == 4
+    assert done == [(0, 0), (1, 10), (2, 20), (3, 30)]  # handed over in item order
+
+    def slow(item: int) -> int:
+        time.sleep(0.3)
+        return item
+
+    done.clear()
+    first_not_run = parallel._run_here(slow, list(range(12)), lambda i, r: done.append((i, r)), 0.5, threads=2)
+    assert 2 <= first_not_run < 12  # the items left would take longer than the budget: Ray takes them
+    assert done == [(i, i) for i in range(first_not_run)]  # every item started here is finished, none skipped
+    assert parallel.local_threads(1) == 1 and parallel.local_threads(2) >= 1

@@ -308,3 +308,53 @@ def test_json_members_are_json_dumps_of_each_row_for_every_column_type() -> None
     )
     members = pool_module.json_members(table)
     assert members.to_pylist() == [json.dumps(row, default=str).encode() for row in table.to_pylist()]
+
+
+def test_json_members_write_every_float_as_json_does() -> None:
+    """Floats are written from Arrow's digits where those are Python's repr, by json elsewhere: both sides of the
+    1e-4 and 1e16 bounds, Arrow's exponent form for large positional values, -0.0, NaN and the infinities."""
+    rng = np.random.default_rng(0)
+    special = [0.0, -0.0, 1.0, -2.0, 2.5, 100.0, 1e15, 9.999e15, 1e16, 1e-4, 9.9999e-5, 1e-7, 1e22, 5e-324]
+    special += [1.7976931348623157e308, float("nan"), float("inf"), float("-inf"), 1 / 3, 17449972539543.295]
+    values = np.concatenate(
+        [
+            special,
+            rng.random(3000).astype(np.float32),
+            10 ** rng.uniform(-7, 18, 3000),
+            -(10 ** rng.uniform(-7, 18, 500)),
+        ]
+    )
+    table = pa.table(
+        {
+            "x": pa.array(values, pa.float64()),
+            "y": pa.array(np.clip(values, -3e38, 3e38).astype(np.float32), mask=np.arange(len(values)) % 7 == 0),
+            "boxes": pa.array([[[v, 1.0]] if i % 3 else [] for i, v in enumerate(values.tolist())]),
+        }
+    )
+    members = pool_module.json_members(table)
+    assert members.to_pylist() == [json.dumps(row, default=str).encode() for row in table.to_pylist()]
+
+
+def test_reshard_imports_no_pandas(tmp_path: Path, source) -> None:
+    """A reshard (tar spans, .json members, metadata) never imports pandas (about 0.5 s of a short command)."""
+    pool, wanted, subset = source
+    code = (
+        "import sys; from clipsift.pipeline.reshard import reshard; "
+        f"r = reshard({str(pool)!r}, {str(subset)!r}, {str(tmp_path / 'out')!r}, workers=0); "
+        "print(r.num_samples, 'pandas' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(len(wanted) - 1), "False"]
+
+
+def test_threaded_and_single_threaded_reshards_write_the_same_bytes(tmp_path: Path, source) -> None:
+    """In-process output shards run on a thread per core unless --workers 1: the files are the same either way."""
+    pool, _, subset = source
+    for name, workers in (("threads", None), ("one", 1)):
+        reshard(str(pool), str(subset), str(tmp_path / name), shard_size=3, workers=workers)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert len([f for f in files if f.suffix == ".tar"]) == 4
+    for path in files:
+        if path.name not in ("manifest.json", "pool.json", "build.json"):
+            assert (tmp_path / "one" / path).read_bytes() == (tmp_path / "threads" / path).read_bytes(), path
