@@ -208,12 +208,12 @@ class EvalModel:
 
 
 def load_model(arch: str, checkpoint: str, *, device: str | None = None, precision: str = "auto") -> EvalModel:
-    import open_clip
     import torch
 
-    from clipsift.train.models import register_model_configs
+    from clipsift.train.models import open_clip_module, register_model_configs
 
-    register_model_configs()
+    register_model_configs(arch)
+    open_clip = open_clip_module()
     if arch not in open_clip.list_models():
         raise ClipsiftError(
             f"unknown model architecture {arch!r}; see open_clip.list_models() or add a config to configs/models/"

@@ -60,7 +60,9 @@ class ModelSpec:
 
 def _weights_file(arch: str, pretrained: str) -> tuple[str, bool]:
     """(local file of the weights, whether `pretrained` was a path); raises ClipsiftError when unavailable."""
-    import open_clip
+    from clipsift.train.models import open_clip_module
+
+    open_clip = open_clip_module()
 
     if os.path.exists(pretrained):
         return os.path.abspath(pretrained), True
@@ -85,11 +87,10 @@ def resolve_model(arch: str, pretrained: str) -> ModelSpec:
     model_id is `ARCH__TAG` for pretrained tags and `ARCH__<first 12 hex of the checkpoint's
     sha256>` for checkpoint files.
     """
-    import open_clip
+    from clipsift.train.models import open_clip_module, register_model_configs
 
-    from clipsift.train.models import register_model_configs
-
-    register_model_configs()
+    register_model_configs(arch)
+    open_clip = open_clip_module()
     if arch not in open_clip.list_models():
         raise ClipsiftError(
             f"unknown model architecture {arch!r}; see open_clip.list_models() or add a config to configs/models/"
@@ -159,8 +160,9 @@ def _to_pixels(transform: tuple[tuple[str, Any], ...]) -> Callable[[Any], np.nda
     same pixels (tested against open_clip's transform) with less Python per image. Other modes run
     open_clip's own transforms.
     """
-    import open_clip
     from PIL import Image
+
+    from clipsift.train.models import open_clip_module
 
     default = _default_crop(transform)
     if default is not None:
@@ -168,7 +170,7 @@ def _to_pixels(transform: tuple[tuple[str, Any], ...]) -> Callable[[Any], np.nda
         resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[interpolation]
         return lambda image: _shortest_side_crop(image, side, resample)
     size = dict(transform)["size"]
-    preprocess = open_clip.image_transform(
+    preprocess = open_clip_module().image_transform(
         is_train=False,
         image_size=size if isinstance(size, int) else tuple(size),
         **{k: v for k, v in transform if k != "size"},
@@ -229,12 +231,10 @@ def _device_transform(transform: tuple[tuple[str, Any], ...]) -> tuple[int, str]
 
 @lru_cache(maxsize=8)
 def _tokenizer(arch: str) -> Callable:
-    import open_clip
+    from clipsift.train.models import open_clip_module, register_model_configs
 
-    from clipsift.train.models import register_model_configs
-
-    register_model_configs()
-    return open_clip.get_tokenizer(arch)
+    register_model_configs(arch)
+    return open_clip_module().get_tokenizer(arch)
 
 
 def _tokenize(arch: str, texts: list[str]) -> np.ndarray:
@@ -347,12 +347,12 @@ class Embedder:
         threads: int | None = None,
         decode: str = "cpu",
     ):
-        import open_clip
         import torch
 
-        from clipsift.train.models import register_model_configs
+        from clipsift.train.models import open_clip_module, register_model_configs
 
-        register_model_configs()
+        register_model_configs(*(s.arch for s in specs))
+        open_clip = open_clip_module()
         self.torch = torch
         self.device = torch.device(device)
         if self.device.type == "cpu" and threads:

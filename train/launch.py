@@ -28,7 +28,7 @@ from clipsift.files import open_fs, write_json_atomic
 from clipsift.images import ImageDecodeError, decode_rgb
 from clipsift.pipeline.pool import image_member, iter_tar
 from clipsift.pipeline.reshard import read_manifest
-from clipsift.train.models import register_model_configs
+from clipsift.train.models import open_clip_module, register_model_configs
 from clipsift.train.recipe import BatchPlan, Recipe, load_recipe, plan_batches
 from clipsift.train.shuffle import seeded_sample_shuffle
 
@@ -216,7 +216,7 @@ class TrainResult:
 def train(scale: str, data: list[tuple[str, float]], out: str, *, infra: Infra = Infra()) -> TrainResult:
     """Train the scale's fixed recipe on `data` ([(path, weight)]) into the run directory `out`."""
     recipe = load_recipe(scale)
-    register_model_configs()
+    register_model_configs(recipe.model)
     run = Path(out).resolve()
     if not data:
         raise ClipsiftError("no --data given; pass the folder written by `clipsift reshard`")
@@ -466,9 +466,9 @@ def _run_record(
     args: list[str],
     started: float,
 ) -> dict[str, Any]:
-    import open_clip
     import torch
 
+    open_clip = open_clip_module()
     return {
         "scale": recipe.scale,
         "recipe": recipe.to_dict(),

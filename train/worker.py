@@ -5,9 +5,8 @@ import json
 import sys
 
 import torch
-from open_clip_train.main import main
 
-from clipsift.train.models import register_model_configs
+from clipsift.train.models import open_clip_module, register_model_configs
 from clipsift.train.shuffle import seeded_sample_shuffle
 
 
@@ -22,9 +21,12 @@ class _CpuDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
 
 
 if __name__ == "__main__":
-    register_model_configs()
+    open_clip_module()  # before open_clip_train imports it (see train/models.py)
     with open(sys.argv[1], encoding="utf-8") as f:
         args = json.load(f)["open_clip_train_args"]
+    register_model_configs(args[args.index("--model") + 1])
+    from open_clip_train.main import main
+
     if args[args.index("--device") + 1] == "cpu":
         torch.nn.parallel.DistributedDataParallel = _CpuDistributedDataParallel
     with seeded_sample_shuffle():
