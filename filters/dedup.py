@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipsift import ClipsiftError
-from clipsift.arrays import numpy_of
+from clipsift.arrays import arrow_of, numpy_of
 from clipsift.filters.base import Context, Filter, Inputs, ShardData, register, require
 from clipsift.filters.subset import encode_uids
 from clipsift.filters.vectors import check_dim, check_source, ip_index, load_vectors, nearest, vector_files
@@ -146,8 +146,8 @@ class Dropped:
 
     def dropped(self, shard: str) -> np.ndarray:
         number = self.index[shard]
-        parts = [self.shuffle.read(number).column("pos").to_numpy()]
-        parts += [read_batch(path, number).column("pos").to_numpy() for path in self.extra]
+        parts = [numpy_of(self.shuffle.read(number).column("pos"))]
+        parts += [numpy_of(read_batch(path, number).column("pos")) for path in self.extra]
         return source_rows(np.concatenate(parts))
 
 
@@ -165,12 +165,13 @@ class _KeyMap:
         data = ShardData(self.pool, self.shards[source])
         column = data.column(self.by)
         selected = self.inputs.mask(data.shard) & numpy_of(column.is_valid())
+        chosen = column.filter(arrow_of(selected))
         if self.by == "sha256":
-            pairs = sha256_keys(data, column.filter(selected))
-            keys = pa.table({"hi": pairs["f0"], "lo": pairs["f1"]})
+            pairs = sha256_keys(data, chosen)
+            keys = pa.table({"hi": arrow_of(pairs["f0"]), "lo": arrow_of(pairs["f1"])})
         else:
-            keys = pa.table({"key": _as_key(data, self.by, column.filter(selected))})
-        table = keys.append_column("pos", pa.array(position(source, np.flatnonzero(selected))))
+            keys = pa.table({"key": _as_key(data, self.by, chosen)})
+        table = keys.append_column("pos", arrow_of(position(source, np.flatnonzero(selected))))
         return table, (hash_keys(keys.column(keys.num_columns - 1)) % np.uint64(self.partitions)).astype(np.int64)
 
 

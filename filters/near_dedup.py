@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 from threadpoolctl import threadpool_limits
 
+from clipsift.arrays import arrow_of, numpy_of
 from clipsift.files import open_fs, write_atomic
 from clipsift.filters.base import Context, Inputs, ShardData
 from clipsift.filters.dedup import Dedup, Dropped, components, default_k, input_rows, similar_pairs
@@ -225,12 +226,12 @@ class _ClusterMap:
         dim = vectors.shape[1]
         table = pa.table(
             {
-                "cluster": pa.array(cluster, pa.int64()),
-                "pos": pa.array(position(source, chosen[row]), pa.int64()),
-                "primary": pa.array(rank == 0),
-                "spilled": pa.array(member.sum(axis=1)[row] > 1),
+                "cluster": arrow_of(cluster.astype(np.int64)),
+                "pos": arrow_of(position(source, chosen[row])),
+                "primary": arrow_of(rank == 0),
+                "spilled": arrow_of(member.sum(axis=1)[row] > 1),
                 "vec": pa.FixedSizeListArray.from_arrays(
-                    pa.array(vectors[chosen[row]].astype(np.float16).reshape(-1), pa.float16()), dim
+                    arrow_of(vectors[chosen[row]].astype(np.float16).reshape(-1)), dim
                 ),
             }
         )
@@ -248,7 +249,9 @@ class _ClusterReduce:
     def __call__(self, partition: int, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
         pos_out, label = _groups(table, self.threshold)
         destination = np.where(label < 0, pos_out >> np.int64(32), self.shards)
-        return pa.table({"pos": pa.array(pos_out, pa.int64()), "label": pa.array(label, pa.int64())}), destination
+        return pa.table(
+            {"pos": arrow_of(pos_out.astype(np.int64)), "label": arrow_of(label.astype(np.int64))}
+        ), destination
 
 
 def partition_clusters(table: pa.Table) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -256,9 +259,9 @@ def partition_clusters(table: pa.Table) -> Iterator[tuple[int, np.ndarray, np.nd
     vectors as float32)."""
     if not table.num_rows:
         return
-    cluster, pos = table.column("cluster").to_numpy(), table.column("pos").to_numpy()
+    cluster, pos = numpy_of(table.column("cluster")), numpy_of(table.column("pos"))
     vec = table.column("vec").combine_chunks()
-    halves = vec.flatten().to_numpy(zero_copy_only=False).reshape(len(vec), -1)
+    halves = numpy_of(vec.flatten()).reshape(len(vec), -1)
     order = np.lexsort((pos, cluster))
     starts = np.flatnonzero(np.diff(cluster[order], prepend=-1))
     for start, end in zip(starts, [*starts[1:], len(order)]):
@@ -273,13 +276,13 @@ def _groups(table: pa.Table, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     member against every primary member), so they never span two clusters here."""
     if not table.num_rows:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    cluster, pos = table.column("cluster").to_numpy(), table.column("pos").to_numpy()
+    cluster, pos = numpy_of(table.column("cluster")), numpy_of(table.column("pos"))
     order = np.lexsort((pos, cluster))  # by cluster, then pool order: a group's smallest entry is its first row
     cluster, pos = cluster[order], pos[order]
-    primary = table.column("primary").to_numpy(zero_copy_only=False)[order]
-    spilled = table.column("spilled").to_numpy(zero_copy_only=False)[order]
+    primary = numpy_of(table.column("primary"))[order]
+    spilled = numpy_of(table.column("spilled"))[order]
     vec = table.column("vec").combine_chunks()
-    halves = vec.flatten().to_numpy(zero_copy_only=False).reshape(len(vec), -1)  # float16, in table order
+    halves = numpy_of(vec.flatten()).reshape(len(vec), -1)  # float16, in table order
     n = len(order)
     starts = np.flatnonzero(np.diff(cluster, prepend=-1))
     ends = np.append(starts[1:], n)
@@ -316,8 +319,8 @@ def _merge(shuffle: Shuffle, shards: int, url: str) -> None:
     if fs.exists(path):
         return
     pairs = shuffle.read(shards)
-    pos, label = pairs.column("pos").to_numpy(), pairs.column("label").to_numpy()
+    pos, label = numpy_of(pairs.column("pos")), numpy_of(pairs.column("label"))
     nodes, inverse = np.unique(np.concatenate([pos, label]), return_inverse=True)
     labels = components(len(nodes), inverse[: len(pos)], inverse[len(pos) :])
     dropped = nodes[labels != np.arange(len(nodes))]
-    write_batches(url, pa.table({"pos": pa.array(dropped, pa.int64())}), dropped >> np.int64(32), shards)
+    write_batches(url, pa.table({"pos": arrow_of(dropped.astype(np.int64))}), dropped >> np.int64(32), shards)

@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 from threadpoolctl import threadpool_limits
 
+from clipsift.arrays import arrow_of, numpy_of
 from clipsift.filters.base import Context, Filter, ShardData, register, require
 from clipsift.filters.dedup import BLOCK_ENTRIES, Dedup, Dropped, input_rows
 from clipsift.filters.near_dedup import ClusterPlan, cluster_passes, partition_clusters
@@ -156,7 +157,7 @@ class _SemDedupReduce:
     keep: str
 
     def __call__(self, partition: int, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
-        pos = table.column("pos").to_numpy() if table.num_rows else np.zeros(0, np.int64)
+        pos = numpy_of(table.column("pos")) if table.num_rows else np.zeros(0, np.int64)
         removed = [np.zeros(0, np.int64)]
         with threadpool_limits(1, user_api="blas"):  # BLAS threads cost more than they give on products this small
             for cluster, rows, vectors in partition_clusters(table):
@@ -164,7 +165,7 @@ class _SemDedupReduce:
                 later = has_earlier_duplicate(vectors[order], self.threshold)
                 removed.append(pos[rows[order[later]]])
         dropped = np.concatenate(removed)
-        return pa.table({"pos": pa.array(dropped, pa.int64())}), dropped >> np.int64(32)
+        return pa.table({"pos": arrow_of(dropped.astype(np.int64))}), dropped >> np.int64(32)
 
 
 def keep_order(vectors: np.ndarray, centroid: np.ndarray, pos: np.ndarray, keep: str) -> np.ndarray:

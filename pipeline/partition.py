@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipsift import ClipsiftError
+from clipsift.arrays import arrow_of, numpy_filled, numpy_of
 from clipsift.files import open_fs, write_atomic, write_json_atomic
 from clipsift.hashing import splitmix64
 from clipsift.pipeline.parallel import map_shards
@@ -59,9 +60,9 @@ def source_rows(positions: np.ndarray) -> np.ndarray:
 def later_occurrences(partition: int, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
     """A reduce function: every row but the first of its key (all columns but `pos`) by position, sent as its
     `pos` to its source (keep-first in source order, exact)."""
-    pos = table.column("pos").to_numpy()
+    pos = numpy_of(table.column("pos"))
     later = pos[~first_occurrence(table.drop_columns(["pos"]), pos)]
-    return pa.table({"pos": pa.array(later, pa.int64())}), later >> np.int64(32)
+    return pa.table({"pos": arrow_of(later.astype(np.int64))}), later >> np.int64(32)
 
 
 def hash_keys(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -70,7 +71,7 @@ def hash_keys(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     Strings are read from the Arrow buffers as 8-byte words, all values of one length at once."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if pa.types.is_integer(array.type):
-        return splitmix64(array.fill_null(0).to_numpy().astype(np.int64).view(np.uint64))
+        return splitmix64(numpy_filled(array, 0).astype(np.int64).view(np.uint64))
     if pa.types.is_string(array.type) or pa.types.is_binary(array.type):
         array = array.cast(pa.large_binary())
     elif pa.types.is_large_string(array.type):
@@ -82,7 +83,7 @@ def hash_keys(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     start, end = (int(offsets[0]), int(offsets[-1])) if len(array) else (0, 0)
     data = np.frombuffer(array.buffers()[2], np.uint8)[start:end] if end > start else np.zeros(0, np.uint8)
     out = _word_hash(data, offsets[:-1] - start, lengths)
-    out[~array.is_valid().to_numpy(zero_copy_only=False)] = 0
+    out[~numpy_of(array.is_valid())] = 0
     return splitmix64(out)
 
 
@@ -110,17 +111,17 @@ def first_occurrence(keys: pa.Table, order: np.ndarray) -> np.ndarray:
     if keys.num_rows == 0:
         return np.zeros(0, bool)
     names = keys.column_names
-    table = keys.append_column("__order", pa.array(np.asarray(order))).append_column(
-        "__row", pa.array(np.arange(keys.num_rows))
+    table = keys.append_column("__order", arrow_of(np.asarray(order))).append_column(
+        "__row", arrow_of(np.arange(keys.num_rows))
     )
     ranked = pc.sort_indices(table, sort_keys=[(n, "ascending") for n in [*names, "__order", "__row"]])
-    ranked_np = ranked.to_numpy()
+    ranked_np = numpy_of(ranked)
     first = np.ones(keys.num_rows, bool)
     if keys.num_rows > 1:
         same = np.ones(keys.num_rows - 1, bool)
         for name in names:
             column = keys.column(name).take(ranked)
-            same &= pc.equal(column.slice(1), column.slice(0, len(column) - 1)).to_numpy(zero_copy_only=False)
+            same &= numpy_filled(pc.equal(column.slice(1), column.slice(0, len(column) - 1)), False)
         first[1:] = ~same
     out = np.empty(keys.num_rows, bool)
     out[ranked_np] = first
@@ -135,7 +136,7 @@ def batches(table: pa.Table, groups: np.ndarray, count: int) -> list[pa.RecordBa
     if len(groups) and (groups.min() < 0 or groups.max() >= count):
         raise ValueError(f"group numbers must be in 0..{count - 1}")
     order = np.argsort(groups, kind="stable")
-    table = table.take(pa.array(order)).combine_chunks()
+    table = table.take(arrow_of(order)).combine_chunks()
     bounds = np.concatenate([[0], np.cumsum(np.bincount(groups, minlength=count))])
     whole = _one_batch(table)
     return [whole.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i])) for i in range(count)]
@@ -143,7 +144,7 @@ def batches(table: pa.Table, groups: np.ndarray, count: int) -> list[pa.RecordBa
 
 def _one_batch(table: pa.Table) -> pa.RecordBatch:
     columns = [
-        pa.concat_arrays(c.chunks) if c.num_chunks else pa.array([], t)
+        pa.concat_arrays(c.chunks) if c.num_chunks else pa.nulls(0, t)
         for c, t in zip(table.columns, table.schema.types)
     ]
     return pa.RecordBatch.from_arrays(columns, schema=table.schema)

@@ -323,3 +323,30 @@ def all_pairs_kept_among(vectors: np.ndarray, pool: Pool) -> list[int]:
     survivors = set(in_driver_dedup(pool, "sha256"))
     rows = [i for i in range(len(vectors)) if hashlib.md5(str(i).encode()).hexdigest() in survivors]
     return [rows[i] for i in all_pairs_kept(vectors[rows], 0.95)]
+
+
+def test_dedup_and_semdedup_runs_import_no_pandas(tmp_path: Path) -> None:
+    """Exact dedup (a key shuffle), clustered near dedup and semdedup stay clear of pandas, whose import (pyarrow's
+    conversions to and from NumPy go through it) costs about 0.5 s of every process and Ray worker."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    vectors = unit(rng.standard_normal((300, 16)))
+    vectors[1::7] = vectors[0::7][: len(vectors[1::7])]  # exact copies: something to drop
+    sha = [f"{i % 250:064x}" for i in range(300)]
+    pool = metadata_pool(tmp_path / "pool", [100, 100, 100], sha, [f"u{i}" for i in range(300)], vectors)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "steps: [{dedup: {by: sha256}}, {dedup: {by: embedding, model_id: m, threshold: 0.99}},"
+        " {semdedup: {model_id: m, eps: 0.05}}]"
+    )
+    code = (
+        "import sys; from clipsift.filters.recipe import apply_recipe, load_recipe; "
+        f"r = apply_recipe({pool.url!r}, load_recipe({str(recipe)!r}), {str(tmp_path / 's.npy')!r}, workers=1); "
+        "print(r.num_uids, 'pandas' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kept, pandas = done.stdout.split()[-2:]
+    assert 0 < int(kept) < 250 and pandas == "False"
