@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clipsift.arrays import arrow_of, numpy_filled, numpy_of, string_scalar, strings_of
 from clipsift.filters.base import Filter, RecipeError, ShardData, register, require
 
 _WHOLE = r"(?i)^\s*(?:{})\s*$"  # the whole caption is this
@@ -57,6 +58,7 @@ BOILERPLATE = {
 URL_ONLY = r"(?i)^\s*(?:(?:https?://|ftp://|www\.)\S+\s*)+$"
 NO_LETTERS = r"^[^\pL]*$"
 WORD_SEPARATORS = r"[^\pL\pN]+"
+_EMPTY = string_scalar("")  # made once: pa.scalar of a Python value imports pandas (clipsift/arrays.py)
 
 
 @register
@@ -82,7 +84,7 @@ class CaptionQuality(Filter):
         require(self.ngram >= 2, where, f"parameter 'ngram' must be >= 2, got {self.ngram}")
         for pattern in self.patterns:
             try:
-                pc.match_substring_regex(pa.array([""]), pattern)
+                pc.match_substring_regex(strings_of([""]), pattern)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
                 raise RecipeError(
                     f"{where}: pattern {pattern!r} is not a valid RE2 regular expression ({err})"
@@ -110,26 +112,26 @@ class CaptionQuality(Filter):
         if self.url_only:
             out["url_only"] = found(texts, URL_ONLY)
         if self.no_letters:
-            out["no_letters"] = found(pc.fill_null(texts, ""), NO_LETTERS)
+            out["no_letters"] = found(pc.fill_null(texts, _EMPTY), NO_LETTERS)
         return out
 
 
 def found(texts: pa.ChunkedArray | pa.Array, pattern: str) -> np.ndarray:
     """Whether the RE2 `pattern` occurs in each caption (False for a missing one)."""
-    return pc.fill_null(pc.match_substring_regex(texts, pattern), False).to_numpy(zero_copy_only=False).astype(bool)
+    return numpy_filled(pc.match_substring_regex(texts, pattern), False).astype(bool)
 
 
 def repetition_shares(texts: pa.ChunkedArray | pa.Array, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Per caption, 1 - distinct/total of its words and of its word n-grams (0 where it has none)."""
     rows = len(texts)
-    split = pc.split_pattern_regex(pc.utf8_lower(pc.fill_null(texts, "")), WORD_SEPARATORS)
+    split = pc.split_pattern_regex(pc.utf8_lower(pc.fill_null(texts, _EMPTY)), WORD_SEPARATORS)
     if isinstance(split, pa.ChunkedArray):
-        split = split.combine_chunks() if split.num_chunks else pa.array([], pa.list_(pa.string()))
+        split = split.combine_chunks() if split.num_chunks else pa.nulls(0, pa.list_(pa.string()))
     flat = pc.list_flatten(split)
-    owner = pc.list_parent_indices(split).to_numpy(zero_copy_only=False).astype(np.int64)
-    real = pc.greater(pc.utf8_length(flat), 0).to_numpy(zero_copy_only=False).astype(bool)  # split leaves "" at ends
+    owner = numpy_of(pc.list_parent_indices(split)).astype(np.int64)
+    real = numpy_of(pc.utf8_length(flat)) > 0  # split leaves "" at ends
     owner = owner[real]
-    ids = pc.dictionary_encode(flat.filter(pa.array(real))).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    ids = numpy_of(pc.dictionary_encode(flat.filter(arrow_of(real))).indices).astype(np.int64)
     words = _share(owner, np.stack([owner, ids], axis=1), rows)
     starts = np.arange(max(len(ids) - n + 1, 0))
     starts = starts[owner[starts] == owner[starts + n - 1]]  # the n words are one caption's

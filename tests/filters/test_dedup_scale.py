@@ -325,9 +325,10 @@ def all_pairs_kept_among(vectors: np.ndarray, pool: Pool) -> list[int]:
     return [rows[i] for i in all_pairs_kept(vectors[rows], 0.95)]
 
 
-def test_dedup_and_semdedup_runs_import_no_pandas(tmp_path: Path) -> None:
-    """Exact dedup (a key shuffle), clustered near dedup and semdedup stay clear of pandas, whose import (pyarrow's
-    conversions to and from NumPy go through it) costs about 0.5 s of every process and Ray worker."""
+def test_dedup_semdedup_and_caption_quality_runs_import_no_pandas(tmp_path: Path) -> None:
+    """Exact dedup (a key shuffle), clustered near dedup, semdedup and caption_quality stay clear of pandas, whose
+    import (pyarrow's conversions to and from NumPy go through it) costs about 0.5 s of every process and Ray
+    worker."""
     import subprocess
     import sys
 
@@ -338,7 +339,7 @@ def test_dedup_and_semdedup_runs_import_no_pandas(tmp_path: Path) -> None:
     pool = metadata_pool(tmp_path / "pool", [100, 100, 100], sha, [f"u{i}" for i in range(300)], vectors)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        "steps: [{dedup: {by: sha256}}, {dedup: {by: embedding, model_id: m, threshold: 0.99}},"
+        "steps: [{caption_quality: {}}, {dedup: {by: sha256}}, {dedup: {by: embedding, model_id: m, threshold: 0.99}},"
         " {semdedup: {model_id: m, eps: 0.05}}]"
     )
     code = (
