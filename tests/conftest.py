@@ -52,6 +52,19 @@ def clipsift_here(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["clipsift", *args], code, result.stdout, stderr)
 
 
+def printed_without_pandas(code: str) -> list[str]:
+    """Run `code` in a new Python process; the words of the last line it printed, after checking that the process
+    never imported pandas (pyarrow's conversions from NumPy and Python values do, about 0.5 s a process: the
+    paths that avoid them are in clipsift/arrays.py)."""
+    done = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys\nprint('pandas' in sys.modules)"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    *lines, pandas = done.stdout.splitlines()
+    assert pandas == "False", "the process imported pandas"
+    return lines[-1].split() if lines else []
+
+
 def clipsift_started(*args: str, **popen: Any) -> subprocess.Popen:
     """The `clipsift` command line started in a session of its own (so a test can kill it and its Ray workers)."""
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
