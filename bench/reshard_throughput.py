@@ -32,7 +32,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from photo_pool import make_photo_pool  # noqa: E402  (bench/, beside this script)
 
 from clipsift.filters.subset import encode_uids, write_subset  # noqa: E402
-from clipsift.pipeline.parallel import ensure_ray  # noqa: E402
+from clipsift.pipeline.parallel import LOCAL_MAX_SECONDS_ENV, ensure_ray, local_threads  # noqa: E402
 from clipsift.pipeline.pool import Pool  # noqa: E402
 from clipsift.pipeline.reshard import reshard  # noqa: E402
 
@@ -111,10 +111,14 @@ def main() -> None:
         runs = []
         for name, subset, workers in (
             ("every uid, 1 worker", "all", 1),
+            (f"every uid, in-process, {local_threads()} threads", "all", None),
             (f"every uid, {args.workers} Ray workers", "all", args.workers),
             (f"30% subset, {args.workers} Ray workers", "some", args.workers),
         ):
             out = scratch / f"out-{subset}-{workers}"
+            before = os.environ.get(LOCAL_MAX_SECONDS_ENV)
+            if workers is None:  # the default, kept in-process here whatever the size (a small reshard's path)
+                os.environ[LOCAL_MAX_SECONDS_ENV] = "1e9"
             seconds = timed(
                 lambda subset=subset, out=out, workers=workers: reshard(
                     str(scratch / "pool"),
@@ -126,6 +130,10 @@ def main() -> None:
                 out,
                 args.repeat,
             )
+            if before is None:
+                os.environ.pop(LOCAL_MAX_SECONDS_ENV, None)
+            else:
+                os.environ[LOCAL_MAX_SECONDS_ENV] = before
             runs.append((name, seconds))
         print(
             f"reshard throughput: {args.samples:,} samples, {args.image_size} px JPEG "
