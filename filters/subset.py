@@ -106,20 +106,29 @@ def write_subset(url: str, pairs: np.ndarray) -> str:
 
 BIN_BITS = 16  # uids are binned by the top bits of their first word before the in-memory sort
 SORT_GROUP = 1 << 20  # uids sorted at a time: sort_subset's temporaries (24 B a uid) stay this small
+HELD_BYTES = 64 << 20  # batches kept between the two passes while they fit (4M uids): then read only once
 
 
 def write_subset_from(url: str, batches: Callable[[], Iterable[np.ndarray]]) -> tuple[int, str]:
     """Save the uids of all `batches()` (SUBSET_DTYPE arrays, e.g. a pool's kept uids shard by shard) as a sorted
     subset, atomically; returns (uids, the file's sha256). Holds the subset once, 16 B a uid, and no copy of it:
     a first pass counts the uids per bin of their top bits, the second puts each in its bin's place in the array,
-    then runs of bins are sorted one at a time. `batches` is called twice."""
+    then runs of bins are sorted one at a time. `batches` is called twice, or once when all its batches fit in
+    HELD_BYTES (they are kept for the second pass, and each is let go once placed)."""
     counts = np.zeros(1 << BIN_BITS, np.int64)
+    held: list[np.ndarray] | None = []
+    held_bytes = 0
     for batch in batches():
         counts += np.bincount(_bins(batch), minlength=len(counts))
+        held_bytes += batch.nbytes
+        if held is not None and held_bytes <= HELD_BYTES:
+            held.append(batch)
+        else:
+            held = None  # too many to keep: the second pass reads them again
     ends = np.cumsum(counts)
     ordered = np.empty(int(ends[-1]), SUBSET_DTYPE)
     free = ends - counts  # the next free place of each bin
-    for batch in batches():
+    for batch in _drained(held) if held is not None else batches():
         bins = _bins(batch)
         order = np.argsort(bins, kind="stable")
         per_bin = np.bincount(bins, minlength=len(counts))
@@ -134,6 +143,13 @@ def write_subset_from(url: str, batches: Callable[[], Iterable[np.ndarray]]) -> 
         if stop - start > 1:
             ordered[start:stop] = sort_subset(ordered[start:stop])
     return len(ordered), _save_sorted(url, ordered)
+
+
+def _drained(held: list[np.ndarray]) -> Iterable[np.ndarray]:
+    """The held batches in order, each let go as it is handed out."""
+    held.reverse()
+    while held:
+        yield held.pop()
 
 
 def _bins(pairs: np.ndarray) -> np.ndarray:

@@ -126,6 +126,28 @@ def test_a_subset_written_from_batches_equals_one_written_whole(
     assert (tmp_path / "streamed.npy").read_bytes() == (tmp_path / "whole.npy").read_bytes()
 
 
+@pytest.mark.parametrize("held_bytes, calls", [(1 << 20, 1), (100_000, 2)])
+def test_batches_that_fit_are_read_once_and_others_twice(
+    held_bytes: int, calls: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of up to HELD_BYTES in all are kept between the two passes (one read of the pool's uids), larger
+    ones read again; the file is the same either way."""
+    monkeypatch.setattr(subset, "HELD_BYTES", held_bytes)
+    rng = np.random.default_rng(3)
+    pairs = rng.integers(0, 2**63, (20_000, 2), dtype=np.uint64).view(SUBSET_DTYPE).reshape(-1)  # 320,000 B
+    made = []
+
+    def batches():
+        made.append(1)
+        return iter(np.array_split(pairs, 9))
+
+    assert subset.write_subset_from(str(tmp_path / "s.npy"), batches) == (
+        len(pairs),
+        write_subset(str(tmp_path / "whole.npy"), pairs),
+    )
+    assert len(made) == calls
+
+
 def metadata_only_pool(root: Path, rows: int, shard_rows: int = 100_000) -> str:
     rng = np.random.default_rng(rows)
     for index, start in enumerate(range(0, rows, shard_rows)):
@@ -143,6 +165,7 @@ def test_filtering_holds_the_subset_once(tmp_path: Path, monkeypatch: pytest.Mon
     kept uid. Every row is kept here, so the driver's numpy peak may grow 16 B a row, not the 48+ B of a
     concatenated copy of the kept uids plus the sort's copies."""
     monkeypatch.setattr(subset, "SORT_GROUP", 1 << 16)  # the sort's temporaries: fixed, as on a big pool
+    monkeypatch.setattr(subset, "HELD_BYTES", 0)  # a big pool's subset is read twice, not held (at most 64 MiB)
     (tmp_path / "all.yaml").write_text("steps: [no_filter]\n")
     recipe = load_recipe(str(tmp_path / "all.yaml"))
     peaks = {}
