@@ -106,7 +106,7 @@ def write_subset(url: str, pairs: np.ndarray) -> str:
 
 BIN_BITS = 16  # uids are binned by the top bits of their first word before the in-memory sort
 SORT_GROUP = 1 << 20  # uids sorted at a time: sort_subset's temporaries (24 B a uid) stay this small
-HELD_BYTES = 64 << 20  # batches kept between the two passes while they fit (4M uids): then read only once
+HELD_BYTES = 16 << 20  # batches kept between the two passes while they fit (1M uids): then read only once
 
 
 def write_subset_from(url: str, batches: Callable[[], Iterable[np.ndarray]]) -> tuple[int, str]:

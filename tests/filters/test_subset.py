@@ -165,7 +165,7 @@ def test_filtering_holds_the_subset_once(tmp_path: Path, monkeypatch: pytest.Mon
     kept uid. Every row is kept here, so the driver's numpy peak may grow 16 B a row, not the 48+ B of a
     concatenated copy of the kept uids plus the sort's copies."""
     monkeypatch.setattr(subset, "SORT_GROUP", 1 << 16)  # the sort's temporaries: fixed, as on a big pool
-    monkeypatch.setattr(subset, "HELD_BYTES", 0)  # a big pool's subset is read twice, not held (at most 64 MiB)
+    monkeypatch.setattr(subset, "HELD_BYTES", 0)  # a big pool's subset is read twice, not held (at most 16 MiB)
     (tmp_path / "all.yaml").write_text("steps: [no_filter]\n")
     recipe = load_recipe(str(tmp_path / "all.yaml"))
     peaks = {}
