@@ -1,9 +1,11 @@
-"""Arrow columns as NumPy arrays without importing pandas.
+"""Arrow columns as NumPy arrays, and NumPy arrays and Python strings as Arrow, without importing pandas.
 
-pyarrow's `to_numpy` goes through its pandas converter, and turning a Python value into an Arrow scalar (as
-`pc.fill_null(x, False)` does) checks it against pandas' types: either imports pandas on first use, about 0.5 s a
-process on 2 cores, a third of a small `clipsift filter` run. Numbers and booleans, what the filters read, are
-read straight from the Arrow buffers here; anything else still goes through `to_numpy`.
+pyarrow's `to_numpy` goes through its pandas converter, and `pa.array` / `pa.scalar` of NumPy arrays or Python
+values (as `pc.fill_null(x, False)` and any compute function's literal argument make) check them against pandas'
+types: either imports pandas on first use, about 0.5 s a process on 2 cores, a third of a small `clipsift
+filter` run. Numbers and booleans, what the filters read, are read straight from the Arrow buffers here
+(`numpy_of`, `numpy_filled`); arrays for Arrow are built from their buffers (`arrow_of`, `strings_of`,
+`string_scalar`, `binary_of`); anything else still goes through pyarrow's own conversions.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def binary_of(fixed: np.ndarray) -> pa.Array:
     fixed = np.ascontiguousarray(fixed)
     width = fixed.dtype.itemsize
     if len(fixed) == 0 or width == 0:
-        return pa.array([b""] * len(fixed), pa.binary())
+        return strings_of([b""] * len(fixed), pa.binary())
     raw = fixed.view(np.uint8).reshape(len(fixed), width)
     nul = raw == 0
     lengths = np.where(nul.any(axis=1), nul.argmax(axis=1), width)
