@@ -237,6 +237,8 @@ RECIPE = """steps:
 """
 
 
+@pytest.mark.slow  # four `ray start` nodes and three killed: about a minute on 2 cores
+@pytest.mark.timeout(1800)
 def test_a_cluster_losing_a_node_in_each_stage_processes_every_uid_once(cluster: Cluster, tmp_path: Path) -> None:
     synth_pool(str(tmp_path / "pool"), num_samples=360, shard_size=20, workers=1)
     pool = Pool(str(tmp_path / "pool"))

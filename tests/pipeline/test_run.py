@@ -179,10 +179,11 @@ def test_until_must_name_a_stage_of_the_config(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-# --------------------------------------------------------------------------- a whole run, killed and resumed
+# --------------------------------------------------------------------------- a run killed and resumed
 
-# xs.yaml without the filtering network (two xs trainings are too slow for the default suite; the slow test
-# and `clipsift demo --scale xs` in test_cli.py run the chain with it): the metadata-only basic recipe.
+# xs.yaml without the filtering network: the metadata-only basic recipe. The default test run stops it after
+# reshard (no training: seconds); `-m slow` runs the whole chain (an xs training, evaluation, submission), and the
+# slow test below and `clipsift demo --scale xs` in test_cli.py run it with the filtering network too.
 BASIC = {
     "filternet": None,
     "score": None,
@@ -191,26 +192,31 @@ BASIC = {
     "submit.method_name": "basic (xs)",
 }
 EARLY = ("pool", "filter")
+WHOLE = ("pool", "filter", "reshard", "train", "eval", "submit")
 
 
-# Two minutes on an idle 2-core machine; the timeout leaves room for a loaded one.
+# Under a minute for the whole chain on an idle 2-core machine; the timeout leaves room for a loaded one.
 e2e = pytest.mark.timeout(2400)
 
 
-@pytest.fixture(scope="module")
-def xs_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+@pytest.fixture(
+    scope="module", params=["reshard", pytest.param(None, marks=pytest.mark.slow)], ids=["until-reshard", "whole"]
+)
+def xs_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The config run as a user runs it, on Ray, SIGKILLed once its filter stage is recorded complete, then run
-    again (in-process, the default for a pool this small)."""
+    again (in-process, the default for a pool this small); up to reshard, or whole."""
+    until = request.param
     root = tmp_path_factory.mktemp("xs-run")
     config, run = write_config(root / "xs.yaml", BASIC), root / "run"
-    first = clipsift("run", str(config), "--out", str(run), "--workers", "2")
+    limit = ["--until", until] if until else []
+    first = clipsift("run", str(config), "--out", str(run), "--workers", "2", *limit)
     stages_file, deadline = run / STAGES_FILE, time.time() + 900
     try:
         while time.time() < deadline and first.poll() is None:
             stages = json.loads(stages_file.read_text())["stages"] if stages_file.exists() else {}
             if stages.get("filter", {}).get("status") == "complete":
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
         assert first.poll() is None, f"the run ended before it could be killed: {first.communicate()[1][-3000:]}"
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
@@ -226,13 +232,16 @@ def xs_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
             *sorted((run / "pool").rglob("*.parquet")),
         )
     }
-    second = clipsift("run", str(config), "--out", str(run))  # in-process now (small work): resuming is the same
+    second = clipsift(
+        "run", str(config), "--out", str(run), *limit
+    )  # in-process now (small work): resuming is the same
     try:
         _, stderr = second.communicate(timeout=900)
     finally:
         _kill_group(second)
     assert second.returncode == 0, stderr[-4000:]
-    return {"config": config, "run": run, "killed": killed, "mtimes": mtimes, "stderr": stderr}
+    stages = WHOLE[: WHOLE.index(until) + 1] if until else WHOLE
+    return {"config": config, "run": run, "killed": killed, "mtimes": mtimes, "stderr": stderr, "stages": stages}
 
 
 def _kill_group(process: subprocess.Popen) -> None:
@@ -246,7 +255,7 @@ def _kill_group(process: subprocess.Popen) -> None:
 @e2e
 def test_a_killed_run_resumes_without_redoing_finished_stages(xs_run: dict) -> None:
     stages = json.loads((xs_run["run"] / STAGES_FILE).read_text())["stages"]
-    assert sorted(stages) == sorted(["pool", "filter", "reshard", "train", "eval", "submit"])
+    assert sorted(stages) == sorted(xs_run["stages"])
     for name in EARLY:
         assert xs_run["killed"][name]["status"] == "complete"
         assert stages[name]["ended"] == xs_run["killed"][name]["ended"] and stages[name]["attempts"] == 1, name
@@ -257,15 +266,15 @@ def test_a_killed_run_resumes_without_redoing_finished_stages(xs_run: dict) -> N
     status = {line.split()[0]: line for line in table.splitlines()[2:]}
     for name in EARLY:
         assert "done earlier" in status[name], table
-    for name in ("reshard", "train", "eval", "submit"):  # reshard may finish, or train start, before the kill lands
+    for name in xs_run["stages"][len(EARLY) :]:  # reshard may finish, or train start, before the kill lands
         if xs_run["killed"].get(name, {}).get("status") == "complete":
             assert "done earlier" in status[name] and stages[name]["ended"] == xs_run["killed"][name]["ended"], table
         else:
             assert " ran " in status[name] or (name in ("reshard", "train") and " resumed " in status[name]), table
 
 
-def check_chain(run: Path, method_name: str) -> dict:
-    """The provenance record holds, and every hash in it matches the file it names."""
+def check_early_chain(run: Path) -> dict:
+    """The provenance record holds for pool, filter and reshard, and every hash in it matches the file it names."""
     provenance = json.loads((run / "provenance.json").read_text())
     stages = provenance["stages"]
     assert provenance["ok"] and all(check["ok"] for check in provenance["checks"]), provenance["checks"]
@@ -276,6 +285,14 @@ def check_chain(run: Path, method_name: str) -> dict:
     assert subset["pool_json_sha256"] == stages["pool"]["pool_json_sha256"]
     manifest = json.loads((run / "shards" / "manifest.json").read_text())
     assert manifest["subset_sha256"] == subset["npy_sha256"] and manifest["num_samples"] == subset["num_uids"]
+    return provenance
+
+
+def check_chain(run: Path, method_name: str) -> dict:
+    """The whole chain's provenance record holds, and every hash in it matches the file it names."""
+    provenance = check_early_chain(run)
+    stages = provenance["stages"]
+    subset = json.loads((run / "subset.json").read_text())
     run_json = json.loads((run / "train" / "run.json").read_text())
     assert run_json["data"][0]["subset_sha256"] == subset["npy_sha256"] and run_json["status"] == "complete"
     assert stages["train"]["weights_sha256"] == sha256(run / "train" / "checkpoints" / "epoch_latest.pt")
@@ -296,9 +313,14 @@ def check_chain(run: Path, method_name: str) -> dict:
 
 @e2e
 def test_provenance_ties_the_score_to_pool_recipe_and_subset(xs_run: dict) -> None:
-    provenance = check_chain(xs_run["run"], "basic (xs)")
+    if xs_run["stages"] == WHOLE:
+        provenance = check_chain(xs_run["run"], "basic (xs)")
+        assert len(provenance["checks"]) == 13
+    else:
+        provenance = check_early_chain(xs_run["run"])
+        assert sorted(provenance["stages"]) == sorted(xs_run["stages"]) and provenance["result"] is None
+        assert len(provenance["checks"]) == 8  # pool 1, filter 4, reshard 3
     assert provenance["stages"]["filter"]["recipe"]["name"] == "synth_basic"
-    assert len(provenance["checks"]) == 13
 
 
 @e2e
@@ -318,12 +340,19 @@ def test_a_changed_config_is_refused_naming_the_stage_and_field(xs_run: dict) ->
     message = str(caught.value)
     assert "stage filter was completed with other settings than the config has now" in message
     assert "recipe: 'synth_basic' -> 'synth_clip_score'" in message and "set.fraction: (unset) -> 0.2" in message
-    scale = write_config(xs_run["run"].parent / "scale.yaml", {**BASIC, "train.scale": "tiny"})
+    shards = write_config(xs_run["run"].parent / "shards.yaml", {**BASIC, "reshard.shard_size": 512})
     with pytest.raises(
         RunConfigError,
-        match=r"stage train was completed with other settings than the config has now \(scale: 'xs' -> 'tiny'\)",
+        match=r"stage reshard was completed with other settings than the config has now \(shard_size: 1024 -> 512\)",
     ):
-        run_pipeline(load_run_config(str(scale))[0], xs_run["run"])
+        run_pipeline(load_run_config(str(shards))[0], xs_run["run"])
+    if "train" in xs_run["stages"]:
+        scale = write_config(xs_run["run"].parent / "scale.yaml", {**BASIC, "train.scale": "tiny"})
+        with pytest.raises(
+            RunConfigError,
+            match=r"stage train was completed with other settings than the config has now \(scale: 'xs' -> 'tiny'\)",
+        ):
+            run_pipeline(load_run_config(str(scale))[0], xs_run["run"])
     assert {name: (xs_run["run"] / name).read_bytes() for name in before} == before
 
 
@@ -331,12 +360,12 @@ def test_a_changed_config_is_refused_naming_the_stage_and_field(xs_run: dict) ->
 def test_a_finished_run_rerun_from_its_config_copy_does_nothing(xs_run: dict) -> None:
     import ray
 
-    run = xs_run["run"]
+    run, stages = xs_run["run"], xs_run["stages"]
     before = (run / STAGES_FILE).read_bytes()
     config, where = load_run_config(str(run / "config.yaml"))
     assert config == load_run_config(str(xs_run["config"]))[0]
-    result = run_pipeline(config, run, where=where)
-    assert [t.status for t in result.times] == ["done earlier"] * 6 and result.provenance["ok"]
+    result = run_pipeline(config, run, where=where, until=stages[-1])
+    assert [t.status for t in result.times] == ["done earlier"] * len(stages) and result.provenance["ok"]
     assert (run / STAGES_FILE).read_bytes() == before and not ray.is_initialized()
 
 

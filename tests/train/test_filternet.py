@@ -14,6 +14,9 @@ from clipsift.pipeline.score import resolve_model
 from clipsift.pipeline.synth import synth_reference
 from clipsift.train.filternet import MANIFEST, train_filternet
 
+# An xs training (12,800 samples seen, about 30 s on 2 cores): run with `-m slow`, like every training of the suite.
+long_run = pytest.mark.timeout(1800)
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory):
@@ -22,6 +25,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     return root, train_filternet(str(root / "reference"), str(root / "net"), scale="xs", workers=1)
 
 
+@pytest.mark.slow
+@long_run
 def test_the_network_trains_on_every_reference_sample_and_scores_pools(trained) -> None:
     root, result = trained
     record = json.loads((root / "net" / MANIFEST).read_text())
@@ -33,6 +38,8 @@ def test_the_network_trains_on_every_reference_sample_and_scores_pools(trained) 
     assert spec.weights_sha256 == record["weights_sha256"]
 
 
+@pytest.mark.slow
+@long_run
 def test_a_finished_network_is_reused_and_a_different_one_refused(trained) -> None:
     root, result = trained
     stamp = result.checkpoint.stat().st_mtime_ns
