@@ -1,5 +1,6 @@
-"""`clipsift train`: fixed recipes, batch arithmetic, open_clip_train arguments, bad input, and a real
-xs run that is killed after its first pseudo-epoch and resumed to the same samples seen."""
+"""`clipsift train`: fixed recipes, batch arithmetic, open_clip_train arguments, bad input, a shortened xs
+schedule (the default run's one training), and (slow) a real xs run that is killed after its first pseudo-epoch and
+resumed to the same samples seen."""
 
 from __future__ import annotations
 
@@ -139,6 +140,45 @@ def test_bad_data_gives_clear_errors(tmp_path: Path) -> None:
         train("xs", [(str(good), 1.0)], str(tmp_path / "stranger"))
     with pytest.raises(ClipsiftError, match="no --data"):
         train("xs", [], str(tmp_path / "run2"))
+
+
+def test_a_shortened_xs_schedule_trains_through_open_clip_train(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default test run's one training: the xs recipe cut to 10 steps (its other numbers kept) through the path
+    every recipe takes (resharded data, open_clip_train in this process, checkpoints, run.json). The whole recipe
+    trains in the slow tests."""
+    import dataclasses
+
+    import open_clip
+    import torch
+
+    import clipsift.train.launch as launch
+
+    short = dataclasses.replace(load_recipe("xs"), samples_seen=640, epochs=2)  # 2 pseudo-epochs of 5 steps
+    monkeypatch.setattr(launch, "load_recipe", lambda scale: short)
+    synth_pool(str(tmp_path / "pool"), scale="xs", num_samples=256, shard_size=64, workers=1)
+    write_subset(str(tmp_path / "subset.npy"), sort_subset(encode_uids(Pool(str(tmp_path / "pool")).uids())))
+    data = reshard(
+        str(tmp_path / "pool"), str(tmp_path / "subset.npy"), str(tmp_path / "shards"), shard_size=64, workers=1
+    ).out
+    run = tmp_path / "run"
+    result = train("xs", [(data, 1.0)], str(run))
+    assert (result.samples_seen, result.epochs_done, result.resumed_from_epoch) == (640, 2, 0)
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "complete" and record["samples_seen"] == 640 and record["recipe"]["samples_seen"] == 640
+    assert record["data"][0]["subset_sha256"] == read_manifest(data)["subset_sha256"]
+    losses, _ = parse_log(run / "out.log")
+    assert len(losses) >= 10 and all(0 < loss < 10 for loss in losses)
+    saved = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
+    assert saved["epoch"] == 2
+    one, other = (open_clip.create_model("clipsift-xs").state_dict() for _ in range(2))
+    fixed = [name for name, value in one.items() if torch.equal(value, other[name])]  # LayerNorms, logit scale...
+    trained, _, _ = open_clip.create_model_and_transforms("clipsift-xs", pretrained=str(result.checkpoint))
+    state = trained.state_dict()
+    assert len(fixed) > 10 and "logit_scale" in fixed  # weights that start at the same value whatever the seed
+    assert [name for name in fixed if torch.equal(state[name], one[name])] == []  # every one of them moved
+    assert sum(losses[-3:]) < sum(losses[:3])  # and the loss went down
 
 
 @pytest.mark.slow  # two xs trainings, one killed: about a minute
