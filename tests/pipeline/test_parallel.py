@@ -53,9 +53,10 @@ def test_a_runs_worker_count_applies_within_and_only_within() -> None:
     assert not in_process(8, 1e9)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def own_ray() -> Iterator[None]:
-    """The local cluster this test starts is shut down after it: later tests expect no Ray in this process."""
+    """The local cluster these tests start (one: each start costs seconds) is shut down after them: later test
+    files expect no Ray in this process."""
     import ray
 
     yield
