@@ -121,7 +121,7 @@ def test_eval_verbs_stay_verbs_beside_a_folder_that_is_no_run(tmp_path: Path, mo
     assert str(missing.exception) == "run: no such run directory or checkpoint file"  # main() prints it, exits 2
 
 
-@pytest.mark.slow  # the whole xs chain with its filtering network (test_run.py's killed run covers the chain fast)
+@pytest.mark.slow  # the whole xs chain with its filtering network (test_run.py covers the chain up to reshard fast)
 @pytest.mark.timeout(2400)  # about two minutes on an idle 2-core machine; room for a loaded one
 def test_demo_runs_the_chain_offline(tmp_path: Path) -> None:
     """The README's main command, quick version: configs/runs/xs.yaml (synth -> filtering network -> score ->
