@@ -230,15 +230,15 @@ def run_and_kill(nodes: list[Node], busy: str, outputs: str, *args: str) -> Node
     return killed
 
 
+# An untrained model's image embeddings are all alike (a row's nearest other row: cosine 0.94-0.99998, median 0.997):
+# at 0.999 the near-duplicate step removes about a tenth, so reshard still writes many shards across the nodes.
 RECIPE = """steps:
   - dedup: {by: sha256}
-  - dedup: {by: embedding, model_id: MODEL, threshold: 0.97}
+  - dedup: {by: embedding, model_id: MODEL, threshold: 0.999}
   - clip_score: {model_id: MODEL, fraction: 0.5}
 """
 
 
-@pytest.mark.slow  # four `ray start` nodes and three killed: about a minute on 2 cores
-@pytest.mark.timeout(1800)
 def test_a_cluster_losing_a_node_in_each_stage_processes_every_uid_once(cluster: Cluster, tmp_path: Path) -> None:
     synth_pool(str(tmp_path / "pool"), num_samples=360, shard_size=20, workers=1)
     pool = Pool(str(tmp_path / "pool"))
@@ -247,12 +247,8 @@ def test_a_cluster_losing_a_node_in_each_stage_processes_every_uid_once(cluster:
     (tmp_path / "recipe.yaml").write_text(RECIPE.replace("MODEL", model_id))
     workers = [cluster.start_node() for _ in range(4)][1:]  # a head (no CPU) and three worker nodes
 
-    # the single-process result, embeddings kept outside the pool
+    # the single-process scores, kept outside the pool
     score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(workers=1), out=str(tmp_path / "alone"))
-    alone = apply_recipe(
-        pool.url, load_recipe(str(tmp_path / "recipe.yaml")), str(tmp_path / "alone.npy"), workers=1,
-        embeddings=str(tmp_path / "alone"),
-    )  # fmt: skip
     cluster.wait_for_nodes(4)
 
     a = ["--address", cluster.address]
@@ -262,6 +258,9 @@ def test_a_cluster_losing_a_node_in_each_stage_processes_every_uid_once(cluster:
     ]  # fmt: skip
     workers.remove(killed[-1])
     workers.append(cluster.start_node())  # a replacement joins, as in an autoscaled cluster
+    # the single-process subset from the cluster's scores (float16 vectors a rounding step apart from the ones
+    # scored alone could tip a pair near the threshold: the filter is compared on the same input)
+    alone = apply_recipe(pool.url, load_recipe(str(tmp_path / "recipe.yaml")), str(tmp_path / "alone.npy"), workers=1)
     cluster.wait_for_nodes(4)
     killed.append(
         run_and_kill(workers, "_apply", "", "filter", pool.url, "--recipe", str(tmp_path / "recipe.yaml"),
@@ -282,10 +281,10 @@ def test_a_cluster_losing_a_node_in_each_stage_processes_every_uid_once(cluster:
             embedding_matrix(table)[0], embedding_matrix(reference)[0], atol=2e-3
         )  # float16 vectors: one step of rounding apart at most
     subset = read_subset(str(tmp_path / "subset.npy"))
-    assert np.array_equal(subset, read_subset(alone.subset)) and len(subset) < pool.info["num_samples"]
+    assert np.array_equal(subset, read_subset(alone.subset)) and 100 < len(subset) < pool.info["num_samples"] / 2
     assert len(np.unique(subset)) == len(subset)
     written = Pool(str(tmp_path / "shards"))
     uids = encode_uids(written.uids())
     assert np.array_equal(np.sort(uids), subset)  # each kept uid written exactly once
-    assert read_manifest(str(tmp_path / "shards"))["num_samples"] == len(subset)
+    assert read_manifest(str(tmp_path / "shards"))["num_samples"] == len(subset) and len(written.shard_ids()) > 10
     print("each killed node's Ray workers were running:", [node.lost for node in killed])
