@@ -32,8 +32,8 @@ RAY_NOISE = ("Token authentication", "core_worker.cc", "pid=", "INFO worker.py",
 
 def test_ray_verbs_work_from_a_folder_holding_a_clipsift_directory(tmp_path: Path) -> None:
     """The parent of a clone named `clipsift`: its folder would shadow the package in Ray workers (a namespace
-    package of the same name), so every task failed with `cannot import name 'ClipsiftError'`. Quiet by default,
-    Ray's lines with --verbose."""
+    package of the same name), so every task failed with `cannot import name 'ClipsiftError'`. A Ray verb run there
+    works and is quiet by default; another, run elsewhere, shows Ray's lines with --verbose."""
     parent = tmp_path / "parent"
     (parent / "clipsift" / "pipeline").mkdir(parents=True)
     (parent / "clipsift" / "README.md").write_text("a clone's root: no __init__.py here\n")

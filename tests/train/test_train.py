@@ -162,8 +162,9 @@ def test_a_shortened_xs_schedule_trains_through_open_clip_train(
     data = reshard(
         str(tmp_path / "pool"), str(tmp_path / "subset.npy"), str(tmp_path / "shards"), shard_size=64, workers=1
     ).out
-    run = tmp_path / "run"
+    run, threads = tmp_path / "run", torch.get_num_threads()
     result = train("xs", [(data, 1.0)], str(run))
+    assert torch.get_num_threads() == threads  # the run's CPU thread choice does not leak into the caller
     assert (result.samples_seen, result.epochs_done, result.resumed_from_epoch) == (640, 2, 0)
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "complete" and record["samples_seen"] == 640 and record["recipe"]["samples_seen"] == 640
