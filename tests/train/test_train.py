@@ -12,6 +12,7 @@ import subprocess
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -142,15 +143,34 @@ def test_bad_data_gives_clear_errors(tmp_path: Path) -> None:
         train("xs", [], str(tmp_path / "run2"))
 
 
-def test_a_shortened_xs_schedule_trains_through_open_clip_train(
+class Stopped(Exception):
+    """Raised inside open_clip_train's epoch loop: the process would have been killed here."""
+
+
+def stopped_in_epoch(number: int, train_one_epoch: Any) -> Any:
+    """open_clip_train's train_one_epoch, raising Stopped when epoch `number` (1-based) starts."""
+    calls: list[int] = []
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == number:
+            raise Stopped
+        return train_one_epoch(*args, **kwargs)
+
+    return wrapped
+
+
+def test_a_shortened_xs_schedule_trains_through_open_clip_train_and_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The default test run's one training: the xs recipe cut to 10 steps (its other numbers kept) through the path
-    every recipe takes (resharded data, open_clip_train in this process, checkpoints, run.json). The whole recipe
-    trains in the slow tests."""
+    every recipe takes (resharded data, open_clip_train in this process, checkpoints, run.json), stopped in its
+    second pseudo-epoch and resumed by the same call. The whole recipe trains, and is SIGKILLed, in the slow
+    tests."""
     import dataclasses
 
     import open_clip
+    import open_clip_train.main as open_clip_main
     import torch
 
     import clipsift.train.launch as launch
@@ -163,9 +183,16 @@ def test_a_shortened_xs_schedule_trains_through_open_clip_train(
         str(tmp_path / "pool"), str(tmp_path / "subset.npy"), str(tmp_path / "shards"), shard_size=64, workers=1
     ).out
     run, threads = tmp_path / "run", torch.get_num_threads()
-    result = train("xs", [(data, 1.0)], str(run))
+    with monkeypatch.context() as patch:  # stopped where a kill would leave it: epoch 1 saved, run.json "running"
+        patch.setattr(open_clip_main, "train_one_epoch", stopped_in_epoch(2, open_clip_main.train_one_epoch))
+        with pytest.raises(Stopped):
+            train("xs", [(data, 1.0)], str(run))
     assert torch.get_num_threads() == threads  # the run's CPU thread choice does not leak into the caller
-    assert (result.samples_seen, result.epochs_done, result.resumed_from_epoch) == (640, 2, 0)
+    assert json.loads((run / "run.json").read_text())["status"] == "running"
+    assert torch.load(run / "checkpoints" / "epoch_latest.pt", map_location="cpu", weights_only=False)["epoch"] == 1
+    result = train("xs", [(data, 1.0)], str(run))
+    assert (result.samples_seen, result.epochs_done, result.resumed_from_epoch) == (640, 2, 1)
+    assert "resuming checkpoint" in (run / "out.log").read_text()
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "complete" and record["samples_seen"] == 640 and record["recipe"]["samples_seen"] == 640
     assert record["data"][0]["subset_sha256"] == read_manifest(data)["subset_sha256"]
