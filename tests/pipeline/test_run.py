@@ -225,9 +225,8 @@ def xs_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             *sorted((run / "pool").rglob("*.parquet")),
         )
     }
-    second = clipsift(
-        "run", str(config), "--out", str(run), *limit
-    )  # in-process now (small work): resuming is the same
+    # in-process now (small work): resuming is the same
+    second = clipsift("run", str(config), "--out", str(run), *limit)
     try:
         _, stderr = second.communicate(timeout=900)
     finally:

@@ -14,10 +14,8 @@ from clipsift.pipeline.score import resolve_model
 from clipsift.pipeline.synth import synth_reference
 from clipsift.train.filternet import MANIFEST, train_filternet
 
+
 # An xs training (12,800 samples seen, about 30 s on 2 cores): run with `-m slow`, like every training of the suite.
-long_run = pytest.mark.timeout(1800)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("filternet")
@@ -26,7 +24,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.slow
-@long_run
+@pytest.mark.timeout(1800)
 def test_the_network_trains_on_every_reference_sample_and_scores_pools(trained) -> None:
     root, result = trained
     record = json.loads((root / "net" / MANIFEST).read_text())
@@ -39,7 +37,7 @@ def test_the_network_trains_on_every_reference_sample_and_scores_pools(trained) 
 
 
 @pytest.mark.slow
-@long_run
+@pytest.mark.timeout(1800)
 def test_a_finished_network_is_reused_and_a_different_one_refused(trained) -> None:
     root, result = trained
     stamp = result.checkpoint.stat().st_mtime_ns
