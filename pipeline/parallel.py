@@ -37,6 +37,7 @@ LOCAL_MAX_SECONDS_ENV = "CLIPSIFT_LOCAL_MAX_SECONDS"
 DEFAULT_LOCAL_MAX_SECONDS = 20.0  # about twice a local cluster's start-up: below it, one process finishes sooner
 VERBOSE_ENV = "CLIPSIFT_VERBOSE"
 _cluster = {"workers": None}  # the CPU count a run or a verb's --workers gave for a local cluster
+_spare = {"cores": 0}  # cores the item running in this process may add (spare_cores)
 
 
 @contextlib.contextmanager
@@ -176,10 +177,29 @@ def map_shards(
             start = 0
         else:
             budget = math.inf if where == "here" else local_max_seconds()
-            start = _run_here(fn, items, done, budget, local_threads(workers) if threads else 1)
+            cores = local_threads(workers)
+            with lending_cores(0 if threads else cores - 1):
+                start = _run_here(fn, items, done, budget, cores if threads else 1)
         if start < len(items):
             _map_on_ray(fn, items, start, workers, address, done)
     return [results[i] for i in range(len(items))]
+
+
+def spare_cores() -> int:
+    """Cores that the work running now may use besides its own thread: while `map_shards` runs items in this
+    process one at a time, those its threads would have had (0 on a Ray worker, with --workers 1, on one core,
+    and on threads). Work that holds the GIL (language ID) spreads over helper processes with them."""
+    return _spare["cores"]
+
+
+@contextlib.contextmanager
+def lending_cores(cores: int) -> Iterator[None]:
+    """Within: `spare_cores()` is `cores`."""
+    before, _spare["cores"] = _spare["cores"], max(0, cores)
+    try:
+        yield
+    finally:
+        _spare["cores"] = before
 
 
 def local_threads(workers: int | None = None) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from clipsift.filters import base, language_column, text
+from clipsift.filters import base, language_column, language_models, text
 from clipsift.filters.base import ShardData
 
 from conftest import printed_without_pandas
@@ -84,12 +84,12 @@ def test_cached_labels_equal_the_models_and_stale_files_are_redone(tmp_path: Pat
 
 def test_another_model_file_gets_its_own_column(tmp_path: Path) -> None:
     copy = tmp_path / "lid.176.ftz"
-    copy.write_bytes(Path(text.lid176_path()).read_bytes() + b"")  # same content: the same label digest
+    copy.write_bytes(Path(language_models.lid176_path()).read_bytes() + b"")  # same content: the same label digest
     assert (
         language_column.model_label(str(copy)).split("_")[-1] == language_column.model_label("lid176").split("_")[-1]
     )
     other = tmp_path / "other.ftz"
-    other.write_bytes(Path(text.lid176_path()).read_bytes()[:-1] + b"\0")
+    other.write_bytes(Path(language_models.lid176_path()).read_bytes()[:-1] + b"\0")
     assert language_column.model_label(str(other)) != language_column.model_label(str(copy))
     assert language_column.model_label("cld3").startswith("cld3_")
 
@@ -134,7 +134,7 @@ def test_caption_digest_depends_on_the_captions_not_on_their_arrow_layout() -> N
 def test_all_captions_in_one_model_call_equal_caption_by_caption_prediction() -> None:
     """detect_languages hands the model every caption at once; the labels are fastText's predict line by line
     (newlines replaced by spaces), with '' for a missing caption."""
-    model = text._fasttext_model(text.lid176_path())
+    model = language_models.fasttext_model(language_models.lid176_path())
     captions = [*CAPTIONS, None, "", " ", "two\nlines", "ok\rok", "😀😀", "é", "word " * 3000, None]
     expected = [
         "" if c is None else model.predict(c.replace("\n", " "), k=1)[0][0].removeprefix("__label__") for c in captions

@@ -115,3 +115,17 @@ def test_threaded_in_process_work_runs_side_by_side_in_order_and_hands_over_the_
     assert 2 <= first_not_run < 12  # the items left would take longer than the budget: Ray takes them
     assert done == [(i, i) for i in range(first_not_run)]  # every item started here is finished, none skipped
     assert parallel.local_threads(1) == 1 and parallel.local_threads(2) >= 1
+
+
+def test_in_process_items_run_one_at_a_time_lend_the_idle_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """spare_cores() inside an item: the cores its threads would have had, when items run here one at a time;
+    none with --workers 1, on threads, or outside map_shards."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+
+    def seen(_: int) -> int:
+        return parallel.spare_cores()
+
+    assert map_shards(seen, [0, 1], desc="t") == [2, 2]
+    assert map_shards(seen, [0, 1], desc="t", workers=1) == [0, 0]
+    assert map_shards(seen, [0, 1], desc="t", threads=True) == [0, 0]
+    assert parallel.spare_cores() == 0
