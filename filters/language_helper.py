@@ -12,8 +12,10 @@ stdin and writes labels to its stdout, and ends when its stdin closes (this proc
 both ways: a line `<count> <bytes>\\n`, then `bytes` of UTF-8: the count captions (or labels) joined by \\n.
 Captions reach the models without newlines (DataComp's replacement), so \\n cannot occur inside one.
 
-The labels are the same model's on the same text, wherever computed. A helper that fails (ends, or answers
-wrongly) is stopped and its part done here; no other helper is started for that model in this process.
+The labels are the same model's on the same text, wherever computed. A helper that fails (ends, answers
+wrongly, or is silent for ANSWER_SECONDS) is stopped and its part done here; no other helper is started for that
+model in this process. A batch interrupted here (KeyboardInterrupt...) stops the helpers whose answers it did
+not read, so no answer is ever taken for another batch's.
 Memory: a batch's captions and labels, once more per helper.
 """
 
@@ -30,10 +32,11 @@ import threading
 from clipsift.filters import language_models
 
 MIN_BATCH = 2048  # captions below which a batch stays here: 10-40 ms of model time, not worth the copying
-_HELPER_CODE = (
-    "import sys; del sys.path[0]; "  # not the working directory: a `clipsift` folder there would shadow the package
+_HELPER_CODE = (  # without the working directory on sys.path: a `clipsift` folder there would shadow the package
+    "import sys\nif not getattr(sys.flags, 'safe_path', False): del sys.path[0]\n"
     "from clipsift.filters.language_helper import serve; serve(sys.argv[1])"
 )
+ANSWER_SECONDS = 60.0  # a helper silent this long after a batch is given up (its part is done here)
 log = logging.getLogger(__name__)
 
 
@@ -64,6 +67,8 @@ class Helper:
         _write(self.process.stdin, lines)
 
     def receive(self, count: int) -> list[str]:
+        if not select.select([self.process.stdout], [], [], ANSWER_SECONDS + count * 1e-3)[0]:
+            raise OSError(f"language helper {self.process.pid} did not answer")
         labels = _read(self.process.stdout)
         if labels is None or len(labels) != count:
             raise OSError(f"language helper {self.process.pid} answered {labels and len(labels)} labels for {count}")
@@ -75,11 +80,14 @@ class Helper:
         try:
             self.process.stdin.close()
             self.process.wait(timeout=2)
-        except (OSError, subprocess.TimeoutExpired):
+        except (OSError, ValueError, subprocess.TimeoutExpired):
             self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
 
 
 _helpers: dict[str, list[Helper]] = {}
+_gave_up: set[str] = set()  # models one of whose helpers failed: no more helpers for them in this process
 _lock = threading.Lock()
 
 
@@ -92,7 +100,9 @@ def helpers(identifier: str) -> list[Helper]:
     if not wanted:
         return []
     running = _helpers.setdefault(identifier, [])
-    while len(running) < wanted:
+    if any(helper.failed for helper in running):
+        _gave_up.add(identifier)
+    while len(running) < wanted and identifier not in _gave_up:
         running.append(Helper(identifier))
     return [helper for helper in running[:wanted] if not helper.failed]
 
@@ -108,13 +118,20 @@ def identify(lines: list[str], identifier: str) -> list[str]:
             return language_models.identify(lines, identifier)
         cuts = [len(lines) * part // (len(ready) + 1) for part in range(len(ready) + 2)]
         sent = []
-        for helper, start, end in zip(ready, cuts[1:], cuts[2:]):
-            sent.append((helper, start, end, _try(helper.send, helper, lines[start:end])))
-        labels = language_models.identify(lines[: cuts[1]], identifier)
-        for helper, start, end, ok in sent:
-            theirs = _try(helper.receive, helper, end - start) if ok else None
-            labels += theirs if theirs is not None else language_models.identify(lines[start:end], identifier)
-        return labels
+        try:
+            for helper, start, end in zip(ready, cuts[1:], cuts[2:]):
+                sent.append((helper, start, end, _try(helper.send, helper, lines[start:end])))
+            labels = language_models.identify(lines[: cuts[1]], identifier)
+            while sent:
+                helper, start, end, ok = sent[0]
+                theirs = _try(helper.receive, helper, end - start) if ok else None
+                sent.pop(0)
+                labels += theirs if theirs is not None else language_models.identify(lines[start:end], identifier)
+            return labels
+        finally:  # interrupted (KeyboardInterrupt, MemoryError...): an unread answer must not become the next one's
+            for helper, *_ in sent:
+                helper.stop()
+                _helpers[identifier].remove(helper)  # not a failure of the helper: another may start
     finally:
         _lock.release()
 
@@ -166,3 +183,4 @@ def stop_helpers() -> None:
         for helper in running:
             helper.stop()
     _helpers.clear()
+    _gave_up.clear()

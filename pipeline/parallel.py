@@ -206,7 +206,14 @@ def local_threads(workers: int | None = None) -> int:
     """Threads for in-process work that allows them: one per core, up to 4 (each holds a shard), one with
     --workers 1."""
     workers = workers if workers is not None else _cluster["workers"]
-    return 1 if workers == 1 else max(1, min(4, os.cpu_count() or 1))
+    return 1 if workers == 1 else max(1, min(4, usable_cores()))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform tells it, else the machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _run_here(

@@ -42,13 +42,19 @@ def no_helpers_left() -> Iterator[None]:
     language_helper.stop_helpers()
 
 
-def ready_helper(identifier: str) -> language_helper.Helper:
-    """This process's one helper for `identifier`, once it has loaded its model."""
-    (helper,) = language_helper.helpers(identifier)
+def ready_helpers(identifier: str) -> list[language_helper.Helper]:
+    """This process's helpers for `identifier`, once they have loaded their model."""
+    helpers = language_helper.helpers(identifier)
     deadline = time.monotonic() + 30
-    while not helper.is_ready():
-        assert time.monotonic() < deadline and not helper.failed, "the helper never became ready"
-        time.sleep(0.02)
+    for helper in helpers:
+        while not helper.is_ready():
+            assert time.monotonic() < deadline and not helper.failed, "a helper never became ready"
+            time.sleep(0.02)
+    return helpers
+
+
+def ready_helper(identifier: str) -> language_helper.Helper:
+    (helper,) = ready_helpers(identifier)
     return helper
 
 
@@ -68,11 +74,8 @@ def test_helpers_give_the_labels_this_process_gives(identifier: str) -> None:
 def test_several_spare_cores_each_take_a_part() -> None:
     alone = language_models.identify(LINES, "lid176")
     with parallel.lending_cores(2):
-        helpers = language_helper.helpers("lid176")
+        helpers = ready_helpers("lid176")
         assert len(helpers) == 2
-        for helper in helpers:
-            while not helper.is_ready():
-                time.sleep(0.02)
         assert language_helper.identify(LINES, "lid176") == alone
         assert [h.captions for h in helpers] == [1024, 1024]  # thirds of 3,072 captions
 
@@ -88,6 +91,30 @@ def test_a_failed_helper_is_stopped_and_its_part_done_here(caplog: pytest.LogCap
         assert helper.failed and "identified here" in caplog.text
         assert language_helper.helpers("lid176") == []  # not started again in this process
         assert language_helper.identify(LINES, "lid176") == alone
+
+
+def test_an_interrupted_batch_leaves_no_answer_for_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted after its parts were sent (here in this process's own part), a batch's answers are never
+    read as the next batch's: the helpers that hold them are stopped, and new ones may start."""
+    other = [f"eine Zeile auf Deutsch, Nummer {n}" for n in range(len(LINES))]
+    alone = language_models.identify(other, "lid176")
+    real = language_models.identify
+
+    def interrupted(lines: list[str], identifier: str) -> list[str]:
+        if lines and lines[0] == LINES[0]:
+            raise KeyboardInterrupt
+        return real(lines, identifier)
+
+    with parallel.lending_cores(1):
+        first = ready_helper("lid176")
+        monkeypatch.setattr(language_models, "identify", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            language_helper.identify(LINES, "lid176")
+        assert first.failed
+        second = ready_helper("lid176")  # a new one: the stopped one was not at fault
+        assert second is not first
+        assert language_helper.identify(other, "lid176") == alone
+        assert second.captions == len(other) - len(other) // 2
 
 
 def test_a_helper_whose_model_will_not_load_is_never_used(tmp_path: Path) -> None:
@@ -113,8 +140,9 @@ def test_a_first_basic_filter_run_in_process_uses_the_idle_core(
 ) -> None:
     """The whole path: shards run here one by one (no --workers), so language ID takes the helper of the spare
     core; the subset is the one a single process (--workers 1) selects."""
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv(parallel.LOCAL_MAX_SECONDS_ENV, raising=False)
     rows = [{"text": line} for line in (LINES * 3)[:8192]]
     selected = {}
     for workers in (1, None):

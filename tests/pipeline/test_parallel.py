@@ -120,7 +120,7 @@ def test_threaded_in_process_work_runs_side_by_side_in_order_and_hands_over_the_
 def test_in_process_items_run_one_at_a_time_lend_the_idle_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     """spare_cores() inside an item: the cores its threads would have had, when items run here one at a time;
     none with --workers 1, on threads, or outside map_shards."""
-    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 3)
 
     def seen(_: int) -> int:
         return parallel.spare_cores()
