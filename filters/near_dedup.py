@@ -13,9 +13,8 @@
    connected-components pass over the partition: no pair joins two clusters, so no group spans two). A group
    whose rows all live only here is final: all but its first row (pool order) are dropped. A group holding a
    row that is also a member of another cluster goes to this process as (row, group) pairs.
-4. merge (this process): those pairs are grouped again (connected components), and all but the first row of
-   each group are dropped. It holds only the rows of such groups (at loose thresholds, where every row reaches
-   its next clusters, that is about every row that has a duplicate: 16 bytes each).
+4. merge, as rounds of shuffles (pipeline/components.py): the pairs are grouped again (connected components,
+   each task holding one partition of them), and all but the first row of each group are dropped.
 
 `semdedup` (filters/semdedup.py) runs steps 1-3 with spill 1 (`cluster_passes`) and a reduce of its own.
 
@@ -47,7 +46,8 @@ from clipsift.files import open_fs, write_atomic
 from clipsift.filters.base import Context, Inputs, ShardData
 from clipsift.filters.dedup import Dedup, Dropped, components, default_k, input_rows, similar_pairs
 from clipsift.filters.vectors import SEARCH_BATCH, fit_kmeans, normalise, sample_vectors
-from clipsift.pipeline.partition import ReduceFn, Shuffle, position, write_batches
+from clipsift.pipeline.components import not_smallest
+from clipsift.pipeline.partition import ReduceFn, Shuffle, partitions_for, position, read_batch
 from clipsift.pipeline.pool import Pool
 
 ITERATIONS = 10  # k-means iterations (the clusters only need to keep near neighbours together)
@@ -55,6 +55,7 @@ SPLIT_ROUNDS = 3  # rounds of splitting clusters the sample says are over the bu
 SAMPLE_PER_CLUSTER = 40  # default sample rows per cluster (faiss asks for at least 39)
 NORM_SLACK = 2e-3  # float16 embeddings are unit length to about 1e-3
 CHUNK_ROWS = 1 << 16  # partition rows converted to float32 at once by the reduce
+MERGE_ROW_BYTES = 48  # a pair in the merge's partitions: twice (child and parent), 16 B and a flag each
 
 
 def reach(threshold: float) -> float:
@@ -98,9 +99,19 @@ def prepare_clustered(dedup: Dedup, context: Context) -> Dropped | dict[str, np.
     if passes is None:  # no input row has an embedding
         return {shard: np.zeros(0, np.int64) for shard in shards}
     shuffle, _ = passes
-    merged = f"{context.workdir}.dedup/merged.arrow"
-    _merge(shuffle, len(shards), merged)
-    return Dropped(shuffle, {shard: i for i, shard in enumerate(shards)}, (merged,))
+    open_groups = _OpenGroups(shuffle, len(shards))
+    pairs = sum(open_groups(partition).num_rows for partition in range(shuffle.partitions))  # one batch at a time
+    merged = not_smallest(
+        f"{context.workdir}.dedup/merge",
+        shuffle.partitions,
+        open_groups,
+        partitions_for(pairs, MERGE_ROW_BYTES, dedup.budget_mb),
+        len(shards),
+        desc="dedup by embedding: merge groups",
+        workers=context.workers,
+        address=context.address,
+    )
+    return Dropped(shuffle, {shard: i for i, shard in enumerate(shards)}, merged)
 
 
 def cluster_passes(
@@ -313,14 +324,12 @@ def _groups(table: pa.Table, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def _merge(shuffle: Shuffle, shards: int, url: str) -> None:
-    """Groups spanning clusters, grouped again here: all but the first row of each are dropped (a batch per shard)."""
-    fs, path = open_fs(url)
-    if fs.exists(path):
-        return
-    pairs = shuffle.read(shards)
-    pos, label = numpy_of(pairs.column("pos")), numpy_of(pairs.column("label"))
-    nodes, inverse = np.unique(np.concatenate([pos, label]), return_inverse=True)
-    labels = components(len(nodes), inverse[: len(pos)], inverse[len(pos) :])
-    dropped = nodes[labels != np.arange(len(nodes))]
-    write_batches(url, pa.table({"pos": arrow_of(dropped.astype(np.int64))}), dropped >> np.int64(32), shards)
+@dataclass(frozen=True)
+class _OpenGroups:
+    """The (pos, first pos of its group) pairs of groups spanning clusters, as one reduce task sent them."""
+
+    shuffle: Shuffle
+    shards: int
+
+    def __call__(self, partition: int) -> pa.Table:
+        return pa.Table.from_batches([read_batch(self.shuffle.reduce_path(partition), self.shards)])
