@@ -10,6 +10,7 @@ or, with `method: exact`, compares every pair of input rows in one process.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ from clipsift.pipeline.pool import Pool
 BY = ("sha256", "embedding", "url", "text")  # sha256, embedding, and the metadata columns that name a sample
 METHODS = ("clustered", "exact")
 BLOCK_ENTRIES = 1 << 22  # similarities computed at once by similar_pairs (16 MiB of float32)
+EDGE_CAP = 1 << 22  # pairs PairGroups holds before reducing them to one edge per grouped row (64 MiB)
 BLOCK_ROWS = 256  # rows a block has at most: its similarities stay in cache while they are scanned
 KEY_ROW_BYTES = 48  # a partition row of a key dedup: the key (a 128-bit digest prefix, or a short string) + position
 
@@ -118,7 +120,10 @@ class Dedup(Filter):
         owner = np.repeat(np.arange(len(shards)), [len(p) for p in positions])
         flat = np.concatenate(positions) if positions else np.zeros(0, np.int64)
         matrix = np.concatenate(vectors) if vectors else np.zeros((0, 1), np.float32)
-        labels = components(len(matrix), *similar_pairs(matrix, self.threshold))
+        groups = PairGroups(len(matrix))
+        for query, target in similar_pair_blocks(matrix, self.threshold):
+            groups.add(query, target)
+        labels = groups.labels()
         dropped = labels != np.arange(len(matrix))
         return {shard: flat[dropped & (owner == i)] for i, shard in enumerate(shards)}
 
@@ -200,24 +205,57 @@ def similar_pairs(
     vectors: np.ndarray, threshold: float, base: np.ndarray | None = None, base_rows: np.ndarray | None = None
 ) -> tuple[np.ndarray, ...]:
     """All pairs (i, j) with vectors[i] . base[j] >= threshold, exact (base: the vectors themselves, and then
-    i != j; base_rows: which row of `vectors` each base vector is, and then i != base_rows[j]). Computed as blocks
-    of a matrix product of at most BLOCK_ROWS rows and BLOCK_ENTRIES similarities each (a block of 256 rows is
-    scanned from cache: about 2x faster than one product per 6,000-row cluster); a row's similarity with itself is set
-    below the threshold first, so that only the few rows with a pair are looked at twice."""
+    i != j; base_rows: which row of `vectors` each base vector is, and then i != base_rows[j]). All at once: n
+    identical rows give n^2 pairs; to group rows, feed `similar_pair_blocks` to `PairGroups` instead."""
+    sources, targets = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for query, target in similar_pair_blocks(vectors, threshold, base, base_rows):
+        sources.append(query)
+        targets.append(target)
+    return np.concatenate(sources), np.concatenate(targets)
+
+
+def similar_pair_blocks(
+    vectors: np.ndarray, threshold: float, base: np.ndarray | None = None, base_rows: np.ndarray | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """similar_pairs, block by block: matrix products of at most BLOCK_ROWS rows and BLOCK_ENTRIES similarities
+    each (a block of 256 rows is scanned from cache: about 2x faster than one product per 6,000-row cluster), so a
+    block holds at most BLOCK_ENTRIES pairs; a row's similarity with itself is set below the threshold first, so
+    that only the few rows with a pair are looked at twice."""
     if base is None:
         base, base_rows = vectors, np.arange(len(vectors))
     columns = np.arange(len(base))
     base_t = np.ascontiguousarray(base, np.float32).T
     step = max(1, min(BLOCK_ROWS, BLOCK_ENTRIES // max(len(base), 1)))
-    if len(vectors) <= step:  # one block (the common case: a cluster)
-        return _block_pairs(np.asarray(vectors, np.float32) @ base_t, threshold, 0, base_rows, columns)
-    sources, targets = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for start in range(0, len(vectors), step):
         sims = np.ascontiguousarray(vectors[start : start + step], np.float32) @ base_t
-        query, target = _block_pairs(sims, threshold, start, base_rows, columns)
-        sources.append(query)
-        targets.append(target)
-    return np.concatenate(sources), np.concatenate(targets)
+        yield _block_pairs(sims, threshold, start, base_rows, columns)
+
+
+class PairGroups:
+    """Connected components of pairs given block by block, holding about EDGE_CAP pairs at most: when more come,
+    those held are replaced by one edge per grouped row (to its group's smallest row), which keeps the groups. So
+    n identical rows (n^2 pairs: a placeholder image copied 60,000 times would be 3.6 billion) cost memory in n."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.sources: list[np.ndarray] = [np.zeros(0, np.int64)]
+        self.targets: list[np.ndarray] = [np.zeros(0, np.int64)]
+        self.held = 0
+        self.cap = EDGE_CAP
+
+    def add(self, sources: np.ndarray, targets: np.ndarray) -> None:
+        self.sources.append(np.asarray(sources, np.int64))
+        self.targets.append(np.asarray(targets, np.int64))
+        self.held += len(sources)
+        if self.held > self.cap:
+            labels = self.labels()
+            rows = np.flatnonzero(labels != np.arange(self.n))
+            self.sources, self.targets, self.held = [rows], [labels[rows]], len(rows)
+            self.cap = max(EDGE_CAP, 2 * len(rows))  # a grouped row's edge stays: compress again only past twice them
+
+    def labels(self) -> np.ndarray:
+        """Each row's group: the smallest row of its component."""
+        return components(self.n, np.concatenate(self.sources), np.concatenate(self.targets))
 
 
 def _block_pairs(

@@ -44,7 +44,7 @@ from threadpoolctl import threadpool_limits
 from clipsift.arrays import arrow_of, numpy_of
 from clipsift.files import open_fs, write_atomic
 from clipsift.filters.base import Context, Inputs, ShardData
-from clipsift.filters.dedup import Dedup, Dropped, components, default_k, input_rows, similar_pairs
+from clipsift.filters.dedup import Dedup, Dropped, PairGroups, default_k, input_rows, similar_pair_blocks
 from clipsift.filters.vectors import SEARCH_BATCH, fit_kmeans, normalise, sample_vectors
 from clipsift.pipeline.components import not_smallest
 from clipsift.pipeline.partition import ReduceFn, Shuffle, partitions_for, position, read_batch
@@ -297,7 +297,7 @@ def _groups(table: pa.Table, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     n = len(order)
     starts = np.flatnonzero(np.diff(cluster, prepend=-1))
     ends = np.append(starts[1:], n)
-    sources, targets = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    groups = PairGroups(n)
     chunk_start, vectors = 0, np.zeros((0, halves.shape[1]), np.float32)
     with threadpool_limits(1, user_api="blas"):  # BLAS threads cost more than they give on products this small
         for start, end in zip(starts.tolist(), ends.tolist()):
@@ -310,10 +310,9 @@ def _groups(table: pa.Table, threshold: float) -> tuple[np.ndarray, np.ndarray]:
             base = np.flatnonzero(primary[start:end])
             if not len(base):
                 continue
-            query, target = similar_pairs(rows, threshold, rows[base], base)
-            sources.append(query + start)
-            targets.append(base[target] + start)
-    labels = components(n, np.concatenate(sources), np.concatenate(targets))
+            for query, target in similar_pair_blocks(rows, threshold, rows[base], base):
+                groups.add(query + start, base[target] + start)
+    labels = groups.labels()
     grouped = np.bincount(labels, minlength=n)[labels] > 1
     reaching = np.bincount(labels, weights=~primary | spilled, minlength=n)[labels] > 0
     open_rows = grouped & reaching

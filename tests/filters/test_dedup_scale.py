@@ -347,3 +347,33 @@ def test_dedup_semdedup_and_caption_quality_runs_import_no_pandas(tmp_path: Path
         "print(r.num_uids)"
     )
     assert 0 < int(kept) < 250
+
+
+def test_many_identical_images_are_grouped_in_memory_that_grows_with_them_not_their_pairs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A placeholder image copied n times makes n^2 similar pairs in one cluster. Both near-dedup methods group them
+    holding at most about EDGE_CAP pairs (here 5,000, against 1,200^2 = 1.44M pairs), and keep the first copy."""
+    rng = np.random.default_rng(21)
+    vectors = unit(rng.normal(size=(2000, 16)))
+    copies = np.sort(rng.choice(2000, 1200, replace=False))
+    vectors[copies] = vectors[copies[0]]
+    expected = uids(all_pairs_kept(vectors, 0.95))
+    assert len(expected) < 2000 - 1150  # the copies but the first dropped
+    fed, held = [], []
+    add = dedup_module.PairGroups.add
+
+    def counted(self, sources, targets) -> None:
+        add(self, sources, targets)
+        fed.append(len(sources))
+        held.append(self.held)
+
+    monkeypatch.setattr(dedup_module, "EDGE_CAP", 5000)
+    monkeypatch.setattr(dedup_module.PairGroups, "add", counted)
+    pool = near_pool(tmp_path, vectors)
+    for method in ("exact", "clustered"):
+        fed.clear(), held.clear()
+        steps = f"[{{dedup: {{by: embedding, model_id: m, method: {method}}}}}]"
+        assert run(pool, tmp_path, steps, method) == expected
+        assert sum(fed) > 1_000_000  # the pairs of the copies (each once or twice), block by block
+        assert max(held) <= 5000 + max(fed)  # never more than the cap and one block
