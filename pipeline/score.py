@@ -839,12 +839,8 @@ def _run(
     """Score `todo` with every model of `specs` in one pass over those shards."""
     from clipsift.pipeline.parallel import ensure_ray, in_process
 
-    dims = [s.embed_dim for s in specs]
-    buffers = {
-        s: _ShardBuffer(np.array(pool.metadata(s, ["uid"]).column("uid").to_pylist(), dtype=object), dims)
-        for s in todo
-    }
-    total = sum(len(b.uids) for b in buffers.values())
+    buffers = _Buffers(pool, todo, [s.embed_dim for s in specs])
+    total = sum(pool.num_rows(s) for s in todo)  # from the parquet footers
     local = in_process(len(todo), total * CPU_SECONDS_PER_PAIR, settings.workers, address)
     if not local:
         ensure_ray(address)
@@ -860,8 +856,7 @@ def _run(
                 seconds = float(batch[f"t_{stage}"].sum())
                 for result in results:
                     result.timings[stage] += seconds
-            for shard in _gather(buffers, batch):
-                buffer = buffers.pop(shard)
+            for shard, buffer in buffers.gather(batch):
                 for m, (spec, result) in enumerate(zip(specs, results)):
                     write_started = time.perf_counter()
                     table = buffer.table(m)
@@ -874,23 +869,37 @@ def _run(
                         on_shard_written(spec.model_id, shard)
                 progress.advance(shard_bar)
             progress.advance(bar, len(batch["uid"]))
-    if buffers:
+    if buffers.waiting:
         raise ClipsiftError(
-            f"scoring ended with {len(buffers)} shard(s) incomplete ({', '.join(sorted(buffers))}); re-run to finish "
-            "them"
+            f"scoring ended with {len(buffers.waiting)} shard(s) incomplete ({', '.join(sorted(buffers.waiting))}); "
+            "re-run to finish them"
         )
 
 
-def _gather(buffers: dict[str, _ShardBuffer], batch: dict[str, np.ndarray]) -> Iterator[str]:
-    """Put a batch's rows into their shard buffers; yield the shards this batch completed."""
-    completed = []
-    for shard in np.unique(batch["shard"]):
-        if shard not in buffers:  # a retried task re-delivered rows of a shard already written
-            continue
-        buffers[shard].add(np.flatnonzero(batch["shard"] == shard), batch)
-        if buffers[shard].complete:
-            completed.append(str(shard))
-    yield from sorted(completed)
+class _Buffers:
+    """The shards being gathered. A shard's buffer (its uids, and its embeddings as they come) is made when its first
+    rows arrive and let go once it is complete, so the command holds the shards in flight, not every shard to do."""
+
+    def __init__(self, pool: Pool, todo: list[str], dims: list[int]) -> None:
+        self.pool, self.dims = pool, dims
+        self.waiting = set(todo)  # not written yet: O(shards)
+        self.open: dict[str, _ShardBuffer] = {}
+
+    def gather(self, batch: dict[str, np.ndarray]) -> Iterator[tuple[str, _ShardBuffer]]:
+        """Put a batch's rows into their shard buffers; yield the shards this batch completed, with their buffers."""
+        completed = []
+        for shard in map(str, np.unique(batch["shard"])):
+            if shard not in self.waiting:  # a retried task re-delivered rows of a shard already written
+                continue
+            if shard not in self.open:
+                uids = self.pool.metadata(shard, ["uid"]).column("uid").to_pylist()
+                self.open[shard] = _ShardBuffer(np.array(uids, dtype=object), self.dims)
+            self.open[shard].add(np.flatnonzero(batch["shard"] == shard), batch)
+            if self.open[shard].complete:
+                completed.append(shard)
+        for shard in sorted(completed):
+            self.waiting.discard(shard)
+            yield shard, self.open.pop(shard)
 
 
 def _local_batches(

@@ -108,6 +108,33 @@ def test_rerun_scores_only_missing_shards(pool: Pool, checkpoint: Path) -> None:
     assert (idle.shards_scored, idle.shards_skipped, idle.timings["model"]) == (0, 3, 0.0)
 
 
+def test_the_command_holds_the_shards_in_flight_not_every_shard_to_do(
+    pool: Pool, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard's buffer (its uids, and float32 embeddings of every row) is made when its first rows arrive and let
+    go once written: scoring shard after shard never holds all three (it held every shard's from the start)."""
+    from clipsift.pipeline import score
+
+    made, written, in_flight = [], [], []
+    post_init, add = score._ShardBuffer.__post_init__, score._ShardBuffer.add
+
+    def counted_init(self) -> None:
+        post_init(self)
+        made.append(len(self.uids))
+
+    def counted_add(self, rows, batch) -> None:
+        add(self, rows, batch)
+        in_flight.append(len(made) - len(written))
+
+    monkeypatch.setattr(score._ShardBuffer, "__post_init__", counted_init)
+    monkeypatch.setattr(score._ShardBuffer, "add", counted_add)
+    result = score_pool(
+        pool.url, ARCH, str(checkpoint), ScoreSettings(batch_size=16, workers=1), on_shard_written=written.append
+    )
+    assert result.pairs == 96 and made == [32, 32, 32] and len(written) == 3
+    assert max(in_flight) == 1
+
+
 def test_undecodable_image_keeps_its_row_with_a_status(pool: Pool, checkpoint: Path) -> None:
     key = pool.metadata("00000002").column("key")[5].as_py()
     rewrite_tar(
