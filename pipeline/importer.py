@@ -42,18 +42,21 @@ import posixpath
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 from PIL import Image
 
 from clipsift import ClipsiftError
+from clipsift.arrays import arrow_of, numpy_of, strings_of
 from clipsift.files import open_fs, parquet_file, read_parquet
 from clipsift.images import ImageDecodeError, open_image, to_rgb, white_background
+from clipsift.pipeline.partition import Shuffle, hash_keys, later_occurrences, partitions_for, position, source_rows
 from clipsift.pipeline.pool import (
     BASE_SCHEMA,
     DEFAULT_SHARD_SIZE,
@@ -674,26 +677,33 @@ def _make_sample(fs: Any, record: Record) -> tuple[Sample, VerifiedImage]:
 # --------------------------------------------------------------------------- building
 
 
-def _scan_shard(source: _Source, index: int) -> list[str | None]:
-    """The uid of each input of shard `index` (None for inputs already known to be skipped)."""
-    return [None if record.skip else record.uid for record in source.records(index)]
+UID_ROW_BYTES = 64  # a uid in the duplicate pass: 32 hex characters, its position and offsets
+WORK_DIR = "import/work"  # POOL/import/work/: the duplicate-uid pass's files, removed at the end
 
 
-def find_duplicates(uid_lists: list[list[str | None]]) -> dict[int, frozenset[int]]:
-    """{shard: positions whose uid occurred earlier}, scanning shards and positions in order."""
-    seen: set[str] = set()
-    duplicates: dict[int, frozenset[int]] = {}
-    for index, uids in enumerate(uid_lists):
-        found = []
-        for position, uid in enumerate(uids):
-            if uid is None:
-                continue
-            if uid in seen:
-                found.append(position)
-            seen.add(uid)
-        if found:
-            duplicates[index] = frozenset(found)
-    return duplicates
+@dataclass(frozen=True)
+class _UidMap:
+    """Map task of the duplicate-uid pass: an input shard's uids (not those of inputs already known to be skipped)
+    with their positions, partitioned by uid."""
+
+    source: _Source
+    partitions: int
+
+    def __call__(self, index: int) -> tuple[pa.Table, np.ndarray]:
+        uids = [None if record.skip else record.uid for record in self.source.records(index)]
+        rows = np.array([i for i, uid in enumerate(uids) if uid is not None], np.int64)
+        keys = strings_of([uid for uid in uids if uid is not None], pa.large_string())
+        table = pa.table({"key": keys, "pos": arrow_of(position(index, rows))})
+        return table, (hash_keys(keys) % np.uint64(self.partitions)).astype(np.int64)
+
+
+def duplicate_uid_pass(source: _Source, work: str, shard_size: int, workers: int | None) -> Shuffle:
+    """The inputs whose uid occurred earlier (by shard, then position), found by a hash-partitioned shuffle (each
+    task holds one partition of the uids, none all of them); shard i's are `source_rows(shuffle.read(i)["pos"])`."""
+    shards = source.num_shards()
+    shuffle = Shuffle(f"{work}/uids", shards, partitions_for(shards * shard_size, UID_ROW_BYTES), shards)
+    shuffle.run(_UidMap(source, shuffle.partitions), later_occurrences, desc=f"scan {source.kind}", workers=workers)
+    return shuffle
 
 
 @dataclass(frozen=True)
@@ -701,14 +711,14 @@ class _ImportShards:
     """Fills shard `index` of an import (a picklable callable for Ray tasks)."""
 
     source: _Source
-    duplicates: Mapping[int, frozenset[int]]
+    duplicates: Shuffle  # duplicate_uid_pass's
 
     def __call__(self, index: int, writer: ShardWriter) -> None:
         skipped: list[dict[str, str]] = []
         converted = composited = 0
-        duplicates = self.duplicates.get(index, frozenset())
-        for position, record in enumerate(self.source.records(index)):
-            skip = record.skip or (Skip("duplicate uid", record.uid or "") if position in duplicates else None)
+        duplicates = set(source_rows(numpy_of(self.duplicates.read(index).column("pos"))).tolist())
+        for row, record in enumerate(self.source.records(index)):
+            skip = record.skip or (Skip("duplicate uid", record.uid or "") if row in duplicates else None)
             if skip is None:
                 try:
                     sample, image = _make_sample(self.source.fs, record)
@@ -759,12 +769,10 @@ def import_pool(
     source = open_source(
         src, out, kind=kind, image_column=image_column, caption_column=caption_column, shard_size=shard_size
     )
-    from clipsift.pipeline.parallel import map_shards
 
     shards = range(source.num_shards())
     source_info = source.info()
-    uid_lists = map_shards(functools.partial(_scan_shard, source), shards, desc=f"scan {source.kind}", workers=workers)
-    fill = _ImportShards(source, find_duplicates(uid_lists))
+    fill = _ImportShards(source, duplicate_uid_pass(source, f"{out.rstrip('/')}/{WORK_DIR}", shard_size, workers))
     params = {"kind": "import", "sources": [source_info], "transparent_images": TRANSPARENT_IMAGES}
     info = build_pool(
         out,
@@ -775,6 +783,7 @@ def import_pool(
         desc=f"import {source.kind}",
         workers=workers,
     )
+    Shuffle(f"{out.rstrip('/')}/{WORK_DIR.split('/')[0]}", 0, 0, 0).remove()  # the work folder, whole
     return _result(out, source_info, info)
 
 

@@ -228,6 +228,21 @@ def test_table_with_paths(table_images: Path, tmp_path: Path, suffix: str) -> No
     assert (columns["image"], columns["caption"], columns["url"]) == ("image_path", "text", "url")
 
 
+def test_duplicate_uids_across_shards_and_partitions_keep_the_first(
+    table_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Duplicate uids are found by a shuffle partitioned by uid (no process holds every uid): forced to many
+    partitions, the first occurrence of each uid (by shard, then row) is kept; the pass's files go at the end."""
+    monkeypatch.setattr(importer, "UID_ROW_BYTES", 2**20)  # 16 inputs of 1 MiB each: 4 partitions of 4 MiB
+    monkeypatch.setattr(importer, "partitions_for", lambda rows, row_bytes: rows * row_bytes // 2**22)
+    rows = [{"image_path": "img/0.jpg", "text": f"row {i}", "url": f"http://x.test/{(7 * i) % 5}"} for i in range(16)]
+    out = tmp_path / "pool"
+    result = import_pool(str(write_table(rows, table_images / "meta.jsonl")), str(out), shard_size=4, workers=1)
+    assert [s.text for s in all_samples(out)] == [f"row {i}" for i in range(5)]
+    assert result.num_skipped == 11 and set(reasons(result).values()) == {"duplicate uid"}
+    assert not (out / "import").exists() and (out / "pool.json").exists()
+
+
 def test_parquet_with_image_bytes(tmp_path: Path) -> None:
     jpg, png = image_bytes("jpg", (21, 12)), image_bytes("png", (5, 6))
     table = pa.table(
