@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
+import tempfile
+import uuid
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clipsift.arrays import arrow_of
+from clipsift.files import open_fs
 from clipsift.images import ImageDecodeError, is_transparent, open_image, to_rgb
 from clipsift.pipeline.parallel import map_shards
+from clipsift.pipeline.partition import Shuffle, hash_keys, partitions_for, position, write_batches
 from clipsift.pipeline.pool import BASE_SCHEMA, Pool, PoolFormatError, image_member, is_valid_uid
 
 MAX_PROBLEMS_PER_SHARD = 1000
 MAX_TRANSPARENT_EXAMPLES = 5
+MAX_REPEATS_PER_PARTITION = 1000  # repeated uids a partition reports each place of (the rest are counted)
+UID_ROW_BYTES = 96  # a row of the repeated-uid pass: uid, key and position
+WORK_DIR = "check"  # POOL/check/<run>/: the repeated-uid pass's files, removed at the end
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,7 +45,6 @@ class Problem:
 class ShardCheck:
     shard: str
     num_samples: int = 0
-    uids: pa.Table | None = None  # uid, key of every row, for the pool-wide uniqueness check
     problems: list[Problem] = field(default_factory=list)
     more_problems: int = 0
     transparent: int = 0  # images with transparent pixels
@@ -93,16 +103,21 @@ def check_pool(url: str, *, workers: int | None = None) -> CheckReport:
         Problem(s, None, f"missing metadata parquet {pool.metadata_path(s)}") for s in sorted(tars - parquets)
     ]
     problems += [Problem(s, None, f"missing tar {pool.tar_path(s)}") for s in sorted(parquets - tars)]
-    checks = map_shards(
-        functools.partial(check_shard, url),
-        sorted(tars & parquets),
-        desc="check shards",
-        workers=workers,
-    )
-    for check in checks:
-        problems += check.problems
-    if not (info or {}).get("uids_may_repeat"):  # a resharded subset repeats upsampled uids on purpose
-        problems += _duplicate_uids(checks)
+    shards = sorted(tars & parquets)
+    # a resharded subset repeats upsampled uids on purpose
+    uids = None if (info or {}).get("uids_may_repeat") else _UidPass.start(pool, shards)
+    try:
+        checks = map_shards(functools.partial(check_shard, url, uids), shards, desc="check shards", workers=workers)
+        for check in checks:
+            problems += check.problems
+        more = 0
+        if uids is not None:
+            repeats = map_shards(_Repeats(uids), range(uids.shuffle.partitions), desc="check uids", workers=workers)
+            problems += [problem for found, _ in repeats for problem in found]
+            more = sum(rest for _, rest in repeats)
+    finally:
+        if uids is not None:
+            uids.remove()
     num_samples = sum(c.num_samples for c in checks)
     if info is not None:
         if info.get("num_shards") != len(tars | parquets):
@@ -121,40 +136,106 @@ def check_pool(url: str, *, workers: int | None = None) -> CheckReport:
         len(tars | parquets),
         num_samples,
         problems,
-        sum(c.more_problems for c in checks),
+        sum(c.more_problems for c in checks) + more,
         num_transparent=sum(c.transparent for c in checks),
         transparent_examples=transparent[:MAX_TRANSPARENT_EXAMPLES],
     )
 
 
-def check_shard(url: str, shard: str) -> ShardCheck:
-    pool = Pool(url)
-    check = ShardCheck(shard)
+@dataclass(frozen=True)
+class _UidPass:
+    """Where the check tasks send each row's (uid, key, position), partitioned by uid: repeated uids are then found
+    a partition at a time, no process holding every uid. Kept in POOL/check/<a name of its own>/ (a local
+    temporary folder when the pool cannot be written: then the tasks must share this machine's disk), removed at
+    the end."""
+
+    shuffle: Shuffle
+    shards: tuple[str, ...]
+    in_pool: bool
+
+    @classmethod
+    def start(cls, pool: Pool, shards: list[str]) -> _UidPass:
+        rows = sum(_footer_rows(pool, shard) for shard in shards)
+        partitions = partitions_for(rows, UID_ROW_BYTES)
+        shuffle = Shuffle(f"{pool.url.rstrip('/')}/{WORK_DIR}/{uuid.uuid4().hex}", len(shards), partitions, 1)
+        try:
+            shuffle.start()
+            return cls(shuffle, tuple(shards), True)
+        except OSError as err:
+            log.warning(
+                "%s cannot be written (%s): the uid check's files go to a local temporary folder", pool.url, err
+            )
+        shuffle = Shuffle(tempfile.mkdtemp(prefix="clipsift-check-"), len(shards), partitions, 1)
+        shuffle.start()
+        return cls(shuffle, tuple(shards), False)
+
+    def remove(self) -> None:
+        """Its files, and POOL/check/ when no other check's are left in it."""
+        self.shuffle.remove()
+        if self.in_pool:
+            fs, folder = open_fs(self.shuffle.folder.rsplit("/", 1)[0])
+            if fs.exists(folder) and not fs.ls(folder):
+                fs.rmdir(folder)
+
+    def send(self, shard: str, table: pa.Table | None) -> None:
+        """The shard's rows (none when its metadata could not be read) to their partitions."""
+        source = self.shards.index(shard)
+        if table is None:
+            table = pa.table({"uid": pa.array([], pa.string()), "key": pa.array([], pa.string())})
+        keyed = table.select(["uid", "key"]).append_column(
+            "pos", arrow_of(position(source, np.arange(table.num_rows)))
+        )
+        partition = hash_keys(keyed.column("uid").cast(pa.string())) % np.uint64(self.shuffle.partitions)
+        write_batches(self.shuffle.map_path(source), keyed, partition.astype(np.int64), self.shuffle.partitions)
+
+
+def _footer_rows(pool: Pool, shard: str) -> int:
+    """The shard's row count from its parquet footer (0 when unreadable: its check reports why)."""
     try:
-        table = pool.metadata(shard)
+        return pool.num_rows(shard)
+    except Exception:  # noqa: BLE001  (any unreadable parquet; check_shard names the problem)
+        return 0
+
+
+def check_shard(url: str, uids: _UidPass | None, shard: str) -> ShardCheck:
+    """Every problem of one shard; its (uid, key, position) rows sent to the uid pass when there is one."""
+    check = ShardCheck(shard)
+    table = _readable_metadata(Pool(url), check)
+    if uids is not None:
+        uids.send(shard, table)
+    return check if table is None else _check_rows(Pool(url), check, table)
+
+
+def _readable_metadata(pool: Pool, check: ShardCheck) -> pa.Table | None:
+    try:
+        table = pool.metadata(check.shard)
     except PoolFormatError as err:
         check.report(None, str(err))
-        return check
+        return None
     missing = [name for name in BASE_SCHEMA.names if name not in table.column_names]
     if missing:
         check.report(None, f"metadata lacks column(s) {', '.join(missing)}")
-        return check
+        return None
+    return table
+
+
+def _check_rows(pool: Pool, check: ShardCheck, table: pa.Table) -> ShardCheck:
+    shard = check.shard
     rows = table.select(["uid", "key", "text", "sha256"]).to_pylist()
     check.num_samples = len(rows)
-    check.uids = table.select(["uid", "key"])
     for row in rows:
         if not is_valid_uid(row["uid"]):
             check.report(row["key"], f"malformed uid {row['uid']!r} (expected 32 lowercase hex characters)")
-    position = 0
+    seen = 0
     try:
-        for position, entry in enumerate(pool.entries(shard), start=1):
-            row = rows[position - 1] if position <= len(rows) else None
+        for seen, entry in enumerate(pool.entries(shard), start=1):
+            row = rows[seen - 1] if seen <= len(rows) else None
             _check_entry(check, entry, row)
     except PoolFormatError as err:
-        check.report(None, f"{err} (stopped after {position} samples)")
+        check.report(None, f"{err} (stopped after {seen} samples)")
         return check
-    if position != len(rows):
-        check.report(None, f"tar holds {position} samples but the metadata has {len(rows)} rows")
+    if seen != len(rows):
+        check.report(None, f"tar holds {seen} samples but the metadata has {len(rows)} rows")
     return check
 
 
@@ -201,31 +282,31 @@ def _check_image(check: ShardCheck, key: str, data: bytes, sha256: str | None) -
         check.report(key, "image bytes do not match the metadata sha256")
 
 
-def _duplicate_uids(checks: list[ShardCheck]) -> list[Problem]:
-    tables = [
-        c.uids.append_column("shard", pa.array([c.shard] * c.uids.num_rows, pa.string()))
-        for c in checks
-        if c.uids is not None
-    ]
-    if not tables:
-        return []
-    table = pa.concat_tables(tables)
-    counts = table.group_by("uid").aggregate([("uid", "count")])
-    repeated = counts.filter(pc.greater(counts["uid_count"], 1)).column("uid")
-    if len(repeated) == 0:
-        return []
-    rows = table.filter(pc.is_in(table["uid"], value_set=repeated)).to_pylist()
-    places: dict[str, list[str]] = {}
-    for row in rows:
-        places.setdefault(row["uid"], []).append(f"{row['shard']}/{row['key']}")
-    problems = []
-    for uid, where in places.items():
-        shard, key = where[0].split("/", 1)
-        problems.append(
-            Problem(
-                shard,
-                key,
-                f"duplicate uid {uid}, also at {', '.join(where[1:])} (uids must be unique across the pool)",
-            )
+@dataclass(frozen=True)
+class _Repeats:
+    """A task per partition of the uid pass: each uid held by more than one row, as a problem at its first place
+    naming the others (up to MAX_REPEATS_PER_PARTITION uids; the rest counted)."""
+
+    uids: _UidPass
+
+    def __call__(self, partition: int) -> tuple[list[Problem], int]:
+        table = self.uids.shuffle.partition(partition)
+        if table.num_rows == 0:
+            return [], 0
+        counts = table.group_by("uid").aggregate([("uid", "count")])
+        repeated = counts.filter(pc.greater(counts["uid_count"], 1)).column("uid")
+        shown = repeated.slice(0, MAX_REPEATS_PER_PARTITION)
+        rows = table.filter(pc.is_in(table["uid"], value_set=shown)).sort_by(
+            [("uid", "ascending"), ("pos", "ascending")]
         )
-    return problems
+        places: dict[str, list[str]] = {}
+        for uid, key, pos in zip(*(rows.column(n).to_pylist() for n in ("uid", "key", "pos"))):
+            places.setdefault(uid, []).append(f"{self.uids.shards[pos >> 32]}/{key}")
+        problems = []
+        for uid, where in places.items():
+            shard, key = where[0].split("/", 1)
+            others = ", ".join(where[1:])
+            problems.append(
+                Problem(shard, key, f"duplicate uid {uid}, also at {others} (uids must be unique across the pool)")
+            )
+        return problems, len(repeated) - len(shown)

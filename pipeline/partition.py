@@ -195,7 +195,7 @@ class Shuffle:
         fs, path = open_fs(url)
         return fs.exists(path)
 
-    def _start(self) -> None:
+    def start(self) -> None:
         """Record the plan; a folder holding another plan's files is emptied first (they would not line up)."""
         fs, root = open_fs(self.folder)
         plan = {"sources": self.sources, "partitions": self.partitions, "destinations": self.destinations}
@@ -218,7 +218,7 @@ class Shuffle:
         address: str | None = None,
     ) -> None:
         """The map and reduce passes, each resuming where a killed run stopped (see the module's note)."""
-        self._start()
+        self.start()
         reduces = [p for p in range(self.partitions) if not self._exists(self.reduce_path(p))]
         if not reduces:
             return

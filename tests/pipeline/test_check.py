@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from clipsift.pipeline.check import check_pool
@@ -77,6 +78,43 @@ def test_duplicate_uid_across_shards(small_pool: Path) -> None:
     rewrite_metadata(small_pool / "metadata" / "00000001.parquet", change)
     found = reasons(small_pool)
     assert any(f"duplicate uid {first_uid}" in r and "00000001/00000001_00000003" in r for r in found), found
+
+
+def test_repeated_uids_are_found_a_partition_at_a_time(small_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each shard's task sends its (uid, key) rows to partitions by uid and returns none of them; each partition's
+    task reports its repeated uids, up to a limit (the rest counted). The pass's files are removed afterwards."""
+    from clipsift.pipeline import check
+
+    monkeypatch.setattr(check, "partitions_for", lambda rows, row_bytes: 3)
+    tables = {s: pq.read_table(small_pool / "metadata" / f"{s}.parquet") for s in (SHARD0, "00000001")}
+    uids = [tables[SHARD0].column("uid")[i].as_py() for i in range(3)]
+
+    def change(rows: list[dict]) -> list[dict]:
+        for i, uid in enumerate(uids):
+            rows[i]["uid"] = uid
+        return rows
+
+    rewrite_metadata(small_pool / "metadata" / "00000001.parquet", change)
+    report = check_pool(str(small_pool), workers=1)
+    found = [str(p) for p in report.problems if "duplicate uid" in p.reason]
+    assert sorted(found) == sorted(
+        f"shard {SHARD0}:sample {tables[SHARD0].column('key')[i].as_py()}: duplicate uid {uid}, also at "
+        f"00000001/{tables['00000001'].column('key')[i].as_py()} (uids must be unique across the pool)"
+        for i, uid in enumerate(uids)
+    )
+    assert not (small_pool / "check").exists()
+    start = check.Shuffle.start
+
+    def read_only(self) -> None:  # a pool on storage this process cannot write
+        if self.folder.startswith(str(small_pool)):
+            raise PermissionError(13, "Permission denied", self.folder)
+        start(self)
+
+    monkeypatch.setattr(check.Shuffle, "start", read_only)
+    assert sorted(str(p) for p in check_pool(str(small_pool), workers=1).problems if "duplicate" in p.reason) == found
+    monkeypatch.setattr(check, "MAX_REPEATS_PER_PARTITION", 0)
+    report = check_pool(str(small_pool), workers=1)
+    assert not any("duplicate uid" in p.reason for p in report.problems) and report.more_problems == 3
 
 
 def test_undecodable_image(small_pool: Path) -> None:
