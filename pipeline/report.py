@@ -41,8 +41,9 @@ from clipsift.files import file_sha256, open_fs, parquet_file, read_parquet, wri
 from clipsift.filters.base import RecipeError, ShardData
 from clipsift.filters.clip import ClipScore
 from clipsift.filters.recipe import Node, Recipe, RecipeRunner, StepReport, check_inputs, parse_step
-from clipsift.filters.subset import encode_uids, read_subset, sort_subset, unique_counts
+from clipsift.filters.subset import encode_uids, read_subset, sort_subset, subset_counts, unique_counts
 from clipsift.filters.vectors import ip_index, nearest
+from clipsift.hashing import splitmix64
 from clipsift.pipeline.pool import Pool, PoolFormatError, image_member
 from clipsift.pipeline.synth import NOISE_MIX
 from clipsift.pipeline.ui import progress_bar
@@ -191,16 +192,35 @@ def replay(
                 f"subset.json records (rows in, kept) = {recorded.get(step.path)}; the pool, its embeddings or the "
                 "filters changed since the subset was made: re-run `clipsift filter`"
             )
-    kept = [encode_uids(pool.metadata(s, ["uid"]).column("uid"))[runner.rows("", s)[1]] for s in pool.shard_ids()]
     stored = sort_subset(read_subset(subset))
     if "num_unique_uids" in info:  # a weighted recipe lists each kept uid once per copy
         stored = unique_counts(stored)[0]
-    if not np.array_equal(sort_subset(np.concatenate(kept or [encode_uids([])])), stored):
+    if not _same_uids(
+        stored, (encode_uids(pool.metadata(s, ["uid"]).column("uid"))[runner.rows("", s)[1]] for s in pool.shard_ids())
+    ):
         raise ReportError(
             f"{subset}: its uids are not the rows its recipe keeps in {pool.url} (was the file edited?); "
             "re-run `clipsift filter` to report on it"
         )
     return runner
+
+
+def _same_uids(stored: np.ndarray, kept: Iterable[np.ndarray]) -> bool:
+    """Whether the shards' kept uids, together, are the sorted `stored` ones, holding one shard's at a time: each is
+    in `stored`, as many in all, and the same wrapping sum of their hashes (so a uid kept twice in place of another
+    is told apart)."""
+    count, digest = 0, 0
+    for uids in kept:
+        if len(uids) and not subset_counts(stored, uids).all():
+            return False
+        count += len(uids)
+        digest = (digest + _hash_sum(uids)) % 2**64
+    return count == len(stored) and digest == _hash_sum(stored)
+
+
+def _hash_sum(pairs: np.ndarray) -> int:
+    """The sum of a hash of each uid, mod 2**64."""
+    return int(splitmix64(pairs["f0"] ^ splitmix64(pairs["f1"])).sum(dtype=np.uint64))
 
 
 # --------------------------------------------------------------------------- one pass over the pool's columns

@@ -230,6 +230,22 @@ def test_a_changed_pool_or_a_subset_without_its_json_is_refused(filtered: dict, 
         curation_report(str(tmp_path / "bare.npy"), str(tmp_path / "r.html"))
 
 
+def test_an_edited_subset_file_is_refused(filtered: dict, tmp_path: Path) -> None:
+    """The kept rows are compared with the file shard by shard (membership, count, a sum of hashes): a uid
+    dropped, or one kept twice in place of another, is told apart."""
+    from clipsift.filters.subset import read_subset, write_subset
+
+    stored = read_subset(filtered["subset"])
+    assert len(stored) > 3
+    folder = tmp_path / "copy"  # beside the files its recipe names
+    shutil.copytree(Path(filtered["subset"]).parent, folder)
+    for name, edited in (("fewer", stored[1:]), ("twice", np.concatenate([stored[:1], stored[:-1]]))):
+        path = folder / Path(filtered["subset"]).name
+        write_subset(str(path), edited)
+        with pytest.raises(ReportError, match="its uids are not the rows its recipe keeps"):
+            curation_report(str(path), str(tmp_path / f"{name}.html"), pool_url=str(filtered["root"] / "pool"))
+
+
 def test_a_weighted_subset_is_reported_by_its_distinct_uids(filtered: dict, tmp_path: Path) -> None:
     """A weight step lists a uid once per copy; the report checks the distinct uids against the recipe's rows."""
     root = filtered["root"]
