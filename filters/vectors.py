@@ -136,7 +136,15 @@ def sample_vectors(context: Context, model_id: str, rate: float, seed: int, desc
     parts = map_shards(
         task, list(enumerate(context.shards())), desc=desc, workers=context.workers, address=context.address
     )
-    return np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros((0, 1), np.float32))
+    if not parts:
+        return np.zeros((0, 1), np.float32)
+    out = np.empty((sum(len(part) for part in parts), parts[0].shape[1]), np.float32)
+    at = 0
+    for index, part in enumerate(parts):  # each part let go once copied: about the sample and one part at once,
+        out[at : at + len(part)] = part  # where np.concatenate would hold the parts and the sample
+        at += len(part)
+        parts[index] = None
+    return out
 
 
 def _sample_shard(pool: Pool, inputs: Inputs, model_id: str, rate: float, seed: int, item: tuple[int, str]):

@@ -71,6 +71,7 @@ from clipsift.pipeline.partition import (
     hash_keys,
     partitions_for,
     position,
+    read_batch,
     source_rows,
 )
 from clipsift.pipeline.pool import (
@@ -400,10 +401,15 @@ def _write_manifests(out: str, meta: _Metadata) -> None:
 
 
 def _check_no_repeats(status: Shuffle, files: int) -> None:
-    repeated = status.read(files).column("uid").to_pylist()
+    """No uid in two tars: counted a partition at a time (one example kept)."""
+    repeated, example = 0, None
+    for partition in range(status.partitions):
+        uids = read_batch(status.reduce_path(partition), files).column("uid")
+        repeated += len(uids)
+        example = example or (uids[0].as_py() if len(uids) else None)
     if repeated:
         raise ClipsiftError(
-            f"{len(repeated)} uids are in more than one tar of the shards folder (e.g. {repeated[0]}); it holds "
+            f"{repeated} uids are in more than one tar of the shards folder (e.g. {example}); it holds "
             "overlapping downloads: keep one copy of each shard, then make the pool again in a new folder"
         )
 
