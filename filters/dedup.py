@@ -27,6 +27,7 @@ from clipsift.pipeline.partition import (
     DEFAULT_BUDGET_MB,
     Shuffle,
     hash_keys,
+    keyed_rows,
     later_occurrences,
     partitions_for,
     position,
@@ -176,8 +177,8 @@ class _KeyMap:
             keys = pa.table({"hi": arrow_of(pairs["f0"]), "lo": arrow_of(pairs["f1"])})
         else:
             keys = pa.table({"key": _as_key(data, self.by, chosen)})
-        table = keys.append_column("pos", arrow_of(position(source, np.flatnonzero(selected))))
-        return table, (hash_keys(keys.column(keys.num_columns - 1)) % np.uint64(self.partitions)).astype(np.int64)
+        hashes = hash_keys(keys.column(keys.num_columns - 1))
+        return keyed_rows(keys, position(source, np.flatnonzero(selected)), hashes, self.partitions)
 
 
 def sha256_keys(data: ShardData, column: pa.ChunkedArray) -> np.ndarray:

@@ -53,10 +53,18 @@ import pyarrow.json as pa_json
 from PIL import Image
 
 from clipsift import ClipsiftError
-from clipsift.arrays import arrow_of, numpy_of, strings_of
+from clipsift.arrays import numpy_of, strings_of
 from clipsift.files import open_fs, parquet_file, read_parquet
 from clipsift.images import ImageDecodeError, open_image, to_rgb, white_background
-from clipsift.pipeline.partition import Shuffle, hash_keys, later_occurrences, partitions_for, position, source_rows
+from clipsift.pipeline.partition import (
+    Shuffle,
+    hash_keys,
+    keyed_rows,
+    later_occurrences,
+    partitions_for,
+    position,
+    source_rows,
+)
 from clipsift.pipeline.pool import (
     BASE_SCHEMA,
     DEFAULT_SHARD_SIZE,
@@ -693,8 +701,7 @@ class _UidMap:
         uids = [None if record.skip else record.uid for record in self.source.records(index)]
         rows = np.array([i for i, uid in enumerate(uids) if uid is not None], np.int64)
         keys = strings_of([uid for uid in uids if uid is not None], pa.large_string())
-        table = pa.table({"key": keys, "pos": arrow_of(position(index, rows))})
-        return table, (hash_keys(keys) % np.uint64(self.partitions)).astype(np.int64)
+        return keyed_rows(pa.table({"key": keys}), position(index, rows), hash_keys(keys), self.partitions)
 
 
 def duplicate_uid_pass(source: _Source, work: str, shard_size: int, workers: int | None) -> Shuffle:

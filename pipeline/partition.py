@@ -58,11 +58,35 @@ def source_rows(positions: np.ndarray) -> np.ndarray:
 
 
 def later_occurrences(partition: int, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
-    """A reduce function: every row but the first of its key (all columns but `pos`) by position, sent as its
-    `pos` to its source (keep-first in source order, exact)."""
+    """A reduce function: every row but the first of its key (all columns but `pos`, and `later`) by position, sent
+    as its `pos` to its source (keep-first in source order, exact). Rows a map marked `later` (keyed_rows) are
+    passed through."""
     pos = numpy_of(table.column("pos"))
-    later = pos[~first_occurrence(table.drop_columns(["pos"]), pos)]
-    return pa.table({"pos": arrow_of(later.astype(np.int64))}), later >> np.int64(32)
+    if "later" in table.column_names:  # marked rows sort after every other row of their key, and are never first
+        marked = numpy_of(table.column("later"))
+        order = np.where(marked, np.iinfo(np.int64).max, pos)
+        first = first_occurrence(table.drop_columns(["pos", "later"]), order) & ~marked
+    else:
+        first = first_occurrence(table.drop_columns(["pos"]), pos)
+    later = pos[~first].astype(np.int64)
+    return pa.table({"pos": arrow_of(later)}), later >> np.int64(32)
+
+
+def keyed_rows(keys: pa.Table, pos: np.ndarray, hashes: np.ndarray, partitions: int) -> tuple[pa.Table, np.ndarray]:
+    """A map's (keys..., pos, later) rows for later_occurrences, and their partitions. A row whose key occurred
+    earlier in this source is marked `later` and goes to a partition by its position, not its key: a key held by
+    millions of rows (an empty caption, a placeholder image) then sends its partition one row per source, not all
+    of them. Exact: candidates are rows whose 64-bit hash repeats here, compared by value."""
+    pos = np.asarray(pos, np.int64)
+    repeats = _repeated(hashes)
+    later = np.zeros(len(hashes), bool)
+    if repeats.any():
+        rows = np.flatnonzero(repeats)
+        later[rows] = ~first_occurrence(keys.take(arrow_of(rows)), pos[rows])
+    by_key = (hashes % np.uint64(partitions)).astype(np.int64)
+    by_row = (splitmix64(pos.view(np.uint64)) % np.uint64(partitions)).astype(np.int64)
+    table = keys.append_column("pos", arrow_of(pos)).append_column("later", arrow_of(later))
+    return table, np.where(later, by_row, by_key)
 
 
 def hash_keys(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -101,6 +125,20 @@ def _word_hash(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.
         short = left < 8
         word[short] &= (np.uint64(1) << (left[short] * 8).astype(np.uint64)) - np.uint64(1)
         out[rows] = splitmix64(out[rows] ^ word)
+    return out
+
+
+def _repeated(hashes: np.ndarray) -> np.ndarray:
+    """Whether each hash's high bits occur more than once (a superset of the repeated hashes): one value sort of
+    the high bits packed above the row index, about twice as fast as an argsort."""
+    shift = np.uint64(max(1, len(hashes).bit_length()))
+    packed = (np.asarray(hashes, np.uint64) >> shift) << shift
+    packed |= np.arange(len(hashes), dtype=np.uint64)
+    packed.sort()
+    same = (packed[1:] >> shift) == (packed[:-1] >> shift)
+    rows = (packed & ((np.uint64(1) << shift) - np.uint64(1))).view(np.int64)
+    out = np.zeros(len(hashes), bool)
+    out[rows[1:][same]] = out[rows[:-1][same]] = True
     return out
 
 

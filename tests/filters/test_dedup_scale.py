@@ -133,6 +133,29 @@ def test_partitioned_exact_dedup_equals_the_in_driver_dedup(keyed_pool: Pool, tm
     assert run(keyed_pool, tmp_path, drop_first, "seq") == in_driver_dedup(keyed_pool, "sha256", seen)
 
 
+def test_a_key_held_by_most_rows_sends_its_partition_one_row_per_shard(tmp_path: Path) -> None:
+    """A map marks the rows whose key came earlier in its own shard and spreads them by position: a key held by
+    most of the pool (an empty caption, a placeholder image) fills no partition alone. Same rows kept."""
+    n, shards = 1200, 6
+    urls = [None if i % 50 == 7 else ("http://same" if i % 5 else f"http://u/{i % 35}") for i in range(n)]
+    pool = metadata_pool(tmp_path / "skewed", [n // shards] * shards, [None] * n, urls, None)
+    oracle = in_driver_dedup(pool, "url")
+    assert run(pool, tmp_path, "[{dedup: {by: url, budget_mb: 0.001}}]", "skewed") == oracle
+    assert len(oracle) == 8 + 24  # 8 urls, and the rows without one
+    context = Context(pool, Inputs(pool), str(tmp_path / "step"), workers=1)
+    state = Dedup(by="url", budget_mb=0.001).prepare(context)
+    assert state.shuffle.partitions > 3
+    sent = 0
+    for source in range(shards):
+        for partition in range(state.shuffle.partitions):
+            batch = pa.ipc.open_file(pa.OSFile(state.shuffle.map_path(source))).get_batch(partition)
+            sent += sum(
+                u == "http://same" and not later
+                for u, later in zip(batch["key"].to_pylist(), batch["later"].to_pylist())
+            )
+    assert sent == shards  # by key: its first row in each shard; its 900 others went by position
+
+
 def dedup_masks(pool: Pool, state) -> list[np.ndarray]:
     step = Dedup(by="sha256")
     return [step.keep(state, ShardData(pool, s), np.ones(pool.num_rows(s), bool)) for s in pool.shard_ids()]

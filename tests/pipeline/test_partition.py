@@ -117,3 +117,38 @@ def test_bad_group_numbers_are_refused(tmp_path: Path) -> None:
     shuffle = Shuffle(str(tmp_path / "work"), sources=1, partitions=2, destinations=1)
     with pytest.raises(ValueError, match="group numbers must be in 0..1"):
         shuffle.run(lambda s: (table, np.array([0, 2])), count_keys, desc="test", workers=1)
+
+
+def test_rows_marked_later_in_their_map_give_the_same_keep_first_as_rows_sent_by_key(tmp_path: Path) -> None:
+    """keyed_rows marks a row whose key came earlier in its source and sends it by position; later_occurrences then
+    drops exactly the rows an all-by-key shuffle drops: every row but the first of its key in source order."""
+    from clipsift.arrays import numpy_of
+    from clipsift.pipeline.partition import keyed_rows, later_occurrences, position, source_rows
+
+    rng = np.random.default_rng(5)
+    sources, rows, partitions = 4, 300, 5
+    keys = [
+        rng.choice(["hot", *(f"k{i}" for i in range(60))], rows, p=[0.5, *([0.5 / 60] * 60)]) for _ in range(sources)
+    ]
+
+    def mapper(source: int):
+        column = pa.array(keys[source].tolist(), pa.large_string())
+        return keyed_rows(pa.table({"key": column}), position(source, np.arange(rows)), hash_keys(column), partitions)
+
+    shuffle = Shuffle(str(tmp_path / "s"), sources, partitions, sources)
+    shuffle.run(mapper, later_occurrences, desc="t", workers=1)
+    seen, expected = set(), {s: [] for s in range(sources)}
+    for source in range(sources):
+        for row, key in enumerate(keys[source]):
+            (expected[source].append(row) if key in seen else seen.add(key))
+    for source in range(sources):
+        assert sorted(source_rows(numpy_of(shuffle.read(source).column("pos"))).tolist()) == expected[source]
+    hot_by_key = sum(
+        int(
+            ((batch := shuffle.partition(p))["key"].to_numpy(zero_copy_only=False) == "hot")[
+                ~batch["later"].to_numpy(zero_copy_only=False)
+            ].sum()
+        )
+        for p in range(partitions)
+    )
+    assert hot_by_key == sources  # one row of the hot key per source went by key; about 600 others by position
