@@ -181,8 +181,8 @@ def read_subset(url: str) -> np.ndarray:
             f"{url}: no such subset file; make one with `clipsift filter POOL --recipe R.yaml --out {url}`"
         )
     try:
-        with fs.open(path, "rb") as handle:
-            array = np.load(io.BytesIO(handle.read()), allow_pickle=False)
+        with fs.open(path, "rb") as handle:  # read into the array itself: the file's bytes are never held beside it
+            array = np.load(handle, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise ClipsiftError(f"{url}: not a numpy .npy file ({err})") from err
     return as_subset_array(array, url)

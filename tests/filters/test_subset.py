@@ -179,3 +179,19 @@ def test_filtering_holds_the_subset_once(tmp_path: Path, monkeypatch: pytest.Mon
         assert np.array_equal(read_subset(result.subset), sort_subset(encode_uids(Pool(pool).uids())))
     growth = (peaks[900_000] - peaks[300_000]) / 600_000
     assert growth <= 20, f"the filter's peak grew {growth:.1f} B per added row (16 B: the subset itself)"
+
+
+def test_reading_a_subset_holds_the_array_only(tmp_path: Path) -> None:
+    """16 B a uid: the file is read into the array, not into a buffer of its bytes first (which made it 32 B)."""
+    from clipsift.filters.subset import SUBSET_DTYPE, read_subset, write_subset
+
+    pairs = np.zeros(1_000_000, SUBSET_DTYPE)
+    pairs["f0"] = np.arange(len(pairs))
+    write_subset(str(tmp_path / "s.npy"), pairs)
+    tracemalloc.start()
+    try:
+        read = read_subset(str(tmp_path / "s.npy"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(read, pairs) and peak < 1.25 * pairs.nbytes
