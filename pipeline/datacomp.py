@@ -365,7 +365,11 @@ def from_datacomp(
         datacomp={**summary.as_dict(), "embeddings": models},
     )
     pool = Pool(out)
-    stats = [pool.shard_stats(shard) for shard in pool.shard_ids()]
+    not_in_metadata = skipped = 0
+    for shard in pool.shard_ids():  # one shard's stats at a time: they list each skipped sample
+        stats = pool.shard_stats(shard)
+        not_in_metadata += stats.get("not_in_metadata", 0)
+        skipped += len(stats.get("skipped", []))
     return DatacompResult(
         out,
         sources[0]["metadata"],
@@ -373,8 +377,8 @@ def from_datacomp(
         info,
         summary,
         placed_tars(out),
-        sum(s.get("not_in_metadata", 0) for s in stats),
-        sum(len(s.get("skipped", [])) for s in stats),
+        not_in_metadata,
+        skipped,
         models,
     )
 

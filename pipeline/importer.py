@@ -803,21 +803,29 @@ def default_name(src: str) -> str:
 
 
 def _result(out: str, source_info: dict[str, Any], info: dict[str, Any]) -> ImportResult:
+    """The totals of every shard's stats, read one shard at a time (skipped inputs counted; the first few kept)."""
     pool = Pool(out)
-    stats = [pool.shard_stats(shard) for shard in pool.shard_ids()]
-    skipped = [entry for shard in stats for entry in shard.get("skipped", [])]
-    reasons = Counter(entry["reason"] for entry in skipped)
+    reasons: Counter[str] = Counter()
+    examples: list[dict[str, str]] = []
+    converted = composited = 0
+    for shard in pool.shard_ids():
+        stats = pool.shard_stats(shard)
+        skipped = stats.get("skipped", [])
+        reasons.update(entry["reason"] for entry in skipped)
+        examples += skipped[: NUM_SKIP_EXAMPLES - len(examples)]
+        converted += stats.get("converted", 0)
+        composited += stats.get("composited", 0)
     return ImportResult(
         out=out,
         kind=source_info["kind"],
         src=source_info["src"],
         info=info,
         num_imported=info["num_samples"],
-        num_skipped=len(skipped),
-        num_converted=sum(shard.get("converted", 0) for shard in stats),
-        num_composited=sum(shard.get("composited", 0) for shard in stats),
+        num_skipped=sum(reasons.values()),
+        num_converted=converted,
+        num_composited=composited,
         skip_reasons=dict(reasons.most_common()),
-        skip_examples=skipped[:NUM_SKIP_EXAMPLES],
+        skip_examples=examples,
     )
 
 
