@@ -964,18 +964,20 @@ def _download_and_adopt(out: str, plan: DownloadPlan, settings: dict[str, Any], 
     fs, root = open_fs(out)
     staging = f"{root}/{STAGING}/img2dataset"
     todo = [s for s in range(plan.num_shards) if not shard_is_complete(out, s)]
+    pending = set(todo)  # set lookups: a DataComp-sized plan has up to a million shards
     finished = functools.partial(_is_finished, fs, staging)
     for shard in range(plan.num_shards):
         tar = f"{staging}/{staging_name(shard)}.tar"
-        if shard not in todo and fs.exists(tar):  # adopted, then killed before its staging tar was removed
+        if shard not in pending and fs.exists(tar):  # adopted, then killed before its staging tar was removed
             fs.rm(tar)
-        elif shard in todo and finished(shard) and not fs.exists(tar):  # its tar is gone: download it again
+        elif shard in pending and finished(shard) and not fs.exists(tar):  # its tar is gone: download it again
             fs.rm(f"{staging}/{staging_name(shard)}_stats.json")
     if not all(finished(s) for s in todo):
         run_img2dataset(f"{root}/{STAGING}/input", staging, settings)
     done = [s for s in todo if finished(s)]
     map_shards(_AdoptShard(out, plan), done, desc="adopt shards", workers=workers)
-    unfinished = [s for s in todo if s not in set(done)]
+    adopted = set(done)
+    unfinished = [s for s in todo if s not in adopted]
     if unfinished:
         listed = ", ".join(staging_name(s) for s in unfinished[:10]) + (" ..." if len(unfinished) > 10 else "")
         raise ClipsiftError(
