@@ -227,7 +227,8 @@ class SubsetInfo:
 
 def subset_info(url: str) -> SubsetInfo:
     pairs = read_subset(url)
-    ordered = sort_subset(pairs)
+    in_order = is_sorted(pairs)  # as clipsift writes them: then no sorted copy is made
+    ordered = pairs if in_order else sort_subset(pairs)
     _, counts = unique_counts(ordered)
     unique = len(counts)
     fs, path = open_fs(url)
@@ -237,7 +238,7 @@ def subset_info(url: str) -> SubsetInfo:
         unique,
         len(pairs) - unique,
         int(counts.max(initial=0)),
-        bool(np.array_equal(ordered, pairs)),
+        in_order,
         file_sha256(fs, path),
         {k: int(n) for k, n in enumerate(np.bincount(counts)) if n},
     )
