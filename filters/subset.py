@@ -183,8 +183,8 @@ def read_subset(url: str) -> np.ndarray:
     try:
         with fs.open(path, "rb") as handle:  # read into the array itself: the file's bytes are never held beside it
             array = np.load(handle, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise ClipsiftError(f"{url}: not a numpy .npy file ({err})") from err
+    except (ValueError, OSError, EOFError, MemoryError) as err:  # MemoryError: a header claiming absurd sizes
+        raise ClipsiftError(f"{url}: not a numpy .npy file ({type(err).__name__}: {err})") from err
     return as_subset_array(array, url)
 
 

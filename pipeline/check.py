@@ -106,6 +106,8 @@ def check_pool(url: str, *, workers: int | None = None) -> CheckReport:
     shards = sorted(tars & parquets)
     # a resharded subset repeats upsampled uids on purpose
     uids = None if (info or {}).get("uids_may_repeat") else _UidPass.start(pool, shards)
+    if uids is not None and not uids.in_pool:
+        workers = 1  # its files are on this machine's disk only: no task may run elsewhere
     try:
         checks = map_shards(functools.partial(check_shard, url, uids), shards, desc="check shards", workers=workers)
         for check in checks:
@@ -152,6 +154,10 @@ class _UidPass:
     shuffle: Shuffle
     shards: tuple[str, ...]
     in_pool: bool
+    number: dict[str, int] = field(default_factory=dict)  # each shard's source number
+
+    def __post_init__(self) -> None:
+        self.number.update((shard, index) for index, shard in enumerate(self.shards))
 
     @classmethod
     def start(cls, pool: Pool, shards: list[str]) -> _UidPass:
@@ -179,13 +185,17 @@ class _UidPass:
 
     def send(self, shard: str, table: pa.Table | None) -> None:
         """The shard's rows (none when its metadata could not be read) to their partitions."""
-        source = self.shards.index(shard)
+        source = self.number[shard]
         if table is None:
             table = pa.table({"uid": pa.array([], pa.string()), "key": pa.array([], pa.string())})
-        keyed = table.select(["uid", "key"]).append_column(
-            "pos", arrow_of(position(source, np.arange(table.num_rows)))
+        keyed = pa.table(  # one type in every map file, whatever the shard's parquet holds
+            {
+                "uid": table.column("uid").cast(pa.string()),
+                "key": table.column("key").cast(pa.string()),
+                "pos": arrow_of(position(source, np.arange(table.num_rows))),
+            }
         )
-        partition = hash_keys(keyed.column("uid").cast(pa.string())) % np.uint64(self.shuffle.partitions)
+        partition = hash_keys(keyed.column("uid")) % np.uint64(self.shuffle.partitions)
         write_batches(self.shuffle.map_path(source), keyed, partition.astype(np.int64), self.shuffle.partitions)
 
 

@@ -100,6 +100,7 @@ class _Map:
     def __call__(self, source: int) -> tuple[pa.Table, np.ndarray]:
         edges = self.read(source)
         pos, label = numpy_of(edges.column("pos")), numpy_of(edges.column("label"))
+        pos, label = np.maximum(pos, label), np.minimum(pos, label)  # every edge from its larger node
         keep = pos != label  # a group's first row names itself: no edge
         pos, label = pos[keep], label[keep]
         if self.step == "a":

@@ -54,7 +54,7 @@ from PIL import Image
 
 from clipsift import ClipsiftError
 from clipsift.arrays import numpy_of, strings_of
-from clipsift.files import open_fs, parquet_file, read_parquet
+from clipsift.files import content_sha256, open_fs, parquet_file, read_parquet
 from clipsift.images import ImageDecodeError, open_image, to_rgb, white_background
 from clipsift.pipeline.partition import (
     Shuffle,
@@ -77,6 +77,7 @@ from clipsift.pipeline.pool import (
     image_member,
     is_valid_uid,
     iter_tar,
+    record_build_params,
 )
 
 KINDS = ("folder", "table", "webdataset")
@@ -686,7 +687,7 @@ def _make_sample(fs: Any, record: Record) -> tuple[Sample, VerifiedImage]:
 
 
 UID_ROW_BYTES = 64  # a uid in the duplicate pass: 32 hex characters, its position and offsets
-WORK_DIR = "import/work"  # POOL/import/work/: the duplicate-uid pass's files, removed at the end
+WORK_DIR = "import/work"  # POOL/import/work/<settings>/: the duplicate-uid pass's files, removed at the end
 
 
 @dataclass(frozen=True)
@@ -779,8 +780,10 @@ def import_pool(
 
     shards = range(source.num_shards())
     source_info = source.info()
-    fill = _ImportShards(source, duplicate_uid_pass(source, f"{out.rstrip('/')}/{WORK_DIR}", shard_size, workers))
     params = {"kind": "import", "sources": [source_info], "transparent_images": TRANSPARENT_IMAGES}
+    record_build_params(out, params)  # another source into this pool is refused before any scan
+    work = f"{out.rstrip('/')}/{WORK_DIR}/{content_sha256(params)[:16]}"  # a pass of other settings is not reused
+    fill = _ImportShards(source, duplicate_uid_pass(source, work, shard_size, workers))
     info = build_pool(
         out,
         name=name or default_name(source_info["src"]),

@@ -839,8 +839,15 @@ def _run(
     """Score `todo` with every model of `specs` in one pass over those shards."""
     from clipsift.pipeline.parallel import ensure_ray, in_process
 
-    buffers = _Buffers(pool, todo, [s.embed_dim for s in specs])
-    total = sum(pool.num_rows(s) for s in todo)  # from the parquet footers
+    dims = [s.embed_dim for s in specs]
+    rows = {shard: pool.num_rows(shard) for shard in todo}  # from the parquet footers: O(shards)
+    for shard in [s for s in todo if not rows[s]]:  # no row will ever arrive for it (an import of duplicates only)
+        _write_shard(pool, specs, results, shard, _ShardBuffer(np.zeros(0, object), dims), on_shard_written)
+    todo = [s for s in todo if rows[s]]
+    if not todo:
+        return
+    buffers = _Buffers(pool, todo, dims)
+    total = sum(rows.values())
     local = in_process(len(todo), total * CPU_SECONDS_PER_PAIR, settings.workers, address)
     if not local:
         ensure_ray(address)
@@ -857,16 +864,7 @@ def _run(
                 for result in results:
                     result.timings[stage] += seconds
             for shard, buffer in buffers.gather(batch):
-                for m, (spec, result) in enumerate(zip(specs, results)):
-                    write_started = time.perf_counter()
-                    table = buffer.table(m)
-                    pool.write_embeddings(spec.model_id, shard, table)
-                    result.timings["write"] += time.perf_counter() - write_started
-                    result.shards_scored += 1
-                    result.pairs += table.num_rows
-                    result.failed += int((buffer.status != STATUS_OK).sum())
-                    if on_shard_written:
-                        on_shard_written(spec.model_id, shard)
+                _write_shard(pool, specs, results, shard, buffer, on_shard_written)
                 progress.advance(shard_bar)
             progress.advance(bar, len(batch["uid"]))
     if buffers.waiting:
@@ -874,6 +872,27 @@ def _run(
             f"scoring ended with {len(buffers.waiting)} shard(s) incomplete ({', '.join(sorted(buffers.waiting))}); "
             "re-run to finish them"
         )
+
+
+def _write_shard(
+    pool: Pool,
+    specs: list[ModelSpec],
+    results: list[ScoreResult],
+    shard: str,
+    buffer: _ShardBuffer,
+    on_shard_written: Callable[[str, str], None] | None,
+) -> None:
+    """A complete shard's embeddings, one parquet per model."""
+    for m, (spec, result) in enumerate(zip(specs, results)):
+        write_started = time.perf_counter()
+        table = buffer.table(m)
+        pool.write_embeddings(spec.model_id, shard, table)
+        result.timings["write"] += time.perf_counter() - write_started
+        result.shards_scored += 1
+        result.pairs += table.num_rows
+        result.failed += int((buffer.status != STATUS_OK).sum())
+        if on_shard_written:
+            on_shard_written(spec.model_id, shard)
 
 
 class _Buffers:

@@ -117,6 +117,18 @@ def test_repeated_uids_are_found_a_partition_at_a_time(small_pool: Path, monkeyp
     assert not any("duplicate uid" in p.reason for p in report.problems) and report.more_problems == 3
 
 
+def test_a_shard_with_large_string_uids_is_checked_with_the_others(small_pool: Path) -> None:
+    """The uid pass writes one column type whatever each shard's parquet holds (large_string here)."""
+    path = small_pool / "metadata" / "00000001.parquet"
+    table = pq.read_table(path)
+    names = ["uid", "key"]
+    table = table.set_column(table.column_names.index("uid"), "uid", table.column("uid").cast(pa.large_string()))
+    table = table.set_column(table.column_names.index("key"), "key", table.column("key").cast(pa.large_string()))
+    pq.write_table(table, path)
+    report = check_pool(str(small_pool), workers=1)
+    assert report.ok and all(pa.types.is_large_string(pq.read_schema(path).field(n).type) for n in names)
+
+
 def test_undecodable_image(small_pool: Path) -> None:
     rewrite_tar(
         small_pool / "shards" / f"{SHARD0}.tar",

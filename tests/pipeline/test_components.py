@@ -100,3 +100,11 @@ def test_no_edges_drop_nothing(tmp_path: Path) -> None:
     empty = np.zeros(0, np.int64)
     files = not_smallest(str(tmp_path / "cc"), 2, Edges(empty, empty, 2), 2, SHARDS, desc="t", workers=1)
     assert found(files) == []
+
+
+def test_edges_may_come_either_way_round(tmp_path: Path) -> None:
+    pos, label = np.array([1, 7, 1, 12], np.int64), np.array([5, 9, 5, 12], np.int64)  # (small, large) pairs
+    files = not_smallest(str(tmp_path / "a"), 1, Edges(pos, label, 1), 2, SHARDS, desc="t", workers=1)
+    assert found(files) == [5, 9]
+    back = not_smallest(str(tmp_path / "b"), 1, Edges(np.array([1, 5]), np.array([5, 1]), 1), 1, SHARDS, desc="t")
+    assert found(back) == [5]

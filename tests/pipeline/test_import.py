@@ -498,10 +498,15 @@ def test_failed_shard_leaves_nothing_partial_and_rerun_completes(
     assert Pool(str(out)).info["num_shards"] == 3
 
 
-def test_rerun_with_other_settings_is_refused(photo_folder: Path, tmp_path: Path) -> None:
+def test_rerun_with_other_settings_is_refused(
+    photo_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import_pool(str(photo_folder), str(tmp_path / "pool"), shard_size=3, workers=1)
+    scanned = []
+    monkeypatch.setattr(importer, "duplicate_uid_pass", lambda *args: scanned.append(args))
     with pytest.raises(ClipsiftError, match="other settings"):
         import_pool(str(photo_folder), str(tmp_path / "pool"), shard_size=2, workers=1)
+    assert scanned == [] and not (tmp_path / "pool" / "import").exists()  # refused before the source is scanned
 
 
 def test_two_ray_workers_match_one(photo_folder: Path, tmp_path: Path) -> None:

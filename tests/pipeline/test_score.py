@@ -135,6 +135,17 @@ def test_the_command_holds_the_shards_in_flight_not_every_shard_to_do(
     assert max(in_flight) == 1
 
 
+def test_a_shard_without_rows_gets_empty_embeddings(pool: Pool, checkpoint: Path) -> None:
+    """An import whose inputs were all duplicates makes a shard of no rows: it is written as such, not waited for."""
+    from clipsift.pipeline.pool import finalize_pool, write_shard
+
+    write_shard(pool.url, 3, [])
+    finalize_pool(pool.url, "test", [])
+    result = score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(workers=1))
+    assert (result.shards_scored, result.pairs) == (4, 96)
+    assert Pool(pool.url).embeddings(result.model_id, "00000003").num_rows == 0
+
+
 def test_undecodable_image_keeps_its_row_with_a_status(pool: Pool, checkpoint: Path) -> None:
     key = pool.metadata("00000002").column("key")[5].as_py()
     rewrite_tar(
