@@ -12,9 +12,10 @@ B. by the smaller node: an edge (a, m) whose m itself has a smaller neighbour be
 
 An edge always joins two nodes of the same component and every component stays connected, so when a round
 changes nothing every node but its component's smallest has exactly one edge, to that smallest node: those
-nodes are the answer. Overlapping groups take a few rounds (4-5 in the tests), a path of n nodes in random
-order about 3 log10(n) (9 for 1,000, 14 for 100,000). The last
-round's B files hold them, a batch per destination (`pos >> 32`: the shard), read like `Dropped.extra`.
+nodes are the answer, written once more with a batch per destination (`pos >> 32`: the shard); the rounds'
+files have one batch each (a batch per shard in every round would cost a footer of 1.28M entries per file at
+DataComp's xlarge). Overlapping groups take a few rounds (4-5 in the tests), a path of n nodes in random
+order about 3 log10(n) (9 for 1,000, 14 for 100,000). The answer's files are read like `Dropped.extra`.
 
 Memory per process: one partition of edges (`partitions` chosen by the caller). Every pass resumes where a
 killed run stopped (each is a Shuffle kept under `folder`, and a reduce writes its count of changes before its
@@ -34,7 +35,8 @@ from clipsift import ClipsiftError
 from clipsift.arrays import arrow_of, numpy_of
 from clipsift.files import open_fs, write_json_atomic
 from clipsift.hashing import splitmix64
-from clipsift.pipeline.partition import Shuffle
+from clipsift.pipeline.parallel import map_shards
+from clipsift.pipeline.partition import Shuffle, write_batches
 
 MAX_ROUNDS = 64  # far above what overlapping groups need (each round at least halves every chain)
 ReadEdges = Callable[[int], pa.Table]  # source -> edges (pos, label)
@@ -57,8 +59,8 @@ def not_smallest(
     count = sources
     for round_number in range(MAX_ROUNDS):
         changed = 0
-        for step in ("a", "b"):
-            shuffle = Shuffle(f"{folder}/round-{round_number:02d}{step}", count, partitions, destinations)
+        for step in ("a", "b"):  # one output batch per file: a batch per shard is written once, at the end
+            shuffle = Shuffle(f"{folder}/round-{round_number:02d}{step}", count, partitions, 1)
             changes = f"{shuffle.folder}/changes"
             mapper = _Map(read, step, partitions)
             reducer = _StarReduce(changes) if step == "a" else _JumpReduce(changes)
@@ -68,8 +70,32 @@ def not_smallest(
             changed += _changes(changes, partitions)
             read, count = _ReadAll(shuffle), partitions
         if not changed:
-            return tuple(shuffle.reduce_path(p) for p in range(partitions))
+            return _routed_by_shard(f"{folder}/answer", read, partitions, destinations, workers, address, desc)
     raise ClipsiftError(f"{folder}: components did not settle in {MAX_ROUNDS} rounds; please report this")
+
+
+def _routed_by_shard(
+    folder: str, read: ReadEdges, files: int, destinations: int, workers: int | None, address: str | None, desc: str
+) -> tuple[str, ...]:
+    """The settled edges' larger nodes, a file per partition with a batch per destination (`pos >> 32`)."""
+    paths = tuple(f"{folder}/{index:05d}.arrow" for index in range(files))
+    fs, root = open_fs(folder)
+    fs.makedirs(root, exist_ok=True)
+    todo = [index for index in range(files) if not fs.exists(open_fs(paths[index])[1])]
+    map_shards(_Route(read, paths, destinations), todo, desc=f"{desc}: by shard", workers=workers, address=address)
+    return paths
+
+
+@dataclass(frozen=True)
+class _Route:
+    read: ReadEdges
+    paths: tuple[str, ...]
+    destinations: int
+
+    def __call__(self, index: int) -> int:
+        pos = _column(self.read(index), "pos")
+        write_batches(self.paths[index], pa.table({"pos": arrow_of(pos)}), pos >> np.int64(32), self.destinations)
+        return len(pos)
 
 
 def _partition_of(nodes: np.ndarray, partitions: int) -> np.ndarray:
@@ -144,7 +170,7 @@ def _changes(folder: str, partitions: int) -> int:
 
 
 def _routed(pos: np.ndarray, label: np.ndarray) -> tuple[pa.Table, np.ndarray]:
-    return _edges(pos, label), pos >> np.int64(32)
+    return _edges(pos, label), np.zeros(len(pos), np.int64)
 
 
 @dataclass(frozen=True)
