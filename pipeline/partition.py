@@ -166,18 +166,23 @@ def first_occurrence(keys: pa.Table, order: np.ndarray) -> np.ndarray:
     return out
 
 
-def batches(table: pa.Table, groups: np.ndarray, count: int) -> list[pa.RecordBatch]:
-    """One record batch per group 0..count-1 (empty ones too), rows in their order within each group."""
+GROUPS_KEY = b"clipsift.groups"  # the non-empty groups' (group, first batch, batches), int64, in the schema metadata
+COUNT_KEY = b"clipsift.groups.count"
+CHUNK_ROWS = 1 << 16  # rows per record batch at most
+
+
+def grouped(table: pa.Table, groups: np.ndarray, count: int) -> tuple[pa.RecordBatch, np.ndarray]:
+    """The rows ordered by group (0..count-1; their order kept within each), and the non-empty groups' spans as
+    int64 rows (group, first row, rows): memory in the rows, whatever `count` is."""
     groups = np.asarray(groups, np.int64)
     if len(groups) != table.num_rows:
         raise ValueError(f"{len(groups)} group numbers for {table.num_rows} rows")
     if len(groups) and (groups.min() < 0 or groups.max() >= count):
         raise ValueError(f"group numbers must be in 0..{count - 1}")
     order = np.argsort(groups, kind="stable")
-    table = table.take(arrow_of(order)).combine_chunks()
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(groups, minlength=count))])
-    whole = _one_batch(table)
-    return [whole.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i])) for i in range(count)]
+    present, first, rows = np.unique(groups[order], return_index=True, return_counts=True)
+    spans = np.stack([present, first, rows], axis=1).astype(np.int64)
+    return _one_batch(table.take(arrow_of(order)).combine_chunks()), spans
 
 
 def _one_batch(table: pa.Table) -> pa.RecordBatch:
@@ -189,29 +194,65 @@ def _one_batch(table: pa.Table) -> pa.RecordBatch:
 
 
 def write_batches(url: str, table: pa.Table, groups: np.ndarray, count: int) -> None:
-    """An IPC file of `count` record batches, batch g holding the rows of group g (atomically written)."""
+    """An IPC file of `table`'s rows by group (0..count-1), read back one group at a time by `read_batch`
+    (atomically written). Each non-empty group is one record batch or more (CHUNK_ROWS at most), and the groups'
+    batch spans are in the schema's metadata: the footer grows with the non-empty groups, never with `count` (a
+    batch per group made each file of a shuffle to 1.28M shards carry a 1.28M-entry footer)."""
     fs, path = open_fs(url)
-    parts = batches(table, groups, count)
+    ordered, spans = grouped(table, groups, count)
+    pieces, index = [], []
+    for group, first, rows in spans.tolist():
+        index.append((group, len(pieces), -(-rows // CHUNK_ROWS)))
+        pieces += [
+            ordered.slice(start, min(CHUNK_ROWS, first + rows - start))
+            for start in range(first, first + rows, CHUNK_ROWS)
+        ]
+    metadata = {
+        **(table.schema.metadata or {}),
+        GROUPS_KEY: np.array(index, np.int64).reshape(-1, 3).tobytes(),
+        COUNT_KEY: str(count).encode(),
+    }
+    schema = ordered.schema.with_metadata(metadata)
 
     def write(handle) -> None:
-        with pa.ipc.new_file(handle, table.schema) as writer:
-            for batch in parts:
-                writer.write_batch(batch)
+        with pa.ipc.new_file(handle, schema) as writer:
+            for piece in pieces or [ordered]:  # one batch at least (empty): readers of the whole file want one
+                writer.write_batch(piece.replace_schema_metadata(metadata))
 
     write_atomic(fs, path, write)
 
 
 def read_batch(url: str, index: int) -> pa.RecordBatch:
-    """Record batch `index` of an IPC file (only its bytes and the footer are read)."""
+    """Group `index`'s rows of a file written by `write_batches` (only the footer and its batches are read); files
+    of the earlier layout (a record batch per group) are read as such."""
     fs, path = open_fs(url)
     with fs.open(path, "rb") as handle:
         reader = pa.ipc.open_file(handle)
-        if not 0 <= index < reader.num_record_batches:
+        metadata = reader.schema.metadata or {}
+        if GROUPS_KEY not in metadata:
+            return _batch_of_old_layout(url, reader, index)
+        count = int(metadata[COUNT_KEY])
+        if not 0 <= index < count:
             raise ClipsiftError(
-                f"{url} holds {reader.num_record_batches} batches, not {index + 1}; delete the step's work folder "
-                "and run it again"
+                f"{url} holds {count} groups, not {index + 1}; delete the step's work folder and run it again"
             )
-        return reader.get_batch(index)
+        spans = np.frombuffer(metadata[GROUPS_KEY], np.int64).reshape(-1, 3)
+        at = int(np.searchsorted(spans[:, 0], index))
+        if at == len(spans) or spans[at, 0] != index:
+            schema = reader.schema.remove_metadata()
+            return pa.RecordBatch.from_arrays([pa.nulls(0, f.type) for f in schema], schema=schema)
+        first, batches = int(spans[at, 1]), int(spans[at, 2])
+        parts = [reader.get_batch(b).replace_schema_metadata(None) for b in range(first, first + batches)]
+    return parts[0] if len(parts) == 1 else _one_batch(pa.Table.from_batches(parts))
+
+
+def _batch_of_old_layout(url: str, reader: pa.ipc.RecordBatchFileReader, index: int) -> pa.RecordBatch:
+    if not 0 <= index < reader.num_record_batches:
+        raise ClipsiftError(
+            f"{url} holds {reader.num_record_batches} batches, not {index + 1}; delete the step's work folder "
+            "and run it again"
+        )
+    return reader.get_batch(index)
 
 
 @dataclass(frozen=True)

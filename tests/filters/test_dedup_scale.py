@@ -18,7 +18,7 @@ from clipsift.filters.dedup import Dedup, similar_pairs
 from clipsift.filters.near_dedup import _plan, memberships, reach
 from clipsift.filters.recipe import apply_recipe, load_recipe
 from clipsift.filters.subset import decode_uids, encode_uids, read_subset
-from clipsift.pipeline.partition import partitions_for
+from clipsift.pipeline.partition import partitions_for, read_batch
 from clipsift.pipeline.pool import Pool, embeddings_schema, finalize_pool, write_metadata
 
 from conftest import printed_without_pandas
@@ -148,7 +148,7 @@ def test_a_key_held_by_most_rows_sends_its_partition_one_row_per_shard(tmp_path:
     sent = 0
     for source in range(shards):
         for partition in range(state.shuffle.partitions):
-            batch = pa.ipc.open_file(pa.OSFile(state.shuffle.map_path(source))).get_batch(partition)
+            batch = read_batch(state.shuffle.map_path(source), partition)
             sent += sum(
                 u == "http://same" and not later
                 for u, later in zip(batch["key"].to_pylist(), batch["later"].to_pylist())

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from clipsift import ClipsiftError
 from clipsift.pipeline.partition import Shuffle, first_occurrence, hash_keys, partitions_for
 
 
@@ -152,3 +153,32 @@ def test_rows_marked_later_in_their_map_give_the_same_keep_first_as_rows_sent_by
         for p in range(partitions)
     )
     assert hot_by_key == sources  # one row of the hot key per source went by key; about 600 others by position
+
+
+def test_a_grouped_file_grows_with_its_rows_not_its_group_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1.28M destinations (DataComp xlarge's shards) and 1,000 rows: a small file, each group read back alone,
+    rows in their order, groups spanning several record batches, and files of the earlier layout still read."""
+    from clipsift.arrays import arrow_of, numpy_of
+    from clipsift.pipeline import partition
+    from clipsift.pipeline.partition import read_batch, write_batches
+
+    monkeypatch.setattr(partition, "CHUNK_ROWS", 16)  # groups of about 25 rows: several batches
+    rng = np.random.default_rng(8)
+    groups = np.sort(rng.choice(1_280_000, 40, replace=False))[rng.integers(0, 40, 1000)]
+    values = np.arange(1000, dtype=np.int64)
+    write_batches(str(tmp_path / "g.arrow"), pa.table({"v": arrow_of(values)}), groups, 1_280_000)
+    assert (tmp_path / "g.arrow").stat().st_size < 64_000
+    for group in [*np.unique(groups)[:5], 0, 1_279_999]:
+        assert (
+            numpy_of(read_batch(str(tmp_path / "g.arrow"), int(group)).column("v")).tolist()
+            == values[groups == group].tolist()
+        )
+    with pytest.raises(ClipsiftError, match="holds 1280000 groups, not 1280001"):
+        read_batch(str(tmp_path / "g.arrow"), 1_280_000)
+    old = pa.table({"v": arrow_of(np.array([5, 6, 7], np.int64))}).to_batches()
+    with pa.OSFile(str(tmp_path / "old.arrow"), "wb") as sink, pa.ipc.new_file(sink, old[0].schema) as writer:
+        writer.write_batch(old[0].slice(0, 1))
+        writer.write_batch(old[0].slice(1, 2))
+    assert numpy_of(read_batch(str(tmp_path / "old.arrow"), 1).column("v")).tolist() == [6, 7]
