@@ -3,12 +3,13 @@
 A shuffle has three passes, each a `map_shards` call (in this process while quick, Ray tasks otherwise):
 
 1. map, one task per source (a shard, an input file): the caller's function turns the source into rows and a
-   partition number per row; they are written to one Arrow IPC file per source, one record batch per
-   partition (map/SSSSSSSS.arrow).
-2. reduce, one task per partition: the partition's batch of every map file, concatenated, goes to the
+   partition number per row; they are written to one Arrow IPC file per source, grouped by partition
+   (map/SSSSSSSS.arrow; `write_batches`: each non-empty group one record batch or more, their spans in the
+   schema metadata, so a file's footer grows with its rows, not with the group count).
+2. reduce, one task per partition: the partition's group of every map file, concatenated, goes to the
    caller's function, which returns rows and a destination number per row; they are written to one IPC file
-   per partition, one batch per destination (reduce/PPPPP.arrow).
-3. whoever consumes destination d reads batch d of every reduce file (`Shuffle.read`).
+   per partition, grouped by destination (reduce/PPPPP.arrow).
+3. whoever consumes destination d reads group d of every reduce file (`Shuffle.read`, `read_batch`).
 
 Memory per process: one source's rows (map), one partition's rows (reduce: size partitions with
 `partitions_for`), one destination's rows (read). Every file is written to a temporary name and renamed, so
