@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
+import socket
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +25,7 @@ MAX_PROBLEMS_PER_SHARD = 1000
 MAX_TRANSPARENT_EXAMPLES = 5
 MAX_REPEATS_PER_PARTITION = 1000  # repeated uids a partition reports each place of (the rest are counted)
 UID_ROW_BYTES = 96  # a row of the repeated-uid pass: uid, key and position
-WORK_DIR = "check"  # POOL/check/<run>/: the repeated-uid pass's files, removed at the end
+WORK_DIR = "check"  # POOL/check/<host>-<pid>/: the repeated-uid pass's files, removed at the end
 log = logging.getLogger(__name__)
 
 
@@ -147,7 +148,7 @@ def check_pool(url: str, *, workers: int | None = None) -> CheckReport:
 @dataclass(frozen=True)
 class _UidPass:
     """Where the check tasks send each row's (uid, key, position), partitioned by uid: repeated uids are then found
-    a partition at a time, no process holding every uid. Kept in POOL/check/<a name of its own>/ (a local
+    a partition at a time, no process holding every uid. Kept in POOL/check/<host>-<pid>/ (a local
     temporary folder when the pool cannot be written: then the tasks must share this machine's disk), removed at
     the end."""
 
@@ -163,8 +164,10 @@ class _UidPass:
     def start(cls, pool: Pool, shards: list[str]) -> _UidPass:
         rows = sum(_footer_rows(pool, shard) for shard in shards)
         partitions = partitions_for(rows, UID_ROW_BYTES)
-        shuffle = Shuffle(f"{pool.url.rstrip('/')}/{WORK_DIR}/{uuid.uuid4().hex}", len(shards), partitions, 1)
+        work = f"{pool.url.rstrip('/')}/{WORK_DIR}"
+        shuffle = Shuffle(f"{work}/{socket.gethostname()}-{os.getpid()}", len(shards), partitions, 1)
         try:
+            _remove_left_behind(work)
             shuffle.start()
             return cls(shuffle, tuple(shards), True)
         except OSError as err:
@@ -197,6 +200,28 @@ class _UidPass:
         )
         partition = hash_keys(keyed.column("uid")) % np.uint64(self.shuffle.partitions)
         write_batches(self.shuffle.map_path(source), keyed, partition.astype(np.int64), self.shuffle.partitions)
+
+
+def _remove_left_behind(work: str) -> None:
+    """The uid passes left by checks killed on this machine (their process is gone): POOL/check/<host>-<pid>/."""
+    fs, root = open_fs(work)
+    if not fs.exists(root):
+        return
+    prefix = f"{socket.gethostname()}-"
+    for entry in fs.ls(root, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith(prefix) and name[len(prefix) :].isdigit() and not _alive(int(name[len(prefix) :])):
+            fs.rm(entry, recursive=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _footer_rows(pool: Pool, shard: str) -> int:

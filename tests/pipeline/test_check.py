@@ -129,6 +129,24 @@ def test_a_shard_with_large_string_uids_is_checked_with_the_others(small_pool: P
     assert report.ok and all(pa.types.is_large_string(pq.read_schema(path).field(n).type) for n in names)
 
 
+def test_a_killed_checks_files_are_removed_by_the_next_check(small_pool: Path) -> None:
+    """A check killed mid-way leaves POOL/check/<host>-<pid>/; the next check on the same machine removes it once
+    that process is gone, and leaves a live process's folder alone."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = small_pool / "check" / f"{socket.gethostname()}-{gone.pid}"
+    live = small_pool / "check" / f"{socket.gethostname()}-{os.getppid()}"
+    for folder in (dead, live):
+        (folder / "map").mkdir(parents=True)
+    assert check_pool(str(small_pool), workers=1).ok
+    assert not dead.exists() and live.exists()
+
+
 def test_undecodable_image(small_pool: Path) -> None:
     rewrite_tar(
         small_pool / "shards" / f"{SHARD0}.tar",
