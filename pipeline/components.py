@@ -58,8 +58,10 @@ def not_smallest(
     count = sources
     for round_number in range(MAX_ROUNDS):
         changed = 0
-        for step in ("a", "b"):  # one output batch per file: a batch per shard is written once, at the end
+        for step in ("a", "b"):  # one output group per file: grouped by shard once, at the end
             shuffle = Shuffle(f"{folder}/round-{round_number:02d}{step}", count, partitions, 1)
+            shuffle.start()  # first: a folder of another plan is emptied, so it counts as not finished
+            _forget_after(folder, shuffle)
             changes = f"{shuffle.folder}/changes"
             mapper = _Map(read, step, partitions)
             reducer = _StarReduce(changes) if step == "a" else _JumpReduce(changes)
@@ -71,6 +73,19 @@ def not_smallest(
         if not changed:
             return _routed_by_shard(f"{folder}/answer", read, partitions, destinations, workers, address, desc)
     raise ClipsiftError(f"{folder}: components did not settle in {MAX_ROUNDS} rounds; please report this")
+
+
+def _forget_after(folder: str, shuffle: Shuffle) -> None:
+    """When `shuffle` (a round) is not finished, the later rounds and the answer derive from an output it has yet
+    to write: they are removed, so a resumed merge never mixes two inputs' rounds."""
+    fs, root = open_fs(folder)
+    if all(fs.exists(open_fs(shuffle.reduce_path(p))[1]) for p in range(shuffle.partitions)):
+        return
+    name = shuffle.folder.rstrip("/").rsplit("/", 1)[-1]
+    for entry in fs.ls(root, detail=False) if fs.exists(root) else []:
+        other = entry.rstrip("/").rsplit("/", 1)[-1]
+        if other == "answer" or (other.startswith("round-") and other > name):
+            fs.rm(entry, recursive=True)
 
 
 def _routed_by_shard(

@@ -109,3 +109,13 @@ def test_edges_may_come_either_way_round(tmp_path: Path) -> None:
     assert found(files) == [5, 9]
     back = not_smallest(str(tmp_path / "b"), 1, Edges(np.array([1, 5]), np.array([5, 1]), 1), 1, SHARDS, desc="t")
     assert found(back) == [5]
+
+
+def test_a_round_run_again_on_other_edges_drops_the_later_rounds(tmp_path: Path) -> None:
+    """Should the first round's plan change (its input now comes as 3 sources, not 2: another clustering), its
+    folder is started again, and no later round or answer of the earlier input is reused."""
+    folder = tmp_path / "cc"
+    first, second = graph(np.random.default_rng(6), 400, 100), graph(np.random.default_rng(7), 400, 100)
+    not_smallest(str(folder), 2, Edges(*first, 2), 3, SHARDS, desc="t", workers=1)
+    files = not_smallest(str(folder), 3, Edges(*second, 3), 3, SHARDS, desc="t", workers=1)
+    assert found(files) == expected(*second) != expected(*first)
