@@ -209,11 +209,21 @@ def local_threads(workers: int | None = None) -> int:
     return 1 if workers == 1 else max(1, min(4, usable_cores()))
 
 
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2's CPU quota: "<quota> <period>" or "max <period>"
+
+
 def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the platform tells it, else the machine's)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """The cores this process may run on: its CPU affinity where the platform tells it (else the machine's), and
+    no more than its cgroup's CPU quota (a container limited to 2 CPUs on a 64-core node sees 64 in both)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open(CGROUP_CPU_MAX) as handle:
+            quota, period = handle.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def _run_here(

@@ -129,3 +129,15 @@ def test_in_process_items_run_one_at_a_time_lend_the_idle_cores(monkeypatch: pyt
     assert map_shards(seen, [0, 1], desc="t", workers=1) == [0, 0]
     assert map_shards(seen, [0, 1], desc="t", threads=True) == [0, 0]
     assert parallel.spare_cores() == 0
+
+
+def test_usable_cores_respect_a_containers_cpu_quota(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(parallel, "CGROUP_CPU_MAX", str(cpu_max))
+    unlimited = parallel.usable_cores()  # no such file: the affinity alone
+    cpu_max.write_text("max 100000\n")
+    assert parallel.usable_cores() == unlimited
+    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs of quota: 2 cores at most
+    assert parallel.usable_cores() == min(unlimited, 2)
+    cpu_max.write_text("50000 100000\n")
+    assert parallel.usable_cores() == 1
