@@ -38,7 +38,7 @@ from clipsift.pipeline.pool import Pool
 
 BY = ("sha256", "embedding", "url", "text")  # sha256, embedding, and the metadata columns that name a sample
 METHODS = ("clustered", "exact")
-BLOCK_ENTRIES = 1 << 22  # similarities computed at once by similar_pairs (16 MiB of float32)
+BLOCK_ENTRIES = 1 << 22  # similarities computed at once by similar_pair_blocks (16 MiB of float32)
 EDGE_CAP = 1 << 22  # pairs PairGroups holds before reducing them to one edge per grouped row (64 MiB)
 BLOCK_ROWS = 256  # rows a block has at most: its similarities stay in cache while they are scanned
 KEY_ROW_BYTES = 48  # a partition row of a key dedup: the key (a 128-bit digest prefix, or a short string) + position
@@ -202,26 +202,15 @@ def _as_key(data: ShardData, name: str, column: pa.ChunkedArray) -> pa.Array:
         ) from err
 
 
-def similar_pairs(
-    vectors: np.ndarray, threshold: float, base: np.ndarray | None = None, base_rows: np.ndarray | None = None
-) -> tuple[np.ndarray, ...]:
-    """All pairs (i, j) with vectors[i] . base[j] >= threshold, exact (base: the vectors themselves, and then
-    i != j; base_rows: which row of `vectors` each base vector is, and then i != base_rows[j]). All at once: n
-    identical rows give n^2 pairs; to group rows, feed `similar_pair_blocks` to `PairGroups` instead."""
-    sources, targets = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for query, target in similar_pair_blocks(vectors, threshold, base, base_rows):
-        sources.append(query)
-        targets.append(target)
-    return np.concatenate(sources), np.concatenate(targets)
-
-
 def similar_pair_blocks(
     vectors: np.ndarray, threshold: float, base: np.ndarray | None = None, base_rows: np.ndarray | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """similar_pairs, block by block: matrix products of at most BLOCK_ROWS rows and BLOCK_ENTRIES similarities
-    each (a block of 256 rows is scanned from cache: about 2x faster than one product per 6,000-row cluster), so a
-    block holds at most BLOCK_ENTRIES pairs; a row's similarity with itself is set below the threshold first, so
-    that only the few rows with a pair are looked at twice."""
+    """All pairs (i, j) with vectors[i] . base[j] >= threshold, exact (base: the vectors themselves, and then
+    i != j; base_rows: which row of `vectors` each base vector is, and then i != base_rows[j]), block by block:
+    feed them to `PairGroups` (n identical rows give n^2 pairs). Each block is a matrix product of at most
+    BLOCK_ROWS rows and BLOCK_ENTRIES similarities (a block of 256 rows is scanned from cache: about 2x faster than
+    one product per 6,000-row cluster); a row's similarity with itself is set below the threshold first, so that
+    only the few rows with a pair are looked at twice."""
     if base is None:
         base, base_rows = vectors, np.arange(len(vectors))
     columns = np.arange(len(base))

@@ -228,17 +228,18 @@ def _footer_rows(pool: Pool, shard: str) -> int:
     """The shard's row count from its parquet footer (0 when unreadable: its check reports why)."""
     try:
         return pool.num_rows(shard)
-    except Exception:  # noqa: BLE001  (any unreadable parquet; check_shard names the problem)
+    except Exception:  # any unreadable parquet: check_shard names the problem
         return 0
 
 
 def check_shard(url: str, uids: _UidPass | None, shard: str) -> ShardCheck:
     """Every problem of one shard; its (uid, key, position) rows sent to the uid pass when there is one."""
     check = ShardCheck(shard)
-    table = _readable_metadata(Pool(url), check)
+    pool = Pool(url)
+    table = _readable_metadata(pool, check)
     if uids is not None:
         uids.send(shard, table)
-    return check if table is None else _check_rows(Pool(url), check, table)
+    return check if table is None else _check_rows(pool, check, table)
 
 
 def _readable_metadata(pool: Pool, check: ShardCheck) -> pa.Table | None:

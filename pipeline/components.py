@@ -52,7 +52,7 @@ def not_smallest(
     workers: int | None = None,
     address: str | None = None,
 ) -> tuple[str, ...]:
-    """IPC files holding, as column `pos` in batch `pos >> 32` (of `destinations`), every node of the edges that
+    """IPC files holding, as column `pos` in group `pos >> 32` (of `destinations`), every node of the edges that
     is not the smallest of its component, each once."""
     read = read_edges
     count = sources
@@ -183,7 +183,8 @@ def _changes(folder: str, partitions: int) -> int:
     return total
 
 
-def _routed(pos: np.ndarray, label: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+def _single_group(pos: np.ndarray, label: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+    """A reduce's edges, all in its one output group (the next round repartitions them)."""
     return _edges(pos, label), np.zeros(len(pos), np.int64)
 
 
@@ -200,7 +201,9 @@ class _StarReduce:
         smallest = label[first][np.cumsum(first) - 1]  # each edge's node's smallest neighbour
         others = ~first
         _write_changes(self.changes, partition, np.unique(pos[others]).size)
-        return _routed(np.concatenate([pos[first], label[others]]), np.concatenate([label[first], smallest[others]]))
+        return _single_group(
+            np.concatenate([pos[first], label[others]]), np.concatenate([label[first], smallest[others]])
+        )
 
 
 @dataclass(frozen=True)
@@ -221,4 +224,4 @@ class _JumpReduce:
         found = nodes[at] == target if len(nodes) else np.zeros(len(target), bool)
         jumped = np.where(found, lowest[at], target) if len(nodes) else target
         _write_changes(self.changes, partition, int(found.sum()))
-        return _routed(child, jumped)
+        return _single_group(child, jumped)

@@ -14,7 +14,7 @@ import pytest
 
 from clipsift.filters import dedup as dedup_module
 from clipsift.filters.base import Context, Inputs, ShardData
-from clipsift.filters.dedup import Dedup, similar_pairs
+from clipsift.filters.dedup import Dedup, similar_pair_blocks
 from clipsift.filters.near_dedup import _plan, memberships, reach
 from clipsift.filters.recipe import apply_recipe, load_recipe
 from clipsift.filters.subset import decode_uids, encode_uids, read_subset
@@ -299,6 +299,11 @@ def test_spilled_rows_join_only_centroids_within_reach() -> None:
     assert np.array_equal(member[:, 1:], best[:, 1:3] >= best[:, :1] - reach(0.99))
     assert member[:, 0].all() and 0 < member[:, 1].mean() < 1  # some rows spill, some do not
     assert reach(1.0) < 0.3 and reach(0.5) > 1.9  # tight thresholds reach few centroids, loose ones every one
+
+
+def similar_pairs(*args) -> tuple[np.ndarray, np.ndarray]:
+    blocks = list(similar_pair_blocks(*args))
+    return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
 
 
 def test_similar_pairs_leave_out_each_row_with_itself(monkeypatch: pytest.MonkeyPatch) -> None:
