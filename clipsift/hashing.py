@@ -20,3 +20,17 @@ def splitmix64(values: np.ndarray | np.unsignedinteger) -> np.ndarray:
         x = (x ^ (x >> np.uint64(30))) * _MIX1
         x = (x ^ (x >> np.uint64(27))) * _MIX2
         return x ^ (x >> np.uint64(31))
+
+
+def row_hashes(words: np.ndarray, seeds: np.ndarray | None = None) -> np.ndarray:
+    """A uint64 hash of each row of a [n, W] uint64 array (each row's `seeds` value folded in first), computed in
+    place: memory for one hash a row and one temporary, whatever W is."""
+    out = np.zeros(len(words), np.uint64) if seeds is None else np.array(seeds).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        for column in range(words.shape[1]):
+            out ^= words[:, column]
+            for shift, mix in ((30, _MIX1), (27, _MIX2)):
+                out ^= out >> np.uint64(shift)
+                out *= mix
+            out ^= out >> np.uint64(31)
+    return out

@@ -23,6 +23,7 @@ from clipsift.arrays import arrow_of, numpy_of
 from clipsift.filters.base import Context, Filter, Inputs, ShardData, register, require
 from clipsift.filters.subset import encode_uids
 from clipsift.filters.vectors import check_dim, check_source, ip_index, load_vectors, nearest, vector_files
+from clipsift.hashing import row_hashes
 from clipsift.pipeline.partition import (
     DEFAULT_BUDGET_MB,
     Shuffle,
@@ -32,6 +33,7 @@ from clipsift.pipeline.partition import (
     partitions_for,
     position,
     read_batch,
+    repeated,
     source_rows,
 )
 from clipsift.pipeline.pool import Pool
@@ -40,6 +42,7 @@ BY = ("sha256", "embedding", "url", "text")  # sha256, embedding, and the metada
 METHODS = ("clustered", "exact")
 BLOCK_ENTRIES = 1 << 22  # similarities computed at once by similar_pair_blocks (16 MiB of float32)
 EDGE_CAP = 1 << 22  # pairs PairGroups holds before reducing them to one edge per grouped row (64 MiB)
+SELF_MARGIN = 1e-4  # a copy is joined to its first only when their similarity clears the threshold by this much
 BLOCK_ROWS = 256  # rows a block has at most: its similarities stay in cache while they are scanned
 KEY_ROW_BYTES = 48  # a partition row of a key dedup: the key (a 128-bit digest prefix, or a short string) + position
 
@@ -258,6 +261,45 @@ def _block_pairs(
     rows = np.flatnonzero(sims.max(axis=1, initial=-np.inf) >= threshold)  # few rows have a pair: those only
     query, target = np.nonzero(sims[rows] >= threshold)
     return rows[query] + start, target
+
+
+def first_copies(vectors: np.ndarray, keys: np.ndarray | None = None, order: np.ndarray | None = None) -> np.ndarray:
+    """The rows taken in `order` (default: all, as they are): for each, the position (in that order) of the first with
+    bitwise the same vector and the same `keys` value (given in that order), itself when none comes before it.
+    Exact: rows whose 64-bit hash repeats are compared byte for byte (two vectors of one hash are left apart).
+    Memory: a few 8-byte values a row, and the repeated rows' bytes."""
+    n = len(vectors)
+    raw = np.ascontiguousarray(vectors).view(np.uint8).reshape(n, -1)
+    if raw.shape[1] % 8:
+        raw = np.concatenate([raw, np.zeros((n, 8 - raw.shape[1] % 8), np.uint8)], axis=1)
+    at = np.arange(n) if order is None else np.asarray(order)
+    key = None if keys is None else np.asarray(keys, np.int64)
+    hashes = row_hashes(raw.view(np.uint64))
+    hashes = hashes[at]
+    if key is not None:
+        hashes = row_hashes(key.view(np.uint64)[:, None], hashes)
+    out = np.arange(len(at))
+    candidates = np.flatnonzero(repeated(hashes))
+    if not len(candidates):
+        return out
+    candidates = candidates[np.argsort(hashes[candidates], kind="stable")]  # equal hashes together, in order
+    runs = hashes[candidates]
+    starts = np.flatnonzero(np.diff(runs, prepend=~runs[:1]))
+    firsts = np.repeat(candidates[starts], np.diff(np.append(starts, len(candidates))))
+    later = firsts != candidates
+    rows, firsts = candidates[later], firsts[later]
+    same = (raw[at[rows]] == raw[at[firsts]]).all(axis=1)
+    if key is not None:
+        same &= key[rows] == key[firsts]
+    out[rows[same]] = firsts[same]
+    return out
+
+
+def self_similar(vectors: np.ndarray, threshold: float) -> np.ndarray:
+    """Whether each vector's similarity with itself (float32, as the block products compute it) clears the
+    threshold by a margin no rounding of those products can cross: only then are its copies surely pairs."""
+    as32 = np.asarray(vectors, np.float32)
+    return np.einsum("ij,ij->i", as32, as32) >= threshold + SELF_MARGIN
 
 
 def components(n: int, sources: np.ndarray, targets: np.ndarray) -> np.ndarray:

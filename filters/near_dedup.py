@@ -16,6 +16,12 @@
 4. merge, as rounds of shuffles (pipeline/components.py): the pairs are grouped again (connected components,
    each task holding one partition of them), and all but the first row of each group are dropped.
 
+Copies (rows with bitwise the same vector, as every copy of one image file has) are collapsed before the
+products, exactly (a copy is joined to its first row only when their similarity surely clears the threshold):
+the map sends a row whose vector came earlier in its own shard as dropped for good (to a partition by its
+position), so a placeholder image copied millions of times sends its cluster one row per shard; the reduce
+compares one row per distinct vector of a cluster and joins the others to it.
+
 `semdedup` (filters/semdedup.py) runs steps 1-3 with spill 1 (`cluster_passes`) and a reduce of its own.
 
 Exactness. A pair (x, y) is found when y's primary cluster is x's primary cluster or one of x's secondary
@@ -44,8 +50,18 @@ from threadpoolctl import threadpool_limits
 from clipsift.arrays import arrow_of, numpy_of
 from clipsift.files import open_fs, write_atomic
 from clipsift.filters.base import Context, Inputs, ShardData
-from clipsift.filters.dedup import Dedup, Dropped, PairGroups, default_k, input_rows, similar_pair_blocks
+from clipsift.filters.dedup import (
+    Dedup,
+    Dropped,
+    PairGroups,
+    default_k,
+    first_copies,
+    input_rows,
+    self_similar,
+    similar_pair_blocks,
+)
 from clipsift.filters.vectors import SEARCH_BATCH, fit_kmeans, normalise, sample_vectors
+from clipsift.hashing import splitmix64
 from clipsift.pipeline.components import not_smallest
 from clipsift.pipeline.partition import ReduceFn, Shuffle, partitions_for, position, read_batch
 from clipsift.pipeline.pool import Pool
@@ -95,6 +111,7 @@ def prepare_clustered(dedup: Dedup, context: Context) -> Dropped | dict[str, np.
         lambda plan: _ClusterReduce(dedup.threshold, len(shards)),
         len(shards) + 1,
         "dedup by embedding",
+        copies=dedup.threshold,
     )
     if passes is None:  # no input row has an embedding
         return {shard: np.zeros(0, np.int64) for shard in shards}
@@ -115,12 +132,18 @@ def prepare_clustered(dedup: Dedup, context: Context) -> Dropped | dict[str, np.
 
 
 def cluster_passes(
-    dedup: Dedup, context: Context, reducer: Callable[[ClusterPlan], ReduceFn], destinations: int, desc: str
+    dedup: Dedup,
+    context: Context,
+    reducer: Callable[[ClusterPlan], ReduceFn],
+    destinations: int,
+    desc: str,
+    copies: float | None = None,
 ) -> tuple[Shuffle, ClusterPlan] | None:
     """Steps 1-3 of a clustered step (the module's note): the plan (kept in CONTEXT.workdir.dedup/), then a map task
     per shard sending each input row to its clusters' partitions (`dedup.spill` clusters: 1, its nearest only) and
-    a reduce task per partition running `reducer(plan)`, whose output has `destinations` batches. None when no
-    input row has an embedding."""
+    a reduce task per partition running `reducer(plan)`, whose output has `destinations` batches. With `copies` (a
+    threshold), a row whose vector came earlier in its shard goes as cluster -1 instead. None when no input row
+    has an embedding."""
     shards = context.shards()
     folder = f"{context.workdir}.dedup"
     plan = _plan(dedup, context, folder, desc)
@@ -128,7 +151,7 @@ def cluster_passes(
         return None
     shuffle = Shuffle(f"{folder}/shuffle", len(shards), plan.partitions, destinations)
     mapper = _ClusterMap(
-        context.pool, context.inputs, tuple(shards), dedup.model_id, plan, dedup.spill, reach(dedup.threshold)
+        context.pool, context.inputs, tuple(shards), dedup.model_id, plan, dedup.spill, reach(dedup.threshold), copies
     )
     shuffle.run(mapper, reducer(plan), desc=desc, workers=context.workers, address=context.address)
     return shuffle, plan
@@ -226,27 +249,34 @@ class _ClusterMap:
     plan: ClusterPlan
     spill: int
     margin: float
+    copies: float | None = None  # the threshold, when copies within the shard are sent as dropped (cluster -1)
 
     def __call__(self, source: int) -> tuple[pa.Table, np.ndarray]:
         data = ShardData(self.pool, self.shards[source])
         vectors, valid = data.image_vectors(self.model_id)
         chosen = np.flatnonzero(self.inputs.mask(data.shard) & valid)
-        ids, member = memberships(self.plan.centroids, vectors[chosen], self.spill, self.margin)
+        halves = vectors[chosen].astype(np.float16)
+        copy = np.zeros(len(chosen), bool)
+        if self.copies is not None and len(chosen):
+            first = first_copies(halves)
+            copy = first != np.arange(len(chosen))
+            copy[copy] = self_similar(halves[first[copy]], self.copies)
+        ids, member = memberships(self.plan.centroids, vectors[chosen[~copy]], self.spill, self.margin)
         row, rank = np.nonzero(member)
-        cluster = ids[row, rank]
-        dim = vectors.shape[1]
+        row = np.concatenate([np.flatnonzero(~copy)[row], np.flatnonzero(copy)])
+        cluster = np.concatenate([ids[np.nonzero(member)], np.full(int(copy.sum()), -1, np.int64)])
+        pos = position(source, chosen[row])
         table = pa.table(
             {
                 "cluster": arrow_of(cluster.astype(np.int64)),
-                "pos": arrow_of(position(source, chosen[row])),
-                "primary": arrow_of(rank == 0),
-                "spilled": arrow_of(member.sum(axis=1)[row] > 1),
-                "vec": pa.FixedSizeListArray.from_arrays(
-                    arrow_of(vectors[chosen[row]].astype(np.float16).reshape(-1)), dim
-                ),
+                "pos": arrow_of(pos),
+                "primary": arrow_of(np.concatenate([rank == 0, np.zeros(int(copy.sum()), bool)])),
+                "spilled": arrow_of(np.concatenate([member.sum(axis=1)[np.nonzero(member)[0]] > 1, copy[copy]])),
+                "vec": pa.FixedSizeListArray.from_arrays(arrow_of(halves[row].reshape(-1)), vectors.shape[1]),
             }
         )
-        return table, self.plan.partition[cluster]
+        by_row = (splitmix64(pos.view(np.uint64)) % np.uint64(self.plan.partitions)).astype(np.int64)
+        return table, np.where(cluster < 0, by_row, self.plan.partition[np.maximum(cluster, 0)])
 
 
 @dataclass(frozen=True)
@@ -258,7 +288,10 @@ class _ClusterReduce:
     shards: int
 
     def __call__(self, partition: int, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+        copy = numpy_of(table.column("cluster")) < 0  # copies the map found in their own shard: dropped
         pos_out, label = _groups(table, self.threshold)
+        pos_out = np.concatenate([numpy_of(table.column("pos"))[copy], pos_out])
+        label = np.concatenate([np.full(int(copy.sum()), -1, np.int64), label])
         destination = np.where(label < 0, pos_out >> np.int64(32), self.shards)
         return pa.table(
             {"pos": arrow_of(pos_out.astype(np.int64)), "label": arrow_of(label.astype(np.int64))}
@@ -281,14 +314,16 @@ def partition_clusters(table: pa.Table) -> Iterator[tuple[int, np.ndarray, np.nd
 
 
 def _groups(table: pa.Table, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """A partition's clusters (map rows: cluster, pos, primary, spilled, vec), each compared within itself:
-    (pos, -1) for rows dropped within their cluster, (pos, its group's first pos) for the rows of groups that reach
-    other clusters; singletons say nothing. Groups are components of the pairs found within each cluster (every
-    member against every primary member), so they never span two clusters here."""
+    """A partition's clusters (map rows: cluster, pos, primary, spilled, vec; rows of cluster -1 left out), each
+    compared within itself: (pos, -1) for rows dropped within their cluster, (pos, its group's first pos) for the
+    rows of groups that reach other clusters; singletons say nothing. Groups are components of the pairs found
+    within each cluster (every member against every primary member; copies joined to their first row), so they
+    never span two clusters here."""
     if not table.num_rows:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     cluster, pos = numpy_of(table.column("cluster")), numpy_of(table.column("pos"))
     order = np.lexsort((pos, cluster))  # by cluster, then pool order: a group's smallest entry is its first row
+    order = order[np.searchsorted(cluster[order], 0) :]  # cluster -1: the map's copies, not compared here
     cluster, pos = cluster[order], pos[order]
     primary = numpy_of(table.column("primary"))[order]
     spilled = numpy_of(table.column("spilled"))[order]
@@ -298,20 +333,26 @@ def _groups(table: pa.Table, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     starts = np.flatnonzero(np.diff(cluster, prepend=-1))
     ends = np.append(starts[1:], n)
     groups = PairGroups(n)
+    first = _collapsed_copies(halves, order, cluster, threshold)
+    copy = first != np.arange(n)
+    groups.add(np.flatnonzero(copy), first[copy])
+    compared = primary.copy()  # a copy's first row stands for it: compared as a primary when any copy is one
+    compared[first[copy & primary]] = True
     chunk_start, vectors = 0, np.zeros((0, halves.shape[1]), np.float32)
     with threadpool_limits(1, user_api="blas"):  # BLAS threads cost more than they give on products this small
         for start, end in zip(starts.tolist(), ends.tolist()):
-            if end - start < 2:
+            distinct = start + np.flatnonzero(~copy[start:end])
+            if len(distinct) < 2:
                 continue
             if end > chunk_start + len(vectors):  # float32 copies of a few clusters at a time
                 chunk_start = start
                 vectors = halves[order[start : max(end, start + CHUNK_ROWS)]].astype(np.float32)
-            rows = vectors[start - chunk_start : end - chunk_start]
-            base = np.flatnonzero(primary[start:end])
+            rows = vectors[distinct - chunk_start]
+            base = np.flatnonzero(compared[distinct])
             if not len(base):
                 continue
             for query, target in similar_pair_blocks(rows, threshold, rows[base], base):
-                groups.add(query + start, base[target] + start)
+                groups.add(distinct[query], distinct[base[target]])
     labels = groups.labels()
     grouped = np.bincount(labels, minlength=n)[labels] > 1
     reaching = np.bincount(labels, weights=~primary | spilled, minlength=n)[labels] > 0
@@ -321,6 +362,16 @@ def _groups(table: pa.Table, threshold: float) -> tuple[np.ndarray, np.ndarray]:
         np.concatenate([pos[closed_dropped], pos[open_rows]]),
         np.concatenate([np.full(int(closed_dropped.sum()), -1, np.int64), pos[labels[open_rows]]]),
     )
+
+
+def _collapsed_copies(halves: np.ndarray, order: np.ndarray, cluster: np.ndarray, threshold: float) -> np.ndarray:
+    """For each row in `order` (by cluster, then pool order), the first row of its cluster with bitwise the same
+    vector, where that vector surely pairs with itself; itself otherwise (positions in `order`)."""
+    first = first_copies(halves, cluster, order)
+    copy = np.flatnonzero(first != np.arange(len(first)))
+    apart = copy[~self_similar(halves[order[first[copy]]], threshold)]
+    first[apart] = apart
+    return first
 
 
 @dataclass(frozen=True)

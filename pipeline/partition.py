@@ -79,7 +79,7 @@ def keyed_rows(keys: pa.Table, pos: np.ndarray, hashes: np.ndarray, partitions: 
     millions of rows (an empty caption, a placeholder image) then sends its partition one row per source, not all
     of them. Exact: candidates are rows whose 64-bit hash repeats here, compared by value."""
     pos = np.asarray(pos, np.int64)
-    repeats = _repeated(hashes)
+    repeats = repeated(hashes)
     later = np.zeros(len(hashes), bool)
     if repeats.any():
         rows = np.flatnonzero(repeats)
@@ -129,7 +129,7 @@ def _word_hash(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.
     return out
 
 
-def _repeated(hashes: np.ndarray) -> np.ndarray:
+def repeated(hashes: np.ndarray) -> np.ndarray:
     """Whether each hash's high bits occur more than once (a superset of the repeated hashes): one value sort of
     the high bits packed above the row index, about twice as fast as an argsort."""
     shift = np.uint64(max(1, len(hashes).bit_length()))

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pytest
 
 from clipsift.filters import dedup as dedup_module
+from clipsift.filters import near_dedup as near_module
 from clipsift.filters.base import Context, Inputs, ShardData
 from clipsift.filters.dedup import Dedup, similar_pair_blocks
 from clipsift.filters.near_dedup import _plan, memberships, reach
@@ -380,8 +381,9 @@ def test_dedup_semdedup_and_caption_quality_runs_import_no_pandas(tmp_path: Path
 def test_many_identical_images_are_grouped_in_memory_that_grows_with_them_not_their_pairs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A placeholder image copied n times makes n^2 similar pairs in one cluster. Both near-dedup methods group them
-    holding at most about EDGE_CAP pairs (here 5,000, against 1,200^2 = 1.44M pairs), and keep the first copy."""
+    """A placeholder image copied n times makes n^2 similar pairs. The exact method groups them holding at most
+    about EDGE_CAP pairs (here 5,000, against 1,200^2 = 1.44M pairs); the clustered one never makes them (copies
+    are joined to their first row); both keep the first copy."""
     rng = np.random.default_rng(21)
     vectors = unit(rng.normal(size=(2000, 16)))
     copies = np.sort(rng.choice(2000, 1200, replace=False))
@@ -403,5 +405,55 @@ def test_many_identical_images_are_grouped_in_memory_that_grows_with_them_not_th
         fed.clear(), held.clear()
         steps = f"[{{dedup: {{by: embedding, model_id: m, method: {method}}}}}]"
         assert run(pool, tmp_path, steps, method) == expected
-        assert sum(fed) > 1_000_000  # the pairs of the copies (each once or twice), block by block
-        assert max(held) <= 5000 + max(fed)  # never more than the cap and one block
+        if method == "exact":
+            assert sum(fed) > 1_000_000  # the pairs of the copies (each once or twice), block by block
+            assert max(held) <= 5000 + max(fed)  # never more than the cap and one block
+        else:
+            assert sum(fed) < 5_000  # a copy's edge to its first row, and the few pairs of distinct vectors
+
+
+def test_copies_of_one_vector_reach_their_cluster_once_per_shard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A placeholder copied 1,200 times over the 5 shards: the map sends its cluster one copy per shard (the others
+    go as dropped), the reduce compares one row per distinct vector, and the kept rows are the exact search's."""
+    rng = np.random.default_rng(22)
+    vectors = planted(rng, 2000, 16, clustered=True)
+    copies = np.sort(rng.choice(2000, 1200, replace=False))
+    vectors[copies] = vectors[copies[0]]
+    placeholder = vectors[copies[0]].astype(np.float16)
+    arrived, compared = [], []
+    groups, blocks = near_module._groups, near_module.similar_pair_blocks
+
+    def recording_groups(table: pa.Table, threshold: float):
+        halves = np.asarray(table.column("vec").combine_chunks().flatten()).reshape(table.num_rows, -1)
+        clustered = np.asarray(table.column("cluster")) >= 0  # -1: dropped by the map as a copy
+        arrived.append(int(((halves == placeholder).all(axis=1) & clustered).sum()))
+        return groups(table, threshold)
+
+    def recording_blocks(rows: np.ndarray, *args):
+        compared.append(int((rows.astype(np.float16) == placeholder).all(axis=1).sum()))
+        return blocks(rows, *args)
+
+    monkeypatch.setattr(near_module, "_groups", recording_groups)
+    monkeypatch.setattr(near_module, "similar_pair_blocks", recording_blocks)
+    pool = near_pool(tmp_path, vectors)
+    assert run(pool, tmp_path, "[{dedup: {by: embedding, model_id: m}}]", "clustered") == uids(
+        all_pairs_kept(vectors, 0.95)
+    )
+    assert 1 <= sum(arrived) <= 5 * 3  # one copy a shard, in each of its (at most spill = 3) clusters
+    assert max(compared) == 1  # one row of the placeholder in any cluster's products
+
+
+@pytest.mark.parametrize("threshold", [0.9999, 0.99995])
+def test_copies_are_joined_only_when_they_surely_pair(tmp_path: Path, threshold: float) -> None:
+    """At thresholds near 1, a float16 vector's similarity with itself may fall below: copies are then compared like
+    other rows, and the kept rows stay the exact search's."""
+    rng = np.random.default_rng(23)
+    vectors = planted(rng, 600, 16, clustered=True)
+    vectors[300:400] = vectors[rng.integers(0, 300, 100)]
+    pool = near_pool(tmp_path, vectors)
+    steps = f"[{{dedup: {{by: embedding, model_id: m, threshold: {threshold}, spill: 1000}}}}]"
+    expected = uids(all_pairs_kept(vectors, threshold))
+    assert len(expected) > 500  # some copies surely pair, some do not
+    assert run(pool, tmp_path, steps, "clustered") == expected

@@ -119,3 +119,31 @@ def test_a_round_run_again_on_other_edges_drops_the_later_rounds(tmp_path: Path)
     not_smallest(str(folder), 2, Edges(*first, 2), 3, SHARDS, desc="t", workers=1)
     files = not_smallest(str(folder), 3, Edges(*second, 3), 3, SHARDS, desc="t", workers=1)
     assert found(files) == expected(*second) != expected(*first)
+
+
+def test_one_large_group_is_spread_over_the_partitions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group of 48,000 rows over 12 clusters (each row -> its cluster's first row, the clusters chained by rows
+    that are in two of them), as near dedup's reduces report it: in the last rounds every edge points to the
+    group's first row, and step B's partition of that row would hold them all. No reduce may hold much more than
+    its share of the edges."""
+    from clipsift.pipeline import components as module
+
+    seen: list[int] = []
+    for name in ("_StarReduce", "_JumpReduce"):
+        reducer = getattr(module, name)
+        original = reducer.__call__
+
+        def counting(self, partition, table, original=original):  # type: ignore[no-untyped-def]
+            seen.append(table.num_rows)
+            return original(self, partition, table)
+
+        monkeypatch.setattr(reducer, "__call__", counting)
+    rows = position(np.arange(48_000) % SHARDS, np.arange(48_000) // SHARDS)
+    clusters = np.array_split(np.random.default_rng(8).permutation(rows), 12)
+    pos = np.concatenate([*clusters, [c[0] for c in clusters[1:]]])
+    label = np.concatenate([*[np.full(len(c), c.min()) for c in clusters], [c.min() for c in clusters[:-1]]])
+    partitions = 16
+    files = not_smallest(str(tmp_path / "cc"), 4, Edges(pos, label, 4), partitions, SHARDS, desc="t", workers=1)
+    assert found(files) == sorted(rows[rows != rows.min()].tolist())
+    average = 2 * len(pos) / partitions  # step B's: each edge twice (as a child and as a parent)
+    assert max(seen) <= 3 * average  # before: 8.5 (the whole group's edges in one partition)
