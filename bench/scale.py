@@ -3,12 +3,14 @@ filter recipe and for reshard, each run as a whole `clipsift` command.
 
     python bench/scale.py [--sizes 0.5M,2M,4M,12.8M] [--tar-sizes 0.5M,2M] [--shard-rows 100000] [--dim 32]
                           [--cases clip_score,basic,dedup_sha256,dedup_embedding,image_cluster,decontaminate,reshard]
-                          [--workers N] [--timeout 1800] [--dir DIR] [--report]
+                          [--workers N] [--timeout 1800] [--dir DIR] [--report] [--placeholder SHARE]
 
 Pools are metadata-only (metadata parquets + an embeddings folder, model id `bench`) of DataComp-like
 rows: random 32-hex uids, captions, urls, image sizes, sha256 with about 10% exact duplicates
 (duplicates of earlier rows, across shards too), --dim float16 image embeddings with about 5% planted
 near-duplicates (cosine about 0.995 to an earlier row's) and CLIP scores rounded to 4 decimals (ties).
+--placeholder SHARE makes that share of rows (chosen by hash) show one image, as a web pool's "image not
+found" placeholder does: the same sha256 and embedding in every shard (pools and results get a -p suffix).
 Every row is a function of its global position, so a smaller pool is a prefix of a larger one.
 Pools, the reference sets and the results (one file per --dim and --shard-rows) are kept in --dir
 between runs: make them once, measure again later; --report prints what is kept, --cost-model adds
@@ -61,6 +63,8 @@ from clipsift.pipeline.pool import (  # noqa: E402
 MODEL = "bench"
 EXACT, NEAR, NEAR_NOISE = 0.10, 0.05, 0.1  # shares of rows; noise norm of a near-duplicate (cosine ~0.995)
 SALT = {"exact": 1, "exact_to": 2, "near": 3, "near_to": 4, "vector": 5, "noise": 6, "sha": 7, "random": 8}
+SALT["placeholder"] = 9
+PLACEHOLDER = [0.0]  # the share of rows showing row 0's image (--placeholder)
 WORDS = (
     "a photo of the red blue green small large dog cat car house tree beach sunset city street man woman "
     "child shirt dress logo vector illustration free download stock image png jpg with and on in at for"
@@ -92,11 +96,13 @@ def earlier(g: np.ndarray, salt: int) -> np.ndarray:
 
 
 def original(g: np.ndarray) -> np.ndarray:
-    """The row whose image row g shows: itself, or (about 10% of rows) an earlier original's."""
+    """The row whose image row g shows: itself, or (about 10% of rows) an earlier original's; 0 (the placeholder)
+    where that original is one of the --placeholder share."""
     image = np.asarray(g, np.int64).copy()
     while True:
         copied = (image > 0) & (unit(image, SALT["exact"]) <= EXACT)
         if not copied.any():
+            image[unit(image, SALT["placeholder"]) <= PLACEHOLDER[0]] = 0
             return image
         image[copied] = earlier(image[copied], SALT["exact_to"])
 
@@ -673,6 +679,7 @@ def main() -> None:
     parser.add_argument("--cost-model", action="store_true", help="Also print docs/scaling.md's cost model.")
     parser.add_argument("--markdown", action="store_true", help="Also print the measured tables as markdown.")
     parser.add_argument("--repeat", type=int, default=1, help="Runs of each command; the fastest counts.")
+    parser.add_argument("--placeholder", type=float, default=0.0, help="Share of rows showing one placeholder image.")
     args = parser.parse_args()
     sizes = sorted(parse_size(s) for s in args.sizes.split(","))
     args.tar_sizes = {parse_size(s) for s in args.tar_sizes.split(",") if s}
@@ -682,11 +689,13 @@ def main() -> None:
         raise SystemExit(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     scratch = Path(args.dir)
     scratch.mkdir(parents=True, exist_ok=True)
-    results_file = scratch / f"results-d{args.dim}-s{args.shard_rows}.json"
+    PLACEHOLDER[0] = args.placeholder
+    variant = f"-p{args.placeholder:g}" if args.placeholder else ""
+    results_file = scratch / f"results-d{args.dim}-s{args.shard_rows}{variant}.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     pools = {
         rows: scratch
-        / f"pool-{size_name(rows)}-{args.shard_rows}-d{args.dim}{'-tars' if rows in args.tar_sizes else ''}"
+        / f"pool-{size_name(rows)}-{args.shard_rows}-d{args.dim}{variant}{'-tars' if rows in args.tar_sizes else ''}"
         for rows in sizes
     }
     truths = {}

@@ -227,28 +227,38 @@ def similar_pair_blocks(
 class PairGroups:
     """Connected components of pairs given block by block, holding about EDGE_CAP pairs at most: when more come,
     those held are replaced by one edge per grouped row (to its group's smallest row), which keeps the groups. So
-    n identical rows (n^2 pairs: a placeholder image copied 60,000 times would be 3.6 billion) cost memory in n."""
+    n identical rows (n^2 pairs: a placeholder image copied 60,000 times would be 3.6 billion) cost memory in n.
+    Rows are held as int32 below 2^31 of them: a full cap is 32 MiB, and grouping it needs about 3x that."""
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self.sources: list[np.ndarray] = [np.zeros(0, np.int64)]
-        self.targets: list[np.ndarray] = [np.zeros(0, np.int64)]
+        self.dtype = _index_type(n)
+        self.sources: list[np.ndarray] = [np.zeros(0, self.dtype)]
+        self.targets: list[np.ndarray] = [np.zeros(0, self.dtype)]
         self.held = 0
         self.cap = EDGE_CAP
 
     def add(self, sources: np.ndarray, targets: np.ndarray) -> None:
-        self.sources.append(np.asarray(sources, np.int64))
-        self.targets.append(np.asarray(targets, np.int64))
+        self.sources.append(np.asarray(sources).astype(self.dtype, copy=False))
+        self.targets.append(np.asarray(targets).astype(self.dtype, copy=False))
         self.held += len(sources)
         if self.held > self.cap:
             labels = self.labels()
-            rows = np.flatnonzero(labels != np.arange(self.n))
+            rows = np.flatnonzero(labels != np.arange(self.n, dtype=self.dtype)).astype(self.dtype)
             self.sources, self.targets, self.held = [rows], [labels[rows]], len(rows)
             self.cap = max(EDGE_CAP, 2 * len(rows))  # a grouped row's edge stays: compress again only past twice them
 
     def labels(self) -> np.ndarray:
-        """Each row's group: the smallest row of its component."""
-        return components(self.n, np.concatenate(self.sources), np.concatenate(self.targets))
+        """Each row's group: the smallest row of its component (the pairs held are let go while it is found)."""
+        sources, self.sources = np.concatenate(self.sources), []
+        targets, self.targets = np.concatenate(self.targets), []
+        labels = components(self.n, sources, targets)
+        self.sources, self.targets = [sources], [targets]
+        return labels
+
+
+def _index_type(n: int) -> type:
+    return np.int32 if n < 2**31 else np.int64
 
 
 def _block_pairs(
@@ -303,8 +313,10 @@ def self_similar(vectors: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def components(n: int, sources: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Connected components of an undirected graph: each node's label is the smallest node of its component."""
-    labels = np.arange(n)
+    """Connected components of an undirected graph: each node's label is the smallest node of its component (int32
+    below 2^31 nodes)."""
+    labels = np.arange(n, dtype=_index_type(n))
+    sources, targets = sources.astype(labels.dtype, copy=False), targets.astype(labels.dtype, copy=False)
     while True:
         smaller = np.minimum(labels[sources], labels[targets])
         new = labels.copy()
