@@ -60,7 +60,7 @@ from clipsift.filters.dedup import (
     self_similar,
     similar_pair_blocks,
 )
-from clipsift.filters.vectors import SEARCH_BATCH, fit_kmeans, normalise, sample_vectors
+from clipsift.filters.vectors import fit_kmeans, normalise, sample_vectors
 from clipsift.hashing import splitmix64
 from clipsift.pipeline.components import not_smallest
 from clipsift.pipeline.partition import ReduceFn, Shuffle, partitions_for, position, read_batch
@@ -72,6 +72,7 @@ SAMPLE_PER_CLUSTER = 40  # default sample rows per cluster (faiss asks for at le
 NORM_SLACK = 2e-3  # float16 embeddings are unit length to about 1e-3
 CHUNK_ROWS = 1 << 16  # partition rows converted to float32 at once by the reduce
 MERGE_ROW_BYTES = 48  # a pair in the merge's partitions: twice (child and parent), 16 B and a flag each
+TOP_BLOCK = 1 << 20  # similarities to centroids computed at once by `memberships` (4 MiB)
 
 
 def reach(threshold: float) -> float:
@@ -80,20 +81,36 @@ def reach(threshold: float) -> float:
 
 
 def memberships(centroids: np.ndarray, vectors: np.ndarray, spill: int, margin: float) -> tuple[np.ndarray, ...]:
-    """(ids [n, m], member [n, m]): each row's m = min(spill, k) nearest centroids by inner product, and which of
-    them it joins: the nearest always, the others when within `margin` of it."""
-    import faiss
-
+    """(ids [n, m], member [n, m]): each row's m = min(spill, k) nearest centroids by inner product (ties: the
+    lower id first), and which of them it joins: the nearest always, the others when within `margin` of it."""
     m = min(spill, len(centroids))
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, np.float32))
+    columns = np.ascontiguousarray(np.asarray(centroids, np.float32).T)
     sims, ids = np.empty((len(vectors), m), np.float32), np.empty((len(vectors), m), np.int64)
-    for start in range(0, len(vectors), SEARCH_BATCH):
-        batch = np.ascontiguousarray(vectors[start : start + SEARCH_BATCH], np.float32)
-        sims[start : start + len(batch)], ids[start : start + len(batch)] = index.search(batch, m)
+    step = max(16, TOP_BLOCK // max(len(centroids), 1))  # a block of similarities stays in cache while scanned
+    for start in range(0, len(vectors), step):
+        block = np.ascontiguousarray(vectors[start : start + step], np.float32) @ columns
+        sims[start : start + len(block)], ids[start : start + len(block)] = _top(block, m)
     member = sims >= sims[:, :1] - margin
     member[:, 0] = True
     return ids, member
+
+
+def _top(block: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The m largest of each row of `block` (which is overwritten), largest first: m passes of argmax for a few
+    (1.5x faster than faiss's heap at k = 3,578, 3 of them), a partition and a sort for more."""
+    rows = np.arange(len(block))
+    if m <= 8:
+        ids = np.empty((len(block), m), np.int64)
+        sims = np.empty((len(block), m), np.float32)
+        for rank in range(m):
+            ids[:, rank] = block.argmax(axis=1)
+            sims[:, rank] = block[rows, ids[:, rank]]
+            block[rows, ids[:, rank]] = -np.inf
+        return sims, ids
+    ids = np.argpartition(-block, m - 1, axis=1)[:, :m]
+    sims = np.take_along_axis(block, ids, axis=1)
+    order = np.lexsort((ids, -sims), axis=1)
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
 @dataclass(frozen=True)
