@@ -279,16 +279,17 @@ class _ClusterMap:
             copy = first != np.arange(len(chosen))
             copy[copy] = self_similar(halves[first[copy]], self.copies)
         ids, member = memberships(self.plan.centroids, vectors[chosen[~copy]], self.spill, self.margin)
-        row, rank = np.nonzero(member)
-        row = np.concatenate([np.flatnonzero(~copy)[row], np.flatnonzero(copy)])
-        cluster = np.concatenate([ids[np.nonzero(member)], np.full(int(copy.sum()), -1, np.int64)])
+        joined, rank = np.nonzero(member)  # a row of the non-copies, once per cluster it joins
+        none = np.zeros(int(copy.sum()), bool)  # the copies: one row each, as cluster -1
+        row = np.concatenate([np.flatnonzero(~copy)[joined], np.flatnonzero(copy)])
+        cluster = np.concatenate([ids[joined, rank], np.full(len(none), -1, np.int64)])
         pos = position(source, chosen[row])
         table = pa.table(
             {
                 "cluster": arrow_of(cluster.astype(np.int64)),
                 "pos": arrow_of(pos),
-                "primary": arrow_of(np.concatenate([rank == 0, np.zeros(int(copy.sum()), bool)])),
-                "spilled": arrow_of(np.concatenate([member.sum(axis=1)[np.nonzero(member)[0]] > 1, copy[copy]])),
+                "primary": arrow_of(np.concatenate([rank == 0, none])),
+                "spilled": arrow_of(np.concatenate([member.sum(axis=1)[joined] > 1, none])),
                 "vec": pa.FixedSizeListArray.from_arrays(arrow_of(halves[row].reshape(-1)), vectors.shape[1]),
             }
         )
