@@ -336,6 +336,7 @@ def own_ray():
 
 def test_dedup_on_ray_equals_in_process(keyed_pool: Pool, tmp_path: Path, own_ray: None) -> None:
     vectors = planted(np.random.default_rng(14), 600, 16, clustered=True)
+    vectors[540:] = vectors[np.random.default_rng(15).integers(0, 540, 60)]  # copies, in the last shard and others
     pool = metadata_pool(
         tmp_path / "both", [150, 100, 200, 150], keyed_pool_digests(keyed_pool), [None] * 600, vectors
     )
