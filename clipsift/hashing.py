@@ -25,7 +25,7 @@ def splitmix64(values: np.ndarray | np.unsignedinteger) -> np.ndarray:
 def row_hashes(words: np.ndarray, seeds: np.ndarray | None = None) -> np.ndarray:
     """A uint64 hash of each row of a [n, W] uint64 array (each row's `seeds` value folded in first), computed in
     place: memory for one hash a row and one temporary, whatever W is."""
-    out = np.zeros(len(words), np.uint64) if seeds is None else np.array(seeds).astype(np.uint64)
+    out = np.zeros(len(words), np.uint64) if seeds is None else np.asarray(seeds).astype(np.uint64)  # a copy
     with np.errstate(over="ignore"):
         for column in range(words.shape[1]):
             out ^= words[:, column]

@@ -41,7 +41,7 @@ from clipsift.pipeline.pool import Pool
 BY = ("sha256", "embedding", "url", "text")  # sha256, embedding, and the metadata columns that name a sample
 METHODS = ("clustered", "exact")
 BLOCK_ENTRIES = 1 << 22  # similarities computed at once by similar_pair_blocks (16 MiB of float32)
-EDGE_CAP = 1 << 22  # pairs PairGroups holds before reducing them to one edge per grouped row (64 MiB)
+EDGE_CAP = 1 << 22  # pairs PairGroups holds before reducing them to one edge per grouped row (32 MiB as int32)
 SELF_MARGIN = 1e-4  # a copy is joined to its first only when their similarity clears the threshold by this much
 BLOCK_ROWS = 256  # rows a block has at most: its similarities stay in cache while they are scanned
 KEY_ROW_BYTES = 48  # a partition row of a key dedup: the key (a 128-bit digest prefix, or a short string) + position
