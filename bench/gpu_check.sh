@@ -5,7 +5,8 @@
 # Each benchmark has its own time limit, so one that hangs costs only its share; everything it prints
 # lands in $OUT (at most 8 files come back). Environment overrides make a small dry run on a CPU:
 #   DEVICE=cpu MODEL_B=clipsift-xs MODEL_L=clipsift-tiny SAMPLES=2048 L_SAMPLES=512 IMAGE=128 \
-#   TRAIN_ARGS="--scale xs --steps 3 --batch 32 --variants recipe" EVAL=0 WHEELS=0 TESTS=0 OUT=/tmp/gpu-check bash bench/gpu_check.sh
+#   TRAIN_ARGS="--scale xs --steps 3 --batch 32 --variants recipe" EVAL=0 WHEELS=0 TESTS=0 NEAR_SIZE=0.1M \
+#   OUT=/tmp/gpu-check bash bench/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 DEVICE=${DEVICE:-cuda}
@@ -40,7 +41,8 @@ bench() {  # name, seconds, script and arguments
 # -P: the checkout's clipsift/ folder must not hide the installed package
 if [ "${TESTS:-1}" = 1 ]; then
   echo "== tests on the device ($(date +%T))"
-  timeout -k 10 100 python3 -P -m pytest tests/pipeline/test_score.py -q -p no:cacheprovider -o addopts="" -x > "$OUT/tests_score.txt" 2>&1
+  timeout -k 10 100 python3 -P -m pytest tests/pipeline/test_score.py tests/filters/test_dedup_device.py -q -p no:cacheprovider \
+    -o addopts="" -x > "$OUT/tests_score.txt" 2>&1
   echo "exit $?" >> "$OUT/tests_score.txt"
   tail -n 4 "$OUT/tests_score.txt"
 fi
@@ -57,3 +59,6 @@ bench train_steps 150 bench/train_throughput.py $TRAIN_ARGS
 if [ "$EVAL" = 1 ]; then
   bench eval_time 80 bench/eval_time.py --skip-tiny --full-fraction 0.25
 fi
+# near dedup on the GPU (device: auto) and on the CPU cores (device: cpu), 1M rows of 128-d embeddings
+bench near_dedup 120 bench/scale.py --sizes "${NEAR_SIZE:-1M}" --dim 128 --tar-sizes "" \
+  --cases clip_score,dedup_embedding,dedup_embedding_cpu --dir /tmp/gpu-check-scale

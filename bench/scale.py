@@ -26,6 +26,9 @@ exact figures at exit (wait4's ru_maxrss cannot be used: Linux carries the paren
 and exec into it). RSS counts pages shared with other processes (Ray's object store, mapped files:
 reshard maps each input tar whole) in each process that maps them; RssAnon does not.
 
+dedup_embedding runs near dedup with its default device (auto: a GPU where the tasks see one);
+dedup_embedding_cpu (not in the default cases) the same with device: cpu, to compare the two in one run.
+
 Goals (issue 20): time grows at most 1.2x faster than rows; every process's peak grows by at most
 24 bytes per added row from the smallest to the largest size; dedup by embedding on 4M rows within
 5x the time of the clip_score recipe. The 'expected' column checks the dedup results against the
@@ -69,7 +72,17 @@ WORDS = (
     "a photo of the red blue green small large dog cat car house tree beach sunset city street man woman "
     "child shirt dress logo vector illustration free download stock image png jpg with and on in at for"
 ).split()
-CASES = ("clip_score", "basic", "dedup_sha256", "dedup_embedding", "image_cluster", "decontaminate", "reshard")
+CASES = (
+    "clip_score",
+    "basic",
+    "dedup_sha256",
+    "dedup_embedding",
+    "dedup_embedding_cpu",
+    "image_cluster",
+    "decontaminate",
+    "reshard",
+)
+DEFAULT_CASES = tuple(case for case in CASES if case != "dedup_embedding_cpu")  # = dedup_embedding without a GPU
 K, EVAL_ROWS, TARGET_ROWS = 1000, 2000, 1000
 
 
@@ -239,6 +252,7 @@ def recipe(case: str, rows: int, eval_file: Path, targets_file: Path) -> str:
         "basic": "[{basic: {language: null}}]",
         "dedup_sha256": "[{dedup: {by: sha256}}]",
         "dedup_embedding": f"[{{dedup: {{by: embedding, model_id: {MODEL}, threshold: 0.98}}}}]",
+        "dedup_embedding_cpu": f"[{{dedup: {{by: embedding, model_id: {MODEL}, threshold: 0.98, device: cpu}}}}]",
         # the k-means sample: at most 256 x K rows (image_cluster's max_points_per_centroid), whatever the pool
         "image_cluster": f"[{{image_cluster: {{model_id: {MODEL}, targets: '{targets_file}', k: {K}}}}}]",
         "decontaminate": f"[{{decontaminate: {{model_id: {MODEL}, eval: '{eval_file}', threshold: 0.95}}}}]",
@@ -456,7 +470,7 @@ def run_case(case: str, rows: int, pools: dict[int, Path], scratch: Path, refs: 
 def expected(case: str, rows: int, truth: dict[str, int]) -> int | None:
     if case == "dedup_sha256":
         return rows - truth["exact"]
-    if case == "dedup_embedding":
+    if case in ("dedup_embedding", "dedup_embedding_cpu"):
         return rows - truth["exact"] - truth["near"]
     return None
 
@@ -490,7 +504,7 @@ def load_runs(results: dict[str, dict]) -> dict[str, Run]:
 
 def print_table(runs: dict[str, Run], sizes: list[int], truths: dict[int, dict[str, int]]) -> None:
     print(
-        f"\n{'case':<16} {'rows':>6} {'time s':>7} {'rows/s':>10} {'CPU s':>7} {'kept':>11} {'expected':>11} "
+        f"\n{'case':<19} {'rows':>6} {'time s':>7} {'rows/s':>10} {'CPU s':>7} {'kept':>11} {'expected':>11} "
         f"{'largest MB':>11} {'anon MB':>8} {'clipsift MB':>11} {'workers MB (n)':>15} {'raylet/gcs/other':>17}"
     )
     for case in CASES:
@@ -505,7 +519,7 @@ def print_table(runs: dict[str, Run], sizes: list[int], truths: dict[int, dict[s
             system = "/".join(mb(peaks[r][0]) if r in peaks else "-" for r in ("raylet", "gcs_server", "ray other"))
             largest = run.largest()
             print(
-                f"{case:<16} {size_name(rows):>6} {run.seconds:>7.1f} {rows / run.seconds:>10,.0f} {run.cpu_s:>7.1f} "
+                f"{case:<19} {size_name(rows):>6} {run.seconds:>7.1f} {rows / run.seconds:>10,.0f} {run.cpu_s:>7.1f} "
                 f"{run.read_b / 1e6:>8,.0f} {kept:>11} {'' if want is None else f'{want:,}':>11} "
                 f"{mb(largest.peak_kb):>11} {mb(max(p.anon_kb for p in run.processes)):>8} "
                 f"{mb(peaks['clipsift'][0]):>11} {workers:>15} "
@@ -553,7 +567,7 @@ def print_growth(runs: dict[str, Run], sizes: list[int]) -> list[str]:
                     missed.append(case)
             roles = ", ".join(f"{role} {value:+.1f}" for role, value in per_role.items())
             print(
-                f"  {case:<16} {size_name(small):>5} -> {size_name(large):<6} time/rows {ratio:5.2f}   B/added row: "
+                f"  {case:<19} {size_name(small):>5} -> {size_name(large):<6} time/rows {ratio:5.2f}   B/added row: "
                 f"largest process {largest:+6.1f}, anon {anon:+6.1f} ({roles})  {verdict}"
             )
     near, clip = runs.get(f"dedup_embedding@{4_000_000}"), runs.get(f"clip_score@{4_000_000}")
@@ -671,7 +685,7 @@ def main() -> None:
     parser.add_argument("--tar-sizes", default="0.5M,2M", help="Sizes that also get tiny tars (for reshard).")
     parser.add_argument("--shard-rows", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=32)
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help="Also: dedup_embedding_cpu (device: cpu).")
     parser.add_argument("--workers", type=int, default=None, help="--workers for each command (default: none).")
     parser.add_argument("--timeout", type=float, default=1800, help="Seconds before a command is stopped.")
     parser.add_argument("--dir", default="/tmp/clipsift-scale", help="Pools, references and results (kept).")

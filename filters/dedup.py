@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from clipsift import ClipsiftError
 from clipsift.arrays import arrow_of, numpy_of
 from clipsift.filters.base import Context, Filter, Inputs, ShardData, register, require
+from clipsift.filters.on_device import DEVICES, pair_blocks
 from clipsift.filters.subset import encode_uids
 from clipsift.filters.vectors import check_dim, check_source, ip_index, load_vectors, nearest, vector_files
 from clipsift.hashing import row_hashes
@@ -68,6 +69,7 @@ class Dedup(Filter):
     k: int | None = None  # clusters (clustered); None: the square root of the input rows
     sample: int | None = None  # k-means sample rows (clustered); None: 40 per cluster
     spill: int = 3  # clusters each row is compared in (clustered): its nearest, and the next ones within reach
+    device: str = "auto"  # clustered: where the products run: auto (a GPU where the task sees one), cpu or cuda
     budget_mb: float = DEFAULT_BUDGET_MB  # partition (and cluster) data one task holds
     seed: int = 0
 
@@ -83,6 +85,7 @@ class Dedup(Filter):
         require(self.k is None or self.k > 0, where, f"parameter 'k' must be > 0, got {self.k}")
         require(self.sample is None or self.sample > 0, where, f"parameter 'sample' must be > 0, got {self.sample}")
         require(self.spill >= 1, where, f"parameter 'spill' must be >= 1, got {self.spill}")
+        require(self.device in DEVICES, where, f"parameter 'device' must be one of {', '.join(DEVICES)}")
         require(self.budget_mb > 0, where, f"parameter 'budget_mb' must be > 0, got {self.budget_mb}")
 
     def models(self) -> list[str]:
@@ -206,16 +209,24 @@ def _as_key(data: ShardData, name: str, column: pa.ChunkedArray) -> pa.Array:
 
 
 def similar_pair_blocks(
-    vectors: np.ndarray, threshold: float, base: np.ndarray | None = None, base_rows: np.ndarray | None = None
+    vectors: np.ndarray,
+    threshold: float,
+    base: np.ndarray | None = None,
+    base_rows: np.ndarray | None = None,
+    device: str | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """All pairs (i, j) with vectors[i] . base[j] >= threshold, exact (base: the vectors themselves, and then
     i != j; base_rows: which row of `vectors` each base vector is, and then i != base_rows[j]), block by block:
     feed them to `PairGroups` (n identical rows give n^2 pairs). Each block is a matrix product of at most
     BLOCK_ROWS rows and BLOCK_ENTRIES similarities (a block of 256 rows is scanned from cache: about 2x faster than
     one product per 6,000-row cluster); a row's similarity with itself is set below the threshold first, so that
-    only the few rows with a pair are looked at twice."""
+    only the few rows with a pair are looked at twice. `device`: a torch device to compute them on instead
+    (filters/on_device.py)."""
     if base is None:
         base, base_rows = vectors, np.arange(len(vectors))
+    if device is not None:
+        yield from pair_blocks(vectors, threshold, base, base_rows, device)
+        return
     columns = np.arange(len(base))
     base_t = np.ascontiguousarray(base, np.float32).T
     step = max(1, min(BLOCK_ROWS, BLOCK_ENTRIES // max(len(base), 1)))

@@ -60,6 +60,7 @@ from clipsift.filters.dedup import (
     self_similar,
     similar_pair_blocks,
 )
+from clipsift.filters.on_device import GPU_SHARE, resolve, top_centroids
 from clipsift.filters.vectors import fit_kmeans, normalise, sample_vectors
 from clipsift.hashing import splitmix64
 from clipsift.pipeline.components import not_smallest
@@ -80,16 +81,25 @@ def reach(threshold: float) -> float:
     return 2.0 * math.sqrt(max(0.0, 2.0 * (1.0 + NORM_SLACK) ** 2 - 2.0 * threshold))
 
 
-def memberships(centroids: np.ndarray, vectors: np.ndarray, spill: int, margin: float) -> tuple[np.ndarray, ...]:
+def memberships(
+    centroids: np.ndarray, vectors: np.ndarray, spill: int, margin: float, device: str | None = None
+) -> tuple[np.ndarray, ...]:
     """(ids [n, m], member [n, m]): each row's m = min(spill, k) nearest centroids by inner product (ties: the
-    lower id first), and which of them it joins: the nearest always, the others when within `margin` of it."""
+    lower id first), and which of them it joins: the nearest always, the others when within `margin` of it.
+    `device`: a torch device to compute them on (filters/on_device.py)."""
     m = min(spill, len(centroids))
+    if device is not None:
+        return _joined(*top_centroids(centroids, vectors, m, device), margin)
     columns = np.ascontiguousarray(np.asarray(centroids, np.float32).T)
     sims, ids = np.empty((len(vectors), m), np.float32), np.empty((len(vectors), m), np.int64)
     step = max(16, TOP_BLOCK // max(len(centroids), 1))  # a block of similarities stays in cache while scanned
     for start in range(0, len(vectors), step):
         block = np.ascontiguousarray(vectors[start : start + step], np.float32) @ columns
         sims[start : start + len(block)], ids[start : start + len(block)] = _top(block, m)
+    return _joined(sims, ids, margin)
+
+
+def _joined(sims: np.ndarray, ids: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
     member = sims >= sims[:, :1] - margin
     member[:, 0] = True
     return ids, member
@@ -125,10 +135,11 @@ def prepare_clustered(dedup: Dedup, context: Context) -> Dropped | dict[str, np.
     passes = cluster_passes(
         dedup,
         context,
-        lambda plan: _ClusterReduce(dedup.threshold, len(shards)),
+        lambda plan: _ClusterReduce(dedup.threshold, len(shards), dedup.device),
         len(shards) + 1,
         "dedup by embedding",
         copies=dedup.threshold,
+        reduce_gpus=0.0 if dedup.device == "cpu" else GPU_SHARE,
     )
     if passes is None:  # no input row has an embedding
         return {shard: np.zeros(0, np.int64) for shard in shards}
@@ -155,12 +166,14 @@ def cluster_passes(
     destinations: int,
     desc: str,
     copies: float | None = None,
+    reduce_gpus: float = 0.0,
 ) -> tuple[Shuffle, ClusterPlan] | None:
     """Steps 1-3 of a clustered step (the module's note): the plan (kept in CONTEXT.workdir.dedup/), then a map task
     per shard sending each input row to its clusters' partitions (`dedup.spill` clusters: 1, its nearest only) and
     a reduce task per partition running `reducer(plan)`, whose output has `destinations` batches. With `copies` (a
     threshold), a row whose vector came earlier in its shard goes as cluster -1 instead. None when no input row
-    has an embedding."""
+    has an embedding. On a Ray cluster with GPUs the map tasks ask for part of one (unless `dedup.device` is cpu),
+    the reduce tasks for `reduce_gpus`."""
     shards = context.shards()
     folder = f"{context.workdir}.dedup"
     plan = _plan(dedup, context, folder, desc)
@@ -168,9 +181,24 @@ def cluster_passes(
         return None
     shuffle = Shuffle(f"{folder}/shuffle", len(shards), plan.partitions, destinations)
     mapper = _ClusterMap(
-        context.pool, context.inputs, tuple(shards), dedup.model_id, plan, dedup.spill, reach(dedup.threshold), copies
+        context.pool,
+        context.inputs,
+        tuple(shards),
+        dedup.model_id,
+        plan,
+        dedup.spill,
+        reach(dedup.threshold),
+        copies,
+        dedup.device,
     )
-    shuffle.run(mapper, reducer(plan), desc=desc, workers=context.workers, address=context.address)
+    shuffle.run(
+        mapper,
+        reducer(plan),
+        desc=desc,
+        workers=context.workers,
+        address=context.address,
+        gpus=(0.0 if dedup.device == "cpu" else GPU_SHARE, reduce_gpus),
+    )
     return shuffle, plan
 
 
@@ -267,6 +295,7 @@ class _ClusterMap:
     spill: int
     margin: float
     copies: float | None = None  # the threshold, when copies within the shard are sent as dropped (cluster -1)
+    device: str = "cpu"  # Dedup.device: where the products with the centroids run
 
     def __call__(self, source: int) -> tuple[pa.Table, np.ndarray]:
         data = ShardData(self.pool, self.shards[source])
@@ -278,7 +307,8 @@ class _ClusterMap:
             first = first_copies(halves)
             copy = first != np.arange(len(chosen))
             copy[copy] = self_similar(halves[first[copy]], self.copies)
-        ids, member = memberships(self.plan.centroids, vectors[chosen[~copy]], self.spill, self.margin)
+        device = resolve(self.device)
+        ids, member = memberships(self.plan.centroids, vectors[chosen[~copy]], self.spill, self.margin, device)
         joined, rank = np.nonzero(member)  # a row of the non-copies, once per cluster it joins
         none = np.zeros(int(copy.sum()), bool)  # the copies: one row each, as cluster -1
         row = np.concatenate([np.flatnonzero(~copy)[joined], np.flatnonzero(copy)])
@@ -304,10 +334,11 @@ class _ClusterReduce:
 
     threshold: float
     shards: int
+    device: str = "cpu"  # Dedup.device: where the products within clusters run
 
     def __call__(self, partition: int, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
         copy = numpy_of(table.column("cluster")) < 0  # copies the map found in their own shard: dropped
-        pos_out, label = _groups(table, self.threshold)
+        pos_out, label = _groups(table, self.threshold, resolve(self.device))
         pos_out = np.concatenate([numpy_of(table.column("pos"))[copy], pos_out])
         label = np.concatenate([np.full(int(copy.sum()), -1, np.int64), label])
         destination = np.where(label < 0, pos_out >> np.int64(32), self.shards)
@@ -331,7 +362,7 @@ def partition_clusters(table: pa.Table) -> Iterator[tuple[int, np.ndarray, np.nd
         yield int(cluster[rows[0]]), rows, halves[rows].astype(np.float32)
 
 
-def _groups(table: pa.Table, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def _groups(table: pa.Table, threshold: float, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A partition's clusters (map rows: cluster, pos, primary, spilled, vec; rows of cluster -1 left out), each
     compared within itself: (pos, -1) for rows dropped within their cluster, (pos, its group's first pos) for the
     rows of groups that reach other clusters; singletons say nothing. Groups are components of the pairs found
@@ -369,7 +400,7 @@ def _groups(table: pa.Table, threshold: float) -> tuple[np.ndarray, np.ndarray]:
             base = np.flatnonzero(compared[distinct])
             if not len(base):
                 continue
-            for query, target in similar_pair_blocks(rows, threshold, rows[base], base):
+            for query, target in similar_pair_blocks(rows, threshold, rows[base], base, device):
                 groups.add(distinct[query], distinct[base[target]])
     labels = groups.labels()
     grouped = np.bincount(labels, minlength=n)[labels] > 1

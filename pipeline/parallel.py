@@ -150,6 +150,7 @@ def map_shards(
     address: str | None = None,
     on_result: Callable[[T, R], None] | None = None,
     threads: bool = False,
+    gpus: float = 0.0,
 ) -> list[R]:
     """Apply `fn` to every item, one Ray task per item, with a progress bar; results in item order.
 
@@ -157,7 +158,7 @@ def map_shards(
     would take little time, see the module's note). `threads`: in-process items run on a thread per core
     (`local_threads`), for work that spends its time outside the GIL (NumPy, Arrow, file I/O) and is safe to
     run side by side. A ClipsiftError raised in a task is re-raised here as itself so the CLI can show its
-    message.
+    message. `gpus`: the share of a GPU each Ray task asks for where the cluster has GPUs (none asked elsewhere).
     """
     items = list(items)
     if not items:
@@ -181,7 +182,7 @@ def map_shards(
             with lending_cores(0 if threads else cores - 1):
                 start = _run_here(fn, items, done, budget, cores if threads else 1)
         if start < len(items):
-            _map_on_ray(fn, items, start, workers, address, done)
+            _map_on_ray(fn, items, start, workers, address, done, gpus)
     return [results[i] for i in range(len(items))]
 
 
@@ -272,15 +273,21 @@ def _remote_apply() -> Any:
     return ray.remote(num_cpus=1, max_retries=3)(_apply)
 
 
+def gpu_options(gpus: float, resources: dict[str, float]) -> dict[str, float]:
+    """A task's Ray options for `gpus` of a GPU: none on a cluster without GPUs (the task would wait forever)."""
+    return {"num_gpus": gpus} if gpus > 0 and resources.get("GPU", 0) > 0 else {}
+
+
 def _map_on_ray(
-    fn: Callable, items: list, start: int, workers: int | None, address: str | None, done: Callable
+    fn: Callable, items: list, start: int, workers: int | None, address: str | None, done: Callable, gpus: float = 0.0
 ) -> None:
     """Items from `start` on as Ray tasks."""
     import ray
 
     ensure_ray(address, workers)
     fn_ref = ray.put(fn)
-    pending = {_remote_apply().remote(fn_ref, items[index]): index for index in range(start, len(items))}
+    task = _remote_apply().options(**gpu_options(gpus, ray.cluster_resources()))
+    pending = {task.remote(fn_ref, items[index]): index for index in range(start, len(items))}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:

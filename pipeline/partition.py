@@ -296,15 +296,22 @@ class Shuffle:
         desc: str,
         workers: int | None = None,
         address: str | None = None,
+        gpus: tuple[float, float] = (0.0, 0.0),
     ) -> None:
-        """The map and reduce passes, each resuming where a killed run stopped (see the module's note)."""
+        """The map and reduce passes, each resuming where a killed run stopped (see the module's note). `gpus`: the
+        share of a GPU each map and each reduce task asks for on a Ray cluster that has GPUs."""
         self.start()
         reduces = [p for p in range(self.partitions) if not self._exists(self.reduce_path(p))]
         if not reduces:
             return
         maps = [s for s in range(self.sources) if not self._exists(self.map_path(s))]
         map_shards(
-            functools.partial(_map_task, self, map_fn), maps, desc=f"{desc}: map", workers=workers, address=address
+            functools.partial(_map_task, self, map_fn),
+            maps,
+            desc=f"{desc}: map",
+            workers=workers,
+            address=address,
+            gpus=gpus[0],
         )
         map_shards(
             functools.partial(_reduce_task, self, reduce_fn),
@@ -312,6 +319,7 @@ class Shuffle:
             desc=f"{desc}: reduce",
             workers=workers,
             address=address,
+            gpus=gpus[1],
         )
 
     def partition(self, index: int) -> pa.Table:

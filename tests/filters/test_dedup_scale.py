@@ -426,11 +426,11 @@ def test_copies_of_one_vector_reach_their_cluster_once_per_shard(
     arrived, compared = [], []
     groups, blocks = near_module._groups, near_module.similar_pair_blocks
 
-    def recording_groups(table: pa.Table, threshold: float):
+    def recording_groups(table: pa.Table, threshold: float, *device):
         halves = np.asarray(table.column("vec").combine_chunks().flatten()).reshape(table.num_rows, -1)
         clustered = np.asarray(table.column("cluster")) >= 0  # -1: dropped by the map as a copy
         arrived.append(int(((halves == placeholder).all(axis=1) & clustered).sum()))
-        return groups(table, threshold)
+        return groups(table, threshold, *device)
 
     def recording_blocks(rows: np.ndarray, *args):
         compared.append(int((rows.astype(np.float16) == placeholder).all(axis=1).sum()))

@@ -1,0 +1,86 @@
+"""Near dedup's two products on a GPU: rows against centroids (the map) and rows against rows (the reduce).
+
+`dedup: {by: embedding, device: auto}` (the default) runs them with torch on a CUDA device when the task sees one,
+else with NumPy on the CPU (filters/dedup.py `similar_pair_blocks`, filters/near_dedup.py `memberships`). On a
+Ray cluster with GPUs, the map and reduce tasks each ask for `GPU_SHARE` of one, so that several share a device
+(their products are small). The products are float32 (TF32 off), like the CPU's; a similarity within a rounding
+error of the threshold may fall the other way on another device, as it may between two CPU BLAS libraries.
+
+torch is imported only where a GPU may be present (`gpu_visible`): a CPU-only task never pays its import.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from clipsift import ClipsiftError
+
+DEVICES = ("auto", "cpu", "cuda")
+GPU_SHARE = 0.25  # of one GPU, asked by each map and reduce task on a cluster with GPUs
+BLOCK_ENTRIES = 1 << 26  # similarities computed at once on the device (256 MiB of float32)
+
+
+def gpu_visible() -> bool:
+    """Whether this process may see an NVIDIA GPU, without importing torch: a driver is loaded and the
+    devices are not hidden (Ray hides them from tasks that did not ask for one)."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and hidden.strip() in ("", "-1", "NoDevFiles"):
+        return False
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+
+
+def resolve(device: str, where: str = "dedup") -> str | None:
+    """The torch device the products run on here ("cuda"), or None for NumPy on the CPU."""
+    if device == "cpu":
+        return None
+    if gpu_visible():
+        import torch
+
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = False  # float32 products, as on the CPU
+            return "cuda"
+    if device == "cuda":
+        raise ClipsiftError(
+            f"{where}: device cuda, but this process sees no GPU; use device: auto (a GPU where there is one) or cpu"
+        )
+    return None
+
+
+def pair_blocks(
+    vectors: np.ndarray, threshold: float, base: np.ndarray, base_rows: np.ndarray | None, device: str
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`similar_pair_blocks` on a torch device: the same pairs (i, j), vectors[i] . base[j] >= threshold, with
+    i != base_rows[j] when base_rows is given."""
+    import torch
+
+    rows = torch.from_numpy(np.ascontiguousarray(vectors, np.float32)).to(device)
+    base_t = torch.from_numpy(np.ascontiguousarray(base, np.float32)).to(device).T
+    own = None if base_rows is None else torch.from_numpy(np.asarray(base_rows, np.int64)).to(device)
+    columns = torch.arange(len(base), device=device)
+    step = max(1, BLOCK_ENTRIES // max(len(base), 1))
+    for start in range(0, len(vectors), step):
+        sims = rows[start : start + step] @ base_t
+        if own is not None:
+            inside = (own >= start) & (own < start + len(sims))
+            sims[own[inside] - start, columns[inside]] = -torch.inf
+        query, target = torch.nonzero(sims >= threshold, as_tuple=True)
+        yield query.cpu().numpy() + start, target.cpu().numpy()
+
+
+def top_centroids(centroids: np.ndarray, vectors: np.ndarray, m: int, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, ids) [n, m] of each row's m nearest centroids by inner product, nearest first, on a torch
+    device (exact ties, as between copies of one centroid, may come in either order)."""
+    import torch
+
+    columns = torch.from_numpy(np.ascontiguousarray(centroids, np.float32)).to(device).T
+    sims, ids = np.empty((len(vectors), m), np.float32), np.empty((len(vectors), m), np.int64)
+    step = max(1, BLOCK_ENTRIES // max(len(centroids), 1))
+    for start in range(0, len(vectors), step):
+        block = torch.from_numpy(np.ascontiguousarray(vectors[start : start + step], np.float32)).to(device)
+        top = torch.topk(block @ columns, m, dim=1)
+        sims[start : start + len(block)] = top.values.cpu().numpy()
+        ids[start : start + len(block)] = top.indices.cpu().numpy()
+    return sims, ids
