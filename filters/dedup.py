@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from clipsift import ClipsiftError
 from clipsift.arrays import arrow_of, numpy_of
 from clipsift.filters.base import Context, Filter, Inputs, ShardData, register, require
-from clipsift.filters.on_device import DEVICES, pair_blocks
+from clipsift.filters.on_device import DEVICES, pair_blocks, resolve
 from clipsift.filters.subset import encode_uids
 from clipsift.filters.vectors import check_dim, check_source, ip_index, load_vectors, nearest, vector_files
 from clipsift.hashing import row_hashes
@@ -69,7 +69,7 @@ class Dedup(Filter):
     k: int | None = None  # clusters (clustered); None: the square root of the input rows
     sample: int | None = None  # k-means sample rows (clustered); None: 40 per cluster
     spill: int = 3  # clusters each row is compared in (clustered): its nearest, and the next ones within reach
-    device: str = "auto"  # clustered: where the products run: auto (a GPU where the task sees one), cpu or cuda
+    device: str = "auto"  # by embedding: where the products run: auto (a GPU where the task sees one), cpu or cuda
     budget_mb: float = DEFAULT_BUDGET_MB  # partition (and cluster) data one task holds
     seed: int = 0
 
@@ -128,7 +128,7 @@ class Dedup(Filter):
         flat = np.concatenate(positions) if positions else np.zeros(0, np.int64)
         matrix = np.concatenate(vectors) if vectors else np.zeros((0, 1), np.float32)
         groups = PairGroups(len(matrix))
-        for query, target in similar_pair_blocks(matrix, self.threshold):
+        for query, target in similar_pair_blocks(matrix, self.threshold, device=resolve(self.device)):
             groups.add(query, target)
         labels = groups.labels()
         dropped = labels != np.arange(len(matrix))

@@ -101,3 +101,14 @@ def test_cuda_products_equal_the_numpy_ones(base: str) -> None:
     centroids = unit(np.random.default_rng(35).normal(size=(50, 64)))
     on_gpu, on_cpu = memberships(centroids, vectors, 3, 0.1, "cuda"), memberships(centroids, vectors, 3, 0.1)
     assert np.array_equal(on_gpu[0], on_cpu[0])
+
+
+def test_exact_dedup_takes_the_device_path_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vectors = planted(np.random.default_rng(36), 600, 16, clustered=False)
+    pool = near_pool(tmp_path, vectors)
+    used = []
+    pair_blocks = on_device.pair_blocks
+    monkeypatch.setattr("clipsift.filters.dedup.resolve", lambda device: "cpu")
+    monkeypatch.setattr("clipsift.filters.dedup.pair_blocks", lambda *args: used.append(1) or pair_blocks(*args))
+    got = run(pool, tmp_path, "[{dedup: {by: embedding, model_id: m, method: exact}}]", "exact")
+    assert got == uids(all_pairs_kept(vectors, 0.95)) and used == [1]
