@@ -622,6 +622,8 @@ METADATA_BYTES = 3e9 / 12.8e6  # DataComp: 3 GB of metadata parquets at small
 EMBEDDING_BYTES = 2 * 768 * 2 + 35 + 4  # L/14: image and text float16 vectors, uid, score
 PAIR_GFLOP = {"ViT-B-32": 14.78, "ViT-L-14": 175.33}  # torch's FlopCounterMode on open_clip's models, 224 px
 H100_BF16, MFU = 989e12, 0.4  # dense bf16 peak; the share of it assumed for inference (a projection)
+H100_FP32 = 67e12  # near dedup's float32 products (TF32 off): the CUDA cores' peak, at the same assumed share
+SPILL, WIDE = 3, 768  # near dedup's default spill; real (L/14) embedding width
 DECODE_CORE_S = 1.696e-3 * 0.83  # docs/scoring.md: 1.696 ms a pair on one core, 83% decoding and resizing
 RESHARD_CORE_BPS = 4282e6 / 2  # docs/filters.md: reshard of a 30% subset, 4,282 MB/s of input on 2 workers
 KEPT = 0.3
@@ -672,6 +674,11 @@ def print_cost_model(runs: dict[str, Run], wide: dict[str, Run], dim: int) -> No
                 f"filter {where}: CPU-core-hours (reads {read:,.0f} B a row; measured at {size_name(rows)})",
                 [f"{n * cpu / 3600:,.2f}" for n in SCALES.values()],
             )
+    row(
+        f"dedup by embedding, {WIDE}-d, its products on a GPU: H100-hours (projection: (1 + spill) x rows^1.5 x D "
+        f"multiply-adds, {MFU:.0%} of the float32 peak)",
+        [f"{(1 + SPILL) * n**1.5 * WIDE * 2 / (MFU * H100_FP32) / 3600:,.3f}" for n in SCALES.values()],
+    )
     row(
         "reshard of a 30% subset: CPU-core-hours (reads every tar)",
         [f"{n * TAR_BYTES / RESHARD_CORE_BPS / 3600:,.2f}" for n in SCALES.values()],
