@@ -112,3 +112,31 @@ def test_exact_dedup_takes_the_device_path_too(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr("clipsift.filters.dedup.pair_blocks", lambda *args: used.append(1) or pair_blocks(*args))
     got = run(pool, tmp_path, "[{dedup: {by: embedding, model_id: m, method: exact}}]", "exact")
     assert got == uids(all_pairs_kept(vectors, 0.95)) and used == [1]
+
+
+def test_on_a_cluster_with_gpus_the_tasks_ask_for_a_share(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local Ray cluster that declares one GPU (none is there: the tasks then find no driver and use NumPy): the
+    map and reduce tasks ask for a quarter of it each, the step tasks for none, and the rows kept are the same."""
+    import ray
+
+    from clipsift.pipeline import parallel
+
+    vectors = planted(np.random.default_rng(37), 800, 16, clustered=True)
+    pool = near_pool(tmp_path, vectors)
+    recipe = "[{dedup: {by: embedding, model_id: m, budget_mb: 0.01}}]"
+    here = run(pool, tmp_path, recipe, "here")
+    asked = []
+
+    def recorded(gpus, resources):
+        asked.append(options := gpu_options(gpus, resources))
+        return options
+
+    monkeypatch.setattr(parallel, "gpu_options", recorded)
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        assert run(pool, tmp_path, recipe, "ray", workers=2) == here == uids(all_pairs_kept(vectors, 0.95))
+    finally:
+        ray.shutdown()
+    gpu = {"num_gpus": 0.25}
+    assert asked[1:3] == [gpu, gpu]  # the map, the reduce
+    assert asked[0] == {} and len(asked) > 3 and gpu not in asked[3:]  # the k-means sample, the merge, the step: none
