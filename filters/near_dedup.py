@@ -24,6 +24,9 @@ compares one row per distinct vector of a cluster and joins the others to it.
 
 `semdedup` (filters/semdedup.py) runs steps 1-3 with spill 1 (`cluster_passes`) and a reduce of its own.
 
+The map's products with the centroids and the reduce's products within clusters run with torch on a GPU where a
+task sees one (`dedup.device`, filters/on_device.py), with NumPy on the CPU otherwise.
+
 Exactness. A pair (x, y) is found when y's primary cluster is x's primary cluster or one of x's secondary
 clusters (or the other way round). For unit vectors with cosine >= t, |x.c - y.c| <= |x - y| <= d =
 sqrt(2 - 2t) for every unit centroid c, so x's similarity to y's nearest centroid is at least x's best minus
