@@ -297,9 +297,11 @@ class Shuffle:
         workers: int | None = None,
         address: str | None = None,
         gpus: tuple[float, float] = (0.0, 0.0),
+        threads: bool = False,
     ) -> None:
         """The map and reduce passes, each resuming where a killed run stopped (see the module's note). `gpus`: the
-        share of a GPU each map and each reduce task asks for on a Ray cluster that has GPUs."""
+        share of a GPU each map and each reduce task asks for on a Ray cluster that has GPUs. `threads`: passes that
+        run in this process use a thread per core (`map_shards`), for functions that are safe side by side."""
         self.start()
         reduces = [p for p in range(self.partitions) if not self._exists(self.reduce_path(p))]
         if not reduces:
@@ -312,6 +314,7 @@ class Shuffle:
             workers=workers,
             address=address,
             gpus=gpus[0],
+            threads=threads,
         )
         map_shards(
             functools.partial(_reduce_task, self, reduce_fn),
@@ -320,6 +323,7 @@ class Shuffle:
             workers=workers,
             address=address,
             gpus=gpus[1],
+            threads=threads,
         )
 
     def partition(self, index: int) -> pa.Table:
