@@ -67,6 +67,7 @@ from clipsift.filters.on_device import GPU_SHARE, resolve, top_centroids
 from clipsift.filters.vectors import fit_kmeans, normalise, sample_vectors
 from clipsift.hashing import splitmix64
 from clipsift.pipeline.components import not_smallest
+from clipsift.pipeline.parallel import local_threads
 from clipsift.pipeline.partition import ReduceFn, Shuffle, partitions_for, position, read_batch
 from clipsift.pipeline.pool import Pool
 
@@ -231,7 +232,8 @@ def _plan(dedup: Dedup, context: Context, folder: str, desc: str = "dedup by emb
     centroids = _fit(sample, k, dedup.seed)
     margin = reach(dedup.threshold)
     row_bytes = 2 * sample.shape[1] + 16  # a partition row: the float16 vector, its position, cluster and flags
-    budget_rows = dedup.budget_mb * 2**20 / row_bytes
+    # the budget is what one process holds: in this process, the reduces run a partition per thread
+    budget_rows = dedup.budget_mb * 2**20 / row_bytes / local_threads(context.workers)
     scale = rows / len(sample)
     centroids = _split(centroids, sample, scale, budget_rows, dedup.spill, margin, dedup.seed)
     ids, member = memberships(centroids, sample, dedup.spill, margin)
