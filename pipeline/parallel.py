@@ -6,8 +6,10 @@ instead: same results, none of a local cluster's start-up (7-10 s on a 2-core ma
 runs items here one by one and measures them; as soon as the items left would take longer than
 `CLIPSIFT_LOCAL_MAX_SECONDS` (default 20) at the last item's pace, it hands them to Ray. So a
 metadata filter over millions of rows (5M+ rows/s) never starts a cluster, while a heavy per-shard
-step moves to Ray after one shard. Scoring, whose model actors cannot be measured that way,
-estimates its time from its row count (`in_process`). `--workers 1` always runs in-process,
+step moves to Ray after one shard. Items on threads (`threads=True`) that already use every core (a
+machine of up to 4 cores) stay here unless CLIPSIFT_LOCAL_MAX_SECONDS is set: a local cluster would add no
+cores. Scoring, whose model actors cannot be measured that way, estimates its time from its row count
+(`in_process`). `--workers 1` always runs in-process,
 `--workers N` (N > 1) and an address always use Ray.
 
 Ray's own notices (token authentication, Ray Data's log lines, worker output) are hidden unless
@@ -177,13 +179,19 @@ def map_shards(
         if where == "ray":
             start = 0
         else:
-            budget = math.inf if where == "here" else local_max_seconds()
             cores = local_threads(workers)
+            budget = math.inf if where == "here" or fills_machine(threads, cores) else local_max_seconds()
             with lending_cores(0 if threads else cores - 1):
                 start = _run_here(fn, items, done, budget, cores if threads else 1)
         if start < len(items):
             _map_on_ray(fn, items, start, workers, address, done, gpus)
     return [results[i] for i in range(len(items))]
+
+
+def fills_machine(threads: bool, cores: int) -> bool:
+    """Whether items on `cores` threads already use every core of this machine: a local cluster would then add
+    only its start-up, so they stay here (unless CLIPSIFT_LOCAL_MAX_SECONDS is set, which then decides)."""
+    return threads and cores >= usable_cores() and LOCAL_MAX_SECONDS_ENV not in os.environ
 
 
 def spare_cores() -> int:

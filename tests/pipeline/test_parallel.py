@@ -141,3 +141,23 @@ def test_usable_cores_respect_a_containers_cpu_quota(tmp_path, monkeypatch: pyte
     assert parallel.usable_cores() == min(unlimited, 2)
     cpu_max.write_text("50000 100000\n")
     assert parallel.usable_cores() == 1
+
+
+def test_items_on_threads_that_use_every_core_stay_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local cluster adds no cores where the threads already use them all: slow items stay in this process,
+    however long the rest would take (no Ray is started here: a Ray task would report another pid)."""
+    monkeypatch.delenv(parallel.LOCAL_MAX_SECONDS_ENV, raising=False)
+    monkeypatch.setattr(parallel, "DEFAULT_LOCAL_MAX_SECONDS", 0.1)
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
+
+    def slow(item: int) -> int:
+        time.sleep(0.2)  # 5 items left at 0.1 s each (two threads) is more than the 0.1 s budget
+        return os.getpid()
+
+    assert map_shards(slow, range(6), desc="threads", threads=True) == [os.getpid()] * 6
+    assert parallel.fills_machine(True, 2) and not parallel.fills_machine(False, 2)
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 8)  # 4 threads at most: Ray would add cores
+    assert not parallel.fills_machine(True, parallel.local_threads())
+    monkeypatch.setenv(parallel.LOCAL_MAX_SECONDS_ENV, "20")  # set: the budget decides, as before
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
+    assert not parallel.fills_machine(True, 2)
