@@ -70,7 +70,7 @@ class Dedup(Filter):
     sample: int | None = None  # k-means sample rows (clustered); None: 40 per cluster
     spill: int = 3  # clusters each row is compared in (clustered): its nearest, and the next ones within reach
     device: str = "auto"  # by embedding: where the products run: auto (a GPU where the task sees one), cpu or cuda
-    budget_mb: float = DEFAULT_BUDGET_MB  # partition (and cluster) data one task holds
+    budget_mb: float = DEFAULT_BUDGET_MB  # partition (and cluster) data one process holds
     seed: int = 0
 
     def validate(self, where: str) -> None:
