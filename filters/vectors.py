@@ -133,8 +133,13 @@ def sample_vectors(context: Context, model_id: str, rate: float, seed: int, desc
     """The image embeddings of a step's input rows, each row kept with probability `rate` (seeded per shard),
     read shard by shard in tasks: the driver holds the sample, never the pool."""
     task = functools.partial(_sample_shard, context.pool, context.inputs, model_id, rate, seed)
-    parts = map_shards(
-        task, list(enumerate(context.shards())), desc=desc, workers=context.workers, address=context.address
+    parts = map_shards(  # reading parquet and sampling with NumPy: safe side by side on threads
+        task,
+        list(enumerate(context.shards())),
+        desc=desc,
+        workers=context.workers,
+        address=context.address,
+        threads=True,
     )
     if not parts:
         return np.zeros((0, 1), np.float32)
