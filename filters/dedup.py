@@ -9,6 +9,7 @@ or, with `method: exact`, compares every pair of input rows in one process.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -209,30 +210,31 @@ def _as_key(data: ShardData, name: str, column: pa.ChunkedArray) -> pa.Array:
 
 
 def similar_pair_blocks(
-    vectors: np.ndarray,
-    threshold: float,
-    base: np.ndarray | None = None,
-    base_rows: np.ndarray | None = None,
-    device: str | None = None,
+    vectors: np.ndarray, threshold: float, base: np.ndarray | None = None, device: str | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """All pairs (i, j) with vectors[i] . base[j] >= threshold, exact (base: the vectors themselves, and then
-    i != j; base_rows: which row of `vectors` each base vector is, and then i != base_rows[j]), block by block:
-    feed them to `PairGroups` (n identical rows give n^2 pairs). Each block is a matrix product of at most
-    BLOCK_ROWS rows and BLOCK_ENTRIES similarities (a block of 256 rows is scanned from cache: about 2x faster than
-    one product per 6,000-row cluster); a row's similarity with itself is set below the threshold first, so that
-    only the few rows with a pair are looked at twice. `device`: a torch device to compute them on instead
-    (filters/on_device.py)."""
-    if base is None:
-        base, base_rows = vectors, np.arange(len(vectors))
+    """All pairs (i, j) with vectors[i] . base[j] >= threshold, exact, block by block: feed them to `PairGroups`
+    (n identical rows give n^2 pairs). Without `base`, the vectors against themselves, each pair of two rows once
+    (i < j: half the products). Each block is a matrix product of at most BLOCK_ROWS rows and BLOCK_ENTRIES
+    similarities (a block of 256 rows is scanned from cache: about 2x faster than one product per 6,000-row
+    cluster), and only the few rows with a pair are looked at twice. `device`: a torch device to compute them on
+    instead (filters/on_device.py)."""
     if device is not None:
-        yield from pair_blocks(vectors, threshold, base, base_rows, device)
+        yield from pair_blocks(vectors, threshold, base, device)
         return
-    columns = np.arange(len(base))
-    base_t = np.ascontiguousarray(base, np.float32).T
-    step = max(1, min(BLOCK_ROWS, BLOCK_ENTRIES // max(len(base), 1)))
+    own = base is None
+    base_t = np.ascontiguousarray(vectors if own else base, np.float32).T
+    step = max(1, min(BLOCK_ROWS, BLOCK_ENTRIES // max(base_t.shape[1], 1)))
     for start in range(0, len(vectors), step):
-        sims = np.ascontiguousarray(vectors[start : start + step], np.float32) @ base_t
-        yield _block_pairs(sims, threshold, start, base_rows, columns)
+        first = start if own else 0  # against themselves: only the columns from the block's own rows on
+        sims = np.ascontiguousarray(vectors[start : start + step], np.float32) @ base_t[:, first:]
+        if own:
+            sims[:, : len(sims)][_lower(len(sims))] = -np.inf  # a row with itself and with the rows before it
+        yield _block_pairs(sims, threshold, start, first)
+
+
+@functools.lru_cache(maxsize=4)
+def _lower(n: int) -> np.ndarray:
+    return np.tri(n, dtype=bool)
 
 
 class PairGroups:
@@ -272,16 +274,11 @@ def _index_type(n: int) -> type:
     return np.int32 if n < 2**31 else np.int64
 
 
-def _block_pairs(
-    sims: np.ndarray, threshold: float, start: int, base_rows: np.ndarray | None, columns: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs >= threshold of a block of rows (from `start`) against the base, a row's pair with itself left out."""
-    if base_rows is not None:
-        inside = (base_rows >= start) & (base_rows < start + len(sims))
-        sims[base_rows[inside] - start, columns[inside]] = -np.inf
+def _block_pairs(sims: np.ndarray, threshold: float, start: int, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs >= threshold of a block of rows (from row `start`) against the base's columns from `first` on."""
     rows = np.flatnonzero(sims.max(axis=1, initial=-np.inf) >= threshold)  # few rows have a pair: those only
     query, target = np.nonzero(sims[rows] >= threshold)
-    return rows[query] + start, target
+    return rows[query] + start, target + first
 
 
 def first_copies(vectors: np.ndarray, keys: np.ndarray | None = None, order: np.ndarray | None = None) -> np.ndarray:

@@ -8,11 +8,11 @@
    cluster) and to each of its next `spill - 1` nearest centroids whose similarity is within reach (below), as a
    secondary member; rows are written to their clusters' partitions (pipeline/partition.py).
 3. reduce, a task per partition: within each cluster, every primary member is compared with every member
-   (exact cosine, a matrix product; a row's similarity with itself is set below the threshold first, so only
-   the few rows that have a pair are searched again) and the pairs >= threshold are grouped transitively (one
-   connected-components pass over the partition: no pair joins two clusters, so no group spans two). A group
-   whose rows all live only here is final: all but its first row (pool order) are dropped. A group holding a
-   row that is also a member of another cluster goes to this process as (row, group) pairs.
+   (exact cosine, matrix products: the primaries with each other, each pair once, then the other members with
+   them; only the few rows that have a pair are searched again) and the pairs >= threshold are grouped
+   transitively (one connected-components pass over the partition: no pair joins two clusters, so no group
+   spans two). A group whose rows all live only here is final: all but its first row (pool order) are dropped.
+   A group holding a row that is also a member of another cluster goes to this process as (row, group) pairs.
 4. merge, as rounds of shuffles (pipeline/components.py): the pairs are grouped again (connected components,
    each task holding one partition of them), and all but the first row of each group are dropped.
 
@@ -406,11 +406,15 @@ def _groups(table: pa.Table, threshold: float, device: str | None = None) -> tup
                 chunk_start = start
                 vectors = halves[order[start : max(end, start + CHUNK_ROWS)]].astype(np.float32)
             rows = vectors[distinct - chunk_start]
-            base = np.flatnonzero(compared[distinct])
+            base, others = np.flatnonzero(compared[distinct]), np.flatnonzero(~compared[distinct])
             if not len(base):
                 continue
-            for query, target in similar_pair_blocks(rows, threshold, rows[base], base, device):
-                groups.add(distinct[query], distinct[base[target]])
+            base_rows = rows[base]  # the primaries with each other once, then the other members with them
+            for query, target in similar_pair_blocks(base_rows, threshold, device=device):
+                groups.add(distinct[base[query]], distinct[base[target]])
+            if len(others):
+                for query, target in similar_pair_blocks(rows[others], threshold, base_rows, device):
+                    groups.add(distinct[others[query]], distinct[base[target]])
     labels = groups.labels()
     grouped = np.bincount(labels, minlength=n)[labels] > 1
     reaching = np.bincount(labels, weights=~primary | spilled, minlength=n)[labels] > 0

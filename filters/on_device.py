@@ -50,24 +50,24 @@ def resolve(device: str, where: str = "dedup") -> str | None:
 
 
 def pair_blocks(
-    vectors: np.ndarray, threshold: float, base: np.ndarray, base_rows: np.ndarray | None, device: str
+    vectors: np.ndarray, threshold: float, base: np.ndarray | None, device: str
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """`similar_pair_blocks` on a torch device: the same pairs (i, j), vectors[i] . base[j] >= threshold, with
-    i != base_rows[j] when base_rows is given."""
+    """`similar_pair_blocks` on a torch device: the same pairs (i, j), vectors[i] . base[j] >= threshold (without
+    `base`: the vectors against themselves, i < j)."""
     import torch
 
     rows = torch.from_numpy(np.ascontiguousarray(vectors, np.float32)).to(device)
-    base_t = torch.from_numpy(np.ascontiguousarray(base, np.float32)).to(device).T
-    own = None if base_rows is None else torch.from_numpy(np.asarray(base_rows, np.int64)).to(device)
-    columns = torch.arange(len(base), device=device)
-    step = max(1, BLOCK_ENTRIES // max(len(base), 1))
+    own = base is None
+    base_t = rows.T if own else torch.from_numpy(np.ascontiguousarray(base, np.float32)).to(device).T
+    step = max(1, BLOCK_ENTRIES // max(base_t.shape[1], 1))
     for start in range(0, len(vectors), step):
-        sims = rows[start : start + step] @ base_t
-        if own is not None:
-            inside = (own >= start) & (own < start + len(sims))
-            sims[own[inside] - start, columns[inside]] = -torch.inf
+        first = start if own else 0
+        sims = rows[start : start + step] @ base_t[:, first:]
+        if own:
+            n = len(sims)
+            sims[:, :n].masked_fill_(torch.ones(n, n, dtype=torch.bool, device=device).tril(), -torch.inf)
         query, target = torch.nonzero(sims >= threshold, as_tuple=True)
-        yield query.cpu().numpy() + start, target.cpu().numpy()
+        yield query.cpu().numpy() + start, target.cpu().numpy() + first
 
 
 def top_centroids(centroids: np.ndarray, vectors: np.ndarray, m: int, device: str) -> tuple[np.ndarray, np.ndarray]:
