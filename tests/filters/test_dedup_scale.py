@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import time
 from pathlib import Path
 
 import numpy as np
@@ -456,3 +457,34 @@ def test_copies_are_joined_only_when_they_surely_pair(tmp_path: Path, threshold:
     expected = uids(all_pairs_kept(vectors, threshold))
     assert len(expected) > 500  # some copies surely pair, some do not
     assert run(pool, tmp_path, steps, "clustered") == expected
+
+
+def test_near_dedup_runs_a_task_per_thread_here_with_one_blas_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No worker count on a 2-core machine: the map and reduce stay in this process on two threads (a local
+    cluster would add no cores), each with one BLAS thread, partitions sized to half the budget; same rows kept."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    from clipsift.pipeline import parallel
+
+    monkeypatch.delenv(parallel.LOCAL_MAX_SECONDS_ENV, raising=False)
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
+    vectors = planted(np.random.default_rng(16), 1500, 16, clustered=True)
+    pool = near_pool(tmp_path, vectors)
+    seen, groups = [], near_module._groups
+
+    def recording_groups(*args):
+        # NumPy's BLAS, which the products use (faiss's own, for k-means, is not used here)
+        blas = [pool["num_threads"] for pool in threadpool_info() if "numpy" in pool["filepath"]]
+        seen.append((threading.get_ident(), max(blas, default=1)))
+        time.sleep(0.05)  # long enough for the other thread to take the next partition meanwhile
+        return groups(*args)
+
+    monkeypatch.setattr(near_module, "_groups", recording_groups)
+    steps = "[{dedup: {by: embedding, model_id: m, budget_mb: 0.02}}]"
+    assert run(pool, tmp_path, steps, "threads", workers=None) == uids(all_pairs_kept(vectors, 0.95))
+    assert len(seen) > 4 and threading.get_ident() not in {ident for ident, _ in seen}
+    assert len({ident for ident, _ in seen}) == 2 and {blas for _, blas in seen} == {1}
