@@ -232,13 +232,14 @@ def _plan(dedup: Dedup, context: Context, folder: str, desc: str = "dedup by emb
     centroids = _fit(sample, k, dedup.seed)
     margin = reach(dedup.threshold)
     row_bytes = 2 * sample.shape[1] + 16  # a partition row: the float16 vector, its position, cluster and flags
-    # the budget is what one process holds: in this process, the reduces run a partition per thread
-    budget_rows = dedup.budget_mb * 2**20 / row_bytes / local_threads(context.workers)
+    budget_rows = dedup.budget_mb * 2**20 / row_bytes
     scale = rows / len(sample)
+    # clusters are split by the budget alone, so the rows kept never depend on this machine's cores
     centroids = _split(centroids, sample, scale, budget_rows, dedup.spill, margin, dedup.seed)
     ids, member = memberships(centroids, sample, dedup.spill, margin)
     estimated = np.bincount(ids[member], minlength=len(centroids)) * scale
-    partitions = max(1, math.ceil(estimated.sum() / budget_rows))
+    # the budget is what one process holds: in this process the reduces run a partition per thread
+    partitions = max(1, math.ceil(estimated.sum() * local_threads(context.workers) / budget_rows))
     plan = ClusterPlan(centroids, _pack(estimated, partitions), partitions)
     buffer = io.BytesIO()
     np.savez(buffer, centroids=plan.centroids, partition=plan.partition, partitions=plan.partitions)

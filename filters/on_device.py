@@ -12,6 +12,7 @@ torch is imported only where a GPU may be present (`gpu_visible`): a CPU-only ta
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -24,12 +25,22 @@ BLOCK_ENTRIES = 1 << 26  # similarities computed at once on the device (256 MiB 
 
 
 def gpu_visible() -> bool:
-    """Whether this process may see an NVIDIA GPU, without importing torch: a driver is loaded and the
-    devices are not hidden (Ray hides them from tasks that did not ask for one)."""
+    """Whether this process may use an NVIDIA GPU, without importing torch: a driver is loaded, the devices are
+    not hidden, and it is not a Ray task that was given no GPU (Ray leaves the devices visible to such tasks:
+    dozens of them would each open a CUDA context on one GPU)."""
     hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if hidden is not None and hidden.strip() in ("", "-1", "NoDevFiles"):
+    if (hidden is not None and hidden.strip() in ("", "-1", "NoDevFiles")) or ray_task_without_gpu():
         return False
     return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+
+
+def ray_task_without_gpu() -> bool:
+    """Whether this process runs a Ray task that Ray gave no GPU (False in a driver and outside Ray)."""
+    ray = sys.modules.get("ray")  # a Ray task has imported it; elsewhere it is not imported for this
+    if ray is None or not ray.is_initialized():
+        return False
+    worker = getattr(ray.get_runtime_context(), "worker", None)
+    return getattr(worker, "mode", None) == ray.WORKER_MODE and not ray.get_gpu_ids()
 
 
 def resolve(device: str, where: str = "dedup") -> str | None:

@@ -127,6 +127,7 @@ class SemDedup(Filter):
             k=self.k,
             sample=sample,
             spill=1,
+            device="cpu",  # its own reduce runs on CPUs; its tasks ask for no GPU
             budget_mb=self.budget_mb,
             seed=self.seed,
         )

@@ -132,6 +132,10 @@ def test_on_a_cluster_with_gpus_the_tasks_ask_for_a_share(tmp_path: Path, monkey
     ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
     try:
         assert run(pool, tmp_path, recipe, "ray", workers=2) == here == uids(all_pairs_kept(vectors, 0.95))
+        # Ray leaves the devices visible to a task given no GPU: such a task must not use one
+        without = ray.remote(num_cpus=1)(on_device.ray_task_without_gpu)
+        given = ray.remote(num_cpus=1, num_gpus=0.25)(on_device.ray_task_without_gpu)
+        assert ray.get(without.remote()) and not ray.get(given.remote()) and not on_device.ray_task_without_gpu()
     finally:
         ray.shutdown()
     gpu = {"num_gpus": 0.25}

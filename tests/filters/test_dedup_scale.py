@@ -488,3 +488,19 @@ def test_near_dedup_runs_a_task_per_thread_here_with_one_blas_thread(
     assert run(pool, tmp_path, steps, "threads", workers=None) == uids(all_pairs_kept(vectors, 0.95))
     assert len(seen) > 4 and threading.get_ident() not in {ident for ident, _ in seen}
     assert len({ident for ident, _ in seen}) == 2 and {blas for _, blas in seen} == {1}
+
+
+def test_the_rows_kept_do_not_depend_on_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Partitions shrink with the threads of this process, but clusters are split by the budget alone: on uniform
+    rows (pairs across clusters everywhere) a 4-core machine keeps what one core keeps."""
+    from clipsift.pipeline import parallel
+
+    monkeypatch.delenv(parallel.LOCAL_MAX_SECONDS_ENV, raising=False)
+    vectors = planted(np.random.default_rng(12), 1200, 16, clustered=False)
+    pool = near_pool(tmp_path, vectors)
+    steps = "[{dedup: {by: embedding, model_id: m, k: 12, budget_mb: 0.02}}]"
+    kept = {}
+    for cores in (1, 4):
+        monkeypatch.setattr(parallel, "usable_cores", lambda cores=cores: cores)
+        kept[cores] = run(pool, tmp_path, steps, f"cores{cores}", workers=None)
+    assert kept[1] == kept[4] == run(pool, tmp_path, steps, "one", workers=1)
