@@ -129,6 +129,7 @@ def test_on_a_cluster_with_gpus_the_tasks_ask_for_a_share(tmp_path: Path, monkey
         return options
 
     monkeypatch.setattr(parallel, "gpu_options", recorded)
+    ray.shutdown()  # a cluster an earlier test in this process left running has no GPU
     ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
     try:
         assert run(pool, tmp_path, recipe, "ray", workers=2) == here == uids(all_pairs_kept(vectors, 0.95))
