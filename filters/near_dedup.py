@@ -63,7 +63,7 @@ from clipsift.filters.dedup import (
     self_similar,
     similar_pair_blocks,
 )
-from clipsift.filters.on_device import GPU_SHARE, resolve, top_centroids
+from clipsift.filters.on_device import gpu_share, resolve, top_centroids
 from clipsift.filters.vectors import fit_kmeans, normalise, sample_vectors
 from clipsift.hashing import splitmix64
 from clipsift.pipeline.components import not_smallest
@@ -143,7 +143,7 @@ def prepare_clustered(dedup: Dedup, context: Context) -> Dropped | dict[str, np.
         len(shards) + 1,
         "dedup by embedding",
         copies=dedup.threshold,
-        reduce_gpus=0.0 if dedup.device == "cpu" else GPU_SHARE,
+        reduce_gpus=gpu_share(dedup.device),
     )
     if passes is None:  # no input row has an embedding
         return {shard: np.zeros(0, np.int64) for shard in shards}
@@ -204,7 +204,7 @@ def cluster_passes(
             desc=desc,
             workers=context.workers,
             address=context.address,
-            gpus=(0.0 if dedup.device == "cpu" else GPU_SHARE, reduce_gpus),
+            gpus=(gpu_share(dedup.device), reduce_gpus),
             threads=True,
         )
     return shuffle, plan

@@ -24,6 +24,11 @@ GPU_SHARE = 0.25  # of one GPU, asked by each map and reduce task on a cluster w
 BLOCK_ENTRIES = 1 << 26  # similarities computed at once on the device (256 MiB of float32)
 
 
+def gpu_share(device: str) -> float:
+    """The share of a GPU a task with this `device` setting asks for where the cluster has GPUs."""
+    return 0.0 if device == "cpu" else GPU_SHARE
+
+
 def gpu_visible() -> bool:
     """Whether this process may use an NVIDIA GPU, without importing torch: a driver is loaded, the devices are
     not hidden, and it is not a Ray task that was given no GPU (Ray leaves the devices visible to such tasks:

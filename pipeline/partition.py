@@ -307,24 +307,14 @@ class Shuffle:
         if not reduces:
             return
         maps = [s for s in range(self.sources) if not self._exists(self.map_path(s))]
-        map_shards(
-            functools.partial(_map_task, self, map_fn),
-            maps,
-            desc=f"{desc}: map",
-            workers=workers,
-            address=address,
-            gpus=gpus[0],
-            threads=threads,
+        passes = (
+            (functools.partial(_map_task, self, map_fn), maps, "map", gpus[0]),
+            (functools.partial(_reduce_task, self, reduce_fn), reduces, "reduce", gpus[1]),
         )
-        map_shards(
-            functools.partial(_reduce_task, self, reduce_fn),
-            reduces,
-            desc=f"{desc}: reduce",
-            workers=workers,
-            address=address,
-            gpus=gpus[1],
-            threads=threads,
-        )
+        for task, items, name, share in passes:
+            map_shards(
+                task, items, desc=f"{desc}: {name}", workers=workers, address=address, gpus=share, threads=threads
+            )
 
     def partition(self, index: int) -> pa.Table:
         """Partition `index`: its batch of every map file."""
