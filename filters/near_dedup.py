@@ -67,7 +67,7 @@ from clipsift.filters.on_device import gpu_share, resolve, top_centroids
 from clipsift.filters.vectors import fit_kmeans, normalise, sample_vectors
 from clipsift.hashing import splitmix64
 from clipsift.pipeline.components import not_smallest
-from clipsift.pipeline.parallel import local_threads
+from clipsift.pipeline.parallel import local_threads, stop_point
 from clipsift.pipeline.partition import ReduceFn, Shuffle, partitions_for, position, read_batch
 from clipsift.pipeline.pool import Pool
 
@@ -98,6 +98,7 @@ def memberships(
     sims, ids = np.empty((len(vectors), m), np.float32), np.empty((len(vectors), m), np.int64)
     step = max(16, TOP_BLOCK // max(len(centroids), 1))  # a block of similarities stays in cache while scanned
     for start in range(0, len(vectors), step):
+        stop_point()
         block = np.ascontiguousarray(vectors[start : start + step], np.float32) @ columns
         sims[start : start + len(block)], ids[start : start + len(block)] = _top(block, m)
     return _joined(sims, ids, margin)
@@ -132,6 +133,7 @@ class ClusterPlan:
     centroids: np.ndarray  # float32 [k, D], unit length
     partition: np.ndarray  # int64 [k]: the partition each cluster's rows go to
     partitions: int
+    threads: int  # reduces this process may run at once: partitions hold budget_mb / threads
 
 
 def prepare_clustered(dedup: Dedup, context: Context) -> Dropped | dict[str, np.ndarray]:
@@ -206,6 +208,7 @@ def cluster_passes(
             address=context.address,
             gpus=(gpu_share(dedup.device), reduce_gpus),
             threads=True,
+            reduce_threads=plan.threads,
         )
     return shuffle, plan
 
@@ -219,7 +222,9 @@ def _plan(dedup: Dedup, context: Context, folder: str, desc: str = "dedup by emb
     if fs.exists(path):
         with fs.open(path, "rb") as handle:
             saved = np.load(io.BytesIO(handle.read()))
-            return ClusterPlan(saved["centroids"], saved["partition"], int(saved["partitions"]))
+            # plans written before `threads` was kept sized their partitions to the whole budget
+            threads = int(saved["threads"]) if "threads" in saved else 1
+            return ClusterPlan(saved["centroids"], saved["partition"], int(saved["partitions"]), threads)
     rows = input_rows(context)
     k = dedup.k or default_k(rows)
     wanted = dedup.sample or SAMPLE_PER_CLUSTER * k
@@ -238,11 +243,15 @@ def _plan(dedup: Dedup, context: Context, folder: str, desc: str = "dedup by emb
     centroids = _split(centroids, sample, scale, budget_rows, dedup.spill, margin, dedup.seed)
     ids, member = memberships(centroids, sample, dedup.spill, margin)
     estimated = np.bincount(ids[member], minlength=len(centroids)) * scale
-    # the budget is what one process holds: in this process the reduces run a partition per thread
-    partitions = max(1, math.ceil(estimated.sum() * local_threads(context.workers) / budget_rows))
-    plan = ClusterPlan(centroids, _pack(estimated, partitions), partitions)
+    # the budget is what one process holds: in this process the reduces run a partition per thread (a run resumed
+    # on more cores keeps to this many, so that it holds the budget too)
+    threads = local_threads(context.workers)
+    partitions = max(1, math.ceil(estimated.sum() * threads / budget_rows))
+    plan = ClusterPlan(centroids, _pack(estimated, partitions), partitions, threads)
     buffer = io.BytesIO()
-    np.savez(buffer, centroids=plan.centroids, partition=plan.partition, partitions=plan.partitions)
+    np.savez(
+        buffer, centroids=plan.centroids, partition=plan.partition, partitions=plan.partitions, threads=plan.threads
+    )
     fs.makedirs(root, exist_ok=True)
     write_atomic(fs, path, lambda handle: handle.write(buffer.getvalue()))
     return plan
@@ -400,6 +409,7 @@ def _groups(table: pa.Table, threshold: float, device: str | None = None) -> tup
     chunk_start, vectors = 0, np.zeros((0, halves.shape[1]), np.float32)
     with threadpool_limits(1, user_api="blas"):  # BLAS threads cost more than they give on products this small
         for start, end in zip(starts.tolist(), ends.tolist()):
+            stop_point()
             distinct = start + np.flatnonzero(~copy[start:end])
             if len(distinct) < 2:
                 continue

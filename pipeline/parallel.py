@@ -24,6 +24,7 @@ import functools
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -40,6 +41,11 @@ DEFAULT_LOCAL_MAX_SECONDS = 20.0  # about twice a local cluster's start-up: belo
 VERBOSE_ENV = "CLIPSIFT_VERBOSE"
 _cluster = {"workers": None}  # the CPU count a run or a verb's --workers gave for a local cluster
 _spare = {"cores": 0}  # cores the item running in this process may add (spare_cores)
+_stopping = threading.Event()  # set while items on threads are told to stop (stop_point)
+
+
+class Stopped(Exception):
+    """Raised in an item running on a thread when the command was interrupted (Ctrl-C) or another item failed."""
 
 
 @contextlib.contextmanager
@@ -153,6 +159,7 @@ def map_shards(
     on_result: Callable[[T, R], None] | None = None,
     threads: bool = False,
     gpus: float = 0.0,
+    max_threads: int | None = None,
 ) -> list[R]:
     """Apply `fn` to every item, one Ray task per item, with a progress bar; results in item order.
 
@@ -161,6 +168,7 @@ def map_shards(
     (`local_threads`), for work that spends its time outside the GIL (NumPy, Arrow, file I/O) and is safe to
     run side by side. A ClipsiftError raised in a task is re-raised here as itself so the CLI can show its
     message. `gpus`: the share of a GPU each Ray task asks for where the cluster has GPUs (none asked elsewhere).
+    `max_threads`: at most this many items at once in this process (work sized for that many threads).
     """
     items = list(items)
     if not items:
@@ -180,9 +188,10 @@ def map_shards(
             start = 0
         else:
             cores = local_threads(workers)
-            budget = math.inf if where == "here" or fills_machine(threads, cores) else local_max_seconds()
+            at_once = min(cores, max_threads or cores) if threads else 1
+            budget = math.inf if where == "here" or fills_machine(threads, at_once) else local_max_seconds()
             with lending_cores(0 if threads else cores - 1):
-                start = _run_here(fn, items, done, budget, cores if threads else 1)
+                start = _run_here(fn, items, done, budget, at_once)
         if start < len(items):
             _map_on_ray(fn, items, start, workers, address, done, gpus)
     return [results[i] for i in range(len(items))]
@@ -255,18 +264,33 @@ def _run_here(
     from concurrent.futures import ThreadPoolExecutor
 
     started, pending, submitted, finished = time.perf_counter(), collections.deque(), 0, 0
-    with ThreadPoolExecutor(threads) as pool:
-        while submitted < len(items) or pending:
-            pace = (time.perf_counter() - started) / finished if finished else 0.0
-            if submitted < len(items) and len(pending) < threads and pace * (len(items) - submitted) <= budget:
-                pending.append(pool.submit(fn, items[submitted]))
-                submitted += 1
-                continue
-            if not pending:
-                break
-            done(finished, pending.popleft().result())
-            finished += 1
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            try:
+                while submitted < len(items) or pending:
+                    pace = (time.perf_counter() - started) / finished if finished else 0.0
+                    if submitted < len(items) and len(pending) < threads and pace * (len(items) - submitted) <= budget:
+                        pending.append(pool.submit(fn, items[submitted]))
+                        submitted += 1
+                        continue
+                    if not pending:
+                        break
+                    done(finished, pending.popleft().result())
+                    finished += 1
+            except BaseException:
+                _stopping.set()  # the items still running stop at their next stop_point instead of finishing
+                raise
+    finally:
+        _stopping.clear()
     return submitted
+
+
+def stop_point() -> None:
+    """Called between the pieces of a long item (a cluster, a block of rows): raises Stopped when the command is
+    stopping, so that Ctrl-C does not wait for the items running on other threads to finish (their outputs are
+    written atomically at the end, so nothing half-done is kept)."""
+    if _stopping.is_set():
+        raise Stopped("stopped: the command was interrupted")
 
 
 def _apply(fn: Callable[[T], R], item: T) -> R:

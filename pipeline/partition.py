@@ -298,22 +298,31 @@ class Shuffle:
         address: str | None = None,
         gpus: tuple[float, float] = (0.0, 0.0),
         threads: bool = False,
+        reduce_threads: int | None = None,
     ) -> None:
         """The map and reduce passes, each resuming where a killed run stopped (see the module's note). `gpus`: the
         share of a GPU each map and each reduce task asks for on a Ray cluster that has GPUs. `threads`: passes that
-        run in this process use a thread per core (`map_shards`), for functions that are safe side by side."""
+        run in this process use a thread per core (`map_shards`), for functions that are safe side by side;
+        `reduce_threads`: at most this many reduces at once in this process (partitions sized for that many)."""
         self.start()
         reduces = [p for p in range(self.partitions) if not self._exists(self.reduce_path(p))]
         if not reduces:
             return
         maps = [s for s in range(self.sources) if not self._exists(self.map_path(s))]
         passes = (
-            (functools.partial(_map_task, self, map_fn), maps, "map", gpus[0]),
-            (functools.partial(_reduce_task, self, reduce_fn), reduces, "reduce", gpus[1]),
+            (functools.partial(_map_task, self, map_fn), maps, "map", gpus[0], None),
+            (functools.partial(_reduce_task, self, reduce_fn), reduces, "reduce", gpus[1], reduce_threads),
         )
-        for task, items, name, share in passes:
+        for task, items, name, share, at_once in passes:
             map_shards(
-                task, items, desc=f"{desc}: {name}", workers=workers, address=address, gpus=share, threads=threads
+                task,
+                items,
+                desc=f"{desc}: {name}",
+                workers=workers,
+                address=address,
+                gpus=share,
+                threads=threads,
+                max_threads=at_once,
             )
 
     def partition(self, index: int) -> pa.Table:

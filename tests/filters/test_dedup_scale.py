@@ -504,3 +504,47 @@ def test_the_rows_kept_do_not_depend_on_the_cores(tmp_path: Path, monkeypatch: p
         monkeypatch.setattr(parallel, "usable_cores", lambda cores=cores: cores)
         kept[cores] = run(pool, tmp_path, steps, f"cores{cores}", workers=None)
     assert kept[1] == kept[4] == run(pool, tmp_path, steps, "one", workers=1)
+
+
+def test_a_plan_made_for_one_thread_resumes_on_one_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Partitions are sized to the budget divided by the threads that were to run them: a run planned with
+    --workers 1 (whole-budget partitions), killed, and resumed on 4 cores runs one reduce at a time, not 4 (4x the
+    budget); a run planned on 4 cores runs them side by side. The rows kept are the same."""
+    import threading
+
+    from clipsift.pipeline import parallel
+
+    monkeypatch.delenv(parallel.LOCAL_MAX_SECONDS_ENV, raising=False)
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 4)
+    vectors = planted(np.random.default_rng(17), 1500, 16, clustered=True)
+    pool = near_pool(tmp_path, vectors)
+    groups, lock = near_module._groups, threading.Lock()
+    running, most = [0], [0]
+
+    def counted(*args):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.05)  # long enough for other threads to take the next partitions meanwhile
+            return groups(*args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    steps = "[{dedup: {by: embedding, model_id: m, budget_mb: 0.02}}]"
+    (tmp_path / "r.yaml").write_text(f"steps: {steps}")
+    monkeypatch.setattr(near_module, "_groups", killed)
+    with pytest.raises(KeyboardInterrupt):
+        apply_recipe(pool.url, load_recipe(str(tmp_path / "r.yaml")), str(tmp_path / "resumed.npy"), workers=1)
+    monkeypatch.setattr(near_module, "_groups", counted)
+    apply_recipe(pool.url, load_recipe(str(tmp_path / "r.yaml")), str(tmp_path / "resumed.npy"), workers=None)
+    assert most[0] == 1
+    truth = uids(all_pairs_kept(vectors, 0.95))
+    assert decode_uids(read_subset(str(tmp_path / "resumed.npy"))) == truth
+    most[0] = 0
+    assert run(pool, tmp_path, steps, "fresh", workers=None) == truth
+    assert most[0] > 1

@@ -161,3 +161,34 @@ def test_items_on_threads_that_use_every_core_stay_here(monkeypatch: pytest.Monk
     monkeypatch.setenv(parallel.LOCAL_MAX_SECONDS_ENV, "20")  # set: the budget decides, as before
     monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
     assert not parallel.fills_machine(True, 2)
+
+
+def test_interrupted_items_on_threads_stop_at_their_next_stop_point() -> None:
+    """Ctrl-C while items run on threads: the items still running stop at their next stop_point (raising
+    Stopped) instead of finishing, so the command ends at once; a later run is not affected."""
+    import threading
+
+    pieces: dict[int, int] = {}
+    started = threading.Barrier(2, timeout=10)
+
+    def long_item(item: int) -> int:
+        pieces[item] = 0
+        if item == 0:
+            started.wait()
+            return item  # its result is handed over first: the "Ctrl-C" comes then
+        started.wait()
+        for _ in range(400):  # 20 s if it ran to its end
+            parallel.stop_point()
+            pieces[item] += 1
+            time.sleep(0.05)
+        return item
+
+    def interrupt(index: int, result: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        parallel._run_here(long_item, [0, 1, 2], interrupt, float("inf"), threads=2)
+    assert set(pieces) == {0, 1}  # item 2 was never started
+    assert 0 < pieces[1] < 400  # item 1 stopped part way
+    parallel.stop_point()  # the next run is not told to stop
+    assert parallel._run_here(lambda i: i, [0, 1], lambda i, r: None, float("inf"), threads=2) == 2
