@@ -305,6 +305,15 @@ def _remote_apply() -> Any:
     return ray.remote(num_cpus=1, max_retries=3)(_apply)
 
 
+IN_FLIGHT_PER_CPU = 4  # tasks submitted per CPU of the cluster: enough to keep every worker busy between waits
+MIN_IN_FLIGHT = 64  # and never fewer (a cluster that is still scaling up reports few CPUs)
+
+
+def in_flight(resources: dict[str, float]) -> int:
+    """How many tasks `map_shards` keeps submitted on a cluster with these resources."""
+    return max(MIN_IN_FLIGHT, IN_FLIGHT_PER_CPU * int(resources.get("CPU", 0)))
+
+
 def gpu_options(gpus: float, resources: dict[str, float]) -> dict[str, float]:
     """A task's Ray options for `gpus` of a GPU: none on a cluster without GPUs (the task would wait forever)."""
     return {"num_gpus": gpus} if gpus > 0 and resources.get("GPU", 0) > 0 else {}
@@ -313,14 +322,22 @@ def gpu_options(gpus: float, resources: dict[str, float]) -> dict[str, float]:
 def _map_on_ray(
     fn: Callable, items: list, start: int, workers: int | None, address: str | None, done: Callable, gpus: float = 0.0
 ) -> None:
-    """Items from `start` on as Ray tasks."""
+    """Items from `start` on as Ray tasks, at most `in_flight` of them submitted and not yet handed over: a driver
+    holds about 5 KB a submitted task, and each `ray.wait` looks at every pending one (1.28M shards at once
+    would be about 7 GB and a wait time quadratic in them)."""
     import ray
 
     ensure_ray(address, workers)
     fn_ref = ray.put(fn)
-    task = _remote_apply().options(**gpu_options(gpus, ray.cluster_resources()))
-    pending = {task.remote(fn_ref, items[index]): index for index in range(start, len(items))}
-    while pending:
+    resources = ray.cluster_resources()
+    task = _remote_apply().options(**gpu_options(gpus, resources))
+    window = in_flight(resources)
+    pending: dict[Any, int] = {}
+    following = start
+    while pending or following < len(items):
+        while following < len(items) and len(pending) < window:
+            pending[task.remote(fn_ref, items[following])] = following
+            following += 1
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
             index = pending.pop(ref)

@@ -87,6 +87,31 @@ def test_map_shards_moves_to_ray_once_the_items_left_would_take_too_long(
     assert os.getpid() not in {pid for _, pid in results[1:]}  # then the rest on Ray
 
 
+def test_ray_tasks_are_submitted_a_window_at_a_time(own_ray: None, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver keeps at most `in_flight` tasks submitted (each costs it about 5 KB, and 1.28M shards are 1.28M
+    tasks): with a window of one, no two items ever run at once, though two workers are free; results stay in
+    item order. With the default window they run side by side."""
+
+    def item(index: int, folder: str = str(tmp_path)) -> int:
+        from pathlib import Path as P
+
+        (P(folder) / f"started-{index}").touch()
+        running = len(list(P(folder).glob("started-*"))) - len(list(P(folder).glob("ended-*")))
+        time.sleep(0.3)
+        (P(folder) / f"ended-{index}").touch()
+        return running
+
+    assert parallel.in_flight({"CPU": 2.0}) == parallel.MIN_IN_FLIGHT
+    assert parallel.in_flight({"CPU": 1000.0}) == 1000 * parallel.IN_FLIGHT_PER_CPU
+    monkeypatch.setattr(parallel, "MIN_IN_FLIGHT", 1)
+    monkeypatch.setattr(parallel, "IN_FLIGHT_PER_CPU", 0)
+    assert map_shards(item, range(5), desc="window", workers=2) == [1] * 5
+    for path in tmp_path.iterdir():
+        path.unlink()
+    monkeypatch.setattr(parallel, "MIN_IN_FLIGHT", 64)
+    assert max(map_shards(item, range(6), desc="window", workers=2)) == 2
+
+
 def test_a_zero_budget_runs_everything_on_ray(own_ray: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(parallel.LOCAL_MAX_SECONDS_ENV, "0")
     results = map_shards(lambda item: os.getpid(), range(2), desc="ray")  # noqa: E731
