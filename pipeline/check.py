@@ -22,6 +22,7 @@ from clipsift.pipeline.partition import Shuffle, hash_keys, partitions_for, posi
 from clipsift.pipeline.pool import BASE_SCHEMA, Pool, PoolFormatError, image_member, is_valid_uid
 
 MAX_PROBLEMS_PER_SHARD = 1000
+MAX_PROBLEMS = 1000  # problems a check keeps in all (the first by shard); the rest are counted
 MAX_TRANSPARENT_EXAMPLES = 5
 MAX_REPEATS_PER_PARTITION = 1000  # repeated uids a partition reports each place of (the rest are counted)
 UID_ROW_BYTES = 96  # a row of the repeated-uid pass: uid, key and position
@@ -109,19 +110,28 @@ def check_pool(url: str, *, workers: int | None = None) -> CheckReport:
     uids = None if (info or {}).get("uids_may_repeat") else _UidPass.start(pool, shards)
     if uids is not None and not uids.in_pool:
         workers = 1  # its files are on this machine's disk only: no task may run elsewhere
+    found, order = _Found(), {shard: index for index, shard in enumerate(shards)}
     try:
-        checks = map_shards(functools.partial(check_shard, url, uids), shards, desc="check shards", workers=workers)
-        for check in checks:
-            problems += check.problems
-        more = 0
+        map_shards(
+            functools.partial(check_shard, url, uids),
+            shards,
+            desc="check shards",
+            workers=workers,
+            on_result=lambda shard, check: found.shard(order[shard], check),
+            collect=False,
+        )
         if uids is not None:
-            repeats = map_shards(_Repeats(uids), range(uids.shuffle.partitions), desc="check uids", workers=workers)
-            problems += [problem for found, _ in repeats for problem in found]
-            more = sum(rest for _, rest in repeats)
+            map_shards(
+                _Repeats(uids),
+                range(uids.shuffle.partitions),
+                desc="check uids",
+                workers=workers,
+                on_result=lambda partition, repeats: found.add(len(shards) + partition, *repeats),
+                collect=False,
+            )
     finally:
         if uids is not None:
             uids.remove()
-    num_samples = sum(c.num_samples for c in checks)
     if info is not None:
         if info.get("num_shards") != len(tars | parquets):
             problems.append(
@@ -129,20 +139,60 @@ def check_pool(url: str, *, workers: int | None = None) -> CheckReport:
                     None, None, f"pool.json says {info.get('num_shards')} shards, the pool has {len(tars | parquets)}"
                 )
             )
-        if info.get("num_samples") != num_samples:
+        if info.get("num_samples") != found.samples:
             problems.append(
-                Problem(None, None, f"pool.json says {info.get('num_samples')} samples, the shards hold {num_samples}")
+                Problem(
+                    None, None, f"pool.json says {info.get('num_samples')} samples, the shards hold {found.samples}"
+                )
             )
-    transparent = [Problem(c.shard, key, "transparent pixels") for c in checks for key in c.transparent_keys]
     return CheckReport(
         url,
         len(tars | parquets),
-        num_samples,
-        problems,
-        sum(c.more_problems for c in checks) + more,
-        num_transparent=sum(c.transparent for c in checks),
-        transparent_examples=transparent[:MAX_TRANSPARENT_EXAMPLES],
+        found.samples,
+        problems + found.problems(),
+        found.more,
+        num_transparent=found.transparent,
+        transparent_examples=[p for _, p in sorted(found.transparent_examples)],
     )
+
+
+@dataclass
+class _Found:
+    """What the shard and uid checks found, folded as each result comes in (in any order): the first MAX_PROBLEMS
+    problems by shard, then partition, the rest counted; the driver holds no more than that over a million
+    shards (a fault in every sample would otherwise keep 1,000 problems a shard)."""
+
+    kept: list[tuple[int, list[Problem]]] = field(default_factory=list)
+    more: int = 0
+    samples: int = 0
+    transparent: int = 0
+    transparent_examples: list[tuple[tuple[int, int], Problem]] = field(default_factory=list)
+
+    def shard(self, order: int, check: ShardCheck) -> None:
+        self.samples += check.num_samples
+        self.transparent += check.transparent
+        self.transparent_examples += [
+            ((order, i), Problem(check.shard, key, "transparent pixels"))
+            for i, key in enumerate(check.transparent_keys)
+        ]
+        self.transparent_examples = sorted(self.transparent_examples)[:MAX_TRANSPARENT_EXAMPLES]
+        self.add(order, check.problems, check.more_problems)
+
+    def add(self, order: int, problems: list[Problem], more: int) -> None:
+        self.more += more
+        if not problems:
+            return
+        self.kept = sorted([*self.kept, (order, problems)], key=lambda entry: entry[0])
+        room, trimmed = MAX_PROBLEMS, []
+        for place, found in self.kept:
+            if room > 0:
+                trimmed.append((place, found[:room]))
+            self.more += max(0, len(found) - room)
+            room = max(0, room - len(found))
+        self.kept = trimmed
+
+    def problems(self) -> list[Problem]:
+        return [problem for _, found in self.kept for problem in found]
 
 
 @dataclass(frozen=True)

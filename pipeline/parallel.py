@@ -160,6 +160,7 @@ def map_shards(
     threads: bool = False,
     gpus: float = 0.0,
     max_threads: int | None = None,
+    collect: bool = True,
 ) -> list[R]:
     """Apply `fn` to every item, one Ray task per item, with a progress bar; results in item order.
 
@@ -169,6 +170,8 @@ def map_shards(
     run side by side. A ClipsiftError raised in a task is re-raised here as itself so the CLI can show its
     message. `gpus`: the share of a GPU each Ray task asks for where the cluster has GPUs (none asked elsewhere).
     `max_threads`: at most this many items at once in this process (work sized for that many threads).
+    `collect=False`: results are only handed to `on_result` (none kept: [] is returned), for results that would
+    add up to more than the driver should hold over a million shards.
     """
     items = list(items)
     if not items:
@@ -178,7 +181,8 @@ def map_shards(
         task = progress.add_task(desc, total=len(items))
 
         def done(index: int, result: R) -> None:
-            results[index] = result
+            if collect:
+                results[index] = result
             if on_result:
                 on_result(items[index], result)
             progress.advance(task)
@@ -194,7 +198,7 @@ def map_shards(
                 start = _run_here(fn, items, done, budget, at_once)
         if start < len(items):
             _map_on_ray(fn, items, start, workers, address, done, gpus)
-    return [results[i] for i in range(len(items))]
+    return [results[i] for i in range(len(items))] if collect else []
 
 
 def fills_machine(threads: bool, cores: int) -> bool:

@@ -225,3 +225,33 @@ def test_transparent_images_are_noted_with_what_to_do(tmp_path: Path) -> None:
     again = check_pool(str(tmp_path / "new"), workers=1)
     assert again.ok and again.num_transparent == 0 and again.notices == []
     assert check_pool(str(make_pool(tmp_path / "jpegs")), workers=1).notices == []  # JPEG pools: nothing to note
+
+
+def test_a_fault_in_every_sample_keeps_the_first_problems_and_counts_the_rest(
+    small_pool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool-wide fault makes every sample a problem: the check keeps the first MAX_PROBLEMS by shard (whatever
+    order the shards finish in) and counts the others, so the driver never holds a problem per sample."""
+    from clipsift.pipeline import check
+
+    for shard in ("00000000", "00000001"):
+        rewrite_metadata(
+            small_pool / "metadata" / f"{shard}.parquet", lambda rows: [{**r, "text": r["text"] + "!"} for r in rows]
+        )
+    everything = check_pool(str(small_pool), workers=1)
+    assert everything.num_problems == len(everything.problems) == 10  # every caption differs from its tar's
+    monkeypatch.setattr(check, "MAX_PROBLEMS", 7)
+    for workers in (1, 2):
+        report = check_pool(str(small_pool), workers=workers)
+        assert report.problems == everything.problems[:7] and report.more_problems == 3
+        assert report.num_problems == 10 and report.num_samples == 10
+    found = check._Found()  # results arriving last shard first keep the same problems
+    for order, check_of in reversed(list(enumerate(_shard_checks(str(small_pool))))):
+        found.shard(order, check_of)
+    assert found.problems() == everything.problems[:7] and found.more == 3
+
+
+def _shard_checks(url: str) -> list:
+    from clipsift.pipeline.check import check_shard
+
+    return [check_shard(url, None, shard) for shard in ("00000000", "00000001")]
