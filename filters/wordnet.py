@@ -151,8 +151,13 @@ def imagenet21k_offsets() -> frozenset[int]:
     return frozenset(int(line.strip()[1:]) for line in path.read_text().splitlines() if line.strip())
 
 
+MAX_KNOWN_WORDS = 500_000  # answers an EntityMatcher remembers (about 100 B each): web captions bring new words
+# without end (numbers, file names, URLs), and a process may see a whole pool's captions
+
+
 class EntityMatcher:
-    """Whether a caption has a word whose first synset is in `offsets`; answers per word are remembered."""
+    """Whether a caption has a word whose first synset is in `offsets`; answers per word are remembered, up to
+    MAX_KNOWN_WORDS (then forgotten all at once: the common words come back within a few captions)."""
 
     def __init__(self, offsets: Iterable[int]):
         self.offsets = frozenset(offsets)
@@ -161,6 +166,8 @@ class EntityMatcher:
     def word(self, word: str) -> bool:
         hit = self._known.get(word)
         if hit is None:
+            if len(self._known) >= MAX_KNOWN_WORDS:
+                self._known.clear()
             offset = first_synset_offset(word)
             hit = self._known[word] = offset is not None and offset in self.offsets
         return hit

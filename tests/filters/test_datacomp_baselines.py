@@ -183,6 +183,24 @@ def test_wordnet_first_synsets_are_nltk_3_8_1s(nltk_wordnet) -> None:
         assert first_synset_offset(word) == (synsets[0].offset() if synsets else None), word
 
 
+def test_the_entity_matcher_forgets_its_answers_past_its_bound(nltk_wordnet, monkeypatch) -> None:
+    """Web captions bring new words without end: the matcher's remembered answers stay under MAX_KNOWN_WORDS and
+    its answers stay those of a matcher that remembers everything (nltk's first synsets)."""
+    words = ["dog", "cats", "zzzq", "geese", "went", "1234", "photo.jpg", "Dogs", "dog", "cats"] * 3
+    offsets = imagenet21k_offsets()
+    unbounded = wordnet.EntityMatcher(offsets)
+    remembered = [unbounded.word(word) for word in words]
+    assert len(unbounded._known) == 8
+    monkeypatch.setattr(wordnet, "MAX_KNOWN_WORDS", 4)
+    bounded = wordnet.EntityMatcher(offsets)
+    most = 0
+    for word, answer in zip(words, remembered):
+        synsets = nltk_wordnet.synsets(word)
+        assert bounded.word(word) == answer == (bool(synsets) and synsets[0].offset() in offsets), word
+        most = max(most, len(bounded._known))
+    assert most == 4
+
+
 def test_text_based(download, tmp_path: Path, lid176, nltk_wordnet) -> None:
     theirs, pool = download
     entity_set = imagenet21k_offsets()  # timm's imagenet21k_goog_synsets.txt: the sha256 of DataComp's file
