@@ -41,7 +41,7 @@ from clipsift.files import file_sha256, open_fs, parquet_file, read_parquet, wri
 from clipsift.filters.base import RecipeError, ShardData
 from clipsift.filters.clip import ClipScore
 from clipsift.filters.recipe import Node, Recipe, RecipeRunner, StepReport, check_inputs, parse_step
-from clipsift.filters.subset import encode_uids, read_subset, sort_subset, subset_counts, unique_counts
+from clipsift.filters.subset import encode_uids, is_sorted, read_subset, sort_subset, subset_counts
 from clipsift.filters.vectors import ip_index, nearest
 from clipsift.hashing import splitmix64
 from clipsift.pipeline.pool import Pool, PoolFormatError, image_member
@@ -192,11 +192,13 @@ def replay(
                 f"subset.json records (rows in, kept) = {recorded.get(step.path)}; the pool, its embeddings or the "
                 "filters changed since the subset was made: re-run `clipsift filter`"
             )
-    stored = sort_subset(read_subset(subset))
-    if "num_unique_uids" in info:  # a weighted recipe lists each kept uid once per copy
-        stored = unique_counts(stored)[0]
+    stored = read_subset(subset)  # a weighted recipe lists each kept uid once per copy: compared by distinct uid
+    if not is_sorted(stored):  # files clipsift writes are sorted: then the file's array is all that is held
+        stored = sort_subset(stored)
     if not _same_uids(
-        stored, (encode_uids(pool.metadata(s, ["uid"]).column("uid"))[runner.rows("", s)[1]] for s in pool.shard_ids())
+        stored,
+        "num_unique_uids" in info,
+        (encode_uids(pool.metadata(s, ["uid"]).column("uid"))[runner.rows("", s)[1]] for s in pool.shard_ids()),
     ):
         raise ReportError(
             f"{subset}: its uids are not the rows its recipe keeps in {pool.url} (was the file edited?); "
@@ -205,22 +207,41 @@ def replay(
     return runner
 
 
-def _same_uids(stored: np.ndarray, kept: Iterable[np.ndarray]) -> bool:
-    """Whether the shards' kept uids, together, are the sorted `stored` ones, holding one shard's at a time: each is
-    in `stored`, as many in all, and the same wrapping sum of their hashes (so a uid kept twice in place of another
-    is told apart)."""
+def _same_uids(stored: np.ndarray, weighted: bool, kept: Iterable[np.ndarray]) -> bool:
+    """Whether the shards' kept uids, together, are the distinct uids of the sorted `stored` ones (all of them,
+    unless `weighted`: then a uid is listed once per copy), holding one shard's at a time: each is in `stored`, as
+    many in all, and the same wrapping sum of their hashes (so a uid kept twice in place of another is told
+    apart)."""
     count, digest = 0, 0
     for uids in kept:
         if len(uids) and not subset_counts(stored, uids).all():
             return False
         count += len(uids)
         digest = (digest + _hash_sum(uids)) % 2**64
-    return count == len(stored) and digest == _hash_sum(stored)
+    return (count, digest) == _distinct_digest(stored) and (weighted or count == len(stored))
 
 
 def _hash_sum(pairs: np.ndarray) -> int:
     """The sum of a hash of each uid, mod 2**64."""
     return int(splitmix64(pairs["f0"] ^ splitmix64(pairs["f1"])).sum(dtype=np.uint64))
+
+
+DIGEST_CHUNK = 1 << 20  # uids hashed at a time: temporaries of about 30 B a uid stay this small
+
+
+def _distinct_digest(ordered: np.ndarray) -> tuple[int, int]:
+    """(distinct uids, the wrapping sum of their hashes) of a sorted subset, a chunk at a time (no copy of it)."""
+    count, digest = 0, 0
+    for start in range(0, len(ordered), DIGEST_CHUNK):
+        chunk = ordered[start : start + DIGEST_CHUNK]
+        first = np.ones(len(chunk), bool)
+        first[1:] = chunk[1:] != chunk[:-1]
+        if start:
+            first[0] = chunk[0] != ordered[start - 1]
+        distinct = chunk[first]
+        count += len(distinct)
+        digest = (digest + _hash_sum(distinct)) % 2**64
+    return count, digest
 
 
 # --------------------------------------------------------------------------- one pass over the pool's columns

@@ -195,3 +195,23 @@ def test_reading_a_subset_holds_the_array_only(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert np.array_equal(read, pairs) and peak < 1.25 * pairs.nbytes
+
+
+def test_is_sorted_looks_at_chunks_and_their_edges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """is_sorted compares a chunk at a time (no temporaries of the whole subset): an order broken at any place,
+    a chunk's edge included, is found for every chunk size."""
+    from clipsift.filters import subset as subset_module
+    from clipsift.filters.subset import SUBSET_DTYPE, is_sorted, sort_subset
+
+    rng = np.random.default_rng(9)
+    pairs = np.zeros(30, SUBSET_DTYPE)
+    pairs["f0"], pairs["f1"] = rng.integers(0, 5, 30), rng.integers(0, 4, 30)
+    ordered = sort_subset(pairs)
+    for chunk in (1, 2, 3, 29, 30, 1 << 20):
+        monkeypatch.setattr(subset_module, "ORDER_CHUNK", chunk)
+        assert is_sorted(ordered) and is_sorted(ordered[:1]) and is_sorted(ordered[:0])
+        for place in range(1, 30):
+            if ordered[place] != ordered[place - 1]:
+                swapped = ordered.copy()
+                swapped[[place - 1, place]] = swapped[[place, place - 1]]
+                assert not is_sorted(swapped), (chunk, place)

@@ -239,7 +239,11 @@ def test_an_edited_subset_file_is_refused(filtered: dict, tmp_path: Path) -> Non
     assert len(stored) > 3
     folder = tmp_path / "copy"  # beside the files its recipe names
     shutil.copytree(Path(filtered["subset"]).parent, folder)
-    for name, edited in (("fewer", stored[1:]), ("twice", np.concatenate([stored[:1], stored[:-1]]))):
+    for name, edited in (
+        ("fewer", stored[1:]),
+        ("twice", np.concatenate([stored[:1], stored[:-1]])),
+        ("repeated", np.concatenate([stored[:1], stored])),  # every uid, one of them twice: not a weighted recipe
+    ):
         path = folder / Path(filtered["subset"]).name
         write_subset(str(path), edited)
         with pytest.raises(ReportError, match="its uids are not the rows its recipe keeps"):
@@ -259,6 +263,24 @@ def test_a_weighted_subset_is_reported_by_its_distinct_uids(filtered: dict, tmp_
     assert len(listed) > len(np.unique(listed))  # repeats, so the old exact comparison would refuse it
     result = curation_report(str(subset), str(tmp_path / "w.html"), samples=2, seed=0)
     assert (tmp_path / "w.html").exists() and result is not None
+
+
+def test_distinct_uids_are_counted_and_hashed_a_chunk_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report's check of a subset file holds the file's array and chunks of it, not a copy of its distinct
+    uids: the same count and digest for every chunk size, repeats across chunk edges included."""
+    from clipsift.filters.subset import SUBSET_DTYPE, sort_subset
+    from clipsift.pipeline import report as report_module
+
+    rng = np.random.default_rng(5)
+    pairs = np.zeros(40, SUBSET_DTYPE)
+    pairs["f0"], pairs["f1"] = rng.integers(0, 6, 40), rng.integers(0, 3, 40)  # many repeats
+    ordered = sort_subset(pairs)
+    distinct = np.unique(ordered)
+    whole = (len(distinct), report_module._hash_sum(distinct))
+    assert len(distinct) < 20
+    for chunk in (1, 2, 3, 7, 40, 1 << 20):
+        monkeypatch.setattr(report_module, "DIGEST_CHUNK", chunk)
+        assert report_module._distinct_digest(ordered) == whole, chunk
 
 
 def test_entries_at_finds_just_the_asked_samples(tmp_path: Path) -> None:
