@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -327,11 +327,11 @@ class Shuffle:
 
     def partition(self, index: int) -> pa.Table:
         """Partition `index`: its batch of every map file."""
-        return _concat([read_batch(self.map_path(s), index) for s in range(self.sources)])
+        return _gathered(read_batch(self.map_path(s), index) for s in range(self.sources))
 
     def read(self, destination: int) -> pa.Table:
         """What the reduce pass sent to `destination`: its batch of every reduce file, in partition order."""
-        return _concat([read_batch(self.reduce_path(p), destination) for p in range(self.partitions)])
+        return _gathered(read_batch(self.reduce_path(p), destination) for p in range(self.partitions))
 
     def remove(self) -> None:
         fs, root = open_fs(self.folder)
@@ -339,10 +339,25 @@ class Shuffle:
             fs.rm(root, recursive=True)
 
 
-def _concat(parts: list[pa.RecordBatch]) -> pa.Table:
-    if not parts:
+GATHER_BATCHES = 1024  # batches held apart before they are joined into one: each costs about 4 KB of its own
+
+
+def _gathered(batches: Iterable[pa.RecordBatch]) -> pa.Table:
+    """The batches as one table, in order, holding their rows and at most GATHER_BATCHES batch objects: a reduce
+    reads a batch from each of up to a million map files (about 4 GB of batch objects for a few rows each)."""
+    joined: list[pa.RecordBatch] = []
+    waiting: list[pa.RecordBatch] = []
+    first = None
+    for batch in batches:
+        first = first if first is not None else batch
+        if batch.num_rows:
+            waiting.append(batch)
+        if len(waiting) == GATHER_BATCHES:
+            joined.append(_one_batch(pa.Table.from_batches(waiting)))
+            waiting = []
+    if first is None:
         return pa.table({})
-    return pa.Table.from_batches(parts, schema=parts[0].schema)
+    return pa.Table.from_batches(joined + waiting, schema=first.schema)
 
 
 def _map_task(shuffle: Shuffle, map_fn: MapFn, source: int) -> int:

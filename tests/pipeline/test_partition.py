@@ -182,3 +182,32 @@ def test_a_grouped_file_grows_with_its_rows_not_its_group_count(
         writer.write_batch(old[0].slice(0, 1))
         writer.write_batch(old[0].slice(1, 2))
     assert numpy_of(read_batch(str(tmp_path / "old.arrow"), 1).column("v")).tolist() == [6, 7]
+
+
+def test_a_partition_read_from_many_map_files_holds_few_batch_objects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reduce reads a batch from every map file (up to a million): they are joined GATHER_BATCHES at a time, in
+    map order, empty ones left out, so that it holds rows rather than about 4 KB of batch object per file."""
+    from clipsift.pipeline import partition as partition_module
+
+    schema = pa.schema([("key", pa.string()), ("source", pa.int64())])
+    tables = [
+        pa.table({"key": [f"k{s}-{i}" for i in range(s % 4)], "source": [s] * (s % 4)}, schema=schema)
+        for s in range(23)
+    ]
+    shuffle = Shuffle(str(tmp_path / "work"), sources=23, partitions=2, destinations=1)
+    shuffle.start()
+    for source, table in enumerate(tables):
+        partition_module.write_batches(shuffle.map_path(source), table, np.arange(table.num_rows) % 2, 2)
+    expected = [
+        [row for table in tables for row in table.to_pylist() if int(row["key"].split("-")[1]) % 2 == p]
+        for p in range(2)
+    ]
+    for gather in (1, 3, 1024):
+        monkeypatch.setattr(partition_module, "GATHER_BATCHES", gather)
+        for p in range(2):
+            read = shuffle.partition(p)
+            assert read.to_pylist() == expected[p] and read.schema.names == ["key", "source"]
+            filled = len({row["source"] for row in expected[p]})  # map files with rows for this partition
+            assert read.column("key").num_chunks == filled // gather + filled % gather
