@@ -950,9 +950,23 @@ def _local_batches(
     return batches(), precision
 
 
+SHARDS_PER_RUN = 4096  # shards a Ray Data run is given: its driver holds about 4.5 KB of block metadata a shard
+
+
 def _ray_batches(pool_url: str, specs: list[ModelSpec], shards: list[str], settings: ScoreSettings):
-    dataset, precision = _dataset(pool_url, specs, shards, settings)
-    return dataset.iter_batches(batch_size=None, batch_format="numpy"), precision
+    """The Ray Data pipeline's batches, run over SHARDS_PER_RUN shards at a time (1.28M shards in one run would hold
+    about 6 GB in this process; each run loads the models again, seconds against the hours such a run takes)."""
+    groups = [shards[start : start + SHARDS_PER_RUN] for start in range(0, len(shards), SHARDS_PER_RUN)]
+    first, precision = _dataset(pool_url, specs, groups[0], settings)
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+        yield from first.iter_batches(batch_size=None, batch_format="numpy")
+        for group in groups[1:]:
+            yield from _dataset(pool_url, specs, group, settings)[0].iter_batches(
+                batch_size=None, batch_format="numpy"
+            )
+
+    return batches(), precision
 
 
 def _dataset(pool_url: str, specs: list[ModelSpec], shards: list[str], settings: ScoreSettings):

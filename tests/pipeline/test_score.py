@@ -93,6 +93,28 @@ def test_scores_equal_a_direct_open_clip_computation(pool: Pool, checkpoint: Pat
     assert '"rows": 96' in manifest and result.model_id.split("__")[1] in manifest
 
 
+def test_ray_data_runs_a_group_of_shards_at_a_time(
+    pool: Pool, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Ray Data pipeline is run over SHARDS_PER_RUN shards at a time (its driver holds metadata per block, a
+    block per shard): three shards in runs of two give the same embeddings, every shard written once."""
+    from clipsift.pipeline import score as score_module
+
+    runs: list[list[str]] = []
+    dataset = score_module._dataset
+
+    def recorded(pool_url, specs, shards, settings):
+        runs.append(list(shards))
+        return dataset(pool_url, specs, shards, settings)
+
+    monkeypatch.setattr(score_module, "SHARDS_PER_RUN", 2)
+    monkeypatch.setattr(score_module, "_dataset", recorded)
+    result = score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(batch_size=40, workers=2, precision="fp32"))
+    assert runs == [pool.shard_ids()[:2], pool.shard_ids()[2:]]
+    assert (result.shards_scored, result.pairs, result.failed) == (3, 96, 0)
+    assert_equals_direct(pool, result.model_id, checkpoint)
+
+
 def test_rerun_scores_only_missing_shards(pool: Pool, checkpoint: Path) -> None:
     first = score_pool(pool.url, ARCH, str(checkpoint), ScoreSettings(workers=1))
     folder = Path(pool.root) / "embeddings" / first.model_id
