@@ -32,6 +32,7 @@ a uid is kept and later ones are skipped whichever shards a resumed run still ha
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
@@ -42,7 +43,7 @@ import posixpath
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol
 
@@ -63,7 +64,9 @@ from clipsift.pipeline.partition import (
     later_occurrences,
     partitions_for,
     position,
+    read_batch,
     source_rows,
+    write_batches,
 )
 from clipsift.pipeline.pool import (
     BASE_SCHEMA,
@@ -221,12 +224,36 @@ class _FolderSource:
     root: str
     items: tuple[tuple[str, str | None], ...]  # (image path, caption path or None), relative to root, sorted
     shard_size: int
+    count: int = 0  # images listed
+    listing: str | None = None  # once staged: the listing's file, a batch per shard (`items` is then empty)
+
+    def __post_init__(self) -> None:
+        if self.listing is None:
+            object.__setattr__(self, "count", len(self.items))
 
     def num_shards(self) -> int:
-        return math.ceil(len(self.items) / self.shard_size)
+        return math.ceil(self.count / self.shard_size)
+
+    def staged(self, work: str) -> _FolderSource:
+        """This source with its listing written to WORK/listing.arrow: the tasks, each given the source, then read
+        their own shard's part of it, not the whole listing (about 200 B an image, in every worker)."""
+        images = [rel for rel, _ in self.items]
+        captions = [caption for _, caption in self.items]
+        table = pa.table({"image": pa.array(images, pa.string()), "caption": pa.array(captions, pa.string())})
+        url = f"{work}/listing.arrow"
+        fs, folder = open_fs(work)
+        fs.makedirs(folder, exist_ok=True)
+        write_batches(url, table, np.arange(self.count) // self.shard_size, self.num_shards())
+        return dataclasses.replace(self, items=(), listing=url)
+
+    def _shard_items(self, index: int) -> Iterable[tuple[str, str | None]]:
+        if self.listing is None:
+            return self.items[index * self.shard_size : (index + 1) * self.shard_size]
+        batch = read_batch(self.listing, index)
+        return zip(batch.column("image").to_pylist(), batch.column("caption").to_pylist())
 
     def records(self, index: int) -> Iterator[Record]:
-        for rel, caption_rel in self.items[index * self.shard_size : (index + 1) * self.shard_size]:
+        for rel, caption_rel in self._shard_items(index):
             yield _guarded(rel, functools.partial(self._record, rel, caption_rel))
 
     def _record(self, rel: str, caption_rel: str | None) -> Record:
@@ -240,7 +267,7 @@ class _FolderSource:
         return Record(rel, uid, caption, image_file=f"{self.root}/{rel}", extra={"source": rel})
 
     def info(self) -> dict[str, Any]:
-        return {"kind": self.kind, "src": self.root, "num_inputs": len(self.items), "shard_size": self.shard_size}
+        return {"kind": self.kind, "src": self.root, "num_inputs": self.count, "shard_size": self.shard_size}
 
 
 @dataclass(frozen=True)
@@ -783,6 +810,8 @@ def import_pool(
     params = {"kind": "import", "sources": [source_info], "transparent_images": TRANSPARENT_IMAGES}
     record_build_params(out, params)  # another source into this pool is refused before any scan
     work = f"{out.rstrip('/')}/{WORK_DIR}/{content_sha256(params)[:16]}"  # a pass of other settings is not reused
+    if isinstance(source, _FolderSource):
+        source = source.staged(work)
     fill = _ImportShards(source, duplicate_uid_pass(source, work, shard_size, workers))
     info = build_pool(
         out,

@@ -104,6 +104,24 @@ def test_folder_round_trip(photo_folder: Path, tmp_path: Path) -> None:
     assert info["sources"][0]["kind"] == "folder" and info["sources"][0]["src"] == str(photo_folder)
 
 
+def test_a_staged_folder_listing_travels_as_a_file_not_in_every_task(photo_folder: Path, tmp_path: Path) -> None:
+    """The tasks get the folder source pickled: once staged it carries the listing's file, not the listing (about
+    200 B an image in every worker), and each shard reads its own part; the records are the same."""
+    import pickle
+
+    for n in range(40):
+        write(photo_folder / "many" / f"{n:03d}.jpg", image_bytes("jpg", (4, 4)))
+        write(photo_folder / "many" / f"{n:03d}.txt", f"image {n}")
+    source = importer.open_source(str(photo_folder), str(tmp_path / "pool"), shard_size=7)
+    staged = source.staged(str(tmp_path / "work"))
+    assert staged.num_shards() == source.num_shards() == 7 and staged.info() == source.info()
+    assert b"many/" in pickle.dumps(source) and b"many/" not in pickle.dumps(staged) and not staged.items
+    for index in range(source.num_shards()):
+        assert [(r.source, r.uid, r.skip and r.skip.reason) for r in staged.records(index)] == [
+            (r.source, r.uid, r.skip and r.skip.reason) for r in source.records(index)
+        ]
+
+
 def test_bmp_and_gif_are_converted_to_png(photo_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "pool"
     result = import_pool(str(photo_folder), str(out), workers=1)
