@@ -210,9 +210,20 @@ class _Source(Protocol):
 
     def num_shards(self) -> int: ...
 
+    def staged(self, work: str) -> _Source: ...
+
     def records(self, index: int) -> Iterator[Record]: ...
 
     def info(self) -> dict[str, Any]: ...
+
+
+def _stage(work: str, name: str, table: pa.Table, shard_size: int, shards: int) -> str:
+    """`table`'s rows written to WORK/NAME, shard i's (rows [i*size, (i+1)*size)) as its own batch."""
+    url = f"{work}/{name}"
+    fs, folder = open_fs(work)
+    fs.makedirs(folder, exist_ok=True)
+    write_batches(url, table, np.arange(table.num_rows) // shard_size, shards)
+    return url
 
 
 @dataclass(frozen=True)
@@ -240,10 +251,7 @@ class _FolderSource:
         images = [rel for rel, _ in self.items]
         captions = [caption for _, caption in self.items]
         table = pa.table({"image": pa.array(images, pa.string()), "caption": pa.array(captions, pa.string())})
-        url = f"{work}/listing.arrow"
-        fs, folder = open_fs(work)
-        fs.makedirs(folder, exist_ok=True)
-        write_batches(url, table, np.arange(self.count) // self.shard_size, self.num_shards())
+        url = _stage(work, "listing.arrow", table, self.shard_size, self.num_shards())
         return dataclasses.replace(self, items=(), listing=url)
 
     def _shard_items(self, index: int) -> Iterable[tuple[str, str | None]]:
@@ -288,12 +296,28 @@ class _TableSource:
     size_columns: bool  # original_width/original_height columns give the sizes
     extra_columns: tuple[tuple[str, str], ...]  # (table column, pool column)
 
+    rows_file: str | None = None  # once staged (CSV/TSV/JSONL): the parsed table's file, a batch per shard
+
     def num_shards(self) -> int:
         return math.ceil(self.num_rows / self.shard_size)
 
+    def staged(self, work: str) -> _TableSource:
+        """A CSV/TSV/JSONL table parsed here once and written to WORK/table.arrow, a batch per shard: each task
+        then reads its shard's rows, not the whole table (Parquet is read by row group already)."""
+        if self.fmt == "parquet":
+            return self
+        url = _stage(
+            work, "table.arrow", _read_text_table(self.fs, self.path, self.fmt), self.shard_size, self.num_shards()
+        )
+        _TEXT_TABLE_CACHE.clear()
+        return dataclasses.replace(self, rows_file=url)
+
     def records(self, index: int) -> Iterator[Record]:
         start = index * self.shard_size
-        rows = read_rows(self.fs, self.path, self.fmt, start, min(start + self.shard_size, self.num_rows))
+        if self.rows_file is None:
+            rows = read_rows(self.fs, self.path, self.fmt, start, min(start + self.shard_size, self.num_rows))
+        else:
+            rows = read_batch(self.rows_file, index).to_pylist()
         name = posixpath.basename(self.path)
         for number, row in enumerate(rows, start):
             source = f"{name} row {number}"
@@ -355,6 +379,9 @@ class _TarSource:
 
     def num_shards(self) -> int:
         return len(self.tars)
+
+    def staged(self, work: str) -> _TarSource:
+        return self  # a tar name a shard (O(shards))
 
     def records(self, index: int) -> Iterator[Record]:
         rel = self.tars[index]
@@ -810,8 +837,7 @@ def import_pool(
     params = {"kind": "import", "sources": [source_info], "transparent_images": TRANSPARENT_IMAGES}
     record_build_params(out, params)  # another source into this pool is refused before any scan
     work = f"{out.rstrip('/')}/{WORK_DIR}/{content_sha256(params)[:16]}"  # a pass of other settings is not reused
-    if isinstance(source, _FolderSource):
-        source = source.staged(work)
+    source = source.staged(work)  # what every task is given: no listing or table of the whole source in it
     fill = _ImportShards(source, duplicate_uid_pass(source, work, shard_size, workers))
     info = build_pool(
         out,

@@ -246,6 +246,24 @@ def test_table_with_paths(table_images: Path, tmp_path: Path, suffix: str) -> No
     assert (columns["image"], columns["caption"], columns["url"]) == ("image_path", "text", "url")
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_staged_text_table_is_read_a_shard_at_a_time(table_images: Path, tmp_path: Path, suffix: str) -> None:
+    """A CSV/JSONL table is parsed once (here) and staged a batch per shard: the tasks, given the source, read
+    their own rows, neither the whole table nor the file's text; the records are the same, and the parsed table
+    is let go."""
+    import pickle
+
+    table = write_table(table_rows(table_images), table_images / f"meta{suffix}")
+    source = importer.open_source(str(table), str(tmp_path / "pool"), shard_size=3)
+    expected = [[(r.source, r.uid, r.caption, r.skip and r.skip.reason) for r in source.records(i)] for i in range(3)]
+    staged = source.staged(str(tmp_path / "work"))
+    assert not importer._TEXT_TABLE_CACHE and b"zero again" not in pickle.dumps(staged)
+    (table_images / f"meta{suffix}").unlink()  # the tasks never read it again
+    for index in range(3):
+        got = [(r.source, r.uid, r.caption, r.skip and r.skip.reason) for r in staged.records(index)]
+        assert got == expected[index]
+
+
 def test_duplicate_uids_across_shards_and_partitions_keep_the_first(
     table_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
