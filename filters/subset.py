@@ -207,13 +207,23 @@ def unique_counts(ordered: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ordered[starts], np.diff(np.append(starts, len(ordered)))
 
 
-ORDER_CHUNK = 1 << 20  # uids compared at a time by is_sorted: its temporaries (a few bytes a uid) stay this small
+CHUNK = 1 << 20  # subset entries looked at a time by passes over a whole subset: their temporaries stay this small
+
+
+def first_entries(ordered: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Which entries of the sorted `ordered[start:stop]` are the first of their uid in the whole array."""
+    chunk = ordered[start:stop]
+    first = np.ones(len(chunk), bool)
+    first[1:] = chunk[1:] != chunk[:-1]
+    if start and len(chunk):
+        first[0] = chunk[0] != ordered[start - 1]
+    return first
 
 
 def is_sorted(pairs: np.ndarray) -> bool:
     """Whether a SUBSET_DTYPE array is in (f0, f1) order (no copy; temporaries of one chunk)."""
-    for start in range(0, max(len(pairs) - 1, 0), ORDER_CHUNK):
-        part = pairs[start : start + ORDER_CHUNK + 1]  # one uid of overlap with the next chunk
+    for start in range(0, max(len(pairs) - 1, 0), CHUNK):
+        part = pairs[start : start + CHUNK + 1]  # one uid of overlap with the next chunk
         f0, f1 = part["f0"], part["f1"]
         if not np.all((f0[1:] > f0[:-1]) | ((f0[1:] == f0[:-1]) & (f1[1:] >= f1[:-1]))):
             return False

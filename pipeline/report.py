@@ -38,10 +38,11 @@ import yaml
 
 from clipsift import ClipsiftError, __version__
 from clipsift.files import file_sha256, open_fs, parquet_file, read_parquet, write_atomic
+from clipsift.filters import subset as subset_module
 from clipsift.filters.base import RecipeError, ShardData
 from clipsift.filters.clip import ClipScore
 from clipsift.filters.recipe import Node, Recipe, RecipeRunner, StepReport, check_inputs, parse_step
-from clipsift.filters.subset import encode_uids, is_sorted, read_subset, sort_subset, subset_counts
+from clipsift.filters.subset import encode_uids, first_entries, is_sorted, read_subset, sort_subset, subset_counts
 from clipsift.filters.vectors import ip_index, nearest
 from clipsift.hashing import splitmix64
 from clipsift.pipeline.pool import Pool, PoolFormatError, image_member
@@ -226,19 +227,12 @@ def _hash_sum(pairs: np.ndarray) -> int:
     return int(splitmix64(pairs["f0"] ^ splitmix64(pairs["f1"])).sum(dtype=np.uint64))
 
 
-DIGEST_CHUNK = 1 << 20  # uids hashed at a time: temporaries of about 30 B a uid stay this small
-
-
 def _distinct_digest(ordered: np.ndarray) -> tuple[int, int]:
     """(distinct uids, the wrapping sum of their hashes) of a sorted subset, a chunk at a time (no copy of it)."""
     count, digest = 0, 0
-    for start in range(0, len(ordered), DIGEST_CHUNK):
-        chunk = ordered[start : start + DIGEST_CHUNK]
-        first = np.ones(len(chunk), bool)
-        first[1:] = chunk[1:] != chunk[:-1]
-        if start:
-            first[0] = chunk[0] != ordered[start - 1]
-        distinct = chunk[first]
+    for start in range(0, len(ordered), subset_module.CHUNK):
+        stop = start + subset_module.CHUNK
+        distinct = ordered[start:stop][first_entries(ordered, start, stop)]
         count += len(distinct)
         digest = (digest + _hash_sum(distinct)) % 2**64
     return count, digest

@@ -31,7 +31,8 @@ import pyarrow as pa
 from clipsift import ClipsiftError, __version__
 from clipsift.arrays import arrow_of
 from clipsift.files import content_sha256, file_sha256, open_fs, write_atomic, write_json_atomic
-from clipsift.filters.subset import decode_uids, encode_uids, is_sorted, read_subset, sort_subset, unique_counts
+from clipsift.filters import subset as subset_module
+from clipsift.filters.subset import decode_uids, encode_uids, first_entries, is_sorted, read_subset, sort_subset
 from clipsift.pipeline.pool import (
     Pool,
     PoolFormatError,
@@ -60,17 +61,25 @@ class ReshardResult:
     data_sha256: str = ""  # the manifest's content without its timestamp: the identity of this training data
 
 
-def row_copies(subset_unique: np.ndarray, repeats: np.ndarray, uids: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(copies of each row, index into subset_unique of each matched row) for a shard's uid column."""
+def row_copies(ordered: np.ndarray, uids: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(copies of each row, index into the sorted subset `ordered` of each matched row's first entry) for a shard's
+    uid column: a uid listed n times (a weighted recipe's copies) gives its row n copies."""
     pairs = encode_uids(uids)
-    index = np.searchsorted(subset_unique, pairs)
-    clipped = np.minimum(index, max(len(subset_unique) - 1, 0))
-    found = (
-        (index < len(subset_unique)) & (subset_unique[clipped] == pairs)
-        if len(subset_unique)
-        else np.zeros(len(pairs), bool)
-    )
-    return np.where(found, repeats[clipped], 0).astype(np.int64), index[found]
+    first = np.searchsorted(ordered, pairs, side="left")
+    copies = (np.searchsorted(ordered, pairs, side="right") - first).astype(np.int64)
+    return copies, first[copies > 0]
+
+
+def missing_uids(ordered: np.ndarray, found: np.ndarray, examples: int = 5) -> tuple[int, np.ndarray]:
+    """(how many distinct uids of the sorted subset no shard held, the first `examples` of them): `found` marks
+    each matched uid's first entry; chunks at a time, no copy of the subset."""
+    count, shown = 0, [ordered[:0]]
+    for start in range(0, len(ordered), subset_module.CHUNK):
+        stop = start + subset_module.CHUNK
+        lost = np.flatnonzero(first_entries(ordered, start, stop) & ~found[start:stop])
+        shown.append(ordered[start:stop][lost[: max(0, examples - count)]])
+        count += len(lost)
+    return count, np.concatenate(shown)
 
 
 def plan_segments(totals: list[int], shards: list[str], shard_size: int) -> list[list[Segment]]:
@@ -229,21 +238,22 @@ def reshard(
     info = pool.info
     subset = read_subset(subset_path)
     num_uids = len(subset)
-    unique, repeats = unique_counts(subset if is_sorted(subset) else sort_subset(subset))  # no copy when sorted
+    ordered = subset if is_sorted(subset) else sort_subset(subset)  # held as it is (16 B an entry) when sorted
     del subset
     shards = pool.shard_ids()
     _remove_stale_temporaries(out)
-    totals, found = [], np.zeros(len(unique), bool)
+    totals, found, uids_may_repeat = [], np.zeros(len(ordered), bool), False
     for shard in shards:  # the one pass that holds the subset: each input shard's copies go to a plan file
-        copies, matched = row_copies(unique, repeats, pool.metadata(shard, ["uid"]).column("uid"))
+        copies, matched = row_copies(ordered, pool.metadata(shard, ["uid"]).column("uid"))
         totals.append(int(copies.sum()))
         found[matched] = True
+        uids_may_repeat |= bool(np.any(copies > 1))
         if totals[-1]:
             save_copies(out, shard, copies)
     plan = plan_segments(totals, shards, shard_size)
-    missing = np.flatnonzero(~found)
-    missing_examples, uids_may_repeat = decode_uids(unique[missing[:5]]), bool(np.any(repeats > 1))
-    del unique, repeats, found
+    num_missing, examples = missing_uids(ordered, found)
+    missing_examples = decode_uids(examples)
+    del ordered, found
     subset_fs, subset_file = open_fs(subset_path)
     subset_sha = file_sha256(subset_fs, subset_file)
     pool_sha = file_sha256(pool.fs, pool.path("pool.json"))
@@ -278,7 +288,7 @@ def reshard(
         "subset": subset_path,
         "subset_sha256": subset_sha,
         "subset_uids": num_uids,
-        "missing_uids": int(len(missing)),
+        "missing_uids": num_missing,
         "num_samples": written["num_samples"],
         "num_shards": written["num_shards"],
         "shard_size": shard_size,
@@ -296,7 +306,7 @@ def reshard(
         written["num_samples"],
         written["num_shards"],
         num_uids,
-        len(missing),
+        num_missing,
         missing_examples,
         input_bytes,
         time.perf_counter() - started,

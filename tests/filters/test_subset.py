@@ -208,7 +208,7 @@ def test_is_sorted_looks_at_chunks_and_their_edges(monkeypatch: pytest.MonkeyPat
     pairs["f0"], pairs["f1"] = rng.integers(0, 5, 30), rng.integers(0, 4, 30)
     ordered = sort_subset(pairs)
     for chunk in (1, 2, 3, 29, 30, 1 << 20):
-        monkeypatch.setattr(subset_module, "ORDER_CHUNK", chunk)
+        monkeypatch.setattr(subset_module, "CHUNK", chunk)
         assert is_sorted(ordered) and is_sorted(ordered[:1]) and is_sorted(ordered[:0])
         for place in range(1, 30):
             if ordered[place] != ordered[place - 1]:

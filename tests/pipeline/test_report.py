@@ -268,6 +268,7 @@ def test_a_weighted_subset_is_reported_by_its_distinct_uids(filtered: dict, tmp_
 def test_distinct_uids_are_counted_and_hashed_a_chunk_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """The report's check of a subset file holds the file's array and chunks of it, not a copy of its distinct
     uids: the same count and digest for every chunk size, repeats across chunk edges included."""
+    from clipsift.filters import subset as subset_module
     from clipsift.filters.subset import SUBSET_DTYPE, sort_subset
     from clipsift.pipeline import report as report_module
 
@@ -279,7 +280,7 @@ def test_distinct_uids_are_counted_and_hashed_a_chunk_at_a_time(monkeypatch: pyt
     whole = (len(distinct), report_module._hash_sum(distinct))
     assert len(distinct) < 20
     for chunk in (1, 2, 3, 7, 40, 1 << 20):
-        monkeypatch.setattr(report_module, "DIGEST_CHUNK", chunk)
+        monkeypatch.setattr(subset_module, "CHUNK", chunk)
         assert report_module._distinct_digest(ordered) == whole, chunk
 
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipsift import ClipsiftError
-from clipsift.filters.subset import encode_uids, write_subset
+from clipsift.filters.subset import decode_uids, encode_uids, write_subset
 from clipsift.pipeline import pool as pool_module
 from clipsift.pipeline import reshard as reshard_module
 from clipsift.pipeline.check import check_pool
@@ -117,6 +117,29 @@ def test_reshard_tasks_do_not_carry_the_subset(tmp_path: Path, source, monkeypat
     assert abs(sent[str(big_out)] - sent[str(small_out)]) < 64 and sent[str(big_out)] < 2_000  # paths differ
     assert output_samples(big_out) == output_samples(small_out) and result.missing_uids == 100_001
     assert not (big_out / reshard_module.PLAN_DIR).exists()
+
+
+def test_missing_uids_are_counted_once_each_a_chunk_at_a_time(tmp_path: Path, source, monkeypatch) -> None:
+    """The subset is held as it is (sorted, its repeats included: no copy of its distinct uids) and looked at a
+    chunk at a time: uids the pool lacks are counted once however often they are listed, across chunk edges, and
+    the first five of them (in subset order) are named."""
+    from clipsift.filters import subset as subset_module
+
+    pool, wanted, _ = source
+    absent = [derive_uid(f"absent {i}") for i in range(9)]
+    listed = encode_uids(wanted + absent + absent[:4] + absent[:1])
+    path = tmp_path / "listed.npy"
+    write_subset(str(path), listed)
+    in_pool = set(Pool(str(pool)).uids().to_pylist())
+    distinct = decode_uids(np.unique(listed))
+    lacking = [uid for uid in distinct if uid not in in_pool]
+    whole = reshard(str(pool), str(path), str(tmp_path / "whole"), shard_size=4, workers=1)
+    for chunk in (1, 2, 3):
+        monkeypatch.setattr(subset_module, "CHUNK", chunk)
+        result = reshard(str(pool), str(path), str(tmp_path / f"c{chunk}"), shard_size=4, workers=1)
+        assert (result.missing_uids, result.missing_examples) == (len(lacking), lacking[:5]) == (10, lacking[:5])
+        assert output_samples(tmp_path / f"c{chunk}") == output_samples(tmp_path / "whole")
+    assert whole.missing_uids == 10
 
 
 def test_reshard_resumes_after_a_failure_mid_shard(tmp_path: Path, source, monkeypatch) -> None:
