@@ -297,7 +297,21 @@ def stop_point() -> None:
         raise Stopped("stopped: the command was interrupted")
 
 
-def _apply(fn: Callable[[T], R], item: T) -> R:
+_functions: dict[str, Any] = {}  # in a Ray worker: the step's function, by the id of its object
+
+
+def _apply(boxed: list, item: T) -> R:
+    """A Ray task: the step's function (its object reference, boxed so that Ray does not resolve it) applied to
+    `item`. The function is unpickled once per worker and step, not once per task: a step's function may name
+    every shard (a 1.28M-name tuple takes 0.1 s to unpickle, a task's own work on a shard about as long)."""
+    key = boxed[0].hex()
+    fn = _functions.get(key)
+    if fn is None:
+        import ray
+
+        fn = ray.get(boxed[0])
+        _functions.clear()  # one step's function held at a time
+        _functions[key] = fn
     return fn(item)
 
 
@@ -340,7 +354,7 @@ def _map_on_ray(
     following = start
     while pending or following < len(items):
         while following < len(items) and len(pending) < window:
-            pending[task.remote(fn_ref, items[following])] = following
+            pending[task.remote([fn_ref], items[following])] = following
             following += 1
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:

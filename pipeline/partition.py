@@ -357,7 +357,7 @@ def _gathered(batches: Iterable[pa.RecordBatch]) -> pa.Table:
             waiting = []
     if first is None:
         return pa.table({})
-    return pa.Table.from_batches(joined + waiting, schema=first.schema)
+    return pa.Table.from_batches(joined + waiting or [first])  # an empty one kept: a column of no chunks is a trap
 
 
 def _map_task(shuffle: Shuffle, map_fn: MapFn, source: int) -> int:

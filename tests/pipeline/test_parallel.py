@@ -112,6 +112,33 @@ def test_ray_tasks_are_submitted_a_window_at_a_time(own_ray: None, tmp_path, mon
     assert max(map_shards(item, range(6), desc="window", workers=2)) == 2
 
 
+def test_a_steps_function_is_unpickled_once_per_worker_not_per_task(own_ray: None, tmp_path) -> None:
+    """Ray tasks get the step's function by reference and each worker keeps it: 12 tasks on two workers unpickle
+    it at most twice (once per worker), so a function naming every shard is not paid for per shard."""
+
+    class Counted:  # defined here: Ray workers get it by value (they cannot import this test module)
+        """A step's function that leaves a file in `folder` each time it is unpickled."""
+
+        def __init__(self, folder: str) -> None:
+            self.folder = folder
+
+        def __setstate__(self, state: dict) -> None:
+            import uuid
+            from pathlib import Path as P
+
+            self.__dict__.update(state)
+            (P(self.folder) / f"unpickled-{uuid.uuid4().hex}").touch()
+
+        def __call__(self, item: int) -> int:
+            time.sleep(0.05)
+            return item * 2
+
+    assert map_shards(Counted(str(tmp_path)), range(12), desc="counted", workers=2) == [i * 2 for i in range(12)]
+    assert 1 <= len(list(tmp_path.glob("unpickled-*"))) <= 2
+    assert map_shards(Counted(str(tmp_path)), range(4), desc="again", workers=2) == [0, 2, 4, 6]
+    assert len(list(tmp_path.glob("unpickled-*"))) <= 4  # a new step's function: unpickled again, once a worker
+
+
 def test_a_zero_budget_runs_everything_on_ray(own_ray: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(parallel.LOCAL_MAX_SECONDS_ENV, "0")
     results = map_shards(lambda item: os.getpid(), range(2), desc="ray")  # noqa: E731
