@@ -284,6 +284,33 @@ def test_distinct_uids_are_counted_and_hashed_a_chunk_at_a_time(monkeypatch: pyt
         assert report_module._distinct_digest(ordered) == whole, chunk
 
 
+def test_a_truth_file_is_held_as_sorted_uids_and_a_byte_of_kind_each(tmp_path: Path) -> None:
+    """Truth kinds of any uid, as a uid -> kind dict of the file gives them (a uid listed twice: its last kind; a
+    null kind and a uid the file lacks: the unknown kind), from sorted uids and a byte each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipsift.pipeline.report import UNKNOWN_KIND, Truth
+    from clipsift.pipeline.synth import NOISE_MIX
+
+    rng = np.random.default_rng(4)
+    uids = [f"{int(x):032x}" for x in rng.integers(0, 2**62, 300)]
+    listed = uids[:250] + uids[:20]  # 20 listed twice
+    names = [*list(NOISE_MIX)[:3], "zebra", "aardvark", None]
+    kinds = [names[i] for i in rng.integers(0, len(names), len(listed))]
+    pq.write_table(pa.table({"uid": listed, "kind": pa.array(kinds, pa.string())}), tmp_path / "t.parquet")
+    truth = Truth.read(str(tmp_path / "t.parquet"))
+    oracle = dict(zip(listed, kinds))
+    assert truth.kinds == [*[k for k in NOISE_MIX if k in kinds], "aardvark", "zebra", UNKNOWN_KIND]
+    asked = rng.permutation(uids)
+    got = [
+        truth.kinds[c]
+        for c in truth.codes_of(pa.chunked_array([pa.array(list(asked[:150])), pa.array(list(asked[150:]))]))
+    ]
+    assert got == [oracle.get(u) or UNKNOWN_KIND for u in asked]
+    assert truth.uids.nbytes + truth.codes.nbytes == 17 * len(listed)
+
+
 def test_entries_at_finds_just_the_asked_samples(tmp_path: Path) -> None:
     """The report reads thumbnails through Pool.entries_at: the header search must equal a full sequential read,
     even when a caption starts with another sample's member name, and defer to the sequential reader otherwise."""
