@@ -222,7 +222,8 @@ def _plan(dedup: Dedup, context: Context, folder: str, desc: str = "dedup by emb
     if fs.exists(path):
         with fs.open(path, "rb") as handle:
             saved = np.load(io.BytesIO(handle.read()))
-            # plans written before `threads` was kept sized their partitions to the whole budget
+            # a plan written before `threads` was kept does not say what it was sized for: one reduce at a time
+            # holds the budget whatever it was
             threads = int(saved["threads"]) if "threads" in saved else 1
             return ClusterPlan(saved["centroids"], saved["partition"], int(saved["partitions"]), threads)
     rows = input_rows(context)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import logging
@@ -178,18 +179,25 @@ class _Found:
         self.transparent_examples = sorted(self.transparent_examples)[:MAX_TRANSPARENT_EXAMPLES]
         self.add(order, check.problems, check.more_problems)
 
+    held: int = 0  # problems in `kept`
+
     def add(self, order: int, problems: list[Problem], more: int) -> None:
         self.more += more
         if not problems:
             return
-        self.kept = sorted([*self.kept, (order, problems)], key=lambda entry: entry[0])
-        room, trimmed = MAX_PROBLEMS, []
-        for place, found in self.kept:
-            if room > 0:
-                trimmed.append((place, found[:room]))
-            self.more += max(0, len(found) - room)
-            room = max(0, room - len(found))
-        self.kept = trimmed
+        if self.held >= MAX_PROBLEMS and order > self.kept[-1][0]:  # the usual case once full: counted only
+            self.more += len(problems)
+            return
+        bisect.insort(self.kept, (order, problems), key=lambda entry: entry[0])
+        self.held += len(problems)
+        while self.held - len(self.kept[-1][1]) >= MAX_PROBLEMS:  # the last results' problems are not needed
+            self.held -= len(self.kept[-1][1])
+            self.more += len(self.kept.pop()[1])
+        if self.held > MAX_PROBLEMS:
+            place, found = self.kept[-1]
+            self.kept[-1] = (place, found[: len(found) - (self.held - MAX_PROBLEMS)])
+            self.more += self.held - MAX_PROBLEMS
+            self.held = MAX_PROBLEMS
 
     def problems(self) -> list[Problem]:
         return [problem for _, found in self.kept for problem in found]

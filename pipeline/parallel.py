@@ -41,7 +41,7 @@ DEFAULT_LOCAL_MAX_SECONDS = 20.0  # about twice a local cluster's start-up: belo
 VERBOSE_ENV = "CLIPSIFT_VERBOSE"
 _cluster = {"workers": None}  # the CPU count a run or a verb's --workers gave for a local cluster
 _spare = {"cores": 0}  # cores the item running in this process may add (spare_cores)
-_stopping = threading.Event()  # set while items on threads are told to stop (stop_point)
+_thread = threading.local()  # in a thread of `_run_here`: `stop`, the Event its call sets to stop its items
 
 
 class Stopped(Exception):
@@ -268,51 +268,83 @@ def _run_here(
     from concurrent.futures import ThreadPoolExecutor
 
     started, pending, submitted, finished = time.perf_counter(), collections.deque(), 0, 0
-    try:
-        with ThreadPoolExecutor(threads) as pool:
-            try:
-                while submitted < len(items) or pending:
-                    pace = (time.perf_counter() - started) / finished if finished else 0.0
-                    if submitted < len(items) and len(pending) < threads and pace * (len(items) - submitted) <= budget:
-                        pending.append(pool.submit(fn, items[submitted]))
-                        submitted += 1
-                        continue
-                    if not pending:
-                        break
-                    done(finished, pending.popleft().result())
-                    finished += 1
-            except BaseException:
-                _stopping.set()  # the items still running stop at their next stop_point instead of finishing
-                raise
-    finally:
-        _stopping.clear()
+    stop = threading.Event()  # this call's own: another call's failure never stops its items
+    with ThreadPoolExecutor(threads, initializer=_stop_with, initargs=(stop,)) as pool:
+        try:
+            while submitted < len(items) or pending:
+                pace = (time.perf_counter() - started) / finished if finished else 0.0
+                if submitted < len(items) and len(pending) < threads and pace * (len(items) - submitted) <= budget:
+                    pending.append(pool.submit(fn, items[submitted]))
+                    submitted += 1
+                    continue
+                if not pending:
+                    break
+                done(finished, pending.popleft().result())
+                finished += 1
+        except BaseException:
+            stop.set()  # the items still running stop at their next stop_point instead of finishing
+            raise
     return submitted
+
+
+def _stop_with(stop: threading.Event) -> None:
+    _thread.stop = stop
 
 
 def stop_point() -> None:
     """Called between the pieces of a long item (a cluster, a block of rows): raises Stopped when the command is
     stopping, so that Ctrl-C does not wait for the items running on other threads to finish (their outputs are
     written atomically at the end, so nothing half-done is kept)."""
-    if _stopping.is_set():
+    stop = getattr(_thread, "stop", None)
+    if stop is not None and stop.is_set():
         raise Stopped("stopped: the command was interrupted")
 
 
+FORGET_AFTER_SECONDS = 30.0  # a Ray worker lets go of a step's function once it has run none of its tasks this long
 _functions: dict[str, Any] = {}  # in a Ray worker: the step's function, by the id of its object
+_use = {"running": 0, "last": 0.0}  # the worker's tasks running now, and when the last one ended
+_functions_lock = threading.Lock()
+_janitor: list[threading.Thread] = []
 
 
 def _apply(boxed: list, item: T) -> R:
     """A Ray task: the step's function (its object reference, boxed so that Ray does not resolve it) applied to
     `item`. The function is unpickled once per worker and step, not once per task: a step's function may name
-    every shard (a 1.28M-name tuple takes 0.1 s to unpickle, a task's own work on a shard about as long)."""
+    every shard (a 1.28M-name tuple takes 0.1 s to unpickle, a task's own work on a shard about as long). A worker
+    lets go of it FORGET_AFTER_SECONDS after its last task (it may hold centroids or a reference set)."""
     key = boxed[0].hex()
-    fn = _functions.get(key)
-    if fn is None:
-        import ray
+    with _functions_lock:
+        fn = _functions.get(key)
+        _use["running"] += 1
+    try:
+        if fn is None:
+            import ray
 
-        fn = ray.get(boxed[0])
-        _functions.clear()  # one step's function held at a time
-        _functions[key] = fn
-    return fn(item)
+            fn = ray.get(boxed[0])
+            with _functions_lock:
+                _functions.clear()  # one step's function held at a time
+                _functions[key] = fn
+                if not _janitor:
+                    _janitor.append(threading.Thread(target=_forget_idle_functions, daemon=True))
+                    _janitor[0].start()
+        return fn(item)
+    finally:
+        with _functions_lock:
+            _use["running"] -= 1
+            _use["last"] = time.monotonic()
+
+
+def _forget_idle_functions() -> None:
+    while True:
+        time.sleep(FORGET_AFTER_SECONDS / 3)
+        forget_idle(time.monotonic())
+
+
+def forget_idle(now: float) -> None:
+    """Let go of the step's function if no task runs and none has for FORGET_AFTER_SECONDS."""
+    with _functions_lock:
+        if not _use["running"] and now - _use["last"] > FORGET_AFTER_SECONDS:
+            _functions.clear()
 
 
 @functools.lru_cache(maxsize=1)

@@ -210,17 +210,16 @@ def replay(
 
 
 def _same_uids(stored: np.ndarray, weighted: bool, kept: Iterable[np.ndarray]) -> bool:
-    """Whether the shards' kept uids, together, are the distinct uids of the sorted `stored` ones (all of them,
-    unless `weighted`: then a uid is listed once per copy), holding one shard's at a time: each is in `stored`, as
-    many in all, and the same wrapping sum of their hashes (so a uid kept twice in place of another is told
-    apart)."""
+    """Whether the shards' kept uids, together, are the sorted `stored` ones (their distinct uids if `weighted`: a
+    uid is then listed once per copy), holding one shard's at a time: each is in `stored`, as many in all, and the
+    same wrapping sum of their hashes (so a uid kept twice in place of another is told apart)."""
     count, digest = 0, 0
     for uids in kept:
         if len(uids) and not subset_counts(stored, uids).all():
             return False
         count += len(uids)
         digest = (digest + _hash_sum(uids)) % 2**64
-    return (count, digest) == _distinct_digest(stored) and (weighted or count == len(stored))
+    return (count, digest) == _digest(stored, distinct=weighted)
 
 
 def _hash_sum(pairs: np.ndarray) -> int:
@@ -228,14 +227,16 @@ def _hash_sum(pairs: np.ndarray) -> int:
     return int(splitmix64(pairs["f0"] ^ splitmix64(pairs["f1"])).sum(dtype=np.uint64))
 
 
-def _distinct_digest(ordered: np.ndarray) -> tuple[int, int]:
-    """(distinct uids, the wrapping sum of their hashes) of a sorted subset, a chunk at a time (no copy of it)."""
+def _digest(ordered: np.ndarray, distinct: bool) -> tuple[int, int]:
+    """(entries, the wrapping sum of their hashes) of a sorted subset, a chunk at a time (no copy of it); with
+    `distinct`, of its distinct uids (a weighted recipe lists a uid once per copy, a pool may hold a uid on
+    several rows: then a plain recipe lists it once per row)."""
     count, digest = 0, 0
     for start in range(0, len(ordered), subset_module.CHUNK):
         stop = start + subset_module.CHUNK
-        distinct = ordered[start:stop][first_entries(ordered, start, stop)]
-        count += len(distinct)
-        digest = (digest + _hash_sum(distinct)) % 2**64
+        entries = ordered[start:stop][first_entries(ordered, start, stop)] if distinct else ordered[start:stop]
+        count += len(entries)
+        digest = (digest + _hash_sum(entries)) % 2**64
     return count, digest
 
 

@@ -66,8 +66,11 @@ def row_copies(ordered: np.ndarray, uids: Any) -> tuple[np.ndarray, np.ndarray]:
     uid column: a uid listed n times (a weighted recipe's copies) gives its row n copies."""
     pairs = encode_uids(uids)
     first = np.searchsorted(ordered, pairs, side="left")
-    copies = (np.searchsorted(ordered, pairs, side="right") - first).astype(np.int64)
-    return copies, first[copies > 0]
+    at = np.minimum(first, max(len(ordered) - 1, 0))
+    hit = (first < len(ordered)) & (ordered[at] == pairs) if len(ordered) else np.zeros(len(pairs), bool)
+    copies = np.zeros(len(pairs), np.int64)  # most rows are not in the subset: only hits are searched again
+    copies[hit] = np.searchsorted(ordered, pairs[hit], side="right") - first[hit]
+    return copies, first[hit]
 
 
 def missing_uids(ordered: np.ndarray, found: np.ndarray, examples: int = 5) -> tuple[int, np.ndarray]:
@@ -242,7 +245,8 @@ def reshard(
     del subset
     shards = pool.shard_ids()
     _remove_stale_temporaries(out)
-    totals, found, uids_may_repeat = [], np.zeros(len(ordered), bool), False
+    # a pool may hold a uid on several rows (a reshard of a weighted subset): its rows are all written
+    totals, found, uids_may_repeat = [], np.zeros(len(ordered), bool), bool(info.get("uids_may_repeat"))
     for shard in shards:  # the one pass that holds the subset: each input shard's copies go to a plan file
         copies, matched = row_copies(ordered, pool.metadata(shard, ["uid"]).column("uid"))
         totals.append(int(copies.sum()))

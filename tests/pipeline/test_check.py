@@ -255,3 +255,23 @@ def _shard_checks(url: str) -> list:
     from clipsift.pipeline.check import check_shard
 
     return [check_shard(url, None, shard) for shard in ("00000000", "00000001")]
+
+
+def test_found_problems_are_the_first_by_order_whatever_order_results_come_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fold keeps exactly the first MAX_PROBLEMS problems by (shard) order and counts every other one, for
+    results of any sizes arriving in any order (against sorting everything and cutting)."""
+    from clipsift.pipeline import check
+    from clipsift.pipeline.check import Problem
+
+    monkeypatch.setattr(check, "MAX_PROBLEMS", 10)
+    rng = np.random.default_rng(8)
+    for _ in range(50):
+        results = [
+            (order, [Problem(f"{order}", f"k{i}", "r") for i in range(rng.integers(0, 6))]) for order in range(12)
+        ]
+        found = check._Found()
+        for index in rng.permutation(len(results)):
+            found.add(*results[index], more=1)
+        everything = [p for _, problems in results for p in problems]
+        assert found.problems() == everything[:10]
+        assert found.more == len(everything) - len(found.problems()) + len(results)

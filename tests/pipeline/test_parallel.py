@@ -139,6 +139,39 @@ def test_a_steps_function_is_unpickled_once_per_worker_not_per_task(own_ray: Non
     assert len(list(tmp_path.glob("unpickled-*"))) <= 4  # a new step's function: unpickled again, once a worker
 
 
+def test_a_worker_lets_go_of_a_steps_function_once_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_apply` (what a Ray task runs) unpickles the step's function once and keeps it for the step's next tasks;
+    once no task has run for FORGET_AFTER_SECONDS the worker lets go of it (it may hold centroids), and never
+    while a task runs."""
+    import ray
+
+    class Ref:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def hex(self) -> str:
+            return self.name
+
+    fetched: list[str] = []
+    monkeypatch.setattr(ray, "get", lambda ref: fetched.append(ref.name) or (lambda item: (ref.name, item)))
+    monkeypatch.setattr(parallel, "_functions", {})
+    assert [parallel._apply([Ref("a")], i) for i in range(3)] == [("a", 0), ("a", 1), ("a", 2)]
+    assert fetched == ["a"]
+    parallel.forget_idle(time.monotonic())  # just used: kept
+    assert parallel._apply([Ref("a")], 3) == ("a", 3) and fetched == ["a"]
+    parallel.forget_idle(time.monotonic() + parallel.FORGET_AFTER_SECONDS + 1)
+    assert parallel._functions == {}
+    assert parallel._apply([Ref("a")], 4) == ("a", 4) and fetched == ["a", "a"]  # unpickled again
+    parallel._use["running"] += 1  # a task running: kept however long ago the last one ended
+    try:
+        parallel.forget_idle(time.monotonic() + 10 * parallel.FORGET_AFTER_SECONDS)
+        assert list(parallel._functions) == ["a"]
+    finally:
+        parallel._use["running"] -= 1
+    parallel._apply([Ref("b")], 0)  # another step's function replaces it
+    assert list(parallel._functions) == ["b"] and fetched == ["a", "a", "b"]
+
+
 def test_a_zero_budget_runs_everything_on_ray(own_ray: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(parallel.LOCAL_MAX_SECONDS_ENV, "0")
     results = map_shards(lambda item: os.getpid(), range(2), desc="ray")  # noqa: E731
@@ -244,3 +277,23 @@ def test_interrupted_items_on_threads_stop_at_their_next_stop_point() -> None:
     assert 0 < pieces[1] < 400  # item 1 stopped part way
     parallel.stop_point()  # the next run is not told to stop
     assert parallel._run_here(lambda i: i, [0, 1], lambda i, r: None, float("inf"), threads=2) == 2
+
+    # a call that fails stops its own items only, not those of another call running meanwhile
+    finished: list[int] = []
+
+    def steady(item: int) -> int:
+        for _ in range(10):
+            parallel.stop_point()
+            time.sleep(0.03)
+        finished.append(item)
+        return item
+
+    other = threading.Thread(
+        target=parallel._run_here, args=(steady, [0, 1, 2, 3], lambda i, r: None, float("inf")), kwargs={"threads": 2}
+    )
+    other.start()
+    time.sleep(0.05)
+    with pytest.raises(KeyboardInterrupt):
+        parallel._run_here(lambda i: i, [0, 1], interrupt, float("inf"), threads=2)
+    other.join(10)
+    assert sorted(finished) == [0, 1, 2, 3]

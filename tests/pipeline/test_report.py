@@ -265,6 +265,27 @@ def test_a_weighted_subset_is_reported_by_its_distinct_uids(filtered: dict, tmp_
     assert (tmp_path / "w.html").exists() and result is not None
 
 
+def test_a_plain_subset_of_a_pool_with_repeated_uids_is_reported(tmp_path: Path) -> None:
+    """A reshard of a weighted subset holds some uids on two rows; a plain recipe over it lists such a uid once per
+    row, and the report accepts that subset (it compares every entry, repeats included)."""
+    from clipsift.filters.subset import encode_uids, write_subset
+    from clipsift.pipeline.reshard import reshard
+
+    synth_pool(str(tmp_path / "pool"), num_samples=40, shard_size=20, workers=1)
+    uids = Pool(str(tmp_path / "pool")).uids().to_pylist()
+    write_subset(str(tmp_path / "w.npy"), encode_uids(uids + uids[:3]))  # 3 uids twice
+    reshard(str(tmp_path / "pool"), str(tmp_path / "w.npy"), str(tmp_path / "rs"), shard_size=20, workers=1)
+    resharded = Pool(str(tmp_path / "rs"))
+    rows = sum(resharded.num_rows(s) for s in resharded.shard_ids())
+    rng = np.random.default_rng(0)
+    write_model(resharded, "m", rng.random(rows).astype(np.float32), rng.normal(size=(rows, 8)).astype(np.float32))
+    (tmp_path / "r.yaml").write_text("name: plain\nsteps:\n  - clip_score: {model_id: m, threshold: 0.0}\n")
+    apply_recipe(str(tmp_path / "rs"), load_recipe(str(tmp_path / "r.yaml")), str(tmp_path / "s.npy"), workers=1)
+    listed = read_subset(str(tmp_path / "s.npy"))
+    assert rows == 43 and len(listed) == 43 and len(np.unique(listed)) == 40
+    assert curation_report(str(tmp_path / "s.npy"), str(tmp_path / "r.html"), samples=2, seed=0) is not None
+
+
 def test_distinct_uids_are_counted_and_hashed_a_chunk_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """The report's check of a subset file holds the file's array and chunks of it, not a copy of its distinct
     uids: the same count and digest for every chunk size, repeats across chunk edges included."""
@@ -279,9 +300,11 @@ def test_distinct_uids_are_counted_and_hashed_a_chunk_at_a_time(monkeypatch: pyt
     distinct = np.unique(ordered)
     whole = (len(distinct), report_module._hash_sum(distinct))
     assert len(distinct) < 20
+    every = (len(ordered), report_module._hash_sum(ordered))
     for chunk in (1, 2, 3, 7, 40, 1 << 20):
         monkeypatch.setattr(subset_module, "CHUNK", chunk)
-        assert report_module._distinct_digest(ordered) == whole, chunk
+        assert report_module._digest(ordered, distinct=True) == whole, chunk
+        assert report_module._digest(ordered, distinct=False) == every, chunk
 
 
 def test_a_truth_file_is_held_as_sorted_uids_and_a_byte_of_kind_each(tmp_path: Path) -> None:

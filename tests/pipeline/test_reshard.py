@@ -142,6 +142,24 @@ def test_missing_uids_are_counted_once_each_a_chunk_at_a_time(tmp_path: Path, so
     assert whole.missing_uids == 10
 
 
+def test_a_pool_holding_a_uid_twice_reshards_into_a_pool_that_may_repeat_uids(tmp_path: Path) -> None:
+    """A reshard of a weighted subset holds some uids on two rows; resharding it again with each uid listed once
+    writes both rows, and says so (uids_may_repeat), so `pool check` accepts the result."""
+    from clipsift.pipeline.synth import synth_pool
+
+    synth_pool(str(tmp_path / "pool"), num_samples=40, shard_size=20, workers=1)
+    uids = Pool(str(tmp_path / "pool")).uids().to_pylist()
+    write_subset(str(tmp_path / "w.npy"), encode_uids(uids + uids[:3]))
+    reshard(str(tmp_path / "pool"), str(tmp_path / "w.npy"), str(tmp_path / "rs"), shard_size=20, workers=1)
+    write_subset(str(tmp_path / "once.npy"), encode_uids(uids))
+    result = reshard(
+        str(tmp_path / "rs"), str(tmp_path / "once.npy"), str(tmp_path / "again"), shard_size=20, workers=1
+    )
+    again = Pool(str(tmp_path / "again"))
+    assert result.num_samples == 43 and again.info["uids_may_repeat"] is True
+    assert check_pool(str(tmp_path / "again"), workers=1).ok
+
+
 def test_reshard_resumes_after_a_failure_mid_shard(tmp_path: Path, source, monkeypatch) -> None:
     pool, _, subset = source
     reshard(str(pool), str(subset), str(tmp_path / "clean"), shard_size=3, workers=1)
