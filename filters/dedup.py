@@ -32,6 +32,7 @@ from clipsift.pipeline.partition import (
     hash_keys,
     keyed_rows,
     later_occurrences,
+    map_group,
     partitions_for,
     position,
     read_batch,
@@ -109,6 +110,7 @@ class Dedup(Filter):
             len(shards),
             partitions_for(rows, KEY_ROW_BYTES, self.budget_mb),
             len(shards),
+            map_group(len(shards), rows, KEY_ROW_BYTES, self.budget_mb),
         )
         mapper = _KeyMap(context.pool, context.inputs, tuple(shards), self.by, shuffle.partitions)
         shuffle.run(

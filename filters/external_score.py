@@ -23,7 +23,15 @@ from clipsift.filters.base import Context, Filter, Inputs, RecipeError, ShardDat
 from clipsift.filters.dedup import input_rows
 from clipsift.filters.scores import ScoreFiles, TopFraction
 from clipsift.pipeline.parallel import map_shards
-from clipsift.pipeline.partition import DEFAULT_BUDGET_MB, Shuffle, hash_keys, partitions_for, position, source_rows
+from clipsift.pipeline.partition import (
+    DEFAULT_BUDGET_MB,
+    Shuffle,
+    hash_keys,
+    map_group,
+    partitions_for,
+    position,
+    source_rows,
+)
 from clipsift.pipeline.pool import Pool
 
 ROWS = pa.schema([("uid", pa.string()), ("pos", pa.int64()), ("side", pa.int8()), ("score", pa.float64())])
@@ -112,6 +120,7 @@ class ExternalScore(TopFraction, Filter):
                 len(groups) + len(shards),
                 partitions_for(rows, ROW_BYTES, self.budget_mb),
                 len(shards) + 1,
+                map_group(len(groups) + len(shards), rows, ROW_BYTES, self.budget_mb),
             )
             mapper = _ScoreRows(
                 context.pool,

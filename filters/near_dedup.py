@@ -68,7 +68,7 @@ from clipsift.filters.vectors import fit_kmeans, normalise, sample_vectors
 from clipsift.hashing import splitmix64
 from clipsift.pipeline.components import not_smallest
 from clipsift.pipeline.parallel import local_threads, stop_point
-from clipsift.pipeline.partition import ReduceFn, Shuffle, partitions_for, position, read_batch
+from clipsift.pipeline.partition import ReduceFn, Shuffle, map_group, partitions_for, position, read_batch
 from clipsift.pipeline.pool import Pool
 
 ITERATIONS = 10  # k-means iterations (the clusters only need to keep near neighbours together)
@@ -185,7 +185,12 @@ def cluster_passes(
     plan = _plan(dedup, context, folder, desc)
     if plan is None:
         return None
-    shuffle = Shuffle(f"{folder}/shuffle", len(shards), plan.partitions, destinations)
+    row_bytes = 2 * plan.centroids.shape[1] + 16  # a map row: the float16 vector, its position, cluster and flags
+    # map tasks run side by side too: a group of shards' rows holds the share of the budget a reduce does
+    group = map_group(
+        len(shards), lambda: input_rows(context) * dedup.spill, row_bytes, dedup.budget_mb / plan.threads
+    )
+    shuffle = Shuffle(f"{folder}/shuffle", len(shards), plan.partitions, destinations, group)
     mapper = _ClusterMap(
         context.pool,
         context.inputs,

@@ -69,6 +69,7 @@ from clipsift.pipeline.partition import (
     Shuffle,
     first_occurrence,
     hash_keys,
+    map_group,
     partitions_for,
     position,
     read_batch,
@@ -341,14 +342,27 @@ def from_datacomp(
     rows = sum(meta.counts)
     todo = [i for i in range(len(tars)) if not shard_is_complete(out, i)]
     if todo:  # their rows by uid, for each tar: a partitioned join of the metadata's and the tars' uids
-        index = Shuffle(f"{work}/index", len(meta.files) + len(tars), partitions_for(2 * rows, ROW_BYTES), len(tars))
+        inputs = len(meta.files) + len(tars)
+        index = Shuffle(
+            f"{work}/index",
+            inputs,
+            partitions_for(2 * rows, ROW_BYTES),
+            len(tars),
+            map_group(inputs, 2 * rows, ROW_BYTES),
+        )
         listing = _UidListing(meta, shards_url, tars, index.partitions)
         index.run(listing, _JoinUids(len(meta.files)), desc="DataComp uids", workers=workers)
         shard = _DatacompShard(out, shards_url, tars, meta, index)
         map_shards(shard, todo, desc="adopt DataComp shards", workers=workers)
     shard_ids = tuple(Pool(out).shard_ids())
     sources_count = len(meta.files) + len(shard_ids) + len(tars)
-    status = Shuffle(f"{work}/status", sources_count, partitions_for(3 * rows, ROW_BYTES), len(meta.files) + 1)
+    status = Shuffle(
+        f"{work}/status",
+        sources_count,
+        partitions_for(3 * rows, ROW_BYTES),
+        len(meta.files) + 1,
+        map_group(sources_count, 3 * rows, ROW_BYTES),
+    )
     evidence = _Evidence(out, meta, shard_ids, shards_url, tars, status.partitions)
     status.run(evidence, _Statuses(len(meta.files)), desc="DataComp status", workers=workers)
     _check_no_repeats(status, len(meta.files))

@@ -74,6 +74,7 @@ from clipsift.pipeline.partition import (  # noqa: E402
     Shuffle,
     hash_keys,
     later_occurrences,
+    map_group,
     partitions_for,
     position,
     source_rows,
@@ -674,7 +675,14 @@ def _make_plan(
     fs, root = open_fs(out)
     work = f"{root}/{STAGING}/{PLANNING}"
     work_url = _url_of(fs, work)
-    shuffle = Shuffle(f"{work_url}/uids", len(files), partitions_for(sum(counts), PLAN_ROW_BYTES), len(files))
+    rows = sum(counts)
+    shuffle = Shuffle(
+        f"{work_url}/uids",
+        len(files),
+        partitions_for(rows, PLAN_ROW_BYTES),
+        len(files),
+        map_group(len(files), rows, PLAN_ROW_BYTES),
+    )
     normalise = _NormaliseFile(tuple(files), work_url, url_column, caption_column, verify_sha256, shuffle.partitions)
     shuffle.run(normalise, later_occurrences, desc="plan: repeated uids", workers=workers)
     schemas = [parquet_file(fs, f"{work}/normalised/{i:05d}.parquet").schema_arrow for i in range(len(files))]

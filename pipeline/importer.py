@@ -62,6 +62,7 @@ from clipsift.pipeline.partition import (
     hash_keys,
     keyed_rows,
     later_occurrences,
+    map_group,
     partitions_for,
     position,
     read_batch,
@@ -763,7 +764,10 @@ def duplicate_uid_pass(source: _Source, work: str, shard_size: int, workers: int
     """The inputs whose uid occurred earlier (by shard, then position), found by a hash-partitioned shuffle (each
     task holds one partition of the uids, none all of them); shard i's are `source_rows(shuffle.read(i)["pos"])`."""
     shards = source.num_shards()
-    shuffle = Shuffle(f"{work}/uids", shards, partitions_for(shards * shard_size, UID_ROW_BYTES), shards)
+    rows = shards * shard_size
+    shuffle = Shuffle(
+        f"{work}/uids", shards, partitions_for(rows, UID_ROW_BYTES), shards, map_group(shards, rows, UID_ROW_BYTES)
+    )
     shuffle.run(_UidMap(source, shuffle.partitions), later_occurrences, desc=f"scan {source.kind}", workers=workers)
     return shuffle
 

@@ -12,7 +12,10 @@ A shuffle has three passes, each a `map_shards` call (in this process while quic
 3. whoever consumes destination d reads group d of every reduce file (`Shuffle.read`, `read_batch`).
 
 Memory per process: one source's rows (map), one partition's rows (reduce: size partitions with
-`partitions_for`), one destination's rows (read). Every file is written to a temporary name and renamed, so
+`partitions_for`), one destination's rows (read). A reduce opens every map file, so a shuffle opens sources x
+partitions files; above GROUP_ABOVE sources (a pool of 1.28M shards would make 1.28M map files for each of
+thousands of reduces) one map task takes a group of sources (`map_group`: as many as fill the budget) and
+writes one file for them. Every file is written to a temporary name and renamed, so
 a killed shuffle re-run redoes only the files that are missing; a finished reduce pass skips the map pass.
 
 `hash_keys` spreads any key column over partitions; `first_occurrence` finds, exactly, the first row of
@@ -41,11 +44,23 @@ MapFn = Callable[[int], tuple[pa.Table, np.ndarray]]  # source -> (rows, partiti
 ReduceFn = Callable[[int, pa.Table], tuple[pa.Table, np.ndarray]]  # partition, rows -> (rows, destination)
 
 DEFAULT_BUDGET_MB = 128  # partition data one reduce task holds, by default
+GROUP_ABOVE = 10_000  # sources up to which each has its own map file (and map task)
 
 
 def partitions_for(rows: int, row_bytes: float, budget_mb: float = DEFAULT_BUDGET_MB) -> int:
     """How many partitions keep one partition of `rows` rows of `row_bytes` each within `budget_mb`."""
     return max(1, math.ceil(rows * row_bytes / (budget_mb * 2**20)))
+
+
+def map_group(
+    sources: int, rows: int | Callable[[], int], row_bytes: float, budget_mb: float = DEFAULT_BUDGET_MB
+) -> int:
+    """Sources per map task and file: 1 up to GROUP_ABOVE sources, else as many as hold `budget_mb` of map output
+    (`rows` in all, or a function counting them, called only then; `row_bytes` each) between them."""
+    if sources <= GROUP_ABOVE:
+        return 1
+    per_source = max((rows() if callable(rows) else rows) / sources * row_bytes, 1.0)
+    return max(1, min(sources, int(budget_mb * 2**20 // per_source)))
 
 
 def position(source: int, rows: np.ndarray) -> np.ndarray:
@@ -264,9 +279,15 @@ class Shuffle:
     sources: int
     partitions: int
     destinations: int
+    group: int = 1  # sources per map task and map file (`map_group`)
 
-    def map_path(self, source: int) -> str:
-        return f"{self.folder}/map/{source:08d}.arrow"
+    @property
+    def map_files(self) -> int:
+        return -(-self.sources // self.group)
+
+    def map_path(self, file: int) -> str:
+        """Map file `file`: source `file`'s, or with groups, those of sources [file * group, (file + 1) * group)."""
+        return f"{self.folder}/map/{file:08d}.arrow"
 
     def reduce_path(self, partition: int) -> str:
         return f"{self.folder}/reduce/{partition:05d}.arrow"
@@ -279,6 +300,8 @@ class Shuffle:
         """Record the plan; a folder holding another plan's files is emptied first (they would not line up)."""
         fs, root = open_fs(self.folder)
         plan = {"sources": self.sources, "partitions": self.partitions, "destinations": self.destinations}
+        if self.group != 1:  # (plans of ungrouped shuffles are written as before: a resumed run still matches)
+            plan["group"] = self.group
         if fs.exists(f"{root}/plan.json"):
             with fs.open(f"{root}/plan.json", "r") as handle:
                 if json.load(handle) == plan:
@@ -308,7 +331,7 @@ class Shuffle:
         reduces = [p for p in range(self.partitions) if not self._exists(self.reduce_path(p))]
         if not reduces:
             return
-        maps = [s for s in range(self.sources) if not self._exists(self.map_path(s))]
+        maps = [f for f in range(self.map_files) if not self._exists(self.map_path(f))]
         passes = (
             (functools.partial(_map_task, self, map_fn), maps, "map", gpus[0], None),
             (functools.partial(_reduce_task, self, reduce_fn), reduces, "reduce", gpus[1], reduce_threads),
@@ -327,7 +350,7 @@ class Shuffle:
 
     def partition(self, index: int) -> pa.Table:
         """Partition `index`: its batch of every map file."""
-        return _gathered(read_batch(self.map_path(s), index) for s in range(self.sources))
+        return _gathered(read_batch(self.map_path(f), index) for f in range(self.map_files))
 
     def read(self, destination: int) -> pa.Table:
         """What the reduce pass sent to `destination`: its batch of every reduce file, in partition order."""
@@ -360,9 +383,15 @@ def _gathered(batches: Iterable[pa.RecordBatch]) -> pa.Table:
     return pa.Table.from_batches(joined + waiting or [first])  # an empty one kept: a column of no chunks is a trap
 
 
-def _map_task(shuffle: Shuffle, map_fn: MapFn, source: int) -> int:
-    table, partition = map_fn(source)
-    write_batches(shuffle.map_path(source), table, partition, shuffle.partitions)
+def _map_task(shuffle: Shuffle, map_fn: MapFn, file: int) -> int:
+    first = file * shuffle.group
+    outputs = [map_fn(source) for source in range(first, min(first + shuffle.group, shuffle.sources))]
+    if len(outputs) == 1:
+        table, partition = outputs[0]
+    else:
+        table = pa.concat_tables([t for t, _ in outputs], promote_options="permissive")
+        partition = np.concatenate([np.asarray(p, np.int64) for _, p in outputs])
+    write_batches(shuffle.map_path(file), table, partition, shuffle.partitions)
     return table.num_rows
 
 

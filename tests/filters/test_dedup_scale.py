@@ -548,3 +548,32 @@ def test_a_plan_made_for_one_thread_resumes_on_one_thread(tmp_path: Path, monkey
     most[0] = 0
     assert run(pool, tmp_path, steps, "fresh", workers=None) == truth
     assert most[0] > 1
+
+
+def test_map_tasks_over_groups_of_shards_keep_the_same_rows(
+    keyed_pool: Pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pools of over GROUP_ABOVE shards map groups of shards into one file each (so that a reduce opens fewer
+    files): dedup by key and near dedup keep the same rows as with a map file per shard."""
+    from clipsift.pipeline import partition as partition_module
+
+    vectors = planted(np.random.default_rng(21), 1000, 16, clustered=True)
+    near = near_pool(tmp_path, vectors)
+    steps = {
+        "sha256": (keyed_pool, "[{dedup: {by: sha256, budget_mb: 0.01}}]"),
+        "near": (near, "[{dedup: {by: embedding, model_id: m, budget_mb: 0.1}}]"),
+    }
+    plain = {name: run(pool, tmp_path, recipe, f"{name}-plain") for name, (pool, recipe) in steps.items()}
+    monkeypatch.setattr(partition_module, "GROUP_ABOVE", 0)
+    groups = []
+    real = partition_module._map_task
+    monkeypatch.setattr(
+        partition_module,
+        "_map_task",
+        lambda shuffle, fn, file: groups.append(shuffle.group) or real(shuffle, fn, file),
+    )
+    for name, (pool, recipe) in steps.items():
+        groups.clear()
+        assert run(pool, tmp_path, recipe, f"{name}-grouped") == plain[name]
+        assert max(groups) > 1, name  # shards did share map files
+    assert plain["near"] == uids(all_pairs_kept(vectors, 0.95))

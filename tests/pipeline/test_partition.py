@@ -211,3 +211,49 @@ def test_a_partition_read_from_many_map_files_holds_few_batch_objects(
             assert read.to_pylist() == expected[p] and read.schema.names == ["key", "source"]
             filled = len({row["source"] for row in expected[p]})  # map files with rows for this partition
             assert read.column("key").num_chunks == filled // gather + filled % gather
+
+
+def test_grouped_map_tasks_give_the_same_shuffle_and_resume_by_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above GROUP_ABOVE sources a map task takes a group of them and writes one file (a reduce opens every map
+    file): the reduces see the same rows in the same order, a lost map file is redone for its group only, and a
+    plan with another grouping starts afresh."""
+    from clipsift.pipeline import partition as partition_module
+
+    rng = np.random.default_rng(3)
+    schema = pa.schema([("key", pa.string()), ("source", pa.int64())])
+    tables = [
+        pa.table({"key": [f"key-{int(k)}" for k in rng.integers(0, 40, n)], "source": [s] * n}, schema=schema)
+        for s, n in enumerate([5, 0, 9, 3, 7, 0, 4])
+    ]
+    plain = Shuffle(str(tmp_path / "plain"), sources=7, partitions=3, destinations=7)
+    plain.run(_groups_of(tables, 3), count_keys, desc="test", workers=1)
+    assert partition_module.map_group(7, 1000, 10.0) == 1  # few sources: one each
+    monkeypatch.setattr(partition_module, "GROUP_ABOVE", 0)
+    assert partition_module.map_group(7, 7, 1024.0, budget_mb=3 / 1024) == 3  # 1 KB a source, 3 KB budget
+    calls: list[int] = []
+    mapper = _groups_of(tables, 3)
+
+    def counted(source: int):
+        calls.append(source)
+        return mapper(source)
+
+    grouped = Shuffle(str(tmp_path / "grouped"), sources=7, partitions=3, destinations=7, group=3)
+    grouped.run(counted, count_keys, desc="test", workers=1)
+    assert grouped.map_files == 3 and sorted(p.name for p in (tmp_path / "grouped" / "map").iterdir()) == [
+        f"{f:08d}.arrow" for f in range(3)
+    ]
+    for p in range(3):
+        assert grouped.partition(p).to_pylist() == plain.partition(p).to_pylist()
+    for d in range(7):
+        assert grouped.read(d).to_pylist() == plain.read(d).to_pylist()
+    assert sorted(calls) == list(range(7))
+    (tmp_path / "grouped" / "map" / "00000001.arrow").unlink()
+    (tmp_path / "grouped" / "reduce" / "00000.arrow").unlink()
+    calls.clear()
+    grouped.run(counted, count_keys, desc="test", workers=1)
+    assert calls == [3, 4, 5]  # the lost file's group only
+    regrouped = Shuffle(str(tmp_path / "grouped"), sources=7, partitions=3, destinations=7, group=2)
+    regrouped.run(counted, count_keys, desc="test", workers=1)
+    assert regrouped.map_files == 4 and len(list((tmp_path / "grouped" / "map").iterdir())) == 4
