@@ -110,7 +110,7 @@ class Dedup(Filter):
             len(shards),
             partitions_for(rows, KEY_ROW_BYTES, self.budget_mb),
             len(shards),
-            map_group(len(shards), rows, KEY_ROW_BYTES, self.budget_mb),
+            map_group(len(shards), rows / max(len(shards), 1), KEY_ROW_BYTES, self.budget_mb),
         )
         mapper = _KeyMap(context.pool, context.inputs, tuple(shards), self.by, shuffle.partitions)
         shuffle.run(

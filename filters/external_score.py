@@ -114,13 +114,16 @@ class ExternalScore(TopFraction, Filter):
         todo = [(number, shard) for number, shard in enumerate(shards) if not files.exists(shard)]
         if todo:
             groups = row_groups(parquet_files(self.path, where))
-            rows = sum(count for _, _, count in groups) + input_rows(context)
+            in_pool = input_rows(context)
+            rows = sum(count for _, _, count in groups) + in_pool
+            # sources of two kinds, the file's row groups (up to about 1M rows) and the pool's shards
+            largest = max([count for _, _, count in groups] + [in_pool / max(len(shards), 1)])
             shuffle = Shuffle(
                 f"{files.folder}/shuffle",
                 len(groups) + len(shards),
                 partitions_for(rows, ROW_BYTES, self.budget_mb),
                 len(shards) + 1,
-                map_group(len(groups) + len(shards), rows, ROW_BYTES, self.budget_mb),
+                map_group(len(groups) + len(shards), largest, ROW_BYTES, self.budget_mb),
             )
             mapper = _ScoreRows(
                 context.pool,

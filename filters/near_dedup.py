@@ -188,7 +188,10 @@ def cluster_passes(
     row_bytes = 2 * plan.centroids.shape[1] + 16  # a map row: the float16 vector, its position, cluster and flags
     # map tasks run side by side too: a group of shards' rows holds the share of the budget a reduce does
     group = map_group(
-        len(shards), lambda: input_rows(context) * dedup.spill, row_bytes, dedup.budget_mb / plan.threads
+        len(shards),
+        lambda: input_rows(context) * dedup.spill / len(shards),
+        row_bytes,
+        dedup.budget_mb / plan.threads,
     )
     shuffle = Shuffle(f"{folder}/shuffle", len(shards), plan.partitions, destinations, group)
     mapper = _ClusterMap(
@@ -213,7 +216,7 @@ def cluster_passes(
             address=context.address,
             gpus=(gpu_share(dedup.device), reduce_gpus),
             threads=True,
-            reduce_threads=plan.threads,
+            max_threads=plan.threads,  # partitions and map groups are sized for this many at once
         )
     return shuffle, plan
 

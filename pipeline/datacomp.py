@@ -340,6 +340,8 @@ def from_datacomp(
     fs, root = open_fs(out)
     work = f"{_url(fs, root)}/{WORK_DIR}"
     rows = sum(meta.counts)
+    # sources of several kinds: the largest is a metadata file or a tar (its rows: about the pool's a tar)
+    largest = max([*meta.counts, rows / max(len(tars), 1)])
     todo = [i for i in range(len(tars)) if not shard_is_complete(out, i)]
     if todo:  # their rows by uid, for each tar: a partitioned join of the metadata's and the tars' uids
         inputs = len(meta.files) + len(tars)
@@ -348,7 +350,7 @@ def from_datacomp(
             inputs,
             partitions_for(2 * rows, ROW_BYTES),
             len(tars),
-            map_group(inputs, 2 * rows, ROW_BYTES),
+            map_group(inputs, largest, ROW_BYTES),
         )
         listing = _UidListing(meta, shards_url, tars, index.partitions)
         index.run(listing, _JoinUids(len(meta.files)), desc="DataComp uids", workers=workers)
@@ -361,7 +363,7 @@ def from_datacomp(
         sources_count,
         partitions_for(3 * rows, ROW_BYTES),
         len(meta.files) + 1,
-        map_group(sources_count, 3 * rows, ROW_BYTES),
+        map_group(sources_count, largest, ROW_BYTES),
     )
     evidence = _Evidence(out, meta, shard_ids, shards_url, tars, status.partitions)
     status.run(evidence, _Statuses(len(meta.files)), desc="DataComp status", workers=workers)

@@ -681,7 +681,7 @@ def _make_plan(
         len(files),
         partitions_for(rows, PLAN_ROW_BYTES),
         len(files),
-        map_group(len(files), rows, PLAN_ROW_BYTES),
+        map_group(len(files), max(counts, default=0), PLAN_ROW_BYTES),
     )
     normalise = _NormaliseFile(tuple(files), work_url, url_column, caption_column, verify_sha256, shuffle.partitions)
     shuffle.run(normalise, later_occurrences, desc="plan: repeated uids", workers=workers)

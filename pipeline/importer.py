@@ -766,7 +766,11 @@ def duplicate_uid_pass(source: _Source, work: str, shard_size: int, workers: int
     shards = source.num_shards()
     rows = shards * shard_size
     shuffle = Shuffle(
-        f"{work}/uids", shards, partitions_for(rows, UID_ROW_BYTES), shards, map_group(shards, rows, UID_ROW_BYTES)
+        f"{work}/uids",
+        shards,
+        partitions_for(rows, UID_ROW_BYTES),
+        shards,
+        map_group(shards, shard_size, UID_ROW_BYTES),
     )
     shuffle.run(_UidMap(source, shuffle.partitions), later_occurrences, desc=f"scan {source.kind}", workers=workers)
     return shuffle

@@ -53,14 +53,16 @@ def partitions_for(rows: int, row_bytes: float, budget_mb: float = DEFAULT_BUDGE
 
 
 def map_group(
-    sources: int, rows: int | Callable[[], int], row_bytes: float, budget_mb: float = DEFAULT_BUDGET_MB
+    sources: int, source_rows: float | Callable[[], float], row_bytes: float, budget_mb: float = DEFAULT_BUDGET_MB
 ) -> int:
-    """Sources per map task and file: 1 up to GROUP_ABOVE sources, else as many as hold `budget_mb` of map output
-    (`rows` in all, or a function counting them, called only then; `row_bytes` each) between them."""
+    """Sources per map task and file: 1 up to GROUP_ABOVE sources; above, as many as hold `budget_mb` of map output
+    if each had `source_rows` rows of `row_bytes` (the largest source's rows where they differ; a function giving
+    them is called only then), and no more than keep GROUP_ABOVE map tasks (so a filtered pool, little data a
+    shard, still spreads over many tasks)."""
     if sources <= GROUP_ABOVE:
         return 1
-    per_source = max((rows() if callable(rows) else rows) / sources * row_bytes, 1.0)
-    return max(1, min(sources, int(budget_mb * 2**20 // per_source)))
+    per_source = max((source_rows() if callable(source_rows) else source_rows) * row_bytes, 1.0)
+    return max(1, min(int(budget_mb * 2**20 // per_source), -(-sources // max(GROUP_ABOVE, 1))))
 
 
 def position(source: int, rows: np.ndarray) -> np.ndarray:
@@ -321,22 +323,22 @@ class Shuffle:
         address: str | None = None,
         gpus: tuple[float, float] = (0.0, 0.0),
         threads: bool = False,
-        reduce_threads: int | None = None,
+        max_threads: int | None = None,
     ) -> None:
         """The map and reduce passes, each resuming where a killed run stopped (see the module's note). `gpus`: the
         share of a GPU each map and each reduce task asks for on a Ray cluster that has GPUs. `threads`: passes that
         run in this process use a thread per core (`map_shards`), for functions that are safe side by side;
-        `reduce_threads`: at most this many reduces at once in this process (partitions sized for that many)."""
+        `max_threads`: at most this many tasks of a pass at once in this process (their data sized for that many)."""
         self.start()
         reduces = [p for p in range(self.partitions) if not self._exists(self.reduce_path(p))]
         if not reduces:
             return
         maps = [f for f in range(self.map_files) if not self._exists(self.map_path(f))]
         passes = (
-            (functools.partial(_map_task, self, map_fn), maps, "map", gpus[0], None),
-            (functools.partial(_reduce_task, self, reduce_fn), reduces, "reduce", gpus[1], reduce_threads),
+            (functools.partial(_map_task, self, map_fn), maps, "map", gpus[0]),
+            (functools.partial(_reduce_task, self, reduce_fn), reduces, "reduce", gpus[1]),
         )
-        for task, items, name, share, at_once in passes:
+        for task, items, name, share in passes:
             map_shards(
                 task,
                 items,
@@ -345,7 +347,7 @@ class Shuffle:
                 address=address,
                 gpus=share,
                 threads=threads,
-                max_threads=at_once,
+                max_threads=max_threads,
             )
 
     def partition(self, index: int) -> pa.Table:

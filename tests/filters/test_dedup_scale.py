@@ -549,6 +549,31 @@ def test_a_plan_made_for_one_thread_resumes_on_one_thread(tmp_path: Path, monkey
     assert run(pool, tmp_path, steps, "fresh", workers=None) == truth
     assert most[0] > 1
 
+    # killed in the map pass instead: the maps left run one at a time too (map groups are sized like partitions)
+    real_map, maps_running, maps_most = near_module._ClusterMap.__call__, [0], [0]
+
+    def killed_map(self, source):
+        raise KeyboardInterrupt
+
+    def counted_map(self, source):
+        with lock:
+            maps_running[0] += 1
+            maps_most[0] = max(maps_most[0], maps_running[0])
+        try:
+            time.sleep(0.05)
+            return real_map(self, source)
+        finally:
+            with lock:
+                maps_running[0] -= 1
+
+    (tmp_path / "m.yaml").write_text("steps: [{dedup: {by: embedding, model_id: m, budget_mb: 0.021}}]")
+    monkeypatch.setattr(near_module._ClusterMap, "__call__", killed_map)
+    with pytest.raises(KeyboardInterrupt):
+        apply_recipe(pool.url, load_recipe(str(tmp_path / "m.yaml")), str(tmp_path / "m.npy"), workers=1)
+    monkeypatch.setattr(near_module._ClusterMap, "__call__", counted_map)
+    apply_recipe(pool.url, load_recipe(str(tmp_path / "m.yaml")), str(tmp_path / "m.npy"), workers=None)
+    assert maps_most[0] == 1 and decode_uids(read_subset(str(tmp_path / "m.npy"))) == truth
+
 
 def test_map_tasks_over_groups_of_shards_keep_the_same_rows(
     keyed_pool: Pool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -564,7 +589,7 @@ def test_map_tasks_over_groups_of_shards_keep_the_same_rows(
         "near": (near, "[{dedup: {by: embedding, model_id: m, budget_mb: 0.1}}]"),
     }
     plain = {name: run(pool, tmp_path, recipe, f"{name}-plain") for name, (pool, recipe) in steps.items()}
-    monkeypatch.setattr(partition_module, "GROUP_ABOVE", 0)
+    monkeypatch.setattr(partition_module, "GROUP_ABOVE", 1)
     groups = []
     real = partition_module._map_task
     monkeypatch.setattr(
