@@ -19,7 +19,7 @@ from clipsift.arrays import arrow_of
 from clipsift.files import open_fs
 from clipsift.images import ImageDecodeError, is_transparent, open_image, to_rgb
 from clipsift.pipeline.parallel import map_shards
-from clipsift.pipeline.partition import Shuffle, hash_keys, partitions_for, position, write_batches
+from clipsift.pipeline.partition import Shuffle, hash_keys, map_group, partitions_for, position, write_batches
 from clipsift.pipeline.pool import BASE_SCHEMA, Pool, PoolFormatError, image_member, is_valid_uid
 
 MAX_PROBLEMS_PER_SHARD = 1000
@@ -111,14 +111,23 @@ def check_pool(url: str, *, workers: int | None = None) -> CheckReport:
     uids = None if (info or {}).get("uids_may_repeat") else _UidPass.start(pool, shards)
     if uids is not None and not uids.in_pool:
         workers = 1  # its files are on this machine's disk only: no task may run elsewhere
-    found, order = _Found(), {shard: index for index, shard in enumerate(shards)}
+    found = _Found()
+    # above GROUP_ABOVE shards a task checks a group of them and sends their uids in one map file (each reduce
+    # of the uid pass opens every map file)
+    group = uids.shuffle.group if uids is not None else map_group(len(shards), 0.0, UID_ROW_BYTES)
+    groups = [range(start, min(start + group, len(shards))) for start in range(0, len(shards), group)]
+
+    def fold(numbers: range, checks: list[ShardCheck]) -> None:
+        for number, check in zip(numbers, checks):
+            found.shard(number, check)
+
     try:
         map_shards(
-            functools.partial(check_shard, url, uids),
-            shards,
+            functools.partial(check_shards, url, uids, tuple(shards)),
+            groups,
             desc="check shards",
             workers=workers,
-            on_result=lambda shard, check: found.shard(order[shard], check),
+            on_result=fold,
             collect=False,
         )
         if uids is not None:
@@ -222,8 +231,9 @@ class _UidPass:
     def start(cls, pool: Pool, shards: list[str]) -> _UidPass:
         rows = sum(_footer_rows(pool, shard) for shard in shards)
         partitions = partitions_for(rows, UID_ROW_BYTES)
+        group = map_group(len(shards), rows / max(len(shards), 1), UID_ROW_BYTES)
         work = f"{pool.url.rstrip('/')}/{WORK_DIR}"
-        shuffle = Shuffle(f"{work}/{socket.gethostname()}-{os.getpid()}", len(shards), partitions, 1)
+        shuffle = Shuffle(f"{work}/{socket.gethostname()}-{os.getpid()}", len(shards), partitions, 1, group)
         try:
             _remove_left_behind(work)
             shuffle.start()
@@ -232,7 +242,7 @@ class _UidPass:
             log.warning(
                 "%s cannot be written (%s): the uid check's files go to a local temporary folder", pool.url, err
             )
-        shuffle = Shuffle(tempfile.mkdtemp(prefix="clipsift-check-"), len(shards), partitions, 1)
+        shuffle = Shuffle(tempfile.mkdtemp(prefix="clipsift-check-"), len(shards), partitions, 1, group)
         shuffle.start()
         return cls(shuffle, tuple(shards), False)
 
@@ -244,20 +254,25 @@ class _UidPass:
             if fs.exists(folder) and not fs.ls(folder):
                 fs.rmdir(folder)
 
-    def send(self, shard: str, table: pa.Table | None) -> None:
-        """The shard's rows (none when its metadata could not be read) to their partitions."""
+    def keyed(self, shard: str, table: pa.Table | None) -> pa.Table:
+        """The shard's (uid, key, position) rows (none when its metadata could not be read)."""
         source = self.number[shard]
         if table is None:
             table = pa.table({"uid": pa.array([], pa.string()), "key": pa.array([], pa.string())})
-        keyed = pa.table(  # one type in every map file, whatever the shard's parquet holds
+        return pa.table(  # one type in every map file, whatever the shard's parquet holds
             {
                 "uid": table.column("uid").cast(pa.string()),
                 "key": table.column("key").cast(pa.string()),
                 "pos": arrow_of(position(source, np.arange(table.num_rows))),
             }
         )
-        partition = hash_keys(keyed.column("uid")) % np.uint64(self.shuffle.partitions)
-        write_batches(self.shuffle.map_path(source), keyed, partition.astype(np.int64), self.shuffle.partitions)
+
+    def send(self, first: int, keyed: list[pa.Table]) -> None:
+        """A group's rows (from `keyed`), the group's first shard being number `first`, to their partitions."""
+        rows = pa.concat_tables(keyed)
+        partition = hash_keys(rows.column("uid")) % np.uint64(self.shuffle.partitions)
+        file = first // self.shuffle.group
+        write_batches(self.shuffle.map_path(file), rows, partition.astype(np.int64), self.shuffle.partitions)
 
 
 def _remove_left_behind(work: str) -> None:
@@ -290,14 +305,30 @@ def _footer_rows(pool: Pool, shard: str) -> int:
         return 0
 
 
-def check_shard(url: str, uids: _UidPass | None, shard: str) -> ShardCheck:
-    """Every problem of one shard; its (uid, key, position) rows sent to the uid pass when there is one."""
+def check_shards(url: str, uids: _UidPass | None, shards: tuple[str, ...], numbers: range) -> list[ShardCheck]:
+    """Every problem of the shards `numbers` (of `shards`), one ShardCheck each; their (uid, key, position) rows
+    sent to the uid pass, in one map file, when there is one."""
+    checks, keyed = [], []
+    for number in numbers:
+        check, table = _checked(url, shards[number])
+        checks.append(check)
+        if uids is not None:
+            keyed.append(uids.keyed(shards[number], table))
+    if uids is not None and len(numbers):
+        uids.send(numbers[0], keyed)
+    return checks
+
+
+def check_shard(url: str, shard: str) -> ShardCheck:
+    """Every problem of one shard (its uids are not compared with other shards')."""
+    return _checked(url, shard)[0]
+
+
+def _checked(url: str, shard: str) -> tuple[ShardCheck, pa.Table | None]:
     check = ShardCheck(shard)
     pool = Pool(url)
     table = _readable_metadata(pool, check)
-    if uids is not None:
-        uids.send(shard, table)
-    return check if table is None else _check_rows(pool, check, table)
+    return (check if table is None else _check_rows(pool, check, table)), table
 
 
 def _readable_metadata(pool: Pool, check: ShardCheck) -> pa.Table | None:

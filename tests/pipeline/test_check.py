@@ -254,7 +254,7 @@ def test_a_fault_in_every_sample_keeps_the_first_problems_and_counts_the_rest(
 def _shard_checks(url: str) -> list:
     from clipsift.pipeline.check import check_shard
 
-    return [check_shard(url, None, shard) for shard in ("00000000", "00000001")]
+    return [check_shard(url, shard) for shard in ("00000000", "00000001")]
 
 
 def test_found_problems_are_the_first_by_order_whatever_order_results_come_in(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -275,3 +275,37 @@ def test_found_problems_are_the_first_by_order_whatever_order_results_come_in(mo
         everything = [p for _, problems in results for p in problems]
         assert found.problems() == everything[:10]
         assert found.more == len(everything) - len(found.problems()) + len(results)
+
+
+def test_shards_checked_in_groups_find_the_same_problems(small_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above GROUP_ABOVE shards a task checks a group of them and sends their uids in one map file: the same
+    problems (repeated uids across shards, a bad image), in the same order, from one map file for both shards."""
+    from clipsift.pipeline import check, partition
+
+    tables = {s: pq.read_table(small_pool / "metadata" / f"{s}.parquet") for s in (SHARD0, "00000001")}
+    uids = [tables[SHARD0].column("uid")[i].as_py() for i in range(2)]
+
+    def change(rows: list[dict]) -> list[dict]:
+        for i, uid in enumerate(uids):
+            rows[i]["uid"] = uid
+        return rows
+
+    rewrite_metadata(small_pool / "metadata" / "00000001.parquet", change)
+    rewrite_tar(small_pool / "shards" / f"{SHARD0}.tar", lambda n, d: b"garbage" if n.endswith("00000003.jpg") else d)
+    one_each = check_pool(str(small_pool), workers=1)
+    assert sum("duplicate uid" in p.reason for p in one_each.problems) == 2
+    assert any("undecodable" in p.reason for p in one_each.problems)
+    monkeypatch.setattr(partition, "GROUP_ABOVE", 1)
+    files = []
+    real_send = check._UidPass.send
+    monkeypatch.setattr(
+        check._UidPass, "send", lambda self, first, keyed: files.append(len(keyed)) or real_send(self, first, keyed)
+    )
+    for workers in (1, 2):
+        files.clear()
+        grouped = check_pool(str(small_pool), workers=workers)
+        assert files == [2]  # both shards' uids in one map file
+        assert [(p.shard, p.key, p.reason.split(" (")[0]) for p in grouped.problems] == [
+            (p.shard, p.key, p.reason.split(" (")[0]) for p in one_each.problems
+        ]  # (an undecodable image's reason names a Python object's address)
+        assert (grouped.num_problems, grouped.num_samples) == (one_each.num_problems, one_each.num_samples)
