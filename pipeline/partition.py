@@ -14,9 +14,10 @@ A shuffle has three passes, each a `map_shards` call (in this process while quic
 Memory per process: one source's rows (map), one partition's rows (reduce: size partitions with
 `partitions_for`), one destination's rows (read). A reduce opens every map file, so a shuffle opens sources x
 partitions files; above GROUP_ABOVE sources (a pool of 1.28M shards would make 1.28M map files for each of
-thousands of reduces) one map task takes a group of sources (`map_group`: as many as fill the budget) and
-writes one file for them. Every file is written to a temporary name and renamed, so
-a killed shuffle re-run redoes only the files that are missing; a finished reduce pass skips the map pass.
+thousands of reduces) one map task takes a group of sources (`map_group`: as many as fill the budget, sized by
+the largest source, with GROUP_ABOVE tasks at least) and writes one file for them. Every file is written to a
+temporary name and renamed, so a killed shuffle re-run redoes only the files that are missing; a finished
+reduce pass skips the map pass.
 
 `hash_keys` spreads any key column over partitions; `first_occurrence` finds, exactly, the first row of
 every key by a given order (keep-first in pool order).
