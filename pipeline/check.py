@@ -301,7 +301,7 @@ def _footer_rows(pool: Pool, shard: str) -> int:
     """The shard's row count from its parquet footer (0 when unreadable: its check reports why)."""
     try:
         return pool.num_rows(shard)
-    except Exception:  # any unreadable parquet: check_shard names the problem
+    except Exception:  # any unreadable parquet: check_shards names the problem
         return 0
 
 
@@ -317,11 +317,6 @@ def check_shards(url: str, uids: _UidPass | None, shards: tuple[str, ...], numbe
     if uids is not None and len(numbers):
         uids.send(numbers[0], keyed)
     return checks
-
-
-def check_shard(url: str, shard: str) -> ShardCheck:
-    """Every problem of one shard (its uids are not compared with other shards')."""
-    return _checked(url, shard)[0]
 
 
 def _checked(url: str, shard: str) -> tuple[ShardCheck, pa.Table | None]:

@@ -80,21 +80,27 @@ def test_duplicate_uid_across_shards(small_pool: Path) -> None:
     assert any(f"duplicate uid {first_uid}" in r and "00000001/00000001_00000003" in r for r in found), found
 
 
-def test_repeated_uids_are_found_a_partition_at_a_time(small_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each shard's task sends its (uid, key) rows to partitions by uid and returns none of them; each partition's
-    task reports its repeated uids, up to a limit (the rest counted). The pass's files are removed afterwards."""
-    from clipsift.pipeline import check
-
-    monkeypatch.setattr(check, "partitions_for", lambda rows, row_bytes: 3)
-    tables = {s: pq.read_table(small_pool / "metadata" / f"{s}.parquet") for s in (SHARD0, "00000001")}
-    uids = [tables[SHARD0].column("uid")[i].as_py() for i in range(3)]
+def repeat_first_uids(pool: Path, n: int) -> tuple[dict[str, pa.Table], list[str]]:
+    """Shard 1's first n rows given shard 0's first n uids: (both shards' metadata before, those uids)."""
+    tables = {s: pq.read_table(pool / "metadata" / f"{s}.parquet") for s in (SHARD0, "00000001")}
+    uids = [tables[SHARD0].column("uid")[i].as_py() for i in range(n)]
 
     def change(rows: list[dict]) -> list[dict]:
         for i, uid in enumerate(uids):
             rows[i]["uid"] = uid
         return rows
 
-    rewrite_metadata(small_pool / "metadata" / "00000001.parquet", change)
+    rewrite_metadata(pool / "metadata" / "00000001.parquet", change)
+    return tables, uids
+
+
+def test_repeated_uids_are_found_a_partition_at_a_time(small_pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each shard's task sends its (uid, key) rows to partitions by uid and returns none of them; each partition's
+    task reports its repeated uids, up to a limit (the rest counted). The pass's files are removed afterwards."""
+    from clipsift.pipeline import check
+
+    monkeypatch.setattr(check, "partitions_for", lambda rows, row_bytes: 3)
+    tables, uids = repeat_first_uids(small_pool, 3)
     report = check_pool(str(small_pool), workers=1)
     found = [str(p) for p in report.problems if "duplicate uid" in p.reason]
     assert sorted(found) == sorted(
@@ -252,9 +258,9 @@ def test_a_fault_in_every_sample_keeps_the_first_problems_and_counts_the_rest(
 
 
 def _shard_checks(url: str) -> list:
-    from clipsift.pipeline.check import check_shard
+    from clipsift.pipeline.check import check_shards
 
-    return [check_shard(url, shard) for shard in ("00000000", "00000001")]
+    return check_shards(url, None, ("00000000", "00000001"), range(2))
 
 
 def test_found_problems_are_the_first_by_order_whatever_order_results_come_in(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -282,15 +288,7 @@ def test_shards_checked_in_groups_find_the_same_problems(small_pool: Path, monke
     problems (repeated uids across shards, a bad image), in the same order, from one map file for both shards."""
     from clipsift.pipeline import check, partition
 
-    tables = {s: pq.read_table(small_pool / "metadata" / f"{s}.parquet") for s in (SHARD0, "00000001")}
-    uids = [tables[SHARD0].column("uid")[i].as_py() for i in range(2)]
-
-    def change(rows: list[dict]) -> list[dict]:
-        for i, uid in enumerate(uids):
-            rows[i]["uid"] = uid
-        return rows
-
-    rewrite_metadata(small_pool / "metadata" / "00000001.parquet", change)
+    repeat_first_uids(small_pool, 2)
     rewrite_tar(small_pool / "shards" / f"{SHARD0}.tar", lambda n, d: b"garbage" if n.endswith("00000003.jpg") else d)
     one_each = check_pool(str(small_pool), workers=1)
     assert sum("duplicate uid" in p.reason for p in one_each.problems) == 2
